@@ -1,0 +1,172 @@
+"""Client plumbing: one way to open a NATS connection, with logging callbacks and a bounded
+first connect.
+
+nats-py retries a refused first connect forever (even with ``allow_reconnect=False``), so
+:func:`connect` bounds it with ``asyncio.timeout`` and turns failure into :class:`BrokerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.aio.client
+import nats.errors
+import structlog
+
+from sealstream._errors import BrokerError
+
+__all__ = ["connect", "redact_url"]
+
+log = structlog.get_logger(__name__)
+
+_ERROR_LOG_INTERVAL = 1.0
+_CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its user and password, fit for logs and error messages."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Callbacks:
+    """The four nats-py callbacks of one client, logging structlog events.
+
+    ``nats.error`` is rate limited to one line per second: slow-consumer errors fire once per
+    dropped message. The next line (or ``nats.closed``) carries the count of suppressed ones.
+    Callbacks given by the caller run after the logging.
+    """
+
+    def __init__(self, name: str, url: str, user_cbs: dict[str, Any]) -> None:
+        self.nc: Any = None
+        self._name = name
+        self._url = url
+        self._user = user_cbs
+        self._last_error_log: float | None = None
+        self._suppressed = 0
+        self.last_error: Exception | None = None
+        self.last_server_error: Exception | None = None  # what the server said, if anything
+
+    async def _chain(self, key: str, *args: Any) -> None:
+        cb: Callable[..., Awaitable[None]] | None = self._user.get(key)
+        if cb is not None:
+            await cb(*args)
+
+    async def error_cb(self, exc: Exception) -> None:
+        self.last_error = exc
+        if isinstance(exc, nats.errors.Error):
+            self.last_server_error = exc
+        now = time.monotonic()
+        last = self._last_error_log
+        if last is None or now - last >= _ERROR_LOG_INTERVAL:
+            log.warning(
+                "nats.error",
+                client=self._name,
+                error=str(exc) or repr(exc),
+                error_type=type(exc).__name__,
+                suppressed=self._suppressed,
+            )
+            self._last_error_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+        await self._chain("error_cb", exc)
+
+    async def disconnected_cb(self) -> None:
+        nc = self.nc
+        if nc is not None and (nc.is_closed or nc.is_draining):
+            log.debug("nats.disconnected", client=self._name, url=self._url, closing=True)
+        else:
+            log.warning("nats.disconnected", client=self._name, url=self._url)
+        await self._chain("disconnected_cb")
+
+    async def reconnected_cb(self) -> None:
+        url = self._url
+        if self.nc is not None and self.nc.connected_url is not None:
+            url = redact_url(self.nc.connected_url.geturl())
+        log.info("nats.reconnected", client=self._name, url=url)
+        await self._chain("reconnected_cb")
+
+    async def closed_cb(self) -> None:
+        log.info(
+            "nats.closed", client=self._name, url=self._url, errors_suppressed=self._suppressed
+        )
+        self._suppressed = 0
+        await self._chain("closed_cb")
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float = 5.0,
+    user: str | None = None,
+    password: str | None = None,
+    **kwargs: Any,
+) -> nats.aio.client.Client:
+    """Connect to NATS at ``url``, waiting at most ``connect_timeout`` seconds for the first
+    connection; afterwards the client reconnects forever, every 0.5 s.
+
+    ``kwargs`` go to nats-py's ``connect`` (they may override ``max_reconnect_attempts`` and
+    ``reconnect_time_wait``); an ``error_cb``/``disconnected_cb``/``reconnected_cb``/
+    ``closed_cb`` given there runs after the logging one. Raises :class:`BrokerError` if the
+    server cannot be reached (or refuses the connection) in time.
+    """
+    if connect_timeout <= 0:
+        raise ValueError(f"connect_timeout must be positive, got {connect_timeout}")
+    shown = redact_url(url)
+    user_cbs = {key: kwargs.pop(key) for key in _CALLBACKS if key in kwargs}
+    for key, cb in user_cbs.items():
+        if not inspect.iscoroutinefunction(cb):
+            raise TypeError(f"{key} must be an async function")
+    cbs = _Callbacks(name, shown, user_cbs)
+    options: dict[str, Any] = {
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        **kwargs,
+    }
+    nc = nats.aio.client.Client()
+    cbs.nc = nc
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await nc.connect(
+                url,
+                name=name,
+                user=user,
+                password=password,
+                error_cb=cbs.error_cb,
+                disconnected_cb=cbs.disconnected_cb,
+                reconnected_cb=cbs.reconnected_cb,
+                closed_cb=cbs.closed_cb,
+                **options,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        await _abandon(nc)
+        # A timeout says nothing: prefer what the server said, then the last socket error.
+        cause: BaseException = exc
+        if isinstance(exc, TimeoutError):
+            cause = cbs.last_server_error or cbs.last_error or exc
+        refused = "authorization violation" in str(cause).lower()
+        raise BrokerError(
+            f"cannot reach NATS at {shown}: {cause!r}", retriable=not refused
+        ) from cause
+    except asyncio.CancelledError:
+        await _abandon(nc)
+        raise
+    log.info("nats.connected", client=name, url=shown, server=str(nc.connected_server_version))
+    return nc
+
+
+async def _abandon(nc: Any) -> None:
+    """Close a client whose first connect failed, so no socket or task outlives it."""
+    if not nc.is_closed:
+        await nc.close()

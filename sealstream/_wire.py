@@ -1,0 +1,261 @@
+"""msgpack codecs of the wire contract v1, with strict validation (pure, no I/O).
+
+Every malformed input becomes a :class:`WireError` with a stable ``reason``; no msgpack
+exception escapes. Sizes are capped before decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import msgpack
+
+from sealstream._errors import WireError
+from sealstream._ids import (
+    SESSION_STREAM,
+    check_cluster_id,
+    check_session_id,
+    check_stream,
+)
+
+__all__ = [
+    "DEFAULT_MAX_ENVELOPE",
+    "DEFAULT_MAX_REQUEST",
+    "ERROR_CODES",
+    "VERSION",
+    "Envelope",
+    "EnvelopeKind",
+    "KeyMode",
+    "Notice",
+    "OpenRequest",
+    "SessionRef",
+    "decode_envelope",
+    "decode_inbox",
+    "decode_map",
+    "decode_open",
+    "decode_session_ref",
+    "encode_envelope",
+    "encode_map",
+    "error_reply",
+    "peek_route",
+]
+
+VERSION: Final = 1
+#: NATS' default max_payload; envelopes never exceed it.
+DEFAULT_MAX_ENVELOPE: Final = 1024 * 1024
+DEFAULT_MAX_REQUEST: Final = 64 * 1024
+ERROR_CODES: Final = frozenset(
+    {"bad_request", "unauthorized", "forbidden", "cluster_unavailable", "limit_exceeded"}
+)
+
+EnvelopeKind = Literal["key", "data", "end"]
+KeyMode = Literal["session", "per-message"]
+_KINDS: Final = frozenset({"key", "data", "end"})
+_KEY_MODES: Final = frozenset({"session", "per-message"})
+_MAX_U63: Final = 2**63 - 1
+_DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
+
+
+def encode_map(value: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def decode_map(payload: bytes, *, max_size: int = DEFAULT_MAX_REQUEST) -> dict[str, Any]:
+    """Decode a msgpack map with string keys, or raise WireError."""
+    if len(payload) > max_size:
+        raise WireError("oversize", f"payload of {len(payload)} bytes exceeds {max_size}")
+    try:
+        value = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+        )
+    except _DECODE_ERRORS as exc:
+        raise WireError("not_msgpack", "payload is not a single msgpack value") from exc
+    if not isinstance(value, dict):
+        raise WireError("not_a_map", "payload is not a msgpack map")
+    if not all(isinstance(k, str) for k in value):
+        raise WireError("bad_key", "map keys must be strings")
+    return value
+
+
+def _field(m: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in m:
+        raise WireError("missing_key", f"missing key {key!r}")
+    value = m[key]
+    # bool is an int in Python; the wire keeps them apart.
+    if isinstance(value, bool) and kind is not bool:
+        raise WireError("bad_type", f"key {key!r} has type bool")
+    if not isinstance(value, kind):
+        raise WireError("bad_type", f"key {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _check_version(m: Mapping[str, Any]) -> None:
+    if _field(m, "v", int) != VERSION:
+        raise WireError("bad_version", f"unsupported version {m['v']!r}")
+
+
+def _uint(m: Mapping[str, Any], key: str) -> int:
+    value: int = _field(m, key, int)
+    if not 0 <= value <= _MAX_U63:
+        raise WireError("bad_value", f"key {key!r} out of range")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One producer -> consumer message. ``body`` is a compact JWE (ASCII bytes)."""
+
+    kind: EnvelopeKind
+    cluster: str
+    session: str
+    stream: str
+    seq: int
+    ts: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An unauthenticated hint the proxy publishes on an inbox; never data."""
+
+    session: str
+    code: str
+    message: str
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "kind": env.kind,
+            "cluster": env.cluster,
+            "session": env.session,
+            "stream": env.stream,
+            "seq": env.seq,
+            "ts": env.ts,
+            "body": env.body,
+        },
+        use_bin_type=True,
+    )
+
+
+def _envelope_from_map(m: Mapping[str, Any], max_size: int) -> Envelope:
+    _check_version(m)
+    kind = _field(m, "kind", str)
+    if kind not in _KINDS:
+        raise WireError("bad_kind", f"unknown envelope kind {kind!r:.40}")
+    cluster = check_cluster_id(_field(m, "cluster", str))
+    session = check_session_id(_field(m, "session", str))
+    stream = _field(m, "stream", str)
+    if kind == "data":
+        check_stream(stream)
+    elif stream != SESSION_STREAM:
+        raise WireError("bad_stream", f"{kind} envelopes carry stream {SESSION_STREAM!r}")
+    body = _field(m, "body", bytes)
+    if not body or len(body) > max_size:
+        raise WireError("bad_body", "body is empty or too large")
+    return Envelope(kind, cluster, session, stream, _uint(m, "seq"), _uint(m, "ts"), body)
+
+
+def decode_envelope(payload: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE) -> Envelope:
+    """Decode and validate an envelope; raise WireError on anything malformed."""
+    return _envelope_from_map(decode_map(payload, max_size=max_size), max_size)
+
+
+def decode_inbox(payload: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE) -> Envelope | Notice:
+    """Decode what arrives on a consumer inbox: an envelope, or a proxy notice."""
+    m = decode_map(payload, max_size=max_size)
+    if m.get("kind") == "notice":
+        _check_version(m)
+        return Notice(
+            session=check_session_id(_field(m, "session", str)),
+            code=_field(m, "code", str)[:64],
+            message=_field(m, "message", str)[:512],
+        )
+    return _envelope_from_map(m, max_size)
+
+
+def peek_route(payload: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE) -> tuple[str, str]:
+    """``(cluster, session)`` from an envelope's header, for the proxy: validates the whole
+    header but never looks inside ``body``."""
+    env = decode_envelope(payload, max_size=max_size)
+    return env.cluster, env.session
+
+
+def notice(session: str, code: str, message: str) -> bytes:
+    return encode_map(
+        {"v": VERSION, "kind": "notice", "session": session, "code": code, "message": message}
+    )
+
+
+# --- session control -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """``P.api.session.open`` (consumer -> proxy); also the body of the control ``open`` op."""
+
+    cluster: str
+    streams: tuple[str, ...]
+    jwk: dict[str, Any] = field(repr=False)
+    key_mode: KeyMode
+    token: str = field(default="", repr=False)
+    zip: bool = False
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "token": self.token,
+            "cluster": self.cluster,
+            "streams": list(self.streams),
+            "jwk": self.jwk,
+            "key_mode": self.key_mode,
+            "zip": self.zip,
+        }
+
+
+MAX_STREAMS: Final = 64
+
+
+def decode_open(m: Mapping[str, Any], *, need_token: bool = True) -> OpenRequest:
+    _check_version(m)
+    token = _field(m, "token", str) if need_token else ""
+    cluster = check_cluster_id(_field(m, "cluster", str))
+    raw_streams = _field(m, "streams", list)
+    if not raw_streams or len(raw_streams) > MAX_STREAMS:
+        raise WireError("bad_streams", f"streams must list 1 to {MAX_STREAMS} names")
+    streams = tuple(dict.fromkeys(check_stream(s) for s in raw_streams))
+    jwk = _field(m, "jwk", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in jwk.items()):
+        raise WireError("bad_jwk", "jwk members must be strings")
+    key_mode = m.get("key_mode", "session")
+    if key_mode not in _KEY_MODES:
+        raise WireError("bad_key_mode", f"key_mode must be one of {sorted(_KEY_MODES)}")
+    zip_ = m.get("zip", False)
+    if not isinstance(zip_, bool):
+        raise WireError("bad_type", "key 'zip' must be a bool")
+    return OpenRequest(cluster, streams, dict(jwk), key_mode, token, zip_)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """close / keepalive request: ``{"v":1, "token":JWT, "session":id}``."""
+
+    session: str
+    token: str = field(repr=False)
+
+
+def decode_session_ref(m: Mapping[str, Any]) -> SessionRef:
+    _check_version(m)
+    return SessionRef(check_session_id(_field(m, "session", str)), _field(m, "token", str))
+
+
+def error_reply(code: str, message: str) -> bytes:
+    if code not in ERROR_CODES:
+        raise ValueError(f"unknown error code {code!r}")
+    return encode_map({"ok": False, "error": {"code": code, "message": message}})

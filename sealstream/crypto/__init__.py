@@ -1,0 +1,32 @@
+"""Sealing and opening: consumer keys, cluster identity, trust store, session crypto.
+
+Producers and consumers import this; the proxy never does (it is blind by construction).
+"""
+
+from sealstream.crypto._jose import ClusterIdentity, ConsumerKey, KeyKind
+from sealstream.crypto._session import (
+    DEFAULT_MAX_PLAINTEXT,
+    Batch,
+    ConsumerSession,
+    End,
+    Policy,
+    ProducerSession,
+    Rotation,
+    encode_rows,
+)
+from sealstream.crypto._trust import TrustStore
+
+__all__ = [
+    "DEFAULT_MAX_PLAINTEXT",
+    "Batch",
+    "ClusterIdentity",
+    "ConsumerKey",
+    "ConsumerSession",
+    "End",
+    "KeyKind",
+    "Policy",
+    "ProducerSession",
+    "Rotation",
+    "TrustStore",
+    "encode_rows",
+]
