@@ -39,7 +39,7 @@ __all__ = [
     "encode_envelope",
     "encode_map",
     "error_reply",
-    "peek_route",
+    "notice",
 ]
 
 VERSION: Final = 1
@@ -178,13 +178,6 @@ def decode_inbox(payload: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE) -> Env
             message=_field(m, "message", str)[:512],
         )
     return _envelope_from_map(m, max_size)
-
-
-def peek_route(payload: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE) -> tuple[str, str]:
-    """``(cluster, session)`` from an envelope's header, for the proxy: validates the whole
-    header but never looks inside ``body``."""
-    env = decode_envelope(payload, max_size=max_size)
-    return env.cluster, env.session
 
 
 def notice(session: str, code: str, message: str) -> bytes:

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgpack
 import structlog
@@ -68,6 +68,8 @@ DEFAULT_MAX_PLAINTEXT: Final = 16 * 1024 * 1024
 _MAX_KEY_PLAINTEXT: Final = 16 * 1024
 _ROUTING: Final = ("cluster", "session", "stream", "seq", "kind", "ts")
 Policy = Literal["fail", "discard"]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +232,14 @@ class ProducerSession:
         out.append(self._envelope(kind, stream, seq, now, seal_dir(self._aead, header, plaintext)))
         return out
 
+    def start(self) -> list[bytes]:
+        """The key envelope to send as soon as the session opens (none in per-message mode),
+        so the consumer is ready before the first batch."""
+        if self.key_mode == "per-message" or self.ended:
+            return []
+        now = self._clock()
+        return [self._key_envelope(now)] if self._key_due(now) else []
+
     def seal(self, stream: str, plaintext: bytes) -> list[bytes]:
         """Encoded envelopes carrying one data plaintext (msgpack ``{"rows": [...]}``, see
         :func:`encode_rows`), preceded by a key envelope when one is due."""
@@ -295,22 +305,39 @@ class ConsumerSession:
         return self.key_mode == "per-message" or bool(self._keys)
 
     def accept(self, payload: bytes) -> Batch | End | Notice | None:
+        """Parse and open one inbox payload (see :meth:`parse` and :meth:`open`)."""
+        item = self.parse(payload)
+        if item is None or isinstance(item, Notice):
+            return item
+        return self.open(item)
+
+    def parse(self, payload: bytes) -> Envelope | Notice | None:
+        """Decode an inbox payload; cheap, no crypto. A caller may then run :meth:`open` of
+        a ``key`` envelope (or any in per-message mode) off the event loop."""
+        return self._guard(self._parse, payload)
+
+    def open(self, env: Envelope) -> Batch | End | None:
+        """Verify and decrypt one envelope; returns None for an installed key."""
+        return self._guard(self._accept, env)
+
+    def _guard(self, fn: Callable[[_T], _R], arg: _T) -> _R | None:
         try:
-            try:
-                item = decode_inbox(payload, max_size=self._max_envelope)
-            except WireError as exc:
-                raise Rejected("malformed") from exc
-            if isinstance(item, Notice):
-                if item.session != self.session:
-                    raise Rejected("wrong_route")
-                return item
-            return self._accept(item)
+            return fn(arg)
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             log.debug("envelope.rejected", reason=exc.reason, session=self.session)
             if self.policy == "discard":
                 return None
             raise IntegrityError() from None
+
+    def _parse(self, payload: bytes) -> Envelope | Notice:
+        try:
+            item = decode_inbox(payload, max_size=self._max_envelope)
+        except WireError as exc:
+            raise Rejected("malformed") from exc
+        if item.session != self.session:
+            raise Rejected("wrong_route")
+        return item
 
     def _accept(self, env: Envelope) -> Batch | End | None:
         if self.ended:

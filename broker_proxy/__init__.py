@@ -1,0 +1,7 @@
+"""broker_proxy: the blind relay between clusters and consumers."""
+
+from broker_proxy._config import Limits, ProxyConfig
+from broker_proxy._proxy import Proxy
+from broker_proxy._registry import SessionEntry, SessionRegistry
+
+__all__ = ["Limits", "Proxy", "ProxyConfig", "SessionEntry", "SessionRegistry"]

@@ -1,0 +1,5 @@
+import sys
+
+from broker_proxy._cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""``sealstream-proxy``: run the blind relay, or mint a development token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from broker_proxy._config import ProxyConfig, read_secret
+from broker_proxy._proxy import Proxy
+from sealstream import configure_logging, mint_token
+from sealstream._run import run
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__)
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="serve session control and relay envelopes (default)")
+    for parser in (p, r):
+        parser.add_argument("--nats-url", help="NATS server (env NATS_URL)")
+        parser.add_argument("--prefix", help="subject prefix (env SEALSTREAM_PREFIX)")
+        parser.add_argument(
+            "--token-secret-file",
+            type=Path,
+            help="HS256 secret file (env SEALSTREAM_TOKEN_SECRET_FILE)",
+        )
+        parser.add_argument(
+            "--keepalive", type=float, help="keepalive interval in s (env SEALSTREAM_KEEPALIVE_S)"
+        )
+        parser.add_argument("--log-level", default="info")
+        parser.add_argument("--log-json", action="store_true")
+    t = sub.add_parser("token", help="mint a development token (HS256)")
+    t.add_argument("--secret-file", type=Path, required=True)
+    t.add_argument("--sub", required=True, help="user name")
+    t.add_argument("--cluster", action="append", required=True, help="allowed cluster id, or '*'")
+    t.add_argument("--ttl", type=int, default=3600, help="seconds")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "token":
+        print(
+            mint_token(
+                sub=args.sub,
+                clusters=args.cluster,
+                ttl_s=args.ttl,
+                secret=read_secret(args.secret_file),
+            )
+        )
+        return 0
+    configure_logging(level=args.log_level, json=args.log_json)
+
+    async def serve() -> int:
+        config = ProxyConfig.from_env(
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+            keepalive_s=args.keepalive,
+            token_secret=read_secret(args.token_secret_file) if args.token_secret_file else None,
+        )
+        async with Proxy(config):
+            await asyncio.Event().wait()
+        return 0
+
+    return run(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Proxy configuration: one frozen dataclass, environment parsing only in ``from_env``."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealstream import TokenVerifier
+
+__all__ = ["Limits", "ProxyConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Per-user and per-session limits; exceeding one is ``limit_exceeded`` and counted."""
+
+    sessions_per_user: int = 32
+    streams_per_session: int = 16
+    envelope_bytes: int = 1024 * 1024
+    pending_requests: int = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "sealstream"
+    token_secret: bytes | None = field(default=None, repr=False)
+    issuer_jwk: Mapping[str, Any] | None = None
+    keepalive_s: float = 10.0
+    control_timeout_s: float = 5.0
+    queue_group: str = "sealstream-proxy"
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
+            raise ValueError("keepalive_s and control_timeout_s must be positive")
+        if (self.token_secret is None) == (self.issuer_jwk is None):
+            raise ValueError("configure exactly one of a token secret or an issuer key")
+
+    def verifier(self) -> TokenVerifier:
+        return TokenVerifier(secret=self.token_secret, issuer_jwk=self.issuer_jwk)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
+        """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
+        ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``."""
+        values: dict[str, Any] = {}
+        if "NATS_URL" in env:
+            values["nats_url"] = env["NATS_URL"]
+        if "SEALSTREAM_PREFIX" in env:
+            values["prefix"] = env["SEALSTREAM_PREFIX"]
+        if "SEALSTREAM_KEEPALIVE_S" in env:
+            values["keepalive_s"] = float(env["SEALSTREAM_KEEPALIVE_S"])
+        if env.get("SEALSTREAM_TOKEN_SECRET_FILE"):
+            values["token_secret"] = read_secret(Path(env["SEALSTREAM_TOKEN_SECRET_FILE"]))
+        elif env.get("SEALSTREAM_TOKEN_SECRET"):
+            values["token_secret"] = env["SEALSTREAM_TOKEN_SECRET"].encode("utf-8")
+        if env.get("SEALSTREAM_ISSUER_JWK_FILE"):
+            path = Path(env["SEALSTREAM_ISSUER_JWK_FILE"])
+            values["issuer_jwk"] = json.loads(path.read_text(encoding="utf-8"))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def read_secret(path: Path) -> bytes:
+    """A token secret file: its bytes, without a trailing newline."""
+    return path.read_bytes().rstrip(b"\r\n")

@@ -1,0 +1,304 @@
+"""The blind relay: session control in, ciphertext through, by subject and header only.
+
+It never imports the decrypting code (an import-linter contract and a subprocess test hold
+that), never parses an envelope ``body``, and forwards relayed payloads byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import nats.errors
+import structlog
+
+from broker_proxy._config import ProxyConfig
+from broker_proxy._registry import SessionEntry, SessionRegistry
+from sealstream import (
+    SessionError,
+    Subjects,
+    TokenVerifier,
+    WireError,
+    check_public_jwk,
+    thumbprint,
+)
+from sealstream._nats import connect
+from sealstream._wire import (
+    VERSION,
+    decode_envelope,
+    decode_map,
+    decode_open,
+    decode_session_ref,
+    encode_map,
+    error_reply,
+    notice,
+)
+
+__all__ = ["Proxy"]
+
+log = structlog.get_logger(__name__)
+
+
+class Proxy:
+    """``async with Proxy(config):`` serves until the block exits.
+
+    Counters: ``relayed`` envelopes and ``relayed_bytes``; ``rejected`` envelopes by reason;
+    ``refused`` control requests by error code.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        verifier: TokenVerifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._verifier = verifier or config.verifier()
+        self._clock = clock
+        self._subjects = Subjects(config.prefix)
+        self.registry = SessionRegistry(ttl_s=3 * config.keepalive_s)
+        self.relayed = 0
+        self.relayed_bytes = 0
+        self.rejected: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self._nc: Any = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._stop = asyncio.Event()
+        self._pending = asyncio.Semaphore(config.limits.pending_requests)
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        self._nc = await connect(self.config.nats_url, name="sealstream-proxy")
+        self._stack.push_async_callback(self._drain)
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._stop.set)  # runs first: lets the expiry loop end
+        group = self.config.queue_group
+        await self._nc.subscribe(self._subjects.api_all, queue=group, cb=self._on_api)
+        await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
+        self._tg.create_task(self._expiry_loop())
+        await self._nc.flush()
+        log.info("proxy.started", url=self.config.nats_url, prefix=self.config.prefix)
+
+    async def _drain(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+
+    async def aclose(self) -> None:
+        """Stop serving; idempotent."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+        if self._tg is not None:
+            self._tg = None
+            log.info("proxy.stopped", relayed=self.relayed, rejected=sum(self.rejected.values()))
+
+    # --- data path (hot) --------------------------------------------------------------------
+
+    def _reject(self, reason: str, subject: str) -> None:
+        self.rejected[reason] += 1
+        log.debug("envelope.rejected", reason=reason, subject=subject)
+
+    async def _on_data(self, msg: Any) -> None:
+        data: bytes = msg.data
+        subject: str = msg.subject
+        if len(data) > self.config.limits.envelope_bytes:
+            self._reject("oversize", subject)
+            return
+        route = self._subjects.parse_data(subject)
+        if route is None:
+            self._reject("bad_subject", subject)
+            return
+        try:
+            env = decode_envelope(data, max_size=self.config.limits.envelope_bytes)
+        except WireError as exc:
+            self._reject(f"malformed.{exc.reason}", subject)
+            return
+        cluster, session = route
+        if env.cluster != cluster or env.session != session:
+            self._reject("subject_mismatch", subject)
+            return
+        entry = self.registry.get(session)
+        if entry is None:
+            self._reject("unknown_session", subject)
+            return
+        if entry.cluster != cluster:
+            self._reject("wrong_cluster", subject)
+            return
+        await self._nc.publish(self._subjects.inbox(session), data)
+        self.relayed += 1
+        self.relayed_bytes += len(data)
+
+    # --- session control --------------------------------------------------------------------
+
+    async def _on_api(self, msg: Any) -> None:
+        if self._tg is None or self._pending.locked():
+            self.refused["limit_exceeded"] += 1
+            if msg.reply:
+                await msg.respond(error_reply("limit_exceeded", "too many pending requests"))
+            return
+        await self._pending.acquire()
+        self._tg.create_task(self._serve(msg))
+
+    async def _serve(self, msg: Any) -> None:
+        try:
+            op = msg.subject.rsplit(".", 1)[-1]
+            try:
+                reply = await self._handle(op, msg.data)
+            except SessionError as exc:
+                self.refused[exc.code] += 1
+                log.info("session.refused", op=op, code=exc.code, reason=exc.detail)
+                reply = error_reply(exc.code, exc.detail)
+            if msg.reply:
+                await msg.respond(reply)
+        finally:
+            self._pending.release()
+
+    async def _handle(self, op: str, payload: bytes) -> bytes:
+        try:
+            m = decode_map(payload)
+        except WireError as exc:
+            raise SessionError("bad_request", str(exc)) from None
+        if op == "open":
+            return await self._open(m)
+        if op in ("close", "keepalive"):
+            try:
+                ref = decode_session_ref(m)
+            except WireError as exc:
+                raise SessionError("bad_request", str(exc)) from None
+            claims = self._verifier.verify(ref.token)
+            entry = self.registry.get(ref.session)
+            if entry is None:
+                raise SessionError("bad_request", "unknown or expired session")
+            if entry.user != claims.sub:
+                raise SessionError("forbidden", "session belongs to another user")
+            if op == "keepalive":
+                self.registry.touch(ref.session, now=self._clock())
+                return encode_map({"ok": True, "keepalive_s": self.config.keepalive_s})
+            self.registry.remove(ref.session)
+            log.info(
+                "session.closed", session=ref.session, cluster=entry.cluster, reason="consumer"
+            )
+            await self._tell_cluster_closed(entry, "closed by consumer")
+            return encode_map({"ok": True})
+        raise SessionError("bad_request", f"unknown operation {op!r:.40}")
+
+    async def _open(self, m: dict[str, Any]) -> bytes:
+        try:
+            req = decode_open(m)
+            jwk = check_public_jwk(req.jwk)
+        except WireError as exc:
+            raise SessionError("bad_request", str(exc)) from None
+        claims = self._verifier.verify(req.token)
+        if not claims.allows(req.cluster):
+            raise SessionError("forbidden", f"token does not allow cluster {req.cluster!r}")
+        limits = self.config.limits
+        if len(req.streams) > limits.streams_per_session:
+            raise SessionError("limit_exceeded", f"at most {limits.streams_per_session} streams")
+        if self.registry.sessions_of(claims.sub) >= limits.sessions_per_user:
+            raise SessionError("limit_exceeded", f"at most {limits.sessions_per_user} sessions")
+        session = thumbprint(jwk)
+        if session in self.registry:
+            raise SessionError("bad_request", "a session with this key exists: use a new key")
+        # Register before the cluster hears of it: its first envelope may beat its reply.
+        entry = self.registry.add(
+            session, cluster=req.cluster, user=claims.sub, streams=req.streams, now=self._clock()
+        )
+        control = {
+            "v": VERSION,
+            "op": "open",
+            "session": session,
+            "streams": list(req.streams),
+            "jwk": jwk,
+            "key_mode": req.key_mode,
+            "zip": req.zip,
+            "user": claims.sub,
+        }
+        try:
+            answer = await self._control(req.cluster, control)
+        except SessionError:
+            self.registry.remove(session)
+            raise
+        if answer.get("ok") is not True:
+            self.registry.remove(session)
+            error = answer.get("error")
+            code, message = "cluster_unavailable", "cluster refused the session"
+            if isinstance(error, dict) and error.get("code") in {"bad_request", "limit_exceeded"}:
+                code, message = error["code"], str(error.get("message", ""))[:200]
+            raise SessionError(code, message)
+        log.info(
+            "session.opened",
+            session=session,
+            cluster=entry.cluster,
+            user=claims.sub,
+            streams=list(req.streams),
+            key_mode=req.key_mode,
+        )
+        return encode_map(
+            {
+                "ok": True,
+                "session": session,
+                "inbox": self._subjects.inbox(session),
+                "keepalive_s": self.config.keepalive_s,
+            }
+        )
+
+    async def _control(self, cluster: str, body: dict[str, Any]) -> dict[str, Any]:
+        subject = self._subjects.control(cluster)
+        try:
+            msg = await self._nc.request(
+                subject, encode_map(body), timeout=self.config.control_timeout_s
+            )
+        except nats.errors.NoRespondersError:
+            raise SessionError(
+                "cluster_unavailable", f"no producer serves cluster {cluster!r}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise SessionError(
+                "cluster_unavailable", f"cluster {cluster!r} did not answer"
+            ) from None
+        try:
+            return decode_map(msg.data)
+        except WireError:
+            raise SessionError("cluster_unavailable", "cluster sent a malformed answer") from None
+
+    async def _tell_cluster_closed(self, entry: SessionEntry, reason: str) -> None:
+        body = {"v": VERSION, "op": "close", "session": entry.session, "reason": reason}
+        try:
+            await self._control(entry.cluster, body)
+        except SessionError as exc:
+            log.info("session.close_not_delivered", session=entry.session, reason=exc.detail)
+
+    async def _expiry_loop(self) -> None:
+        interval = max(self.config.keepalive_s / 2, 0.05)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            for entry in self.registry.expire(now=self._clock()):
+                log.info("session.expired", session=entry.session, cluster=entry.cluster)
+                await self._nc.publish(
+                    self._subjects.inbox(entry.session),
+                    notice(entry.session, "expired", "no keepalive: session closed"),
+                )
+                if self._tg is not None:
+                    self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))

@@ -1,0 +1,72 @@
+"""The session registry of the proxy (pure: time is a parameter)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+__all__ = ["SessionEntry", "SessionRegistry"]
+
+
+@dataclass(slots=True)
+class SessionEntry:
+    session: str
+    cluster: str
+    user: str
+    streams: tuple[str, ...]
+    expires_at: float
+
+
+class SessionRegistry:
+    """session id -> entry; a session not kept alive past ``expires_at`` is expired."""
+
+    def __init__(self, *, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, SessionEntry] = {}
+        self._per_user: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, session: str) -> bool:
+        return session in self._entries
+
+    def get(self, session: str) -> SessionEntry | None:
+        return self._entries.get(session)
+
+    def sessions_of(self, user: str) -> int:
+        return self._per_user[user]
+
+    def add(
+        self, session: str, *, cluster: str, user: str, streams: tuple[str, ...], now: float
+    ) -> SessionEntry:
+        if session in self._entries:
+            raise KeyError(session)
+        entry = SessionEntry(session, cluster, user, streams, now + self.ttl_s)
+        self._entries[session] = entry
+        self._per_user[user] += 1
+        return entry
+
+    def touch(self, session: str, *, now: float) -> SessionEntry | None:
+        entry = self._entries.get(session)
+        if entry is not None:
+            entry.expires_at = now + self.ttl_s
+        return entry
+
+    def remove(self, session: str) -> SessionEntry | None:
+        entry = self._entries.pop(session, None)
+        if entry is not None:
+            self._per_user[entry.user] -= 1
+            if self._per_user[entry.user] <= 0:
+                del self._per_user[entry.user]
+        return entry
+
+    def expire(self, *, now: float) -> list[SessionEntry]:
+        """Remove and return every session past its expiry."""
+        gone = [e for e in self._entries.values() if e.expires_at <= now]
+        for entry in gone:
+            self.remove(entry.session)
+        return gone
+
+    def entries(self) -> list[SessionEntry]:
+        return list(self._entries.values())

@@ -1,0 +1,16 @@
+"""consumers: the client library (verify, decrypt, order, policy) and the CLI."""
+
+from consumers._client import Client, Stats, Subscription
+from consumers._config import ClientConfig, default_trust_store
+from sealstream.crypto import Batch, ConsumerKey, TrustStore
+
+__all__ = [
+    "Batch",
+    "Client",
+    "ClientConfig",
+    "ConsumerKey",
+    "Stats",
+    "Subscription",
+    "TrustStore",
+    "default_trust_store",
+]

@@ -1,0 +1,199 @@
+"""``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
+as JSON lines); ``sealstream-consume trust ...`` manages the trust store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from consumers._client import Client, Subscription
+from consumers._config import ClientConfig
+from consumers._view import JsonLinesWriter, LiveTable
+from sealstream import BrokerError, SessionError, configure_logging
+from sealstream._run import run
+from sealstream.crypto import TrustStore
+
+__all__ = ["main"]
+
+_HINTS = {
+    "unauthorized": "the token is missing, invalid or expired",
+    "forbidden": "the token does not allow this cluster",
+    "cluster_unavailable": "no producer serves this cluster (unknown cluster, or it is down)",
+    "limit_exceeded": "a proxy limit was reached",
+    "bad_request": "the proxy or the cluster refused the request",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sealstream-consume", description=__doc__)
+    p.add_argument("--cluster", help="cluster id to subscribe to")
+    p.add_argument("--stream", action="append", help="stream name (repeatable)")
+    p.add_argument("--nats-url", help="NATS server (env NATS_URL)")
+    p.add_argument("--prefix", help="subject prefix (env SEALSTREAM_PREFIX)")
+    p.add_argument("--token", help="access token (env SEALSTREAM_TOKEN)")
+    p.add_argument(
+        "--token-file", type=Path, help="file holding the token (env SEALSTREAM_TOKEN_FILE)"
+    )
+    p.add_argument("--trust-store", type=Path, help="trust store file (env SEALSTREAM_TRUST_STORE)")
+    p.add_argument("--tofu", action="store_true", help="pin an unknown cluster's key on first use")
+    p.add_argument(
+        "--key", choices=["rsa", "x25519", "p256"], help="ephemeral key type (default rsa)"
+    )
+    p.add_argument(
+        "--key-mode",
+        choices=["session", "per-message"],
+        help="session (default: signed session keys) or per-message (Pixie's scheme: NO sender "
+        "authentication, a relay can forge data; for comparison only)",
+    )
+    p.add_argument("--output", choices=["table", "jsonl"], default="table")
+    p.add_argument(
+        "--policy",
+        choices=["fail", "discard"],
+        default="discard",
+        help="on a rejected envelope: discard and count (default) or stop",
+    )
+    p.add_argument("--limit", type=int, help="stop after this many rows")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument(
+        "--retry",
+        type=float,
+        default=0.0,
+        help="keep retrying for this many seconds while the cluster is unavailable",
+    )
+    p.add_argument("--log-level", default="warning")
+    sub = p.add_subparsers(dest="command")
+    trust = sub.add_parser("trust", help="manage the trust store")
+    trust.add_argument("action", choices=["add", "list"])
+    trust.add_argument("--cluster")
+    trust.add_argument(
+        "--jwk-file", type=Path, help="public JWK (sealstream-producer key prints it)"
+    )
+    trust.add_argument("--trust-store", type=Path, dest="trust_store_sub")
+    return p
+
+
+def _trust(args: argparse.Namespace) -> int:
+    path = args.trust_store_sub or args.trust_store or ClientConfig.from_env().trust_store
+    store = TrustStore.load(path)
+    if args.action == "list":
+        for cluster, kids in store.clusters().items():
+            for kid in kids:
+                print(f"{cluster}\t{kid}")
+        return 0
+    if not args.cluster or not args.jwk_file:
+        print("error: trust add needs --cluster and --jwk-file", file=sys.stderr)
+        return 2
+    kid = store.add(args.cluster, json.loads(args.jwk_file.read_text(encoding="utf-8")))
+    print(f"pinned {args.cluster} {kid} in {path}")
+    return 0
+
+
+async def _open(client: Client, cluster: str, streams: list[str], retry_s: float) -> Subscription:
+    deadline = time.monotonic() + retry_s
+    while True:
+        sub = client.subscribe(cluster, streams)
+        try:
+            await sub.__aenter__()
+        except BrokerError:
+            if time.monotonic() < deadline:  # the proxy may still be starting
+                await asyncio.sleep(0.3)
+                continue
+            raise
+        except SessionError as exc:
+            if exc.code == "cluster_unavailable" and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                continue
+            raise SessionError(exc.code, f"{exc.detail} ({_HINTS.get(exc.code, '')})") from None
+        return sub
+
+
+async def consume(config: ClientConfig, args: argparse.Namespace) -> int:
+    streams = args.stream or ["http_events"]
+    async with Client(config) as client:
+        sub = await _open(client, args.cluster, streams, args.retry)
+        try:
+            return await _show(sub, args)
+        finally:
+            await sub.aclose()
+
+
+async def _show(sub: Subscription, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.duration if args.duration else None
+    rows = 0
+
+    async def batches() -> None:
+        nonlocal rows
+        if args.output == "jsonl":
+            writer = JsonLinesWriter()
+            async for batch in sub:
+                writer.add(batch)
+                rows += len(batch.rows)
+                if args.limit and rows >= args.limit:
+                    return
+            return
+        view = LiveTable(sub.cluster, sub.session_id)
+        with Live(view.render(), console=Console(), refresh_per_second=4, transient=False) as live:
+            async for batch in sub:
+                view.add(batch)
+                view.stats = sub.stats()
+                live.update(view.render())
+                rows += len(batch.rows)
+                if args.limit and rows >= args.limit:
+                    return
+
+    try:
+        if deadline is None:
+            await batches()
+        else:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await batches()
+    except TimeoutError:
+        pass
+    if sub.end_reason is not None:
+        print(f"session ended by the cluster: {sub.end_reason}", file=sys.stderr)
+    stats = sub.stats()
+    if stats.rejected or stats.lost or stats.dropped:
+        print(
+            f"rejected {stats.rejected}, lost {stats.lost}, dropped {stats.dropped}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "trust":
+        return _trust(args)
+    if not args.cluster:
+        print("error: --cluster is required", file=sys.stderr)
+        return 2
+    configure_logging(level=args.log_level)
+    token = args.token
+    if args.token_file:
+        token = args.token_file.read_text(encoding="utf-8").strip()
+
+    async def go() -> int:
+        config = ClientConfig.from_env(
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+            token=token,
+            trust_store=args.trust_store,
+            tofu=args.tofu or None,
+            key_kind=args.key,
+            key_mode=args.key_mode,
+            policy=args.policy,
+        )
+        return await consume(config, args)
+
+    return run(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The consumer library: ``async with Client(config) as client`` then
+``async with client.subscribe(cluster, streams) as sub: async for batch in sub: ...``.
+
+Each subscription makes an ephemeral key pair (off the event loop), subscribes its inbox
+BEFORE asking the proxy to open the session, keeps the session alive, and verifies and
+decrypts every envelope. Failures follow the policy: ``fail`` raises the one opaque
+:class:`IntegrityError`, ``discard`` drops and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import nats.errors
+import structlog
+
+from consumers._config import ClientConfig
+from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
+from sealstream._ids import check_cluster_id, check_stream
+from sealstream._nats import connect
+from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
+from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
+
+__all__ = ["Client", "Stats", "Subscription"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """What a subscription received and what became of it."""
+
+    received: int
+    batches: int
+    rows: int
+    rejected: dict[str, int]
+    dropped: int
+    gaps: int
+    lost: int
+
+
+class Client:
+    """A connection to NATS from which sessions are opened."""
+
+    def __init__(self, config: ClientConfig, *, trust: TrustStore | None = None) -> None:
+        self.config = config
+        self.trust = trust or TrustStore.load(config.trust_store, tofu=config.tofu)
+        self.subjects = Subjects(config.prefix)
+        self._nc: Any = None
+
+    async def __aenter__(self) -> Self:
+        self._nc = await connect(self.config.nats_url, name="sealstream-consumer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drain the connection; idempotent."""
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            await nc.drain()
+
+    @property
+    def nc(self) -> Any:
+        if self._nc is None:
+            raise RuntimeError("use the client inside 'async with'")
+        return self._nc
+
+    def subscribe(
+        self, cluster: str, streams: Sequence[str], *, key: ConsumerKey | None = None
+    ) -> Subscription:
+        """A session on ``cluster`` for ``streams``; enter it with ``async with``."""
+        return Subscription(
+            self, check_cluster_id(cluster), [check_stream(s) for s in streams], key
+        )
+
+    async def request(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A session API request; the reply's error becomes :class:`SessionError`."""
+        try:
+            msg = await self.nc.request(
+                subject, encode_map(body), timeout=self.config.request_timeout_s
+            )
+        except nats.errors.NoRespondersError:
+            raise BrokerError("no sealstream proxy is serving this NATS server") from None
+        except nats.errors.TimeoutError:
+            raise BrokerError("the proxy did not answer in time") from None
+        try:
+            reply = decode_map(msg.data)
+        except WireError as exc:
+            raise BrokerError(f"malformed reply from the proxy: {exc}") from None
+        if reply.get("ok") is not True:
+            error = reply.get("error")
+            if not isinstance(error, dict):
+                raise SessionError("bad_request", "malformed error reply")
+            raise SessionError(str(error.get("code", "bad_request")), str(error.get("message", "")))
+        return reply
+
+
+class Subscription:
+    """One live session: an async iterator of :class:`Batch` until the producer ends it."""
+
+    def __init__(
+        self, client: Client, cluster: str, streams: list[str], key: ConsumerKey | None
+    ) -> None:
+        self._client = client
+        self.cluster = cluster
+        self.streams = streams
+        self._key = key
+        self.session: ConsumerSession | None = None
+        self.end_reason: str | None = None
+        cfg = client.config
+        self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(cfg.queue_size)
+        self._sub: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._stop = asyncio.Event()
+        self._received = 0
+        self._batches = 0
+        self._rows = 0
+        self._dropped = 0
+        self._last_drop_log = 0.0
+        self.keepalive_s = 10.0
+
+    @property
+    def session_id(self) -> str:
+        if self.session is None:
+            raise RuntimeError("subscription not started")
+        return self.session.session
+
+    def stats(self) -> Stats:
+        s = self.session
+        rejected: Counter[str] = Counter(s.rejected if s else {})
+        return Stats(
+            received=self._received,
+            batches=self._batches,
+            rows=self._rows,
+            rejected=dict(rejected),
+            dropped=self._dropped,
+            gaps=s.gaps if s else 0,
+            lost=s.lost if s else 0,
+        )
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._open()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _open(self) -> None:
+        cfg = self._client.config
+        key = self._key or await ConsumerKey.agenerate(cfg.key_kind)
+        self.session = ConsumerSession(
+            key,
+            cluster=self.cluster,
+            trust=self._client.trust,
+            key_mode=cfg.key_mode,
+            allow_zip=cfg.allow_zip,
+            policy=cfg.policy,
+        )
+        subjects = self._client.subjects
+        nc = self._client.nc
+        # the inbox first: the producer's key envelope may arrive before the open reply
+        self._sub = await nc.subscribe(subjects.inbox(key.session_id), cb=self._on_msg)
+        self._stack.push_async_callback(self._unsubscribe)
+        await nc.flush()
+        req = OpenRequest(
+            cluster=self.cluster,
+            streams=tuple(self.streams),
+            jwk=key.public_jwk,
+            key_mode=cfg.key_mode,
+            token=cfg.token,
+            zip=cfg.allow_zip,
+        )
+        reply = await self._client.request(subjects.api_open, req.to_map())
+        if reply.get("session") != key.session_id:
+            raise BrokerError("the proxy answered for another session")
+        self._stack.push_async_callback(self._close_session)
+        ka = reply.get("keepalive_s")
+        if isinstance(ka, int | float) and not isinstance(ka, bool) and ka > 0:
+            self.keepalive_s = float(ka)
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._stop.set)
+        tg.create_task(self._keepalive())
+        log.info(
+            "session.opened",
+            cluster=self.cluster,
+            session=key.session_id,
+            streams=self.streams,
+            key=key.kind,
+            key_mode=cfg.key_mode,
+        )
+
+    async def aclose(self) -> None:
+        """Close the session at the proxy, stop keepalive, unsubscribe; idempotent."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None and not self._client.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _close_session(self) -> None:
+        if self.session is None or self._client.nc.is_closed or self.end_reason is not None:
+            return
+        body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
+        try:
+            await self._client.request(self._client.subjects.api_close, body)
+        except (BrokerError, SessionError) as exc:
+            log.info("session.close_failed", session=self.session.session, error=str(exc))
+
+    async def _keepalive(self) -> None:
+        assert self.session is not None
+        body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
+            if self._stop.is_set():
+                return
+            try:
+                await self._client.request(self._client.subjects.api_keepalive, body)
+            except SessionError as exc:
+                self._push(SessionError("ended", f"session lost: {exc.detail}"))
+                return
+            except BrokerError as exc:
+                log.warning(
+                    "session.keepalive_failed", session=self.session.session, error=str(exc)
+                )
+
+    def _push(self, item: bytes | BaseException) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 1.0:
+                self._last_drop_log = now
+                log.warning("inbox.overflow", dropped=self._dropped, queue=self._queue.maxsize)
+
+    async def _on_msg(self, msg: Any) -> None:
+        self._received += 1
+        self._push(msg.data)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Batch:
+        session = self.session
+        if session is None:
+            raise RuntimeError("use the subscription inside 'async with'")
+        while True:
+            if self.end_reason is not None:
+                raise StopAsyncIteration
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            result = await self._open_one(session, item)
+            if isinstance(result, Batch):
+                self._batches += 1
+                self._rows += len(result.rows)
+                return result
+            if isinstance(result, End):
+                self.end_reason = result.reason
+                log.info("session.ended", session=session.session, reason=result.reason)
+                raise StopAsyncIteration
+            if isinstance(result, Notice):
+                log.info("session.notice", session=session.session, code=result.code)
+                if result.code == "expired":
+                    raise SessionError("ended", "the proxy expired this session")
+
+    async def _open_one(
+        self, session: ConsumerSession, payload: bytes
+    ) -> Batch | End | Notice | None:
+        try:
+            item = session.parse(payload)
+            if isinstance(item, Envelope):
+                if item.kind == "key" or session.key_mode == "per-message":
+                    # public-key decryption (RSA: milliseconds) stays off the event loop
+                    return await asyncio.to_thread(session.open, item)
+                return session.open(item)
+            return item
+        finally:
+            self._check_trust(session)
+
+    def _check_trust(self, session: ConsumerSession) -> None:
+        if not session.keyed and session.untrusted_kid is not None:
+            store = self._client.trust.path or "(in memory)"
+            raise TrustError(
+                f"cluster {self.cluster!r} signs with key {session.untrusted_kid}, which the "
+                f"trust store {store} does not hold: pin it with 'sealstream-consume trust add'"
+            )

@@ -1,0 +1,60 @@
+"""Consumer configuration: one frozen dataclass, environment parsing only in ``from_env``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sealstream import KeyMode
+from sealstream.crypto import KeyKind, Policy
+
+__all__ = ["ClientConfig", "default_trust_store"]
+
+
+def default_trust_store() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sealstream" / "trust.json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "sealstream"
+    token: str = field(default="", repr=False)
+    trust_store: Path = field(default_factory=default_trust_store)
+    tofu: bool = False
+    key_kind: KeyKind = "rsa"
+    key_mode: KeyMode = "session"
+    policy: Policy = "fail"
+    allow_zip: bool = False
+    queue_size: int = 10_000
+    request_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.key_kind not in ("rsa", "x25519", "p256"):
+            raise ValueError(f"key kind must be rsa, x25519 or p256, not {self.key_kind!r}")
+        if self.key_mode not in ("session", "per-message"):
+            raise ValueError(f"key mode must be session or per-message, not {self.key_mode!r}")
+        if self.queue_size < 1 or self.request_timeout_s <= 0:
+            raise ValueError("queue_size and request_timeout_s must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ClientConfig:
+        """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN`` (or
+        ``SEALSTREAM_TOKEN_FILE``), ``SEALSTREAM_TRUST_STORE``; flags (overrides) win."""
+        values: dict[str, Any] = {}
+        if env.get("NATS_URL"):
+            values["nats_url"] = env["NATS_URL"]
+        if env.get("SEALSTREAM_PREFIX"):
+            values["prefix"] = env["SEALSTREAM_PREFIX"]
+        if env.get("SEALSTREAM_TOKEN_FILE"):
+            values["token"] = Path(env["SEALSTREAM_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
+        elif env.get("SEALSTREAM_TOKEN"):
+            values["token"] = env["SEALSTREAM_TOKEN"]
+        if env.get("SEALSTREAM_TRUST_STORE"):
+            values["trust_store"] = Path(env["SEALSTREAM_TRUST_STORE"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,5 @@
+import sys
+
+from producers._cli import main
+
+sys.exit(main())

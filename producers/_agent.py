@@ -1,0 +1,265 @@
+"""The cluster agent: serves session control, batches rows, seals them per session, publishes.
+
+One :class:`ProducerSession` (encryption state) per consumer session; the rows of a stream are
+batched and packed once, then sealed once per session subscribed to that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from producers._batcher import Batcher, plaintext_budget
+from producers._config import ProducerConfig
+from producers._sources import Source, validate_row
+from sealstream import SealstreamError, Subjects, WireError
+from sealstream._ids import check_session_id, check_stream
+from sealstream._nats import connect
+from sealstream._wire import decode_map, decode_open, encode_map
+from sealstream.crypto import ClusterIdentity, ProducerSession
+
+__all__ = ["Agent"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Served:
+    crypto: ProducerSession
+    streams: frozenset[str]
+    user: str
+
+
+def _error(code: str, message: str) -> bytes:
+    return encode_map({"ok": False, "error": {"code": code, "message": message}})
+
+
+class Agent:
+    """``async with Agent(config, sources=[...]) as agent:`` runs a cluster's producer.
+
+    ``await agent.emit(stream, rows)`` is the Python API for one's own records; ``streams``
+    declares the streams it may carry besides those of ``sources``.
+    """
+
+    def __init__(
+        self,
+        config: ProducerConfig,
+        *,
+        identity: ClusterIdentity | None = None,
+        sources: Sequence[Source] = (),
+        streams: Iterable[str] = (),
+    ) -> None:
+        self.config = config
+        self._identity = identity
+        self._sources = list(sources)
+        self.streams = frozenset(check_stream(s) for s in [*streams, *(s.stream for s in sources)])
+        if not self.streams:
+            raise ValueError("an agent needs at least one stream or source")
+        self._subjects = Subjects(config.prefix)
+        self.sessions: dict[str, _Served] = {}
+        self._batchers: dict[str, Batcher] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._nc: Any = None
+        self.published = 0
+        self.rows_in = 0
+        self.rejected_rows: Counter[str] = Counter()
+
+    @property
+    def identity(self) -> ClusterIdentity:
+        if self._identity is None:
+            self._identity = ClusterIdentity.load_or_create(self.config.key_file)
+        return self._identity
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        identity = self.identity
+        self._nc = await connect(
+            self.config.nats_url, name=f"sealstream-producer.{self.config.cluster}"
+        )
+        self._stack.push_async_callback(self._shutdown)
+        budget = plaintext_budget(int(self._nc.max_payload))
+        self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
+        self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._stop.set)
+        await self._nc.subscribe(self._subjects.control(self.config.cluster), cb=self._on_control)
+        await self._nc.flush()
+        for source in self._sources:
+            self._tg.create_task(self._pump(source))
+        self._tg.create_task(self._flush_loop())
+        log.info(
+            "producer.started",
+            cluster=self.config.cluster,
+            kid=identity.kid,
+            streams=sorted(self.streams),
+        )
+
+    async def aclose(self) -> None:
+        """Flush, end every session (authenticated ``end``), drain; idempotent."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+
+    async def _shutdown(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            return
+        with contextlib.suppress(SealstreamError):
+            for stream, batcher in self._batchers.items():
+                plaintext = batcher.flush()
+                if plaintext is not None:
+                    await self._publish(stream, plaintext)
+            for session in list(self.sessions):
+                await self.end_session(session, "producer stopping")
+        await self._nc.drain()
+        log.info("producer.stopped", cluster=self.config.cluster, published=self.published)
+
+    # --- rows in ----------------------------------------------------------------------------
+
+    async def emit(self, stream: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Queue rows for a declared stream; invalid rows are counted, logged and skipped."""
+        batcher = self._batchers.get(stream)
+        if batcher is None:
+            raise ValueError(f"stream {stream!r} is not declared by this agent")
+        valid: list[Mapping[str, Any]] = []
+        for row in rows:
+            checked = validate_row(row)
+            if isinstance(checked, str):
+                self.rejected_rows[checked] += 1
+                log.warning("row.rejected", stream=stream, reason=checked)
+            else:
+                valid.append(checked)
+        self.rows_in += len(valid)
+        before = batcher.oversize_rows
+        ready = batcher.add(valid, now=time.monotonic())
+        if batcher.oversize_rows != before:
+            self.rejected_rows["oversize"] += batcher.oversize_rows - before
+            log.warning(
+                "row.rejected",
+                stream=stream,
+                reason="oversize",
+                count=batcher.oversize_rows - before,
+            )
+        for plaintext in ready:
+            await self._publish(stream, plaintext)
+
+    async def _pump(self, source: Source) -> None:
+        try:
+            async with contextlib.aclosing(source.rows()) as batches:
+                async for rows in batches:
+                    if rows:
+                        await self.emit(source.stream, rows)
+        except (SealstreamError, OSError, ValueError) as exc:
+            log.error(
+                "source.failed", stream=source.stream, error=type(exc).__name__, message=str(exc)
+            )
+        else:
+            log.info("source.ended", stream=source.stream)
+
+    async def _flush_loop(self) -> None:
+        interval = self.config.batching.max_delay_s / 2
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            now = time.monotonic()
+            for stream, batcher in self._batchers.items():
+                plaintext = batcher.due(now=now)
+                if plaintext is not None:
+                    await self._publish(stream, plaintext)
+
+    # --- envelopes out ----------------------------------------------------------------------
+
+    async def _send(self, session: str, envelopes: list[bytes]) -> None:
+        subject = self._subjects.data(self.config.cluster, session)
+        for env in envelopes:
+            await self._nc.publish(subject, env)
+        self.published += len(envelopes)
+
+    async def _publish(self, stream: str, plaintext: bytes) -> None:
+        # one lock: the envelopes of a session leave in seq order whatever task seals them
+        async with self._lock:
+            for session, served in list(self.sessions.items()):
+                if stream in served.streams:
+                    await self._send(session, served.crypto.seal(stream, plaintext))
+
+    async def end_session(self, session: str, reason: str) -> None:
+        """End a session: an authenticated ``end`` envelope, then forget it."""
+        async with self._lock:
+            served = self.sessions.pop(session, None)
+            if served is not None and not served.crypto.ended:
+                await self._send(session, served.crypto.end(reason))
+                log.info("session.ended", session=session, reason=reason)
+
+    # --- session control --------------------------------------------------------------------
+
+    async def _on_control(self, msg: Any) -> None:
+        try:
+            reply, start = self._control(msg.data)
+        except WireError as exc:
+            reply, start = _error("bad_request", str(exc)), None
+        if msg.reply:
+            await msg.respond(reply)
+        if start is not None:
+            async with self._lock:
+                served = self.sessions.get(start)
+                if served is not None:
+                    await self._send(start, served.crypto.start())
+
+    def _control(self, payload: bytes) -> tuple[bytes, str | None]:
+        m = decode_map(payload)
+        op = m.get("op")
+        if op == "close":
+            session = check_session_id(m.get("session"))
+            if self.sessions.pop(session, None) is not None:
+                log.info("session.closed", session=session, reason=str(m.get("reason", ""))[:100])
+            return encode_map({"ok": True}), None
+        if op != "open":
+            return _error("bad_request", f"unknown op {op!r:.40}"), None
+        session = check_session_id(m.get("session"))
+        # the control op names no cluster: the subject it came on is this cluster's
+        req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
+        unknown = sorted(set(req.streams) - self.streams)
+        if unknown:
+            return _error("bad_request", f"unknown streams {unknown}"), None
+        if session in self.sessions:
+            return _error("bad_request", "session already open"), None
+        if len(self.sessions) >= self.config.max_sessions:
+            return _error("limit_exceeded", "cluster serves too many sessions"), None
+        crypto = ProducerSession(
+            self.identity,
+            cluster=self.config.cluster,
+            session=session,
+            consumer_jwk=req.jwk,
+            key_mode=req.key_mode,
+            compress=req.zip,
+            rotation=self.config.rotation,
+        )
+        user = m.get("user")
+        self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256])
+        log.info(
+            "session.opened", session=session, streams=list(req.streams), key_mode=req.key_mode
+        )
+        return encode_map({"ok": True}), session

@@ -1,0 +1,90 @@
+"""``sealstream-producer``: run a cluster agent, or show its public signing key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from producers._agent import Agent
+from producers._config import ProducerConfig
+from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
+from sealstream import configure_logging
+from sealstream._run import run
+from sealstream.crypto import ClusterIdentity
+
+__all__ = ["main", "parse_source"]
+
+
+def parse_source(spec: str, *, rate: float, interval: float) -> Source:
+    """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin)."""
+    if spec == "http_events":
+        return HttpEvents(rate=rate)
+    if spec == "host_metrics":
+        return HostMetrics(interval=interval)
+    if spec.startswith("jsonl:"):
+        path, _, stream = spec[len("jsonl:") :].partition(":")
+        return JsonLines(None if path == "-" else Path(path), stream=stream or "records")
+    raise ValueError(
+        f"unknown source {spec!r}: use http_events, host_metrics or jsonl:PATH[:STREAM]"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__)
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run the agent (default)")
+    for parser in (p, r):
+        parser.add_argument("--cluster", help="cluster id (env SEALSTREAM_CLUSTER)")
+        parser.add_argument("--nats-url", help="NATS server (env NATS_URL)")
+        parser.add_argument("--prefix", help="subject prefix (env SEALSTREAM_PREFIX)")
+        parser.add_argument(
+            "--key-file", type=Path, help="signing key file (env SEALSTREAM_KEY_FILE)"
+        )
+        parser.add_argument(
+            "--source",
+            action="append",
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] (repeatable; env "
+            "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
+        )
+        parser.add_argument("--rate", type=float, default=50.0, help="http_events rows/s")
+        parser.add_argument("--interval", type=float, default=1.0, help="host_metrics period, s")
+        parser.add_argument("--log-level", default="info")
+        parser.add_argument("--log-json", action="store_true")
+    k = sub.add_parser("key", help="create the signing key if needed; print its public JWK")
+    k.add_argument("--key-file", type=Path, required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "key":
+        identity = ClusterIdentity.load_or_create(args.key_file)
+        print(json.dumps(identity.public_jwk))
+        return 0
+    configure_logging(level=args.log_level, json=args.log_json)
+
+    async def serve() -> int:
+        config = ProducerConfig.from_env(
+            cluster=args.cluster, nats_url=args.nats_url, prefix=args.prefix, key_file=args.key_file
+        )
+        specs = args.source or os.environ.get(
+            "SEALSTREAM_SOURCES", "http_events,host_metrics"
+        ).split(",")
+        sources = [
+            parse_source(s.strip(), rate=args.rate, interval=args.interval)
+            for s in specs
+            if s.strip()
+        ]
+        async with Agent(config, sources=sources):
+            await asyncio.Event().wait()
+        return 0
+
+    return run(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

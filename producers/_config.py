@@ -1,0 +1,50 @@
+"""Producer configuration: one frozen dataclass, environment parsing only in ``from_env``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producers._batcher import Batching
+from sealstream._ids import check_cluster_id
+from sealstream.crypto import Rotation
+
+__all__ = ["ProducerConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProducerConfig:
+    cluster: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "sealstream"
+    key_file: Path = Path("cluster-key.jwk")
+    batching: Batching = field(default_factory=Batching)
+    rotation: Rotation = field(default_factory=Rotation)
+    max_sessions: int = 1000
+
+    def __post_init__(self) -> None:
+        check_cluster_id(self.cluster)
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProducerConfig:
+        """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``;
+        keyword overrides (from command-line flags) win when not None."""
+        values: dict[str, Any] = {}
+        for name, key in (
+            ("SEALSTREAM_CLUSTER", "cluster"),
+            ("NATS_URL", "nats_url"),
+            ("SEALSTREAM_PREFIX", "prefix"),
+        ):
+            if env.get(name):
+                values[key] = env[name]
+        if env.get("SEALSTREAM_KEY_FILE"):
+            values["key_file"] = Path(env["SEALSTREAM_KEY_FILE"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "cluster" not in values:
+            raise ValueError("a cluster id is required (--cluster or SEALSTREAM_CLUSTER)")
+        return cls(**values)

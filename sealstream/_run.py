@@ -1,0 +1,50 @@
+"""Running a command's async main: signals, clean Ctrl-C, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sealstream._errors import SealstreamError
+
+__all__ = ["run"]
+
+
+async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if stopping:
+            return 0  # asked to stop: a normal exit
+        raise
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit 0), a SealstreamError or a
+    misconfiguration prints one ``error:`` line (exit 1), never a traceback."""
+    try:
+        return asyncio.run(_until_signalled(main()))
+    except KeyboardInterrupt:
+        return 130
+    except SealstreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
