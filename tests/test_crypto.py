@@ -82,7 +82,7 @@ def test_compression_when_asked() -> None:
     pair = make_pair(gen_key("x25519"), compress=True, allow_zip=True)
     rows = [{"path": "/api/v1/items", "n": i} for i in range(500)]
     envs = pair.producer.seal("s", encode_rows(rows))
-    assert parse_compact(decode_envelope(envs[-1]).body)[0]["zip"] == "DEF"
+    assert parse_compact(decode_envelope(envs[-1]).body).header["zip"] == "DEF"
     assert [pair.consumer.accept(e) for e in envs][-1] == Batch(
         "s", 1, decode_envelope(envs[-1]).ts, rows
     )
@@ -315,9 +315,9 @@ def test_we_open_dir_jwes_made_by_joserfc_and_jwcrypto() -> None:
     jc.add_recipient(jc_jwk.JWK(kty="oct", k=b64u_encode(secret)))
     theirs.append(jc.serialize(compact=True).encode())
     for token in theirs:
-        parsed, parts = parse_compact(token)
-        assert parsed["seq"] == 7
-        assert open_dir(AESGCM(secret), parts, max_plaintext=100, allow_zip=False) == b"hello"
+        parsed = parse_compact(token)
+        assert parsed.header["seq"] == 7
+        assert open_dir(AESGCM(secret), parsed, max_plaintext=100) == b"hello"
 
 
 def test_seal_dir_known_answer_and_cross_check() -> None:

@@ -426,3 +426,34 @@ def test_any_single_byte_change_is_rejected(
         fresh.consumer.accept(earlier)
     with pytest.raises(IntegrityError):
         fresh.consumer.accept(tampered)
+
+
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _non_canonical(part: bytes) -> bytes | None:
+    """The same bytes with an unused trailing bit set: lenient decoders accept it."""
+    if len(part) % 4 not in (2, 3):
+        return None
+    i = _B64.index(part[-1:])
+    return part[:-1] + _B64[i ^ 1 : (i ^ 1) + 1]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_non_canonical_base64_is_rejected(key: ConsumerKey, index: int) -> None:
+    """A change in padding bits decodes to identical bytes; it must still be refused."""
+    pair = make_pair(key)
+    envs = sealed(pair, 1)
+    if index:
+        pair.consumer.accept(envs[0])
+    body = env_map(envs[index])["body"]
+    parts = body.split(b".")
+    tried = 0
+    for n, part in enumerate(parts):
+        alt = _non_canonical(part)
+        if alt is None:
+            continue
+        tried += 1
+        changed = b".".join([*parts[:n], alt, *parts[n + 1 :]])
+        rejected(pair, repack(envs[index], body=changed))
+    assert tried >= 1

@@ -21,6 +21,7 @@ import os
 import stat
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -38,6 +39,7 @@ __all__ = [
     "ENC",
     "SIG_ALG",
     "ClusterIdentity",
+    "Compact",
     "ConsumerKey",
     "KeyKind",
     "Rejected",
@@ -242,12 +244,22 @@ def _json_object(b64: bytes, reason: str) -> dict[str, Any]:
     return _json_object_raw(raw, reason)
 
 
-def parse_compact(token: bytes) -> tuple[dict[str, Any], list[bytes]]:
-    """Split a JWE compact into its parsed protected header and its five raw parts.
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """A JWE compact serialization, split and strictly decoded (not yet decrypted)."""
 
-    Plaintext, JWS, JSON serialization or anything else that is not five base64url parts is
-    rejected here, before any crypto.
-    """
+    header: dict[str, Any]
+    protected: bytes  # the base64url header as sent: the AEAD's additional data
+    encrypted_key: bytes
+    iv: bytes
+    ciphertext: bytes
+    tag: bytes
+
+
+def parse_compact(token: bytes) -> Compact:
+    """Split and decode a JWE compact; reject, before any crypto, anything that is not five
+    canonical base64url parts (plaintext, a JWS, JSON serialization) or whose ``enc`` is not
+    A256GCM. Canonical decoding matters: a changed padding bit must not pass unnoticed."""
     parts = token.split(b".")
     if len(parts) != 5:
         raise Rejected("not_jwe")
@@ -256,7 +268,13 @@ def parse_compact(token: bytes) -> tuple[dict[str, Any], list[bytes]]:
         raise Rejected("crit_header")
     if header.get("enc") != ENC:
         raise Rejected("bad_enc")
-    return header, parts
+    try:
+        ek, iv, ct, tag = (b64u_decode(p) for p in parts[1:])
+    except ValueError as exc:
+        raise Rejected("bad_base64") from exc
+    if len(iv) != _NONCE or len(tag) != _TAG:
+        raise Rejected("bad_sizes")
+    return Compact(header, parts[0], ek, iv, ct, tag)
 
 
 def _encode_header(header: Mapping[str, Any]) -> bytes:
@@ -309,25 +327,17 @@ def seal_dir(
     )
 
 
-def open_dir(aead: AESGCM, parts: list[bytes], *, max_plaintext: int, allow_zip: bool) -> bytes:
-    """Decrypt the parts of a ``dir``/A256GCM compact JWE (from :func:`parse_compact`, whose
-    header the caller has checked). Raises :class:`Rejected`."""
-    protected, ek, iv_b64, ct_b64, tag_b64 = parts
-    if ek:
+def open_dir(aead: AESGCM, jwe: Compact, *, max_plaintext: int) -> bytes:
+    """Decrypt a ``dir``/A256GCM JWE from :func:`parse_compact` (whose header the caller has
+    checked). Raises :class:`Rejected`."""
+    if jwe.encrypted_key:
         raise Rejected("bad_alg")
-    try:
-        iv = b64u_decode(iv_b64)
-        ct = b64u_decode(ct_b64)
-        tag = b64u_decode(tag_b64)
-    except ValueError as exc:
-        raise Rejected("bad_base64") from exc
-    if len(iv) != _NONCE or len(tag) != _TAG or len(ct) > max_plaintext:
+    if len(jwe.ciphertext) > max_plaintext:
         raise Rejected("bad_sizes")
     try:
-        plaintext = aead.decrypt(iv, ct + tag, protected)
+        return aead.decrypt(jwe.iv, jwe.ciphertext + jwe.tag, jwe.protected)
     except InvalidTag as exc:
         raise Rejected("bad_tag") from exc
-    return plaintext
 
 
 def inflate_if(header: Mapping[str, Any], plaintext: bytes, *, limit: int, allow: bool) -> bytes:

@@ -35,6 +35,7 @@ from sealstream._wire import (
 from sealstream.crypto._jose import (
     ENC,
     ClusterIdentity,
+    Compact,
     ConsumerKey,
     Rejected,
     aead,
@@ -346,7 +347,8 @@ class ConsumerSession:
             raise Rejected("wrong_route")
         if env.seq <= self.last_seq:
             raise Rejected("replay")
-        header, parts = parse_compact(env.body)
+        jwe = parse_compact(env.body)
+        header = jwe.header
         for name in _ROUTING:
             value = header.get(name)
             if type(value) is not type(getattr(env, name)) or value != getattr(env, name):
@@ -356,7 +358,7 @@ class ConsumerSession:
             self._install_key(header, env.body)
             result = None
         else:
-            plaintext = self._open(header, parts, env.body)
+            plaintext = self._open(jwe, env.body)
             result = self._decode(env, plaintext)
         lost = env.seq - self.last_seq - 1
         if lost:
@@ -371,7 +373,8 @@ class ConsumerSession:
             self.ended = True
         return result
 
-    def _open(self, header: dict[str, Any], parts: list[bytes], body: bytes) -> bytes:
+    def _open(self, jwe: Compact, body: bytes) -> bytes:
+        header = jwe.header
         if header.get("zip") is not None and not self._allow_zip:
             raise Rejected("zip_not_allowed")
         if self.key_mode == "per-message":
@@ -386,9 +389,7 @@ class ConsumerSession:
         cipher = self._keys.get(kid) if isinstance(kid, str) else None
         if cipher is None:
             raise Rejected("unknown_kid")
-        plaintext = open_dir(
-            cipher, parts, max_plaintext=self._max_plaintext, allow_zip=self._allow_zip
-        )
+        plaintext = open_dir(cipher, jwe, max_plaintext=self._max_plaintext)
         return inflate_if(header, plaintext, limit=self._max_plaintext, allow=self._allow_zip)
 
     def _install_key(self, header: dict[str, Any], body: bytes) -> None:
