@@ -87,11 +87,13 @@ class Client:
             self, check_cluster_id(cluster), [check_stream(s) for s in streams], key
         )
 
-    async def request(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def request(
+        self, subject: str, body: dict[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
         """A session API request; the reply's error becomes :class:`SessionError`."""
         try:
             msg = await self.nc.request(
-                subject, encode_map(body), timeout=self.config.request_timeout_s
+                subject, encode_map(body), timeout=timeout or self.config.request_timeout_s
             )
         except nats.errors.NoRespondersError:
             raise BrokerError("no sealstream proxy is serving this NATS server") from None
@@ -228,7 +230,8 @@ class Subscription:
             return
         body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
         try:
-            await self._client.request(self._client.subjects.api_close, body)
+            # short: on shutdown the proxy may be going away too; it expires the session anyway
+            await self._client.request(self._client.subjects.api_close, body, timeout=2.0)
         except (BrokerError, SessionError) as exc:
             log.info("session.close_failed", session=self.session.session, error=str(exc))
 

@@ -7,6 +7,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from rich.console import Group
@@ -22,7 +23,10 @@ _MAX_COLUMNS = 9
 _ROWS_SHOWN = 8
 
 
-def _cell(value: Any) -> str:
+def _cell(column: str, value: Any) -> str:
+    if column.startswith("time") and isinstance(value, int) and value > 10**18:
+        stamp = datetime.fromtimestamp(value / 1e9, tz=UTC)
+        return stamp.strftime("%H:%M:%S.%f")[:-3]
     if isinstance(value, float):
         return f"{value:.2f}"
     text = str(value)
@@ -88,7 +92,7 @@ class LiveTable:
             for col in view.columns:
                 table.add_column(col, overflow="ellipsis", no_wrap=True)
             for row in view.last:
-                table.add_row(*(_cell(row.get(c, "")) for c in view.columns))
+                table.add_row(*(_cell(c, row.get(c, "")) for c in view.columns))
             parts.append(table)
         if not self.streams:
             parts.append(Text("waiting for the first batch…", style="dim"))
