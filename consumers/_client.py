@@ -88,12 +88,12 @@ class Client:
         )
 
     async def request(
-        self, subject: str, body: dict[str, Any], *, timeout: float | None = None
+        self, subject: str, body: dict[str, Any], *, timeout_s: float | None = None
     ) -> dict[str, Any]:
         """A session API request; the reply's error becomes :class:`SessionError`."""
         try:
             msg = await self.nc.request(
-                subject, encode_map(body), timeout=timeout or self.config.request_timeout_s
+                subject, encode_map(body), timeout=timeout_s or self.config.request_timeout_s
             )
         except nats.errors.NoRespondersError:
             raise BrokerError("no sealstream proxy is serving this NATS server") from None
@@ -231,7 +231,7 @@ class Subscription:
         body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
         try:
             # short: on shutdown the proxy may be going away too; it expires the session anyway
-            await self._client.request(self._client.subjects.api_close, body, timeout=2.0)
+            await self._client.request(self._client.subjects.api_close, body, timeout_s=2.0)
         except (BrokerError, SessionError) as exc:
             log.info("session.close_failed", session=self.session.session, error=str(exc))
 
