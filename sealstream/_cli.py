@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sealstream._log import configure_logging
+from sealstream._natsconf import Credentials, server_config
 from sealstream._run import run
-from sealstream._server import EmbeddedServer
+from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream._tokens import mint_token
 from sealstream.crypto import ClusterIdentity, TrustStore
 
@@ -44,8 +45,9 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def prepare_state(state: Path, cluster: str) -> None:
-    """Development credentials: token secret, cluster key, trust store pin, a user token."""
+def prepare_state(state: Path, cluster: str) -> Credentials:
+    """Development credentials: token secret, cluster key, trust store pin, a user token, and
+    one NATS user per role with its server configuration."""
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret_file = state / "token-secret"
     if not secret_file.exists():
@@ -58,6 +60,13 @@ def prepare_state(state: Path, cluster: str) -> None:
         sub="demo-user", clusters=[cluster], ttl_s=7 * 24 * 3600, secret=secret_file.read_bytes()
     )
     _write_private(state / "token", token.encode("ascii"))
+    creds_file = state / "nats-credentials.json"
+    creds = Credentials.from_json(creds_file.read_text()) if creds_file.exists() else None
+    if creds is None or cluster not in creds.producers:
+        creds = Credentials.generate([cluster])
+        _write_private(creds_file, creds.to_json().encode("utf-8"))
+    _write_private(state / "nats.conf", server_config(creds).encode("utf-8"))
+    return creds
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -76,14 +85,22 @@ async def backend(
     *, state: Path, cluster: str, nats_url: str | None, sources: str, rate: float
 ) -> AsyncIterator[Backend]:
     """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
-    prepare_state(state, cluster)
+    creds = prepare_state(state, cluster)
     async with contextlib.AsyncExitStack() as stack:
         if nats_url is None:
-            server = await stack.enter_async_context(EmbeddedServer())
-            nats_url = server.url
+            # secure by default: one NATS user per role, least privilege
+            options = ServerOptions(config_file=state / "nats.conf")
+            server = await stack.enter_async_context(EmbeddedServer(options))
+            urls = {
+                "proxy": creds.proxy.url(server.url),
+                "producer": creds.producers[cluster].url(server.url),
+                "consumer": creds.consumer.url(server.url),
+            }
+        else:
+            urls = dict.fromkeys(("proxy", "producer", "consumer"), nats_url)
+        _write_private(state / "consumer.url", urls["consumer"].encode("utf-8"))
         env = {
             **os.environ,
-            "NATS_URL": nats_url,
             "SEALSTREAM_TOKEN_SECRET_FILE": str(state / "token-secret"),
             "SEALSTREAM_CLUSTER": cluster,
             "SEALSTREAM_KEY_FILE": str(state / "cluster-key.jwk"),
@@ -100,13 +117,13 @@ async def backend(
                 sys.executable,
                 "-m",
                 *args,
-                env=env,
+                env={**env, "NATS_URL": urls[role]},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
-        yield Backend(nats_url, cluster, state)
+        yield Backend(urls["consumer"], cluster, state)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,12 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             rate=args.rate,
         ) as be:
             if args.command == "up":
-                print(f"sealstream is up: NATS {be.nats_url}, cluster {be.cluster!r}")
-                print(f"logs in {be.state}/; connect a consumer with:")
+                print(f"sealstream is up: cluster {be.cluster!r}, logs in {be.state}/")
+                print("connect a consumer from another terminal with:")
                 streams = " ".join(f"--stream {s}" for s in sources.split(",") if ":" not in s)
                 print(
-                    f"  sealstream-consume --nats-url {be.nats_url} --cluster {be.cluster} "
-                    f"{streams} --token-file {be.token_file} --trust-store {be.trust_store}"
+                    f'  NATS_URL="$(cat {be.state}/consumer.url)" sealstream-consume '
+                    f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
+                    f"--trust-store {be.trust_store}"
                 )
                 print("Ctrl-C stops everything.")
                 await asyncio.Event().wait()

@@ -1,0 +1,142 @@
+"""Least-privilege NATS server configuration: one user per role (pure: returns text).
+
+- a producer (one user per cluster) may publish only its own cluster's data subjects, answer
+  requests, and subscribe only to its control subject;
+- a consumer may publish only to the session API and subscribe only to inboxes and its
+  request replies;
+- the proxy gets the rest: the session API, all data subjects, the control subjects, the
+  inboxes, and JetStream for its session registry.
+
+Passwords are literal values (the embedded server, ``sealstream up``) or ``$ENV_VAR``
+references that nats-server resolves from its environment (``compose.yaml``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sealstream._ids import Subjects, check_cluster_id
+
+__all__ = ["Credentials", "RoleUser", "server_config", "users_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoleUser:
+    user: str
+    password: str = field(repr=False)
+
+    def url(self, base: str) -> str:
+        """``nats://user:password@host:port`` from ``nats://host:port``."""
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{self.user}:{self.password}@{rest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    proxy: RoleUser
+    consumer: RoleUser
+    producers: Mapping[str, RoleUser]
+
+    @classmethod
+    def generate(cls, clusters: Sequence[str]) -> Credentials:
+        def pw() -> str:
+            return secrets.token_urlsafe(24)
+
+        return cls(
+            RoleUser("proxy", pw()),
+            RoleUser("consumer", pw()),
+            {check_cluster_id(c): RoleUser(f"producer-{c}", pw()) for c in clusters},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "proxy": [self.proxy.user, self.proxy.password],
+                "consumer": [self.consumer.user, self.consumer.password],
+                "producers": {c: [u.user, u.password] for c, u in self.producers.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Credentials:
+        data = json.loads(text)
+        return cls(
+            RoleUser(*data["proxy"]),
+            RoleUser(*data["consumer"]),
+            {c: RoleUser(*u) for c, u in data["producers"].items()},
+        )
+
+
+def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[str, Any]]:
+    """The ``authorization.users`` entries, one per role."""
+    s = Subjects(prefix)
+    p = prefix
+    users: list[dict[str, Any]] = [
+        {
+            "user": creds.proxy.user,
+            "password": creds.proxy.password,
+            "permissions": {
+                "publish": {
+                    "allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]
+                },
+                "subscribe": {"allow": [s.api_all, s.data_all, "_INBOX.>"]},
+                "allow_responses": True,
+            },
+        },
+        {
+            "user": creds.consumer.user,
+            "password": creds.consumer.password,
+            "permissions": {
+                "publish": {"allow": [s.api_all]},
+                "subscribe": {"allow": [f"{p}.inbox.*", "_INBOX.>"]},
+            },
+        },
+    ]
+    for cluster, role in sorted(creds.producers.items()):
+        users.append(
+            {
+                "user": role.user,
+                "password": role.password,
+                "permissions": {
+                    "publish": {"allow": [f"{p}.cluster.{cluster}.data.*"]},
+                    "subscribe": {"allow": [s.control(cluster)]},
+                    "allow_responses": True,
+                },
+            }
+        )
+    return users
+
+
+_ENV_REF = re.compile(r"\$[A-Z_][A-Z0-9_]*")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str) and _ENV_REF.fullmatch(v):
+        return v  # an environment variable reference, resolved by nats-server
+    return json.dumps(v)
+
+
+def _render(obj: Any, indent: int = 0) -> str:
+    pad = "  " * indent
+    if isinstance(obj, dict):
+        inner = "\n".join(f"{pad}  {k}: {_render(v, indent + 1)}" for k, v in obj.items())
+        return "{\n" + inner + f"\n{pad}}}"
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        inner = "\n".join(f"{pad}  {_render(v, indent + 1)}" for v in obj)
+        return "[\n" + inner + f"\n{pad}]"
+    if isinstance(obj, list):
+        return "[" + ", ".join(_value(v) for v in obj) + "]"
+    return _value(obj)
+
+
+def server_config(creds: Credentials, *, prefix: str = "sealstream") -> str:
+    """A nats-server configuration fragment (``authorization`` block) for these roles."""
+    return (
+        "# sealstream: one user per role, least privilege (generated)\n"
+        f"authorization: {_render({'users': users_for(creds, prefix=prefix)})}\n"
+    )

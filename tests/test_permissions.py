@@ -1,0 +1,179 @@
+"""Least privilege on the broker: each role's forbidden actions are refused by a real server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from sealstream._nats import connect
+from sealstream._natsconf import Credentials, RoleUser, server_config
+from sealstream._server import EmbeddedServer, ServerOptions
+
+SESSION = "S" * 43
+
+
+@pytest.fixture(scope="module")
+def creds() -> Credentials:
+    return Credentials.generate(["c1", "c2"])
+
+
+@pytest.fixture(scope="module")
+def secure_url(creds: Credentials, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    conf = tmp_path_factory.mktemp("nats") / "nats.conf"
+    conf.write_text(server_config(creds))
+    with EmbeddedServer(ServerOptions(config_file=conf)) as server:
+        yield server.url
+
+
+class Client:
+    def __init__(self, nc: Any, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    async def violation(self, action: str, subject: str) -> bool:
+        """Try to publish or subscribe; True if the server refused it."""
+        before = len(self.errors)
+        if action == "pub":
+            await self.nc.publish(subject, b"x")
+        else:
+            await self.nc.subscribe(subject)
+        await self.nc.flush()
+        async with asyncio.timeout(2):
+            while len(self.errors) == before:
+                await asyncio.sleep(0.01)
+        return "permissions violation" in self.errors[-1].lower()
+
+
+@pytest_asyncio.fixture
+async def as_role(secure_url: str) -> AsyncIterator[Any]:
+    clients: list[Any] = []
+
+    async def make(role: RoleUser) -> Client:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await connect(role.url(secure_url), name=role.user, error_cb=on_error)
+        clients.append(nc)
+        return Client(nc, errors)
+
+    yield make
+    for nc in clients:
+        await nc.close()
+
+
+async def test_anonymous_and_wrong_password_are_refused(secure_url: str) -> None:
+    from sealstream import BrokerError
+
+    with pytest.raises(BrokerError):
+        await connect(secure_url, name="anon", connect_timeout=1)
+    with pytest.raises(BrokerError):
+        await connect(RoleUser("proxy", "wrong").url(secure_url), name="bad", connect_timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("action", "subject"),
+    [
+        ("pub", f"sealstream.cluster.c2.data.{SESSION}"),  # another cluster's data
+        ("pub", f"sealstream.inbox.{SESSION}"),  # straight to a consumer
+        ("pub", "sealstream.api.session.open"),
+        ("pub", "sealstream.cluster.c1.control"),
+        ("sub", "sealstream.cluster.c2.control"),
+        ("sub", "sealstream.cluster.*.data.*"),
+        ("sub", f"sealstream.inbox.{SESSION}"),
+        ("sub", ">"),
+    ],
+)
+async def test_producer_forbidden(
+    as_role: Any, creds: Credentials, action: str, subject: str
+) -> None:
+    producer = await as_role(creds.producers["c1"])
+    assert await producer.violation(action, subject)
+
+
+@pytest.mark.parametrize(
+    ("action", "subject"),
+    [
+        ("pub", f"sealstream.cluster.c1.data.{SESSION}"),  # forge cluster data
+        ("pub", f"sealstream.inbox.{SESSION}"),  # inject into another consumer's inbox
+        ("pub", "sealstream.cluster.c1.control"),  # bypass the proxy
+        ("sub", "sealstream.cluster.*.data.*"),
+        ("sub", "sealstream.cluster.c1.control"),
+        ("sub", "sealstream.api.session.*"),
+        ("sub", ">"),
+    ],
+)
+async def test_consumer_forbidden(
+    as_role: Any, creds: Credentials, action: str, subject: str
+) -> None:
+    consumer = await as_role(creds.consumer)
+    assert await consumer.violation(action, subject)
+
+
+@pytest.mark.parametrize(
+    ("action", "subject"),
+    [
+        ("pub", f"sealstream.cluster.c1.data.{SESSION}"),  # the proxy cannot forge cluster data
+        ("pub", "sealstream.api.session.open"),
+        ("sub", "sealstream.cluster.c1.control"),  # nor read another's control traffic
+        ("sub", "sealstream.inbox.*"),
+    ],
+)
+async def test_proxy_forbidden(as_role: Any, creds: Credentials, action: str, subject: str) -> None:
+    proxy = await as_role(creds.proxy)
+    assert await proxy.violation(action, subject)
+
+
+async def test_allowed_paths_work(as_role: Any, creds: Credentials) -> None:
+    """What each role needs still flows: producer -> proxy -> consumer, and control requests."""
+    proxy = await as_role(creds.proxy)
+    producer = await as_role(creds.producers["c1"])
+    consumer = await as_role(creds.consumer)
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def relay(msg: Any) -> None:
+        await proxy.nc.publish(f"sealstream.inbox.{SESSION}", msg.data)
+
+    async def deliver(msg: Any) -> None:
+        await got.put(msg.data)
+
+    async def control(msg: Any) -> None:
+        await msg.respond(b"ok")
+
+    await proxy.nc.subscribe("sealstream.cluster.*.data.*", cb=relay)
+    await consumer.nc.subscribe(f"sealstream.inbox.{SESSION}", cb=deliver)
+    await producer.nc.subscribe("sealstream.cluster.c1.control", cb=control)
+    for c in (proxy, producer, consumer):
+        await c.nc.flush()
+    await producer.nc.publish(f"sealstream.cluster.c1.data.{SESSION}", b"sealed")
+    async with asyncio.timeout(5):
+        assert await got.get() == b"sealed"
+    reply = await proxy.nc.request("sealstream.cluster.c1.control", b"ping", timeout=5)
+    assert reply.data == b"ok"
+    kv = await proxy.nc.jetstream().create_key_value(bucket="perm_test")
+    await kv.put("k", b"v")
+    assert (await kv.get("k")).value == b"v"
+    assert proxy.errors == producer.errors == consumer.errors == []
+
+
+def test_env_references_for_deployments() -> None:
+    creds = Credentials(
+        RoleUser("proxy", "$PROXY_PASSWORD"),
+        RoleUser("consumer", "$CONSUMER_PASSWORD"),
+        {"demo": RoleUser("producer-demo", "$PRODUCER_PASSWORD")},
+    )
+    text = server_config(creds)
+    assert "password: $PROXY_PASSWORD" in text
+    assert '"$JS.API.>"' in text  # subjects stay quoted
+
+
+def test_generated_file_round_trip(tmp_path: Path) -> None:
+    creds = Credentials.generate(["a"])
+    assert Credentials.from_json(creds.to_json()) == creds
+    assert creds.proxy.password not in repr(creds)
