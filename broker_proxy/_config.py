@@ -22,6 +22,9 @@ class Limits:
     streams_per_session: int = 16
     envelope_bytes: int = 1024 * 1024
     pending_requests: int = 256
+    #: relay rate per session (token bucket): sustained envelopes/s and burst
+    session_rate: float = 20_000.0
+    session_burst: float = 40_000.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -34,6 +37,9 @@ class ProxyConfig:
     control_timeout_s: float = 5.0
     queue_group: str = "sealstream-proxy"
     limits: Limits = field(default_factory=Limits)
+    #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
@@ -59,6 +65,10 @@ class ProxyConfig:
             values["token_secret"] = read_secret(Path(env["SEALSTREAM_TOKEN_SECRET_FILE"]))
         elif env.get("SEALSTREAM_TOKEN_SECRET"):
             values["token_secret"] = env["SEALSTREAM_TOKEN_SECRET"].encode("utf-8")
+        if env.get("SEALSTREAM_METRICS_PORT"):
+            values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
+        if env.get("SEALSTREAM_METRICS_HOST"):
+            values["metrics_host"] = env["SEALSTREAM_METRICS_HOST"]
         if env.get("SEALSTREAM_ISSUER_JWK_FILE"):
             path = Path(env["SEALSTREAM_ISSUER_JWK_FILE"])
             values["issuer_jwk"] = json.loads(path.read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ from sealstream import (
     check_public_jwk,
     thumbprint,
 )
+from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
 from sealstream._nats import connect
 from sealstream._wire import (
     VERSION,
@@ -62,7 +63,9 @@ class Proxy:
         self._verifier = verifier or config.verifier()
         self._clock = clock
         self._subjects = Subjects(config.prefix)
-        self.registry = SessionRegistry(ttl_s=3 * config.keepalive_s)
+        self.registry = SessionRegistry(
+            ttl_s=3 * config.keepalive_s, burst=config.limits.session_burst
+        )
         self.relayed = 0
         self.relayed_bytes = 0
         self.rejected: Counter[str] = Counter()
@@ -72,6 +75,8 @@ class Proxy:
         self._stack = contextlib.AsyncExitStack()
         self._stop = asyncio.Event()
         self._pending = asyncio.Semaphore(config.limits.pending_requests)
+        self.relay_latency = Histogram()
+        self.metrics: MetricsServer | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -99,6 +104,23 @@ class Proxy:
         await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
         self._tg.create_task(self._expiry_loop())
         await self._nc.flush()
+        if self.config.metrics_port is not None:
+            registry = collector_registry(
+                self.samples,
+                {
+                    "sealstream_proxy_relay_seconds": (
+                        "time to relay one envelope",
+                        self.relay_latency,
+                    )
+                },
+            )
+            self.metrics = MetricsServer(
+                registry,
+                lambda: bool(self._nc is not None and self._nc.is_connected),
+                host=self.config.metrics_host,
+                port=self.config.metrics_port,
+            )
+            await self._stack.enter_async_context(self.metrics)
         log.info("proxy.started", url=self.config.nats_url, prefix=self.config.prefix)
 
     async def _drain(self) -> None:
@@ -113,6 +135,31 @@ class Proxy:
             self._tg = None
             log.info("proxy.stopped", relayed=self.relayed, rejected=sum(self.rejected.values()))
 
+    def samples(self) -> list[Sample]:
+        """The proxy's metrics, read at scrape time."""
+        return [
+            Sample("sealstream_proxy_sessions", "open sessions", "gauge", len(self.registry)),
+            Sample(
+                "sealstream_proxy_envelopes_relayed", "envelopes relayed", "counter", self.relayed
+            ),
+            Sample(
+                "sealstream_proxy_relayed_bytes", "bytes relayed", "counter", self.relayed_bytes
+            ),
+            Sample(
+                "sealstream_proxy_envelopes_rejected",
+                "envelopes dropped, by reason",
+                "counter",
+                self.rejected,
+            ),
+            Sample(
+                "sealstream_proxy_requests_refused",
+                "session requests refused, by code",
+                "counter",
+                self.refused,
+                label="code",
+            ),
+        ]
+
     # --- data path (hot) --------------------------------------------------------------------
 
     def _reject(self, reason: str, subject: str) -> None:
@@ -120,6 +167,7 @@ class Proxy:
         log.debug("envelope.rejected", reason=reason, subject=subject)
 
     async def _on_data(self, msg: Any) -> None:
+        started = time.perf_counter()
         data: bytes = msg.data
         subject: str = msg.subject
         if len(data) > self.config.limits.envelope_bytes:
@@ -145,9 +193,21 @@ class Proxy:
         if entry.cluster != cluster:
             self._reject("wrong_cluster", subject)
             return
+        limits = self.config.limits
+        now = self._clock()
+        if not entry.take(now, rate=limits.session_rate, burst=limits.session_burst):
+            self._reject("rate_limited", subject)
+            if now - entry.limited_notice_at >= 1.0:  # tell the consumer, once a second
+                entry.limited_notice_at = now
+                await self._nc.publish(
+                    self._subjects.inbox(session),
+                    notice(session, "limit_exceeded", "relay rate limit: envelopes dropped"),
+                )
+            return
         await self._nc.publish(self._subjects.inbox(session), data)
         self.relayed += 1
         self.relayed_bytes += len(data)
+        self.relay_latency.observe(time.perf_counter() - started)
 
     # --- session control --------------------------------------------------------------------
 

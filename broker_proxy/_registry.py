@@ -15,13 +15,26 @@ class SessionEntry:
     user: str
     streams: tuple[str, ...]
     expires_at: float
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    limited_notice_at: float = float("-inf")
+
+    def take(self, now: float, *, rate: float, burst: float) -> bool:
+        """Token bucket of the session's relay rate: True if one envelope may pass."""
+        self.tokens = min(burst, self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class SessionRegistry:
     """session id -> entry; a session not kept alive past ``expires_at`` is expired."""
 
-    def __init__(self, *, ttl_s: float) -> None:
+    def __init__(self, *, ttl_s: float, burst: float = 1.0) -> None:
         self.ttl_s = ttl_s
+        self.burst = burst
         self._entries: dict[str, SessionEntry] = {}
         self._per_user: Counter[str] = Counter()
 
@@ -42,7 +55,7 @@ class SessionRegistry:
     ) -> SessionEntry:
         if session in self._entries:
             raise KeyError(session)
-        entry = SessionEntry(session, cluster, user, streams, now + self.ttl_s)
+        entry = SessionEntry(session, cluster, user, streams, now + self.ttl_s, self.burst, now)
         self._entries[session] = entry
         self._per_user[user] += 1
         return entry

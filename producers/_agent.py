@@ -22,6 +22,7 @@ from producers._config import ProducerConfig
 from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
+from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect
 from sealstream._wire import decode_map, decode_open, encode_map
 from sealstream.crypto import ClusterIdentity, ProducerSession
@@ -70,8 +71,11 @@ class Agent:
         self._stop = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._tg: asyncio.TaskGroup | None = None
+        self._pumps: list[asyncio.Task[None]] = []
         self._nc: Any = None
         self.published = 0
+        self.published_bytes = 0
+        self.metrics: MetricsServer | None = None
         self.rows_in = 0
         self.rejected_rows: Counter[str] = Counter()
 
@@ -106,12 +110,20 @@ class Agent:
         budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.callback(self._stop.set)
+        self._stack.callback(self._stopping)
         await self._nc.subscribe(self._subjects.control(self.config.cluster), cb=self._on_control)
         await self._nc.flush()
         for source in self._sources:
-            self._tg.create_task(self._pump(source))
+            self._pumps.append(self._tg.create_task(self._pump(source)))
         self._tg.create_task(self._flush_loop())
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(
+                collector_registry(self.samples),
+                lambda: bool(self._nc is not None and self._nc.is_connected),
+                host=self.config.metrics_host,
+                port=self.config.metrics_port,
+            )
+            await self._stack.enter_async_context(self.metrics)
         log.info(
             "producer.started",
             cluster=self.config.cluster,
@@ -123,6 +135,13 @@ class Agent:
         """Flush, end every session (authenticated ``end``), drain; idempotent."""
         stack, self._stack = self._stack, contextlib.AsyncExitStack()
         await stack.aclose()
+
+    def _stopping(self) -> None:
+        # sources may be endless (HttpEvents, HostMetrics): stop pumping them, or the task
+        # group would wait for them forever
+        self._stop.set()
+        for task in self._pumps:
+            task.cancel()
 
     async def _shutdown(self) -> None:
         if self._nc is None or self._nc.is_closed:
@@ -136,6 +155,31 @@ class Agent:
                 await self.end_session(session, "producer stopping")
         await self._nc.drain()
         log.info("producer.stopped", cluster=self.config.cluster, published=self.published)
+
+    def samples(self) -> list[Sample]:
+        """The agent's metrics, read at scrape time."""
+        return [
+            Sample("sealstream_producer_sessions", "sessions served", "gauge", len(self.sessions)),
+            Sample(
+                "sealstream_producer_envelopes_published",
+                "envelopes published",
+                "counter",
+                self.published,
+            ),
+            Sample(
+                "sealstream_producer_published_bytes",
+                "bytes published",
+                "counter",
+                self.published_bytes,
+            ),
+            Sample("sealstream_producer_rows", "rows accepted", "counter", self.rows_in),
+            Sample(
+                "sealstream_producer_rows_rejected",
+                "rows rejected, by reason",
+                "counter",
+                self.rejected_rows,
+            ),
+        ]
 
     # --- rows in ----------------------------------------------------------------------------
 
@@ -196,6 +240,7 @@ class Agent:
         subject = self._subjects.data(self.config.cluster, session)
         for env in envelopes:
             await self._nc.publish(subject, env)
+            self.published_bytes += len(env)
         self.published += len(envelopes)
 
     async def _publish(self, stream: str, plaintext: bytes) -> None:

@@ -24,6 +24,9 @@ class ProducerConfig:
     batching: Batching = field(default_factory=Batching)
     rotation: Rotation = field(default_factory=Rotation)
     max_sessions: int = 1000
+    #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         check_cluster_id(self.cluster)
@@ -44,6 +47,10 @@ class ProducerConfig:
                 values[key] = env[name]
         if env.get("SEALSTREAM_KEY_FILE"):
             values["key_file"] = Path(env["SEALSTREAM_KEY_FILE"])
+        if env.get("SEALSTREAM_METRICS_PORT"):
+            values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
+        if env.get("SEALSTREAM_METRICS_HOST"):
+            values["metrics_host"] = env["SEALSTREAM_METRICS_HOST"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "cluster" not in values:
             raise ValueError("a cluster id is required (--cluster or SEALSTREAM_CLUSTER)")
