@@ -76,6 +76,7 @@ class Proxy:
         self._stop = asyncio.Event()
         self._pending = asyncio.Semaphore(config.limits.pending_requests)
         self.relay_latency = Histogram()
+        self._ping_failures: Counter[str] = Counter()
         self.metrics: MetricsServer | None = None
 
     async def __aenter__(self) -> Self:
@@ -350,15 +351,50 @@ class Proxy:
             log.info("session.close_not_delivered", session=entry.session, reason=exc.detail)
 
     async def _expiry_loop(self) -> None:
+        """Expire sessions without keepalive (every half interval) and check, once an
+        interval, that each cluster with sessions is alive and still knows them."""
         interval = max(self.config.keepalive_s / 2, 0.05)
+        ticks = 0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            if self._stop.is_set() or self._tg is None:
+                return
             for entry in self.registry.expire(now=self._clock()):
                 log.info("session.expired", session=entry.session, cluster=entry.cluster)
-                await self._nc.publish(
-                    self._subjects.inbox(entry.session),
-                    notice(entry.session, "expired", "no keepalive: session closed"),
-                )
-                if self._tg is not None:
-                    self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
+                await self._notify(entry.session, "expired", "no keepalive: session closed")
+                self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
+            ticks += 1
+            if ticks % 2 == 0:
+                clusters: dict[str, list[str]] = {}
+                for entry in self.registry.entries():
+                    clusters.setdefault(entry.cluster, []).append(entry.session)
+                for cluster, sessions in clusters.items():
+                    self._tg.create_task(self._ping(cluster, sessions))
+
+    async def _notify(self, session: str, code: str, message: str) -> None:
+        await self._nc.publish(self._subjects.inbox(session), notice(session, code, message))
+
+    async def _end(self, session: str, message: str) -> None:
+        if self.registry.remove(session) is not None:
+            log.info("session.ended", session=session, reason=message)
+            await self._notify(session, "ended", message)
+
+    async def _ping(self, cluster: str, sessions: list[str]) -> None:
+        """A producer that is gone (twice unanswered) or that no longer knows a session (it
+        restarted) ends those sessions: the consumers are told with an ``ended`` notice."""
+        try:
+            answer = await self._control(
+                cluster, {"v": VERSION, "op": "ping", "sessions": sessions}
+            )
+        except SessionError:
+            self._ping_failures[cluster] += 1
+            if self._ping_failures[cluster] >= 2:
+                for session in sessions:
+                    await self._end(session, f"cluster {cluster!r} is unavailable")
+            return
+        self._ping_failures.pop(cluster, None)
+        unknown = answer.get("unknown")
+        if isinstance(unknown, list):
+            for session in set(sessions) & {s for s in unknown if isinstance(s, str)}:
+                await self._end(session, f"cluster {cluster!r} no longer serves this session")

@@ -99,6 +99,8 @@ class Client:
             raise BrokerError("no sealstream proxy is serving this NATS server") from None
         except nats.errors.TimeoutError:
             raise BrokerError("the proxy did not answer in time") from None
+        except nats.errors.Error as exc:  # closed, draining, reconnecting...
+            raise BrokerError(f"cannot send a session request: {exc!r}") from exc
         try:
             reply = decode_map(msg.data)
         except WireError as exc:
@@ -249,6 +251,10 @@ class Subscription:
                 self._push(SessionError("ended", f"session lost: {exc.detail}"))
                 return
             except BrokerError as exc:
+                nc = self._client._nc
+                if nc is None or nc.is_closed:  # no connection will come back: say so
+                    self._push(SessionError("ended", "the NATS connection is closed"))
+                    return
                 log.warning(
                     "session.keepalive_failed", session=self.session.session, error=str(exc)
                 )
@@ -291,8 +297,9 @@ class Subscription:
                 raise StopAsyncIteration
             if isinstance(result, Notice):
                 log.info("session.notice", session=session.session, code=result.code)
-                if result.code == "expired":
-                    raise SessionError("ended", "the proxy expired this session")
+                if result.code in ("expired", "ended"):
+                    # unauthenticated, but a relay able to send it could drop everything anyway
+                    raise SessionError("ended", f"the proxy ended this session: {result.message}")
 
     async def _open_one(
         self, session: ConsumerSession, payload: bytes

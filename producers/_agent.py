@@ -281,6 +281,12 @@ class Agent:
             if self.sessions.pop(session, None) is not None:
                 log.info("session.closed", session=session, reason=str(m.get("reason", ""))[:100])
             return encode_map({"ok": True}), None
+        if op == "ping":  # the proxy checks we are alive and still serve its sessions
+            asked = m.get("sessions")
+            if not isinstance(asked, list):
+                return _error("bad_request", "ping needs a sessions list"), None
+            unknown = [s for s in asked if isinstance(s, str) and s not in self.sessions]
+            return encode_map({"ok": True, "unknown": unknown[:10_000]}), None
         if op != "open":
             return _error("bad_request", f"unknown op {op!r:.40}"), None
         session = check_session_id(m.get("session"))

@@ -29,7 +29,9 @@ _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its user and password, fit for logs and error messages."""
+    """``url`` (or a comma-separated list) without user and password, fit for logs."""
+    if "," in url:
+        return ",".join(redact_url(u.strip()) for u in url.split(","))
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     if parts.username is None and parts.password is None:
         return url
@@ -113,7 +115,7 @@ async def connect(
     password: str | None = None,
     **kwargs: Any,
 ) -> nats.aio.client.Client:
-    """Connect to NATS at ``url``, waiting at most ``connect_timeout`` seconds for the first
+    """Connect to NATS at ``url`` (one URL or a comma-separated list), waiting at most ``connect_timeout`` seconds for the first
     connection; afterwards the client reconnects forever, every 0.5 s.
 
     ``kwargs`` go to nats-py's ``connect`` (they may override ``max_reconnect_attempts`` and
@@ -139,7 +141,8 @@ async def connect(
     try:
         async with asyncio.timeout(connect_timeout):
             await nc.connect(
-                url,
+                # "nats://a:4222,nats://b:4222": a server list, as nats CLIs accept it
+                [u.strip() for u in url.split(",")] if "," in url else url,
                 name=name,
                 user=user,
                 password=password,

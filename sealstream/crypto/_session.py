@@ -138,6 +138,12 @@ class ProducerSession:
         # and the signed claims then name a session the consumer does not have.
         if thumbprint(self._jwk) != self.session:
             raise WireError("session_mismatch", "session id is not the key's thumbprint")
+        # A key of the right shape may still be unusable (a low-order X25519 point, a P-256
+        # point off the curve): refuse it now, not at the first seal of a live session.
+        try:
+            seal_to_key(self._jwk, {"kid": self.session}, b"\x00")
+        except ValueError as exc:
+            raise WireError("bad_jwk", "cannot encrypt to this key") from exc
         self._identity = identity
         self.key_mode: KeyMode = key_mode
         self._zip = compress
