@@ -119,7 +119,14 @@ def test_random_bytes_never_escape_as_other_errors(data: bytes) -> None:
 @given(
     st.dictionaries(
         st.sampled_from(sorted(GOOD)),
-        st.one_of(st.none(), st.integers(), st.text(), st.binary(), st.booleans(), st.floats()),
+        st.one_of(
+            st.none(),
+            st.integers(-(2**63), 2**64 - 1),
+            st.text(),
+            st.binary(),
+            st.booleans(),
+            st.floats(),
+        ),
     )
 )
 def test_random_maps_only_raise_wire_errors(m: dict[str, Any]) -> None:
