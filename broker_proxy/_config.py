@@ -40,6 +40,9 @@ class ProxyConfig:
     #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    #: share sessions between instances through a JetStream key-value bucket (HA); off for a
+    #: single in-memory proxy on a server without JetStream
+    shared_registry: bool = True
 
     def __post_init__(self) -> None:
         if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
@@ -69,6 +72,13 @@ class ProxyConfig:
             values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
         if env.get("SEALSTREAM_METRICS_HOST"):
             values["metrics_host"] = env["SEALSTREAM_METRICS_HOST"]
+        if env.get("SEALSTREAM_SHARED_REGISTRY"):
+            values["shared_registry"] = env["SEALSTREAM_SHARED_REGISTRY"].lower() not in (
+                "0",
+                "false",
+                "no",
+                "off",
+            )
         if env.get("SEALSTREAM_ISSUER_JWK_FILE"):
             path = Path(env["SEALSTREAM_ISSUER_JWK_FILE"])
             values["issuer_jwk"] = json.loads(path.read_text(encoding="utf-8"))

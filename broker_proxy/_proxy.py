@@ -19,7 +19,9 @@ import structlog
 
 from broker_proxy._config import ProxyConfig
 from broker_proxy._registry import SessionEntry, SessionRegistry
+from broker_proxy._shared import SharedRegistry, bucket_name
 from sealstream import (
+    BrokerError,
     SessionError,
     Subjects,
     TokenVerifier,
@@ -77,6 +79,7 @@ class Proxy:
         self._pending = asyncio.Semaphore(config.limits.pending_requests)
         self.relay_latency = Histogram()
         self._ping_failures: Counter[str] = Counter()
+        self._shared: SharedRegistry | None = None
         self.metrics: MetricsServer | None = None
 
     async def __aenter__(self) -> Self:
@@ -100,6 +103,16 @@ class Proxy:
         self._stack.push_async_callback(self._drain)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)  # runs first: lets the expiry loop end
+        if self.config.shared_registry:
+            # load every live session before serving: a restarted instance loses none
+            self._shared = SharedRegistry(
+                self.registry, bucket=bucket_name(self.config.prefix), clock=self._clock
+            )
+            await self._shared.open(self._nc)
+            watch = self._tg.create_task(self._shared.watch())
+            self._stack.callback(watch.cancel)
+            async with asyncio.timeout(10):
+                await self._shared.ready.wait()
         group = self.config.queue_group
         await self._nc.subscribe(self._subjects.api_all, queue=group, cb=self._on_api)
         await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
@@ -188,6 +201,8 @@ class Proxy:
             self._reject("subject_mismatch", subject)
             return
         entry = self.registry.get(session)
+        if entry is None and self._shared is not None:
+            entry = await self._shared.lookup(session)  # opened an instant ago elsewhere
         if entry is None:
             self._reject("unknown_session", subject)
             return
@@ -230,8 +245,15 @@ class Proxy:
                 self.refused[exc.code] += 1
                 log.info("session.refused", op=op, code=exc.code, reason=exc.detail)
                 reply = error_reply(exc.code, exc.detail)
+            except BrokerError as exc:  # the shared registry is out of reach: retry later
+                self.refused["cluster_unavailable"] += 1
+                log.warning("session.registry_unavailable", op=op, error=str(exc))
+                reply = error_reply("cluster_unavailable", "session registry unavailable, retry")
             if msg.reply:
-                await msg.respond(reply)
+                try:
+                    await msg.respond(reply)
+                except nats.errors.Error as exc:
+                    log.info("session.reply_lost", op=op, error=repr(exc))
         finally:
             self._pending.release()
 
@@ -255,8 +277,10 @@ class Proxy:
                 raise SessionError("forbidden", "session belongs to another user")
             if op == "keepalive":
                 self.registry.touch(ref.session, now=self._clock())
+                if self._shared is not None:
+                    await self._shared.touch(entry)
                 return encode_map({"ok": True, "keepalive_s": self.config.keepalive_s})
-            self.registry.remove(ref.session)
+            await self._forget(ref.session)
             log.info(
                 "session.closed", session=ref.session, cluster=entry.cluster, reason="consumer"
             )
@@ -285,6 +309,9 @@ class Proxy:
         entry = self.registry.add(
             session, cluster=req.cluster, user=claims.sub, streams=req.streams, now=self._clock()
         )
+        if self._shared is not None and not await self._shared.create(entry):
+            self.registry.remove(session)
+            raise SessionError("bad_request", "a session with this key exists: use a new key")
         control = {
             "v": VERSION,
             "op": "open",
@@ -298,10 +325,10 @@ class Proxy:
         try:
             answer = await self._control(req.cluster, control)
         except SessionError:
-            self.registry.remove(session)
+            await self._forget(session)
             raise
         if answer.get("ok") is not True:
-            self.registry.remove(session)
+            await self._forget(session)
             error = answer.get("error")
             code, message = "cluster_unavailable", "cluster refused the session"
             if isinstance(error, dict) and error.get("code") in {"bad_request", "limit_exceeded"}:
@@ -338,6 +365,10 @@ class Proxy:
             raise SessionError(
                 "cluster_unavailable", f"cluster {cluster!r} did not answer"
             ) from None
+        except nats.errors.Error as exc:  # connection closed or reconnecting
+            raise SessionError(
+                "cluster_unavailable", f"cannot reach the cluster: {exc!r}"
+            ) from None
         try:
             return decode_map(msg.data)
         except WireError:
@@ -361,6 +392,12 @@ class Proxy:
             if self._stop.is_set() or self._tg is None:
                 return
             for entry in self.registry.expire(now=self._clock()):
+                try:
+                    if not await self._claim(entry.session):
+                        continue  # another instance expires it, or it was kept alive there
+                except BrokerError as exc:
+                    log.warning("session.expiry_deferred", session=entry.session, error=str(exc))
+                    continue
                 log.info("session.expired", session=entry.session, cluster=entry.cluster)
                 await self._notify(entry.session, "expired", "no keepalive: session closed")
                 self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
@@ -376,9 +413,31 @@ class Proxy:
         await self._nc.publish(self._subjects.inbox(session), notice(session, code, message))
 
     async def _end(self, session: str, message: str) -> None:
-        if self.registry.remove(session) is not None:
+        if self.registry.remove(session) is None:
+            return
+        try:
+            claimed = await self._claim(session)
+        except BrokerError as exc:
+            log.warning("session.end_deferred", session=session, error=str(exc))
+            return
+        if claimed:
             log.info("session.ended", session=session, reason=message)
             await self._notify(session, "ended", message)
+
+    async def _forget(self, session: str) -> None:
+        self.registry.remove(session)
+        if self._shared is not None:
+            await self._shared.delete(session)
+
+    async def _claim(self, session: str) -> bool:
+        """True if this instance is the one to announce the end of a (locally removed)
+        session: always alone, or when it wins the shared registry's optimistic delete."""
+        if self._shared is None:
+            return True
+        if await self._shared.claim(session):
+            return True
+        await self._shared.lookup(session)  # kept alive elsewhere: back into the cache
+        return False
 
     async def _ping(self, cluster: str, sessions: list[str]) -> None:
         """A producer that is gone (twice unanswered) or that no longer knows a session (it

@@ -1,0 +1,186 @@
+"""The session registry shared by proxy instances, in a NATS JetStream key-value bucket.
+
+Every instance keeps a local :class:`SessionRegistry` (the data path reads only that) fed by a
+watch on the bucket, so any instance relays, keeps alive or closes any session, and an
+instance that restarts loads every live session. Writes go to the bucket first. Expiry is
+claimed with an optimistic delete (expected last revision), so exactly one instance tells the
+consumer and the cluster. The bucket's own max age is a backstop for when no instance runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgpack
+import nats.errors
+import nats.js.errors
+import structlog
+
+from broker_proxy._registry import SessionEntry, SessionRegistry
+from sealstream import BrokerError
+from sealstream._ids import check_session_id
+
+__all__ = ["SharedRegistry", "bucket_name"]
+
+log = structlog.get_logger(__name__)
+
+_MISS_TTL = 2.0
+_LOOKUPS_PER_S = 200.0
+
+
+_IO_ERRORS = (nats.errors.Error, TimeoutError)
+
+
+def _unavailable(exc: BaseException) -> BrokerError:
+    return BrokerError(f"session registry unavailable: {exc!r}")
+
+
+def bucket_name(prefix: str) -> str:
+    return prefix.replace(".", "_") + "_sessions"
+
+
+def _encode(entry: SessionEntry, expires_unix: float) -> bytes:
+    return msgpack.packb(
+        {
+            "cluster": entry.cluster,
+            "user": entry.user,
+            "streams": list(entry.streams),
+            "expires": expires_unix,
+        }
+    )
+
+
+class SharedRegistry:
+    """Write-through to the bucket; reads from the local cache ``local``."""
+
+    def __init__(self, local: SessionRegistry, *, bucket: str, clock: Any = time.monotonic):
+        self.local = local
+        self.bucket = bucket
+        self._clock = clock
+        self._kv: Any = None
+        self._revisions: dict[str, int] = {}
+        self._misses: dict[str, float] = {}
+        self._budget = _LOOKUPS_PER_S
+        self._budget_at = clock()
+        self.ready = asyncio.Event()
+
+    async def open(self, nc: Any) -> None:
+        js = nc.jetstream(timeout=5.0)
+        try:
+            try:
+                self._kv = await js.key_value(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await js.create_key_value(
+                    bucket=self.bucket, history=1, ttl=max(2 * self.local.ttl_s, 1.0)
+                )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BrokerError(
+                f"the session registry needs JetStream ({exc!r}): run nats-server with -js, "
+                "or set SEALSTREAM_SHARED_REGISTRY=0 for a single in-memory proxy"
+            ) from exc
+
+    async def watch(self) -> None:
+        """Apply the bucket's changes to the local cache until cancelled."""
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values are loaded
+                    self.ready.set()
+                    log.info("registry.loaded", sessions=len(self.local))
+                    continue
+                self._apply(entry)
+        finally:
+            await asyncio.shield(watcher.stop())
+
+    def _apply(self, entry: Any) -> None:
+        session = entry.key
+        if entry.operation in ("DEL", "PURGE"):
+            self.local.remove(session)
+            self._revisions.pop(session, None)
+            return
+        try:
+            check_session_id(session)
+            data = msgpack.unpackb(entry.value, raw=False)
+            expires = float(data["expires"])
+            fields = (str(data["cluster"]), str(data["user"]), tuple(map(str, data["streams"])))
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+            log.warning("registry.bad_entry", session=session[:64])
+            return
+        self._revisions[session] = int(entry.revision)
+        now = self._clock()
+        local_expiry = now + (expires - time.time())
+        current = self.local.get(session)
+        if current is None:
+            cluster, user, streams = fields
+            added = self.local.add(session, cluster=cluster, user=user, streams=streams, now=now)
+            added.expires_at = local_expiry
+        else:
+            current.expires_at = max(current.expires_at, local_expiry)
+
+    def _expiry_unix(self) -> float:
+        return time.time() + self.local.ttl_s
+
+    async def create(self, entry: SessionEntry) -> bool:
+        """Store a new session; False if another instance already holds it."""
+        try:
+            rev = await self._kv.create(entry.session, _encode(entry, self._expiry_unix()))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except _IO_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        self._revisions[entry.session] = rev
+        return True
+
+    async def touch(self, entry: SessionEntry) -> None:
+        try:
+            self._revisions[entry.session] = await self._kv.put(
+                entry.session, _encode(entry, self._expiry_unix())
+            )
+        except _IO_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def delete(self, session: str) -> None:
+        self._revisions.pop(session, None)
+        try:
+            await self._kv.delete(session)
+        except _IO_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def claim(self, session: str) -> bool:
+        """Delete a session only if nobody changed it since we saw it: True for the one
+        instance that wins (and so tells the consumer and the cluster)."""
+        rev = self._revisions.pop(session, None)
+        try:
+            await self._kv.delete(session, last=rev)
+        except nats.js.errors.APIError:
+            return False
+        except _IO_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        return True
+
+    async def lookup(self, session: str) -> SessionEntry | None:
+        """A session the watch has not delivered yet (it was created an instant ago on
+        another instance); misses are remembered for a moment so garbage cannot hammer
+        the bucket."""
+        now = self._clock()
+        if self._misses.get(session, 0.0) > now:
+            return None
+        self._budget = min(_LOOKUPS_PER_S, self._budget + (now - self._budget_at) * _LOOKUPS_PER_S)
+        self._budget_at = now
+        if self._budget < 1.0:
+            return None
+        self._budget -= 1.0
+        try:
+            entry = await self._kv.get(session)
+        except nats.js.errors.NotFoundError:  # never created, or deleted
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            self._misses[session] = now + _MISS_TTL
+            return None
+        except _IO_ERRORS as exc:
+            log.warning("registry.lookup_failed", error=repr(exc))
+            return None
+        self._apply(entry)
+        return self.local.get(session)
