@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ from consumers._config import ClientConfig
 from consumers._view import JsonLinesWriter, LiveTable
 from sealstream import BrokerError, SessionError, configure_logging
 from sealstream._run import run
-from sealstream.crypto import TrustStore
+from sealstream.crypto import Batch, TrustStore
 
 __all__ = ["main"]
 
@@ -124,6 +125,13 @@ async def consume(config: ClientConfig, args: argparse.Namespace) -> int:
             await sub.aclose()
 
 
+def _upto(batch: Batch, room: int | None) -> Batch:
+    """``batch`` cut to ``room`` rows: ``--limit`` counts rows, not batches."""
+    if room is None or len(batch.rows) <= room:
+        return batch
+    return dataclasses.replace(batch, rows=batch.rows[:room])
+
+
 async def _show(sub: Subscription, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.duration if args.duration else None
     rows = 0
@@ -133,18 +141,20 @@ async def _show(sub: Subscription, args: argparse.Namespace) -> int:
         if args.output == "jsonl":
             writer = JsonLinesWriter()
             async for batch in sub:
-                writer.add(batch)
-                rows += len(batch.rows)
+                shown = _upto(batch, args.limit - rows if args.limit else None)
+                writer.add(shown)
+                rows += len(shown.rows)
                 if args.limit and rows >= args.limit:
                     return
             return
         view = LiveTable(sub.cluster, sub.session_id)
         with Live(view.render(), console=Console(), refresh_per_second=4, transient=False) as live:
             async for batch in sub:
-                view.add(batch)
+                shown = _upto(batch, args.limit - rows if args.limit else None)
+                view.add(shown)
                 view.stats = sub.stats()
                 live.update(view.render())
-                rows += len(batch.rows)
+                rows += len(shown.rows)
                 if args.limit and rows >= args.limit:
                     return
 

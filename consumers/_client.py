@@ -51,7 +51,9 @@ class Client:
 
     def __init__(self, config: ClientConfig, *, trust: TrustStore | None = None) -> None:
         self.config = config
-        self.trust = trust or TrustStore.load(config.trust_store, tofu=config.tofu)
+        self.trust = (
+            trust if trust is not None else TrustStore.load(config.trust_store, tofu=config.tofu)
+        )
         self.subjects = Subjects(config.prefix)
         self._nc: Any = None
 
@@ -244,6 +246,9 @@ class Subscription:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
             if self._stop.is_set():
+                return
+            if self._client._nc is None:  # the client was closed under the subscription
+                self._push(SessionError("ended", "the client is closed"))
                 return
             try:
                 await self._client.request(self._client.subjects.api_keepalive, body)

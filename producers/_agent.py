@@ -247,8 +247,15 @@ class Agent:
         # one lock: the envelopes of a session leave in seq order whatever task seals them
         async with self._lock:
             for session, served in list(self.sessions.items()):
-                if stream in served.streams:
-                    await self._send(session, served.crypto.seal(stream, plaintext))
+                if stream not in served.streams:
+                    continue
+                try:
+                    envelopes = served.crypto.seal(stream, plaintext)
+                except ValueError as exc:  # this session only; the others go on
+                    self.sessions.pop(session, None)
+                    log.error("session.dropped", session=session, error=str(exc))
+                    continue
+                await self._send(session, envelopes)
 
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""

@@ -115,8 +115,9 @@ async def connect(
     password: str | None = None,
     **kwargs: Any,
 ) -> nats.aio.client.Client:
-    """Connect to NATS at ``url`` (one URL or a comma-separated list), waiting at most ``connect_timeout`` seconds for the first
-    connection; afterwards the client reconnects forever, every 0.5 s.
+    """Connect to NATS at ``url`` (one URL or a comma-separated list), waiting at most
+    ``connect_timeout`` seconds for the first connection; afterwards the client reconnects
+    forever, every 0.5 s.
 
     ``kwargs`` go to nats-py's ``connect`` (they may override ``max_reconnect_attempts`` and
     ``reconnect_time_wait``); an ``error_cb``/``disconnected_cb``/``reconnected_cb``/

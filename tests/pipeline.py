@@ -1,0 +1,273 @@
+"""Shared async helpers of the pipeline tests: a whole stack (proxy + agent) on the session's
+real nats-server, consumers made from it, a tap on every subject, and bounded polling.
+
+Every stack gets its own subject prefix, token secret and cluster identity, so that tests never
+see each other's traffic or sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from broker_proxy import Limits, Proxy, ProxyConfig
+from consumers import Batch, Client, ClientConfig, Subscription
+from producers import Agent, Batching, ProducerConfig, Source
+from sealstream import Subjects, mint_token
+from sealstream._nats import connect
+from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, Policy, TrustStore
+
+__all__ = [
+    "CLUSTER",
+    "FAST_BATCHING",
+    "Gate",
+    "Recording",
+    "Stack",
+    "Tap",
+    "Tapped",
+    "collect_rows",
+    "contains_marker",
+    "eventually",
+    "fresh_key",
+    "make_stack",
+]
+
+CLUSTER = "c1"
+#: small batching delay: rows reach the consumer within a few tens of milliseconds
+FAST_BATCHING = Batching(max_delay_s=0.02)
+
+
+async def eventually(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a bound for the whole poll, as asyncio.wait_for's
+    interval: float = 0.01,
+) -> None:
+    """Poll ``predicate`` until it holds; fail the test (TimeoutError) after ``timeout`` s."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
+
+
+@dataclass
+class Stack:
+    """A proxy and a cluster agent on a private prefix, and what a consumer needs to join."""
+
+    nats_url: str
+    prefix: str
+    cluster: str
+    secret: bytes = field(repr=False)
+    identity: ClusterIdentity
+    proxy: Proxy
+    agent: Agent
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.prefix)
+
+    def token(
+        self, *, clusters: Sequence[str] | None = None, sub: str = "alice", ttl_s: int = 3600
+    ) -> str:
+        return mint_token(
+            sub=sub,
+            clusters=list(clusters or [self.cluster]),
+            ttl_s=ttl_s,
+            secret=self.secret,
+        )
+
+    def trust(self) -> TrustStore:
+        """An in-memory trust store that pins this stack's cluster key."""
+        return TrustStore({self.cluster: [self.identity.public_jwk]})
+
+    def config(
+        self,
+        *,
+        token: str | None = None,
+        key_kind: KeyKind = "x25519",
+        key_mode: Any = "session",
+        policy: Policy = "fail",
+    ) -> ClientConfig:
+        return ClientConfig(
+            nats_url=self.nats_url,
+            prefix=self.prefix,
+            token=self.token() if token is None else token,
+            key_kind=key_kind,
+            key_mode=key_mode,
+            policy=policy,
+            request_timeout_s=5.0,
+        )
+
+    @contextlib.asynccontextmanager
+    async def client(
+        self, *, trust: TrustStore | None = None, **options: Any
+    ) -> AsyncIterator[Client]:
+        async with Client(self.config(**options), trust=trust or self.trust()) as client:
+            yield client
+
+
+@contextlib.asynccontextmanager
+async def make_stack(
+    nats_url: str,
+    *,
+    sources: Sequence[Source] = (),
+    streams: Iterable[str] = ("records",),
+    keepalive_s: float = 10.0,
+    limits: Limits | None = None,
+    batching: Batching = FAST_BATCHING,
+    shared_registry: bool = True,
+) -> AsyncIterator[Stack]:
+    """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity."""
+    prefix = f"t{secrets.token_hex(4)}"
+    secret = secrets.token_bytes(32)
+    identity = ClusterIdentity.generate()
+    proxy_config = ProxyConfig(
+        nats_url=nats_url,
+        prefix=prefix,
+        token_secret=secret,
+        keepalive_s=keepalive_s,
+        control_timeout_s=2.0,
+        limits=limits or Limits(),
+        shared_registry=shared_registry,
+    )
+    agent_config = ProducerConfig(
+        cluster=CLUSTER, nats_url=nats_url, prefix=prefix, batching=batching
+    )
+    async with (
+        Proxy(proxy_config) as proxy,
+        Agent(agent_config, identity=identity, sources=sources, streams=streams) as agent,
+    ):
+        yield Stack(nats_url, prefix, CLUSTER, secret, identity, proxy, agent)
+
+
+async def collect_rows(
+    sub: Subscription,
+    n: int,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a bound for the whole collection
+) -> tuple[list[dict[str, Any]], list[Batch]]:
+    """Iterate ``sub`` until at least ``n`` rows arrived (at most ``timeout`` s); the rows
+    and the batches."""
+    rows: list[dict[str, Any]] = []
+    batches: list[Batch] = []
+    async with asyncio.timeout(timeout):
+        async for batch in sub:
+            batches.append(batch)
+            rows.extend(batch.rows)
+            if len(rows) >= n:
+                break
+    return rows, batches
+
+
+class Gate:
+    """A source wrapper that yields nothing until ``open()``: rows made before a consumer's
+    session exists would go nowhere, so tests open the gate once the session is up."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self._open = asyncio.Event()
+
+    @property
+    def stream(self) -> str:
+        return self.inner.stream
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def rows(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        await self._open.wait()
+        async with contextlib.aclosing(self.inner.rows()) as batches:
+            async for batch in batches:
+                yield batch
+
+
+class Recording:
+    """A source wrapper that records every row its inner source yielded, in order."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.rows_seen: list[dict[str, Any]] = []
+
+    @property
+    def stream(self) -> str:
+        return self.inner.stream
+
+    async def rows(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        async with contextlib.aclosing(self.inner.rows()) as batches:
+            async for batch in batches:
+                self.rows_seen.extend(dict(r) for r in batch)
+                yield batch
+
+
+@dataclass(frozen=True, slots=True)
+class Tapped:
+    subject: str
+    data: bytes
+    at: float
+
+
+class Tap:
+    """A client subscribed to ``subject`` (default ``>``: every subject, ``_INBOX.>`` included)
+    that records every message it sees."""
+
+    def __init__(self, nats_url: str, subject: str = ">") -> None:
+        self.nats_url = nats_url
+        self.subject = subject
+        self.messages: list[Tapped] = []
+        self._nc: Any = None
+
+    async def __aenter__(self) -> Tap:
+        self._nc = await connect(self.nats_url, name="test-tap")
+        await self._nc.subscribe(self.subject, cb=self._on_msg)
+        await self._nc.flush()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+
+    async def flush(self) -> None:
+        """Wait until the server has sent this tap everything published before the call."""
+        await self._nc.flush()
+
+    async def _on_msg(self, msg: Any) -> None:
+        self.messages.append(Tapped(msg.subject, bytes(msg.data), time.monotonic()))
+
+    def on(self, subject: str) -> list[Tapped]:
+        return [m for m in self.messages if m.subject == subject]
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes):
+        yield value.decode("latin-1")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def contains_marker(payload: bytes, marker: str) -> bool:
+    """Whether ``marker`` is in ``payload``: as raw bytes, or as (part of) any string of the
+    payload decoded as msgpack (keys included, at any depth)."""
+    if marker.encode("utf-8") in payload:
+        return True
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return False
+    return any(marker in s for s in _strings(value))
+
+
+def fresh_key(kind: KeyKind = "x25519") -> ConsumerKey:
+    return ConsumerKey.generate(kind, rsa_bits=2048)

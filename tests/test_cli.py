@@ -1,0 +1,437 @@
+"""The real commands, run as subprocesses against the session's nats-server (and, for
+``sealstream up|demo``, against the embedded server they start themselves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import pytest
+
+from sealstream import TokenVerifier
+
+BIN = Path(sys.executable).parent
+CLUSTER = "c1"
+#: no inherited configuration may steer the commands
+_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+
+
+def _cmd(name: str, *args: str | Path) -> list[str]:
+    path = BIN / name
+    assert path.is_file(), f"{name} is not installed next to {sys.executable}"
+    return [str(path), *(str(a) for a in args)]
+
+
+def _run(
+    name: str, *args: str | Path, timeout: float = 30, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _cmd(name, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_ENV,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def _wait_for(
+    predicate: Callable[[], bool], *, timeout: float, what: str, proc: Any = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+
+@dataclass
+class Service:
+    """A long-running command with stdout and stderr in a file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_for(self, needle: str, timeout: float = 20) -> None:
+        _wait_for(lambda: needle in _text(self.log), timeout=timeout, what=needle, proc=self.proc)
+
+    def interrupt(self, timeout: float = 10) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _start(log: Path, argv: list[str], *, cwd: Path | None = None) -> Service:
+    out: IO[bytes]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_ENV, cwd=cwd
+        )
+    return Service(proc, log)
+
+
+@dataclass
+class Setup:
+    """Credentials made with the commands themselves, for a private subject prefix."""
+
+    dir: Path
+    nats_url: str
+    prefix: str
+    secret_file: Path
+    key_file: Path
+    trust_store: Path
+
+    def token(self, *clusters: str, ttl: int = 3600) -> str:
+        args: list[str | Path] = ["token", "--secret-file", self.secret_file, "--sub", "alice"]
+        for cluster in clusters:
+            args += ["--cluster", cluster]
+        args += ["--ttl", str(ttl)]
+        done = _run("sealstream-proxy", *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def proxy(self) -> Service:
+        return _start(
+            self.dir / f"proxy-{secrets.token_hex(2)}.log",
+            _cmd(
+                "sealstream-proxy",
+                "--nats-url",
+                self.nats_url,
+                "--prefix",
+                self.prefix,
+                "--token-secret-file",
+                self.secret_file,
+            ),
+        )
+
+    def producer(self) -> Service:
+        return _start(
+            self.dir / f"producer-{secrets.token_hex(2)}.log",
+            _cmd(
+                "sealstream-producer",
+                "--cluster",
+                CLUSTER,
+                "--nats-url",
+                self.nats_url,
+                "--prefix",
+                self.prefix,
+                "--key-file",
+                self.key_file,
+                "--source",
+                "http_events",
+                "--rate",
+                "200",
+            ),
+        )
+
+    def consume(
+        self, *args: str | Path, token: str, trust_store: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return _run(
+            "sealstream-consume",
+            "--output",
+            "jsonl",
+            "--key",
+            "x25519",
+            "--nats-url",
+            self.nats_url,
+            "--prefix",
+            self.prefix,
+            "--token",
+            token,
+            "--trust-store",
+            trust_store or self.trust_store,
+            *args,
+        )
+
+
+@pytest.fixture(scope="module")
+def setup(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    """Token secret, cluster key (``sealstream-producer key``) and a trust store that pins it
+    (``sealstream-consume trust add``)."""
+    d = tmp_path_factory.mktemp("cli")
+    secret_file = d / "token-secret"
+    secret_file.write_text(secrets.token_hex(32) + "\n", encoding="ascii")
+    key_file = d / "cluster-key.jwk"
+    shown = _run("sealstream-producer", "key", "--key-file", key_file)
+    assert shown.returncode == 0, shown.stderr
+    jwk_file = d / "cluster.pub.jwk"
+    jwk_file.write_text(shown.stdout, encoding="utf-8")
+    trust_store = d / "trust.json"
+    pinned = _run(
+        "sealstream-consume",
+        "trust",
+        "add",
+        "--cluster",
+        CLUSTER,
+        "--jwk-file",
+        jwk_file,
+        "--trust-store",
+        trust_store,
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    return Setup(d, nats_url, f"t{secrets.token_hex(4)}", secret_file, key_file, trust_store)
+
+
+@pytest.fixture(scope="module")
+def backend(setup: Setup) -> Iterator[tuple[Service, Service]]:
+    """``sealstream-proxy`` and ``sealstream-producer`` running, for the module."""
+    proxy, producer = setup.proxy(), setup.producer()
+    try:
+        proxy.wait_for("proxy.started")
+        producer.wait_for("producer.started")
+        yield proxy, producer
+    finally:
+        proxy.kill()
+        producer.kill()
+
+
+# --- credentials --------------------------------------------------------------------------
+
+
+def test_token_command_mints_a_verifiable_token(setup: Setup) -> None:
+    token = setup.token(CLUSTER, "other")
+    secret = setup.secret_file.read_bytes().rstrip(b"\n")
+    claims = TokenVerifier(secret=secret).verify(token)
+    assert claims.sub == "alice"
+    assert claims.clusters == (CLUSTER, "other")
+    assert claims.exp - time.time() == pytest.approx(3600, abs=60)
+
+
+def test_key_command_prints_the_public_key_only(setup: Setup) -> None:
+    shown = _run("sealstream-producer", "key", "--key-file", setup.key_file)
+    assert shown.returncode == 0, shown.stderr
+    jwk = json.loads(shown.stdout)
+    assert jwk["kty"] == "OKP"
+    assert jwk["crv"] == "Ed25519"
+    assert jwk["x"]
+    assert "d" not in jwk
+    # the private key stays in its file, readable by its owner only
+    assert "d" in json.loads(setup.key_file.read_text(encoding="utf-8"))
+    assert stat.S_IMODE(setup.key_file.stat().st_mode) == 0o600
+    # the same key every time: the file is reused, never overwritten
+    again = _run("sealstream-producer", "key", "--key-file", setup.key_file)
+    assert json.loads(again.stdout) == jwk
+
+
+def test_trust_add_pins_the_cluster_key(setup: Setup) -> None:
+    store = json.loads(setup.trust_store.read_text(encoding="utf-8"))
+    jwk = json.loads(_run("sealstream-producer", "key", "--key-file", setup.key_file).stdout)
+    assert store["clusters"][CLUSTER] == [jwk]
+    listed = _run("sealstream-consume", "trust", "list", "--trust-store", setup.trust_store)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith(f"{CLUSTER}\t")
+
+
+# --- consuming ------------------------------------------------------------------------------
+
+
+def test_consume_prints_decrypted_rows(setup: Setup, backend: tuple[Service, Service]) -> None:
+    done = setup.consume(
+        "--cluster",
+        CLUSTER,
+        "--stream",
+        "http_events",
+        "--limit",
+        "20",
+        "--retry",
+        "10",
+        token=setup.token(CLUSTER),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 20
+    for line in lines:
+        row = json.loads(line)
+        assert row["stream"] == "http_events"
+        assert isinstance(row["seq"], int)
+        assert row["req_method"] in {"GET", "POST", "PUT", "DELETE"}
+        assert isinstance(row["resp_status"], int)
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert done.stdout == ""
+    return errors[0]
+
+
+def test_consume_with_a_bad_token_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    forged = setup.token(CLUSTER)[:-4] + "AAAA"
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=forged))
+    assert "unauthorized" in line
+
+
+def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=setup.token("other")))
+    assert "forbidden" in line
+
+
+def test_consume_on_an_unknown_cluster_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    done = setup.consume("--cluster", "nobody", "--retry", "0", token=setup.token("nobody"))
+    assert "cluster_unavailable" in _one_error_line(done)
+
+
+def test_consume_with_an_untrusted_cluster_key_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    empty = setup.dir / "empty-trust.json"
+    done = setup.consume("--cluster", CLUSTER, token=setup.token(CLUSTER), trust_store=empty)
+    line = _one_error_line(done)
+    assert "trust" in line
+    assert CLUSTER in line
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def test_sigint_stops_proxy_and_producer_cleanly(setup: Setup) -> None:
+    proxy, producer = setup.proxy(), setup.producer()
+    try:
+        proxy.wait_for("proxy.started")
+        producer.wait_for("producer.started")
+        assert producer.interrupt() == 0
+        assert proxy.interrupt() == 0
+    finally:
+        proxy.kill()
+        producer.kill()
+    for service, stopped in ((proxy, "proxy.stopped"), (producer, "producer.stopped")):
+        text = _text(service.log)
+        assert "Traceback" not in text
+        assert stopped in text
+
+
+# --- sealstream up | demo -------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    try:
+        return {p.pid: p.name() for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_demo_prints_decrypted_rows(tmp_path: Path) -> None:
+    """``sealstream demo`` starts its own nats-server, proxy and producer, shows 5 decrypted
+    rows, and leaves no process behind."""
+    out = tmp_path / "demo.out"
+    err = tmp_path / "demo.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            _cmd(
+                "sealstream",
+                "demo",
+                "--output",
+                "jsonl",
+                "--limit",
+                "5",
+                "--key",
+                "x25519",
+                "--sources",
+                "http_events",
+                "--dir",
+                tmp_path / "state",
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=_ENV,
+            cwd=tmp_path,
+        )
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            children.update(_descendants(proc.pid))
+            time.sleep(0.05)
+        assert proc.poll() == 0, _text(err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in _text(err)
+    lines = _text(out).splitlines()
+    assert len(lines) == 5
+    for line in lines:
+        row = json.loads(line)
+        assert row["stream"] == "http_events"
+        assert isinstance(row["latency_ns"], int)
+    assert any("nats-server" in name for name in children.values()), children
+    _wait_for(
+        lambda: not any(_alive(pid) for pid in children),
+        timeout=5,
+        what=f"children of demo to exit: {children}",
+    )
+
+
+def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    up = _start(tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path)
+    children: dict[int, str] = {}
+    try:
+        up.wait_for("sealstream is up", timeout=30)
+        _wait_for(
+            lambda: (
+                "proxy.started" in _text(state / "proxy.log")
+                and "producer.started" in _text(state / "producer.log")
+            ),
+            timeout=30,
+            what="proxy and producer to start",
+            proc=up.proc,
+        )
+        children = _descendants(up.proc.pid)
+        assert len(children) >= 3, children  # nats-server, proxy, producer
+        assert up.interrupt(timeout=20) == 0
+        _wait_for(
+            lambda: not any(_alive(pid) for pid in children),
+            timeout=5,
+            what=f"children of up to exit: {children}",
+        )
+    finally:
+        up.kill()
+        for pid in children:  # clean up after a failure; they are gone on success
+            if _alive(pid):
+                psutil.Process(pid).kill()
+    assert "Traceback" not in _text(up.log)
+    # they stopped on their own, cleanly, before up returned
+    assert "proxy.stopped" in _text(state / "proxy.log")
+    assert "producer.stopped" in _text(state / "producer.log")

@@ -1,0 +1,106 @@
+"""Each package's public API is its ``__all__``, pinned here (as httpx's
+tests/test_exported_members.py does): adding or removing a name is a deliberate change."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+
+EXPECTED: dict[str, list[str]] = {
+    "sealstream": [
+        "SESSION_STREAM",
+        "BrokerError",
+        "Claims",
+        "Envelope",
+        "IntegrityError",
+        "KeyMode",
+        "Notice",
+        "OpenRequest",
+        "SealstreamError",
+        "SessionError",
+        "Subjects",
+        "TokenVerifier",
+        "TrustError",
+        "WireError",
+        "check_public_jwk",
+        "configure_logging",
+        "decode_envelope",
+        "decode_inbox",
+        "encode_envelope",
+        "mint_token",
+        "thumbprint",
+    ],
+    "sealstream.crypto": [
+        "DEFAULT_MAX_PLAINTEXT",
+        "Batch",
+        "ClusterIdentity",
+        "ConsumerKey",
+        "ConsumerSession",
+        "End",
+        "KeyKind",
+        "Policy",
+        "ProducerSession",
+        "Rotation",
+        "TrustStore",
+        "encode_rows",
+    ],
+    "producers": [
+        "Agent",
+        "Batching",
+        "HostMetrics",
+        "HttpEvents",
+        "JsonLines",
+        "ProducerConfig",
+        "Records",
+        "Source",
+    ],
+    "broker_proxy": ["Limits", "Proxy", "ProxyConfig", "SessionEntry", "SessionRegistry"],
+    "consumers": [
+        "Batch",
+        "Client",
+        "ClientConfig",
+        "ConsumerKey",
+        "Stats",
+        "Subscription",
+        "TrustStore",
+        "default_trust_store",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_all_is_pinned(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = module.__all__
+    assert exported == EXPECTED[name]
+    assert len(set(exported)) == len(exported)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_exported_name_exists(name: str) -> None:
+    module = importlib.import_module(name)
+    for member in module.__all__:
+        assert getattr(module, member, None) is not None, f"{name}.{member} is missing"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_public_member_is_exported(name: str) -> None:
+    """Nothing public besides ``__all__`` (private ``_x`` modules and subpackages aside): an
+    ``__init__`` only re-exports."""
+    module = importlib.import_module(name)
+    public = {
+        m
+        for m in dir(module)
+        if not m.startswith("_") and not isinstance(getattr(module, m), types.ModuleType)
+    }
+    assert public == set(module.__all__)
+
+
+def test_shared_names_are_the_same_objects() -> None:
+    """consumers re-exports the crypto types it hands out; they are sealstream's own."""
+    consumers = importlib.import_module("consumers")
+    crypto = importlib.import_module("sealstream.crypto")
+    for member in ("Batch", "ConsumerKey", "TrustStore"):
+        assert getattr(consumers, member) is getattr(crypto, member)

@@ -1,0 +1,193 @@
+"""Faults on loopback, bounded in time: a producer killed or restarted, nats-server restarted
+mid-stream, a node of a three-node NATS cluster killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producers import Agent, HttpEvents
+from sealstream import SessionError
+from sealstream._server import EmbeddedServer, ServerOptions
+from sealstream.crypto import ClusterIdentity, TrustStore
+from tests.pipeline import collect_rows, eventually, make_stack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_killed_producer_process_consumer_is_told(nats_url: str, tmp_path: Path) -> None:
+    """SIGKILL leaves no end envelope: the proxy's liveness check ends the session."""
+    async with make_stack(nats_url, keepalive_s=0.3) as stack:
+        key_file = tmp_path / "c2.jwk"
+        identity = ClusterIdentity.load_or_create(key_file)
+        env = {**os.environ, "NATS_URL": nats_url, "SEALSTREAM_PREFIX": stack.prefix}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "producers",
+            "--cluster",
+            "c2",
+            "--key-file",
+            str(key_file),
+            "--source",
+            "http_events",
+            "--rate",
+            "200",
+            "--log-level",
+            "warning",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            trust = TrustStore({"c2": [identity.public_jwk]})
+            async with stack.client(trust=trust, token=stack.token(clusters=["c2"])) as client:
+                async with asyncio.timeout(20):
+                    while True:  # the producer process is starting
+                        try:
+                            sub = await client.subscribe("c2", ["http_events"]).__aenter__()
+                            break
+                        except SessionError as exc:
+                            if exc.code != "cluster_unavailable":
+                                raise
+                            await asyncio.sleep(0.2)
+                try:
+                    rows, _ = await collect_rows(sub, 5)
+                    assert rows[0]["req_method"] in {"GET", "POST", "PUT", "DELETE"}
+                    proc.send_signal(signal.SIGKILL)
+                    loop = asyncio.get_running_loop()
+                    killed_at = loop.time()
+                    with pytest.raises(SessionError) as err:
+                        async with asyncio.timeout(10):
+                            async for _ in sub:
+                                pass
+                    assert err.value.code == "ended"
+                    assert "unavailable" in str(err.value)
+                    assert loop.time() - killed_at < 5  # 2 pings at 0.3 s, plus slack
+                finally:
+                    await sub.aclose()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def test_restarted_producer_ends_sessions_it_does_not_know(nats_url: str) -> None:
+    async with make_stack(nats_url, keepalive_s=0.3) as stack:
+        async with stack.client() as client, client.subscribe(stack.cluster, ["records"]) as sub:
+            await stack.agent.emit("records", [{"i": 1}])
+            await collect_rows(sub, 1)
+            await stack.agent._nc.close()  # crash: no end envelope
+            async with Agent(stack.agent.config, identity=stack.identity, streams=["records"]):
+                with pytest.raises(SessionError) as err:
+                    async with asyncio.timeout(10):
+                        async for _ in sub:
+                            pass
+                assert "no longer serves" in str(err.value)
+                async with client.subscribe(stack.cluster, ["records"]) as again:
+                    assert again.session_id != sub.session_id
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[tuple[ServerOptions, list[EmbeddedServer]]]:
+    options = ServerOptions(port=free_port(), store_dir=tmp_path / "js")
+    servers: list[EmbeddedServer] = []
+    yield options, servers
+    for server in servers:
+        server.stop()
+
+
+async def test_nats_server_restart_mid_stream(
+    restartable: tuple[ServerOptions, list[EmbeddedServer]],
+) -> None:
+    """All roles reconnect and the session resumes; what was in flight is counted as lost,
+    nothing is replayed."""
+    options, servers = restartable
+    first = EmbeddedServer(options)
+    servers.append(first)
+    url = await asyncio.to_thread(first.start)
+    async with make_stack(url, sources=[HttpEvents(rate=200, seed=1)], streams=()) as stack:
+        async with (
+            stack.client(policy="discard") as client,
+            client.subscribe(stack.cluster, ["http_events"]) as sub,
+        ):
+            await collect_rows(sub, 10)
+            await asyncio.to_thread(first.stop)
+            await asyncio.sleep(0.5)
+            second = EmbeddedServer(options)
+            servers.append(second)
+            await asyncio.to_thread(second.start)
+            restarted = asyncio.get_running_loop().time()
+            received = sub.stats().received
+            await eventually(lambda: sub.stats().received > received + 20, timeout=15)
+            rows, _ = await collect_rows(sub, 20)
+            assert len(rows) >= 20
+            assert asyncio.get_running_loop().time() - restarted < 15
+            stats = sub.stats()
+            assert stats.rejected == {}  # no replay, no forgery
+            assert stack.agent.sessions  # the session survived on the producer
+
+
+def _cluster_conf(path: Path, name: str, port: int, routes: list[int], me: int) -> Path:
+    lines = [
+        f'server_name: "{name}"',
+        "cluster {",
+        '  name: "sealstream-test"',
+        f"  listen: 127.0.0.1:{me}",
+        "  routes: [" + ", ".join(f'"nats-route://127.0.0.1:{r}"' for r in routes) + "]",
+        "}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    route_ports = [free_port() for _ in range(3)]
+    servers: list[EmbeddedServer] = []
+    try:
+        for i in range(3):
+            conf = _cluster_conf(
+                tmp_path / f"n{i}.conf",
+                f"n{i}",
+                ports[i],
+                [r for j, r in enumerate(route_ports) if j != i],
+                route_ports[i],
+            )
+            server = EmbeddedServer(ServerOptions(config_file=conf, port=ports[i], jetstream=False))
+            servers.append(server)
+            await asyncio.to_thread(server.start)
+        urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        await asyncio.sleep(0.5)  # routes form
+        # no JetStream on these nodes: one proxy with its registry in memory
+        async with make_stack(
+            urls, sources=[HttpEvents(rate=200, seed=2)], streams=(), shared_registry=False
+        ) as stack:
+            async with (
+                stack.client(policy="discard") as client,
+                client.subscribe(stack.cluster, ["http_events"]) as sub,
+            ):
+                await collect_rows(sub, 10)
+                producer_port = int(str(stack.agent._nc.connected_url.port))
+                victim = servers[ports.index(producer_port)]
+                await asyncio.to_thread(victim.stop)
+                received = sub.stats().received
+                await eventually(lambda: sub.stats().received > received + 20, timeout=15)
+                rows, _ = await collect_rows(sub, 10)
+                assert len(rows) >= 10
+                assert sub.stats().rejected == {}
+                assert int(str(stack.agent._nc.connected_url.port)) != producer_port
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.stop)
