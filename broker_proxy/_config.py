@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstream import TokenVerifier
+from sealstream._nats import NatsAuth
 
 __all__ = ["Limits", "ProxyConfig"]
 
@@ -30,6 +31,7 @@ class Limits:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxyConfig:
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
     token_secret: bytes | None = field(default=None, repr=False)
     issuer_jwk: Mapping[str, Any] | None = None
@@ -58,6 +60,7 @@ class ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
         ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``."""
         values: dict[str, Any] = {}
+        values["nats_auth"] = NatsAuth.from_env(env)
         if "NATS_URL" in env:
             values["nats_url"] = env["NATS_URL"]
         if "SEALSTREAM_PREFIX" in env:

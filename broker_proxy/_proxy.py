@@ -99,7 +99,10 @@ class Proxy:
         await self.aclose()
 
     async def _start(self) -> None:
-        self._nc = await connect(self.config.nats_url, name="sealstream-proxy")
+        auth = self.config.nats_auth
+        self._nc = await connect(
+            self.config.nats_url, name="sealstream-proxy", user=auth.user, password=auth.password
+        )
         self._stack.push_async_callback(self._drain)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)  # runs first: lets the expiry loop end

@@ -58,7 +58,13 @@ class Client:
         self._nc: Any = None
 
     async def __aenter__(self) -> Self:
-        self._nc = await connect(self.config.nats_url, name="sealstream-consumer")
+        auth = self.config.nats_auth
+        self._nc = await connect(
+            self.config.nats_url,
+            name="sealstream-consumer",
+            user=auth.user,
+            password=auth.password,
+        )
         return self
 
     async def __aexit__(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstream import KeyMode
+from sealstream._nats import NatsAuth
 from sealstream.crypto import KeyKind, Policy
 
 __all__ = ["ClientConfig", "default_trust_store"]
@@ -22,6 +23,7 @@ def default_trust_store() -> Path:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
     token: str = field(default="", repr=False)
     trust_store: Path = field(default_factory=default_trust_store)
@@ -46,6 +48,7 @@ class ClientConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN`` (or
         ``SEALSTREAM_TOKEN_FILE``), ``SEALSTREAM_TRUST_STORE``; flags (overrides) win."""
         values: dict[str, Any] = {}
+        values["nats_auth"] = NatsAuth.from_env(env)
         if env.get("NATS_URL"):
             values["nats_url"] = env["NATS_URL"]
         if env.get("SEALSTREAM_PREFIX"):

@@ -103,8 +103,12 @@ class Agent:
 
     async def _start(self) -> None:
         identity = self.identity
+        auth = self.config.nats_auth
         self._nc = await connect(
-            self.config.nats_url, name=f"sealstream-producer.{self.config.cluster}"
+            self.config.nats_url,
+            name=f"sealstream-producer.{self.config.cluster}",
+            user=auth.user,
+            password=auth.password,
         )
         self._stack.push_async_callback(self._shutdown)
         budget = plaintext_budget(int(self._nc.max_payload))

@@ -10,6 +10,7 @@ from typing import Any
 
 from producers._batcher import Batching
 from sealstream._ids import check_cluster_id
+from sealstream._nats import NatsAuth
 from sealstream.crypto import Rotation
 
 __all__ = ["ProducerConfig"]
@@ -19,6 +20,7 @@ __all__ = ["ProducerConfig"]
 class ProducerConfig:
     cluster: str
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
     key_file: Path = Path("cluster-key.jwk")
     batching: Batching = field(default_factory=Batching)
@@ -38,6 +40,7 @@ class ProducerConfig:
         """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``;
         keyword overrides (from command-line flags) win when not None."""
         values: dict[str, Any] = {}
+        values["nats_auth"] = NatsAuth.from_env(env)
         for name, key in (
             ("SEALSTREAM_CLUSTER", "cluster"),
             ("NATS_URL", "nats_url"),

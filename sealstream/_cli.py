@@ -66,6 +66,10 @@ def prepare_state(state: Path, cluster: str) -> Credentials:
         creds = Credentials.generate([cluster])
         _write_private(creds_file, creds.to_json().encode("utf-8"))
     _write_private(state / "nats.conf", server_config(creds).encode("utf-8"))
+    roles = {"proxy": creds.proxy, "consumer": creds.consumer}
+    roles |= {f"producer-{c}": u for c, u in creds.producers.items()}
+    for role, user in roles.items():  # for deployments that mount them (compose.yaml)
+        _write_private(state / f"nats-{role}.password", user.password.encode("utf-8"))
     return creds
 
 

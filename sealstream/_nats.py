@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,12 +22,31 @@ import structlog
 
 from sealstream._errors import BrokerError
 
-__all__ = ["connect", "redact_url"]
+__all__ = ["NatsAuth", "connect", "redact_url"]
 
 log = structlog.get_logger(__name__)
 
 _ERROR_LOG_INTERVAL = 1.0
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
+
+
+@dataclass(frozen=True, slots=True)
+class NatsAuth:
+    """NATS user and password of a role, when they are not in its URL (a password file keeps
+    them out of the process environment and of ``docker inspect``)."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NatsAuth:
+        """``SEALSTREAM_NATS_USER`` with ``SEALSTREAM_NATS_PASSWORD_FILE`` (or
+        ``SEALSTREAM_NATS_PASSWORD``)."""
+        password = env.get("SEALSTREAM_NATS_PASSWORD")
+        if env.get("SEALSTREAM_NATS_PASSWORD_FILE"):
+            path = Path(env["SEALSTREAM_NATS_PASSWORD_FILE"])
+            password = path.read_text(encoding="utf-8").strip()
+        return cls(env.get("SEALSTREAM_NATS_USER") or None, password or None)
 
 
 def redact_url(url: str) -> str:

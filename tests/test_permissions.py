@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,54 @@ def test_generated_file_round_trip(tmp_path: Path) -> None:
     creds = Credentials.generate(["a"])
     assert Credentials.from_json(creds.to_json()) == creds
     assert creds.proxy.password not in repr(creds)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nats.conf"
+SHIPPED_CREDS = Credentials(
+    RoleUser("proxy", "$SEALSTREAM_PROXY_PASSWORD"),
+    RoleUser("consumer", "$SEALSTREAM_CONSUMER_PASSWORD"),
+    {"demo": RoleUser("producer-demo", "$SEALSTREAM_PRODUCER_PASSWORD")},
+)
+
+
+def test_shipped_config_is_the_generated_one() -> None:
+    text = SHIPPED.read_text()
+    assert text.endswith(server_config(SHIPPED_CREDS))
+
+
+async def test_shipped_config_runs_in_nats_server(tmp_path: Path) -> None:
+    """The shipped file, with passwords from the server's environment, enforces the roles."""
+    env = {
+        "SEALSTREAM_PROXY_PASSWORD": "p" * 20,
+        "SEALSTREAM_CONSUMER_PASSWORD": "c" * 20,
+        "SEALSTREAM_PRODUCER_PASSWORD": "d" * 20,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # nats-server inherits them
+    try:
+        server = EmbeddedServer(ServerOptions(config_file=SHIPPED))
+        url = await asyncio.to_thread(server.start)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await connect(
+            RoleUser("producer-demo", "d" * 20).url(url), name="p", error_cb=on_error
+        )
+        await nc.publish(f"sealstream.cluster.other.data.{SESSION}", b"x")
+        await nc.flush()
+        async with asyncio.timeout(2):
+            while not errors:
+                await asyncio.sleep(0.01)
+        assert "permissions violation" in errors[0].lower()
+        await nc.close()
+    finally:
+        await asyncio.to_thread(server.stop)
