@@ -11,8 +11,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import nats.errors
 import structlog
@@ -31,6 +30,7 @@ from sealstream import (
 )
 from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
 from sealstream._nats import connect
+from sealstream._resource import AsyncResource
 from sealstream._wire import (
     VERSION,
     decode_envelope,
@@ -47,7 +47,7 @@ __all__ = ["Proxy"]
 log = structlog.get_logger(__name__)
 
 
-class Proxy:
+class Proxy(AsyncResource):
     """``async with Proxy(config):`` serves until the block exits.
 
     Counters: ``relayed`` envelopes and ``relayed_bytes``; ``rejected`` envelopes by reason;
@@ -74,29 +74,13 @@ class Proxy:
         self.refused: Counter[str] = Counter()
         self._nc: Any = None
         self._tg: asyncio.TaskGroup | None = None
-        self._stack = contextlib.AsyncExitStack()
+        super().__init__()
         self._stop = asyncio.Event()
         self._pending = asyncio.Semaphore(config.limits.pending_requests)
         self.relay_latency = Histogram()
         self._ping_failures: Counter[str] = Counter()
         self._shared: SharedRegistry | None = None
         self.metrics: MetricsServer | None = None
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _start(self) -> None:
         auth = self.config.nats_auth

@@ -25,6 +25,7 @@ from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
 from sealstream._ids import check_cluster_id, check_stream
 from sealstream._nats import connect
+from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
 from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
 
@@ -121,7 +122,7 @@ class Client:
         return reply
 
 
-class Subscription:
+class Subscription(AsyncResource):
     """One live session: an async iterator of :class:`Batch` until the producer ends it."""
 
     def __init__(
@@ -136,7 +137,7 @@ class Subscription:
         cfg = client.config
         self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(cfg.queue_size)
         self._sub: Any = None
-        self._stack = contextlib.AsyncExitStack()
+        super().__init__()
         self._stop = asyncio.Event()
         self._received = 0
         self._batches = 0
@@ -164,23 +165,7 @@ class Subscription:
             lost=s.lost if s else 0,
         )
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self._open()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def _open(self) -> None:
+    async def _start(self) -> None:
         cfg = self._client.config
         key = self._key or await ConsumerKey.agenerate(cfg.key_kind)
         self.session = ConsumerSession(
@@ -223,11 +208,6 @@ class Subscription:
             key=key.kind,
             key_mode=cfg.key_mode,
         )
-
-    async def aclose(self) -> None:
-        """Close the session at the proxy, stop keepalive, unsubscribe; idempotent."""
-        stack, self._stack = self._stack, contextlib.AsyncExitStack()
-        await stack.aclose()
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None

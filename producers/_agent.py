@@ -12,8 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import structlog
 
@@ -24,6 +23,7 @@ from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
 from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect
+from sealstream._resource import AsyncResource
 from sealstream._wire import decode_map, decode_open, encode_map
 from sealstream.crypto import ClusterIdentity, ProducerSession
 
@@ -43,7 +43,7 @@ def _error(code: str, message: str) -> bytes:
     return encode_map({"ok": False, "error": {"code": code, "message": message}})
 
 
-class Agent:
+class Agent(AsyncResource):
     """``async with Agent(config, sources=[...]) as agent:`` runs a cluster's producer.
 
     ``await agent.emit(stream, rows)`` is the Python API for one's own records; ``streams``
@@ -69,7 +69,7 @@ class Agent:
         self._batchers: dict[str, Batcher] = {}
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
-        self._stack = contextlib.AsyncExitStack()
+        super().__init__()
         self._tg: asyncio.TaskGroup | None = None
         self._pumps: list[asyncio.Task[None]] = []
         self._nc: Any = None
@@ -84,22 +84,6 @@ class Agent:
         if self._identity is None:
             self._identity = ClusterIdentity.load_or_create(self.config.key_file)
         return self._identity
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _start(self) -> None:
         identity = self.identity
