@@ -318,7 +318,8 @@ class Proxy(AsyncResource):
             await self._forget(session)
             error = answer.get("error")
             code, message = "cluster_unavailable", "cluster refused the session"
-            if isinstance(error, dict) and error.get("code") in {"bad_request", "limit_exceeded"}:
+            # a tuple: an unhashable code (a list, a map) must not raise TypeError in a set lookup
+            if isinstance(error, dict) and error.get("code") in ("bad_request", "limit_exceeded"):
                 code, message = error["code"], str(error.get("message", ""))[:200]
             raise SessionError(code, message)
         log.info(

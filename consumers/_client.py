@@ -239,6 +239,11 @@ class Subscription(AsyncResource):
             try:
                 await self._client.request(self._client.subjects.api_keepalive, body)
             except SessionError as exc:
+                if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
+                    log.warning(
+                        "session.keepalive_refused", session=self.session.session, code=exc.code
+                    )
+                    continue
                 self._push(SessionError("ended", f"session lost: {exc.detail}"))
                 return
             except BrokerError as exc:

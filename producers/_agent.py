@@ -24,7 +24,7 @@ from sealstream._ids import check_session_id, check_stream
 from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect
 from sealstream._resource import AsyncResource
-from sealstream._wire import decode_map, decode_open, encode_map
+from sealstream._wire import VERSION, decode_map, decode_open, encode_map
 from sealstream.crypto import ClusterIdentity, ProducerSession
 
 __all__ = ["Agent"]
@@ -39,15 +39,12 @@ class _Served:
     user: str
 
 
-def _error(code: str, message: str) -> bytes:
-    return encode_map({"ok": False, "error": {"code": code, "message": message}})
-
-
 class Agent(AsyncResource):
     """``async with Agent(config, sources=[...]) as agent:`` runs a cluster's producer.
 
     ``await agent.emit(stream, rows)`` is the Python API for one's own records; ``streams``
-    declares the streams it may carry besides those of ``sources``.
+    declares the streams it may carry besides those of ``sources``. ``refused`` counts the
+    control requests it answered with an error, by code.
     """
 
     def __init__(
@@ -78,6 +75,7 @@ class Agent(AsyncResource):
         self.metrics: MetricsServer | None = None
         self.rows_in = 0
         self.rejected_rows: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
 
     @property
     def identity(self) -> ClusterIdentity:
@@ -166,6 +164,13 @@ class Agent(AsyncResource):
                 "rows rejected, by reason",
                 "counter",
                 self.rejected_rows,
+            ),
+            Sample(
+                "sealstream_producer_requests_refused",
+                "control requests refused, by code",
+                "counter",
+                self.refused,
+                label="code",
             ),
         ]
 
@@ -259,7 +264,7 @@ class Agent(AsyncResource):
         try:
             reply, start = self._control(msg.data)
         except WireError as exc:
-            reply, start = _error("bad_request", str(exc)), None
+            reply, start = self._error("bad_request", str(exc)), None
         if msg.reply:
             await msg.respond(reply)
         if start is not None:
@@ -268,8 +273,16 @@ class Agent(AsyncResource):
                 if served is not None:
                     await self._send(start, served.crypto.start())
 
+    def _error(self, code: str, message: str) -> bytes:
+        self.refused[code] += 1
+        log.debug("control.refused", code=code, reason=message)
+        return encode_map({"ok": False, "error": {"code": code, "message": message}})
+
     def _control(self, payload: bytes) -> tuple[bytes, str | None]:
         m = decode_map(payload)
+        version = m.get("v")
+        if type(version) is not int or version != VERSION:  # a bool is not an int
+            raise WireError("bad_version", f"unsupported version {version!r:.40}")
         op = m.get("op")
         if op == "close":
             session = check_session_id(m.get("session"))
@@ -279,21 +292,21 @@ class Agent(AsyncResource):
         if op == "ping":  # the proxy checks we are alive and still serve its sessions
             asked = m.get("sessions")
             if not isinstance(asked, list):
-                return _error("bad_request", "ping needs a sessions list"), None
+                return self._error("bad_request", "ping needs a sessions list"), None
             unknown = [s for s in asked if isinstance(s, str) and s not in self.sessions]
             return encode_map({"ok": True, "unknown": unknown[:10_000]}), None
         if op != "open":
-            return _error("bad_request", f"unknown op {op!r:.40}"), None
+            return self._error("bad_request", f"unknown op {op!r:.40}"), None
         session = check_session_id(m.get("session"))
         # the control op names no cluster: the subject it came on is this cluster's
         req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
         unknown = sorted(set(req.streams) - self.streams)
         if unknown:
-            return _error("bad_request", f"unknown streams {unknown}"), None
+            return self._error("bad_request", f"unknown streams {unknown}"), None
         if session in self.sessions:
-            return _error("bad_request", "session already open"), None
+            return self._error("bad_request", "session already open"), None
         if len(self.sessions) >= self.config.max_sessions:
-            return _error("limit_exceeded", "cluster serves too many sessions"), None
+            return self._error("limit_exceeded", "cluster serves too many sessions"), None
         crypto = ProducerSession(
             self.identity,
             cluster=self.config.cluster,

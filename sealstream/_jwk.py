@@ -3,7 +3,6 @@ use it while staying structurally blind)."""
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -17,6 +16,7 @@ __all__ = [
     "MIN_RSA_BITS",
     "b64u_decode",
     "b64u_encode",
+    "b64u_encode_bytes",
     "check_public_jwk",
     "thumbprint",
 ]
@@ -34,20 +34,35 @@ _REQUIRED: Final = {
 _CURVES: Final = {"OKP": {"X25519": 32}, "EC": {"P-256": 32}}
 
 
+_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: base64url -> base64; '+' and '/' (standard base64, not base64url) become invalid characters
+_FROM_URL: Final = bytes.maketrans(b"-_+/", b"+/!!")
+_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
+_VALUE: Final = {c: i for i, c in enumerate(_ALPHABET)}
+_PAD: Final = (b"", b"", b"==", b"=")
+
+
 def b64u_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return b64u_encode_bytes(data).decode("ascii")
+
+
+def b64u_encode_bytes(data: bytes) -> bytes:
+    """Unpadded base64url, as ASCII bytes (the hot path of sealing)."""
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=")
 
 
 def b64u_decode(text: str | bytes) -> bytes:
-    """Strict base64url without padding; raises ValueError."""
+    """Strict base64url without padding, canonical only (the unused low bits of the last
+    character must be zero, so one value has one encoding); raises ValueError."""
     raw = text.encode("ascii") if isinstance(text, str) else bytes(text)
-    if b"=" in raw or len(raw) % 4 == 1:
+    rem = len(raw) % 4
+    if rem == 1 or b"=" in raw:
         raise ValueError("not unpadded base64url")
     try:
-        out = base64.b64decode(raw + b"=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+        out = binascii.a2b_base64(raw.translate(_FROM_URL) + _PAD[rem], strict_mode=True)
     except binascii.Error as exc:
         raise ValueError("not base64url") from exc
-    if b64u_encode(out).encode("ascii") != raw:  # non-canonical trailing bits
+    if rem and _VALUE[raw[-1]] & (0x0F if rem == 2 else 0x03):
         raise ValueError("non-canonical base64url")
     return out
 
@@ -55,8 +70,12 @@ def b64u_decode(text: str | bytes) -> bytes:
 def thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 SHA-256 thumbprint, base64url: the session id of a consumer key."""
     kty = jwk.get("kty")
-    if kty not in _REQUIRED:
+    # a list or a map is unhashable: the dict lookup alone would raise TypeError
+    if not isinstance(kty, str) or kty not in _REQUIRED:
         raise WireError("bad_jwk", f"unsupported kty {kty!r:.20}")
+    missing = [k for k in _REQUIRED[kty] if k not in jwk]
+    if missing:
+        raise WireError("bad_jwk", f"JWK lacks {missing}")
     members = {k: jwk[k] for k in _REQUIRED[kty]}
     canon = json.dumps(members, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
     return b64u_encode(hashlib.sha256(canon.encode("utf-8")).digest())

@@ -98,7 +98,7 @@ class TokenVerifier:
             obj.deserialize(token)
             obj.verify(self._key, alg=self._alg)
             claims = json.loads(obj.payload)
-        except (JWException, ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (JWException, ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
             raise _unauthorized("invalid token") from exc
         if not isinstance(claims, dict):
             raise _unauthorized("invalid token claims")

@@ -53,7 +53,9 @@ ERROR_CODES: Final = frozenset(
 EnvelopeKind = Literal["key", "data", "end"]
 KeyMode = Literal["session", "per-message"]
 _KINDS: Final = frozenset({"key", "data", "end"})
-_KEY_MODES: Final = frozenset({"session", "per-message"})
+#: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
+#: not TypeError
+_KEY_MODES: Final = ("session", "per-message")
 _MAX_U63: Final = 2**63 - 1
 _DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
 
