@@ -4,6 +4,7 @@ mid-stream, a node of a three-node NATS cluster killed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from producers import Agent, HttpEvents
@@ -152,6 +154,29 @@ def _cluster_conf(path: Path, name: str, port: int, routes: list[int], me: int) 
     return path
 
 
+async def _routes_formed(urls: list[str]) -> None:
+    """Wait until a message published on any node reaches a subscriber on every other one
+    (a fixed sleep for the routes was not always enough on a loaded machine)."""
+    conns = [await nats.connect(u, allow_reconnect=False) for u in urls]
+    try:
+        subs = [await nc.subscribe(f"_mesh.{i}") for i, nc in enumerate(conns)]
+        for nc in conns:
+            await nc.flush()
+        async with asyncio.timeout(10):
+            for i, sub in enumerate(subs):
+                for j, nc in enumerate(conns):
+                    if i == j:
+                        continue
+                    while True:  # interest may not have crossed the route yet: send again
+                        await nc.publish(f"_mesh.{i}", str(j).encode())
+                        with contextlib.suppress(TimeoutError):
+                            if (await sub.next_msg(timeout=0.1)).data == str(j).encode():
+                                break
+    finally:
+        for nc in conns:
+            await nc.close()
+
+
 async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
     ports = [free_port() for _ in range(3)]
     route_ports = [free_port() for _ in range(3)]
@@ -169,7 +194,7 @@ async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
             servers.append(server)
             await asyncio.to_thread(server.start)
         urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
-        await asyncio.sleep(0.5)  # routes form
+        await _routes_formed([f"nats://127.0.0.1:{p}" for p in ports])
         # no JetStream on these nodes: one proxy with its registry in memory
         async with make_stack(
             urls, sources=[HttpEvents(rate=200, seed=2)], streams=(), shared_registry=False
