@@ -29,7 +29,7 @@ from sealstream import (
     thumbprint,
 )
 from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
-from sealstream._nats import connect
+from sealstream._nats import connect, redact_url
 from sealstream._resource import AsyncResource
 from sealstream._wire import (
     VERSION,
@@ -122,7 +122,7 @@ class Proxy(AsyncResource):
                 port=self.config.metrics_port,
             )
             await self._stack.enter_async_context(self.metrics)
-        log.info("proxy.started", url=self.config.nats_url, prefix=self.config.prefix)
+        log.info("proxy.started", url=redact_url(self.config.nats_url), prefix=self.config.prefix)
 
     async def _drain(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

@@ -13,7 +13,7 @@ from sealstream._errors import SealstreamError
 __all__ = ["run"]
 
 
-async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
+async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -31,15 +31,16 @@ async def _until_signalled(main: Coroutine[Any, Any, int]) -> int:
         return await main
     except asyncio.CancelledError:
         if stopping:
-            return 0  # asked to stop: a normal exit
+            return interrupted  # asked to stop
         raise
 
 
-def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit 0), a SealstreamError or a
-    misconfiguration prints one ``error:`` line (exit 1), never a traceback."""
+def run(main: Callable[[], Coroutine[Any, Any, int]], *, interrupted: int = 0) -> int:
+    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit ``interrupted``: 0 for a service,
+    whose normal end that is), a SealstreamError or a misconfiguration prints one ``error:``
+    line (exit 1), never a traceback."""
     try:
-        return asyncio.run(_until_signalled(main()))
+        return asyncio.run(_until_signalled(main(), interrupted))
     except KeyboardInterrupt:
         return 130
     except SealstreamError as exc:
