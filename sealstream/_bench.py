@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import datetime as dt
 import importlib.metadata
 import json
@@ -31,6 +32,7 @@ import platform
 import secrets
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +68,7 @@ from sealstream._bench_report import (
 from sealstream._errors import SealstreamError
 from sealstream._ids import Subjects
 from sealstream._log import configure_logging
-from sealstream._nats import connect
+from sealstream._nats import connect, redact_url
 from sealstream._run import run
 from sealstream._server import EmbeddedServer, ServerOptions, find_nats_server
 from sealstream._tokens import mint_token
@@ -76,7 +78,6 @@ from sealstream.crypto import ClusterIdentity
 __all__ = ["bench_main"]
 
 CLUSTER: Final = "bench"
-PREFIX: Final = "sealstream"
 _TAIL: Final = 30
 _IDLE_S: Final = 5.0
 #: a paced producer wakes at most every 2 ms and sends what is due (as a producer flushes
@@ -84,14 +85,40 @@ _IDLE_S: Final = 5.0
 PACE_TICK_S: Final = 0.002
 
 
+def _shown(arg: str) -> str:
+    """A command-line argument fit for the report: a NATS URL without its credentials."""
+    if arg.startswith("--nats-url="):
+        return "--nats-url=" + redact_url(arg.removeprefix("--nats-url="))
+    return redact_url(arg) if "@" in arg else arg
+
+
 def bench_main(args: argparse.Namespace) -> int:
     configure_logging(level="warning")
     plan = Plan.quick() if args.quick else Plan.full()
-    command = shlex.join(["sealstream", *sys.argv[1:]])
-    return run(lambda: _bench(plan, out=args.out, nats_url=args.nats_url, command=command))
+    command = shlex.join(["sealstream", *map(_shown, sys.argv[1:])])
+    return run(
+        lambda: _bench(plan, out=args.out, nats_url=args.nats_url, command=command),
+        interrupted=130,  # a stopped bench wrote no report: not a success
+    )
 
 
 # --- child processes ------------------------------------------------------------------------
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """For a child, before exec: SIGTERM when the bench process dies, however it dies (a
+    worker also exits at the end of its stdin; the proxy has no stdin to watch). Linux's
+    ``prctl(PR_SET_PDEATHSIG)``, looked up here in the parent; None elsewhere."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    set_pdeathsig = 1
+
+    def arm() -> None:
+        prctl(set_pdeathsig, signal.SIGTERM)
+
+    return arm
 
 
 class _Child:
@@ -120,6 +147,7 @@ class _Child:
         *,
         log: Path,
         config: dict[str, Any] | None,
+        env: dict[str, str] | None = None,
     ) -> _Child:
         sink: IO[bytes]
         with log.open("ab") as sink:
@@ -128,6 +156,8 @@ class _Child:
                 stdin=subprocess.PIPE if config is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if config is not None else sink,
                 stderr=sink,
+                env=env,
+                preexec_fn=_death_signal(),
             )
         child = cls(name, role, proc, log)
         if config is not None:
@@ -185,34 +215,39 @@ class _Child:
             raise self.fail(f"no {sorted(wanted)} within {timeout_s:.0f} s") from None
 
     async def stop(self, *, grace_s: float = 10.0) -> None:
-        """Ask a worker to quit (end of its stdin), then terminate, then kill."""
+        """Ask a worker to quit (end of its stdin), then terminate, then kill. Whatever goes
+        wrong reading its last words, the process is reaped."""
         proc = self.proc
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                proc.stdin.write(b'{"cmd": "quit"}\n')
-                proc.stdin.close()
-        elif proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        if proc.stdout is not None:
-            with contextlib.suppress(TimeoutError, ValueError):
-                async with asyncio.timeout(grace_s):
-                    while line := await proc.stdout.readline():
-                        with contextlib.suppress(ValueError):
-                            msg = json.loads(line)
-                            if isinstance(msg, dict) and msg.get("event") == "bye":
-                                self.result = msg
         try:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                with contextlib.suppress(OSError, RuntimeError):
+                    proc.stdin.write(b'{"cmd": "quit"}\n')
+                    proc.stdin.close()
+            elif proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+            if proc.stdout is not None:
+                # RuntimeError: a read still pending elsewhere (a failed start-up)
+                with contextlib.suppress(TimeoutError, ValueError, RuntimeError, OSError):
+                    async with asyncio.timeout(grace_s):
+                        while line := await proc.stdout.readline():
+                            with contextlib.suppress(ValueError):
+                                msg = json.loads(line)
+                                if isinstance(msg, dict) and msg.get("event") == "bye":
+                                    self.result = msg
             await asyncio.wait_for(proc.wait(), timeout=grace_s)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=5.0)
-            except TimeoutError:
+            pass
+        finally:
+            if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+                    proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout=5.0)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
 
 
 @dataclass(slots=True)
@@ -266,6 +301,12 @@ class _Ctx:
     groups: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def prefix(self) -> str:
+        """A subject prefix of this run's own: against a given server, the bench's proxy must
+        not join a deployment's queue group or session registry."""
+        return f"sealstream-bench-{self.run_id}"
+
+    @property
     def ack_subject(self) -> str:
         return f"_bench.{self.run_id}.ack"
 
@@ -287,7 +328,7 @@ class _Ctx:
         self, stack: contextlib.AsyncExitStack, name: str, role: str, config: dict[str, Any]
     ) -> _Child:
         argv = [sys.executable, "-m", "sealstream._bench_worker", role]
-        cfg = {"nats_url": self.nats_url, "prefix": PREFIX, "cluster": CLUSTER, **config}
+        cfg = {"nats_url": self.nats_url, "prefix": self.prefix, "cluster": CLUSTER, **config}
         child = await _Child.spawn(name, role, argv, log=self.log_path(name), config=cfg)
         stack.push_async_callback(child.stop)
         return child
@@ -298,15 +339,19 @@ class _Ctx:
             sys.executable,
             "-m",
             "broker_proxy",
-            "--nats-url",
-            self.nats_url,
+            "--prefix",
+            self.prefix,
             "--token-secret-file",
             str(secret_file),
             "--log-level",
             "info",
             "--log-json",
         ]
-        child = await _Child.spawn("proxy", "proxy", argv, log=self.log_path("proxy"), config=None)
+        # the URL by environment: it may hold credentials, which a command line shows to all
+        env = {**os.environ, "NATS_URL": self.nats_url}
+        child = await _Child.spawn(
+            "proxy", "proxy", argv, log=self.log_path("proxy"), config=None, env=env
+        )
         stack.push_async_callback(child.stop)
         await self._wait_proxy(child)
         return child
@@ -320,7 +365,9 @@ class _Ctx:
                 if proxy.proc.returncode is not None:
                     raise proxy.fail("exited during startup")
                 try:
-                    await nc.request(Subjects(PREFIX).api_keepalive, encode_map({}), timeout=1.0)
+                    await nc.request(
+                        Subjects(self.prefix).api_keepalive, encode_map({}), timeout=1.0
+                    )
                     return
                 except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                     if time.monotonic() > deadline:
@@ -406,9 +453,11 @@ async def _group(
                 )
             )
         keygen = 60.0 + (5.0 * max(split) if key_kind == "rsa" else 0.0)
-        readies = await asyncio.gather(*(c.expect("ready", timeout_s=keygen) for c in consumers))
+        # a TaskGroup: one consumer failing cancels the other waits (they share nothing)
+        async with asyncio.TaskGroup() as tg:
+            readies = [tg.create_task(c.expect("ready", timeout_s=keygen)) for c in consumers]
         for c, ready in zip(consumers, readies, strict=True):
-            c.targets = list(ready["targets"])
+            c.targets = list(ready.result()["targets"])
         if mode == "raw":
             await producer.send(
                 {"cmd": "targets", "subjects": [t for c in consumers for t in c.targets]}
@@ -471,7 +520,7 @@ async def _phase(
                 tg.create_task(monitor(stop, lambda: sum(seen.values())))
             dones = [
                 tg.create_task(
-                    c.expect("done", timeout_s=duration * 4 + 300, on_progress=progress_of(k))
+                    c.expect("done", timeout_s=duration + 300, on_progress=progress_of(k))
                 )
                 for k, c in enumerate(g.consumers)
             ]
@@ -488,14 +537,16 @@ async def _phase(
                     "tick_s": tick_s,
                 }
             )
-            sent = await g.producer.expect("sent", timeout_s=duration * 3 + 120)
+            # the producer stops at ``duration``, then waits at most 10 s for a stalled window and
+            # 60 s to flush
+            sent = await g.producer.expect("sent", timeout_s=duration + 120)
             missing = 0
             for c in g.consumers:
                 expect = {}
                 for t in c.targets:
                     if t not in sent["per_target"]:  # the producer no longer serves it
                         missing += 1
-                    expect[t] = sent["per_target"].get(t, [0, -1])
+                    expect[t] = sent["per_target"].get(t, [0, -1, 0])
                 await c.send({"cmd": "finish", "phase": phase, "expect": expect, "idle_s": _IDLE_S})
             for d in dones:
                 await d
@@ -529,6 +580,8 @@ async def _phase(
         "producer_messages": sent["count"],
         "producer_stalled": sent["stalled"],
         "sent": sum(r["sent"] for r in per_session),
+        "envelopes": sum(r["envelopes"] for r in per_session),
+        "keys": sum(r["keys"] for r in per_session),
         "delivered": delivered,
         "lost": sum(r["lost"] for r in per_session),
         "rejected": sum(r["rejected"] for r in per_session),
@@ -552,7 +605,10 @@ async def _phase(
             for p, a, b in zip(procs, cpu0, cpu1, strict=True)
         ],
         "per_session": [
-            {k: r[k] for k in ("sent", "delivered", "lost", "rejected", "stale")}
+            {
+                k: r[k]
+                for k in ("sent", "envelopes", "keys", "delivered", "lost", "rejected", "stale")
+            }
             for r in per_session
         ],
     }
@@ -648,7 +704,7 @@ async def _soak(ctx: _Ctx) -> dict[str, Any]:
             g,
             body=1024,
             rate=None,
-            duration=3600.0,
+            duration=900.0,  # a bound: the soak ends at its message count long before
             limit=plan.soak_messages,
             monitor=monitor,
         )
@@ -665,6 +721,17 @@ async def _soak(ctx: _Ctx) -> dict[str, Any]:
         "delivered": result["delivered"],
         "lost": result["lost"],
         "rejected": result["rejected"],
+        **{
+            k: result[k]
+            for k in (
+                "envelopes",
+                "keys",
+                "stale",
+                "slow_consumer_errors",
+                "sessions_missing_at_producer",
+                "producer_stalled",
+            )
+        },
         "messages_per_s": result["messages_per_s"],
         "latency_ms": result["latency_ms"],
         "warmup_messages": warm_at,
@@ -774,7 +841,7 @@ def _machine(nats_url: str, embedded: bool) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "nats_url": nats_url if not embedded else "embedded",
+        "nats_url": redact_url(nats_url) if not embedded else "embedded",
         "versions": versions,
     }
 

@@ -223,6 +223,31 @@ def split_sessions(fanout: int, procs: int) -> list[int]:
 # --- targets --------------------------------------------------------------------------------
 
 
+def problems(s: Mapping[str, Any]) -> list[str]:
+    """What makes a run's figures doubtful: anything not delivered, a producer stalled by its
+    window, a session the producer no longer served, a slow-consumer error in NATS."""
+    out = []
+    if s.get("delivered") != s.get("sent"):
+        out.append(f"delivered {s.get('delivered')} of {s.get('sent')}")
+    for key in ("lost", "rejected", "stale", "slow_consumer_errors"):
+        if s.get(key):
+            out.append(f"{key.replace('_', ' ')} {s[key]}")
+    if s.get("sessions_missing_at_producer"):
+        out.append(f"{s['sessions_missing_at_producer']} sessions gone at the producer")
+    if s.get("producer_stalled"):
+        out.append("producer stalled waiting for acknowledgements")
+    return out
+
+
+def _doubt(target: dict[str, Any], used: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """A target measured on a degraded run has no verdict: its figures are not trusted."""
+    found = [p for s in used if s is not None for p in problems(s)]
+    if found and target.get("pass") is not None:
+        target["pass"] = None
+        target["note"] = "degraded run: " + "; ".join(found)
+    return target
+
+
 def _find(
     scenarios: Iterable[Mapping[str, Any]], mode: str, body: int, fanout: int, phase: str
 ) -> Mapping[str, Any] | None:
@@ -297,27 +322,22 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         ("session_vs_per_message", "session >= 50 x per-message messages/s (1 KiB, 1 consumer)"),
     )
     if rounds:
+        maxima = [x for x in rounds if x["phase"] == "round"]
         targets = [
-            _rounds_target(texts[0][0], texts[0][1], rounds, "plain-relay", 0.8),
-            _rounds_target(texts[1][0], texts[1][1], rounds, "per-message", 50.0),
+            _doubt(_rounds_target(texts[0][0], texts[0][1], rounds, "plain-relay", 0.8), maxima),
+            _doubt(_rounds_target(texts[1][0], texts[1][1], rounds, "per-message", 50.0), maxima),
         ]
     else:
+        plain = _find(sc, "plain-relay", 1024, 1, "max")
+        per = _find(sc, "per-message", 1024, 1, "max")
         targets = [
-            _ratio_target(
-                texts[0][0],
-                texts[0][1],
-                session,
-                _find(sc, "plain-relay", 1024, 1, "max"),
-                "messages_per_s",
-                0.8,
+            _doubt(
+                _ratio_target(texts[0][0], texts[0][1], session, plain, "messages_per_s", 0.8),
+                (session, plain),
             ),
-            _ratio_target(
-                texts[1][0],
-                texts[1][1],
-                session,
-                _find(sc, "per-message", 1024, 1, "max"),
-                "messages_per_s",
-                50.0,
+            _doubt(
+                _ratio_target(texts[1][0], texts[1][1], session, per, "messages_per_s", 50.0),
+                (session, per),
             ),
         ]
     lat: dict[str, Any] = {
@@ -344,16 +364,19 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         lat.update({"pass": None, "note": "not measured in this run"})
     else:
         lat.update({"detail": detail, "pass": p99 <= 10.0})
-    targets.append(lat)
+    used: list[Mapping[str, Any] | None] = [*paced_rounds] if paced_rounds else [paced]
+    targets.append(_doubt(lat, used))
+    wide = _find(sc, "session", 1024, big, "max")
     fan = _ratio_target(
         "fanout",
         f"fan-out to {big} consumers: aggregate rows/s >= 0.5 x the 1-consumer figure "
         "(session, 1 KiB)",
-        _find(sc, "session", 1024, big, "max"),
+        wide,
         session,
         "rows_per_s",
         0.5,
     )
+    _doubt(fan, (wide, session))
     if big != 50:
         fan["note"] = f"this run's largest fan-out is {big}, not 50"
     targets.append(fan)
@@ -374,7 +397,7 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             t["pass"] = growth <= 20.0
             if msgs < 1_000_000:
                 t["note"] = f"only {msgs:,} messages in this run"
-        targets.append(t)
+        targets.append(_doubt(t, [soak] if soak else []))
     first = report.get("first_row") or {}
     for kind, limit in (("rsa", 1.5), ("x25519", 0.1)):
         stats = first.get(kind) or {}
@@ -504,6 +527,27 @@ def render_costs(scenarios: Sequence[Mapping[str, Any]], body: int = 1024) -> li
     return lines
 
 
+def render_health(report: Mapping[str, Any]) -> list[str]:
+    """Every run whose figures are doubtful, and why; the targets using one have no verdict."""
+    runs: list[Mapping[str, Any]] = [*report["scenarios"], *(report.get("rounds") or [])]
+    if report.get("soak"):
+        runs.append({**report["soak"], "phase": "soak"})
+    bad = [(s, problems(s)) for s in runs]
+    bad = [(s, p) for s, p in bad if p]
+    lines = ["## Run health", ""]
+    if not bad:
+        return [
+            *lines,
+            f"All {len(runs)} runs delivered every message: none lost, rejected "
+            "or stale, no producer stalled, no slow-consumer error.",
+        ]
+    lines += ["| run | problems |", "|---|---|"]
+    for s, p in bad:
+        name = f"{s['mode']} {s['body_bytes']} B x{s['fanout']} {s['phase']}"
+        lines.append(f"| {name} | {'; '.join(p)} |")
+    return lines
+
+
 def _machine_line(m: Mapping[str, Any]) -> str:
     v = m.get("versions", {})
     return (
@@ -545,9 +589,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "window. Latency is producer timestamp to decrypted row: p50/p90/p99 from a second "
         "run paced at half that rate, and p99 at the maximum rate (where the window queues). "
         "CPU seconds are those of the maximum-rate run; consumers sum over their processes; "
-        "peak RSS is each process's high-water mark (consumer: the largest process). sent / "
-        "lost / rejected add both runs; lost and rejected are what consumers could not "
-        "account as delivered.",
+        "peak RSS is each process's high-water mark since it started (consumer: the largest "
+        "process). sent / lost / rejected add both runs: lost is what never reached a "
+        "consumer, rejected what arrived and was refused.",
     ]
     rounds = report.get("rounds") or []
     if rounds:
@@ -576,7 +620,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "Each round runs the three modes one after the other, each with fresh processes; "
             "the targets above take the median of the rounds' ratios.",
         ]
-    out += ["", *render_costs(sc)]
+    out += ["", *render_costs(sc), "", *render_health(report)]
     groups = report.get("groups") or []
     published = sum(g.get("producer_published") or 0 for g in groups if g.get("proxy"))
     relayed = sum(g["proxy"].get("relayed") or 0 for g in groups if g.get("proxy"))

@@ -115,7 +115,8 @@ class _Out:
     subject: str
     crypto: ProducerSession | None
     seq: int = 0  # the next seq, when the bench (not a ProducerSession) numbers envelopes
-    sent: int = 0
+    sent: int = 0  # messages of the phase
+    envelopes: int = 0  # envelopes of the phase: its messages and any key envelope
 
     @property
     def last_seq(self) -> int:
@@ -251,7 +252,7 @@ class _Producer:
         rows = make_rows(int(cmd["body"]), self.phase)
         outs = list(self.outs.values())
         for out in outs:
-            out.sent = 0
+            out.sent = out.envelopes = 0
         nc = self.nc
         envelopes = self._envelopes
         started = time.monotonic()
@@ -285,6 +286,7 @@ class _Producer:
                     for env in envelopes(out, plaintext):  # a key envelope too, at rotation
                         await nc.publish(out.subject, env)
                         published += 1
+                        out.envelopes += 1
                     out.sent += 1
                 count += 1
                 if not count & 31:
@@ -297,7 +299,7 @@ class _Producer:
             count=count,
             stalled=stalled,
             seconds=time.monotonic() - started,
-            per_target={o.id: [o.sent, o.last_seq] for o in outs},
+            per_target={o.id: [o.sent, o.last_seq, o.envelopes] for o in outs},
         )
 
     async def _stream(self, cmd: dict[str, Any], stop: asyncio.Event) -> None:
@@ -329,7 +331,6 @@ class _In:
     keyed: asyncio.Event = field(default_factory=asyncio.Event)
     last_seq: int = -1  # plain-relay and raw: the bench checks seq itself
     own_rejected: int = 0
-    own_lost: int = 0
     seq_base: int = -1  # seq before the phase: progress is acknowledged by seq, gaps included
     reported: int = 0
     delivered: int = 0
@@ -337,7 +338,10 @@ class _In:
     stale: int = 0
     wire_bytes: int = 0
     rejected_base: int = 0
-    lost_base: int = 0
+    #: envelopes of the phase that reached this process, whatever became of them: what never
+    #: arrived is lost (counted from arrivals, not as a remainder of what was delivered)
+    arrived: int = 0
+    keys: int = 0  # key envelopes of the phase (they are not messages)
 
     @property
     def seq(self) -> int:
@@ -348,10 +352,6 @@ class _In:
         if self.crypto is not None:
             return sum(self.crypto.rejected.values())
         return self.own_rejected
-
-    @property
-    def lost_total(self) -> int:
-        return self.crypto.lost if self.crypto is not None else self.own_lost
 
 
 class _Consumer:
@@ -499,6 +499,7 @@ class _Consumer:
             async def on_raw(msg: Any) -> None:
                 data: bytes = msg.data
                 t.wire_bytes += len(data)
+                t.arrived += 1
                 try:
                     m = msgpack.unpackb(data)
                     seq, ts = m["seq"], m["ts"]
@@ -515,6 +516,7 @@ class _Consumer:
             async def on_plain(msg: Any) -> None:
                 data: bytes = msg.data
                 t.wire_bytes += len(data)
+                t.arrived += 1
                 try:
                     item = decode_inbox(data)
                     if not isinstance(item, Envelope) or item.session != t.id:
@@ -534,10 +536,15 @@ class _Consumer:
             t.wire_bytes += len(data)
             item = crypto.parse(data)
             result = None
+            if not isinstance(item, Notice):  # an envelope, or one rejected unparsed (None)
+                t.arrived += 1
             if type(item) is Envelope:
                 if item.kind == "key":
                     # public-key decryption stays off the event loop, as in consumers.Client
+                    refused = sum(crypto.rejected.values())
                     await asyncio.to_thread(crypto.open, item)
+                    if sum(crypto.rejected.values()) == refused:
+                        t.keys += 1
                     if crypto.keyed:
                         t.keyed.set()
                     return  # a key envelope is not a message of the phase
@@ -558,8 +565,6 @@ class _Consumer:
         if seq <= t.last_seq:
             t.own_rejected += 1
         else:
-            if seq > t.last_seq + 1:
-                t.own_lost += seq - t.last_seq - 1
             t.last_seq = seq
             self._deliver(t, rows, ts)
         await self._processed(t)
@@ -600,9 +605,9 @@ class _Consumer:
         self.t_first = self.t_last = 0
         for t in self.targets:
             t.delivered = t.rows = t.stale = t.wire_bytes = t.reported = 0
+            t.arrived = t.keys = 0
             t.seq_base = t.seq
             t.rejected_base = t.rejected_total
-            t.lost_base = t.lost_total
         self.armed = True
         _emit("armed", phase=self.phase)
 
@@ -626,15 +631,17 @@ class _Consumer:
         self.armed = False
         per_target = []
         for t in self.targets:
-            sent, last = expect[t.id]
-            tail = max(0, last - t.seq)
+            sent, _, envelopes = expect[t.id]
             per_target.append(
                 {
                     "id": t.id,
                     "sent": sent,
+                    "envelopes": envelopes,
+                    "arrived": t.arrived,
+                    "keys": t.keys,
                     "delivered": t.delivered,
                     "rejected": t.rejected_total - t.rejected_base,
-                    "lost": t.lost_total - t.lost_base + tail,
+                    "lost": max(0, envelopes - t.arrived),
                     "stale": t.stale,
                     "rows": t.rows,
                     "wire_bytes": t.wire_bytes,

@@ -17,6 +17,7 @@ from sealstream._bench_report import (
     Plan,
     evaluate_targets,
     make_rows,
+    problems,
     render_markdown,
     split_sessions,
     window_for,
@@ -86,7 +87,11 @@ def test_targets_are_ratios_within_one_run() -> None:
     ]
     report: dict[str, Any] = {
         "scenarios": scenarios,
-        "soak": {"sent": 1_000_000, "rss_growth_mb": {"proxy": 1.0, "consumer": 25.0}},
+        "soak": {
+            "sent": 1_000_000,
+            "delivered": 1_000_000,
+            "rss_growth_mb": {"proxy": 1.0, "consumer": 25.0},
+        },
         "first_row": {"rsa": {"median_s": 1.2, "max_s": 2.0, "n": 5}, "x25519": {}},
     }
     targets = {t["id"]: t for t in evaluate_targets(report)}
@@ -101,8 +106,31 @@ def test_targets_are_ratios_within_one_run() -> None:
     assert targets["first_row_x25519"]["pass"] is None
 
 
+def test_a_degraded_run_gives_no_verdict() -> None:
+    scenarios = [
+        _scenario(mode, 1, phase, rate)
+        for mode, rate in (("plain-relay", 10_000.0), ("session", 9_000.0), ("per-message", 1.0))
+        for phase in ("max", "paced")
+    ]
+    scenarios[0].update(delivered=90, lost=10)  # plain-relay, max: a tenth never arrived
+    report: dict[str, Any] = {"scenarios": scenarios, "rounds": [], "machine": {}}
+    targets = {t["id"]: t for t in evaluate_targets(report)}
+    assert targets["session_vs_plain"]["pass"] is None
+    assert "delivered 90 of 100" in targets["session_vs_plain"]["note"]
+    assert targets["session_vs_per_message"]["pass"] is True  # its runs are sound
+    assert problems({**scenarios[1], "producer_stalled": True}) == [
+        "producer stalled waiting for acknowledgements"
+    ]
+
+
 def _accounted(item: dict[str, Any]) -> None:
-    assert item["sent"] == item["delivered"] + item["lost"] + item["rejected"], item
+    """Every envelope the producer sent arrived and was classified, and every message was
+    delivered: on loopback with a flow-controlled window nothing may be lost or refused."""
+    arrived = item["delivered"] + item["rejected"] + item["stale"] + item["keys"]
+    assert item["envelopes"] == arrived + item["lost"], item
+    assert item["delivered"] == item["sent"], item
+    assert item["lost"] == item["rejected"] == item["stale"] == 0, item
+    assert item["keys"] == item["envelopes"] - item["sent"], item
 
 
 @pytest.mark.slow
@@ -110,14 +138,19 @@ def _accounted(item: dict[str, Any]) -> None:
 def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = Path(sys.executable).parent / "sealstream"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [str(command), "bench", "--quick", "--out", str(out)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench stops its processes and the embedded server itself
+        _, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"bench --quick did not finish in 150 s:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     markdown = (out / "report.md").read_text(encoding="utf-8")
 
@@ -142,6 +175,7 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     for s in scenarios:
         assert s["sent"] > 0
         _accounted(s)
+        assert problems(s) == [], s
         assert len(s["per_session"]) == s["fanout"]
         for session in s["per_session"]:
             _accounted(session)
@@ -158,10 +192,17 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert {r["phase"] for r in rounds} == {"round", "round-paced"}
     for r in rounds:
         _accounted(r)
+        assert problems(r) == [], r
 
     soak = report["soak"]
     assert soak["sent"] == plan.soak_messages
     _accounted(soak)
+    assert problems(soak) == [], soak
+    # the proxies relayed every envelope their producers published, and dropped none
+    for group in report["groups"]:
+        if group["mode"] != "raw":
+            assert group["proxy"]["relayed"] == group["producer_published"], group
+            assert not group["proxy"]["rejected"], group
     assert {"proxy", "consumer"} <= set(soak["rss_growth_mb"])
     assert report["first_row"]["rsa"]["n"] == plan.first_row_rsa
     assert report["first_row"]["x25519"]["n"] == plan.first_row_x25519
@@ -169,5 +210,6 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     ids = {t["id"] for t in report["targets"]}
     assert {"session_vs_plain", "session_vs_per_message", "session_p99", "fanout"} <= ids
     assert "## Targets" in markdown
+    assert "delivered every message" in markdown  # the run-health section
     assert "## 1,024 B bodies" in markdown
     assert markdown == render_markdown(report)
