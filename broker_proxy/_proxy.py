@@ -134,7 +134,12 @@ class Proxy(AsyncResource):
         await stack.aclose()
         if self._tg is not None:
             self._tg = None
-            log.info("proxy.stopped", relayed=self.relayed, rejected=sum(self.rejected.values()))
+            log.info(
+                "proxy.stopped",
+                relayed=self.relayed,
+                rejected=sum(self.rejected.values()),
+                rejected_by_reason=dict(self.rejected),
+            )
 
     def samples(self) -> list[Sample]:
         """The proxy's metrics, read at scrape time."""
