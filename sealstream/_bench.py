@@ -61,6 +61,7 @@ from sealstream._bench_report import (
     Mode,
     Plan,
     evaluate_targets,
+    problems,
     render_markdown,
     split_sessions,
     window_for,
@@ -387,7 +388,11 @@ def _proxy_counts(log: Path) -> dict[str, Any]:
         with contextlib.suppress(ValueError):
             msg = json.loads(line)
             if isinstance(msg, dict) and msg.get("event") == "proxy.stopped":
-                return {"relayed": msg.get("relayed"), "rejected": msg.get("rejected")}
+                return {
+                    "relayed": msg.get("relayed"),
+                    "rejected": msg.get("rejected"),
+                    "rejected_by_reason": msg.get("rejected_by_reason"),
+                }
     return {}
 
 
@@ -857,14 +862,15 @@ def _prepare(state: Path) -> tuple[bytes, Path, dict[str, Any]]:
     return secret, identity_file, identity.public_jwk
 
 
-def _keep_logs(state: Path, out: Path) -> None:
-    """A failed run leaves every process's log in ``out/logs`` (they are deleted otherwise)."""
+def _keep_logs(state: Path, out: Path, why: str = "bench failed") -> None:
+    """A failed or degraded run leaves every process's log in ``out/logs`` (they are deleted
+    otherwise)."""
     logs = out / "logs"
     with contextlib.suppress(OSError):
         logs.mkdir(parents=True, exist_ok=True)
         for path in state.glob("*.log"):
             shutil.copyfile(path, logs / path.name)
-        print(f"bench failed: process logs are in {logs}", file=sys.stderr)
+        print(f"{why}: process logs are in {logs}", file=sys.stderr)
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
@@ -916,6 +922,10 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
                 rounds = await _rounds(ctx)
                 soak = await _soak(ctx)
                 first_row = await _first_row(ctx)
+                if any(problems(x) for x in (*scenarios, *rounds, soak)) or any(
+                    (g.get("proxy") or {}).get("rejected") for g in ctx.groups
+                ):
+                    _keep_logs(state, out, "some runs lost or refused messages")
         except BaseException:
             _keep_logs(state, out)
             raise

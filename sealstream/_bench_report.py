@@ -625,11 +625,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     published = sum(g.get("producer_published") or 0 for g in groups if g.get("proxy"))
     relayed = sum(g["proxy"].get("relayed") or 0 for g in groups if g.get("proxy"))
     dropped = sum(g["proxy"].get("rejected") or 0 for g in groups if g.get("proxy"))
+    reasons: dict[str, int] = {}
+    for g in groups:
+        for reason, n in ((g.get("proxy") or {}).get("rejected_by_reason") or {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
     if published:
+        why = ", ".join(f"{n:,} {r}" for r, n in sorted(reasons.items()))
         out += [
             "",
             f"The proxies relayed {relayed:,} of the {published:,} envelopes their producers "
-            f"published (key envelopes included) and dropped {dropped:,}.",
+            f"published (key envelopes included) and dropped {dropped:,}"
+            f"{f' ({why})' if why else ''}.",
         ]
     soak = report.get("soak")
     if soak:

@@ -54,6 +54,7 @@ from sealstream.crypto import (
     ClusterIdentity,
     ConsumerKey,
     ConsumerSession,
+    End,
     ProducerSession,
     TrustStore,
     encode_rows,
@@ -373,6 +374,7 @@ class _Consumer:
         self.t_last = 0
         self.slow = 0
         self.events = 0
+        self.busy = 0  # envelopes being opened in a thread
         self.keepalive_s = 10.0
         self.nc: Any = None
 
@@ -542,14 +544,14 @@ class _Consumer:
                 if item.kind == "key":
                     # public-key decryption stays off the event loop, as in consumers.Client
                     refused = sum(crypto.rejected.values())
-                    await asyncio.to_thread(crypto.open, item)
+                    await self._off_loop(crypto.open, item)
                     if sum(crypto.rejected.values()) == refused:
                         t.keys += 1
                     if crypto.keyed:
                         t.keyed.set()
                     return  # a key envelope is not a message of the phase
                 if per_message:
-                    result = await asyncio.to_thread(crypto.open, item)
+                    result = await self._off_loop(crypto.open, item)
                 else:
                     result = crypto.open(item)
             elif isinstance(item, Notice):
@@ -560,6 +562,17 @@ class _Consumer:
             await self._processed(t)
 
         return on_sealed
+
+    async def _off_loop(
+        self, fn: Callable[[Envelope], Batch | End | None], item: Envelope
+    ) -> Batch | End | None:
+        """``fn(item)`` in a thread; a run is not finished while one is under way (its
+        session's seq moves in the thread, before the result is counted here)."""
+        self.busy += 1
+        try:
+            return await asyncio.to_thread(fn, item)
+        finally:
+            self.busy -= 1
 
     async def _plain(self, t: _In, seq: int, ts: int, rows: list[dict[str, Any]]) -> None:
         if seq <= t.last_seq:
@@ -619,7 +632,7 @@ class _Consumer:
         last_total = -1
         quiet_since = time.monotonic()
         while True:
-            if all(t.seq >= expect[t.id][1] for t in self.targets):
+            if not self.busy and all(t.seq >= expect[t.id][1] for t in self.targets):
                 break
             total = self.events
             now = time.monotonic()
