@@ -396,9 +396,15 @@ class Proxy(AsyncResource):
                 self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
             ticks += 1
             if ticks % 2 == 0:
+                # A session is registered before its cluster hears of the open: one younger
+                # than the open's timeout may be unknown to the cluster only because the open
+                # is still on its way. Asking about it then would end a session that is about
+                # to work (and the cluster would serve it with every envelope dropped here).
+                settled = self._clock() - self.config.control_timeout_s
                 clusters: dict[str, list[str]] = {}
                 for entry in self.registry.entries():
-                    clusters.setdefault(entry.cluster, []).append(entry.session)
+                    if entry.added_at <= settled:
+                        clusters.setdefault(entry.cluster, []).append(entry.session)
                 for cluster, sessions in clusters.items():
                     self._tg.create_task(self._ping(cluster, sessions))
 

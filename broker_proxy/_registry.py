@@ -18,6 +18,8 @@ class SessionEntry:
     tokens: float = 0.0
     refilled_at: float = 0.0
     limited_notice_at: float = float("-inf")
+    #: when this instance learnt of the session (its open, or the shared registry)
+    added_at: float = 0.0
 
     def take(self, now: float, *, rate: float, burst: float) -> bool:
         """Token bucket of the session's relay rate: True if one envelope may pass."""
@@ -55,7 +57,9 @@ class SessionRegistry:
     ) -> SessionEntry:
         if session in self._entries:
             raise KeyError(session)
-        entry = SessionEntry(session, cluster, user, streams, now + self.ttl_s, self.burst, now)
+        entry = SessionEntry(
+            session, cluster, user, streams, now + self.ttl_s, self.burst, now, added_at=now
+        )
         self._entries[session] = entry
         self._per_user[user] += 1
         return entry

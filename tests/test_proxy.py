@@ -16,15 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import nats.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
-from broker_proxy import Limits
+from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, mint_token
 from sealstream._jwk import b64u_encode, thumbprint
+from sealstream._wire import (
+    Envelope,
+    Notice,
+    OpenRequest,
+    decode_inbox,
+    encode_envelope,
+    encode_map,
+)
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, TrustStore
 from tests.pipeline import (
     CLUSTER,
@@ -544,3 +553,80 @@ async def test_a_session_key_can_open_only_one_session(nats_url: str) -> None:
         assert key.session_id in st.proxy.registry  # the first session is untouched
         assert key.session_id in st.agent.sessions
         assert st.proxy.refused == {"bad_request": 1}
+
+
+# --- cluster liveness and slow opens --------------------------------------------------------
+
+
+async def _answers(nc: Any, subject: str) -> None:
+    """Until a request on ``subject`` is answered (seen once: no responders for a request sent
+    right after the proxy started, on another connection)."""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                await nc.request(subject, b"", timeout=1)
+                return
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.05)
+
+
+async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: Any) -> None:
+    """The proxy registers a session before the cluster hears of it. A ping while the open is
+    still on its way must not end it: the cluster would go on to serve a session whose every
+    envelope the proxy drops. Once settled, a session the cluster forgets still ends."""
+    prefix = f"t{secrets.token_hex(4)}"
+    subjects = Subjects(prefix)
+    secret = secrets.token_bytes(32)
+    served: set[str] = set()
+    pings: list[list[str]] = []
+
+    async def open_slowly(msg: Any, session: str) -> None:
+        await asyncio.sleep(2.5)
+        served.add(session)
+        await msg.respond(msgpack.packb({"ok": True}))
+
+    async def cluster(msg: Any) -> None:
+        """A cluster that answers pings at once while an open takes it 2.5 s (a ping sent
+        while the open is in flight, or overtaking it, finds the session unknown)."""
+        m = msgpack.unpackb(msg.data, raw=False)
+        if m["op"] == "ping":
+            pings.append(list(m["sessions"]))
+            unknown = [s for s in m["sessions"] if s not in served]
+            await msg.respond(msgpack.packb({"ok": True, "unknown": unknown}))
+        elif m["op"] == "open":
+            tg.create_task(open_slowly(msg, m["session"]))
+        else:
+            await msg.respond(msgpack.packb({"ok": True}))
+
+    await nc.subscribe(subjects.control(CLUSTER), cb=cluster)
+    key = fresh_key()
+    session = key.session_id
+    inbox = await nc.subscribe(subjects.inbox(session))
+    config = ProxyConfig(
+        nats_url=nats_url,
+        prefix=prefix,
+        token_secret=secret,
+        keepalive_s=2.0,  # pings every 2 s: one falls inside the open
+        control_timeout_s=3.0,
+        shared_registry=False,
+    )
+    token = mint_token(sub="u", clusters=[CLUSTER], secret=secret)
+    async with asyncio.TaskGroup() as tg, Proxy(config) as proxy:
+        await _answers(nc, subjects.api_keepalive)
+        req = OpenRequest(CLUSTER, ("records",), key.public_jwk, "session", token)
+        reply = await _ask(nc, subjects.api_open, encode_map(req.to_map()))
+        assert reply["ok"] is True, reply
+        ref = encode_map({"v": 1, "token": token, "session": session})
+        assert (await _ask(nc, subjects.api_keepalive, ref))["ok"] is True
+        envelope = Envelope("data", CLUSTER, session, "records", 1, time.time_ns(), b"x")
+        await nc.publish(subjects.data(CLUSTER, session), encode_envelope(envelope))
+        got = decode_inbox((await inbox.next_msg(timeout=5)).data)
+        assert got == envelope  # relayed: the session outlived the pings during its open
+        assert proxy.rejected == {}
+        # liveness still works once the session has settled: forgotten by the cluster, ended
+        served.clear()
+        await eventually(lambda: any(session in p for p in pings), timeout=10)
+        ended = decode_inbox((await inbox.next_msg(timeout=5)).data)
+        assert isinstance(ended, Notice)
+        assert ended.code == "ended"
+        assert session not in proxy.registry
