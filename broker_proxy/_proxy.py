@@ -29,7 +29,7 @@ from sealstream import (
     thumbprint,
 )
 from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, redact_url
+from sealstream._nats import connect, redact_url, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import (
     VERSION,
@@ -104,7 +104,7 @@ class Proxy(AsyncResource):
         await self._nc.subscribe(self._subjects.api_all, queue=group, cb=self._on_api)
         await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
         self._tg.create_task(self._expiry_loop())
-        await self._nc.flush()
+        await settle(self._nc)
         if self.config.metrics_port is not None:
             registry = collector_registry(
                 self.samples,

@@ -24,7 +24,7 @@ import structlog
 from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
 from sealstream._ids import check_cluster_id, check_stream
-from sealstream._nats import connect
+from sealstream._nats import connect, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
 from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
@@ -181,7 +181,7 @@ class Subscription(AsyncResource):
         # the inbox first: the producer's key envelope may arrive before the open reply
         self._sub = await nc.subscribe(subjects.inbox(key.session_id), cb=self._on_msg)
         self._stack.push_async_callback(self._unsubscribe)
-        await nc.flush()
+        await settle(nc)
         req = OpenRequest(
             cluster=self.cluster,
             streams=tuple(self.streams),

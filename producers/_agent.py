@@ -22,7 +22,7 @@ from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
 from sealstream._metrics import MetricsServer, Sample, collector_registry
-from sealstream._nats import connect
+from sealstream._nats import connect, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, decode_map, decode_open, encode_map
 from sealstream.crypto import ClusterIdentity, ProducerSession
@@ -98,7 +98,7 @@ class Agent(AsyncResource):
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping)
         await self._nc.subscribe(self._subjects.control(self.config.cluster), cb=self._on_control)
-        await self._nc.flush()
+        await settle(self._nc)
         for source in self._sources:
             self._pumps.append(self._tg.create_task(self._pump(source)))
         self._tg.create_task(self._flush_loop())

@@ -36,7 +36,7 @@ from sealstream._bench_report import Histogram, make_rows
 from sealstream._errors import SealstreamError, SessionError, WireError
 from sealstream._ids import Subjects, check_session_id
 from sealstream._log import configure_logging
-from sealstream._nats import connect
+from sealstream._nats import connect, settle
 from sealstream._run import run
 from sealstream._wire import (
     Envelope,
@@ -146,7 +146,7 @@ class _Producer:
             if self.mode != "raw":
                 await self.nc.subscribe(self.subjects.control(self.cluster), cb=self._on_control)
             await self.nc.subscribe(self.ack_subject, cb=self._on_ack)
-            await self.nc.flush()
+            await settle(self.nc)
             _emit("ready")
             stop_stream = asyncio.Event()
             async with asyncio.TaskGroup() as tg:
@@ -421,7 +421,7 @@ class _Consumer:
                 t = _In(subject, subject, "", None)
                 await self.nc.subscribe(subject, cb=self._callback(t))
                 self.targets.append(t)
-            await self.nc.flush()
+            await settle(self.nc)
             return
         gate = asyncio.Semaphore(4)
 
@@ -444,7 +444,7 @@ class _Consumer:
             )
         t = _In(key.session_id, self.subjects.inbox(key.session_id), token, crypto)
         await self.nc.subscribe(t.subject, cb=self._callback(t))
-        await self.nc.flush()
+        await settle(self.nc)
         req = OpenRequest(
             cluster=self.cluster,
             streams=(STREAM,),

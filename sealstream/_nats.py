@@ -22,7 +22,7 @@ import structlog
 
 from sealstream._errors import BrokerError
 
-__all__ = ["NatsAuth", "connect", "redact_url"]
+__all__ = ["NatsAuth", "connect", "redact_url", "settle"]
 
 log = structlog.get_logger(__name__)
 
@@ -189,6 +189,19 @@ async def connect(
         raise
     log.info("nats.connected", client=name, url=shown, server=str(nc.connected_server_version))
     return nc
+
+
+async def settle(nc: nats.aio.client.Client) -> None:
+    """Return once the server has processed everything ``nc`` sent so far, subscriptions
+    included, so another connection's request can no longer miss them.
+
+    One ``flush()`` does not promise that: nats-py writes its PING straight to the socket,
+    ahead of the SUBs still queued for its flusher task, so the PONG can come back before the
+    server has seen them (a request sent then got "no responders"). By the first PONG the
+    flusher has written the queue; the second PING follows it on the wire.
+    """
+    await nc.flush()
+    await nc.flush()
 
 
 async def _abandon(nc: Any) -> None:

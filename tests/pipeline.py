@@ -21,7 +21,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Subscription
 from producers import Agent, Batching, ProducerConfig, Source
 from sealstream import Subjects, mint_token
-from sealstream._nats import connect
+from sealstream._nats import connect, settle
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, Policy, TrustStore
 
 __all__ = [
@@ -225,7 +225,7 @@ class Tap:
     async def __aenter__(self) -> Tap:
         self._nc = await connect(self.nats_url, name="test-tap")
         await self._nc.subscribe(self.subject, cb=self._on_msg)
-        await self._nc.flush()
+        await settle(self._nc)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

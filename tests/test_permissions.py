@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from sealstream._nats import connect
+from sealstream._nats import connect, settle
 from sealstream._natsconf import Credentials, RoleUser, server_config
 from sealstream._server import EmbeddedServer, ServerOptions
 
@@ -151,7 +151,7 @@ async def test_allowed_paths_work(as_role: Any, creds: Credentials) -> None:
     await consumer.nc.subscribe(f"sealstream.inbox.{SESSION}", cb=deliver)
     await producer.nc.subscribe("sealstream.cluster.c1.control", cb=control)
     for c in (proxy, producer, consumer):
-        await c.nc.flush()
+        await settle(c.nc)
     await producer.nc.publish(f"sealstream.cluster.c1.data.{SESSION}", b"sealed")
     async with asyncio.timeout(5):
         assert await got.get() == b"sealed"

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import nats.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
@@ -26,6 +25,7 @@ from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, mint_token
 from sealstream._jwk import b64u_encode, thumbprint
+from sealstream._nats import settle
 from sealstream._wire import (
     Envelope,
     Notice,
@@ -558,18 +558,6 @@ async def test_a_session_key_can_open_only_one_session(nats_url: str) -> None:
 # --- cluster liveness and slow opens --------------------------------------------------------
 
 
-async def _answers(nc: Any, subject: str) -> None:
-    """Until a request on ``subject`` is answered (seen once: no responders for a request sent
-    right after the proxy started, on another connection)."""
-    async with asyncio.timeout(5):
-        while True:
-            try:
-                await nc.request(subject, b"", timeout=1)
-                return
-            except nats.errors.NoRespondersError:
-                await asyncio.sleep(0.05)
-
-
 async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: Any) -> None:
     """The proxy registers a session before the cluster hears of it. A ping while the open is
     still on its way must not end it: the cluster would go on to serve a session whose every
@@ -602,6 +590,7 @@ async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: An
     key = fresh_key()
     session = key.session_id
     inbox = await nc.subscribe(subjects.inbox(session))
+    await settle(nc)
     config = ProxyConfig(
         nats_url=nats_url,
         prefix=prefix,
@@ -612,7 +601,6 @@ async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: An
     )
     token = mint_token(sub="u", clusters=[CLUSTER], secret=secret)
     async with asyncio.TaskGroup() as tg, Proxy(config) as proxy:
-        await _answers(nc, subjects.api_keepalive)
         req = OpenRequest(CLUSTER, ("records",), key.public_jwk, "session", token)
         reply = await _ask(nc, subjects.api_open, encode_map(req.to_map()))
         assert reply["ok"] is True, reply

@@ -8,12 +8,13 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from structlog.testing import capture_logs
 
 from sealstream._errors import BrokerError
-from sealstream._nats import connect, redact_url
+from sealstream._nats import connect, redact_url, settle
 from sealstream._server import EmbeddedServer, ServerOptions, find_nats_server
 
 
@@ -86,6 +87,49 @@ async def test_publish_subscribe_round_trip(nc: Any) -> None:
     await sub.unsubscribe()
 
 
+async def test_settle_pings_after_the_subscription_is_on_the_wire(nats_url: str) -> None:
+    """``settle`` returns on the PONG to a PING sent after the SUB: the server has registered
+    the subscription before any other connection is told to use it. One ``flush`` is not
+    that (nats-py writes its PING ahead of the queued SUB): a proxy that had just started
+    answered a request with "no responders". Checked on the bytes the client sent."""
+    sent = bytearray()
+    relays: list[asyncio.Task[None]] = []
+    upstream = urlsplit(nats_url)
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, tap: bool) -> None:
+        while data := await src.read(65536):
+            if tap:
+                sent.extend(data)
+            dst.write(data)
+            await dst.drain()
+        dst.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(upstream.hostname, upstream.port)
+        relays.append(asyncio.create_task(pipe(reader, up_writer, tap=True)))
+        relays.append(asyncio.create_task(pipe(up_reader, writer, tap=False)))
+
+    listener = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = await connect(f"nats://127.0.0.1:{port}", name="test-settle")
+    try:
+        before = len(sent)  # the handshake, complete: connect waited for its PONG
+        await client.subscribe("test.settle", cb=_pong)
+        await settle(client)
+        wire = bytes(sent[before:])
+        assert wire.index(b"SUB test.settle ") < wire.rindex(b"PING\r\n"), wire
+    finally:
+        await client.close()
+        listener.close()
+        await listener.wait_closed()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*relays)
+
+
+async def _pong(msg: Any) -> None:
+    await msg.respond(b"pong")
+
+
 async def test_jetstream_is_enabled(nc: Any) -> None:
     info = await nc.jetstream().account_info()
     assert info.limits is not None
@@ -136,7 +180,7 @@ async def test_restarted_server_on_same_port_is_reached_by_reconnect(tmp_path: P
         async with asyncio.timeout(10):
             await reconnected["sub"].wait()
             await reconnected["pub"].wait()
-        await sub_nc.flush()  # the subscription has been replayed to the new server
+        await settle(sub_nc)  # the subscription has been replayed to the new server
         await pub_nc.publish("test.restart", b"after")
         await pub_nc.flush()
         msg = await sub.next_msg(timeout=5)
