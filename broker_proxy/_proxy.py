@@ -29,7 +29,7 @@ from sealstream import (
     thumbprint,
 )
 from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, redact_url, settle
+from sealstream._nats import connect, redact_url, release, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import (
     VERSION,
@@ -125,8 +125,7 @@ class Proxy(AsyncResource):
         log.info("proxy.started", url=redact_url(self.config.nats_url), prefix=self.config.prefix)
 
     async def _drain(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+        await release(self._nc)
 
     async def aclose(self) -> None:
         """Stop serving; idempotent."""

@@ -24,7 +24,7 @@ import structlog
 from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
 from sealstream._ids import check_cluster_id, check_stream
-from sealstream._nats import connect, settle
+from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
 from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
@@ -79,8 +79,7 @@ class Client:
     async def aclose(self) -> None:
         """Drain the connection; idempotent."""
         nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            await nc.drain()
+        await release(nc)
 
     @property
     def nc(self) -> Any:

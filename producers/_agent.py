@@ -22,7 +22,7 @@ from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
 from sealstream._metrics import MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, settle
+from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, decode_map, decode_open, encode_map
 from sealstream.crypto import ClusterIdentity, ProducerSession
@@ -139,7 +139,7 @@ class Agent(AsyncResource):
                     await self._publish(stream, plaintext)
             for session in list(self.sessions):
                 await self.end_session(session, "producer stopping")
-        await self._nc.drain()
+        await release(self._nc)
         log.info("producer.stopped", cluster=self.config.cluster, published=self.published)
 
     def samples(self) -> list[Sample]:

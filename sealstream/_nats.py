@@ -22,7 +22,7 @@ import structlog
 
 from sealstream._errors import BrokerError
 
-__all__ = ["NatsAuth", "connect", "redact_url", "settle"]
+__all__ = ["NatsAuth", "connect", "redact_url", "release", "settle"]
 
 log = structlog.get_logger(__name__)
 
@@ -202,6 +202,27 @@ async def settle(nc: nats.aio.client.Client) -> None:
     """
     await nc.flush()
     await nc.flush()
+
+
+async def release(nc: nats.aio.client.Client | None) -> None:
+    """Drain ``nc`` (deliver what its subscriptions hold, flush what it publishes, close), or
+    close it when it cannot drain: nats-py refuses to drain a connection that is reconnecting,
+    and what it holds could not reach the server anyway. Idempotent."""
+    if nc is None or nc.is_closed:
+        return
+    if nc.is_connected:
+        try:
+            await nc.drain()
+            return
+        except nats.errors.Error as exc:  # lost the server while draining
+            log.warning("nats.drain_failed", error=str(exc) or repr(exc))
+    if not nc.is_connected and nc._pending_data_size:
+        # nats-py's close() writes what a reconnecting client buffered to the lost socket, and
+        # raises there before closing anything: drop it first, counted
+        log.warning("nats.unsent_dropped", bytes=nc._pending_data_size)
+        nc._pending.clear()
+        nc._pending_data_size = 0
+    await nc.close()
 
 
 async def _abandon(nc: Any) -> None:

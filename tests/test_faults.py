@@ -141,6 +141,27 @@ async def test_nats_server_restart_mid_stream(
             assert stack.agent.sessions  # the session survived on the producer
 
 
+async def test_every_role_stops_cleanly_while_the_server_is_down(
+    restartable: tuple[ServerOptions, list[EmbeddedServer]],
+) -> None:
+    """Stopping while the connection is reconnecting: nats-py refuses to drain then, and the
+    proxy and the producer used to exit on that error with a traceback."""
+    options, servers = restartable
+    first = EmbeddedServer(options)
+    servers.append(first)
+    url = await asyncio.to_thread(first.start)
+    async with make_stack(url, sources=[HttpEvents(rate=200, seed=1)], streams=()) as stack:
+        async with stack.client(policy="discard") as client:
+            async with client.subscribe(stack.cluster, ["http_events"]) as sub:
+                await collect_rows(sub, 5)
+                await asyncio.to_thread(first.stop)
+                conns = [client.nc, stack.proxy._nc, stack.agent._nc]
+                await eventually(lambda: all(nc.is_reconnecting for nc in conns), timeout=10)
+        # every exit above ran while the server was down, and raised nothing
+        assert client._nc is None
+    assert all(nc.is_closed for nc in conns)
+
+
 def _cluster_conf(path: Path, name: str, port: int, routes: list[int], me: int) -> Path:
     lines = [
         f'server_name: "{name}"',
