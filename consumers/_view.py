@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -100,7 +101,9 @@ class LiveTable:
 
 
 class JsonLinesWriter:
-    """One JSON object per row on ``out``: ``{"stream": ..., "seq": ..., **row}``."""
+    """One JSON object per row on ``out``: ``{"stream": ..., "seq": ..., "ts": ..., "row":
+    {...}}``. The row is nested, so a column named like an envelope field cannot pass for it;
+    bytes values are written as base64 strings."""
 
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out or sys.stdout
@@ -108,6 +111,14 @@ class JsonLinesWriter:
     def add(self, batch: Batch) -> None:
         write = self._out.write
         for row in batch.rows:
-            write(json.dumps({"stream": batch.stream, "seq": batch.seq, **row}, default=str))
+            line = {"stream": batch.stream, "seq": batch.seq, "ts": batch.ts, "row": row}
+            write(json.dumps(line, default=_json_value))
             write("\n")
         self._out.flush()
+
+
+def _json_value(value: object) -> str:
+    """JSON for what msgpack rows hold and JSON does not: bytes as base64, the rest as text."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)

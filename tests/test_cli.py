@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -19,7 +20,9 @@ from typing import IO, Any
 import psutil
 import pytest
 
+from consumers._view import JsonLinesWriter
 from sealstream import TokenVerifier
+from sealstream.crypto import Batch
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
@@ -266,9 +269,11 @@ def test_consume_prints_decrypted_rows(setup: Setup, backend: tuple[Service, Ser
     lines = done.stdout.splitlines()
     assert len(lines) == 20
     for line in lines:
-        row = json.loads(line)
-        assert row["stream"] == "http_events"
-        assert isinstance(row["seq"], int)
+        record = json.loads(line)
+        assert record["stream"] == "http_events"
+        assert isinstance(record["seq"], int)
+        assert isinstance(record["ts"], int)
+        row = record["row"]
         assert row["req_method"] in {"GET", "POST", "PUT", "DELETE"}
         assert isinstance(row["resp_status"], int)
 
@@ -392,9 +397,9 @@ def test_demo_prints_decrypted_rows(tmp_path: Path) -> None:
     lines = _text(out).splitlines()
     assert len(lines) == 5
     for line in lines:
-        row = json.loads(line)
-        assert row["stream"] == "http_events"
-        assert isinstance(row["latency_ns"], int)
+        record = json.loads(line)
+        assert record["stream"] == "http_events"
+        assert isinstance(record["row"]["latency_ns"], int)
     assert any("nats-server" in name for name in children.values()), children
     _wait_for(
         lambda: not any(_alive(pid) for pid in children),
@@ -435,3 +440,18 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     # they stopped on their own, cleanly, before up returned
     assert "proxy.stopped" in _text(state / "proxy.log")
     assert "producer.stopped" in _text(state / "producer.log")
+
+
+def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
+    """A column named ``stream`` or ``seq`` cannot relabel a row: those fields come from the
+    authenticated header, the row is nested. Bytes are written as base64."""
+    out = io.StringIO()
+    rows = [{"stream": "spoofed", "seq": 999, "raw": b"\x00\x01"}]
+    JsonLinesWriter(out).add(Batch("http_events", 7, 1_700_000_000_000_000_000, rows))
+    record = json.loads(out.getvalue())
+    assert record == {
+        "stream": "http_events",
+        "seq": 7,
+        "ts": 1_700_000_000_000_000_000,
+        "row": {"stream": "spoofed", "seq": 999, "raw": "AAE="},
+    }

@@ -532,10 +532,10 @@ def test_services_run_and_the_consumer_decrypts(
 
     # `SEALSTREAM_CONSUME_LIMIT=5 docker compose run --rm consumer`
     out = run(host.argv("consumer"), env=host.env("consumer"), timeout=60)
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) >= limit
-    assert {row["stream"] for row in rows} <= {"http_events", "host_metrics"}
-    assert all(isinstance(row["seq"], int) for row in rows)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) >= limit
+    assert {r["stream"] for r in records} <= {"http_events", "host_metrics"}
+    assert all(isinstance(r["seq"], int) and isinstance(r["row"], dict) for r in records)
 
     # The back end stayed up, and stops cleanly.
     for service in (proxy, producer):
