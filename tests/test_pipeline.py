@@ -278,6 +278,9 @@ async def test_producer_shutdown_ends_iteration_cleanly(nats_url: str) -> None:
         assert sub.end_reason == "producer stopping"
         assert sub.stats().rejected == {}
         assert st.agent.sessions == {}
+        # the proxy relayed the end and let the session go: it no longer counts for the user
+        assert sub.session_id not in st.proxy.registry
+        assert st.proxy.registry.sessions_of("alice") == 0
 
 
 # --- 4b. a hostile relay writing straight to the inbox -----------------------------------------
