@@ -20,7 +20,14 @@ from jwcrypto import jws as jc_jws
 from sealstream import IntegrityError
 from sealstream._jwk import b64u_encode
 from sealstream._wire import Envelope, decode_envelope, encode_envelope
-from sealstream.crypto import Batch, ClusterIdentity, ConsumerKey, ProducerSession, encode_rows
+from sealstream.crypto import (
+    Batch,
+    ClusterIdentity,
+    ConsumerKey,
+    ProducerSession,
+    Rotation,
+    encode_rows,
+)
 from sealstream.crypto._jose import seal_dir, seal_to_key
 from tests.helpers import CLUSTER, Pair, env_map, gen_key, make_pair, repack
 
@@ -215,6 +222,21 @@ def test_key_envelope_of_another_session(key: ConsumerKey) -> None:
     other = make_pair(gen_key("x25519"), identity=pair.identity)
     other_key_env = sealed(other, 1)[0]
     rejected(pair, repack(other_key_env, session=key.session_id))
+
+
+def test_a_rotation_that_reuses_the_kid_is_refused(key: ConsumerKey) -> None:
+    """Each key envelope names a new ``kid``: reusing one would replace the key data in flight
+    is still sealed with, under the same name."""
+    pair = make_pair(
+        key,
+        rotation=Rotation(max_envelopes=1),
+        random=lambda n: b"\x07" * n if n == 12 else os.urandom(n),  # the kid's 12 bytes
+    )
+    first_key, first_data, second_key, second_data = sealed(pair, 2)
+    assert pair.consumer.accept(first_key) is None
+    assert isinstance(pair.consumer.accept(first_data), Batch)
+    rejected(pair, second_key, "reused_kid")
+    rejected(pair, second_data, "bad_tag")  # sealed with the refused key: not opened by the old
 
 
 def _key_envelope_with(

@@ -441,6 +441,8 @@ class ConsumerSession:
             raise Rejected("bad_claims")
         if epoch <= self.epoch:
             raise Rejected("stale_epoch")
+        if kid in self._keys:  # a new key has a new name: data in flight names the old one
+            raise Rejected("reused_kid")
         try:
             secret = b64u_decode(k)
         except ValueError as exc:
