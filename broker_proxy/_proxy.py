@@ -215,11 +215,6 @@ class Proxy(AsyncResource):
         self.relayed += 1
         self.relayed_bytes += len(data)
         self.relay_latency.observe(time.perf_counter() - started)
-        if env.kind == "end":
-            # the cluster ended the session (the consumer reads why, sealed): it no longer
-            # counts against the user's sessions, and nothing more is relayed for it
-            log.info("session.ended_by_cluster", session=session, cluster=cluster)
-            await self._forget(session)
 
     # --- session control --------------------------------------------------------------------
 
