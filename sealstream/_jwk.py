@@ -85,18 +85,21 @@ def check_public_jwk(jwk: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a consumer's public encryption JWK; return it normalised with its ``alg``.
 
     Public members only, RSA of 2048 to 8192 bits, curves X25519 or P-256, ``alg`` absent or
-    the one allowed for its type, ``use`` absent or ``enc``.
+    the one allowed for its type, ``use`` absent or ``enc``. Other members (``kid``, and
+    WebCrypto's ``ext`` and ``key_ops``) are allowed and dropped from the result.
     """
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in jwk.items()):
-        raise WireError("bad_jwk", "JWK members must be strings")
+    if not all(isinstance(k, str) for k in jwk):
+        raise WireError("bad_jwk", "JWK member names must be strings")
     if _PRIVATE & jwk.keys():
         raise WireError("private_jwk", "JWK carries private key material")
     kty = jwk.get("kty")
-    if kty not in _REQUIRED:
+    if not isinstance(kty, str) or kty not in _REQUIRED:
         raise WireError("bad_jwk", f"unsupported kty {kty!r:.20}")
     missing = [k for k in _REQUIRED[kty] if k not in jwk]
     if missing:
         raise WireError("bad_jwk", f"JWK lacks {missing}")
+    if not all(isinstance(jwk[k], str) for k in (*_REQUIRED[kty], "alg", "use") if k in jwk):
+        raise WireError("bad_jwk", "JWK key members, alg and use must be strings")
     alg = jwk.get("alg", KEY_ALGS[kty])
     if alg != KEY_ALGS[kty]:
         raise WireError("bad_alg", f"alg {alg!r:.30} not allowed for {kty}")

@@ -19,7 +19,7 @@ from jwcrypto import jwk as jc_jwk
 
 from sealstream import TrustError, WireError, check_public_jwk, thumbprint
 from sealstream._jwk import b64u_decode, b64u_encode
-from sealstream._wire import decode_envelope
+from sealstream._wire import decode_envelope, decode_open
 from sealstream.crypto import (
     Batch,
     ClusterIdentity,
@@ -174,6 +174,22 @@ def test_public_jwk_validation() -> None:
         assert err.value.reason == reason
     with pytest.raises(WireError):
         check_public_jwk(p384)
+    with pytest.raises(WireError) as err:
+        check_public_jwk({**good, "x": 1})
+    assert err.value.reason == "bad_jwk"
+
+
+def test_a_webcrypto_export_is_accepted_and_normalised() -> None:
+    """``crypto.subtle.exportKey("jwk", publicKey)`` adds ``ext`` (a bool) and ``key_ops`` (a
+    list): a browser client must be able to send its key as exported. Only the key's own
+    members and ``alg`` go on; the thumbprint is the same."""
+    key = gen_key("p256")
+    exported = {**key.public_jwk, "ext": True, "key_ops": [], "kid": "browser"}
+    checked = check_public_jwk(exported)
+    assert checked == check_public_jwk(key.public_jwk)
+    assert thumbprint(exported) == key.session_id
+    req = decode_open({"v": 1, "token": "t", "cluster": "c1", "streams": ["s"], "jwk": exported})
+    assert req.jwk == exported
 
 
 def test_thumbprint_matches_jwcrypto() -> None:

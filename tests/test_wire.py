@@ -153,7 +153,8 @@ def test_open_request() -> None:
         {"streams": []},
         {"streams": ["A"]},
         {"key_mode": "none"},
-        {"jwk": {"k": 1}},
+        {"jwk": {1: "x"}},
+        {"jwk": ["kty"]},
         {"zip": 1},
     ):
         with pytest.raises(WireError):
