@@ -13,7 +13,7 @@ from producers._agent import Agent
 from producers._config import ProducerConfig
 from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import configure_logging
-from sealstream._run import run
+from sealstream._run import keep, run, suppress
 from sealstream.crypto import ClusterIdentity
 
 __all__ = ["main", "parse_source"]
@@ -37,23 +37,31 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the agent (default)")
-    for parser in (p, r):
-        parser.add_argument("--cluster", help="cluster id (env SEALSTREAM_CLUSTER)")
-        parser.add_argument("--nats-url", help="NATS server (env NATS_URL)")
-        parser.add_argument("--prefix", help="subject prefix (env SEALSTREAM_PREFIX)")
+    for parser, d in ((p, keep), (r, suppress)):
         parser.add_argument(
-            "--key-file", type=Path, help="signing key file (env SEALSTREAM_KEY_FILE)"
+            "--cluster", default=d(None), help="cluster id (env SEALSTREAM_CLUSTER)"
+        )
+        parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
+        parser.add_argument(
+            "--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)"
+        )
+        parser.add_argument(
+            "--key-file",
+            type=Path,
+            default=d(None),
+            help="signing key file (env SEALSTREAM_KEY_FILE)",
         )
         parser.add_argument(
             "--source",
             action="append",
+            default=d(None),
             help="http_events | host_metrics | jsonl:PATH[:STREAM] (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
-        parser.add_argument("--rate", type=float, default=50.0, help="http_events rows/s")
-        parser.add_argument("--interval", type=float, default=1.0, help="host_metrics period, s")
-        parser.add_argument("--log-level", default="info")
-        parser.add_argument("--log-json", action="store_true")
+        parser.add_argument("--rate", type=float, default=d(50.0), help="http_events rows/s")
+        parser.add_argument("--interval", type=float, default=d(1.0), help="host_metrics period, s")
+        parser.add_argument("--log-level", default=d("info"))
+        parser.add_argument("--log-json", action="store_true", default=d(False))
     k = sub.add_parser("key", help="create the signing key if needed; print its public JWK")
     k.add_argument("--key-file", type=Path, required=True)
     return p

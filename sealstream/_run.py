@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
@@ -10,7 +11,19 @@ from typing import Any
 
 from sealstream._errors import SealstreamError
 
-__all__ = ["run"]
+__all__ = ["keep", "run", "suppress"]
+
+
+def keep(value: object) -> object:
+    """An option's default on the command itself (see :func:`suppress`)."""
+    return value
+
+
+def suppress(value: object) -> object:
+    """An option's default on the ``run`` subcommand, for options a command takes before or
+    after ``run``: none, so that an option given before ``run`` is not overwritten by the
+    subcommand's default."""
+    return argparse.SUPPRESS
 
 
 async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> int:

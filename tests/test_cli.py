@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -20,7 +21,9 @@ from typing import IO, Any
 import psutil
 import pytest
 
+from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter
+from producers._cli import _parser as producer_parser
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
 
@@ -455,3 +458,24 @@ def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
         "ts": 1_700_000_000_000_000_000,
         "row": {"stream": "spoofed", "seq": 999, "raw": "AAE="},
     }
+
+
+@pytest.mark.parametrize(
+    ("parser", "argv", "expected"),
+    [
+        (proxy_parser, ["--token-secret-file", "s", "--keepalive", "3", "run"], {"keepalive": 3.0}),
+        (proxy_parser, ["run", "--token-secret-file", "s"], {"keepalive": None}),
+        (producer_parser, ["--cluster", "demo", "--rate", "7", "run"], {"rate": 7.0}),
+        (producer_parser, ["run", "--cluster", "demo"], {"rate": 50.0}),
+    ],
+)
+def test_options_before_or_after_run_are_kept(
+    parser: Callable[[], argparse.ArgumentParser], argv: list[str], expected: dict[str, Any]
+) -> None:
+    """``--opt x run`` once lost ``--opt``: the subcommand's defaults overwrote it."""
+    args = parser().parse_args(argv)
+    assert args.command == "run"
+    given = {"token_secret_file": Path("s")} if parser is proxy_parser else {"cluster": "demo"}
+    assert {k: getattr(args, k) for k in (*given, *expected)} == {**given, **expected}
+    assert args.log_level == "info"
+    assert args.log_json is False
