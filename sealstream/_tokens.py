@@ -10,6 +10,7 @@ whose algorithm is pinned by its type; a token's header never chooses the algori
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,8 +110,10 @@ class TokenVerifier:
             claims.get("sub"),
             claims.get("clusters"),
         )
-        if type(exp) is not int or type(nbf) is not int:
+        if not _numeric_date(exp):
             raise _unauthorized("token lacks a valid exp")
+        if not _numeric_date(nbf):
+            raise _unauthorized("token has an invalid nbf")
         if exp + self._leeway < now:
             raise _unauthorized("token expired")
         if nbf - self._leeway > now:
@@ -121,7 +124,7 @@ class TokenVerifier:
             c == "*" or is_cluster_id(c) for c in clusters
         ):
             raise _unauthorized("token lacks a valid clusters claim")
-        return Claims(sub, tuple(clusters), exp)
+        return Claims(sub, tuple(clusters), int(exp))
 
 
 def mint_token(
@@ -143,3 +146,8 @@ def mint_token(
     obj = _jws.JWS(json.dumps(claims, separators=(",", ":")).encode("utf-8"))
     obj.add_signature(key, alg=alg, protected=json.dumps({"alg": alg, "typ": "JWT"}))
     return str(obj.serialize(compact=True))
+
+
+def _numeric_date(value: object) -> bool:
+    """RFC 7519 NumericDate: seconds, an integer or not, finite (a bool is not a number)."""
+    return type(value) is int or (type(value) is float and math.isfinite(value))

@@ -65,11 +65,22 @@ def _signed(claims: dict[str, object], alg: str = "HS256", key: jc_jwk.JWK | Non
         {"clusters": ["c1"], "exp": 2**40},
         {"sub": "a", "clusters": "c1", "exp": 2**40},
         {"sub": "a", "clusters": ["bad id"], "exp": 2**40},
+        {"sub": "a", "clusters": ["c1"], "exp": True},
+        {"sub": "a", "clusters": ["c1"], "exp": float("inf")},  # JSON Infinity: never expires
+        {"sub": "a", "clusters": ["c1"], "exp": float("nan")},
+        {"sub": "a", "clusters": ["c1"], "exp": 2**40, "nbf": "now"},
+        {"sub": "a", "clusters": ["c1"], "exp": 1_000.5},  # expired, as a float
     ],
 )
 def test_bad_claims(claims: dict[str, object]) -> None:
     with pytest.raises(SessionError):
         TokenVerifier(secret=SECRET).verify(_signed(claims))
+
+
+def test_numeric_dates_may_be_fractional() -> None:
+    """RFC 7519's NumericDate allows a non-integer number of seconds."""
+    claims = {"sub": "a", "clusters": ["c1"], "exp": 2**40 + 0.5, "nbf": 1_000.25}
+    assert TokenVerifier(secret=SECRET).verify(_signed(claims)).exp == 2**40
 
 
 def test_header_cannot_choose_the_algorithm() -> None:
