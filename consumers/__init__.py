@@ -1,7 +1,7 @@
 """consumers: the client library (verify, decrypt, order, policy) and the CLI."""
 
 from consumers._client import Client, Stats, Subscription
-from consumers._config import ClientConfig, default_trust_store
+from consumers._config import ClientConfig, TokenFile, default_trust_store
 from sealstream.crypto import Batch, ConsumerKey, TrustStore
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ConsumerKey",
     "Stats",
     "Subscription",
+    "TokenFile",
     "TrustStore",
     "default_trust_store",
 ]

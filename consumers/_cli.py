@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 
 from consumers._client import Client, Subscription
-from consumers._config import ClientConfig
+from consumers._config import ClientConfig, TokenFile
 from consumers._view import JsonLinesWriter, LiveTable
 from sealstream import BrokerError, SessionError, configure_logging
 from sealstream._run import run
@@ -185,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --cluster is required", file=sys.stderr)
         return 2
     configure_logging(level=args.log_level)
-    token = args.token
+    token: str | TokenFile | None = args.token
     if args.token_file:
-        token = args.token_file.read_text(encoding="utf-8").strip()
+        try:
+            token = TokenFile(args.token_file)
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read the token: {exc}", file=sys.stderr)
+            return 2
 
     async def go() -> int:
         config = ClientConfig.from_env(

@@ -95,6 +95,16 @@ class Client:
             self, check_cluster_id(cluster), [check_stream(s) for s in streams], key
         )
 
+    def token(self) -> str:
+        """The token to send now (the configured one, or what its function returns)."""
+        token = self.config.token
+        if isinstance(token, str):
+            return token
+        try:
+            return token()
+        except (OSError, ValueError) as exc:
+            raise SessionError("unauthorized", f"cannot read the token: {exc}") from None
+
     async def request(
         self, subject: str, body: dict[str, Any], *, timeout_s: float | None = None
     ) -> dict[str, Any]:
@@ -186,7 +196,7 @@ class Subscription(AsyncResource):
             streams=tuple(self.streams),
             jwk=key.public_jwk,
             key_mode=cfg.key_mode,
-            token=cfg.token,
+            token=self._client.token(),
             zip=cfg.allow_zip,
         )
         reply = await self._client.request(subjects.api_open, req.to_map())
@@ -219,8 +229,8 @@ class Subscription(AsyncResource):
         # forged one, so the consumer, which verified it, lets the proxy's session go
         if self.session is None or self._client.nc.is_closed:
             return
-        body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
         try:
+            body = {"v": VERSION, "token": self._client.token(), "session": self.session.session}
             # short: on shutdown the proxy may be going away too; it expires the session anyway
             await self._client.request(self._client.subjects.api_close, body, timeout_s=2.0)
         except (BrokerError, SessionError) as exc:
@@ -228,7 +238,6 @@ class Subscription(AsyncResource):
 
     async def _keepalive(self) -> None:
         assert self.session is not None
-        body = {"v": VERSION, "token": self._client.config.token, "session": self.session.session}
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
@@ -238,6 +247,12 @@ class Subscription(AsyncResource):
                 self._push(SessionError("ended", "the client is closed"))
                 return
             try:
+                # the token is read each time: a TokenFile renewed on disk keeps the session
+                body = {
+                    "v": VERSION,
+                    "token": self._client.token(),
+                    "session": self.session.session,
+                }
                 await self._client.request(self._client.subjects.api_keepalive, body)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from sealstream import KeyMode
 from sealstream._nats import NatsAuth
 from sealstream.crypto import KeyKind, Policy
 
-__all__ = ["ClientConfig", "default_trust_store"]
+__all__ = ["ClientConfig", "TokenFile", "default_trust_store"]
 
 
 def default_trust_store() -> Path:
@@ -20,12 +20,31 @@ def default_trust_store() -> Path:
     return Path(base) / "sealstream" / "trust.json"
 
 
+@dataclass(frozen=True, slots=True)
+class TokenFile:
+    """A token kept in a file, read again for every session request: replace the file's
+    contents with a fresh token (same user) and a long session goes on past the old one's
+    expiry. Reads once at creation, so a missing file fails at start."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self()
+
+    def __call__(self) -> str:
+        token = self.path.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"token file {self.path} is empty")
+        return token
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
-    token: str = field(default="", repr=False)
+    #: the token, or a function returning the current one (see :class:`TokenFile`)
+    token: str | Callable[[], str] = field(default="", repr=False)
     trust_store: Path = field(default_factory=default_trust_store)
     tofu: bool = False
     key_kind: KeyKind = "rsa"
@@ -54,7 +73,7 @@ class ClientConfig:
         if env.get("SEALSTREAM_PREFIX"):
             values["prefix"] = env["SEALSTREAM_PREFIX"]
         if env.get("SEALSTREAM_TOKEN_FILE"):
-            values["token"] = Path(env["SEALSTREAM_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
+            values["token"] = TokenFile(Path(env["SEALSTREAM_TOKEN_FILE"]))
         elif env.get("SEALSTREAM_TOKEN"):
             values["token"] = env["SEALSTREAM_TOKEN"]
         if env.get("SEALSTREAM_TRUST_STORE"):

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from jwcrypto import jwk as _jwk
 from jwcrypto import jws as _jws
@@ -148,6 +148,6 @@ def mint_token(
     return str(obj.serialize(compact=True))
 
 
-def _numeric_date(value: object) -> bool:
+def _numeric_date(value: object) -> TypeGuard[int | float]:
     """RFC 7519 NumericDate: seconds, an integer or not, finite (a bool is not a number)."""
     return type(value) is int or (type(value) is float and math.isfinite(value))

@@ -20,7 +20,7 @@ import msgpack
 from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Subscription
 from producers import Agent, Batching, ProducerConfig, Source
-from sealstream import Subjects, mint_token
+from sealstream import Subjects, TokenVerifier, mint_token
 from sealstream._nats import connect, settle
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, Policy, TrustStore
 
@@ -122,6 +122,7 @@ async def make_stack(
     limits: Limits | None = None,
     batching: Batching = FAST_BATCHING,
     shared_registry: bool = True,
+    token_leeway_s: int = 30,
 ) -> AsyncIterator[Stack]:
     """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity."""
     prefix = f"t{secrets.token_hex(4)}"
@@ -140,7 +141,9 @@ async def make_stack(
         cluster=CLUSTER, nats_url=nats_url, prefix=prefix, batching=batching
     )
     async with (
-        Proxy(proxy_config) as proxy,
+        Proxy(
+            proxy_config, verifier=TokenVerifier(secret=secret, leeway_s=token_leeway_s)
+        ) as proxy,
         Agent(agent_config, identity=identity, sources=sources, streams=streams) as agent,
     ):
         yield Stack(nats_url, prefix, CLUSTER, secret, identity, proxy, agent)

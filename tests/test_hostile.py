@@ -1058,7 +1058,7 @@ async def _survive(arena: Arena, send: Sender, caplog: pytest.LogCaptureFixture)
         ):
             await storm(stack, sub, arena.shots, send)
             # the legit session can still be kept alive
-            body = {"v": 1, "token": client.config.token, "session": sub.session_id}
+            body = {"v": 1, "token": client.token(), "session": sub.session_id}
             assert (await client.request(stack.subjects.api_keepalive, body))["ok"] is True
         await still_serving(stack)
     # no exception escaped a NATS callback (nats-py hands those to the error callback, which

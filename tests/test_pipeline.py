@@ -7,6 +7,7 @@ and key mode; sessions fan out, close, expire and end as the contract says.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,9 +17,9 @@ import msgpack
 import pytest
 from structlog.testing import capture_logs
 
-from consumers import Batch, Subscription
+from consumers import Batch, Client, Subscription, TokenFile
 from producers import HostMetrics, HttpEvents, JsonLines, Records, Source
-from sealstream import IntegrityError
+from sealstream import IntegrityError, SessionError, mint_token
 from sealstream.crypto import ConsumerKey, encode_rows
 from tests.pipeline import (
     Gate,
@@ -254,6 +255,38 @@ async def test_closed_subscription_is_forgotten_everywhere(nats_url: str) -> Non
         assert sent >= 2
         await asyncio.sleep(6 * st.agent.config.batching.max_delay_s)
         assert len(tap.on(subject)) == sent
+
+
+# --- 8b. token renewal -----------------------------------------------------------------------
+
+
+async def test_a_renewed_token_file_keeps_a_session_past_the_first_tokens_expiry(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Keepalives carry the token read now: a session whose token file is renewed outlives
+    the token that opened it; one opened with the same token as a string ends with it."""
+    async with make_stack(nats_url, keepalive_s=0.5, token_leeway_s=0) as st:
+        short = mint_token(sub="alice", clusters=[st.cluster], ttl_s=2, secret=st.secret)
+        path = tmp_path / "token"
+        path.write_text(short + "\n")
+        renewed = dataclasses.replace(st.config(), token=TokenFile(path))
+        async with (
+            Client(renewed, trust=st.trust()) as client,
+            client.subscribe(st.cluster, ["records"]) as sub,
+            st.client(token=short) as fixed_client,
+            fixed_client.subscribe(st.cluster, ["records"]) as fixed,
+        ):
+            path.write_text(st.token(sub="alice"))  # a fresh token, same user
+            await asyncio.sleep(4)  # the first token has expired; 8 keepalives went by
+            with pytest.raises(SessionError) as err:
+                async with asyncio.timeout(5):
+                    await anext(fixed)
+            assert err.value.code == "ended"
+            assert "token expired" in err.value.detail
+            await st.agent.emit("records", ROWS)
+            rows, _ = await collect_rows(sub, len(ROWS))
+            assert rows == ROWS
+            assert sub.session_id in st.proxy.registry
 
 
 # --- 9. producer shutdown -------------------------------------------------------------------
