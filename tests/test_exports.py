@@ -64,6 +64,7 @@ EXPECTED: dict[str, list[str]] = {
         "ConsumerKey",
         "Stats",
         "Subscription",
+        "TokenFile",
         "TrustStore",
         "default_trust_store",
     ],
