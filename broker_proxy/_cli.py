@@ -10,7 +10,7 @@ from pathlib import Path
 from broker_proxy._config import ProxyConfig, read_secret
 from broker_proxy._proxy import Proxy
 from sealstream import configure_logging, mint_token
-from sealstream._run import keep, run, suppress
+from sealstream._run import add_service_options, keep, run, suppress
 
 __all__ = ["main"]
 
@@ -20,10 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="serve session control and relay envelopes (default)")
     for parser, d in ((p, keep), (r, suppress)):
-        parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
-        parser.add_argument(
-            "--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)"
-        )
+        add_service_options(parser, d)
         parser.add_argument(
             "--token-secret-file",
             type=Path,
@@ -36,8 +33,6 @@ def _parser() -> argparse.ArgumentParser:
             default=d(None),
             help="keepalive interval in s (env SEALSTREAM_KEEPALIVE_S)",
         )
-        parser.add_argument("--log-level", default=d("info"))
-        parser.add_argument("--log-json", action="store_true", default=d(False))
     t = sub.add_parser("token", help="mint a development token (HS256)")
     t.add_argument("--secret-file", type=Path, required=True)
     t.add_argument("--sub", required=True, help="user name")

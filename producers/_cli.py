@@ -13,7 +13,7 @@ from producers._agent import Agent
 from producers._config import ProducerConfig
 from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import configure_logging
-from sealstream._run import keep, run, suppress
+from sealstream._run import add_service_options, keep, run, suppress
 from sealstream.crypto import ClusterIdentity
 
 __all__ = ["main", "parse_source"]
@@ -41,10 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--cluster", default=d(None), help="cluster id (env SEALSTREAM_CLUSTER)"
         )
-        parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
-        parser.add_argument(
-            "--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)"
-        )
+        add_service_options(parser, d)
         parser.add_argument(
             "--key-file",
             type=Path,
@@ -60,8 +57,6 @@ def _parser() -> argparse.ArgumentParser:
         )
         parser.add_argument("--rate", type=float, default=d(50.0), help="http_events rows/s")
         parser.add_argument("--interval", type=float, default=d(1.0), help="host_metrics period, s")
-        parser.add_argument("--log-level", default=d("info"))
-        parser.add_argument("--log-json", action="store_true", default=d(False))
     k = sub.add_parser("key", help="create the signing key if needed; print its public JWK")
     k.add_argument("--key-file", type=Path, required=True)
     return p

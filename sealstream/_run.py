@@ -11,7 +11,7 @@ from typing import Any
 
 from sealstream._errors import SealstreamError
 
-__all__ = ["keep", "run", "suppress"]
+__all__ = ["add_service_options", "keep", "run", "suppress"]
 
 
 def keep(value: object) -> object:
@@ -24,6 +24,15 @@ def suppress(value: object) -> object:
     after ``run``: none, so that an option given before ``run`` is not overwritten by the
     subcommand's default."""
     return argparse.SUPPRESS
+
+
+def add_service_options(parser: argparse.ArgumentParser, d: Callable[[object], object]) -> None:
+    """The options every long-running service takes: NATS URL, subject prefix, logging.
+    ``d`` is :func:`keep` on the command, :func:`suppress` on its ``run`` subcommand."""
+    parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
+    parser.add_argument("--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)")
+    parser.add_argument("--log-level", default=d("info"))
+    parser.add_argument("--log-json", action="store_true", default=d(False))
 
 
 async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> int:
