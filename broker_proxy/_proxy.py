@@ -267,6 +267,12 @@ class Proxy(AsyncResource):
             if entry.user != claims.sub:
                 raise SessionError("forbidden", "session belongs to another user")
             if op == "keepalive":
+                # a renewed token may have lost the cluster: the session does not outlive that
+                # (closing stays allowed)
+                if not claims.allows(entry.cluster):
+                    raise SessionError(
+                        "forbidden", f"token no longer allows cluster {entry.cluster!r}"
+                    )
                 self.registry.touch(ref.session, now=self._clock())
                 if self._shared is not None:
                     await self._shared.touch(entry)

@@ -326,6 +326,31 @@ async def test_token_without_the_cluster_is_forbidden(nats_url: str) -> None:
         assert st.proxy.refused == {"forbidden": 1}
 
 
+async def test_a_keepalive_with_a_token_that_lost_the_cluster_is_forbidden(
+    nats_url: str, nc: Any
+) -> None:
+    """A renewed token decides whether the session goes on: without the session's cluster
+    its keepalive is refused (and the session expires); the user may still close it."""
+    async with (
+        make_stack(nats_url) as st,
+        st.client() as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        s = st.subjects
+
+        def ref(token: str) -> bytes:
+            return encode_map({"v": 1, "token": token, "session": sub.session_id})
+
+        narrowed = st.token(clusters=["another"])
+        refused = await _ask(nc, s.api_keepalive, ref(narrowed))
+        assert refused["ok"] is False
+        assert refused["error"]["code"] == "forbidden"
+        assert (await _ask(nc, s.api_keepalive, ref(st.token())))["ok"] is True
+        assert (await _ask(nc, s.api_close, ref(narrowed)))["ok"] is True
+        assert sub.session_id not in st.proxy.registry
+        assert st.proxy.refused == {"forbidden": 1}
+
+
 async def test_unknown_cluster_is_unavailable(nats_url: str) -> None:
     async with make_stack(nats_url) as st:
         err = await _refused(st, st.token(clusters=["*"]), "nobody-home")
