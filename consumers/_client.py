@@ -96,14 +96,18 @@ class Client:
         )
 
     def token(self) -> str:
-        """The token to send now (the configured one, or what its function returns)."""
-        token = self.config.token
-        if isinstance(token, str):
-            return token
+        """The token to send now (the configured one, or what its function returns); raises
+        :class:`SessionError` ``unauthorized`` if the function fails or gives no token."""
+        source = self.config.token
+        if isinstance(source, str):
+            return source
         try:
-            return token()
-        except (OSError, ValueError) as exc:
+            token = source()
+        except (OSError, ValueError) as exc:  # the documented failures of a token function
             raise SessionError("unauthorized", f"cannot read the token: {exc}") from None
+        if not isinstance(token, str) or not token:
+            raise SessionError("unauthorized", "the token function returned no token")
+        return token
 
     async def request(
         self, subject: str, body: dict[str, Any], *, timeout_s: float | None = None
@@ -154,6 +158,7 @@ class Subscription(AsyncResource):
         self._dropped = 0
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
+        self._closed = False
 
     @property
     def session_id(self) -> str:
@@ -225,10 +230,9 @@ class Subscription(AsyncResource):
                 await sub.unsubscribe()
 
     async def _close_session(self) -> None:
-        # closed after an authenticated end too: the proxy cannot tell a genuine end from a
-        # forged one, so the consumer, which verified it, lets the proxy's session go
-        if self.session is None or self._client.nc.is_closed:
+        if self._closed or self.session is None or self._client.nc.is_closed:
             return
+        self._closed = True
         try:
             body = {"v": VERSION, "token": self._client.token(), "session": self.session.session}
             # short: on shutdown the proxy may be going away too; it expires the session anyway
@@ -247,12 +251,17 @@ class Subscription(AsyncResource):
                 self._push(SessionError("ended", "the client is closed"))
                 return
             try:
-                # the token is read each time: a TokenFile renewed on disk keeps the session
-                body = {
-                    "v": VERSION,
-                    "token": self._client.token(),
-                    "session": self.session.session,
-                }
+                # read each time: a TokenFile renewed on disk keeps the session going
+                token = self._client.token()
+            except SessionError as exc:
+                # a file caught mid-rewrite reads empty: try again at the next interval (the
+                # proxy's expiry bounds how long)
+                log.warning(
+                    "session.token_unreadable", session=self.session.session, error=exc.detail
+                )
+                continue
+            try:
+                body = {"v": VERSION, "token": token, "session": self.session.session}
                 await self._client.request(self._client.subjects.api_keepalive, body)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
@@ -306,6 +315,10 @@ class Subscription(AsyncResource):
             if isinstance(result, End):
                 self.end_reason = result.reason
                 log.info("session.ended", session=session.session, reason=result.reason)
+                # the proxy cannot tell a genuine end from a forged one: the consumer, which
+                # verified it, stops its keepalives and lets the proxy's session go now
+                self._stop.set()
+                await self._close_session()
                 raise StopAsyncIteration
             if isinstance(result, Notice):
                 log.info("session.notice", session=session.session, code=result.code)

@@ -43,7 +43,8 @@ class ClientConfig:
     nats_url: str = "nats://127.0.0.1:4222"
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
-    #: the token, or a function returning the current one (see :class:`TokenFile`)
+    #: the token, or a function returning the current one, called for every session request
+    #: (see :class:`TokenFile`); a function that cannot give one raises OSError or ValueError
     token: str | Callable[[], str] = field(default="", repr=False)
     trust_store: Path = field(default_factory=default_trust_store)
     tofu: bool = False
