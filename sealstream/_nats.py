@@ -8,8 +8,10 @@ nats-py retries a refused first connect forever (even with ``allow_reconnect=Fal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ __all__ = ["NatsAuth", "connect", "redact_url", "release", "settle"]
 log = structlog.get_logger(__name__)
 
 _ERROR_LOG_INTERVAL = 1.0
+#: the logging callbacks of each client made by connect(), for release()
+_CALLBACKS_OF: weakref.WeakKeyDictionary[nats.aio.client.Client, _Callbacks] = (
+    weakref.WeakKeyDictionary()
+)
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb")
 
 
@@ -78,6 +84,7 @@ class _Callbacks:
         self._suppressed = 0
         self.last_error: Exception | None = None
         self.last_server_error: Exception | None = None  # what the server said, if anything
+        self.connected = asyncio.Event()  # set while connected (see release)
 
     async def _chain(self, key: str, *args: Any) -> None:
         cb: Callable[..., Awaitable[None]] | None = self._user.get(key)
@@ -105,6 +112,7 @@ class _Callbacks:
         await self._chain("error_cb", exc)
 
     async def disconnected_cb(self) -> None:
+        self.connected.clear()
         nc = self.nc
         if nc is not None and (nc.is_closed or nc.is_draining):
             log.debug("nats.disconnected", client=self._name, url=self._url, closing=True)
@@ -113,6 +121,7 @@ class _Callbacks:
         await self._chain("disconnected_cb")
 
     async def reconnected_cb(self) -> None:
+        self.connected.set()
         url = self._url
         if self.nc is not None and self.nc.connected_url is not None:
             url = redact_url(self.nc.connected_url.geturl())
@@ -187,6 +196,8 @@ async def connect(
     except asyncio.CancelledError:
         await _abandon(nc)
         raise
+    cbs.connected.set()
+    _CALLBACKS_OF[nc] = cbs
     log.info("nats.connected", client=name, url=shown, server=str(nc.connected_server_version))
     return nc
 
@@ -204,11 +215,22 @@ async def settle(nc: nats.aio.client.Client) -> None:
     await nc.flush()
 
 
-async def release(nc: nats.aio.client.Client | None) -> None:
-    """Drain ``nc`` (deliver what its subscriptions hold, flush what it publishes, close), or
-    close it when it cannot drain: nats-py refuses to drain a connection that is reconnecting,
-    and what it holds could not reach the server anyway. Idempotent."""
+async def release(nc: nats.aio.client.Client | None, *, reconnect_wait_s: float = 2.0) -> None:
+    """Drain ``nc`` (deliver what its subscriptions hold, flush what it publishes, close).
+
+    A connection that is reconnecting gets ``reconnect_wait_s`` to come back first (a server
+    restart takes about a second). If it does not, what it buffered is dropped, counted in the
+    log, and it is closed: nats-py refuses to drain while reconnecting, and its ``close()``
+    raises on the buffer, writing it to the lost socket, before closing anything. Idempotent.
+    """
     if nc is None or nc.is_closed:
+        return
+    cbs = _CALLBACKS_OF.get(nc)
+    if not nc.is_connected and cbs is not None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(reconnect_wait_s):
+                await cbs.connected.wait()
+    if nc.is_closed:
         return
     if nc.is_connected:
         try:
@@ -216,13 +238,14 @@ async def release(nc: nats.aio.client.Client | None) -> None:
             return
         except nats.errors.Error as exc:  # lost the server while draining
             log.warning("nats.drain_failed", error=str(exc) or repr(exc))
-    if not nc.is_connected and nc._pending_data_size:
-        # nats-py's close() writes what a reconnecting client buffered to the lost socket, and
-        # raises there before closing anything: drop it first, counted
-        log.warning("nats.unsent_dropped", bytes=nc._pending_data_size)
-        nc._pending.clear()
+    if not nc.is_connected and nc.pending_data_size:
+        log.warning("nats.unsent_dropped", bytes=nc.pending_data_size)
+        nc._pending.clear()  # nats-py 2.x keeps the buffer here; no public way to drop it
         nc._pending_data_size = 0
-    await nc.close()
+    try:
+        await nc.close()
+    except OSError as exc:  # the socket went away under close()
+        log.warning("nats.close_failed", error=str(exc) or repr(exc))
 
 
 async def _abandon(nc: Any) -> None:

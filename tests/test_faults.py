@@ -11,12 +11,15 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
+from structlog.testing import capture_logs
 
 from producers import Agent, HttpEvents
 from sealstream import SessionError
+from sealstream._nats import connect, release, settle
 from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream.crypto import ClusterIdentity, TrustStore
 from tests.pipeline import collect_rows, eventually, make_stack
@@ -160,6 +163,49 @@ async def test_every_role_stops_cleanly_while_the_server_is_down(
         # every exit above ran while the server was down, and raised nothing
         assert client._nc is None
     assert all(nc.is_closed for nc in conns)
+
+
+async def test_release_waits_for_a_restarting_server_and_drains(
+    restartable: tuple[ServerOptions, list[EmbeddedServer]],
+) -> None:
+    """What a client publishes while its server restarts is delivered when it is released
+    during the restart, not dropped; with no server coming back, it is dropped, counted."""
+    options, servers = restartable
+    first = EmbeddedServer(options)
+    servers.append(first)
+    url = await asyncio.to_thread(first.start)
+    nc = await connect(url, name="test-release")
+    got: list[bytes] = []
+
+    async def keep(msg: Any) -> None:
+        got.append(msg.data)
+
+    await nc.subscribe("test.release", cb=keep)
+    await settle(nc)
+    await asyncio.to_thread(first.stop)
+    await eventually(lambda: nc.is_reconnecting, timeout=10)
+    await nc.publish("test.release", b"sent during the outage")
+    with capture_logs() as logs:
+        releasing = asyncio.create_task(release(nc, reconnect_wait_s=10))
+        second = EmbeddedServer(options)
+        servers.append(second)
+        await asyncio.to_thread(second.start)
+        async with asyncio.timeout(15):
+            await releasing
+    assert nc.is_closed
+    assert got == [b"sent during the outage"]
+    assert not [e for e in logs if e["event"] in ("nats.unsent_dropped", "nats.drain_failed")]
+
+    lonely = await connect(url, name="test-release-alone")
+    await asyncio.to_thread(second.stop)
+    await eventually(lambda: lonely.is_reconnecting, timeout=10)
+    await lonely.publish("test.release", b"x" * 100)
+    with capture_logs() as logs:
+        await release(lonely, reconnect_wait_s=0.5)
+    assert lonely.is_closed
+    dropped = [e["bytes"] for e in logs if e["event"] == "nats.unsent_dropped"]
+    assert len(dropped) == 1
+    assert dropped[0] > 100  # the PUB line and its 100-byte payload
 
 
 def _cluster_conf(path: Path, name: str, port: int, routes: list[int], me: int) -> Path:
