@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import sys
 import time
 from collections import deque
@@ -58,7 +59,8 @@ class LiveTable:
         view.rows += len(batch.rows)
         view.batches += 1
         view.latency_ms = max(0.0, (time.time_ns() - batch.ts) / 1e6)
-        for row in batch.rows[-_ROWS_SHOWN:]:
+        for raw in batch.rows[-_ROWS_SHOWN:]:
+            row = {_key(k): v for k, v in raw.items()}  # msgpack also allows bytes keys
             view.last.append(row)
             for col in row:
                 if col not in view.columns and len(view.columns) < _MAX_COLUMNS:
@@ -112,7 +114,11 @@ class JsonLinesWriter:
         write = self._out.write
         for row in batch.rows:
             line = {"stream": batch.stream, "seq": batch.seq, "ts": batch.ts, "row": row}
-            write(json.dumps(line, default=_json_value))
+            try:
+                text = json.dumps(line, default=_json_value, allow_nan=False)
+            except (TypeError, ValueError):  # bytes map keys, NaN: what JSON cannot hold
+                text = json.dumps(_jsonable(line), allow_nan=False)
+            write(text)
             write("\n")
         self._out.flush()
 
@@ -122,3 +128,21 @@ def _json_value(value: object) -> str:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode("ascii")
     return str(value)
+
+
+def _jsonable(value: object) -> object:
+    """``value`` with every map key a string and every float finite (else its text), for the
+    rows :func:`json.dumps` refuses as they are."""
+    if isinstance(value, dict):
+        return {_key(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return _json_value(value)
+
+
+def _key(key: object) -> str:
+    return key if isinstance(key, str) else _json_value(key)

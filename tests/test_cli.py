@@ -20,9 +20,10 @@ from typing import IO, Any
 
 import psutil
 import pytest
+from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
-from consumers._view import JsonLinesWriter
+from consumers._view import JsonLinesWriter, LiveTable
 from producers._cli import _parser as producer_parser
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
@@ -447,7 +448,8 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
 
 def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
     """A column named ``stream`` or ``seq`` cannot relabel a row: those fields come from the
-    authenticated header, the row is nested. Bytes are written as base64."""
+    authenticated header, the row is nested. Bytes are written as base64, and what JSON (or
+    the table) cannot hold as msgpack gives it, bytes map keys and NaN, is still shown."""
     out = io.StringIO()
     rows = [{"stream": "spoofed", "seq": 999, "raw": b"\x00\x01"}]
     JsonLinesWriter(out).add(Batch("http_events", 7, 1_700_000_000_000_000_000, rows))
@@ -458,6 +460,17 @@ def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
         "ts": 1_700_000_000_000_000_000,
         "row": {"stream": "spoofed", "seq": 999, "raw": "AAE="},
     }
+    # what JSON cannot hold as it is (msgpack allows bytes map keys, NaN): still one line
+    out = io.StringIO()
+    odd = [{"m": {b"\x00": [float("nan"), float("inf")], 3: True}}]
+    JsonLinesWriter(out).add(Batch("http_events", 8, 1, odd))
+    assert json.loads(out.getvalue())["row"] == {"m": {"AA==": ["nan", "inf"], "3": True}}
+    table = LiveTable("c1", "s")
+    bytes_keyed: dict[Any, Any] = {b"time_raw": 1, "time_": 2 * 10**18}
+    table.add(Batch("http_events", 9, 1, [bytes_keyed]))
+    rendered = io.StringIO()
+    Console(file=rendered, width=120).print(table.render())
+    assert "dGltZV9yYXc=" in rendered.getvalue()  # the bytes column name, as base64
 
 
 @pytest.mark.parametrize(
