@@ -73,10 +73,11 @@ class ClientConfig:
             values["nats_url"] = env["NATS_URL"]
         if env.get("SEALSTREAM_PREFIX"):
             values["prefix"] = env["SEALSTREAM_PREFIX"]
-        if env.get("SEALSTREAM_TOKEN_FILE"):
-            values["token"] = TokenFile(Path(env["SEALSTREAM_TOKEN_FILE"]))
-        elif env.get("SEALSTREAM_TOKEN"):
-            values["token"] = env["SEALSTREAM_TOKEN"]
+        if overrides.get("token") is None:  # a token given as a flag: the env's is not read
+            if env.get("SEALSTREAM_TOKEN_FILE"):
+                values["token"] = TokenFile(Path(env["SEALSTREAM_TOKEN_FILE"]))
+            elif env.get("SEALSTREAM_TOKEN"):
+                values["token"] = env["SEALSTREAM_TOKEN"]
         if env.get("SEALSTREAM_TRUST_STORE"):
             values["trust_store"] = Path(env["SEALSTREAM_TRUST_STORE"])
         values.update({k: v for k, v in overrides.items() if v is not None})

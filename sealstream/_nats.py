@@ -203,8 +203,9 @@ async def connect(
 
 
 async def settle(nc: nats.aio.client.Client) -> None:
-    """Return once the server has processed everything ``nc`` sent so far, subscriptions
-    included, so another connection's request can no longer miss them.
+    """Return once the server ``nc`` is connected to has processed everything it sent so
+    far, subscriptions included, so another connection's request through that server can no
+    longer miss them (in a NATS cluster, other servers learn of a subscription a moment later).
 
     One ``flush()`` does not promise that: nats-py writes its PING straight to the socket,
     ahead of the SUBs still queued for its flusher task, so the PONG can come back before the

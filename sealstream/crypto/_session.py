@@ -452,7 +452,7 @@ class ConsumerSession:
         # keep at most the previous key, for data still in flight
         current = self._keys.get(self._current_kid)
         self._keys = {kid: aead(secret)}
-        if current is not None and self._current_kid != kid:
+        if current is not None:  # a different kid: a reused one was refused above
             self._keys[self._current_kid] = current
         self._current_kid = kid
         self.epoch = epoch
