@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from producers._agent import Agent
@@ -33,6 +34,12 @@ def parse_source(spec: str, *, rate: float, interval: float) -> Source:
     )
 
 
+def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
+    """The ``--source`` values given before and after ``run``, else ``SEALSTREAM_SOURCES``."""
+    given = [*(args.source or []), *getattr(args, "run_source", [])]
+    return given or env.get("SEALSTREAM_SOURCES", "http_events,host_metrics").split(",")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__)
     sub = p.add_subparsers(dest="command")
@@ -51,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--source",
             action="append",
+            # after 'run' they go to a list of their own, joined to those given before it
+            dest="source" if parser is p else "run_source",
             default=d(None),
             help="http_events | host_metrics | jsonl:PATH[:STREAM] (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
@@ -74,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ProducerConfig.from_env(
             cluster=args.cluster, nats_url=args.nats_url, prefix=args.prefix, key_file=args.key_file
         )
-        specs = args.source or os.environ.get(
-            "SEALSTREAM_SOURCES", "http_events,host_metrics"
-        ).split(",")
+        specs = source_specs(args, os.environ)
         sources = [
             parse_source(s.strip(), rate=args.rate, interval=args.interval)
             for s in specs

@@ -25,6 +25,7 @@ from rich.console import Console
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
 from producers._cli import _parser as producer_parser
+from producers._cli import source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
 
@@ -492,3 +493,14 @@ def test_options_before_or_after_run_are_kept(
     assert {k: getattr(args, k) for k in (*given, *expected)} == {**given, **expected}
     assert args.log_level == "info"
     assert args.log_json is False
+
+
+def test_sources_before_and_after_run_are_joined() -> None:
+    def specs(*argv: str, env: dict[str, str] | None = None) -> list[str]:
+        return source_specs(producer_parser().parse_args(argv), env or {})
+
+    assert specs("--source", "a", "run", "--source", "b") == ["a", "b"]
+    assert specs("run", "--source", "b") == ["b"]
+    assert specs("--source", "a") == ["a"]
+    assert specs("run", env={"SEALSTREAM_SOURCES": "x,y"}) == ["x", "y"]
+    assert specs() == ["http_events", "host_metrics"]
