@@ -278,11 +278,13 @@ async def test_a_renewed_token_file_keeps_a_session_past_the_first_tokens_expiry
             fixed_client.subscribe(st.cluster, ["records"]) as fixed,
         ):
             with capture_logs() as logs:
-                path.write_text("")  # caught mid-rewrite by the keepalive at 1 s: retried
-                await asyncio.sleep(1.5)
+                path.write_text("")  # caught mid-rewrite by the next keepalive: retried
+                await eventually(
+                    lambda: any(e["event"] == "session.token_unreadable" for e in logs),
+                    timeout=2.5,  # before the session's expiry (3 keepalive intervals)
+                )
                 path.write_text(st.token(sub="alice"))  # a fresh token, same user
-                await asyncio.sleep(3.5)  # the first token expired 3 s ago
-            assert any(e["event"] == "session.token_unreadable" for e in logs)
+                await asyncio.sleep(3.5)  # the first token has expired
             with pytest.raises(SessionError) as err:
                 async with asyncio.timeout(5):
                     await anext(fixed)
