@@ -87,7 +87,7 @@ class Proxy(AsyncResource):
         self._nc = await connect(
             self.config.nats_url, name="sealstream-proxy", user=auth.user, password=auth.password
         )
-        self._stack.push_async_callback(self._drain)
+        self._stack.push_async_callback(release, self._nc)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)  # runs first: lets the expiry loop end
         if self.config.shared_registry:
@@ -123,9 +123,6 @@ class Proxy(AsyncResource):
             )
             await self._stack.enter_async_context(self.metrics)
         log.info("proxy.started", url=redact_url(self.config.nats_url), prefix=self.config.prefix)
-
-    async def _drain(self) -> None:
-        await release(self._nc)
 
     async def aclose(self) -> None:
         """Stop serving; idempotent."""

@@ -114,11 +114,7 @@ class JsonLinesWriter:
         write = self._out.write
         for row in batch.rows:
             line = {"stream": batch.stream, "seq": batch.seq, "ts": batch.ts, "row": row}
-            try:
-                text = json.dumps(line, default=_json_value, allow_nan=False)
-            except (TypeError, ValueError):  # bytes map keys, NaN: what JSON cannot hold
-                text = json.dumps(_jsonable(line), allow_nan=False)
-            write(text)
+            write(json.dumps(_jsonable(line), allow_nan=False))
             write("\n")
         self._out.flush()
 
@@ -131,8 +127,8 @@ def _json_value(value: object) -> str:
 
 
 def _jsonable(value: object) -> object:
-    """``value`` with every map key a string and every float finite (else its text), for the
-    rows :func:`json.dumps` refuses as they are."""
+    """``value`` as JSON can hold it: map keys strings, bytes base64, floats finite (else
+    their text), anything else its text."""
     if isinstance(value, dict):
         return {_key(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
