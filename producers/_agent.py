@@ -14,10 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import structlog
 
 from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
+from producers._outbox import Outbox
 from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
@@ -76,6 +78,14 @@ class Agent(AsyncResource):
         self.rows_in = 0
         self.rejected_rows: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        self.outbox = Outbox(max_bytes=config.buffer_bytes)
+        self._wake = asyncio.Event()  # the sender has something to try
+        #: after a reconnect, hold buffered envelopes until a proxy shows it is back (a
+        #: control request) or this deadline (monotonic) passes: published before the proxy
+        #: resubscribed, they would be lost
+        self._hold_until: float | None = None
+        self._last_drop_log = float("-inf")
+        self._drops_unlogged = 0
 
     @property
     def identity(self) -> ClusterIdentity:
@@ -91,6 +101,7 @@ class Agent(AsyncResource):
             name=f"sealstream-producer.{self.config.cluster}",
             user=auth.user,
             password=auth.password,
+            reconnected_cb=self._on_reconnected,
         )
         self._stack.push_async_callback(self._shutdown)
         budget = plaintext_budget(int(self._nc.max_payload))
@@ -102,6 +113,7 @@ class Agent(AsyncResource):
         for source in self._sources:
             self._pumps.append(self._tg.create_task(self._pump(source)))
         self._tg.create_task(self._flush_loop())
+        self._tg.create_task(self._sender())
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(
                 collector_registry(self.samples),
@@ -126,6 +138,7 @@ class Agent(AsyncResource):
         # sources may be endless (HttpEvents, HostMetrics): stop pumping them, or the task
         # group would wait for them forever
         self._stop.set()
+        self._wake.set()  # the sender sees the stop
         for task in self._pumps:
             task.cancel()
 
@@ -139,8 +152,20 @@ class Agent(AsyncResource):
                     await self._publish(stream, plaintext)
             for session in list(self.sessions):
                 await self.end_session(session, "producer stopping")
+        self._hold_until = None
+        async with self._lock:
+            await self._drain()
+        if self.outbox:
+            log.warning(
+                "producer.unsent_dropped", envelopes=len(self.outbox), bytes=self.outbox.size
+            )
         await release(self._nc)
-        log.info("producer.stopped", cluster=self.config.cluster, published=self.published)
+        log.info(
+            "producer.stopped",
+            cluster=self.config.cluster,
+            published=self.published,
+            dropped=dict(self.outbox.dropped),
+        )
 
     def samples(self) -> list[Sample]:
         """The agent's metrics, read at scrape time."""
@@ -157,6 +182,18 @@ class Agent(AsyncResource):
                 "bytes published",
                 "counter",
                 self.published_bytes,
+            ),
+            Sample(
+                "sealstream_producer_envelopes_dropped",
+                "sealed envelopes given up before the broker took them, by reason",
+                "counter",
+                self.outbox.dropped,
+            ),
+            Sample(
+                "sealstream_producer_buffered_bytes",
+                "sealed envelopes waiting for the broker, bytes",
+                "gauge",
+                self.outbox.size,
             ),
             Sample("sealstream_producer_rows", "rows accepted", "counter", self.rows_in),
             Sample(
@@ -229,12 +266,96 @@ class Agent(AsyncResource):
 
     # --- envelopes out ----------------------------------------------------------------------
 
-    async def _send(self, session: str, envelopes: list[bytes]) -> None:
+    async def _send(self, session: str, envelopes: list[bytes], *, keys: int = 0) -> None:
+        """Queue a session's envelopes (the first ``keys`` of them key envelopes) and hand
+        what the broker takes to it. Never raises a broker error: while NATS is away the
+        envelopes wait in the bounded outbox. The caller holds ``_lock``."""
+        for i, env in enumerate(envelopes):
+            dropped = self.outbox.put(session, env, key=i < keys)
+            if dropped:
+                self._log_drops(session, "buffer_full", dropped)
+        if self._can_send():
+            await self._drain_session(session)
+        if self.outbox.pending(session):
+            self._wake.set()
+
+    def _can_send(self) -> bool:
+        return self._hold_until is None and self._nc is not None and self._nc.is_connected
+
+    async def _drain_session(self, session: str) -> bool:
+        """Publish a session's queued envelopes in order; False if the broker stopped
+        taking them (disconnected, or nats-py's own buffer is full: the server is slow)."""
         subject = self._subjects.data(self.config.cluster, session)
-        for env in envelopes:
-            await self._nc.publish(subject, env)
+        while (env := self.outbox.peek(session)) is not None:
+            try:
+                await self._nc.publish(subject, env)
+            except nats.errors.OutboundBufferLimitError:
+                return False
+            except nats.errors.Error as exc:  # closed, draining, lost the server
+                log.debug("envelope.publish_failed", session=session, error=repr(exc))
+                return False
+            self.outbox.pop(session)
+            self.published += 1
             self.published_bytes += len(env)
-        self.published += len(envelopes)
+        return True
+
+    async def _drain(self) -> bool:
+        """Publish everything queued, session by session; False if the broker stopped."""
+        for session in self.outbox.sessions():
+            if not self._can_send() or not await self._drain_session(session):
+                return False
+        return True
+
+    async def _sender(self) -> None:
+        """Publish what waits in the outbox whenever the broker can take it."""
+        while not self._stop.is_set():
+            timeout = None
+            if self._hold_until is not None:
+                timeout = max(self._hold_until - time.monotonic(), 0.0)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                if self._hold_until is not None:
+                    log.info("producer.hold_released", reason="timeout")
+                    self._hold_until = None
+            self._wake.clear()
+            if not self.outbox or not self._can_send():
+                continue  # a reconnect, or the end of a hold, wakes us again
+            async with self._lock:
+                done = await self._drain()
+            if not done and self._nc.is_connected:
+                # nats-py's buffer is full: let its flusher catch up, then go on
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await self._nc.flush(timeout=5)
+                self._wake.set()
+
+    async def _on_reconnected(self) -> None:
+        # the proxy may not have resubscribed to the data subjects yet
+        self._hold_until = time.monotonic() + self.config.resume_hold_s
+        self._wake.set()
+
+    def _log_drops(self, session: str, reason: str, count: int) -> None:
+        """Rate-limited: one line a second at most, with the count since the last one."""
+        self._drops_unlogged += count
+        now = time.monotonic()
+        if now - self._last_drop_log >= 1.0:
+            log.warning(
+                "envelopes.dropped",
+                session=session,
+                reason=reason,
+                count=self._drops_unlogged,
+                total=dict(self.outbox.dropped),
+                buffered_bytes=self.outbox.size,
+            )
+            self._last_drop_log = now
+            self._drops_unlogged = 0
+
+    def _forget(self, session: str) -> None:
+        """Stop serving a session; what it still had queued is useless now."""
+        self.sessions.pop(session, None)
+        dropped = self.outbox.discard(session)
+        if dropped:
+            self._log_drops(session, "session_gone", dropped)
 
     async def _publish(self, stream: str, plaintext: bytes) -> None:
         # one lock: the envelopes of a session leave in seq order whatever task seals them
@@ -245,33 +366,43 @@ class Agent(AsyncResource):
                 try:
                     envelopes = served.crypto.seal(stream, plaintext)
                 except ValueError as exc:  # this session only; the others go on
-                    self.sessions.pop(session, None)
+                    self._forget(session)
                     log.error("session.dropped", session=session, error=str(exc))
                     continue
-                await self._send(session, envelopes)
+                # seal() puts a key envelope first when one is due
+                await self._send(session, envelopes, keys=len(envelopes) - 1)
 
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""
         async with self._lock:
             served = self.sessions.pop(session, None)
             if served is not None and not served.crypto.ended:
-                await self._send(session, served.crypto.end(reason))
+                envelopes = served.crypto.end(reason)
+                await self._send(session, envelopes, keys=len(envelopes) - 1)
                 log.info("session.ended", session=session, reason=reason)
 
     # --- session control --------------------------------------------------------------------
 
     async def _on_control(self, msg: Any) -> None:
+        if self._hold_until is not None:  # a proxy is subscribed again: send what waited
+            log.info("producer.hold_released", reason="proxy")
+            self._hold_until = None
+            self._wake.set()
         try:
             reply, start = self._control(msg.data)
         except WireError as exc:
             reply, start = self._error("bad_request", str(exc)), None
         if msg.reply:
-            await msg.respond(reply)
+            try:
+                await msg.respond(reply)
+            except nats.errors.Error as exc:  # the proxy times out and retries, or pings
+                log.info("control.reply_lost", error=repr(exc))
         if start is not None:
             async with self._lock:
                 served = self.sessions.get(start)
                 if served is not None:
-                    await self._send(start, served.crypto.start())
+                    envelopes = served.crypto.start()
+                    await self._send(start, envelopes, keys=len(envelopes))
 
     def _error(self, code: str, message: str) -> bytes:
         self.refused[code] += 1
@@ -286,7 +417,8 @@ class Agent(AsyncResource):
         op = m.get("op")
         if op == "close":
             session = check_session_id(m.get("session"))
-            if self.sessions.pop(session, None) is not None:
+            if session in self.sessions:
+                self._forget(session)
                 log.info("session.closed", session=session, reason=str(m.get("reason", ""))[:100])
             return encode_map({"ok": True}), None
         if op == "ping":  # the proxy checks we are alive and still serve its sessions

@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         parser.add_argument("--rate", type=float, default=d(50.0), help="http_events rows/s")
         parser.add_argument("--interval", type=float, default=d(1.0), help="host_metrics period, s")
+        parser.add_argument(
+            "--buffer-bytes",
+            type=int,
+            default=d(None),
+            help="sealed envelopes kept per session while NATS is unreachable (default 4 MiB; "
+            "env SEALSTREAM_BUFFER_BYTES); beyond it the oldest are dropped and counted",
+        )
     k = sub.add_parser("key", help="create the signing key if needed; print its public JWK")
     k.add_argument("--key-file", type=Path, required=True)
     return p
@@ -81,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> int:
         config = ProducerConfig.from_env(
-            cluster=args.cluster, nats_url=args.nats_url, prefix=args.prefix, key_file=args.key_file
+            cluster=args.cluster,
+            nats_url=args.nats_url,
+            prefix=args.prefix,
+            key_file=args.key_file,
+            buffer_bytes=args.buffer_bytes,
         )
         specs = source_specs(args, os.environ)
         sources = [

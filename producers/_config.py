@@ -26,6 +26,11 @@ class ProducerConfig:
     batching: Batching = field(default_factory=Batching)
     rotation: Rotation = field(default_factory=Rotation)
     max_sessions: int = 1000
+    #: sealed envelopes kept per session while the broker is unreachable or slow; beyond it
+    #: the oldest data envelopes are dropped (and counted)
+    buffer_bytes: int = 4 * 1024 * 1024
+    #: after a reconnect, how long buffered envelopes wait for a proxy to show it is back
+    resume_hold_s: float = 3.0
     #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
@@ -34,11 +39,16 @@ class ProducerConfig:
         check_cluster_id(self.cluster)
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be positive")
+        if self.buffer_bytes < 1024 * 1024:
+            raise ValueError("buffer_bytes must be at least 1 MiB (one envelope)")
+        if self.resume_hold_s < 0:
+            raise ValueError("resume_hold_s must not be negative")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProducerConfig:
-        """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``;
-        keyword overrides (from command-line flags) win when not None."""
+        """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``,
+        ``SEALSTREAM_BUFFER_BYTES``; keyword overrides (from command-line flags) win when not
+        None."""
         values: dict[str, Any] = {}
         values["nats_auth"] = NatsAuth.from_env(env)
         for name, key in (
@@ -50,6 +60,8 @@ class ProducerConfig:
                 values[key] = env[name]
         if env.get("SEALSTREAM_KEY_FILE"):
             values["key_file"] = Path(env["SEALSTREAM_KEY_FILE"])
+        if env.get("SEALSTREAM_BUFFER_BYTES"):
+            values["buffer_bytes"] = int(env["SEALSTREAM_BUFFER_BYTES"])
         if env.get("SEALSTREAM_METRICS_PORT"):
             values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
         if env.get("SEALSTREAM_METRICS_HOST"):

@@ -1,0 +1,103 @@
+"""Sealed envelopes waiting for the broker, per session, bounded in bytes (pure: no I/O).
+
+While the broker is unreachable (or slower than the agent), envelopes wait here instead of in
+nats-py's own buffer, which raises once full. Each session's queue keeps its envelopes in
+``seq`` order and holds at most ``max_bytes``; beyond that the OLDEST data envelopes are
+dropped, so the consumer sees a gap (``seq`` moves on) and then the newest telemetry. Key
+envelopes are kept while any data envelope can be dropped instead: data sealed under a key
+whose envelope was dropped could not be opened at all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+__all__ = ["Outbox"]
+
+
+@dataclass(slots=True)
+class _Queue:
+    #: (payload, is_key) in seq order
+    items: deque[tuple[bytes, bool]] = field(default_factory=deque)
+    size: int = 0
+
+
+class Outbox:
+    """``put`` envelopes, ``peek``/``pop`` them in order once the broker takes them.
+
+    ``dropped`` counts envelopes given up, by reason: ``buffer_full`` (the oldest data of a
+    session over its budget) and ``session_gone`` (what a session that ended still held).
+    """
+
+    def __init__(self, *, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self._queues: dict[str, _Queue] = {}
+        self.size = 0
+        self.dropped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        """Envelopes waiting, all sessions."""
+        return sum(len(q.items) for q in self._queues.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)
+
+    def pending(self, session: str) -> bool:
+        return session in self._queues
+
+    def sessions(self) -> list[str]:
+        return list(self._queues)
+
+    def put(self, session: str, payload: bytes, *, key: bool = False) -> int:
+        """Queue one envelope; return how many older ones were dropped to make room."""
+        queue = self._queues.get(session)
+        if queue is None:
+            queue = self._queues[session] = _Queue()
+        queue.items.append((payload, key))
+        queue.size += len(payload)
+        self.size += len(payload)
+        dropped = 0
+        while queue.size > self.max_bytes and len(queue.items) > 1:
+            self._drop_oldest(queue)
+            dropped += 1
+        self.dropped["buffer_full"] += dropped
+        return dropped
+
+    def _drop_oldest(self, queue: _Queue) -> None:
+        items = queue.items
+        # the oldest data envelope, else (keys only) the oldest key; never the newest item
+        index = next((i for i, (_, key) in enumerate(items) if not key), 0)
+        if index == len(items) - 1:
+            index = 0
+        payload, _ = items[index]
+        del items[index]
+        queue.size -= len(payload)
+        self.size -= len(payload)
+
+    def peek(self, session: str) -> bytes | None:
+        queue = self._queues.get(session)
+        return queue.items[0][0] if queue is not None else None
+
+    def pop(self, session: str) -> None:
+        """Remove the envelope :meth:`peek` returned (the broker took it); nothing if the
+        session was discarded meanwhile."""
+        queue = self._queues.get(session)
+        if queue is None:
+            return
+        payload, _ = queue.items.popleft()
+        queue.size -= len(payload)
+        self.size -= len(payload)
+        if not queue.items:
+            del self._queues[session]
+
+    def discard(self, session: str) -> int:
+        """Forget a session's queue (it ended); return how many envelopes it held."""
+        queue = self._queues.pop(session, None)
+        if queue is None:
+            return 0
+        self.size -= queue.size
+        self.dropped["session_gone"] += len(queue.items)
+        return len(queue.items)
