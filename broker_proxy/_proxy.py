@@ -79,17 +79,28 @@ class Proxy(AsyncResource):
         self._pending = asyncio.Semaphore(config.limits.pending_requests)
         self.relay_latency = Histogram()
         self._ping_failures: Counter[str] = Counter()
+        #: after a reconnect of our own connection, silence is not the clusters' fault until
+        #: this (clock) time
+        self._grace_until = float("-inf")
+        self._ping_now = asyncio.Event()
+        self._in_flight = 0
+        #: the most session requests served at once (bounded by ``limits.pending_requests``)
+        self.pending_peak = 0
         self._shared: SharedRegistry | None = None
         self.metrics: MetricsServer | None = None
 
     async def _start(self) -> None:
         auth = self.config.nats_auth
         self._nc = await connect(
-            self.config.nats_url, name="sealstream-proxy", user=auth.user, password=auth.password
+            self.config.nats_url,
+            name="sealstream-proxy",
+            user=auth.user,
+            password=auth.password,
+            reconnected_cb=self._on_reconnected,
         )
         self._stack.push_async_callback(release, self._nc)
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
-        self._stack.callback(self._stop.set)  # runs first: lets the expiry loop end
+        self._stack.callback(self._stopping)  # runs first: lets the expiry loop end
         if self.config.shared_registry:
             # load every live session before serving: a restarted instance loses none
             self._shared = SharedRegistry(
@@ -123,6 +134,10 @@ class Proxy(AsyncResource):
             )
             await self._stack.enter_async_context(self.metrics)
         log.info("proxy.started", url=redact_url(self.config.nats_url), prefix=self.config.prefix)
+
+    def _stopping(self) -> None:
+        self._stop.set()
+        self._ping_now.set()  # wakes the expiry loop
 
     async def aclose(self) -> None:
         """Stop serving; idempotent."""
@@ -203,12 +218,13 @@ class Proxy(AsyncResource):
             self._reject("rate_limited", subject)
             if now - entry.limited_notice_at >= 1.0:  # tell the consumer, once a second
                 entry.limited_notice_at = now
-                await self._nc.publish(
-                    self._subjects.inbox(session),
-                    notice(session, "limit_exceeded", "relay rate limit: envelopes dropped"),
-                )
+                await self._notify(session, "limit_exceeded", "relay rate limit: envelopes dropped")
             return
-        await self._nc.publish(self._subjects.inbox(session), data)
+        try:
+            await self._nc.publish(self._subjects.inbox(session), data)
+        except nats.errors.Error:  # lost the server a moment ago, and its buffer is full
+            self._reject("broker_unavailable", subject)
+            return
         self.relayed += 1
         self.relayed_bytes += len(data)
         self.relay_latency.observe(time.perf_counter() - started)
@@ -219,9 +235,14 @@ class Proxy(AsyncResource):
         if self._tg is None or self._pending.locked():
             self.refused["limit_exceeded"] += 1
             if msg.reply:
-                await msg.respond(error_reply("limit_exceeded", "too many pending requests"))
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(
+                        error_reply("limit_exceeded", "too many pending requests", retry=True)
+                    )
             return
         await self._pending.acquire()
+        self._in_flight += 1
+        self.pending_peak = max(self.pending_peak, self._in_flight)
         self._tg.create_task(self._serve(msg))
 
     async def _serve(self, msg: Any) -> None:
@@ -236,13 +257,16 @@ class Proxy(AsyncResource):
             except BrokerError as exc:  # the shared registry is out of reach: retry later
                 self.refused["cluster_unavailable"] += 1
                 log.warning("session.registry_unavailable", op=op, error=str(exc))
-                reply = error_reply("cluster_unavailable", "session registry unavailable, retry")
+                reply = error_reply(
+                    "cluster_unavailable", "session registry unavailable, retry", retry=True
+                )
             if msg.reply:
                 try:
                     await msg.respond(reply)
                 except nats.errors.Error as exc:
                     log.info("session.reply_lost", op=op, error=repr(exc))
         finally:
+            self._in_flight -= 1
             self._pending.release()
 
     async def _handle(self, op: str, payload: bytes) -> bytes:
@@ -376,42 +400,74 @@ class Proxy(AsyncResource):
         except SessionError as exc:
             log.info("session.close_not_delivered", session=entry.session, reason=exc.detail)
 
+    async def _on_reconnected(self) -> None:
+        """Our own connection is back: nobody could keep a session alive, and no cluster could
+        answer a ping, while it was down. Expiry restarts from now, silence counts again
+        after a grace period, and the clusters are pinged at once (a producer holds what it
+        buffered until it hears from a proxy)."""
+        now = self._clock()
+        self._grace_until = now + self._grace_s()
+        self._ping_failures.clear()
+        self.registry.extend(now=now)
+        log.info("proxy.reconnected", sessions=len(self.registry))
+        self._ping_now.set()
+
+    def _grace_s(self) -> float:
+        return 2 * self.config.keepalive_s + self.config.control_timeout_s
+
     async def _expiry_loop(self) -> None:
         """Expire sessions without keepalive (every half interval) and check, once an
-        interval, that each cluster with sessions is alive and still knows them."""
+        interval, that each cluster with sessions is alive and still knows them. Nothing of
+        this runs while our own connection is down."""
         interval = max(self.config.keepalive_s / 2, 0.05)
         ticks = 0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+                await asyncio.wait_for(self._ping_now.wait(), timeout=interval)
             if self._stop.is_set() or self._tg is None:
                 return
-            for entry in self.registry.expire(now=self._clock()):
-                try:
-                    if not await self._claim(entry.session):
-                        continue  # another instance expires it, or it was kept alive there
-                except BrokerError as exc:
-                    log.warning("session.expiry_deferred", session=entry.session, error=str(exc))
-                    continue
-                log.info("session.expired", session=entry.session, cluster=entry.cluster)
-                await self._notify(entry.session, "expired", "no keepalive: session closed")
-                self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
-            ticks += 1
-            if ticks % 2 == 0:
-                # A session is registered before its cluster hears of the open: one younger
-                # than the open's timeout may be unknown to the cluster only because the open
-                # is still on its way. Asking about it then would end a session that is about
-                # to work (and the cluster would serve it with every envelope dropped here).
-                settled = self._clock() - self.config.control_timeout_s
-                clusters: dict[str, list[str]] = {}
-                for entry in self.registry.entries():
-                    if entry.added_at <= settled:
-                        clusters.setdefault(entry.cluster, []).append(entry.session)
-                for cluster, sessions in clusters.items():
-                    self._tg.create_task(self._ping(cluster, sessions))
+            ping_now = self._ping_now.is_set()
+            self._ping_now.clear()
+            if not self._nc.is_connected:
+                continue
+            if not ping_now:
+                for entry in self.registry.expire(now=self._clock()):
+                    await self._expire(entry)
+                ticks += 1
+            if ping_now or ticks % 2 == 0:
+                self._ping_all()
+
+    async def _expire(self, entry: SessionEntry) -> None:
+        try:
+            if not await self._claim(entry.session):
+                return  # another instance expires it, or it was kept alive there
+        except BrokerError as exc:
+            log.warning("session.expiry_deferred", session=entry.session, error=str(exc))
+            return
+        log.info("session.expired", session=entry.session, cluster=entry.cluster)
+        await self._notify(entry.session, "expired", "no keepalive: session closed")
+        assert self._tg is not None
+        self._tg.create_task(self._tell_cluster_closed(entry, "keepalive expired"))
+
+    def _ping_all(self) -> None:
+        # A session is registered before its cluster hears of the open: one younger than the
+        # open's timeout may be unknown to the cluster only because the open is still on its
+        # way. Asking about it then would end a session that is about to work (and the
+        # cluster would serve it with every envelope dropped here).
+        settled = self._clock() - self.config.control_timeout_s
+        clusters: dict[str, list[str]] = {}
+        for entry in self.registry.entries():
+            if entry.added_at <= settled:
+                clusters.setdefault(entry.cluster, []).append(entry.session)
+        assert self._tg is not None
+        for cluster, sessions in clusters.items():
+            self._tg.create_task(self._ping(cluster, sessions))
 
     async def _notify(self, session: str, code: str, message: str) -> None:
-        await self._nc.publish(self._subjects.inbox(session), notice(session, code, message))
+        try:
+            await self._nc.publish(self._subjects.inbox(session), notice(session, code, message))
+        except nats.errors.Error as exc:  # a hint only: the consumer's keepalive tells it too
+            log.info("notice.lost", session=session, code=code, error=repr(exc))
 
     async def _end(self, session: str, message: str) -> None:
         if self.registry.remove(session) is None:
@@ -447,8 +503,13 @@ class Proxy(AsyncResource):
             answer = await self._control(
                 cluster, {"v": VERSION, "op": "ping", "sessions": sessions}
             )
-        except SessionError:
+        except SessionError as exc:
+            if not self._nc.is_connected or self._clock() < self._grace_until:
+                # our own outage, or the cluster's reconnect after it: not its silence
+                log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
+                return
             self._ping_failures[cluster] += 1
+            log.info("cluster.ping_failed", cluster=cluster, counted=True, error=exc.detail)
             if self._ping_failures[cluster] >= 2:
                 for session in sessions:
                     await self._end(session, f"cluster {cluster!r} is unavailable")

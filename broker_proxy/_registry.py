@@ -70,6 +70,12 @@ class SessionRegistry:
             entry.expires_at = now + self.ttl_s
         return entry
 
+    def extend(self, *, now: float) -> None:
+        """Give every session a full ``ttl_s`` from ``now`` (none of them could be kept alive
+        while the broker was away)."""
+        for entry in self._entries.values():
+            entry.expires_at = max(entry.expires_at, now + self.ttl_s)
+
     def remove(self, session: str) -> SessionEntry | None:
         entry = self._entries.pop(session, None)
         if entry is not None:

@@ -250,7 +250,12 @@ def decode_session_ref(m: Mapping[str, Any]) -> SessionRef:
     return SessionRef(check_session_id(_field(m, "session", str)), _field(m, "token", str))
 
 
-def error_reply(code: str, message: str) -> bytes:
+def error_reply(code: str, message: str, *, retry: bool = False) -> bytes:
+    """An error reply; ``retry`` marks a passing refusal (the proxy is busy) that the same
+    request may meet with success a moment later."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    return encode_map({"ok": False, "error": {"code": code, "message": message}})
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry:
+        error["retry"] = True
+    return encode_map({"ok": False, "error": error})
