@@ -1,6 +1,6 @@
 """consumers: the client library (verify, decrypt, order, policy) and the CLI."""
 
-from consumers._client import Client, Stats, Subscription
+from consumers._client import Client, Resumed, Stats, Subscription
 from consumers._config import ClientConfig, TokenFile, default_trust_store
 from sealstream.crypto import Batch, ConsumerKey, TrustStore
 
@@ -9,6 +9,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConsumerKey",
+    "Resumed",
     "Stats",
     "Subscription",
     "TokenFile",

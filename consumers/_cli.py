@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
-from consumers._client import Client, Subscription
+from consumers._client import Client, Resumed, Subscription
 from consumers._config import ClientConfig, TokenFile
 from consumers._view import JsonLinesWriter, LiveTable
-from sealstream import BrokerError, SessionError, configure_logging
+from sealstream import SessionError, configure_logging
 from sealstream._run import run
 from sealstream.crypto import Batch, TrustStore
 
@@ -66,7 +66,21 @@ def _parser() -> argparse.ArgumentParser:
         "--retry",
         type=float,
         default=0.0,
-        help="keep retrying for this many seconds while the cluster is unavailable",
+        help="keep retrying the first open for this many seconds while the proxy is busy or "
+        "the cluster unavailable",
+    )
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="stop when the session ends for an infrastructure reason (expired, lost, "
+        "cluster gone) instead of opening a new one",
+    )
+    p.add_argument(
+        "--resume-timeout",
+        type=float,
+        default=300.0,
+        help="how long a resume keeps retrying a busy or unavailable open (default 300 s)",
     )
     p.add_argument("--log-level", default="warning")
     sub = p.add_subparsers(dest="command")
@@ -96,29 +110,20 @@ def _trust(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _open(client: Client, cluster: str, streams: list[str], retry_s: float) -> Subscription:
-    deadline = time.monotonic() + retry_s
-    while True:
-        sub = client.subscribe(cluster, streams)
-        try:
-            await sub.__aenter__()
-        except BrokerError:
-            if time.monotonic() < deadline:  # the proxy may still be starting
-                await asyncio.sleep(0.3)
-                continue
-            raise
-        except SessionError as exc:
-            if exc.code == "cluster_unavailable" and time.monotonic() < deadline:
-                await asyncio.sleep(0.3)
-                continue
-            raise SessionError(exc.code, f"{exc.detail} ({_HINTS.get(exc.code, '')})") from None
-        return sub
-
-
 async def consume(config: ClientConfig, args: argparse.Namespace) -> int:
     streams = args.stream or ["http_events"]
     async with Client(config) as client:
-        sub = await _open(client, args.cluster, streams, args.retry)
+        sub = client.subscribe(
+            args.cluster,
+            streams,
+            resume=args.resume,
+            retry_s=args.retry,
+            resume_timeout_s=args.resume_timeout,
+        )
+        try:
+            await sub.__aenter__()
+        except SessionError as exc:
+            raise SessionError(exc.code, f"{exc.detail} ({_HINTS.get(exc.code, '')})") from None
         try:
             return await _show(sub, args)
         finally:
@@ -132,7 +137,15 @@ def _upto(batch: Batch, room: int | None) -> Batch:
     return dataclasses.replace(batch, rows=batch.rows[:room])
 
 
-async def _show(sub: Subscription, args: argparse.Namespace) -> int:
+def _resumed(marker: Resumed) -> None:
+    print(
+        f"resumed: session {marker.previous[:12]}… ended ({marker.reason}); rows until "
+        f"{marker.session[:12]}… opened are lost",
+        file=sys.stderr,
+    )
+
+
+async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.duration if args.duration else None
     rows = 0
 
@@ -141,6 +154,9 @@ async def _show(sub: Subscription, args: argparse.Namespace) -> int:
         if args.output == "jsonl":
             writer = JsonLinesWriter()
             async for batch in sub:
+                if isinstance(batch, Resumed):
+                    _resumed(batch)
+                    continue
                 shown = _upto(batch, args.limit - rows if args.limit else None)
                 writer.add(shown)
                 rows += len(shown.rows)
@@ -150,6 +166,11 @@ async def _show(sub: Subscription, args: argparse.Namespace) -> int:
         view = LiveTable(sub.cluster, sub.session_id)
         with Live(view.render(), console=Console(), refresh_per_second=4, transient=False) as live:
             async for batch in sub:
+                if isinstance(batch, Resumed):
+                    view.session = batch.session
+                    view.stats = sub.stats()
+                    live.update(view.render())
+                    continue
                 shown = _upto(batch, args.limit - rows if args.limit else None)
                 view.add(shown)
                 view.stats = sub.stats()
@@ -169,9 +190,10 @@ async def _show(sub: Subscription, args: argparse.Namespace) -> int:
     if sub.end_reason is not None:
         print(f"session ended by the cluster: {sub.end_reason}", file=sys.stderr)
     stats = sub.stats()
-    if stats.rejected or stats.lost or stats.dropped:
+    if stats.rejected or stats.lost or stats.dropped or stats.sessions > 1:
         print(
-            f"rejected {stats.rejected}, lost {stats.lost}, dropped {stats.dropped}",
+            f"rejected {stats.rejected}, lost {stats.lost}, dropped {stats.dropped}, "
+            f"sessions {stats.sessions}",
             file=sys.stderr,
         )
     return 0

@@ -1,22 +1,29 @@
 """The consumer library: ``async with Client(config) as client`` then
 ``async with client.subscribe(cluster, streams) as sub: async for batch in sub: ...``.
 
-Each subscription makes an ephemeral key pair (off the event loop), subscribes its inbox
-BEFORE asking the proxy to open the session, keeps the session alive, and verifies and
-decrypts every envelope. Failures follow the policy: ``fail`` raises the one opaque
-:class:`IntegrityError`, ``discard`` drops and counts.
+Each session makes an ephemeral key pair (off the event loop), subscribes its inbox BEFORE
+asking the proxy to open the session, keeps the session alive, and verifies and decrypts every
+envelope. Failures follow the policy: ``fail`` raises the one opaque :class:`IntegrityError`,
+``discard`` drops and counts.
+
+With ``resume=True`` a subscription outlives its sessions: when one ends for an
+infrastructure reason (expired, ended by the proxy, lost, the cluster unavailable), it opens a
+new one with a fresh key and yields a :class:`Resumed` marker before the new session's rows.
+What the cluster authenticated (its ``end``), a trust error and an integrity failure under
+the ``fail`` policy end it for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Literal, Self, TypeVar, overload
 
 import nats.errors
 import structlog
@@ -29,7 +36,7 @@ from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
 from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
 
-__all__ = ["Client", "Stats", "Subscription"]
+__all__ = ["Client", "Resumed", "Stats", "Subscription"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +52,26 @@ class Stats:
     dropped: int
     gaps: int
     lost: int
+    #: sessions used (more than 1 after a resume)
+    sessions: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Yielded by a ``resume=True`` subscription when a new session replaced one that ended:
+    rows sealed between the two were lost and are NOT counted in ``lost``."""
+
+    previous: str
+    session: str
+    reason: str
+    #: open attempts it took (busy or unavailable refusals are retried with backoff)
+    attempts: int
+
+
+_T = TypeVar("_T", "Batch", "Batch | Resumed")
+#: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
+_BACKOFF_FIRST = 0.2
+_BACKOFF_MAX = 5.0
 
 
 class Client:
@@ -87,12 +114,70 @@ class Client:
             raise RuntimeError("use the client inside 'async with'")
         return self._nc
 
+    @overload
     def subscribe(
-        self, cluster: str, streams: Sequence[str], *, key: ConsumerKey | None = None
-    ) -> Subscription:
-        """A session on ``cluster`` for ``streams``; enter it with ``async with``."""
+        self,
+        cluster: str,
+        streams: Sequence[str],
+        *,
+        key: ConsumerKey | None = None,
+        resume: Literal[False] = False,
+        retry_s: float = 0.0,
+        resume_timeout_s: float = 120.0,
+    ) -> Subscription[Batch]: ...
+
+    @overload
+    def subscribe(
+        self,
+        cluster: str,
+        streams: Sequence[str],
+        *,
+        key: ConsumerKey | None = None,
+        resume: Literal[True],
+        retry_s: float = 0.0,
+        resume_timeout_s: float = 120.0,
+    ) -> Subscription[Batch | Resumed]: ...
+
+    @overload
+    def subscribe(
+        self,
+        cluster: str,
+        streams: Sequence[str],
+        *,
+        key: ConsumerKey | None = None,
+        resume: bool,
+        retry_s: float = 0.0,
+        resume_timeout_s: float = 120.0,
+    ) -> Subscription[Batch | Resumed]: ...
+
+    def subscribe(
+        self,
+        cluster: str,
+        streams: Sequence[str],
+        *,
+        key: ConsumerKey | None = None,
+        resume: bool = False,
+        retry_s: float = 0.0,
+        resume_timeout_s: float = 120.0,
+    ) -> Subscription[Any]:
+        """A session on ``cluster`` for ``streams``; enter it with ``async with``.
+
+        ``key`` is the first session's key (default: a fresh one). An open refused as passing
+        (the proxy busy, the cluster unavailable, no proxy answering) is retried with backoff
+        for ``retry_s`` seconds. With ``resume``, a session that ends for an infrastructure
+        reason is replaced by a new one (retried for up to ``resume_timeout_s``), and the
+        iterator yields a :class:`Resumed` marker between them.
+        """
+        if retry_s < 0 or resume_timeout_s < 0:
+            raise ValueError("retry_s and resume_timeout_s must not be negative")
         return Subscription(
-            self, check_cluster_id(cluster), [check_stream(s) for s in streams], key
+            self,
+            check_cluster_id(cluster),
+            [check_stream(s) for s in streams],
+            key,
+            resume=resume,
+            retry_s=retry_s,
+            resume_timeout_s=resume_timeout_s,
         )
 
     def token(self) -> str:
@@ -131,58 +216,50 @@ class Client:
             error = reply.get("error")
             if not isinstance(error, dict):
                 raise SessionError("bad_request", "malformed error reply")
-            raise SessionError(str(error.get("code", "bad_request")), str(error.get("message", "")))
+            code = str(error.get("code", "bad_request"))
+            message = str(error.get("message", ""))
+            if error.get("retry") is True:  # the proxy is busy: the same request may pass later
+                raise SessionError(code, message, retriable=True)
+            raise SessionError(code, message)
         return reply
 
 
-class Subscription(AsyncResource):
-    """One live session: an async iterator of :class:`Batch` until the producer ends it."""
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A session is over without an authenticated end; ``resumable`` if a new one may
+    replace it (not when the token was refused, or the client closed)."""
+
+    reason: str
+    resumable: bool
+
+
+class _Session(AsyncResource):
+    """One live session: key pair, inbox subscription, the open, keepalives, and a bounded
+    queue of what arrives on the inbox."""
 
     def __init__(
         self, client: Client, cluster: str, streams: list[str], key: ConsumerKey | None
     ) -> None:
+        super().__init__()
         self._client = client
         self.cluster = cluster
         self.streams = streams
         self._key = key
-        self.session: ConsumerSession | None = None
-        self.end_reason: str | None = None
+        self.crypto: ConsumerSession | None = None
         cfg = client.config
-        self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(cfg.queue_size)
+        self.queue: asyncio.Queue[bytes | _Lost | BaseException] = asyncio.Queue(cfg.queue_size)
         self._sub: Any = None
-        super().__init__()
         self._stop = asyncio.Event()
-        self._received = 0
-        self._batches = 0
-        self._rows = 0
-        self._dropped = 0
+        self.received = 0
+        self.dropped = 0
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
         self._closed = False
 
-    @property
-    def session_id(self) -> str:
-        if self.session is None:
-            raise RuntimeError("subscription not started")
-        return self.session.session
-
-    def stats(self) -> Stats:
-        s = self.session
-        rejected: Counter[str] = Counter(s.rejected if s else {})
-        return Stats(
-            received=self._received,
-            batches=self._batches,
-            rows=self._rows,
-            rejected=dict(rejected),
-            dropped=self._dropped,
-            gaps=s.gaps if s else 0,
-            lost=s.lost if s else 0,
-        )
-
     async def _start(self) -> None:
         cfg = self._client.config
         key = self._key or await ConsumerKey.agenerate(cfg.key_kind)
-        self.session = ConsumerSession(
+        self.crypto = ConsumerSession(
             key,
             cluster=self.cluster,
             trust=self._client.trust,
@@ -207,7 +284,7 @@ class Subscription(AsyncResource):
         reply = await self._client.request(subjects.api_open, req.to_map())
         if reply.get("session") != key.session_id:
             raise BrokerError("the proxy answered for another session")
-        self._stack.push_async_callback(self._close_session)
+        self._stack.push_async_callback(self.close)
         ka = reply.get("keepalive_s")
         if isinstance(ka, int | float) and not isinstance(ka, bool) and ka > 0:
             self.keepalive_s = float(ka)
@@ -229,26 +306,29 @@ class Subscription(AsyncResource):
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def _close_session(self) -> None:
-        if self._closed or self.session is None or self._client.nc.is_closed:
+    async def close(self) -> None:
+        """Tell the proxy the session is over (once; best effort: it expires it anyway)."""
+        self._stop.set()  # no keepalive after this
+        if self._closed or self.crypto is None or self._client.nc.is_closed:
             return
         self._closed = True
         try:
-            body = {"v": VERSION, "token": self._client.token(), "session": self.session.session}
+            body = {"v": VERSION, "token": self._client.token(), "session": self.crypto.session}
             # short: on shutdown the proxy may be going away too; it expires the session anyway
             await self._client.request(self._client.subjects.api_close, body, timeout_s=2.0)
         except (BrokerError, SessionError) as exc:
-            log.info("session.close_failed", session=self.session.session, error=str(exc))
+            log.info("session.close_failed", session=self.crypto.session, error=str(exc))
 
     async def _keepalive(self) -> None:
-        assert self.session is not None
+        assert self.crypto is not None
+        session = self.crypto.session
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
             if self._stop.is_set():
                 return
             if self._client._nc is None:  # the client was closed under the subscription
-                self._push(SessionError("ended", "the client is closed"))
+                self.push(_Lost("the client is closed", resumable=False))
                 return
             try:
                 # read each time: a TokenFile renewed on disk keeps the session going
@@ -256,57 +336,205 @@ class Subscription(AsyncResource):
             except SessionError as exc:
                 # a file caught mid-rewrite reads empty: try again at the next interval (the
                 # proxy's expiry bounds how long)
-                log.warning(
-                    "session.token_unreadable", session=self.session.session, error=exc.detail
-                )
+                log.warning("session.token_unreadable", session=session, error=exc.detail)
                 continue
             try:
-                body = {"v": VERSION, "token": token, "session": self.session.session}
+                body = {"v": VERSION, "token": token, "session": session}
                 await self._client.request(self._client.subjects.api_keepalive, body)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
-                    log.warning(
-                        "session.keepalive_refused", session=self.session.session, code=exc.code
-                    )
+                    log.warning("session.keepalive_refused", session=session, code=exc.code)
                     continue
-                self._push(SessionError("ended", f"session lost: {exc.detail}"))
+                # the proxy no longer knows it (resumable), or refuses our token (not)
+                resumable = exc.code == "bad_request"
+                self.push(_Lost(f"session lost: {exc.detail}", resumable=resumable))
                 return
             except BrokerError as exc:
                 nc = self._client._nc
                 if nc is None or nc.is_closed:  # no connection will come back: say so
-                    self._push(SessionError("ended", "the NATS connection is closed"))
+                    self.push(_Lost("the NATS connection is closed", resumable=False))
                     return
-                log.warning(
-                    "session.keepalive_failed", session=self.session.session, error=str(exc)
-                )
+                log.warning("session.keepalive_failed", session=session, error=str(exc))
 
-    def _push(self, item: bytes | BaseException) -> None:
+    def push(self, item: bytes | _Lost | BaseException) -> None:
         try:
-            self._queue.put_nowait(item)
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self._dropped += 1
+            self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
-                log.warning("inbox.overflow", dropped=self._dropped, queue=self._queue.maxsize)
+                log.warning("inbox.overflow", dropped=self.dropped, queue=self.queue.maxsize)
 
     async def _on_msg(self, msg: Any) -> None:
-        self._received += 1
-        self._push(msg.data)
+        self.received += 1
+        self.push(msg.data)
+
+
+class Subscription(AsyncResource, Generic[_T]):
+    """A live subscription: an async iterator of :class:`Batch` (and, with ``resume``,
+    :class:`Resumed` markers) until the producer ends it."""
+
+    def __init__(
+        self,
+        client: Client,
+        cluster: str,
+        streams: list[str],
+        key: ConsumerKey | None,
+        *,
+        resume: bool = False,
+        retry_s: float = 0.0,
+        resume_timeout_s: float = 120.0,
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self.cluster = cluster
+        self.streams = streams
+        self._key = key
+        self._resume = resume
+        self._retry_s = retry_s
+        self._resume_timeout_s = resume_timeout_s
+        self._live: _Session | None = None
+        self.end_reason: str | None = None
+        #: every resume so far, oldest first
+        self.resumes: list[Resumed] = []
+        self._batches = 0
+        self._rows = 0
+        self._past = Stats(0, 0, 0, {}, 0, 0, 0, 0)  # what ended sessions received
+
+    @property
+    def session(self) -> ConsumerSession | None:
+        """The current session's verification state (None before the start)."""
+        return self._live.crypto if self._live is not None else None
+
+    @property
+    def session_id(self) -> str:
+        if self.session is None:
+            raise RuntimeError("subscription not started")
+        return self.session.session
+
+    @property
+    def keepalive_s(self) -> float:
+        return self._live.keepalive_s if self._live is not None else 10.0
+
+    def stats(self) -> Stats:
+        """Counters over every session of this subscription."""
+        live, past = self._live, self._past
+        s = live.crypto if live is not None else None
+        rejected: Counter[str] = Counter(past.rejected)
+        rejected.update(s.rejected if s else {})
+        return Stats(
+            received=past.received + (live.received if live else 0),
+            batches=self._batches,
+            rows=self._rows,
+            rejected=dict(rejected),
+            dropped=past.dropped + (live.dropped if live else 0),
+            gaps=past.gaps + (s.gaps if s else 0),
+            lost=past.lost + (s.lost if s else 0),
+            sessions=past.sessions + (1 if live else 0),
+        )
+
+    async def _start(self) -> None:
+        self._live, _ = await self._open(self._key, self._retry_s)
+        self._stack.push_async_callback(self._close_live)
+
+    async def _close_live(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            self._past = self._stats_with(live)
+            await live.aclose()
+
+    def _stats_with(self, live: _Session) -> Stats:
+        """``_past`` with an ending session's counters added."""
+        past, s = self._past, live.crypto
+        rejected: Counter[str] = Counter(past.rejected)
+        rejected.update(s.rejected if s else {})
+        return Stats(
+            received=past.received + live.received,
+            batches=0,
+            rows=0,
+            rejected=dict(rejected),
+            dropped=past.dropped + live.dropped,
+            gaps=past.gaps + (s.gaps if s else 0),
+            lost=past.lost + (s.lost if s else 0),
+            sessions=past.sessions + 1,
+        )
+
+    async def _open(self, key: ConsumerKey | None, budget_s: float) -> tuple[_Session, int]:
+        """Open a session, retrying passing refusals with backoff and jitter for
+        ``budget_s`` seconds; the session and the attempts it took."""
+        deadline = time.monotonic() + budget_s
+        delay = _BACKOFF_FIRST
+        attempts = 0
+        while True:
+            attempts += 1
+            live = _Session(self._client, self.cluster, self.streams, key)
+            try:
+                await live.__aenter__()
+            except (BrokerError, SessionError) as exc:
+                if not self._passing(exc):
+                    raise
+                wait = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not a secret
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.info(
+                    "session.open_retry",
+                    cluster=self.cluster,
+                    attempt=attempts,
+                    error=str(exc),
+                    wait_s=round(wait, 3),
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                key = None  # a key is single-use: the proxy may have registered it
+                continue
+            return live, attempts
+
+    def _passing(self, exc: BrokerError | SessionError) -> bool:
+        """A refusal the same open may get past later: the proxy busy or restarting, the
+        cluster unavailable (a producer restarting); not one about the request itself."""
+        nc = self._client._nc
+        if nc is None or nc.is_closed:
+            return False
+        if isinstance(exc, SessionError):
+            return exc.code == "cluster_unavailable" or exc.retriable
+        return exc.retriable
+
+    async def _resume_after(self, reason: str) -> Resumed:
+        """Replace the current session by a new one (fresh key)."""
+        previous = self.session_id
+        log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
+        await self._close_live()
+        self._live, attempts = await self._open(None, self._resume_timeout_s)
+        marker = Resumed(previous, self.session_id, reason, attempts)
+        self.resumes.append(marker)
+        log.info(
+            "session.resumed",
+            cluster=self.cluster,
+            previous=previous,
+            session=marker.session,
+            attempts=attempts,
+        )
+        return marker
 
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Batch:
-        session = self.session
-        if session is None:
-            raise RuntimeError("use the subscription inside 'async with'")
+    async def __anext__(self) -> _T:
         while True:
+            live = self._live
+            if live is None or live.crypto is None:
+                raise RuntimeError("use the subscription inside 'async with'")
             if self.end_reason is not None:
                 raise StopAsyncIteration
-            item = await self._queue.get()
+            item = await live.queue.get()
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, _Lost):
+                if self._resume and item.resumable:
+                    return await self._resume_after(item.reason)  # type: ignore[return-value]
+                raise SessionError("ended", item.reason)
+            session = live.crypto
             result = await self._open_one(session, item)
             if isinstance(result, Batch):
                 self._batches += 1
@@ -317,14 +545,16 @@ class Subscription(AsyncResource):
                 log.info("session.ended", session=session.session, reason=result.reason)
                 # the proxy cannot tell a genuine end from a forged one: the consumer, which
                 # verified it, stops its keepalives and lets the proxy's session go now
-                self._stop.set()
-                await self._close_session()
+                await live.close()
                 raise StopAsyncIteration
             if isinstance(result, Notice):
                 log.info("session.notice", session=session.session, code=result.code)
                 if result.code in ("expired", "ended"):
                     # unauthenticated, but a relay able to send it could drop everything anyway
-                    raise SessionError("ended", f"the proxy ended this session: {result.message}")
+                    reason = f"the proxy ended this session: {result.message}"
+                    if self._resume:
+                        return await self._resume_after(reason)  # type: ignore[return-value]
+                    raise SessionError("ended", reason)
 
     async def _open_one(
         self, session: ConsumerSession, payload: bytes

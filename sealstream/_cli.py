@@ -205,6 +205,8 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         limit=args.limit,
         duration=args.duration,
         retry=20.0,
+        resume=True,
+        resume_timeout=300.0,
     )
     return await consume(config, view_args)
 

@@ -74,9 +74,12 @@ class SessionError(SealstreamError):
 
     ``code`` is one of ``bad_request``, ``unauthorized``, ``forbidden``, ``cluster_unavailable``,
     ``limit_exceeded`` (from the contract) or ``ended`` when a live session is over.
+    ``retriable`` defaults by code; a refusal the proxy marks as passing (busy) sets it.
     """
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}", retriable=code in {"cluster_unavailable", "ended"})
+    def __init__(self, code: str, message: str, *, retriable: bool | None = None) -> None:
+        if retriable is None:
+            retriable = code in {"cluster_unavailable", "ended"}
+        super().__init__(f"{code}: {message}", retriable=retriable)
         self.code = code
         self.detail = message

@@ -150,7 +150,7 @@ async def make_stack(
 
 
 async def collect_rows(
-    sub: Subscription,
+    sub: Subscription[Batch],
     n: int,
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a bound for the whole collection

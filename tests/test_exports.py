@@ -62,6 +62,7 @@ EXPECTED: dict[str, list[str]] = {
         "Client",
         "ClientConfig",
         "ConsumerKey",
+        "Resumed",
         "Stats",
         "Subscription",
         "TokenFile",

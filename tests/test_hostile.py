@@ -42,7 +42,7 @@ from jwcrypto import jwk as jc_jwk
 from jwcrypto import jws as jc_jws
 from structlog.testing import capture_logs
 
-from consumers import Subscription
+from consumers import Batch, Subscription
 from sealstream import SESSION_STREAM
 from sealstream._jwk import b64u_encode
 from sealstream._nats import connect
@@ -813,7 +813,7 @@ class Steady:
     """The legitimate producer: one row every few milliseconds until stopped, and a reader
     that collects them until the final marker row."""
 
-    def __init__(self, stack: Stack, sub: Subscription) -> None:
+    def __init__(self, stack: Stack, sub: Subscription[Batch]) -> None:
         self.stack = stack
         self.sub = sub
         self.sent: list[dict[str, Any]] = []
@@ -845,7 +845,7 @@ class Steady:
 
 
 @contextlib.asynccontextmanager
-async def legit_stream(stack: Stack, sub: Subscription) -> AsyncIterator[Steady]:
+async def legit_stream(stack: Stack, sub: Subscription[Batch]) -> AsyncIterator[Steady]:
     """Run the steady stream in a task group owned by the test; yields the :class:`Steady`."""
     steady = Steady(stack, sub)
     async with asyncio.TaskGroup() as tg:
@@ -924,7 +924,7 @@ class Counts:
     received: int  # messages on the legit consumer's inbox
 
     @classmethod
-    def of(cls, stack: Stack, sub: Subscription) -> Counts:
+    def of(cls, stack: Stack, sub: Subscription[Batch]) -> Counts:
         proxy, agent = stack.proxy, stack.agent
         return cls(
             refused=sum(proxy.refused.values()),
@@ -939,7 +939,9 @@ class Counts:
         return Counts(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
-async def storm(stack: Stack, sub: Subscription, shots: Sequence[Shot], send: Sender) -> None:
+async def storm(
+    stack: Stack, sub: Subscription[Batch], shots: Sequence[Shot], send: Sender
+) -> None:
     """Send ``shots`` during a steady legit stream; check every count and the stream."""
     control = stack.subjects.control(stack.cluster)
     outcome = Outcome(shots=list(shots))

@@ -50,7 +50,7 @@ def _key(kind: str, rsa_key: ConsumerKey) -> ConsumerKey:
     return rsa_key if kind == "rsa" else fresh_key("x25519")
 
 
-def _check_batches(sub: Subscription, batches: list[Batch], stream: str) -> None:
+def _check_batches(sub: Subscription[Batch], batches: list[Batch], stream: str) -> None:
     seqs = [b.seq for b in batches]
     assert seqs == sorted(set(seqs))
     assert all(b.stream == stream and b.lost_before == 0 for b in batches)
