@@ -46,6 +46,9 @@ __all__ = ["Proxy"]
 
 log = structlog.get_logger(__name__)
 
+#: after the proxy reconnects, how long before it pings the clusters (see _ping_soon)
+_RECONNECT_SETTLE_S = 1.0
+
 
 class Proxy(AsyncResource):
     """``async with Proxy(config):`` serves until the block exits.
@@ -403,13 +406,21 @@ class Proxy(AsyncResource):
     async def _on_reconnected(self) -> None:
         """Our own connection is back: nobody could keep a session alive, and no cluster could
         answer a ping, while it was down. Expiry restarts from now, silence counts again
-        after a grace period, and the clusters are pinged at once (a producer holds what it
-        buffered until it hears from a proxy)."""
+        after a grace period, and the clusters are pinged a moment later (a producer holds
+        what it buffered until it hears from a proxy)."""
         now = self._clock()
         self._grace_until = now + self._grace_s()
         self._ping_failures.clear()
         self.registry.extend(now=now)
         log.info("proxy.reconnected", sessions=len(self.registry))
+        if self._tg is not None:
+            self._tg.create_task(self._ping_soon())
+
+    async def _ping_soon(self) -> None:
+        # Clients retry every 0.5 s: a moment after our reconnect, the consumers are back on
+        # their inboxes too. The ping then releases what the producers held; sent at once,
+        # it could make them publish before a consumer resubscribed.
+        await asyncio.sleep(_RECONNECT_SETTLE_S)
         self._ping_now.set()
 
     def _grace_s(self) -> float:

@@ -149,6 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
     b.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+    c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
+    c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--consumers", type=int, default=3)
+    c.add_argument("--rate", type=float, default=200.0, help="rows/s from the producer")
+    c.add_argument("--min-outage", type=float, default=1.0, help="nats-server outage, s")
+    c.add_argument("--max-outage", type=float, default=60.0, help="nats-server outage, s")
+    c.add_argument(
+        "--faults", help="fault kinds in this order, cycled (nats,proxy-a,proxy-b,producer)"
+    )
+    c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
     return p
 
 
@@ -158,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         from sealstream._bench import bench_main
 
         return bench_main(args)
+    if args.command == "chaos":
+        from sealstream._chaos import chaos_main
+
+        return chaos_main(args)
     configure_logging(level="warning")
 
     async def go() -> int:
