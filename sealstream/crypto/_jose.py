@@ -55,6 +55,7 @@ __all__ = [
     "open_with_key",
     "parse_compact",
     "seal_dir",
+    "seal_protected",
     "seal_to_key",
     "sign_claims",
     "verify_claims",
@@ -331,9 +332,24 @@ def seal_dir(
     """
     if header.get("alg") != "dir" or header.get("enc") != ENC:
         raise ValueError("seal_dir needs alg=dir, enc=A256GCM")
-    if header.get("zip") == "DEF":
+    return seal_protected(
+        aead, _encode_header(header), plaintext, deflate=header.get("zip") == "DEF", nonce=nonce
+    )
+
+
+def seal_protected(
+    aead: AESGCM,
+    protected: bytes,
+    plaintext: bytes,
+    *,
+    deflate: bool = False,
+    nonce: bytes | None = None,
+) -> bytes:
+    """:func:`seal_dir` with the protected header already encoded (base64url of its JSON),
+    for a caller that builds it from a template; it must say ``alg`` dir, ``enc`` A256GCM,
+    and ``zip`` DEF exactly when ``deflate``."""
+    if deflate:
         plaintext = _deflate(plaintext)
-    protected = _encode_header(header)
     iv = os.urandom(_NONCE) if nonce is None else nonce
     sealed = aead.encrypt(iv, plaintext, protected)
     return b".".join(

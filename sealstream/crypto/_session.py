@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealstream._errors import IntegrityError, TrustError, WireError
 from sealstream._ids import SESSION_STREAM, check_cluster_id, check_session_id, check_stream
-from sealstream._jwk import b64u_decode, b64u_encode, check_public_jwk, thumbprint
+from sealstream._jwk import (
+    b64u_decode,
+    b64u_encode,
+    b64u_encode_bytes,
+    check_public_jwk,
+    thumbprint,
+)
 from sealstream._wire import (
     DEFAULT_MAX_ENVELOPE,
     Envelope,
@@ -44,7 +50,7 @@ from sealstream.crypto._jose import (
     open_dir,
     open_with_key,
     parse_compact,
-    seal_dir,
+    seal_protected,
     seal_to_key,
     sign_claims,
     verify_claims,
@@ -155,6 +161,8 @@ class ProducerSession:
         self.ended = False
         self._kid = ""
         self._aead: AESGCM | None = None
+        self._header_head = ""
+        self._header_tail = ',"zip":"DEF"}' if compress else "}"
         self._key_uses = 0
         self._key_born = 0
 
@@ -204,6 +212,10 @@ class ProducerSession:
         }
         body = seal_to_key(self._jwk, header, jws)
         self._aead = aead(secret)
+        self._header_head = (
+            f'{{"alg":"dir","enc":"{ENC}","kid":"{self._kid}","cluster":"{self.cluster}",'
+            f'"session":"{self.session}","stream":"'
+        )
         self._key_uses = 0
         self._key_born = now
         log.debug("session.key_rotated", session=self.session, epoch=self.epoch)
@@ -227,21 +239,13 @@ class ProducerSession:
             out.append(self._key_envelope(now))
         assert self._aead is not None
         seq = self._next_seq()
-        header = {  # the routing fields of _routing(), in one literal: this runs per message
-            "alg": "dir",
-            "enc": ENC,
-            "kid": self._kid,
-            "cluster": self.cluster,
-            "session": self.session,
-            "stream": stream,
-            "seq": seq,
-            "kind": kind,
-            "ts": now,
-        }
-        if self._zip:
-            header["zip"] = "DEF"
+        # the protected header from the key's template: this runs per message. Every value
+        # is an identifier of a restricted alphabet or an integer, so no JSON escaping.
+        text = f'{self._header_head}{stream}","seq":{seq},"kind":"{kind}","ts":{now}'
+        protected = b64u_encode_bytes((text + self._header_tail).encode("ascii"))
         self._key_uses += 1
-        out.append(self._envelope(kind, stream, seq, now, seal_dir(self._aead, header, plaintext)))
+        body = seal_protected(self._aead, protected, plaintext, deflate=self._zip)
+        out.append(self._envelope(kind, stream, seq, now, body))
         return out
 
     def start(self) -> list[bytes]:
