@@ -68,7 +68,7 @@ class Seen:
     resumes: int = 0
     sessions: int = 0
     lost: int = 0
-    rejected: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     last: dict[int, int] = field(default_factory=dict)
     seen: set[tuple[int, int]] = field(default_factory=set)
@@ -230,7 +230,7 @@ async def _consume(config: ClientConfig, seen: Seen) -> None:
             finally:
                 stats = sub.stats()
                 seen.sessions, seen.lost = stats.sessions, stats.lost
-                seen.rejected = sum(stats.rejected.values())
+                seen.rejected = stats.rejected
     except SealstreamError as exc:
         seen.error = f"{type(exc).__name__}: {exc}"
 
