@@ -66,6 +66,7 @@ class Seen:
     duplicates: int = 0
     out_of_order: int = 0
     resumes: int = 0
+    resume_reasons: list[str] = field(default_factory=list)
     sessions: int = 0
     lost: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -225,6 +226,7 @@ async def _consume(config: ClientConfig, seen: Seen) -> None:
                 async for item in sub:
                     if isinstance(item, Resumed):
                         seen.resumes += 1
+                        seen.resume_reasons.append(item.reason)
                     else:
                         seen.add(item)
             finally:
