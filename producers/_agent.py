@@ -80,6 +80,7 @@ class Agent(AsyncResource):
         self.refused: Counter[str] = Counter()
         self.outbox = Outbox(max_bytes=config.buffer_bytes)
         self._wake = asyncio.Event()  # the sender has something to try
+        self._connected = asyncio.Event()
         #: after a reconnect, hold buffered envelopes until a proxy shows it is back (a
         #: control request) or this deadline (monotonic) passes: published before the proxy
         #: resubscribed, they would be lost
@@ -101,8 +102,10 @@ class Agent(AsyncResource):
             name=f"sealstream-producer.{self.config.cluster}",
             user=auth.user,
             password=auth.password,
+            disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
+        self._connected.set()
         self._stack.push_async_callback(self._shutdown)
         budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
@@ -153,6 +156,10 @@ class Agent(AsyncResource):
             for session in list(self.sessions):
                 await self.end_session(session, "producer stopping")
         self._hold_until = None
+        if self.outbox and not self._nc.is_connected:  # a restarting server gets 2 s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._connected.wait()
         async with self._lock:
             await self._drain()
         if self.outbox:
@@ -329,9 +336,13 @@ class Agent(AsyncResource):
                     await self._nc.flush(timeout=5)
                 self._wake.set()
 
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+
     async def _on_reconnected(self) -> None:
         # the proxy may not have resubscribed to the data subjects yet
         self._hold_until = time.monotonic() + self.config.resume_hold_s
+        self._connected.set()
         self._wake.set()
 
     def _log_drops(self, session: str, reason: str, count: int) -> None:
