@@ -164,8 +164,12 @@ async def test_proxy_subprocess_debug_log_holds_no_secrets(nats_url: str, tmp_pa
         )
     try:
         await _wait_for_line(log_path, "proxy.started", proc)
-        config = ProducerConfig(
-            cluster=CLUSTER, nats_url=nats_url, prefix=prefix, batching=FAST_BATCHING
+        config = ProducerConfig(  # about the proxy's log: the cluster takes the relay's word
+            cluster=CLUSTER,
+            nats_url=nats_url,
+            prefix=prefix,
+            batching=FAST_BATCHING,
+            trust_relay_authorization=True,
         )
         client_config = ClientConfig(
             nats_url=nats_url, prefix=prefix, token=token, request_timeout_s=5.0
