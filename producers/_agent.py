@@ -22,6 +22,7 @@ from producers._config import ProducerConfig
 from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
+from sealstream._jwk import check_public_jwk, thumbprint
 from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
@@ -340,8 +341,12 @@ class Agent(AsyncResource):
         session = check_session_id(m.get("session"))
         # the control op names no cluster: the subject it came on is this cluster's
         req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
+        # the request's form first (the same answer whoever asks), then who asks: a refused
+        # open learns nothing of this cluster
+        if thumbprint(check_public_jwk(req.jwk)) != session:
+            raise WireError("session_mismatch", "session id is not the key's thumbprint")
         reader: Authorized | None = None
-        if self._authz is not None:  # before anything else: a refused open learns nothing
+        if self._authz is not None:
             checked = self._authz.check(
                 proof=req.proof,
                 authz=req.authz,

@@ -23,7 +23,7 @@ import msgpack
 from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Subscription
 from producers import Agent, AuthzPolicy, Batching, ProducerConfig, Source
-from sealstream import Subjects, TokenVerifier, mint_token
+from sealstream import Subjects, TokenVerifier, mint_token, thumbprint
 from sealstream._nats import connect, settle
 from sealstream.crypto import (
     ClusterIdentity,
@@ -93,6 +93,24 @@ class Stack:
             clusters=list(clusters or [self.cluster]),
             ttl_s=ttl_s,
             secret=self.secret,
+        )
+
+    def proof(
+        self,
+        jwk: Any,
+        streams: Any,
+        *,
+        key_mode: Any = "session",
+        user: UserIdentity | None = None,
+        session: Any = None,
+    ) -> str:
+        """A genuine proof by ``user`` (default: the authorized one) for an open with this
+        key (or ``session``, when given), streams and key mode."""
+        return (user or self.user).prove(
+            cluster=self.cluster,
+            session=session if session is not None else thumbprint(jwk),
+            streams=streams,
+            key_mode=key_mode,
         )
 
     def trust(self) -> TrustStore:
