@@ -23,10 +23,12 @@ from joserfc import jws
 from structlog.testing import capture_logs
 
 from consumers import Client
-from producers import Agent, AuthzPolicy, ProducerConfig
-from sealstream import SessionError
+from producers import Agent, Authorized, Authorizer, AuthzPolicy, ProducerConfig
+from sealstream import SessionError, WireError
 from sealstream._jwk import b64u_encode
-from sealstream.crypto import ClusterIdentity, ConsumerKey, UserIdentity
+from sealstream._wire import MAX_PROOF, decode_open
+from sealstream.crypto import PROOF_TYP, ClusterIdentity, ConsumerKey, UserIdentity
+from sealstream.crypto._jose import sign_claims
 from tests.pipeline import Stack, Tap, collect_rows, eventually, fresh_key, make_stack
 
 BIN = Path(sys.executable).parent
@@ -478,9 +480,14 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     assert private.returncode == 1
     assert "private" in private.stderr
     revoked = _cli(
-        "sealstream-producer", "authorize", "revoke", "--key-file", key_file, "--jwk-file",
+        "sealstream-producer",
+        "authorize",
+        "revoke",
+        "--key-file",
+        key_file,
+        "--jwk-file",
         public_file,
-    )  # fmt: skip
+    )
     assert revoked.returncode == 0, revoked.stderr
     assert AuthzPolicy.load(policy_file).keys == {}
     unknown = _cli(
@@ -545,3 +552,107 @@ async def test_the_policy_is_read_again_when_it_changes(nats_url: str) -> None:
                     pass
         assert (err.value.code, err.value.detail) == ("forbidden", "key not authorized")
         await eventually(lambda: st.agent.sessions == {})
+
+
+def test_the_open_request_carries_proof_and_authz_as_capped_strings() -> None:
+    key = fresh_key()
+    base = {
+        "v": 1,
+        "token": "t",
+        "cluster": "c1",
+        "streams": ["records"],
+        "jwk": key.public_jwk,
+        "key_mode": "session",
+    }
+    req = decode_open({**base, "proof": "p.r.f", "authz": "a.b.c"})
+    assert (req.proof, req.authz) == ("p.r.f", "a.b.c")
+    assert req.forwarded() == {"proof": "p.r.f", "authz": "a.b.c"}
+    assert decode_open(req.to_map()) == req
+    assert decode_open(base).forwarded() == {}
+    for bad in (b"p.r.f", 5, None, "", "x" * (MAX_PROOF + 1)):
+        with pytest.raises(WireError):
+            decode_open({**base, "proof": bad})
+        with pytest.raises(WireError):
+            decode_open({**base, "authz": bad})
+
+
+# --- the checks one by one (the pure part) ----------------------------------------------------
+
+
+def _forged(claims: dict[str, Any], kid: str, signer: jose_jwk.OKPKey, **header: Any) -> str:
+    protected = {"alg": "Ed25519", "typ": "sealstream-open+jwt", "kid": kid, **header}
+    payload = json.dumps(claims).encode("utf-8")
+    return str(jws.serialize_compact(protected, payload, signer, algorithms=["Ed25519"]))
+
+
+def test_each_check_of_a_proof_refuses_with_its_reason(tmp_path: Path) -> None:
+    user = UserIdentity.generate()
+    policy_file = tmp_path / "authorized.json"
+    AuthzPolicy().with_key(user.public_jwk, ["records"])[0].save(policy_file)
+    authz = Authorizer(policy_file, cluster="c1", max_jti=3)
+    assert authz.refresh()
+    assert not authz.refresh()  # unchanged: not read again
+    now = time.time()
+    key = fresh_key()
+    good = {
+        "cluster": "c1",
+        "session": key.session_id,
+        "streams": ["records"],
+        "key_mode": "session",
+        "iat": int(now),
+        "jti": b64u_encode(os.urandom(16)),
+    }
+    mallory = jose_jwk.OKPKey.generate_key("Ed25519")
+
+    def check(proof: str | None, at: float = now) -> object:
+        return authz.check(
+            proof=proof,
+            authz=None,
+            session=key.session_id,
+            jwk=key.public_jwk,
+            streams=["records"],
+            key_mode="session",
+            now=at,
+        )
+
+    cases = {
+        "bad signature": _forged(good, user.kid, mallory),  # the authorized kid, another key
+        "malformed proof": _forged(good, user.kid, mallory, typ="JWT"),
+        "malformed claims": user.prove(
+            cluster="c1",
+            session=key.session_id,
+            streams=["records"],
+            key_mode="session",
+            jti="short",
+        ),
+    }
+    for reason, proof in cases.items():
+        assert check(proof) == reason
+    assert check("not a jws") == "malformed proof"
+    extra = sign_claims(user, {**good, "admin": True}, typ=PROOF_TYP).decode("ascii")
+    assert check(extra) == "malformed claims"  # exactly the six claims
+    assert check(_forged(good, mallory.thumbprint(), mallory)) == "key not authorized"
+    accepted = check(
+        user.prove(cluster="c1", session=key.session_id, streams=["records"], key_mode="session")
+    )
+    assert isinstance(accepted, Authorized)
+    assert accepted.identity == user.kid
+    assert authz.allows(accepted, frozenset({"records"}), now)
+    assert not authz.allows(accepted, frozenset({"records", "other"}), now)
+    # a full replay cache refuses rather than forgets
+    for _ in range(2):
+        proof = user.prove(
+            cluster="c1", session=key.session_id, streams=["records"], key_mode="session"
+        )
+        assert isinstance(check(proof), Authorized)
+    last = user.prove(cluster="c1", session=key.session_id, streams=["records"], key_mode="session")
+    assert check(last) == "too many opens"
+    assert isinstance(check(last, at=now + 121), str)  # out of the window: expired anyway
+    # the policy file gone: nothing is authorized, live sessions included
+    policy_file.unlink()
+    assert authz.refresh()
+    assert not authz.allows(accepted, frozenset({"records"}), now)
+    fresh = user.prove(
+        cluster="c1", session=key.session_id, streams=["records"], key_mode="session"
+    )
+    assert check(fresh) == "key not authorized"

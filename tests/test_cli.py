@@ -332,6 +332,18 @@ def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
     assert "forbidden" in line
 
 
+def test_consume_with_an_identity_the_cluster_does_not_authorize_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    stranger = setup.dir / "stranger.jwk"
+    made = _run("sealstream-consume", "identity", "create", "--file", stranger)
+    assert made.returncode == 0, made.stderr
+    done = setup.consume("--cluster", CLUSTER, "--identity", stranger, token=setup.token(CLUSTER))
+    line = _one_error_line(done)
+    assert line.startswith("error: forbidden: key not authorized (")
+    assert "identity show" in line  # what to do about it
+
+
 def test_consume_on_an_unknown_cluster_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
