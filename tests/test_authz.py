@@ -494,6 +494,26 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
         "sealstream-producer", "authorize", "revoke", "--key-file", key_file, "--thumbprint", kid
     )
     assert unknown.returncode == 1
+    issuer = jose_jwk.OKPKey.generate_key("Ed25519")
+    issuer_file = tmp_path / "issuer.pub.jwk"
+    issuer_file.write_text(json.dumps(issuer.as_dict(private=False)), encoding="utf-8")
+    trusted = _cli(
+        "sealstream-producer",
+        "authorize",
+        "add-issuer",
+        "--key-file",
+        key_file,
+        "--jwk-file",
+        issuer_file,
+        "--name",
+        "team",
+        "--until",
+        "4070908800",
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    assert AuthzPolicy.load(policy_file).issuers[issuer.thumbprint()].until == 4070908800
+    listed = _cli("sealstream-producer", "authorize", "list", "--key-file", key_file)
+    assert listed.stdout.split("\t")[:3] == ["issuer", issuer.thumbprint(), "team"]
 
 
 async def test_a_producer_without_a_policy_refuses_to_start(nats_url: str, tmp_path: Path) -> None:
