@@ -48,6 +48,9 @@ log = structlog.get_logger(__name__)
 
 #: after the proxy reconnects, how long before it pings the clusters (see _ping_soon)
 _RECONNECT_SETTLE_S = 1.0
+#: a producer's refusals the consumer hears as they are (a tuple: an unhashable code, a list or
+#: a map, must not raise TypeError in a set lookup)
+_PASSED_ON = ("bad_request", "forbidden", "limit_exceeded")
 
 
 class Proxy(AsyncResource):
@@ -342,6 +345,7 @@ class Proxy(AsyncResource):
             "key_mode": req.key_mode,
             "zip": req.zip,
             "user": claims.sub,
+            **req.forwarded(),  # the cluster's business, untouched
         }
         try:
             answer = await self._control(req.cluster, control)
@@ -352,8 +356,7 @@ class Proxy(AsyncResource):
             await self._forget(session)
             error = answer.get("error")
             code, message = "cluster_unavailable", "cluster refused the session"
-            # a tuple: an unhashable code (a list, a map) must not raise TypeError in a set lookup
-            if isinstance(error, dict) and error.get("code") in ("bad_request", "limit_exceeded"):
+            if isinstance(error, dict) and error.get("code") in _PASSED_ON:
                 code, message = error["code"], str(error.get("message", ""))[:200]
             raise SessionError(code, message)
         log.info(

@@ -1,8 +1,8 @@
 """consumers: the client library (verify, decrypt, order, policy) and the CLI."""
 
 from consumers._client import Client, Resumed, Stats, Subscription
-from consumers._config import ClientConfig, TokenFile, default_trust_store
-from sealstream.crypto import Batch, ConsumerKey, TrustStore
+from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
 __all__ = [
     "Batch",
@@ -14,5 +14,7 @@ __all__ = [
     "Subscription",
     "TokenFile",
     "TrustStore",
+    "UserIdentity",
+    "default_identity_file",
     "default_trust_store",
 ]

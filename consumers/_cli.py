@@ -1,5 +1,6 @@
 """``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
-as JSON lines); ``sealstream-consume trust ...`` manages the trust store."""
+as JSON lines); ``sealstream-consume trust ...`` manages the trust store, ``sealstream-consume
+identity ...`` the user's identity key (which a cluster authorizes)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ from rich.console import Console
 from rich.live import Live
 
 from consumers._client import Client, Resumed, Subscription
-from consumers._config import ClientConfig, TokenFile
+from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._view import JsonLinesWriter, LiveTable
-from sealstream import SessionError, configure_logging
+from sealstream import SealstreamError, SessionError, configure_logging
 from sealstream._run import run
-from sealstream.crypto import Batch, TrustStore
+from sealstream.crypto import Batch, TrustStore, UserIdentity
 
 __all__ = ["main"]
 
 _HINTS = {
     "unauthorized": "the token is missing, invalid or expired",
-    "forbidden": "the token does not allow this cluster",
+    "forbidden": "the token does not allow this cluster, or the cluster has not authorized "
+    "your identity for these streams ('sealstream-consume identity show' prints what to give "
+    "its operator)",
     "cluster_unavailable": "no producer serves this cluster (unknown cluster, or it is down)",
     "limit_exceeded": "a proxy limit was reached",
     "bad_request": "the proxy or the cluster refused the request",
@@ -44,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trust-store", type=Path, help="trust store file (env SEALSTREAM_TRUST_STORE)")
     p.add_argument("--tofu", action="store_true", help="pin an unknown cluster's key on first use")
+    p.add_argument(
+        "--identity",
+        type=Path,
+        help="identity key file (env SEALSTREAM_IDENTITY_FILE; default "
+        "~/.config/sealstream/identity.jwk if it exists)",
+    )
+    p.add_argument(
+        "--authz-file",
+        type=Path,
+        help="an issuer token naming your identity, if the cluster uses one",
+    )
     p.add_argument(
         "--key", choices=["rsa", "x25519", "p256"], help="ephemeral key type (default rsa)"
     )
@@ -91,7 +105,29 @@ def _parser() -> argparse.ArgumentParser:
         "--jwk-file", type=Path, help="public JWK (sealstream-producer key prints it)"
     )
     trust.add_argument("--trust-store", type=Path, dest="trust_store_sub")
+    ident = sub.add_parser("identity", help="your identity key, which clusters authorize")
+    ident.add_argument("action", choices=["create", "show"])
+    ident.add_argument(
+        "--file", type=Path, help="key file (default ~/.config/sealstream/identity.jwk)"
+    )
     return p
+
+
+def _identity(args: argparse.Namespace) -> int:
+    path = args.file or args.identity or default_identity_file()
+    if args.action == "create":
+        if path.exists():
+            print(f"error: {path} exists (use 'identity show')", file=sys.stderr)
+            return 1
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity = (UserIdentity.load_or_create if args.action == "create" else UserIdentity.load)(path)
+    print(json.dumps(identity.public_jwk))
+    print(
+        f"thumbprint {identity.kid} ({path}); give the cluster's operator the line above for "
+        "'sealstream-producer authorize add --jwk-file'",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _trust(args: argparse.Namespace) -> int:
@@ -203,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trust":
         return _trust(args)
+    if args.command == "identity":
+        try:
+            return _identity(args)
+        except (OSError, SealstreamError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if not args.cluster:
         print("error: --cluster is required", file=sys.stderr)
         return 2
@@ -216,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     async def go() -> int:
+        identity = UserIdentity.load(args.identity) if args.identity else None
+        authz = args.authz_file.read_text(encoding="utf-8").strip() if args.authz_file else None
         config = ClientConfig.from_env(
+            identity=identity,
+            authz=authz,
             nats_url=args.nats_url,
             prefix=args.prefix,
             token=token,

@@ -280,6 +280,16 @@ class _Session(AsyncResource):
             key_mode=cfg.key_mode,
             token=self._client.token(),
             zip=cfg.allow_zip,
+            # the cluster's own check of who reads (the relay forwards it untouched)
+            proof=cfg.identity.prove(
+                cluster=self.cluster,
+                session=key.session_id,
+                streams=self.streams,
+                key_mode=cfg.key_mode,
+            )
+            if cfg.identity is not None
+            else None,
+            authz=cfg.authz,
         )
         reply = await self._client.request(subjects.api_open, req.to_map())
         if reply.get("session") != key.session_id:

@@ -10,14 +10,23 @@ from typing import Any
 
 from sealstream import KeyMode
 from sealstream._nats import NatsAuth
-from sealstream.crypto import KeyKind, Policy
+from sealstream.crypto import KeyKind, Policy, UserIdentity
 
-__all__ = ["ClientConfig", "TokenFile", "default_trust_store"]
+__all__ = ["ClientConfig", "TokenFile", "default_identity_file", "default_trust_store"]
+
+
+def _config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sealstream"
 
 
 def default_trust_store() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "sealstream" / "trust.json"
+    return _config_dir() / "trust.json"
+
+
+def default_identity_file() -> Path:
+    """Where ``sealstream-consume identity create`` puts the user's identity key."""
+    return _config_dir() / "identity.jwk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,11 @@ class ClientConfig:
     #: (see :class:`TokenFile`); a function that cannot give one raises OSError or ValueError
     token: str | Callable[[], str] = field(default="", repr=False)
     trust_store: Path = field(default_factory=default_trust_store)
+    #: the user's identity key: it signs the proof each open carries, which the cluster's
+    #: policy checks (None: no proof; only a cluster that trusts the relay serves it)
+    identity: UserIdentity | None = None
+    #: an issuer token naming ``identity`` (``cnf.jkt``), for clusters that trust its issuer
+    authz: str | None = field(default=None, repr=False)
     tofu: bool = False
     key_kind: KeyKind = "rsa"
     key_mode: KeyMode = "session"
@@ -66,7 +80,8 @@ class ClientConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ClientConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN`` (or
-        ``SEALSTREAM_TOKEN_FILE``), ``SEALSTREAM_TRUST_STORE``; flags (overrides) win."""
+        ``SEALSTREAM_TOKEN_FILE``), ``SEALSTREAM_TRUST_STORE``, ``SEALSTREAM_IDENTITY_FILE``
+        (else the default identity file, if it exists); flags (overrides) win."""
         values: dict[str, Any] = {}
         values["nats_auth"] = NatsAuth.from_env(env)
         if env.get("NATS_URL"):
@@ -80,5 +95,9 @@ class ClientConfig:
                 values["token"] = env["SEALSTREAM_TOKEN"]
         if env.get("SEALSTREAM_TRUST_STORE"):
             values["trust_store"] = Path(env["SEALSTREAM_TRUST_STORE"])
+        if overrides.get("identity") is None:
+            identity_file = Path(env.get("SEALSTREAM_IDENTITY_FILE") or default_identity_file())
+            if env.get("SEALSTREAM_IDENTITY_FILE") or identity_file.exists():
+                values["identity"] = UserIdentity.load(identity_file)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -10,19 +10,21 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import structlog
 
+from producers._authz import Authorized, Authorizer
 from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers._sources import Source, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
+from sealstream._jwk import check_public_jwk, thumbprint
 from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
@@ -39,6 +41,8 @@ class _Served:
     crypto: ProducerSession
     streams: frozenset[str]
     user: str
+    #: who the open's proof showed (None: the relay's word, --trust-relay-authorization)
+    reader: Authorized | None = None
 
 
 class Agent(AsyncResource):
@@ -46,7 +50,8 @@ class Agent(AsyncResource):
 
     ``await agent.emit(stream, rows)`` is the Python API for one's own records; ``streams``
     declares the streams it may carry besides those of ``sources``. ``refused`` counts the
-    control requests it answered with an error, by code.
+    control requests it answered with an error, by code. ``clock`` (Unix seconds) is what
+    proofs and authorizations are checked against.
     """
 
     def __init__(
@@ -56,8 +61,15 @@ class Agent(AsyncResource):
         identity: ClusterIdentity | None = None,
         sources: Sequence[Source] = (),
         streams: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._clock = clock
+        self._authz = (
+            None
+            if config.trust_relay_authorization
+            else Authorizer(config.authz_file, cluster=config.cluster)
+        )
         self._identity = identity
         self._sources = list(sources)
         self.streams = frozenset(check_stream(s) for s in [*streams, *(s.stream for s in sources)])
@@ -96,6 +108,20 @@ class Agent(AsyncResource):
 
     async def _start(self) -> None:
         identity = self.identity
+        if self._authz is None:
+            log.warning(
+                "producer.trusting_relay",
+                cluster=self.config.cluster,
+                message="no authorization policy: whoever runs the relay can read this cluster",
+            )
+        elif not self._authz.path.exists():
+            raise ValueError(
+                f"no authorization policy at {self._authz.path}: authorize readers with "
+                "'sealstream-producer authorize add', or run with --trust-relay-authorization "
+                "(the relay then decides who reads)"
+            )
+        else:
+            self._authz.refresh()
         auth = self.config.nats_auth
         self._nc = await connect(
             self.config.nats_url,
@@ -399,6 +425,8 @@ class Agent(AsyncResource):
             log.info("producer.hold_released", reason="proxy")
             self._hold_until = None
             self._wake.set()
+        if self._authz is not None:
+            self._authz.refresh()  # a stat; the file is read again only if it changed
         try:
             reply, start = self._control(msg.data)
         except WireError as exc:
@@ -414,6 +442,19 @@ class Agent(AsyncResource):
                 if served is not None:
                     envelopes = served.crypto.start()
                     await self._send(start, envelopes, keys=len(envelopes))
+        # at each ping (once a keepalive interval) and after the policy changed: sessions of
+        # a revoked or expired reader end
+        await self._end_unauthorized()
+
+    async def _end_unauthorized(self) -> None:
+        if self._authz is None:
+            return
+        now = self._clock()
+        for session, served in list(self.sessions.items()):
+            reader = served.reader
+            if reader is not None and not self._authz.allows(reader, served.streams, now):
+                log.info("session.revoked", session=session, reader=reader.identity)
+                await self.end_session(session, "revoked")
 
     def _error(self, code: str, message: str) -> bytes:
         self.refused[code] += 1
@@ -443,6 +484,25 @@ class Agent(AsyncResource):
         session = check_session_id(m.get("session"))
         # the control op names no cluster: the subject it came on is this cluster's
         req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
+        # the request's form first (the same answer whoever asks), then who asks: a refused
+        # open learns nothing of this cluster
+        if thumbprint(check_public_jwk(req.jwk)) != session:
+            raise WireError("session_mismatch", "session id is not the key's thumbprint")
+        reader: Authorized | None = None
+        if self._authz is not None:
+            checked = self._authz.check(
+                proof=req.proof,
+                authz=req.authz,
+                session=session,
+                jwk=req.jwk,
+                streams=req.streams,
+                key_mode=req.key_mode,
+                now=self._clock(),
+            )
+            if isinstance(checked, str):
+                log.warning("session.forbidden", session=session, reason=checked)
+                return self._error("forbidden", checked), None
+            reader = checked
         unknown = sorted(set(req.streams) - self.streams)
         if unknown:
             return self._error("bad_request", f"unknown streams {unknown}"), None
@@ -460,8 +520,12 @@ class Agent(AsyncResource):
             rotation=self.config.rotation,
         )
         user = m.get("user")
-        self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256])
+        self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256], reader)
         log.info(
-            "session.opened", session=session, streams=list(req.streams), key_mode=req.key_mode
+            "session.opened",
+            session=session,
+            streams=list(req.streams),
+            key_mode=req.key_mode,
+            reader=None if reader is None else reader.identity,
         )
         return encode_map({"ok": True}), session

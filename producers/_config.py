@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producers._authz import POLICY_FILE_NAME
 from producers._batcher import Batching
 from sealstream._ids import check_cluster_id
 from sealstream._nats import NatsAuth
@@ -23,6 +24,12 @@ class ProducerConfig:
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     prefix: str = "sealstream"
     key_file: Path = Path("cluster-key.jwk")
+    #: who may read (docs/protocol.md, "Authorization held by the cluster"); None: the file
+    #: ``authorized.json`` beside ``key_file``
+    policy_file: Path | None = None
+    #: no policy, no proof: serve every open the relay forwards (Pixie's model: the relay's
+    #: operator can then read everything)
+    trust_relay_authorization: bool = False
     batching: Batching = field(default_factory=Batching)
     rotation: Rotation = field(default_factory=Rotation)
     max_sessions: int = 1000
@@ -44,11 +51,16 @@ class ProducerConfig:
         if self.resume_hold_s < 0:
             raise ValueError("resume_hold_s must not be negative")
 
+    @property
+    def authz_file(self) -> Path:
+        """The policy file in use."""
+        return self.policy_file or self.key_file.parent / POLICY_FILE_NAME
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProducerConfig:
         """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``,
-        ``SEALSTREAM_BUFFER_BYTES``; keyword overrides (from command-line flags) win when not
-        None."""
+        ``SEALSTREAM_BUFFER_BYTES``, ``SEALSTREAM_POLICY_FILE``; keyword overrides (from
+        command-line flags) win when not None."""
         values: dict[str, Any] = {}
         values["nats_auth"] = NatsAuth.from_env(env)
         for name, key in (
@@ -62,6 +74,8 @@ class ProducerConfig:
             values["key_file"] = Path(env["SEALSTREAM_KEY_FILE"])
         if env.get("SEALSTREAM_BUFFER_BYTES"):
             values["buffer_bytes"] = int(env["SEALSTREAM_BUFFER_BYTES"])
+        if env.get("SEALSTREAM_POLICY_FILE"):
+            values["policy_file"] = Path(env["SEALSTREAM_POLICY_FILE"])
         if env.get("SEALSTREAM_METRICS_PORT"):
             values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
         if env.get("SEALSTREAM_METRICS_HOST"):

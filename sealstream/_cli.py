@@ -10,16 +10,17 @@ import contextlib
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from producers._authz import POLICY_FILE_NAME, AuthzPolicy
 from sealstream._log import configure_logging
 from sealstream._natsconf import Credentials, server_config
 from sealstream._run import run
 from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream._tokens import mint_token
-from sealstream.crypto import ClusterIdentity, TrustStore
+from sealstream.crypto import ClusterIdentity, TrustStore, UserIdentity
 
 __all__ = ["main"]
 
@@ -38,6 +39,10 @@ class Backend:
     def trust_store(self) -> Path:
         return self.state / "trust.json"
 
+    @property
+    def identity_file(self) -> Path:
+        return self.state / "identity.jwk"
+
 
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -45,9 +50,24 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def prepare_state(state: Path, cluster: str) -> Credentials:
-    """Development credentials: token secret, cluster key, trust store pin, a user token, and
-    one NATS user per role with its server configuration."""
+def source_streams(sources: str) -> list[str]:
+    """The streams of a ``--sources`` list (``jsonl:PATH[:STREAM]`` is ``STREAM``, default
+    ``records``)."""
+    streams = []
+    for spec in filter(None, (s.strip() for s in sources.split(","))):
+        if spec.startswith("jsonl:"):  # as sealstream-producer reads it
+            streams.append(spec[len("jsonl:") :].partition(":")[2] or "records")
+        else:
+            streams.append(spec)
+    return streams
+
+
+def prepare_state(
+    state: Path, cluster: str, streams: Sequence[str] = ("http_events", "host_metrics")
+) -> Credentials:
+    """Development credentials: token secret, cluster key, trust store pin, a user token, the
+    user's identity key and the cluster's policy authorizing it for ``streams``, and one NATS
+    user per role with its server configuration."""
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret_file = state / "token-secret"
     if not secret_file.exists():
@@ -60,6 +80,14 @@ def prepare_state(state: Path, cluster: str) -> Credentials:
         sub="demo-user", clusters=[cluster], ttl_s=7 * 24 * 3600, secret=secret_file.read_bytes()
     )
     _write_private(state / "token", token.encode("ascii"))
+    # who may read: the demo user's identity, authorized by the cluster (not by the relay)
+    reader = UserIdentity.load_or_create(state / "identity.jwk")
+    policy_file = state / POLICY_FILE_NAME
+    policy = AuthzPolicy.load_or_empty(policy_file)
+    granted = policy.keys.get(reader.kid)
+    wanted = set(streams) | (granted.streams if granted else set())
+    if granted is None or wanted != granted.streams:
+        policy.with_key(reader.public_jwk, sorted(wanted), name="demo user")[0].save(policy_file)
     creds_file = state / "nats-credentials.json"
     creds = Credentials.from_json(creds_file.read_text()) if creds_file.exists() else None
     if creds is None or cluster not in creds.producers:
@@ -89,7 +117,7 @@ async def backend(
     *, state: Path, cluster: str, nats_url: str | None, sources: str, rate: float
 ) -> AsyncIterator[Backend]:
     """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
-    creds = prepare_state(state, cluster)
+    creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
         if nats_url is None:
             # secure by default: one NATS user per role, least privilege
@@ -108,6 +136,7 @@ async def backend(
             "SEALSTREAM_TOKEN_SECRET_FILE": str(state / "token-secret"),
             "SEALSTREAM_CLUSTER": cluster,
             "SEALSTREAM_KEY_FILE": str(state / "cluster-key.jwk"),
+            "SEALSTREAM_POLICY_FILE": str(state / POLICY_FILE_NAME),
             "SEALSTREAM_SOURCES": sources,
         }
         roles = {
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f'  NATS_URL="$(cat {be.state}/consumer.url)" sealstream-consume '
                     f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
-                    f"--trust-store {be.trust_store}"
+                    f"--trust-store {be.trust_store} --identity {be.identity_file}"
                 )
                 print("Ctrl-C stops everything.")
                 await asyncio.Event().wait()
@@ -209,6 +238,7 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         nats_url=be.nats_url,
         token=be.token_file.read_text(encoding="ascii").strip(),
         trust_store=be.trust_store,
+        identity=UserIdentity.load(be.identity_file),
         key_kind=args.key,
         policy="discard",
     )

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MAX_ENVELOPE",
     "DEFAULT_MAX_REQUEST",
     "ERROR_CODES",
+    "MAX_PROOF",
     "VERSION",
     "Envelope",
     "EnvelopeKind",
@@ -265,9 +266,12 @@ class OpenRequest:
     key_mode: KeyMode
     token: str = field(default="", repr=False)
     zip: bool = False
+    #: the consumer identity's proof and an issuer token, for the cluster (forwarded as is)
+    proof: str | None = field(default=None, repr=False)
+    authz: str | None = field(default=None, repr=False)
 
     def to_map(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "v": VERSION,
             "token": self.token,
             "cluster": self.cluster,
@@ -276,9 +280,26 @@ class OpenRequest:
             "key_mode": self.key_mode,
             "zip": self.zip,
         }
+        m.update(self.forwarded())
+        return m
+
+    def forwarded(self) -> dict[str, str]:
+        """The members the proxy copies unchanged into the control ``open``."""
+        return {k: v for k, v in (("proof", self.proof), ("authz", self.authz)) if v is not None}
 
 
 MAX_STREAMS: Final = 64
+#: cap on the ``proof`` and ``authz`` strings of an open
+MAX_PROOF: Final = 8192
+
+
+def _opaque(m: Mapping[str, Any], key: str) -> str | None:
+    if key not in m:
+        return None
+    value: str = _field(m, key, str)
+    if not value or len(value) > MAX_PROOF:
+        raise WireError("bad_value", f"key {key!r} must be 1 to {MAX_PROOF} characters")
+    return value
 
 
 def decode_open(m: Mapping[str, Any], *, need_token: bool = True) -> OpenRequest:
@@ -298,7 +319,9 @@ def decode_open(m: Mapping[str, Any], *, need_token: bool = True) -> OpenRequest
     zip_ = m.get("zip", False)
     if not isinstance(zip_, bool):
         raise WireError("bad_type", "key 'zip' must be a bool")
-    return OpenRequest(cluster, streams, dict(jwk), key_mode, token, zip_)
+    return OpenRequest(
+        cluster, streams, dict(jwk), key_mode, token, zip_, _opaque(m, "proof"), _opaque(m, "authz")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 real nats-server, consumers made from it, a tap on every subject, and bounded polling.
 
 Every stack gets its own subject prefix, token secret and cluster identity, so that tests never
-see each other's traffic or sessions.
+see each other's traffic or sessions, and a user identity that its cluster's policy authorizes
+for all its streams (the clients made from the stack prove it).
 """
 
 from __future__ import annotations
@@ -10,19 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Subscription
-from producers import Agent, Batching, ProducerConfig, Source
-from sealstream import Subjects, TokenVerifier, mint_token
+from producers import Agent, AuthzPolicy, Batching, ProducerConfig, Source
+from sealstream import Subjects, TokenVerifier, mint_token, thumbprint
 from sealstream._nats import connect, settle
-from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, Policy, TrustStore
+from sealstream.crypto import (
+    ClusterIdentity,
+    ConsumerKey,
+    KeyKind,
+    Policy,
+    TrustStore,
+    UserIdentity,
+)
 
 __all__ = [
     "CLUSTER",
@@ -67,6 +77,9 @@ class Stack:
     identity: ClusterIdentity
     proxy: Proxy
     agent: Agent
+    #: the user the cluster's policy authorizes, and that policy's file
+    user: UserIdentity
+    policy_file: Path
 
     @property
     def subjects(self) -> Subjects:
@@ -82,6 +95,24 @@ class Stack:
             secret=self.secret,
         )
 
+    def proof(
+        self,
+        jwk: Any,
+        streams: Any,
+        *,
+        key_mode: Any = "session",
+        user: UserIdentity | None = None,
+        session: Any = None,
+    ) -> str:
+        """A genuine proof by ``user`` (default: the authorized one) for an open with this
+        key (or ``session``, when given), streams and key mode."""
+        return (user or self.user).prove(
+            cluster=self.cluster,
+            session=session if session is not None else thumbprint(jwk),
+            streams=streams,
+            key_mode=key_mode,
+        )
+
     def trust(self) -> TrustStore:
         """An in-memory trust store that pins this stack's cluster key."""
         return TrustStore({self.cluster: [self.identity.public_jwk]})
@@ -93,8 +124,10 @@ class Stack:
         key_kind: KeyKind = "x25519",
         key_mode: Any = "session",
         policy: Policy = "fail",
+        identity: UserIdentity | None = None,
     ) -> ClientConfig:
         return ClientConfig(
+            identity=self.user if identity is None else identity,
             nats_url=self.nats_url,
             prefix=self.prefix,
             token=self.token() if token is None else token,
@@ -123,11 +156,19 @@ async def make_stack(
     batching: Batching = FAST_BATCHING,
     shared_registry: bool = True,
     token_leeway_s: int = 30,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Stack]:
-    """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity."""
+    """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity; the
+    agent's policy (in a temporary directory) authorizes a fresh user for all its streams.
+    ``clock`` is the agent's (Unix seconds), against which proofs are checked."""
     prefix = f"t{secrets.token_hex(4)}"
     secret = secrets.token_bytes(32)
     identity = ClusterIdentity.generate()
+    user = UserIdentity.generate()
+    streams = [*streams, *(s.stream for s in sources)]
+    policy_dir = tempfile.TemporaryDirectory(prefix="sealstream-policy-")
+    policy_file = Path(policy_dir.name) / "authorized.json"
+    AuthzPolicy().with_key(user.public_jwk, streams, name="test user")[0].save(policy_file)
     proxy_config = ProxyConfig(
         nats_url=nats_url,
         prefix=prefix,
@@ -138,15 +179,24 @@ async def make_stack(
         shared_registry=shared_registry,
     )
     agent_config = ProducerConfig(
-        cluster=CLUSTER, nats_url=nats_url, prefix=prefix, batching=batching
+        cluster=CLUSTER,
+        nats_url=nats_url,
+        prefix=prefix,
+        batching=batching,
+        policy_file=policy_file,
     )
-    async with (
-        Proxy(
-            proxy_config, verifier=TokenVerifier(secret=secret, leeway_s=token_leeway_s)
-        ) as proxy,
-        Agent(agent_config, identity=identity, sources=sources, streams=streams) as agent,
-    ):
-        yield Stack(nats_url, prefix, CLUSTER, secret, identity, proxy, agent)
+    with policy_dir:
+        async with (
+            Proxy(
+                proxy_config, verifier=TokenVerifier(secret=secret, leeway_s=token_leeway_s)
+            ) as proxy,
+            Agent(
+                agent_config, identity=identity, sources=sources, streams=streams, clock=clock
+            ) as agent,
+        ):
+            yield Stack(
+                nats_url, prefix, CLUSTER, secret, identity, proxy, agent, user, policy_file
+            )
 
 
 async def collect_rows(

@@ -111,6 +111,7 @@ class Setup:
     secret_file: Path
     key_file: Path
     trust_store: Path
+    identity_file: Path
 
     def token(self, *clusters: str, ttl: int = 3600) -> str:
         args: list[str | Path] = ["token", "--secret-file", self.secret_file, "--sub", "alice"]
@@ -172,14 +173,17 @@ class Setup:
             token,
             "--trust-store",
             trust_store or self.trust_store,
+            "--identity",
+            self.identity_file,
             *args,
         )
 
 
 @pytest.fixture(scope="module")
 def setup(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    """Token secret, cluster key (``sealstream-producer key``) and a trust store that pins it
-    (``sealstream-consume trust add``)."""
+    """Token secret, cluster key (``sealstream-producer key``), a trust store that pins it
+    (``sealstream-consume trust add``), and a user identity (``sealstream-consume identity
+    create``) that the cluster authorizes (``sealstream-producer authorize add``)."""
     d = tmp_path_factory.mktemp("cli")
     secret_file = d / "token-secret"
     secret_file.write_text(secrets.token_hex(32) + "\n", encoding="ascii")
@@ -201,7 +205,28 @@ def setup(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
         trust_store,
     )
     assert pinned.returncode == 0, pinned.stderr
-    return Setup(d, nats_url, f"t{secrets.token_hex(4)}", secret_file, key_file, trust_store)
+    identity_file = d / "identity.jwk"
+    made = _run("sealstream-consume", "identity", "create", "--file", identity_file)
+    assert made.returncode == 0, made.stderr
+    public = d / "identity.pub.jwk"
+    public.write_text(made.stdout, encoding="utf-8")
+    added = _run(
+        "sealstream-producer",
+        "authorize",
+        "add",
+        "--key-file",
+        key_file,
+        "--jwk-file",
+        public,
+        "--stream",
+        "http_events",
+        "--name",
+        "alice",
+    )
+    assert added.returncode == 0, added.stderr
+    return Setup(
+        d, nats_url, f"t{secrets.token_hex(4)}", secret_file, key_file, trust_store, identity_file
+    )
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +330,18 @@ def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
 ) -> None:
     line = _one_error_line(setup.consume("--cluster", CLUSTER, token=setup.token("other")))
     assert "forbidden" in line
+
+
+def test_consume_with_an_identity_the_cluster_does_not_authorize_fails_clearly(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    stranger = setup.dir / "stranger.jwk"
+    made = _run("sealstream-consume", "identity", "create", "--file", stranger)
+    assert made.returncode == 0, made.stderr
+    done = setup.consume("--cluster", CLUSTER, "--identity", stranger, token=setup.token(CLUSTER))
+    line = _one_error_line(done)
+    assert line.startswith("error: forbidden: key not authorized (")
+    assert "identity show" in line  # what to do about it
 
 
 def test_consume_on_an_unknown_cluster_fails_clearly(

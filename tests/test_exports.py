@@ -34,6 +34,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "sealstream.crypto": [
         "DEFAULT_MAX_PLAINTEXT",
+        "PROOF_TYP",
         "Batch",
         "ClusterIdentity",
         "ConsumerKey",
@@ -44,10 +45,16 @@ EXPECTED: dict[str, list[str]] = {
         "ProducerSession",
         "Rotation",
         "TrustStore",
+        "UserIdentity",
         "encode_rows",
+        "jws_header",
+        "verify_proof",
     ],
     "producers": [
         "Agent",
+        "Authorized",
+        "Authorizer",
+        "AuthzPolicy",
         "Batching",
         "HostMetrics",
         "HttpEvents",
@@ -67,6 +74,8 @@ EXPECTED: dict[str, list[str]] = {
         "Subscription",
         "TokenFile",
         "TrustStore",
+        "UserIdentity",
+        "default_identity_file",
         "default_trust_store",
     ],
 }

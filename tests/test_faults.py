@@ -17,7 +17,7 @@ import nats
 import pytest
 from structlog.testing import capture_logs
 
-from producers import Agent, HttpEvents
+from producers import Agent, AuthzPolicy, HttpEvents
 from sealstream import SessionError
 from sealstream._nats import connect, release, settle
 from sealstream._server import EmbeddedServer, ServerOptions
@@ -37,6 +37,9 @@ async def test_killed_producer_process_consumer_is_told(nats_url: str, tmp_path:
     async with make_stack(nats_url, keepalive_s=0.3) as stack:
         key_file = tmp_path / "c2.jwk"
         identity = ClusterIdentity.load_or_create(key_file)
+        # the stack's user may read it (the policy file beside the key)
+        policy, _ = AuthzPolicy().with_key(stack.user.public_jwk, ["http_events"])
+        policy.save(tmp_path / "authorized.json")
         env = {**os.environ, "NATS_URL": nats_url, "SEALSTREAM_PREFIX": stack.prefix}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -82,7 +82,14 @@ async def test_killing_one_of_two_proxies_mid_stream(nats_url: str, proxies: Any
     a, b = make("a"), make("b")
     await asyncio.gather(a.start(), b.start())
     identity = ClusterIdentity.generate()
-    config = ProducerConfig(cluster="c1", nats_url=nats_url, prefix=prefix, batching=FAST_BATCHING)
+    # about proxies, not authorization: this cluster takes the relay's word
+    config = ProducerConfig(
+        cluster="c1",
+        nats_url=nats_url,
+        prefix=prefix,
+        batching=FAST_BATCHING,
+        trust_relay_authorization=True,
+    )
     client_config = ClientConfig(
         nats_url=nats_url,
         prefix=prefix,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from structlog.testing import capture_logs
 from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
-from sealstream import SessionError, Subjects, TrustError, mint_token
+from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
 from sealstream._jwk import b64u_encode, thumbprint
 from sealstream._nats import settle
 from sealstream._wire import (
@@ -164,8 +165,12 @@ async def test_proxy_subprocess_debug_log_holds_no_secrets(nats_url: str, tmp_pa
         )
     try:
         await _wait_for_line(log_path, "proxy.started", proc)
-        config = ProducerConfig(
-            cluster=CLUSTER, nats_url=nats_url, prefix=prefix, batching=FAST_BATCHING
+        config = ProducerConfig(  # about the proxy's log: the cluster takes the relay's word
+            cluster=CLUSTER,
+            nats_url=nats_url,
+            prefix=prefix,
+            batching=FAST_BATCHING,
+            trust_relay_authorization=True,
         )
         client_config = ClientConfig(
             nats_url=nats_url, prefix=prefix, token=token, request_timeout_s=5.0
@@ -456,8 +461,20 @@ async def test_malformed_session_requests_get_errors_and_the_proxy_keeps_serving
             ("open", open_req(jwk=_rsa_1024_jwk()), "bad_request", "RSA-1024 JWK"),
             ("open", open_req(jwk={**public, "alg": "RSA1_5"}), "bad_request", "bad alg"),
             ("open", open_req(jwk={"kty": "oct", "k": "AAAA"}), "bad_request", "symmetric JWK"),
-            ("open", open_req(jwk=_low_order_x25519()), "bad_request", "low-order X25519"),
-            ("open", open_req(jwk=_off_curve_p256()), "bad_request", "P-256 point off the curve"),
+            # keys that only the cluster's crypto refuses: with a genuine proof, so that the
+            # cluster's policy lets them that far
+            (
+                "open",
+                open_req(jwk=(low := _low_order_x25519()), proof=st.proof(low, ["records"])),
+                "bad_request",
+                "low-order X25519",
+            ),
+            (
+                "open",
+                open_req(jwk=(curve := _off_curve_p256()), proof=st.proof(curve, ["records"])),
+                "bad_request",
+                "P-256 point off the curve",
+            ),
             (
                 "open",
                 open_req(streams=[f"s{i}" for i in range(100)]),
@@ -518,6 +535,12 @@ async def test_malformed_control_requests_get_errors_and_the_producer_keeps_serv
                 "user": "mallory",
             }
             body.update(changes)
+            # a genuine proof of what the body asks, where the body can be proved at all: the
+            # cluster must refuse the request for its form, not for want of authorization
+            with contextlib.suppress(WireError, TypeError, AttributeError):
+                body["proof"] = st.proof(
+                    body["jwk"], list(body["streams"]), key_mode=body["key_mode"]
+                )
             return msgpack.packb(body)
 
         low, curve = _low_order_x25519(), _off_curve_p256()
@@ -530,7 +553,6 @@ async def test_malformed_control_requests_get_errors_and_the_producer_keeps_serv
             (open_op(session=None), "open without a session"),
             (open_op(session="short"), "open with a bad session id"),
             (open_op(session=fresh_key().session_id), "session is not the key's thumbprint"),
-            (open_op(streams=["nope"]), "a stream the cluster does not carry"),
             (open_op(streams="http_events"), "streams as a string"),
             (open_op(jwk=fresh_key()._key.export_private(as_dict=True)), "private JWK"),
             (open_op(jwk=_rsa_1024_jwk()), "RSA-1024"),
@@ -543,6 +565,9 @@ async def test_malformed_control_requests_get_errors_and_the_producer_keeps_serv
         ]
         for payload, what in cases:
             _assert_error(await _ask(nc, control, payload), "bad_request", what)
+        # a stream the cluster does not carry: not one its policy authorizes either, and a
+        # refused open learns nothing of the cluster
+        _assert_error(await _ask(nc, control, open_op(streams=["nope"])), "forbidden", "nope")
         assert st.agent.sessions == {}
         # an open that is well formed is served (this one with a spent key: closed at once)
         ok = await _ask(nc, control, open_op())

@@ -1,9 +1,17 @@
-"""Sealing and opening: consumer keys, cluster identity, trust store, session crypto.
+"""Sealing and opening: consumer keys, cluster and user identities, trust store, session crypto.
 
 Producers and consumers import this; the proxy never does (it is blind by construction).
 """
 
-from sealstream.crypto._jose import ClusterIdentity, ConsumerKey, KeyKind
+from sealstream.crypto._jose import (
+    PROOF_TYP,
+    ClusterIdentity,
+    ConsumerKey,
+    KeyKind,
+    UserIdentity,
+    jws_header,
+    verify_proof,
+)
 from sealstream.crypto._session import (
     DEFAULT_MAX_PLAINTEXT,
     Batch,
@@ -18,6 +26,7 @@ from sealstream.crypto._trust import TrustStore
 
 __all__ = [
     "DEFAULT_MAX_PLAINTEXT",
+    "PROOF_TYP",
     "Batch",
     "ClusterIdentity",
     "ConsumerKey",
@@ -28,5 +37,8 @@ __all__ = [
     "ProducerSession",
     "Rotation",
     "TrustStore",
+    "UserIdentity",
     "encode_rows",
+    "jws_header",
+    "verify_proof",
 ]

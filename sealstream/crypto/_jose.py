@@ -1,7 +1,8 @@
 """The one typed wrapper around jwcrypto and cryptography for sealing and opening.
 
 Services call recipes (``seal_dir``/``open_dir``, ``seal_to_key``/``open_with_key``,
-``sign_claims``/``verify_claims``) and never choose algorithms: the allow-list is pinned here.
+``sign_claims``/``verify_claims``, ``UserIdentity.prove``/``verify_proof``) and never choose
+algorithms: the allow-list is pinned here.
 Sizes are capped before any crypto, and every failure to open or verify raises the one opaque
 :class:`IntegrityError` (the reason is returned to the caller's counter through
 :class:`Rejected`, never in the exception).
@@ -19,10 +20,11 @@ import asyncio
 import json
 import os
 import stat
+import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,15 +40,18 @@ from sealstream._jwk import (
     check_public_jwk,
     thumbprint,
 )
+from sealstream._wire import MAX_PROOF
 
 __all__ = [
     "ENC",
+    "PROOF_TYP",
     "SIG_ALG",
     "ClusterIdentity",
     "Compact",
     "ConsumerKey",
     "KeyKind",
     "Rejected",
+    "UserIdentity",
     "aead",
     "check_signing_jwk",
     "inflate_if",
@@ -59,6 +64,7 @@ __all__ = [
     "seal_to_key",
     "sign_claims",
     "verify_claims",
+    "verify_proof",
 ]
 
 ENC: Final = "A256GCM"
@@ -66,6 +72,7 @@ SIG_ALG: Final = "Ed25519"
 KeyKind = Literal["rsa", "x25519", "p256"]
 _MAX_HEADER: Final = 4096
 _MAX_JWS: Final = 16 * 1024
+PROOF_TYP: Final = "sealstream-open+jwt"
 _NONCE: Final = 12
 _TAG: Final = 16
 _CRYPTO_ERRORS = (JWException, ValueError, TypeError, KeyError, InvalidTag, zlib.error)
@@ -141,24 +148,25 @@ def check_signing_jwk(jwk: Mapping[str, Any]) -> dict[str, Any]:
     return {"crv": "Ed25519", "kty": "OKP", "x": x}
 
 
-class ClusterIdentity:
-    """A cluster's long-term Ed25519 signing key."""
+class _SigningKey:
+    """A long-term Ed25519 signing key kept in a JWK file (mode 0600)."""
 
     __slots__ = ("_key", "kid", "public_jwk")
+    _what = "a signing key"
 
     def __init__(self, key: _jwk.JWK) -> None:
         if key.get("kty") != "OKP" or key.get("crv") != "Ed25519" or not key.has_private:
-            raise TrustError("a cluster identity is a private Ed25519 key")
+            raise TrustError(f"{self._what} is a private Ed25519 key")
         self._key = key
         self.public_jwk: dict[str, Any] = check_signing_jwk(key.export_public(as_dict=True))
         self.kid: str = thumbprint(self.public_jwk)
 
     @classmethod
-    def generate(cls) -> ClusterIdentity:
+    def generate(cls) -> Self:
         return cls(_jwk.JWK.generate(kty="OKP", crv="Ed25519"))
 
     @classmethod
-    def load_or_create(cls, path: Path) -> ClusterIdentity:
+    def load_or_create(cls, path: Path) -> Self:
         """Load the key file, or create it (mode 0600, never overwritten) if absent."""
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -170,7 +178,7 @@ class ClusterIdentity:
         return identity
 
     @classmethod
-    def load(cls, path: Path) -> ClusterIdentity:
+    def load(cls, path: Path) -> Self:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise TrustError(f"{path} is readable by others: chmod 600 it")
@@ -181,17 +189,59 @@ class ClusterIdentity:
         return cls(key)
 
     def __repr__(self) -> str:
-        return f"ClusterIdentity(kid={self.kid!r})"
+        return f"{type(self).__name__}(kid={self.kid!r})"
+
+
+class ClusterIdentity(_SigningKey):
+    """A cluster's long-term Ed25519 signing key."""
+
+    __slots__ = ()
+    _what = "a cluster identity"
+
+
+class UserIdentity(_SigningKey):
+    """A consumer's long-term Ed25519 identity key: it signs the proof sent with every open
+    (see docs/protocol.md, "Authorization held by the cluster"). ``kid`` (its thumbprint) is
+    what a cluster's policy authorizes."""
+
+    __slots__ = ()
+    _what = "a user identity"
+
+    def prove(
+        self,
+        *,
+        cluster: str,
+        session: str,
+        streams: Sequence[str],
+        key_mode: str,
+        now: float | None = None,
+        jti: str | None = None,
+    ) -> str:
+        """The proof for one open: a JWS compact over the open's cluster, session id,
+        streams and key mode, the time (``now``) and a random ``jti`` (128 bits)."""
+        claims = {
+            "cluster": cluster,
+            "session": session,
+            "streams": list(streams),
+            "key_mode": key_mode,
+            "iat": int(time.time() if now is None else now),
+            "jti": jti or b64u_encode_bytes(os.urandom(16)).decode("ascii"),
+        }
+        return sign_claims(self, claims, typ=PROOF_TYP).decode("ascii")
 
 
 # --- JWS claims -----------------------------------------------------------------------------
 
 
 def sign_claims(
-    identity: ClusterIdentity, claims: Mapping[str, Any], *, embed_jwk: bool = True
+    identity: _SigningKey,
+    claims: Mapping[str, Any],
+    *,
+    embed_jwk: bool = True,
+    typ: str = "JWT",
 ) -> bytes:
     """JWS compact (``alg`` Ed25519, ``kid`` = key thumbprint) over JSON claims."""
-    header: dict[str, Any] = {"alg": SIG_ALG, "kid": identity.kid, "typ": "JWT"}
+    header: dict[str, Any] = {"alg": SIG_ALG, "kid": identity.kid, "typ": typ}
     if embed_jwk:  # lets a consumer that opted into trust-on-first-use pin the key
         header["jwk"] = identity.public_jwk
     token = _jws.JWS(json.dumps(dict(claims), separators=(",", ":")).encode("utf-8"))
@@ -222,6 +272,23 @@ def verify_claims(token: bytes, public_jwk: Mapping[str, Any]) -> dict[str, Any]
         raise Rejected("bad_signature") from exc
     claims = _json_object_raw(payload, "bad_claims")
     return claims
+
+
+def verify_proof(
+    token: str, public_jwk: Mapping[str, Any], *, typ: str | None = PROOF_TYP
+) -> dict[str, Any]:
+    """Verify an open proof (or, with ``typ=None``, an issuer token): a JWS compact with
+    exactly ``alg`` Ed25519, signed by ``public_jwk``, and with ``typ`` when given. Returns the
+    claims; every failure is the one opaque :class:`Rejected`."""
+    if len(token) > MAX_PROOF:
+        raise Rejected("bad_jws")
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise Rejected("bad_jws") from exc
+    if typ is not None and jws_header(raw).get("typ") != typ:
+        raise Rejected("bad_typ")
+    return verify_claims(raw, public_jwk)
 
 
 # --- compact JWE ----------------------------------------------------------------------------
