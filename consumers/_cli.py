@@ -108,7 +108,8 @@ async def _open(client: Client, cluster: str, streams: list[str], retry_s: float
                 continue
             raise
         except SessionError as exc:
-            if exc.code == "cluster_unavailable" and time.monotonic() < deadline:
+            # retriable: no producer yet, or NATS's authorization service not up yet
+            if exc.retriable and exc.code != "ended" and time.monotonic() < deadline:
                 await asyncio.sleep(0.3)
                 continue
             raise SessionError(exc.code, f"{exc.detail} ({_HINTS.get(exc.code, '')})") from None

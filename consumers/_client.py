@@ -3,7 +3,10 @@
 
 Each subscription makes an ephemeral key pair (off the event loop), subscribes its inbox
 BEFORE asking the proxy to open the session, keeps the session alive, and verifies and
-decrypts every envelope. Failures follow the policy: ``fail`` raises the one opaque
+decrypts every envelope. Without NATS credentials configured, each subscription logs in to NATS
+on a connection of its own, user = its session id and password = the access token (the
+broker's auth callout confines that connection to the session's inbox); with credentials, all
+share the client's connection. Failures follow the policy: ``fail`` raises the one opaque
 :class:`IntegrityError`, ``discard`` drops and counts.
 """
 
@@ -13,10 +16,11 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
@@ -57,8 +61,12 @@ class Client:
         )
         self.subjects = Subjects(config.prefix)
         self._nc: Any = None
+        #: no NATS credentials: each session logs in with its id and token (auth callout)
+        self.callout = _callout_mode(config)
 
     async def __aenter__(self) -> Self:
+        if self.callout:
+            return self
         auth = self.config.nats_auth
         self._nc = await connect(
             self.config.nats_url,
@@ -110,11 +118,17 @@ class Client:
         return token
 
     async def request(
-        self, subject: str, body: dict[str, Any], *, timeout_s: float | None = None
+        self,
+        subject: str,
+        body: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        nc: Any = None,
     ) -> dict[str, Any]:
-        """A session API request; the reply's error becomes :class:`SessionError`."""
+        """A session API request (on ``nc``, by default the client's connection); the reply's
+        error becomes :class:`SessionError`."""
         try:
-            msg = await self.nc.request(
+            msg = await (nc if nc is not None else self.nc).request(
                 subject, encode_map(body), timeout=timeout_s or self.config.request_timeout_s
             )
         except nats.errors.NoRespondersError:
@@ -159,6 +173,7 @@ class Subscription(AsyncResource):
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
         self._closed = False
+        self._own_nc: Any = None  # the session's own connection (auth callout)
 
     @property
     def session_id(self) -> str:
@@ -191,7 +206,9 @@ class Subscription(AsyncResource):
             policy=cfg.policy,
         )
         subjects = self._client.subjects
-        nc = self._client.nc
+        self._own_nc = await _session_connection(self._client, key.session_id)
+        self._stack.push_async_callback(release, self._own_nc)
+        nc = self._conn
         # the inbox first: the producer's key envelope may arrive before the open reply
         self._sub = await nc.subscribe(subjects.inbox(key.session_id), cb=self._on_msg)
         self._stack.push_async_callback(self._unsubscribe)
@@ -204,7 +221,7 @@ class Subscription(AsyncResource):
             token=self._client.token(),
             zip=cfg.allow_zip,
         )
-        reply = await self._client.request(subjects.api_open, req.to_map())
+        reply = await self._client.request(subjects.api_open, req.to_map(), nc=nc)
         if reply.get("session") != key.session_id:
             raise BrokerError("the proxy answered for another session")
         self._stack.push_async_callback(self._close_session)
@@ -223,20 +240,27 @@ class Subscription(AsyncResource):
             key_mode=cfg.key_mode,
         )
 
+    @property
+    def _conn(self) -> Any:
+        """The session's connection: its own (auth callout) or the client's (None: closed)."""
+        return self._own_nc if self._own_nc is not None else self._client._nc
+
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
-        if sub is not None and not self._client.nc.is_closed:
+        if sub is not None and self._conn is not None and not self._conn.is_closed:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
     async def _close_session(self) -> None:
-        if self._closed or self.session is None or self._client.nc.is_closed:
+        if self._closed or self.session is None or self._conn is None or self._conn.is_closed:
             return
         self._closed = True
         try:
             body = {"v": VERSION, "token": self._client.token(), "session": self.session.session}
             # short: on shutdown the proxy may be going away too; it expires the session anyway
-            await self._client.request(self._client.subjects.api_close, body, timeout_s=2.0)
+            await self._client.request(
+                self._client.subjects.api_close, body, timeout_s=2.0, nc=self._conn
+            )
         except (BrokerError, SessionError) as exc:
             log.info("session.close_failed", session=self.session.session, error=str(exc))
 
@@ -247,7 +271,7 @@ class Subscription(AsyncResource):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
             if self._stop.is_set():
                 return
-            if self._client._nc is None:  # the client was closed under the subscription
+            if self._conn is None:  # the client was closed under the subscription
                 self._push(SessionError("ended", "the client is closed"))
                 return
             try:
@@ -262,7 +286,7 @@ class Subscription(AsyncResource):
                 continue
             try:
                 body = {"v": VERSION, "token": token, "session": self.session.session}
-                await self._client.request(self._client.subjects.api_keepalive, body)
+                await self._client.request(self._client.subjects.api_keepalive, body, nc=self._conn)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning(
@@ -272,7 +296,7 @@ class Subscription(AsyncResource):
                 self._push(SessionError("ended", f"session lost: {exc.detail}"))
                 return
             except BrokerError as exc:
-                nc = self._client._nc
+                nc = self._conn
                 if nc is None or nc.is_closed:  # no connection will come back: say so
                     self._push(SessionError("ended", "the NATS connection is closed"))
                     return
@@ -347,3 +371,56 @@ class Subscription(AsyncResource):
                 f"cluster {self.cluster!r} signs with key {session.untrusted_kid}, which the "
                 f"trust store {store} does not hold: pin it with 'sealstream-consume trust add'"
             )
+
+
+def _callout_mode(config: ClientConfig) -> bool:
+    """True without NATS credentials (neither configured nor in a URL)."""
+    auth = config.nats_auth
+    if auth.user is not None or auth.password is not None:
+        return False
+    urls = [u.strip() for u in config.nats_url.split(",")]
+    return not any(urlsplit(u if "://" in u else f"nats://{u}").username for u in urls)
+
+
+def _current_token(client: Client) -> Callable[[], str]:
+    """The NATS password of a session connection: the client's token, read again for every
+    (re)connect, so a renewed token file logs the connection in again; the last good token when
+    the file cannot be read at that instant."""
+    last = client.token()  # no token at all: fail now, with the token's error
+
+    def current() -> str:
+        nonlocal last
+        with contextlib.suppress(SessionError):
+            last = client.token()
+        return last
+
+    return current
+
+
+async def _session_connection(client: Client, session_id: str) -> Any:
+    """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
+    connections), or None when the client's shared connection serves (NATS credentials)."""
+    if not client.callout:
+        return None
+    try:
+        return await connect(
+            client.config.nats_url,
+            name="sealstream-consumer",
+            user=session_id,
+            password=_current_token(client),
+            inbox_prefix=f"_INBOX.{session_id}",
+        )
+    except BrokerError as exc:
+        said = str(exc).lower()
+        if "control line" in said:  # the CONNECT line is capped (4 KiB by default)
+            raise SessionError("unauthorized", "the access token is too large for NATS") from None
+        if exc.retriable:
+            raise
+        refused = SessionError(
+            "unauthorized",
+            "NATS refused the connection: the broker's authorization service refused the "
+            "token (expired, not yet valid, invalid, or for no cluster; see the proxy log) or "
+            "is not running",
+        )
+        refused.retriable = True  # the service may be starting: worth another try
+        raise refused from None

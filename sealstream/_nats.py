@@ -142,7 +142,7 @@ async def connect(
     name: str,
     connect_timeout: float = 5.0,
     user: str | None = None,
-    password: str | None = None,
+    password: str | Callable[[], str] | None = None,
     **kwargs: Any,
 ) -> nats.aio.client.Client:
     """Connect to NATS at ``url`` (one URL or a comma-separated list), waiting at most
@@ -151,7 +151,8 @@ async def connect(
 
     ``kwargs`` go to nats-py's ``connect`` (they may override ``max_reconnect_attempts`` and
     ``reconnect_time_wait``); an ``error_cb``/``disconnected_cb``/``reconnected_cb``/
-    ``closed_cb`` given there runs after the logging one. Raises :class:`BrokerError` if the
+    ``closed_cb`` given there runs after the logging one. A callable ``password`` is called
+    for every CONNECT, reconnects included (a renewed token). Raises :class:`BrokerError` if the
     server cannot be reached (or refuses the connection) in time.
     """
     if connect_timeout <= 0:
