@@ -37,6 +37,8 @@ __all__ = ["Client", "Stats", "Subscription"]
 
 log = structlog.get_logger(__name__)
 
+_MAX_TOKEN = 8192  # docs/protocol.md: the proxy's token size cap
+
 
 @dataclass(frozen=True, slots=True)
 class Stats:
@@ -402,13 +404,17 @@ async def _session_connection(client: Client, session_id: str) -> Any:
     connections), or None when the client's shared connection serves (NATS credentials)."""
     if not client.callout:
         return None
+    password = _current_token(client)
+    if len(password()) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
+        raise SessionError("unauthorized", f"the access token is too large (over {_MAX_TOKEN} B)")
     try:
         return await connect(
             client.config.nats_url,
             name="sealstream-consumer",
             user=session_id,
-            password=_current_token(client),
+            password=password,
             inbox_prefix=f"_INBOX.{session_id}",
+            fail_fast=True,  # a refused login is final: say so now
         )
     except BrokerError as exc:
         said = str(exc).lower()

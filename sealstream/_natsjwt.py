@@ -19,7 +19,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import nkeys
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +30,7 @@ from sealstream._errors import WireError
 __all__ = [
     "HEADER",
     "AccountKey",
+    "Signer",
     "decode_jwt",
     "encode_jwt",
     "is_public_key",
@@ -91,6 +92,15 @@ def is_public_key(value: object, kind: str) -> bool:
     return True
 
 
+class Signer(Protocol):
+    """An nkey that signs: its public key (``A...`` for an account) and Ed25519 signatures."""
+
+    @property
+    def public_key(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AccountKey:
     """An account nkey pair: the auth callout's issuer. ``seed`` is secret (``SA...``)."""
@@ -125,7 +135,7 @@ class AccountKey:
         return signature
 
 
-def encode_jwt(claims: dict[str, Any], key: AccountKey, *, now: float | None = None) -> str:
+def encode_jwt(claims: dict[str, Any], key: Signer, *, now: float | None = None) -> str:
     """Sign ``claims`` (``sub`` required) as a NATS JWT v2: sets ``iss``, ``iat`` and ``jti``."""
     if not claims.get("sub"):
         raise ValueError("a NATS JWT needs a subject")
