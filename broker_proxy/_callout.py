@@ -63,8 +63,10 @@ class CalloutConfig:
     issuer: AccountKey = field(repr=False)
     #: the configured account consumers are placed in (the user JWT's ``aud``)
     account: str = "SEALSTREAM"
-    #: a user JWT expires at most this long after the token's ``exp``
-    grace_s: float = 30.0
+    #: a user JWT expires at most this long after the token's ``exp``: longer than the token
+    #: check's 30 s leeway, so that an expired session ends with the keepalive's clear
+    #: ``unauthorized`` before the broker drops its connection
+    grace_s: float = 60.0
     max_subscriptions: int = 16
     max_payload: int = 64 * 1024
     #: authorization requests above this size are not read (a 64 KiB password fits, to be
