@@ -10,6 +10,9 @@
   acknowledges progress to the producer on a bench subject.
 - ``first-row``: times ``consumers.Client.subscribe`` from key generation to the first
   decrypted row.
+- ``logins``: many consumers at once log in to NATS through the auth callout (user = session
+  id, password = token, ``docs/protocol.md``) and open their session; times connect and
+  connect + open of each.
 
 Protocol with the orchestrator (:mod:`sealstream._bench`): JSON lines. The first stdin line
 is the config (it carries tokens, so not on the command line), then commands on stdin, events
@@ -709,6 +712,76 @@ async def _first_row(cfg: dict[str, Any]) -> None:
     _emit("done")
 
 
+# --- logins through the auth callout -------------------------------------------------------
+
+
+async def _logins(cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]]) -> None:
+    subjects = Subjects(cfg["prefix"])
+    tokens: list[str] = cfg["tokens"]
+    keys = [await ConsumerKey.agenerate("x25519") for _ in tokens]
+    conns: list[Any] = []
+    _emit("ready")
+    async for cmd in commands:
+        if cmd.get("cmd") == "go":
+            break
+    else:
+        return
+    go = asyncio.Event()
+
+    async def one(key: ConsumerKey, token: str) -> tuple[float, float] | str:
+        await go.wait()
+        sid = key.session_id
+        t0 = time.perf_counter()
+        try:
+            nc = await connect(
+                cfg["nats_url"],
+                name="bench-login",
+                user=sid,
+                password=token,
+                inbox_prefix=f"_INBOX.{sid}",
+                fail_fast=True,
+                connect_timeout=30.0,
+            )
+        except SealstreamError as exc:
+            return f"connect: {exc}"
+        conns.append(nc)
+        t1 = time.perf_counter()
+        await nc.subscribe(subjects.inbox(sid))
+        await settle(nc)
+        req = OpenRequest(
+            cluster=cfg["cluster"],
+            streams=(STREAM,),
+            jwk=key.public_jwk,
+            key_mode="session",
+            token=token,
+        )
+        try:
+            await _request(nc, subjects.api_open, req.to_map())
+        except SealstreamError as exc:
+            return f"open: {exc}"
+        return t1 - t0, time.perf_counter() - t0
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(k, t)) for k, t in zip(keys, tokens, strict=True)]
+        started = time.perf_counter()
+        go.set()
+    wall = time.perf_counter() - started
+    results = [t.result() for t in tasks]
+    times = [r for r in results if isinstance(r, tuple)]
+    errors = [r for r in results if isinstance(r, str)]
+    for nc in conns:
+        with contextlib.suppress(nats.errors.Error):
+            await nc.close()
+    _emit(
+        "done",
+        connect_s=[c for c, _ in times],
+        open_s=[o for _, o in times],
+        errors=errors[:5],
+        refused=len(errors),
+        wall_s=wall,
+    )
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -725,6 +798,8 @@ async def _main(role: str) -> int:
             await _Consumer(cfg).main(commands)
         elif role == "first-row":
             await _first_row(cfg)
+        elif role == "logins":
+            await _logins(cfg, commands)
         else:
             raise ValueError(f"unknown role {role!r}")
     except (SealstreamError, ValueError, OSError) as exc:
