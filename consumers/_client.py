@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -176,6 +176,7 @@ class Subscription(AsyncResource):
         self.keepalive_s = 10.0
         self._closed = False
         self._own_nc: Any = None  # the session's own connection (auth callout)
+        self._login: _Login | None = None
 
     @property
     def session_id(self) -> str:
@@ -208,7 +209,9 @@ class Subscription(AsyncResource):
             policy=cfg.policy,
         )
         subjects = self._client.subjects
-        self._own_nc = await _session_connection(self._client, key.session_id)
+        own = await _session_connection(self._client, key.session_id)
+        if own is not None:
+            self._own_nc, self._login = own
         self._stack.push_async_callback(release, self._own_nc)
         nc = self._conn
         # the inbox first: the producer's key envelope may arrive before the open reply
@@ -286,6 +289,9 @@ class Subscription(AsyncResource):
                     "session.token_unreadable", session=self.session.session, error=exc.detail
                 )
                 continue
+            if self._login is not None and token != self._login.sent:
+                # renewed: log in again now with it (the broker ends the old login at its exp)
+                await self._own_nc.force_reconnect()
             try:
                 body = {"v": VERSION, "token": token, "session": self.session.session}
                 await self._client.request(self._client.subjects.api_keepalive, body, nc=self._conn)
@@ -384,31 +390,32 @@ def _callout_mode(config: ClientConfig) -> bool:
     return not any(urlsplit(u if "://" in u else f"nats://{u}").username for u in urls)
 
 
-def _current_token(client: Client) -> Callable[[], str]:
+class _Login:
     """The NATS password of a session connection: the client's token, read again for every
-    (re)connect, so a renewed token file logs the connection in again; the last good token when
-    the file cannot be read at that instant."""
-    last = client.token()  # no token at all: fail now, with the token's error
+    (re)connect (the last good one when it cannot be read at that instant). ``sent`` is the
+    token the connection last logged in with: once the token is renewed, a reconnect presents
+    it before the broker ends the login that the old one bounds."""
 
-    def current() -> str:
-        nonlocal last
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.sent = client.token()  # no token at all: fail now, with the token's error
+
+    def __call__(self) -> str:
         with contextlib.suppress(SessionError):
-            last = client.token()
-        return last
-
-    return current
+            self.sent = self._client.token()
+        return self.sent
 
 
-async def _session_connection(client: Client, session_id: str) -> Any:
+async def _session_connection(client: Client, session_id: str) -> tuple[Any, _Login] | None:
     """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
     connections), or None when the client's shared connection serves (NATS credentials)."""
     if not client.callout:
         return None
-    password = _current_token(client)
-    if len(password()) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
+    password = _Login(client)
+    if len(password.sent) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
         raise SessionError("unauthorized", f"the access token is too large (over {_MAX_TOKEN} B)")
     try:
-        return await connect(
+        nc = await connect(
             client.config.nats_url,
             name="sealstream-consumer",
             user=session_id,
@@ -430,3 +437,4 @@ async def _session_connection(client: Client, session_id: str) -> Any:
         )
         refused.retriable = True  # the service may be starting: worth another try
         raise refused from None
+    return nc, password

@@ -32,7 +32,7 @@ from jwcrypto import jws as _jws
 
 from broker_proxy import Proxy, ProxyConfig
 from broker_proxy._callout import AuthResponder, CalloutConfig, consumer_permissions
-from consumers import Client, ClientConfig
+from consumers import Client, ClientConfig, TokenFile
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import BrokerError, SessionError, TokenVerifier, WireError, mint_token
 from sealstream._jwk import b64u_encode
@@ -307,6 +307,54 @@ async def test_survives_500_bad_connects_then_admits(secured: Secured) -> None:
         async with client(secured, token("c1")) as c, c.subscribe("c1", ["http_events"]) as sub:
             await collect_rows(sub, 3)
         assert proxy.callout.issued == 1
+
+
+# --- token renewal ---------------------------------------------------------------------------
+
+
+async def test_a_renewed_token_logs_the_connection_in_again(secured: Secured) -> None:
+    """The broker ends a login when its user JWT expires (here: with the token, no grace);
+    once the token file holds a new token, the client logs in again with it, and the session
+    streams on past the first token's expiry."""
+    config = ProxyConfig(
+        nats_url=secured.creds.proxy.url(secured.url),
+        token_secret=SECRET,
+        control_timeout_s=2.0,
+        keepalive_s=1.0,
+        callout=CalloutConfig(issuer=ISSUER, grace_s=0),
+    )
+    file = secured.dir / "token"
+    first = token("c1", ttl_s=3)
+    first_exp = TokenVerifier(secret=SECRET).verify(first).exp
+    file.write_text(first)
+    producer = ProducerConfig(
+        cluster="c1",
+        nats_url=secured.creds.producers["c1"].url(secured.url),
+        batching=FAST_BATCHING,
+    )
+    async with (
+        Proxy(config, verifier=TokenVerifier(secret=SECRET, leeway_s=0)) as proxy,
+        Agent(producer, identity=IDENTITIES["c1"], sources=[HttpEvents(rate=200, seed=3)]),
+    ):
+        cfg = ClientConfig(
+            nats_url=secured.url, token=TokenFile(file), key_kind="x25519", request_timeout_s=5.0
+        )
+        trust = TrustStore({"c1": [IDENTITIES["c1"].public_jwk]})
+        async with Client(cfg, trust=trust) as c, c.subscribe("c1", ["http_events"]) as sub:
+            await collect_rows(sub, 3)
+            file.write_text(token("c1", ttl_s=3600))  # renewed before the first one expires
+            assert proxy.callout is not None
+            await eventually(
+                lambda: proxy.callout is not None and proxy.callout.issued == 2, timeout=15
+            )
+            # past the first token's (and so the first login's) expiry
+            await eventually(lambda: time.time() > first_exp + 1, timeout=10, interval=0.1)
+            before = sub.stats().rows
+            await collect_rows(sub, 5)
+            assert sub.stats().rows > before
+            assert proxy.callout.refused == {}
+            assert sub._own_nc is not None
+            assert sub._own_nc.is_connected
 
 
 # --- the callout service as a process: killed and restarted -----------------------------------
