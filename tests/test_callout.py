@@ -27,6 +27,8 @@ import nkeys
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jwcrypto import jwk as _jwk
 from jwcrypto import jws as _jws
 
@@ -603,3 +605,24 @@ def test_decode_jwt_refuses_other_algorithms() -> None:
     with pytest.raises(WireError) as err:
         decode_jwt(f"{header}.{claims}.{sig}", issuer_kind="server", max_size=1 << 16)
     assert err.value.reason == "bad_algorithm"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    user=st.one_of(st.none(), st.text(max_size=60), st.integers(), st.lists(st.text(), max_size=2)),
+    password=st.one_of(st.none(), st.text(max_size=300), st.integers(), st.booleans()),
+)
+def test_any_connect_options_get_an_answer(user: Any, password: Any) -> None:
+    r = responder()
+    answer = r.answer(request(user, password))
+    assert answer is not None
+    response = decode_jwt(answer, issuer_kind="account", max_size=1 << 16)
+    assert ("error" in response["nats"]) != ("jwt" in response["nats"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=2048))
+def test_any_bytes_are_refused_without_a_crash(payload: bytes) -> None:
+    r = responder()
+    assert r.answer(payload) is None
+    assert sum(r.refused.values()) == 1
