@@ -13,7 +13,9 @@ share the client's connection. Failures follow the policy: ``fail`` raises the o
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -289,8 +291,8 @@ class Subscription(AsyncResource):
                     "session.token_unreadable", session=self.session.session, error=exc.detail
                 )
                 continue
-            if self._login is not None and token != self._login.sent:
-                # renewed: log in again now with it (the broker ends the old login at its exp)
+            if self._login is not None and self._login.renew_due(token):
+                # renewed: log in again with it (the broker ends the old login after its exp)
                 await self._own_nc.force_reconnect()
             try:
                 body = {"v": VERSION, "token": token, "session": self.session.session}
@@ -404,6 +406,26 @@ class _Login:
         with contextlib.suppress(SessionError):
             self.sent = self._client.token()
         return self.sent
+
+    def renew_due(self, token: str, *, margin_s: float = 60.0) -> bool:
+        """True when ``token`` differs from the login's and the login's token expires within
+        ``margin_s`` (read from its claims, unverified: only to time the new login; a token
+        function that mints a fresh token per call must not reconnect every keepalive)."""
+        if token == self.sent:
+            return False
+        exp = _unverified_exp(self.sent)
+        return exp is None or exp - time.time() < margin_s
+
+
+def _unverified_exp(token: str) -> float | None:
+    """The ``exp`` claim of a JWS compact token, without verifying it; None if unreadable."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, RecursionError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 async def _session_connection(client: Client, session_id: str) -> tuple[Any, _Login] | None:

@@ -626,3 +626,18 @@ def test_any_bytes_are_refused_without_a_crash(payload: bytes) -> None:
     r = responder()
     assert r.answer(payload) is None
     assert sum(r.refused.values()) == 1
+
+
+def test_a_new_login_only_near_the_old_tokens_expiry() -> None:
+    """A token function that mints a fresh token per call must not reconnect every keepalive."""
+    from consumers._client import _Login
+
+    tokens = iter([token("c1", ttl_s=3600), token("c1", ttl_s=30)])
+    c = Client(ClientConfig(token=lambda: next(tokens)), trust=TrustStore({}))
+    login = _Login(c)
+    assert not login.renew_due(login.sent)
+    assert not login.renew_due(token("c1", ttl_s=7200))  # the login's token has an hour left
+    login.sent = token("c1", ttl_s=30)
+    assert login.renew_due(token("c1", ttl_s=7200))  # 30 s left: log in again now
+    login.sent = "not-a-jws"
+    assert login.renew_due(token("c1"))
