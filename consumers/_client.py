@@ -451,11 +451,16 @@ async def _session_connection(client: Client, session_id: str) -> tuple[Any, _Lo
             raise SessionError("unauthorized", "the access token is too large for NATS") from None
         if exc.retriable:
             raise
+        exp = _unverified_exp(password.sent)
+        if exp is not None and exp < time.time() - 30:  # the proxy's leeway
+            raise SessionError(
+                "unauthorized", "NATS refused the connection: token expired"
+            ) from None
         refused = SessionError(
             "unauthorized",
             "NATS refused the connection: the broker's authorization service refused the "
-            "token (expired, not yet valid, invalid, or for no cluster; see the proxy log) or "
-            "is not running",
+            "token (not yet valid, invalid, or for no cluster; see the proxy log) or is not "
+            "running",
         )
         refused.retriable = True  # the service may be starting: worth another try
         raise refused from None

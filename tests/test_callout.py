@@ -281,6 +281,7 @@ async def test_refusal_is_one_line_for_the_client(secured: Secured) -> None:
             with pytest.raises(SessionError) as err:
                 await c.subscribe("c1", ["http_events"]).__aenter__()
         assert err.value.code == "unauthorized"
+        assert "token expired" in err.value.detail
         assert "\n" not in str(err.value)
         huge = "x" * 65536  # the server's CONNECT line cap refuses it before the callout
         with pytest.raises(BrokerError):  # "maximum control line exceeded", or just closed
