@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from broker_proxy._callout import AuthService, CalloutConfig
 from broker_proxy._config import ProxyConfig, read_secret
 from broker_proxy._proxy import Proxy
 from sealstream import configure_logging, mint_token
@@ -19,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="serve session control and relay envelopes (default)")
-    for parser, d in ((p, keep), (r, suppress)):
+    a = sub.add_parser("auth", help="answer the NATS auth callout only (consumer logins)")
+    for parser, d in ((p, keep), (r, suppress), (a, suppress)):
         add_service_options(parser, d)
         parser.add_argument(
             "--token-secret-file",
@@ -32,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
             type=float,
             default=d(None),
             help="keepalive interval in s (env SEALSTREAM_KEEPALIVE_S)",
+        )
+        parser.add_argument(
+            "--callout-issuer-seed-file",
+            type=Path,
+            default=d(None),
+            help="answer the NATS auth callout, signing with this account nkey seed "
+            "(env SEALSTREAM_CALLOUT_ISSUER_SEED_FILE)",
         )
     t = sub.add_parser("token", help="mint a development token (HS256)")
     t.add_argument("--secret-file", type=Path, required=True)
@@ -61,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             keepalive_s=args.keepalive,
             token_secret=read_secret(args.token_secret_file) if args.token_secret_file else None,
+            callout=(
+                CalloutConfig.from_seed_file(args.callout_issuer_seed_file)
+                if args.callout_issuer_seed_file
+                else None
+            ),
         )
+        if args.command == "auth":
+            async with AuthService(config):
+                await asyncio.Event().wait()
+            return 0
         async with Proxy(config):
             await asyncio.Event().wait()
         return 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker_proxy._callout import CalloutConfig
 from sealstream import TokenVerifier
 from sealstream._nats import NatsAuth
 
@@ -45,6 +46,8 @@ class ProxyConfig:
     #: share sessions between instances through a JetStream key-value bucket (HA); off for a
     #: single in-memory proxy on a server without JetStream
     shared_registry: bool = True
+    #: answer the NATS auth callout (consumers log in with their token) in this process
+    callout: CalloutConfig | None = None
 
     def __post_init__(self) -> None:
         if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
@@ -58,8 +61,10 @@ class ProxyConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
-        ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``."""
+        ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``,
+        ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`)."""
         values: dict[str, Any] = {}
+        values["callout"] = CalloutConfig.from_env(env)
         values["nats_auth"] = NatsAuth.from_env(env)
         if "NATS_URL" in env:
             values["nats_url"] = env["NATS_URL"]

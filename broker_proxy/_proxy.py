@@ -16,6 +16,7 @@ from typing import Any
 import nats.errors
 import structlog
 
+from broker_proxy._callout import AuthResponder
 from broker_proxy._config import ProxyConfig
 from broker_proxy._registry import SessionEntry, SessionRegistry
 from broker_proxy._shared import SharedRegistry, bucket_name
@@ -94,6 +95,9 @@ class Proxy(AsyncResource):
         self.pending_peak = 0
         self._shared: SharedRegistry | None = None
         self.metrics: MetricsServer | None = None
+        self.callout: AuthResponder | None = None
+        if config.callout is not None:
+            self.callout = AuthResponder(config.callout, self._verifier, prefix=config.prefix)
 
     async def _start(self) -> None:
         auth = self.config.nats_auth
@@ -120,6 +124,8 @@ class Proxy(AsyncResource):
         group = self.config.queue_group
         await self._nc.subscribe(self._subjects.api_all, queue=group, cb=self._on_api)
         await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
+        if self.callout is not None:
+            await self.callout.subscribe(self._nc)
         self._tg.create_task(self._expiry_loop())
         await settle(self._nc)
         if self.config.metrics_port is not None:
@@ -181,6 +187,7 @@ class Proxy(AsyncResource):
                 self.refused,
                 label="code",
             ),
+            *(self.callout.samples() if self.callout is not None else []),
         ]
 
     # --- data path (hot) --------------------------------------------------------------------

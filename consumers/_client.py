@@ -3,8 +3,11 @@
 
 Each session makes an ephemeral key pair (off the event loop), subscribes its inbox BEFORE
 asking the proxy to open the session, keeps the session alive, and verifies and decrypts every
-envelope. Failures follow the policy: ``fail`` raises the one opaque :class:`IntegrityError`,
-``discard`` drops and counts.
+envelope. Without NATS credentials configured, each session logs in to NATS on a connection
+of its own, user = its session id and password = the access token (the broker's auth callout
+confines that connection to the session's inbox); with credentials, all share the client's
+connection. Failures follow the policy: ``fail`` raises the one opaque
+:class:`IntegrityError`, ``discard`` drops and counts.
 
 With ``resume=True`` a subscription outlives its sessions: when one ends for an
 infrastructure reason (expired, ended by the proxy, lost, the cluster unavailable), it opens a
@@ -16,14 +19,17 @@ the ``fail`` policy end it for good.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, overload
+from urllib.parse import urlsplit
 
 import nats.errors
 import structlog
@@ -39,6 +45,8 @@ from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustSto
 __all__ = ["Client", "Resumed", "Stats", "Subscription"]
 
 log = structlog.get_logger(__name__)
+
+_MAX_TOKEN = 8192  # docs/protocol.md: the proxy's token size cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +92,14 @@ class Client:
         )
         self.subjects = Subjects(config.prefix)
         self._nc: Any = None
+        #: no NATS credentials: each session logs in with its id and token (auth callout)
+        self.callout = _callout_mode(config)
+        self.closed = True  # until entered
 
     async def __aenter__(self) -> Self:
+        self.closed = False
+        if self.callout:
+            return self
         auth = self.config.nats_auth
         self._nc = await connect(
             self.config.nats_url,
@@ -105,6 +119,7 @@ class Client:
 
     async def aclose(self) -> None:
         """Drain the connection; idempotent."""
+        self.closed = True
         nc, self._nc = self._nc, None
         await release(nc)
 
@@ -195,11 +210,17 @@ class Client:
         return token
 
     async def request(
-        self, subject: str, body: dict[str, Any], *, timeout_s: float | None = None
+        self,
+        subject: str,
+        body: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        nc: Any = None,
     ) -> dict[str, Any]:
-        """A session API request; the reply's error becomes :class:`SessionError`."""
+        """A session API request (on ``nc``, by default the client's connection); the reply's
+        error becomes :class:`SessionError`."""
         try:
-            msg = await self.nc.request(
+            msg = await (nc if nc is not None else self.nc).request(
                 subject, encode_map(body), timeout=timeout_s or self.config.request_timeout_s
             )
         except nats.errors.NoRespondersError:
@@ -255,6 +276,8 @@ class _Session(AsyncResource):
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
         self._closed = False
+        self._own_nc: Any = None  # the session's own connection (auth callout)
+        self._login: _Login | None = None
 
     async def _start(self) -> None:
         cfg = self._client.config
@@ -268,7 +291,11 @@ class _Session(AsyncResource):
             policy=cfg.policy,
         )
         subjects = self._client.subjects
-        nc = self._client.nc
+        own = await _session_connection(self._client, key.session_id, on_closed=self._on_closed)
+        if own is not None:
+            self._own_nc, self._login = own
+        self._stack.push_async_callback(release, self._own_nc)
+        nc = self._conn
         # the inbox first: the producer's key envelope may arrive before the open reply
         self._sub = await nc.subscribe(subjects.inbox(key.session_id), cb=self._on_msg)
         self._stack.push_async_callback(self._unsubscribe)
@@ -291,7 +318,7 @@ class _Session(AsyncResource):
             else None,
             authz=cfg.authz,
         )
-        reply = await self._client.request(subjects.api_open, req.to_map())
+        reply = await self._client.request(subjects.api_open, req.to_map(), nc=nc)
         if reply.get("session") != key.session_id:
             raise BrokerError("the proxy answered for another session")
         self._stack.push_async_callback(self.close)
@@ -310,22 +337,29 @@ class _Session(AsyncResource):
             key_mode=cfg.key_mode,
         )
 
+    @property
+    def _conn(self) -> Any:
+        """The session's connection: its own (auth callout) or the client's (None: closed)."""
+        return self._own_nc if self._own_nc is not None else self._client._nc
+
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
-        if sub is not None and not self._client.nc.is_closed:
+        if sub is not None and self._conn is not None and not self._conn.is_closed:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
     async def close(self) -> None:
         """Tell the proxy the session is over (once; best effort: it expires it anyway)."""
         self._stop.set()  # no keepalive after this
-        if self._closed or self.crypto is None or self._client.nc.is_closed:
+        if self._closed or self.crypto is None or self._conn is None or self._conn.is_closed:
             return
         self._closed = True
         try:
             body = {"v": VERSION, "token": self._client.token(), "session": self.crypto.session}
             # short: on shutdown the proxy may be going away too; it expires the session anyway
-            await self._client.request(self._client.subjects.api_close, body, timeout_s=2.0)
+            await self._client.request(
+                self._client.subjects.api_close, body, timeout_s=2.0, nc=self._conn
+            )
         except (BrokerError, SessionError) as exc:
             log.info("session.close_failed", session=self.crypto.session, error=str(exc))
 
@@ -337,7 +371,7 @@ class _Session(AsyncResource):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
             if self._stop.is_set():
                 return
-            if self._client._nc is None:  # the client was closed under the subscription
+            if self._conn is None:  # the client was closed under the subscription
                 self.push(_Lost("the client is closed", resumable=False))
                 return
             try:
@@ -348,9 +382,12 @@ class _Session(AsyncResource):
                 # proxy's expiry bounds how long)
                 log.warning("session.token_unreadable", session=session, error=exc.detail)
                 continue
+            if self._login is not None and self._login.renew_due(token):
+                # renewed: log in again with it (the broker ends the old login after its exp)
+                await self._own_nc.force_reconnect()
             try:
                 body = {"v": VERSION, "token": token, "session": session}
-                await self._client.request(self._client.subjects.api_keepalive, body)
+                await self._client.request(self._client.subjects.api_keepalive, body, nc=self._conn)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning("session.keepalive_refused", session=session, code=exc.code)
@@ -360,11 +397,20 @@ class _Session(AsyncResource):
                 self.push(_Lost(f"session lost: {exc.detail}", resumable=resumable))
                 return
             except BrokerError as exc:
-                nc = self._client._nc
+                nc = self._conn
                 if nc is None or nc.is_closed:  # no connection will come back: say so
-                    self.push(_Lost("the NATS connection is closed", resumable=False))
+                    self.push(_Lost("the NATS connection is closed", resumable=self._resumable()))
                     return
                 log.warning("session.keepalive_failed", session=session, error=str(exc))
+
+    def _resumable(self) -> bool:
+        """A session whose own connection closed (the broker ended its login) may be
+        replaced by one on a new connection; not when the client itself was closed."""
+        return self._own_nc is not None and not self._client.closed
+
+    async def _on_closed(self) -> None:
+        if not self._stop.is_set():  # not our own close: the broker ended the connection
+            self.push(_Lost("the NATS connection was closed", resumable=self._resumable()))
 
     def push(self, item: bytes | _Lost | BaseException) -> None:
         try:
@@ -503,8 +549,7 @@ class Subscription(AsyncResource, Generic[_T]):
     def _passing(self, exc: BrokerError | SessionError) -> bool:
         """A refusal the same open may get past later: the proxy busy or restarting, the
         cluster unavailable (a producer restarting); not one about the request itself."""
-        nc = self._client._nc
-        if nc is None or nc.is_closed:
+        if self._client.closed:
             return False
         if isinstance(exc, SessionError):
             return exc.code == "cluster_unavailable" or exc.retriable
@@ -587,3 +632,91 @@ class Subscription(AsyncResource, Generic[_T]):
                 f"cluster {self.cluster!r} signs with key {session.untrusted_kid}, which the "
                 f"trust store {store} does not hold: pin it with 'sealstream-consume trust add'"
             )
+
+
+def _callout_mode(config: ClientConfig) -> bool:
+    """True without NATS credentials (neither configured nor in a URL)."""
+    auth = config.nats_auth
+    if auth.user is not None or auth.password is not None:
+        return False
+    urls = [u.strip() for u in config.nats_url.split(",")]
+    return not any(urlsplit(u if "://" in u else f"nats://{u}").username for u in urls)
+
+
+class _Login:
+    """The NATS password of a session connection: the client's token, read again for every
+    (re)connect (the last good one when it cannot be read at that instant). ``sent`` is the
+    token the connection last logged in with: once the token is renewed, a reconnect presents
+    it before the broker ends the login that the old one bounds."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.sent = client.token()  # no token at all: fail now, with the token's error
+
+    def __call__(self) -> str:
+        with contextlib.suppress(SessionError):
+            self.sent = self._client.token()
+        return self.sent
+
+    def renew_due(self, token: str, *, margin_s: float = 60.0) -> bool:
+        """True when ``token`` differs from the login's and the login's token expires within
+        ``margin_s`` (read from its claims, unverified: only to time the new login; a token
+        function that mints a fresh token per call must not reconnect every keepalive)."""
+        if token == self.sent:
+            return False
+        exp = _unverified_exp(self.sent)
+        return exp is None or exp - time.time() < margin_s
+
+
+def _unverified_exp(token: str) -> float | None:
+    """The ``exp`` claim of a JWS compact token, without verifying it; None if unreadable."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, RecursionError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+async def _session_connection(
+    client: Client, session_id: str, *, on_closed: Callable[[], Awaitable[None]]
+) -> tuple[Any, _Login] | None:
+    """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
+    connections), or None when the client's shared connection serves (NATS credentials).
+    ``on_closed`` runs when the connection is closed, by us or by the broker."""
+    if not client.callout:
+        return None
+    password = _Login(client)
+    if len(password.sent) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
+        raise SessionError("unauthorized", f"the access token is too large (over {_MAX_TOKEN} B)")
+    try:
+        nc = await connect(
+            client.config.nats_url,
+            name="sealstream-consumer",
+            user=session_id,
+            password=password,
+            inbox_prefix=f"_INBOX.{session_id}",
+            fail_fast=True,  # a refused login is final: say so now
+            closed_cb=on_closed,
+        )
+    except BrokerError as exc:
+        said = str(exc).lower()
+        if "control line" in said:  # the CONNECT line is capped (4 KiB by default)
+            raise SessionError("unauthorized", "the access token is too large for NATS") from None
+        if exc.retriable:
+            raise
+        exp = _unverified_exp(password.sent)
+        if exp is not None and exp < time.time() - 30:  # the proxy's leeway
+            raise SessionError(
+                "unauthorized", "NATS refused the connection: token expired"
+            ) from None
+        refused = SessionError(
+            "unauthorized",
+            "NATS refused the connection: the broker's authorization service refused the "
+            "token (not yet valid, invalid, or for no cluster; see the proxy log) or is not "
+            "running",
+        )
+        refused.retriable = True  # the service may be starting: worth another try
+        raise refused from None
+    return nc, password

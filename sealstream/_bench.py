@@ -70,6 +70,8 @@ from sealstream._errors import SealstreamError
 from sealstream._ids import Subjects
 from sealstream._log import configure_logging
 from sealstream._nats import connect, redact_url
+from sealstream._natsconf import Credentials, server_config
+from sealstream._natsjwt import AccountKey
 from sealstream._run import run
 from sealstream._server import EmbeddedServer, ServerOptions, find_nats_server
 from sealstream._tokens import mint_token
@@ -334,7 +336,15 @@ class _Ctx:
         stack.push_async_callback(child.stop)
         return child
 
-    async def proxy(self, stack: contextlib.AsyncExitStack) -> _Child:
+    async def proxy(
+        self,
+        stack: contextlib.AsyncExitStack,
+        *,
+        nats_url: str | None = None,
+        callout_seed: Path | None = None,
+    ) -> _Child:
+        """The proxy, on the run's server (or ``nats_url``, credentials included), answering the
+        NATS auth callout when given the issuer's seed file."""
         secret_file = self.state / "token-secret"
         argv = [
             sys.executable,
@@ -349,12 +359,22 @@ class _Ctx:
             "--log-json",
         ]
         # the URL by environment: it may hold credentials, which a command line shows to all
-        env = {**os.environ, "NATS_URL": self.nats_url}
-        child = await _Child.spawn(
-            "proxy", "proxy", argv, log=self.log_path("proxy"), config=None, env=env
-        )
+        env = {**os.environ, "NATS_URL": nats_url or self.nats_url}
+        if callout_seed is not None:
+            env["SEALSTREAM_CALLOUT_ISSUER_SEED_FILE"] = str(callout_seed)
+        log = self.log_path("proxy")
+        child = await _Child.spawn("proxy", "proxy", argv, log=log, config=None, env=env)
         stack.push_async_callback(child.stop)
-        await self._wait_proxy(child)
+        if nats_url is None:
+            await self._wait_proxy(child)
+        else:  # the orchestrator has no user there: the proxy's log says when it serves
+            deadline = time.monotonic() + 30.0
+            while "proxy.started" not in log.read_text(encoding="utf-8", errors="replace"):
+                if child.proc.returncode is not None:
+                    raise child.fail("exited during startup")
+                if time.monotonic() > deadline:
+                    raise child.fail("not serving after 30 s")
+                await asyncio.sleep(0.05)
         return child
 
     async def _wait_proxy(self, proxy: _Child) -> None:
@@ -805,6 +825,71 @@ async def _first_row(ctx: _Ctx) -> dict[str, Any]:
     return out
 
 
+async def _logins(ctx: _Ctx) -> dict[str, Any]:
+    """``plan.logins`` consumers at once log in through the NATS auth callout and open a
+    session: a server configured as ``sealstream up`` configures it (its own, with the proxy
+    answering the callout), the real proxy and a bench producer with their own users."""
+    n = ctx.plan.logins
+    creds = Credentials.generate([CLUSTER])
+    issuer = AccountKey.generate()
+    seed = ctx.state / "callout-issuer.nk"
+    conf = ctx.state / "callout-nats.conf"
+    config = server_config(creds, issuer=issuer.public_key, prefix=ctx.prefix)
+    for path, data in ((seed, issuer.seed), (conf, config.encode("utf-8"))):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            EmbeddedServer(ServerOptions(config_file=conf, log_file=ctx.log_path("callout-nats")))
+        )
+        await ctx.proxy(stack, nats_url=creds.proxy.url(server.url), callout_seed=seed)
+        producer = await ctx.worker(
+            stack,
+            "producer",
+            "producer",
+            {
+                "mode": "session",
+                "identity_file": str(ctx.identity_file),
+                "ack_subject": ctx.ack_subject,
+                "nats_url": creds.producers[CLUSTER].url(server.url),
+            },
+        )
+        await producer.expect("ready", timeout_s=60)
+        tokens = [ctx.token(f"bench-login-{i}") for i in range(n)]
+        worker = await ctx.worker(
+            stack, "logins", "logins", {"nats_url": server.url, "tokens": tokens}
+        )
+        await worker.expect("ready", timeout_s=120)
+        await worker.send({"cmd": "go"})
+        done = await worker.expect("done", timeout_s=300)
+    ctx.progress.advance(ctx.overall)
+
+    def ms(values: list[float], q: float) -> float | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    connect_s, open_s = done["connect_s"], done["open_s"]
+    out = {
+        "consumers": n,
+        "admitted": len(open_s),
+        "refused": done["refused"],
+        "errors": done["errors"],
+        "connect_p50_ms": ms(connect_s, 0.5),
+        "connect_p99_ms": ms(connect_s, 0.99),
+        "open_p50_ms": ms(open_s, 0.5),
+        "open_p99_ms": ms(open_s, 0.99),
+        "wall_s": round(done["wall_s"], 3),
+    }
+    ctx.say(
+        f"logins: {out['admitted']}/{n} admitted, connect+open p50 {out['open_p50_ms']} ms, "
+        f"p99 {out['open_p99_ms']} ms"
+    )
+    return out
+
+
 # --- machine, files -------------------------------------------------------------------------
 
 
@@ -891,7 +976,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         console=console,
         refresh_per_second=2,
     )
-    phases = len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2 + 4 * plan.ratio_rounds + 2
+    phases = len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2 + 4 * plan.ratio_rounds + 3
     with tempfile.TemporaryDirectory(prefix="sealstream-bench-") as tmp:
         state = Path(tmp)
         secret, identity_file, trust_jwk = _prepare(state)
@@ -922,6 +1007,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
                 rounds = await _rounds(ctx)
                 soak = await _soak(ctx)
                 first_row = await _first_row(ctx)
+                logins = await _logins(ctx)
                 if any(problems(x) for x in (*scenarios, *rounds, soak)) or any(
                     (g.get("proxy") or {}).get("rejected") for g in ctx.groups
                 ):
@@ -940,6 +1026,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         "rounds": rounds,
         "soak": soak,
         "first_row": first_row,
+        "logins": logins,
         "groups": ctx.groups,
     }
     report["targets"] = evaluate_targets(report)

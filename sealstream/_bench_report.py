@@ -174,6 +174,8 @@ class Plan:
     #: after the other: the ratio targets take the median of the rounds' ratios, so that a
     #: busy spell of a shared machine during one run does not decide them
     ratio_rounds: int = 3
+    #: consumers that log in through the NATS auth callout and open a session all at once
+    logins: int = 200
 
     @classmethod
     def full(cls) -> Plan:
@@ -193,6 +195,7 @@ class Plan:
             first_row_rsa=1,
             first_row_x25519=2,
             ratio_rounds=1,
+            logins=20,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +213,7 @@ class Plan:
             "first_row_rsa": self.first_row_rsa,
             "first_row_x25519": self.first_row_x25519,
             "first_row_rate": self.first_row_rate,
+            "logins": self.logins,
             "ratio_rounds": self.ratio_rounds,
         }
 
@@ -679,6 +683,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"From `Client.subscribe` (key generation included) to the first decrypted row, "
             f"while the producer streams {_fmt(first.get('rate'))} messages/s.",
+        ]
+    logins = report.get("logins")
+    if logins:
+        out += [
+            "",
+            "## Consumer logins through the NATS auth callout",
+            "",
+            "| consumers at once | admitted | refused | connect p50 / p99 ms "
+            "| connect + open p50 / p99 ms | all done s |",
+            "|--:|--:|--:|--:|--:|--:|",
+            f"| {logins.get('consumers')} | {logins.get('admitted')} | {logins.get('refused')} "
+            f"| {_fmt(logins.get('connect_p50_ms'), 1)} / {_fmt(logins.get('connect_p99_ms'), 1)} "
+            f"| {_fmt(logins.get('open_p50_ms'), 1)} / {_fmt(logins.get('open_p99_ms'), 1)} "
+            f"| {_fmt(logins.get('wall_s'), 2)} |",
+            "",
+            "Each consumer makes its X25519 key first (not timed), then connects to NATS as "
+            "user = session id, password = token (the server asks the proxy's callout service, "
+            "which verifies the token and issues a user confined to the session), subscribes "
+            "its inbox and opens the session; all start together.",
         ]
     out += [
         "",

@@ -5,11 +5,16 @@
   message per session, sealed by the product's codecs, at the maximum rate a bounded in-flight
   window allows, or paced. ``plain-relay`` envelopes carry the plain msgpack rows (this mode
   exists only here); ``raw`` payloads go straight to a subject, no proxy.
-- ``consumer``: opens real sessions through the proxy (a minted token per session), or
-  subscribes raw subjects; parses, verifies, decrypts, counts and times every message and
-  acknowledges progress to the producer on a bench subject.
+- ``consumer``: opens real sessions through the proxy (a minted token per session, each on a
+  NATS connection of its own, logged in as its session id with its token, as
+  ``consumers.Client`` does without NATS credentials), or subscribes raw subjects; parses,
+  verifies, decrypts, counts and times every message and acknowledges progress to the
+  producer on a bench subject.
 - ``first-row``: times ``consumers.Client.subscribe`` from key generation to the first
   decrypted row.
+- ``logins``: many consumers at once log in to NATS through the auth callout (user = session
+  id, password = token, ``docs/protocol.md``) and open their session; times connect and
+  connect + open of each.
 
 Protocol with the orchestrator (:mod:`sealstream._bench`): JSON lines. The first stdin line
 is the config (it carries tokens, so not on the command line), then commands on stdin, events
@@ -343,6 +348,7 @@ class _In:
     #: arrived is lost (counted from arrivals, not as a remainder of what was delivered)
     arrived: int = 0
     keys: int = 0  # key envelopes of the phase (they are not messages)
+    nc: Any = None  # the session's own connection (None: raw subjects, on the shared one)
 
     @property
     def seq(self) -> int:
@@ -409,8 +415,9 @@ class _Consumer:
                     stop.set()
             await self._close_all()
         finally:
-            if not self.nc.is_closed:
-                await self.nc.drain()
+            for nc in [t.nc for t in self.targets if t.nc is not None] + [self.nc]:
+                if not nc.is_closed:
+                    await nc.drain()
 
     # sessions
     async def _open_all(self) -> None:
@@ -443,8 +450,18 @@ class _Consumer:
                 key, cluster=self.cluster, trust=self.trust, key_mode=key_mode, policy="discard"
             )
         t = _In(key.session_id, self.subjects.inbox(key.session_id), token, crypto)
-        await self.nc.subscribe(t.subject, cb=self._callback(t))
-        await settle(self.nc)
+        # one connection per session, user = session id and password = token (docs/protocol.md)
+        t.nc = await connect(
+            self.cfg["nats_url"],
+            name=f"bench-consumer-{self.worker}",
+            user=key.session_id,
+            password=token,
+            inbox_prefix=f"_INBOX.{key.session_id}",
+            fail_fast=True,
+            error_cb=self._on_error,
+        )
+        await t.nc.subscribe(t.subject, cb=self._callback(t))
+        await settle(t.nc)
         req = OpenRequest(
             cluster=self.cluster,
             streams=(STREAM,),
@@ -452,7 +469,7 @@ class _Consumer:
             key_mode=key_mode,
             token=token,
         )
-        reply = await _request(self.nc, self.subjects.api_open, req.to_map())
+        reply = await _request(t.nc, self.subjects.api_open, req.to_map())
         ka = reply.get("keepalive_s")
         if isinstance(ka, int | float) and ka > 0:
             self.keepalive_s = min(self.keepalive_s, float(ka) / 2)
@@ -461,13 +478,15 @@ class _Consumer:
         return t
 
     async def _close_all(self) -> None:
-        if self.mode == "raw" or self.nc.is_closed:
+        if self.mode == "raw":
             return
 
         async def close(t: _In) -> None:
             body = {"v": 1, "token": t.token, "session": t.id}
+            if t.nc is None or t.nc.is_closed:
+                return
             with contextlib.suppress(SealstreamError):
-                await _request(self.nc, self.subjects.api_close, body)
+                await _request(t.nc, self.subjects.api_close, body)
 
         async with asyncio.TaskGroup() as tg:
             for t in self.targets:
@@ -480,7 +499,7 @@ class _Consumer:
         async def one(t: _In) -> None:
             body = {"v": 1, "token": t.token, "session": t.id}
             try:
-                await _request(self.nc, self.subjects.api_keepalive, body, timeout_s=5.0)
+                await _request(t.nc, self.subjects.api_keepalive, body, timeout_s=5.0)
             except SealstreamError as exc:
                 log.warning("bench.keepalive_failed", session=t.id, error=str(exc))
 
@@ -709,6 +728,76 @@ async def _first_row(cfg: dict[str, Any]) -> None:
     _emit("done")
 
 
+# --- logins through the auth callout -------------------------------------------------------
+
+
+async def _logins(cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]]) -> None:
+    subjects = Subjects(cfg["prefix"])
+    tokens: list[str] = cfg["tokens"]
+    keys = [await ConsumerKey.agenerate("x25519") for _ in tokens]
+    conns: list[Any] = []
+    _emit("ready")
+    async for cmd in commands:
+        if cmd.get("cmd") == "go":
+            break
+    else:
+        return
+    go = asyncio.Event()
+
+    async def one(key: ConsumerKey, token: str) -> tuple[float, float] | str:
+        await go.wait()
+        sid = key.session_id
+        t0 = time.perf_counter()
+        try:
+            nc = await connect(
+                cfg["nats_url"],
+                name="bench-login",
+                user=sid,
+                password=token,
+                inbox_prefix=f"_INBOX.{sid}",
+                fail_fast=True,
+                connect_timeout=30.0,
+            )
+        except SealstreamError as exc:
+            return f"connect: {exc}"
+        conns.append(nc)
+        t1 = time.perf_counter()
+        await nc.subscribe(subjects.inbox(sid))
+        await settle(nc)
+        req = OpenRequest(
+            cluster=cfg["cluster"],
+            streams=(STREAM,),
+            jwk=key.public_jwk,
+            key_mode="session",
+            token=token,
+        )
+        try:
+            await _request(nc, subjects.api_open, req.to_map())
+        except SealstreamError as exc:
+            return f"open: {exc}"
+        return t1 - t0, time.perf_counter() - t0
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(k, t)) for k, t in zip(keys, tokens, strict=True)]
+        started = time.perf_counter()
+        go.set()
+    wall = time.perf_counter() - started
+    results = [t.result() for t in tasks]
+    times = [r for r in results if isinstance(r, tuple)]
+    errors = [r for r in results if isinstance(r, str)]
+    for nc in conns:
+        with contextlib.suppress(nats.errors.Error):
+            await nc.close()
+    _emit(
+        "done",
+        connect_s=[c for c, _ in times],
+        open_s=[o for _, o in times],
+        errors=errors[:5],
+        refused=len(errors),
+        wall_s=wall,
+    )
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 
@@ -725,6 +814,8 @@ async def _main(role: str) -> int:
             await _Consumer(cfg).main(commands)
         elif role == "first-row":
             await _first_row(cfg)
+        elif role == "logins":
+            await _logins(cfg, commands)
         else:
             raise ValueError(f"unknown role {role!r}")
     except (SealstreamError, ValueError, OSError) as exc:

@@ -1,10 +1,11 @@
 """``sealstream chaos``: kill and restart nats-server, one of two proxies and the producer at
 random seeded moments while consumers stream, then report what each consumer saw.
 
-It runs the default deployment of ``sealstream up`` (its credentials and server
-configuration) with real processes, as an operator would: nats-server on a fixed port with
-its JetStream store kept across restarts, two proxies sharing the session registry, and one
-producer fed JSON lines on stdin, each row numbered ``{"run": incarnation, "n": i, "t": ns}``.
+It runs the default deployment of ``sealstream up`` (its credentials, the server configuration
+with the auth callout, the cluster's policy) with real processes, as an operator would:
+nats-server on a fixed port with its JetStream store kept across restarts, two proxies
+sharing the session registry (and answering the consumer logins), and one producer fed JSON
+lines on stdin, each row numbered ``{"run": incarnation, "n": i, "t": ns}``.
 The consumers are library clients with ``resume=True`` in this process. For each one it
 counts rows, sessions, envelopes lost, duplicates (a row seen twice) and rows out of order
 (within one producer incarnation, ``n`` going back), and for each fault the time from the
@@ -30,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from consumers import Batch, Client, ClientConfig, Resumed, TokenFile
-from sealstream._cli import prepare_state
+from producers._authz import POLICY_FILE_NAME
+from sealstream._cli import issuer_seed_file, prepare_state
 from sealstream._errors import SealstreamError
 from sealstream._log import configure_logging
 from sealstream._server import EmbeddedServer, ServerOptions
+from sealstream.crypto import UserIdentity
 
 __all__ = ["chaos_main"]
 
@@ -106,7 +109,7 @@ class Deployment:
         self.state = state
         self.logs = logs
         self.rate = rate
-        self.creds = prepare_state(state, _CLUSTER)
+        self.creds = prepare_state(state, _CLUSTER, [_STREAM])
         self.server_options = ServerOptions(
             config_file=state / "nats.conf", port=_free_port(), store_dir=state / "js"
         )
@@ -125,12 +128,12 @@ class Deployment:
             **os.environ,
             "NATS_URL": user.url(self.base_url),
             "SEALSTREAM_TOKEN_SECRET_FILE": str(self.state / "token-secret"),
+            # the proxies answer the broker's authorization requests (consumer logins)
+            "SEALSTREAM_CALLOUT_ISSUER_SEED_FILE": str(issuer_seed_file(self.state)),
             "SEALSTREAM_CLUSTER": _CLUSTER,
             "SEALSTREAM_KEY_FILE": str(self.state / "cluster-key.jwk"),
+            "SEALSTREAM_POLICY_FILE": str(self.state / POLICY_FILE_NAME),
         }
-
-    def consumer_url(self) -> str:
-        return self.creds.consumer.url(self.base_url)
 
     async def start_server(self) -> None:
         self.server = EmbeddedServer(self.server_options)
@@ -282,10 +285,11 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         await dep.start_server()
         for role in ("proxy-a", "proxy-b", "producer"):
             await dep.start(role)
-        config = ClientConfig(
-            nats_url=dep.consumer_url(),
+        config = ClientConfig(  # logs in to NATS with its token, proves its identity
+            nats_url=dep.base_url,
             token=TokenFile(dep.state / "token"),
             trust_store=dep.state / "trust.json",
+            identity=UserIdentity.load(dep.state / "identity.jwk"),
             key_kind="x25519",
             policy="discard",
             request_timeout_s=3.0,

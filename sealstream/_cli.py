@@ -17,6 +17,7 @@ from pathlib import Path
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy
 from sealstream._log import configure_logging
 from sealstream._natsconf import Credentials, server_config
+from sealstream._natsjwt import AccountKey
 from sealstream._run import run
 from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream._tokens import mint_token
@@ -44,6 +45,11 @@ class Backend:
         return self.state / "identity.jwk"
 
 
+def issuer_seed_file(state: Path) -> Path:
+    """The auth callout issuer's account nkey seed (mode 0600) in a state directory."""
+    return state / "callout-issuer.nk"
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -66,8 +72,9 @@ def prepare_state(
     state: Path, cluster: str, streams: Sequence[str] = ("http_events", "host_metrics")
 ) -> Credentials:
     """Development credentials: token secret, cluster key, trust store pin, a user token, the
-    user's identity key and the cluster's policy authorizing it for ``streams``, and one NATS
-    user per role with its server configuration."""
+    user's identity key and the cluster's policy authorizing it for ``streams``, one NATS user
+    for the proxy and each producer, the auth callout issuer key (consumers log in to NATS with
+    their token), and the server configuration."""
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret_file = state / "token-secret"
     if not secret_file.exists():
@@ -93,8 +100,13 @@ def prepare_state(
     if creds is None or cluster not in creds.producers:
         creds = Credentials.generate([cluster])
         _write_private(creds_file, creds.to_json().encode("utf-8"))
-    _write_private(state / "nats.conf", server_config(creds).encode("utf-8"))
-    roles = {"proxy": creds.proxy, "consumer": creds.consumer}
+    seed_file = issuer_seed_file(state)
+    if not seed_file.exists():
+        _write_private(seed_file, AccountKey.generate().seed + b"\n")
+    issuer = AccountKey.from_text(seed_file.read_bytes())
+    config = server_config(creds, issuer=issuer.public_key)
+    _write_private(state / "nats.conf", config.encode("utf-8"))
+    roles = {"proxy": creds.proxy}
     roles |= {f"producer-{c}": u for c, u in creds.producers.items()}
     for role, user in roles.items():  # for deployments that mount them (compose.yaml)
         _write_private(state / f"nats-{role}.password", user.password.encode("utf-8"))
@@ -119,20 +131,24 @@ async def backend(
     """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
+        callout: dict[str, str] = {}
         if nats_url is None:
-            # secure by default: one NATS user per role, least privilege
+            # secure by default: one NATS user per role, least privilege; consumers log in
+            # with their token through the auth callout, which the proxy answers
             options = ServerOptions(config_file=state / "nats.conf")
             server = await stack.enter_async_context(EmbeddedServer(options))
             urls = {
                 "proxy": creds.proxy.url(server.url),
                 "producer": creds.producers[cluster].url(server.url),
-                "consumer": creds.consumer.url(server.url),
+                "consumer": server.url,
             }
+            callout["SEALSTREAM_CALLOUT_ISSUER_SEED_FILE"] = str(issuer_seed_file(state))
         else:
             urls = dict.fromkeys(("proxy", "producer", "consumer"), nats_url)
         _write_private(state / "consumer.url", urls["consumer"].encode("utf-8"))
         env = {
             **os.environ,
+            **callout,
             "SEALSTREAM_TOKEN_SECRET_FILE": str(state / "token-secret"),
             "SEALSTREAM_CLUSTER": cluster,
             "SEALSTREAM_KEY_FILE": str(state / "cluster-key.jwk"),

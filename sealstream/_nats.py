@@ -142,7 +142,8 @@ async def connect(
     name: str,
     connect_timeout: float = 5.0,
     user: str | None = None,
-    password: str | None = None,
+    password: str | Callable[[], str] | None = None,
+    fail_fast: bool = False,
     **kwargs: Any,
 ) -> nats.aio.client.Client:
     """Connect to NATS at ``url`` (one URL or a comma-separated list), waiting at most
@@ -151,7 +152,11 @@ async def connect(
 
     ``kwargs`` go to nats-py's ``connect`` (they may override ``max_reconnect_attempts`` and
     ``reconnect_time_wait``); an ``error_cb``/``disconnected_cb``/``reconnected_cb``/
-    ``closed_cb`` given there runs after the logging one. Raises :class:`BrokerError` if the
+    ``closed_cb`` given there runs after the logging one. A callable ``password`` is called
+    for every CONNECT, reconnects included (a renewed token). ``fail_fast``: the first attempt's
+    failure (a refused login, say) is final, and one attempt may take the whole
+    ``connect_timeout`` (a server's auth callout answers within its own timeout); reconnects
+    later are as usual. Raises :class:`BrokerError` if the
     server cannot be reached (or refuses the connection) in time.
     """
     if connect_timeout <= 0:
@@ -167,6 +172,9 @@ async def connect(
         "reconnect_time_wait": 0.5,
         **kwargs,
     }
+    if fail_fast:
+        options["allow_reconnect"] = False  # until connected (set back below)
+        options["connect_timeout"] = connect_timeout
     nc = nats.aio.client.Client()
     cbs.nc = nc
     try:
@@ -196,6 +204,8 @@ async def connect(
     except asyncio.CancelledError:
         await _abandon(nc)
         raise
+    if fail_fast:
+        nc.options["allow_reconnect"] = True  # nats-py reads it at each disconnection
     cbs.connected.set()
     _CALLBACKS_OF[nc] = cbs
     log.info("nats.connected", client=name, url=shown, server=str(nc.connected_server_version))

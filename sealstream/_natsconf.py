@@ -1,11 +1,16 @@
 """Least-privilege NATS server configuration: one user per role (pure: returns text).
 
+Every role lives in one account (``SEALSTREAM``, with JetStream), so they see each other's
+subjects:
+
 - a producer (one user per cluster) may publish only its own cluster's data subjects, answer
   requests, and subscribe only to its control subject;
-- a consumer may publish only to the session API and subscribe only to inboxes and its
-  request replies;
-- the proxy gets the rest: the session API, all data subjects, the control subjects, the
-  inboxes, and JetStream for its session registry.
+- the proxy gets the session API, all data subjects, the control subjects, the inboxes,
+  JetStream for its session registry, and the auth callout subject (it answers the callout);
+- consumers have no configured user: the server's auth callout sends each of their connects
+  to the proxy's callout service (``broker_proxy._callout``), which admits a connection whose
+  user is a session id and whose password a valid access token, confined to that session's
+  inbox. Proxy and producers are the callout's ``auth_users``: they bypass it.
 
 Passwords are literal values (the embedded server, ``sealstream up``) or ``$ENV_VAR``
 references that nats-server resolves from its environment (``compose.yaml``).
@@ -22,7 +27,11 @@ from typing import Any
 
 from sealstream._ids import Subjects, check_cluster_id
 
-__all__ = ["Credentials", "RoleUser", "server_config", "users_for"]
+__all__ = ["ACCOUNT", "AUTH_SUBJECT", "Credentials", "RoleUser", "server_config", "users_for"]
+
+#: the one account every role is in (consumers are placed there by the callout's user JWT)
+ACCOUNT = "SEALSTREAM"
+AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +48,6 @@ class RoleUser:
 @dataclass(frozen=True, slots=True)
 class Credentials:
     proxy: RoleUser
-    consumer: RoleUser
     producers: Mapping[str, RoleUser]
 
     @classmethod
@@ -49,7 +57,6 @@ class Credentials:
 
         return cls(
             RoleUser("proxy", pw()),
-            RoleUser("consumer", pw()),
             {check_cluster_id(c): RoleUser(f"producer-{c}", pw()) for c in clusters},
         )
 
@@ -57,7 +64,6 @@ class Credentials:
         return json.dumps(
             {
                 "proxy": [self.proxy.user, self.proxy.password],
-                "consumer": [self.consumer.user, self.consumer.password],
                 "producers": {c: [u.user, u.password] for c, u in self.producers.items()},
             }
         )
@@ -67,7 +73,6 @@ class Credentials:
         data = json.loads(text)
         return cls(
             RoleUser(*data["proxy"]),
-            RoleUser(*data["consumer"]),
             {c: RoleUser(*u) for c, u in data["producers"].items()},
         )
 
@@ -84,16 +89,8 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
                 "publish": {
                     "allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]
                 },
-                "subscribe": {"allow": [s.api_all, s.data_all, "_INBOX.>"]},
+                "subscribe": {"allow": [s.api_all, s.data_all, "_INBOX.>", AUTH_SUBJECT]},
                 "allow_responses": True,
-            },
-        },
-        {
-            "user": creds.consumer.user,
-            "password": creds.consumer.password,
-            "permissions": {
-                "publish": {"allow": [s.api_all]},
-                "subscribe": {"allow": [f"{p}.inbox.*", "_INBOX.>"]},
             },
         },
     ]
@@ -134,9 +131,20 @@ def _render(obj: Any, indent: int = 0) -> str:
     return _value(obj)
 
 
-def server_config(creds: Credentials, *, prefix: str = "sealstream") -> str:
-    """A nats-server configuration fragment (``authorization`` block) for these roles."""
+def server_config(creds: Credentials, *, issuer: str, prefix: str = "sealstream") -> str:
+    """A nats-server configuration fragment (``accounts`` and ``authorization`` blocks) for
+    these roles, with consumers admitted by the auth callout whose issuer account public key
+    (``A...``, or a ``$ENV_VAR`` reference) is ``issuer``."""
+    users = users_for(creds, prefix=prefix)
+    accounts = {ACCOUNT: {"jetstream": "enabled", "users": users}}
+    callout = {
+        "issuer": issuer,
+        "account": ACCOUNT,
+        "auth_users": [u["user"] for u in users],
+    }
     return (
-        "# sealstream: one user per role, least privilege (generated)\n"
-        f"authorization: {_render({'users': users_for(creds, prefix=prefix)})}\n"
+        "# sealstream: one user per role, least privilege; consumers through the auth callout\n"
+        "# (generated)\n"
+        f"accounts: {_render(accounts)}\n"
+        f"authorization: {_render({'auth_callout': callout})}\n"
     )

@@ -24,7 +24,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Subscription
 from producers import Agent, AuthzPolicy, Batching, ProducerConfig, Source
 from sealstream import Subjects, TokenVerifier, mint_token, thumbprint
-from sealstream._nats import connect, settle
+from sealstream._nats import NatsAuth, connect, settle
 from sealstream.crypto import (
     ClusterIdentity,
     ConsumerKey,
@@ -125,9 +125,14 @@ class Stack:
         key_mode: Any = "session",
         policy: Policy = "fail",
         identity: UserIdentity | None = None,
+        callout: bool = False,
     ) -> ClientConfig:
+        # The session's server has no authorization and ignores credentials: given, the client
+        # shares one connection (as with a NATS of plain users); without them (``callout``),
+        # each session connects as its id with the token (test_callout.py enforces it)
         return ClientConfig(
             identity=self.user if identity is None else identity,
+            nats_auth=NatsAuth() if callout else NatsAuth("test-consumer", "unused"),
             nats_url=self.nats_url,
             prefix=self.prefix,
             token=self.token() if token is None else token,

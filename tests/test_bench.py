@@ -206,6 +206,13 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert {"proxy", "consumer"} <= set(soak["rss_growth_mb"])
     assert report["first_row"]["rsa"]["n"] == plan.first_row_rsa
     assert report["first_row"]["x25519"]["n"] == plan.first_row_x25519
+    # every consumer logged in through the auth callout and opened its session
+    logins = report["logins"]
+    assert (logins["consumers"], logins["admitted"], logins["refused"]) == (plan.logins,) * 2 + (
+        0,
+    ), logins
+    assert logins["open_p99_ms"] >= logins["open_p50_ms"] > 0
+    assert "## Consumer logins through the NATS auth callout" in markdown
 
     ids = {t["id"] for t in report["targets"]}
     assert {"session_vs_plain", "session_vs_per_message", "session_p99", "fanout"} <= ids

@@ -482,6 +482,14 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     # they stopped on their own, cleanly, before up returned
     assert "proxy.stopped" in _text(state / "proxy.log")
     assert "producer.stopped" in _text(state / "producer.log")
+    # consumers log in through the auth callout, answered by the proxy: no consumer password
+    assert "auth.serving" in _text(state / "proxy.log")
+    assert (state / "callout-issuer.nk").stat().st_mode & 0o777 == 0o600
+    conf = _text(state / "nats.conf")
+    assert "auth_callout" in conf
+    assert 'user: "consumer"' not in conf
+    assert not (state / "nats-consumer.password").exists()
+    assert "@" not in _text(state / "consumer.url")
 
 
 def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:

@@ -268,10 +268,17 @@ def test_every_role_has_its_own_nats_user(compose: dict[str, Any]) -> None:
     assert command(nats)[:2] == ["-c", next(iter(conf))]
     assert compose["secrets"][conf[next(iter(conf))]]["file"] == f"{STATE_DIR}nats.conf"
     users = {
-        name: environment(compose["services"][name])["SEALSTREAM_NATS_USER"]
+        name: environment(compose["services"][name]).get("SEALSTREAM_NATS_USER")
         for name in SEALSTREAM_SERVICES
     }
-    assert users == {"proxy": "proxy", "producer": "producer-demo", "consumer": "consumer"}
+    # consumers have no NATS user: they log in with their session id and token, through the
+    # auth callout that the proxy answers with the issuer key made by `sealstream up`
+    assert users == {"proxy": "proxy", "producer": "producer-demo", "consumer": None}
+    consumer = compose["services"]["consumer"]
+    assert not any("NATS_PASSWORD" in key for key in environment(consumer))
+    proxy = compose["services"]["proxy"]
+    seed = secret_mounts(proxy)[environment(proxy)["SEALSTREAM_CALLOUT_ISSUER_SEED_FILE"]]
+    assert compose["secrets"][seed]["file"] == f"{STATE_DIR}callout-issuer.nk"
 
 
 def test_consumer_command(compose: dict[str, Any]) -> None:

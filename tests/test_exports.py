@@ -63,7 +63,15 @@ EXPECTED: dict[str, list[str]] = {
         "Records",
         "Source",
     ],
-    "broker_proxy": ["Limits", "Proxy", "ProxyConfig", "SessionEntry", "SessionRegistry"],
+    "broker_proxy": [
+        "AuthService",
+        "CalloutConfig",
+        "Limits",
+        "Proxy",
+        "ProxyConfig",
+        "SessionEntry",
+        "SessionRegistry",
+    ],
     "consumers": [
         "Batch",
         "Client",

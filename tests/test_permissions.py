@@ -11,11 +11,16 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from broker_proxy._callout import AuthResponder, CalloutConfig
+from sealstream import TokenVerifier, mint_token
 from sealstream._nats import connect, settle
 from sealstream._natsconf import Credentials, RoleUser, server_config
+from sealstream._natsjwt import AccountKey
 from sealstream._server import EmbeddedServer, ServerOptions
 
 SESSION = "S" * 43
+ISSUER = AccountKey.generate()
+SECRET = b"s" * 32
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def creds() -> Credentials:
 @pytest.fixture(scope="module")
 def secure_url(creds: Credentials, tmp_path_factory: pytest.TempPathFactory) -> Any:
     conf = tmp_path_factory.mktemp("nats") / "nats.conf"
-    conf.write_text(server_config(creds))
+    conf.write_text(server_config(creds, issuer=ISSUER.public_key))
     with EmbeddedServer(ServerOptions(config_file=conf)) as server:
         yield server.url
 
@@ -101,25 +106,6 @@ async def test_producer_forbidden(
 @pytest.mark.parametrize(
     ("action", "subject"),
     [
-        ("pub", f"sealstream.cluster.c1.data.{SESSION}"),  # forge cluster data
-        ("pub", f"sealstream.inbox.{SESSION}"),  # inject into another consumer's inbox
-        ("pub", "sealstream.cluster.c1.control"),  # bypass the proxy
-        ("sub", "sealstream.cluster.*.data.*"),
-        ("sub", "sealstream.cluster.c1.control"),
-        ("sub", "sealstream.api.session.*"),
-        ("sub", ">"),
-    ],
-)
-async def test_consumer_forbidden(
-    as_role: Any, creds: Credentials, action: str, subject: str
-) -> None:
-    consumer = await as_role(creds.consumer)
-    assert await consumer.violation(action, subject)
-
-
-@pytest.mark.parametrize(
-    ("action", "subject"),
-    [
         ("pub", f"sealstream.cluster.c1.data.{SESSION}"),  # the proxy cannot forge cluster data
         ("pub", "sealstream.api.session.open"),
         ("sub", "sealstream.cluster.c1.control"),  # nor read another's control traffic
@@ -131,11 +117,18 @@ async def test_proxy_forbidden(as_role: Any, creds: Credentials, action: str, su
     assert await proxy.violation(action, subject)
 
 
-async def test_allowed_paths_work(as_role: Any, creds: Credentials) -> None:
-    """What each role needs still flows: producer -> proxy -> consumer, and control requests."""
+async def test_allowed_paths_work(as_role: Any, creds: Credentials, secure_url: str) -> None:
+    """What each role needs still flows: producer -> proxy -> consumer (admitted by the auth
+    callout, which the proxy's user may answer), and control requests. The consumer's own
+    confinement is tested in test_callout.py."""
     proxy = await as_role(creds.proxy)
     producer = await as_role(creds.producers["c1"])
-    consumer = await as_role(creds.consumer)
+    responder = AuthResponder(CalloutConfig(issuer=ISSUER), TokenVerifier(secret=SECRET))
+    await responder.subscribe(proxy.nc)
+    await settle(proxy.nc)
+    consumer = await as_role(
+        RoleUser(SESSION, mint_token(sub="alice", clusters=["c1"], secret=SECRET))
+    )
     got: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def relay(msg: Any) -> None:
@@ -166,12 +159,13 @@ async def test_allowed_paths_work(as_role: Any, creds: Credentials) -> None:
 def test_env_references_for_deployments() -> None:
     creds = Credentials(
         RoleUser("proxy", "$PROXY_PASSWORD"),
-        RoleUser("consumer", "$CONSUMER_PASSWORD"),
         {"demo": RoleUser("producer-demo", "$PRODUCER_PASSWORD")},
     )
-    text = server_config(creds)
+    text = server_config(creds, issuer="$ISSUER")
     assert "password: $PROXY_PASSWORD" in text
+    assert "issuer: $ISSUER" in text
     assert '"$JS.API.>"' in text  # subjects stay quoted
+    assert 'user: "consumer"' not in text  # no shared consumer user: the callout admits them
 
 
 def test_generated_file_round_trip(tmp_path: Path) -> None:
@@ -183,22 +177,22 @@ def test_generated_file_round_trip(tmp_path: Path) -> None:
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nats.conf"
 SHIPPED_CREDS = Credentials(
     RoleUser("proxy", "$SEALSTREAM_PROXY_PASSWORD"),
-    RoleUser("consumer", "$SEALSTREAM_CONSUMER_PASSWORD"),
     {"demo": RoleUser("producer-demo", "$SEALSTREAM_PRODUCER_PASSWORD")},
 )
 
 
 def test_shipped_config_is_the_generated_one() -> None:
     text = SHIPPED.read_text()
-    assert text.endswith(server_config(SHIPPED_CREDS))
+    assert text.endswith(server_config(SHIPPED_CREDS, issuer="$SEALSTREAM_CALLOUT_ISSUER"))
 
 
 async def test_shipped_config_runs_in_nats_server(tmp_path: Path) -> None:
-    """The shipped file, with passwords from the server's environment, enforces the roles."""
+    """The shipped file, with passwords and the callout issuer from the server's environment,
+    enforces the roles and admits consumers through the callout."""
     env = {
         "SEALSTREAM_PROXY_PASSWORD": "p" * 20,
-        "SEALSTREAM_CONSUMER_PASSWORD": "c" * 20,
         "SEALSTREAM_PRODUCER_PASSWORD": "d" * 20,
+        "SEALSTREAM_CALLOUT_ISSUER": ISSUER.public_key,
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # nats-server inherits them
@@ -227,5 +221,14 @@ async def test_shipped_config_runs_in_nats_server(tmp_path: Path) -> None:
                 await asyncio.sleep(0.01)
         assert "permissions violation" in errors[0].lower()
         await nc.close()
+        proxy = await connect(RoleUser("proxy", "p" * 20).url(url), name="proxy")
+        await AuthResponder(CalloutConfig(issuer=ISSUER), TokenVerifier(secret=SECRET)).subscribe(
+            proxy
+        )
+        await settle(proxy)
+        token = mint_token(sub="alice", clusters=["demo"], secret=SECRET)
+        consumer = await connect(RoleUser(SESSION, token).url(url), name="consumer")
+        await consumer.close()
+        await proxy.close()
     finally:
         await asyncio.to_thread(server.stop)

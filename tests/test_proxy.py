@@ -26,7 +26,7 @@ from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
 from sealstream._jwk import b64u_encode, thumbprint
-from sealstream._nats import settle
+from sealstream._nats import NatsAuth, settle
 from sealstream._wire import (
     Envelope,
     Notice,
@@ -173,7 +173,11 @@ async def test_proxy_subprocess_debug_log_holds_no_secrets(nats_url: str, tmp_pa
             trust_relay_authorization=True,
         )
         client_config = ClientConfig(
-            nats_url=nats_url, prefix=prefix, token=token, request_timeout_s=5.0
+            nats_url=nats_url,
+            nats_auth=NatsAuth("test-consumer", "unused"),  # one shared connection
+            prefix=prefix,
+            token=token,
+            request_timeout_s=5.0,
         )
         trust = TrustStore({CLUSTER: [identity.public_jwk]})
         async with (
