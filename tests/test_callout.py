@@ -85,6 +85,7 @@ async def backend(
                 cluster=cluster,
                 nats_url=sec.creds.producers[cluster].url(sec.url),
                 batching=FAST_BATCHING,
+                trust_relay_authorization=True,  # these tests are about the NATS login
             )
             source = HttpEvents(rate=200, seed=i)
             await stack.enter_async_context(
@@ -335,6 +336,7 @@ async def test_a_renewed_token_logs_the_connection_in_again(secured: Secured) ->
         cluster="c1",
         nats_url=secured.creds.producers["c1"].url(secured.url),
         batching=FAST_BATCHING,
+        trust_relay_authorization=True,  # this test is about the NATS login
     )
     async with (
         Proxy(config, verifier=TokenVerifier(secret=SECRET, leeway_s=0)) as proxy,
