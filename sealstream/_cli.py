@@ -29,6 +29,9 @@ class Backend:
     nats_url: str
     cluster: str
     state: Path
+    #: the embedded server's WebSocket listener, for the browser view
+    websocket_url: str | None = None
+    consumer_user: tuple[str, str] | None = None
 
     @property
     def token_file(self) -> Path:
@@ -65,7 +68,7 @@ def prepare_state(state: Path, cluster: str) -> Credentials:
     if creds is None or cluster not in creds.producers:
         creds = Credentials.generate([cluster])
         _write_private(creds_file, creds.to_json().encode("utf-8"))
-    _write_private(state / "nats.conf", server_config(creds).encode("utf-8"))
+    _write_private(state / "nats.conf", server_config(creds, websocket=True).encode("utf-8"))
     roles = {"proxy": creds.proxy, "consumer": creds.consumer}
     roles |= {f"producer-{c}": u for c, u in creds.producers.items()}
     for role, user in roles.items():  # for deployments that mount them (compose.yaml)
@@ -91,10 +94,12 @@ async def backend(
     """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
     creds = prepare_state(state, cluster)
     async with contextlib.AsyncExitStack() as stack:
+        websocket_url = None
         if nats_url is None:
             # secure by default: one NATS user per role, least privilege
             options = ServerOptions(config_file=state / "nats.conf")
             server = await stack.enter_async_context(EmbeddedServer(options))
+            websocket_url = server.websocket_url
             urls = {
                 "proxy": creds.proxy.url(server.url),
                 "producer": creds.producers[cluster].url(server.url),
@@ -127,7 +132,13 @@ async def backend(
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
-        yield Backend(urls["consumer"], cluster, state)
+        yield Backend(
+            urls["consumer"],
+            cluster,
+            state,
+            websocket_url,
+            (creds.consumer.user, creds.consumer.password) if nats_url is None else None,
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--duration", type=float, help="stop after this many seconds")
             c.add_argument("--limit", type=int, help="stop after this many rows")
             c.add_argument("--key", choices=["rsa", "x25519", "p256"], default="rsa")
+            c.add_argument(
+                "--web-port", type=int, default=0, help="port of the browser view (default: any)"
+            )
     b = sub.add_parser("bench", help="load test: raw, plain-relay, session, per-message")
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
@@ -178,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
                     f"--trust-store {be.trust_store}"
                 )
+                if be.websocket_url is not None:
+                    print("or watch them decrypted in a browser page served from this machine:")
+                    print(
+                        "  SEALSTREAM_NATS_USER=consumer SEALSTREAM_NATS_PASSWORD_FILE="
+                        f"{be.state}/nats-consumer.password sealstream-consume web "
+                        f"--nats-ws-url {be.websocket_url} --cluster {be.cluster} {streams} "
+                        f"--token-file {be.token_file} --trust-store {be.trust_store}"
+                    )
                 print("Ctrl-C stops everything.")
                 await asyncio.Event().wait()
                 return 0
@@ -188,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
     from consumers._cli import consume
-    from consumers._config import ClientConfig
+    from consumers._config import ClientConfig, TokenFile
+    from consumers._web import WebConfig, WebServer
 
     config = ClientConfig(
         nats_url=be.nats_url,
@@ -206,7 +229,22 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         duration=args.duration,
         retry=20.0,
     )
-    return await consume(config, view_args)
+    if be.websocket_url is None or args.output != "table":
+        return await consume(config, view_args)
+    user, password = be.consumer_user or (None, None)
+    web_config = WebConfig(
+        nats_ws_url=be.websocket_url,
+        cluster=be.cluster,
+        streams=streams,
+        token=TokenFile(be.token_file),
+        trust=TrustStore.load(be.trust_store),
+        # the embedded server has one static user per role (no auth callout)
+        nats_user=user,
+        nats_password=password,
+    )
+    with WebServer(web_config, port=args.web_port) as web:
+        print(f"the same rows, decrypted in your browser: {web.url}", flush=True)
+        return await consume(config, view_args)
 
 
 if __name__ == "__main__":

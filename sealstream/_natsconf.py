@@ -22,7 +22,7 @@ from typing import Any
 
 from sealstream._ids import Subjects, check_cluster_id
 
-__all__ = ["Credentials", "RoleUser", "server_config", "users_for"]
+__all__ = ["WEBSOCKET_LOOPBACK", "Credentials", "RoleUser", "server_config", "users_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +134,18 @@ def _render(obj: Any, indent: int = 0) -> str:
     return _value(obj)
 
 
-def server_config(creds: Credentials, *, prefix: str = "sealstream") -> str:
-    """A nats-server configuration fragment (``authorization`` block) for these roles."""
+#: a WebSocket listener for browser consumers on loopback, port chosen by the server (it is
+#: in the ports file); plain ws:// is only for 127.0.0.1, a deployment serves wss://
+WEBSOCKET_LOOPBACK = 'websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n'
+
+
+def server_config(
+    creds: Credentials, *, prefix: str = "sealstream", websocket: bool = False
+) -> str:
+    """A nats-server configuration fragment (``authorization`` block) for these roles, and
+    with ``websocket`` a loopback WebSocket listener for the browser view."""
     return (
         "# sealstream: one user per role, least privilege (generated)\n"
         f"authorization: {_render({'users': users_for(creds, prefix=prefix)})}\n"
+        + (WEBSOCKET_LOOPBACK if websocket else "")
     )

@@ -43,6 +43,8 @@ export class TrustError extends Error {
  * @typedef {import("./crypto.js").KeyKind} KeyKind
  * @typedef {object} SubscriptionOptions
  * @property {string} natsUrl NATS WebSocket URL (ws:// or wss://)
+ * @property {{user: string, pass: string}} [natsAuth] static NATS credentials, for a server
+ *   without the auth callout; by default user = the session id, password = the token
  * @property {string} [prefix] subject prefix (default sealstream)
  * @property {() => string | Promise<string>} token read again for every request
  * @property {string} cluster
@@ -115,8 +117,8 @@ export class Subscription {
     try {
       this.nc = await wsconnect({
         servers: o.natsUrl,
-        user: key.sessionId,
-        pass: token,
+        user: o.natsAuth?.user ?? key.sessionId,
+        pass: o.natsAuth?.pass ?? token,
         inboxPrefix: `_INBOX.${key.sessionId}`,
         name: "sealstream-web",
         maxReconnectAttempts: -1,

@@ -17,6 +17,8 @@ const RATE_WINDOW_MS = 5000;
  * @property {string[]} streams
  * @property {Record<string, Record<string, unknown>[]>} trusted_keys
  * @property {import("./crypto.js").KeyKind} [key]
+ * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
+ * @property {string} [nats_password]
  */
 
 /** @returns {Promise<PageConfig>} */
@@ -151,6 +153,10 @@ export async function main() {
 
   const sub = new Subscription({
     natsUrl: config.nats_ws_url,
+    natsAuth:
+      config.nats_user === undefined
+        ? undefined
+        : { user: config.nats_user, pass: config.nats_password ?? "" },
     prefix: config.prefix,
     // read again for every request, so a renewed token keeps a long session
     token: async () => (await loadConfig()).token,
@@ -191,7 +197,10 @@ export async function main() {
   }
   setText("session", sub.sessionId);
   setText("key", keyKind);
-  setStatus("connected", "connected, waiting for the cluster's signed key");
+  if (sub.error === null) {
+    // the cluster's key envelope may have been refused before the open reply came back
+    setStatus("connected", "connected, waiting for the cluster's signed key");
+  }
 
   const render = () => {
     const s = sub.session;
