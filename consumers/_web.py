@@ -87,6 +87,14 @@ class WebConfig:
         return out
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a page closed mid-answer is not an error worth a traceback on the terminal
+        log.debug("web.connection_lost", client=str(client_address))
+
+
 class WebServer:
     """The page's server, in a thread: ``with WebServer(config, port=0) as web: web.url``."""
 
@@ -97,8 +105,7 @@ class WebServer:
         self.dist = dist
         if not (dist / "index.html").is_file():
             raise FileNotFoundError(f"the page is not built in {dist}: run 'make web'")
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
 
     @property

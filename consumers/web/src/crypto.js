@@ -26,7 +26,8 @@ export class Rejected extends Error {
 // --- canonical base64url ------------------------------------------------------------------------
 
 const ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-const VALUE = new Map([...ALPHABET].map((c, i) => [c, i]));
+const VALUE = new Int8Array(128).fill(-1);
+for (let i = 0; i < ALPHABET.length; i++) VALUE[ALPHABET.charCodeAt(i)] = i;
 
 /**
  * Strict unpadded base64url, canonical only (the unused low bits of the last character must
@@ -35,20 +36,22 @@ const VALUE = new Map([...ALPHABET].map((c, i) => [c, i]));
  * @returns {Uint8Array}
  */
 export function b64uDecode(text) {
-  const rem = text.length % 4;
+  const n = text.length;
+  const rem = n % 4;
   if (rem === 1) throw new RangeError("not unpadded base64url");
-  const out = new Uint8Array(Math.floor((text.length * 3) / 4));
-  let bits = 0;
+  const out = new Uint8Array((n * 3) >> 2);
   let acc = 0;
-  let n = 0;
-  for (const c of text) {
-    const v = VALUE.get(c);
-    if (v === undefined) throw new RangeError("not base64url");
-    acc = (acc << 6) | v;
+  let bits = 0;
+  let at = 0;
+  for (let i = 0; i < n; i++) {
+    const c = text.charCodeAt(i);
+    const v = c < 128 ? VALUE[c] : -1;
+    if (v < 0) throw new RangeError("not base64url");
+    acc = ((acc << 6) | v) & 0xffffff;
     bits += 6;
     if (bits >= 8) {
       bits -= 8;
-      out[n++] = (acc >> bits) & 0xff;
+      out[at++] = (acc >> bits) & 0xff;
     }
   }
   if (acc & ((1 << bits) - 1)) throw new RangeError("non-canonical base64url");
