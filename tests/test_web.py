@@ -287,3 +287,47 @@ def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
         assert ok.getheader("Cache-Control") == "no-store"
         assert json.loads(ok.read())["token"] == "secret-token"
         conn.close()
+
+
+async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    keepalive = 0.3
+    async with make_stack(
+        ws_server.url,
+        sources=[HttpEvents(rate=50, seed=4)],
+        streams=["http_events"],
+        keepalive_s=keepalive,
+    ) as st:
+        with _web(ws_server, st) as web:
+            # keepalives from the page (each with a token read again from /config.json): the
+            # session outlives many expiry periods of 3 intervals
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(lambda: _more(page, "#rows", 0))
+            sid = await _text(page, "#session")
+            rows = await _rows(page)
+            await asyncio.sleep(12 * keepalive)
+            assert sid in st.proxy.registry
+            assert await _rows(page) > rows
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            # leaving the page closes the session at the proxy
+            await page.close()
+
+            async def forgotten() -> bool:
+                return sid not in st.proxy.registry
+
+            await until(forgotten)
+
+            # the producer ends the session: the page says so, signed
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(lambda: _more(page, "#rows", 0))
+            await st.agent.aclose()
+
+            async def ended() -> bool:
+                return await page.get_attribute("#status", "data-state") == "ended"
+
+            await until(ended)
+            assert (await _text(page, "#status")).startswith("session ended by the cluster: ")
+            await page.close()
