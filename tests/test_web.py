@@ -159,6 +159,10 @@ async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
             # the hostile relay: forged key envelope, forged per-message data, bit flips,
             # replays, all published straight to the page's inbox
             jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+            assert set(jwk) == {"kty", "crv", "x", "alg"}  # public members only
+            assert not await page.evaluate(
+                "window.sealstream.subscription.session.key.privateKey.extractable"
+            )
             forged_rows = encode_rows([{"req_path": FORGED, "upid": FORGED}])
             forger = ProducerSession(
                 ClusterIdentity.generate(), cluster=st.cluster, session=sid, consumer_jwk=jwk
@@ -330,4 +334,31 @@ async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
 
             await until(ended)
             assert (await _text(page, "#status")).startswith("session ended by the cluster: ")
+            await page.close()
+
+
+@pytest.mark.parametrize("kind", ["p256", "rsa"])
+async def test_every_key_kind_opens_in_the_page(
+    ws_server: EmbeddedServer, browser: Browser, kind: str
+) -> None:
+    """P-256 and RSA-OAEP-256/4096 (Pixie's) key pairs, made by WebCrypto in the page."""
+    async with make_stack(
+        ws_server.url, sources=[HttpEvents(rate=50, seed=6)], streams=["http_events"]
+    ) as st:
+        with _web(ws_server, st) as web:
+            page = await browser.new_page()
+            await page.goto(f"{web.url}?key={kind}")
+            await until(lambda: _more(page, "#rows", 0), timeout=30)
+            assert await _text(page, "#key") == kind
+            jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+            expected = {"p256": ("EC", "ECDH-ES+A256KW"), "rsa": ("RSA", "RSA-OAEP-256")}[kind]
+            assert (jwk["kty"], jwk["alg"]) == expected
+            if kind == "rsa":
+                assert len(jwk["n"]) == 683  # 4096 bits in base64url
+            # the private key cannot leave WebCrypto
+            extractable = await page.evaluate(
+                "window.sealstream.subscription.session.key.privateKey.extractable"
+            )
+            assert extractable is False
+            assert await _text(page, "#rejected") == "0"
             await page.close()

@@ -61,6 +61,8 @@ export class TrustError extends Error {
  * @property {(reason: string) => void} [onEnd] the producer ended the session (verified)
  * @property {(error: Error) => void} [onError] the session is over
  * @property {() => void} [onChange] counters changed
+ * @property {(connected: boolean) => void} [onConnection] the broker connection was lost
+ *   (the client reconnects by itself) or is back
  */
 
 /** @param {unknown} err @param {string} name */
@@ -129,6 +131,7 @@ export class Subscription {
       }
       throw new BrokerError(`cannot connect to NATS at ${o.natsUrl}`);
     }
+    void this.watch(this.nc);
     // the inbox first: the producer's key envelope may arrive before the open reply
     this.nc.subscribe(`${this.prefix}.inbox.${key.sessionId}`, {
       callback: (_err, msg) => this.onMessage(msg.data),
@@ -148,6 +151,14 @@ export class Subscription {
     }
     this.setKeepalive(reply.keepalive_s);
     this.schedule();
+  }
+
+  /** @param {import("@nats-io/nats-core").NatsConnection} nc */
+  async watch(nc) {
+    for await (const status of nc.status()) {
+      if (status.type === "disconnect") this.options.onConnection?.(false);
+      else if (status.type === "reconnect") this.options.onConnection?.(true);
+    }
   }
 
   /** @param {unknown} value */

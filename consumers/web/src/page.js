@@ -191,6 +191,11 @@ export async function main() {
     onError(err) {
       setStatus("error", describe(err));
     },
+    onConnection(connected) {
+      if (status.dataset.state === "error" || status.dataset.state === "ended") return;
+      if (connected) setStatus("connected", "connected again");
+      else setStatus("reconnecting", "broker connection lost: reconnecting…");
+    },
   });
   /** @type {any} */ (window).sealstream = { subscription: sub };
   try {
