@@ -36,7 +36,7 @@ from sealstream.crypto import (
     Rotation,
     encode_rows,
 )
-from sealstream.crypto._jose import seal_dir, seal_to_key
+from sealstream.crypto._jose import seal_dir, seal_to_key, sign_claims
 from tests.helpers import CLUSTER, Pair, env_map, gen_key, make_pair, repack
 
 __all__ = ["build_vectors", "main"]
@@ -451,6 +451,52 @@ def _tampered(key: ConsumerKey) -> list[Case]:
                 changed.append(repack(envs[index], body=joined))
         feed = [*envs[:index], *changed, envs[index]]
         cases.append(Case(f"non-canonical base64 in envelope {index}", pair).feed(feed))
+
+    # plaintexts that are not what the contract says, sealed under the real session key
+    pair = _pair(key)
+    key_env, data = _sealed(pair, 1)
+    cipher = pair.producer._aead
+    assert cipher is not None
+    header = _header(env_map(data)["body"])
+    odd = []
+    for i, plaintext in enumerate(
+        [
+            msgpack.packb({"rows": [msgpack.ExtType(5, b"x")]}),
+            msgpack.packb({"rows": [[1, 2]]}),
+            msgpack.packb({"rows": {"a": 1}}),
+            msgpack.packb({1: 2}, strict_types=False),
+            msgpack.packb([1]),
+            b"\xc1",
+        ]
+    ):
+        h = {**header, "seq": 2 + i, "ts": TS_BIG + i}
+        body = seal_dir(cipher, h, plaintext)
+        odd.append(repack(data, seq=2 + i, ts=TS_BIG + i, body=body))
+    cases.append(Case("plaintexts that are not rows", pair).feed([key_env, *odd]))
+
+    # claims checked exactly: a kid of 1 to 64 characters (code points), integer epoch and iat
+    for name, changes in (
+        ("kid of 64 astral characters", {"kid": "\U0001f511" * 64}),
+        ("kid of 65 characters", {"kid": "k" * 65}),
+        ("empty kid", {"kid": ""}),
+        ("epoch as float", {"epoch": 0.0}),
+        ("iat as str", {"iat": "1"}),
+        ("k of 31 bytes", {"k": b64u_encode(os.urandom(31))}),
+        ("k non-canonical", {"k": b64u_encode(os.urandom(32))[:-1] + "B"}),
+    ):
+        pair = _pair(key)
+        claims = {
+            "cluster": CLUSTER,
+            "session": key.session_id,
+            "kid": "kid",
+            "k": b64u_encode(os.urandom(32)),
+            "iat": 1,
+            "epoch": 0,
+            **changes,
+        }
+        jws = sign_claims(pair.identity, claims)
+        body = seal_to_key(key.public_jwk, _key_header(key), jws)
+        cases.append(Case(f"claims: {name}", pair).feed([_key_env(key, body)]))
 
     pair = _pair(key)
     envs = _sealed(pair, 2)

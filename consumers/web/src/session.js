@@ -241,7 +241,7 @@ export class ConsumerSession {
       claims.session !== this.session ||
       typeof kid !== "string" ||
       kid.length === 0 ||
-      kid.length > 64 ||
+      [...kid].length > 64 || // code points, as Python's len()
       typeof k !== "string" ||
       typeof epoch !== "bigint" ||
       typeof claims.iat !== "bigint"
@@ -315,7 +315,10 @@ function decodeResult(env, plaintext) {
   return { type: "batch", stream: env.stream, seq: env.seq, ts: env.ts, rows, lostBefore: 0n };
 }
 
-/** @param {unknown} v */
+/**
+ * A decoded msgpack map: a plain object (not an array, bin, an extension value or a Date).
+ * @param {unknown} v
+ */
 function isMap(v) {
-  return typeof v === "object" && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array);
+  return typeof v === "object" && v !== null && Object.getPrototypeOf(v) === Object.prototype;
 }

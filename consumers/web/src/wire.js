@@ -98,13 +98,7 @@ export function decodeMap(payload, maxSize = DEFAULT_MAX_REQUEST) {
 
 /** @param {unknown} v */
 function isPlainMap(v) {
-  return (
-    typeof v === "object" &&
-    v !== null &&
-    !Array.isArray(v) &&
-    !(v instanceof Uint8Array) &&
-    !(v instanceof WireFloat)
-  );
+  return typeof v === "object" && v !== null && Object.getPrototypeOf(v) === Object.prototype;
 }
 
 /**
