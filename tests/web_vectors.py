@@ -469,8 +469,8 @@ def _tampered(key: ConsumerKey) -> list[Case]:
             b"\xc1",
         ]
     ):
-        h = {**header, "seq": 2 + i, "ts": TS_BIG + i}
-        body = seal_dir(cipher, h, plaintext)
+        odd_header = {**header, "seq": 2 + i, "ts": TS_BIG + i}
+        body = seal_dir(cipher, odd_header, plaintext)
         odd.append(repack(data, seq=2 + i, ts=TS_BIG + i, body=body))
     cases.append(Case("plaintexts that are not rows", pair).feed([key_env, *odd]))
 
