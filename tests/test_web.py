@@ -20,6 +20,7 @@ import msgpack
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
+from structlog.testing import capture_logs
 
 from consumers._web import WebConfig, WebServer
 from producers import HttpEvents
@@ -315,13 +316,17 @@ async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
             assert sid in st.proxy.registry
             assert await _rows(page) > rows
             assert await page.get_attribute("#status", "data-state") == "verified"
-            # leaving the page closes the session at the proxy
-            await page.close()
+            # leaving the page closes the session at the proxy (a close, not an expiry)
+            with capture_logs() as logs:
+                await page.close(run_before_unload=True)
 
-            async def forgotten() -> bool:
-                return sid not in st.proxy.registry
+                async def forgotten() -> bool:
+                    return sid not in st.proxy.registry
 
-            await until(forgotten)
+                await until(forgotten)
+            events = {(e["event"], e.get("reason")) for e in logs if e.get("session") == sid}
+            assert ("session.closed", "consumer") in events, events  # the proxy's
+            assert not any(event == "session.expired" for event, _ in events), events
 
             # the producer ends the session: the page says so, signed
             page = await browser.new_page()

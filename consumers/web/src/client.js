@@ -97,6 +97,14 @@ export class Subscription {
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     this.timer = undefined;
     this.closed = false;
+    /** the token of the last request, for a close that cannot wait (the page is going) */
+    this.lastToken = "";
+  }
+
+  /** @returns {Promise<string>} */
+  async token() {
+    this.lastToken = await this.options.token();
+    return this.lastToken;
   }
 
   get sessionId() {
@@ -115,7 +123,7 @@ export class Subscription {
       allowZip: o.allowZip,
       policy: o.policy ?? "discard",
     });
-    const token = await o.token();
+    const token = await this.token();
     try {
       this.nc = await wsconnect({
         servers: o.natsUrl,
@@ -139,7 +147,7 @@ export class Subscription {
     await this.nc.flush();
     const reply = await this.request("open", {
       v: VERSION,
-      token: await o.token(),
+      token: await this.token(),
       cluster: o.cluster,
       streams: o.streams,
       jwk: key.publicJwk,
@@ -175,7 +183,7 @@ export class Subscription {
   async keepalive() {
     if (this.closed || this.session === null) return;
     try {
-      const token = await this.options.token();
+      const token = await this.token();
       const reply = await this.request("keepalive", {
         v: VERSION,
         token,
@@ -286,6 +294,23 @@ export class Subscription {
     void this.close();
   }
 
+  /**
+   * Close without waiting, for a page being unloaded: the close request goes out with the
+   * last token, unanswered (nothing would be left to read the reply), then the connection.
+   */
+  closeNow() {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.timer);
+    const nc = this.nc;
+    if (nc === null) return;
+    if (this.session !== null && this.lastToken) {
+      const body = { v: VERSION, token: this.lastToken, session: this.session.session };
+      nc.publish(`${this.prefix}.api.session.close`, encodeMap(body));
+    }
+    void nc.close();
+  }
+
   /** Close the session at the proxy and the connection; idempotent. */
   async close() {
     if (this.closed) return;
@@ -295,7 +320,7 @@ export class Subscription {
     if (nc === null) return;
     if (this.session !== null) {
       try {
-        const token = await this.options.token();
+        const token = await this.token();
         await this.request("close", { v: VERSION, token, session: this.session.session });
       } catch {
         // the proxy expires the session anyway

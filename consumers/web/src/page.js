@@ -241,7 +241,7 @@ export async function main() {
   };
   requestAnimationFrame(render);
   setInterval(() => (dirty = true), 1000); // the rate decays without new rows
-  addEventListener("pagehide", () => void sub.close());
+  addEventListener("pagehide", () => sub.closeNow());
 }
 
 void main();
