@@ -242,7 +242,11 @@ export class Subscription {
       return;
     }
     this.pending += 1;
-    this.chain = this.chain.then(() => this.handle(data)).finally(() => (this.pending -= 1));
+    this.chain = this.chain
+      .then(() => this.handle(data))
+      // a failing callback ends the subscription rather than silently stopping the queue
+      .catch((/** @type {Error} */ err) => this.fail(err))
+      .finally(() => (this.pending -= 1));
   }
 
   /** @param {Uint8Array} data */
