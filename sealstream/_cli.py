@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
                     f"--trust-store {be.trust_store}"
                 )
-                if be.websocket_url is not None:
+                if be.websocket_url is not None and be.consumer_user is not None:
                     print("or watch them decrypted in a browser page served from this machine:")
                     print(
-                        "  SEALSTREAM_NATS_USER=consumer SEALSTREAM_NATS_PASSWORD_FILE="
-                        f"{be.state}/nats-consumer.password sealstream-consume web "
+                        f"  SEALSTREAM_NATS_USER={be.consumer_user[0]} "
+                        f"SEALSTREAM_NATS_PASSWORD_FILE={be.state}/nats-consumer.password "
+                        "sealstream-consume web "
                         f"--nats-ws-url {be.websocket_url} --cluster {be.cluster} {streams} "
                         f"--token-file {be.token_file} --trust-store {be.trust_store}"
                     )

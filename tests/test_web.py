@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from consumers._web import WebConfig, WebServer
 from producers import HttpEvents
 from sealstream._nats import connect
+from sealstream._natsconf import Credentials, server_config
 from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore, encode_rows
 from tests.pipeline import Recording, Stack, Tap, contains_marker, make_stack
@@ -367,3 +368,14 @@ async def test_every_key_kind_opens_in_the_page(
             assert extractable is False
             assert await _text(page, "#rejected") == "0"
             await page.close()
+
+
+def test_the_generated_server_config_has_a_loopback_websocket_listener(tmp_path: Path) -> None:
+    conf = tmp_path / "nats.conf"
+    conf.write_text(server_config(Credentials.generate(["c1"]), websocket=True))
+    with EmbeddedServer(ServerOptions(config_file=conf, jetstream=False)) as server:
+        assert server.websocket_url is not None
+        assert server.websocket_url.startswith("ws://127.0.0.1:")
+    conf.write_text(server_config(Credentials.generate(["c1"])))
+    with EmbeddedServer(ServerOptions(config_file=conf, jetstream=False)) as server:
+        assert server.websocket_url is None
