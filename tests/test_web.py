@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -379,3 +380,49 @@ def test_the_generated_server_config_has_a_loopback_websocket_listener(tmp_path:
     conf.write_text(server_config(Credentials.generate(["c1"])))
     with EmbeddedServer(ServerOptions(config_file=conf, jetstream=False)) as server:
         assert server.websocket_url is None
+
+
+def _state_is(page: Page, state: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await page.get_attribute("#status", "data-state") == state
+
+    return check
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Browser) -> None:
+    """The broker restarts on the same ports: the page says it lost the connection, the
+    client reconnects by itself, and the session's rows come again."""
+    conf = tmp_path / "nats.conf"
+    ws_port = _free_port()
+    conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
+    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port()))
+    await asyncio.to_thread(server.start)
+    try:
+        async with make_stack(
+            server.url,
+            sources=[HttpEvents(rate=50, seed=8)],
+            streams=["http_events"],
+            shared_registry=False,  # the proxy's registry outlives the broker's restart
+        ) as st:
+            with _web(server, st) as web:
+                page = await browser.new_page()
+                await page.goto(web.url)
+                await until(lambda: _more(page, "#rows", 0))
+                await asyncio.to_thread(server.stop)
+
+                await until(_state_is(page, "reconnecting"))
+                assert "reconnecting" in await _text(page, "#status")
+                rows = await _rows(page)
+                await asyncio.to_thread(server.start)
+                await until(_state_is(page, "verified"), timeout=20)
+                await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
+                assert await _text(page, "#rejected") == "0"
+                await page.close()
+    finally:
+        await asyncio.to_thread(server.stop)
