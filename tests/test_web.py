@@ -426,3 +426,36 @@ async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Brow
                 await page.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_connects_as_its_session_with_its_token(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """The connection convention of the auth callout: NATS user = the session id, password =
+    the token. A server that does not know that user refuses it, and the page says the
+    token was refused."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        'authorization { users: [{user: "someone-else", password: "not-the-token"}] }\n'
+        + 'websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n'
+    )
+    log_file = tmp_path / "nats.log"
+    options = ServerOptions(config_file=conf, jetstream=False, log_file=log_file)
+    with EmbeddedServer(options) as server:
+        assert server.websocket_url is not None
+        config = WebConfig(
+            nats_ws_url=server.websocket_url,
+            cluster="c1",
+            streams=["http_events"],
+            token=lambda: "the-token",
+            trust=TrustStore(),
+        )
+        with WebServer(config) as web:
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(_state_is(page, "error"))
+            status = await _text(page, "#status")
+            assert status.startswith("token refused"), status
+            sid = await page.evaluate("window.sealstream.subscription.session.session")
+            await page.close()
+    assert f'User "{sid}"' in log_file.read_text()

@@ -3,7 +3,7 @@
 // the deployment's convention: NATS user = the session id (the key's RFC 7638 thumbprint),
 // password = the access token, inbox prefix `_INBOX.<session id>`.
 
-import { wsconnect } from "@nats-io/nats-core";
+import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey } from "./crypto.js";
 import { ConsumerSession } from "./session.js";
 import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./wire.js";
@@ -123,12 +123,15 @@ export class Subscription {
       allowZip: o.allowZip,
       policy: o.policy ?? "discard",
     });
-    const token = await this.token();
+    await this.token();
+    const auth = o.natsAuth;
     try {
       this.nc = await wsconnect({
         servers: o.natsUrl,
-        user: o.natsAuth?.user ?? key.sessionId,
-        pass: o.natsAuth?.pass ?? token,
+        // a reconnect presents the latest token (renewed by keepalives), not the first one
+        authenticator: auth
+          ? usernamePasswordAuthenticator(auth.user, auth.pass)
+          : usernamePasswordAuthenticator(key.sessionId, () => this.lastToken),
         inboxPrefix: `_INBOX.${key.sessionId}`,
         name: "sealstream-web",
         maxReconnectAttempts: -1,
