@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo up test lint typecheck unit bench bench-quick clean
+.PHONY: demo up test lint typecheck unit bench bench-quick clean web
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (set PY=python3.x, 3.11 or newer)"; exit 2; }
@@ -37,6 +37,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/sealstream bench --quick --out build/bench
+
+# the browser consumer's bundle (committed, so `make demo` needs no Node): prints its SRI hashes
+web:
+	cd consumers/web && npm ci --no-audit --no-fund && npm run build
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

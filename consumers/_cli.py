@@ -1,14 +1,18 @@
 """``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
 as JSON lines); ``sealstream-consume trust ...`` manages the trust store, ``sealstream-consume
-identity ...`` the user's identity key (which a cluster authorizes)."""
+identity ...`` the user's identity key (which a cluster authorizes), and ``sealstream-consume
+web`` serves the browser view, which decrypts in the page."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from rich.live import Live
 from consumers._client import Client, Resumed, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._view import JsonLinesWriter, LiveTable
+from consumers._web import WebConfig, WebServer
 from sealstream import SealstreamError, SessionError, configure_logging
 from sealstream._run import run
 from sealstream.crypto import Batch, TrustStore, UserIdentity
@@ -110,6 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     ident.add_argument(
         "--file", type=Path, help="key file (default ~/.config/sealstream/identity.jwk)"
     )
+    web = sub.add_parser(
+        "web", help="serve the browser view (verifies and decrypts in the page) on this machine"
+    )
+    web.add_argument("--port", type=int, default=8470, help="HTTP port (default 8470)")
+    web.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    web.add_argument(
+        "--nats-ws-url", help="NATS WebSocket URL for the page (env SEALSTREAM_NATS_WS_URL)"
+    )
+    # the main options again, so they may follow 'web' too
+    keep = argparse.SUPPRESS
+    web.add_argument("--cluster", default=keep)
+    web.add_argument("--stream", action="append", default=keep)
+    web.add_argument("--prefix", default=keep)
+    web.add_argument("--token-file", type=Path, default=keep)
+    web.add_argument("--trust-store", type=Path, default=keep)
+    web.add_argument("--key", choices=["rsa", "x25519", "p256"], default=keep)
+    web.add_argument("--log-level", default=keep)
     return p
 
 
@@ -235,6 +259,37 @@ async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) ->
     return 0
 
 
+def _web(args: argparse.Namespace) -> int:
+    ws_url = args.nats_ws_url or os.environ.get("SEALSTREAM_NATS_WS_URL")
+    token_path = args.token_file or os.environ.get("SEALSTREAM_TOKEN_FILE")
+    if not ws_url or not token_path:
+        print("error: web needs --nats-ws-url and --token-file", file=sys.stderr)
+        return 2
+    base = ClientConfig.from_env(prefix=args.prefix, trust_store=args.trust_store)
+    try:
+        config = WebConfig(
+            nats_ws_url=ws_url,
+            cluster=args.cluster,
+            streams=args.stream or ["http_events"],
+            token=TokenFile(Path(token_path)),
+            trust=TrustStore.load(base.trust_store),
+            prefix=base.prefix,
+            key_kind=args.key or "x25519",
+            # static NATS credentials, for a server without the auth callout
+            nats_user=base.nats_auth.user,
+            nats_password=base.nats_auth.password,
+        )
+        server = WebServer(config, host=args.host, port=args.port)
+    except (OSError, ValueError, SealstreamError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with server:
+        print(f"the sealstream page: {server.url} (Ctrl-C stops)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "trust":
@@ -249,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --cluster is required", file=sys.stderr)
         return 2
     configure_logging(level=args.log_level)
+    if args.command == "web":
+        return _web(args)
     token: str | TokenFile | None = args.token
     if args.token_file:
         try:

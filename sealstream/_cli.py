@@ -31,6 +31,8 @@ class Backend:
     nats_url: str
     cluster: str
     state: Path
+    #: the embedded server's WebSocket listener, for the browser view
+    websocket_url: str | None = None
 
     @property
     def token_file(self) -> Path:
@@ -104,7 +106,7 @@ def prepare_state(
     if not seed_file.exists():
         _write_private(seed_file, AccountKey.generate().seed + b"\n")
     issuer = AccountKey.from_text(seed_file.read_bytes())
-    config = server_config(creds, issuer=issuer.public_key)
+    config = server_config(creds, issuer=issuer.public_key, websocket=True)
     _write_private(state / "nats.conf", config.encode("utf-8"))
     roles = {"proxy": creds.proxy}
     roles |= {f"producer-{c}": u for c, u in creds.producers.items()}
@@ -132,11 +134,13 @@ async def backend(
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
         callout: dict[str, str] = {}
+        websocket_url = None
         if nats_url is None:
             # secure by default: one NATS user per role, least privilege; consumers log in
             # with their token through the auth callout, which the proxy answers
             options = ServerOptions(config_file=state / "nats.conf")
             server = await stack.enter_async_context(EmbeddedServer(options))
+            websocket_url = server.websocket_url
             urls = {
                 "proxy": creds.proxy.url(server.url),
                 "producer": creds.producers[cluster].url(server.url),
@@ -172,7 +176,7 @@ async def backend(
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
-        yield Backend(urls["consumer"], cluster, state)
+        yield Backend(urls["consumer"], cluster, state, websocket_url)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--duration", type=float, help="stop after this many seconds")
             c.add_argument("--limit", type=int, help="stop after this many rows")
             c.add_argument("--key", choices=["rsa", "x25519", "p256"], default="rsa")
+            c.add_argument(
+                "--web-port", type=int, default=0, help="port of the browser view (default: any)"
+            )
     b = sub.add_parser("bench", help="load test: raw, plain-relay, session, per-message")
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
@@ -238,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
                     f"--trust-store {be.trust_store} --identity {be.identity_file}"
                 )
+                if be.websocket_url is not None:
+                    print("or watch them decrypted in a browser page served from this machine:")
+                    print(
+                        "  sealstream-consume web "
+                        f"--nats-ws-url {be.websocket_url} --cluster {be.cluster} {streams} "
+                        f"--token-file {be.token_file} --trust-store {be.trust_store}"
+                    )
                 print("Ctrl-C stops everything.")
                 await asyncio.Event().wait()
                 return 0
@@ -248,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
     from consumers._cli import consume
-    from consumers._config import ClientConfig
+    from consumers._config import ClientConfig, TokenFile
+    from consumers._web import WebConfig, WebServer
 
     config = ClientConfig(
         nats_url=be.nats_url,
@@ -269,7 +284,18 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         resume=True,
         resume_timeout=300.0,
     )
-    return await consume(config, view_args)
+    if be.websocket_url is None or args.output != "table":
+        return await consume(config, view_args)
+    web_config = WebConfig(
+        nats_ws_url=be.websocket_url,
+        cluster=be.cluster,
+        streams=streams,
+        token=TokenFile(be.token_file),
+        trust=TrustStore.load(be.trust_store),
+    )
+    with WebServer(web_config, port=args.web_port) as web:
+        print(f"the same rows, decrypted in your browser: {web.url}", flush=True)
+        return await consume(config, view_args)
 
 
 if __name__ == "__main__":

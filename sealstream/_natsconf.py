@@ -27,7 +27,15 @@ from typing import Any
 
 from sealstream._ids import Subjects, check_cluster_id
 
-__all__ = ["ACCOUNT", "AUTH_SUBJECT", "Credentials", "RoleUser", "server_config", "users_for"]
+__all__ = [
+    "ACCOUNT",
+    "AUTH_SUBJECT",
+    "WEBSOCKET_LOOPBACK",
+    "Credentials",
+    "RoleUser",
+    "server_config",
+    "users_for",
+]
 
 #: the one account every role is in (consumers are placed there by the callout's user JWT)
 ACCOUNT = "SEALSTREAM"
@@ -131,10 +139,18 @@ def _render(obj: Any, indent: int = 0) -> str:
     return _value(obj)
 
 
-def server_config(creds: Credentials, *, issuer: str, prefix: str = "sealstream") -> str:
+#: a WebSocket listener for browser consumers on loopback, port chosen by the server (it is
+#: in the ports file); plain ws:// is only for 127.0.0.1, a deployment serves wss://
+WEBSOCKET_LOOPBACK = 'websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n'
+
+
+def server_config(
+    creds: Credentials, *, issuer: str, prefix: str = "sealstream", websocket: bool = False
+) -> str:
     """A nats-server configuration fragment (``accounts`` and ``authorization`` blocks) for
     these roles, with consumers admitted by the auth callout whose issuer account public key
-    (``A...``, or a ``$ENV_VAR`` reference) is ``issuer``."""
+    (``A...``, or a ``$ENV_VAR`` reference) is ``issuer``; with ``websocket`` a loopback
+    WebSocket listener for the browser view (its logins go through the same callout)."""
     users = users_for(creds, prefix=prefix)
     accounts = {ACCOUNT: {"jetstream": "enabled", "users": users}}
     callout = {
@@ -147,4 +163,5 @@ def server_config(creds: Credentials, *, issuer: str, prefix: str = "sealstream"
         "# (generated)\n"
         f"accounts: {_render(accounts)}\n"
         f"authorization: {_render({'auth_callout': callout})}\n"
+        + (WEBSOCKET_LOOPBACK if websocket else "")
     )

@@ -106,6 +106,7 @@ class EmbeddedServer:
         self._log_path: Path | None = None
         self._log_offset = 0
         self._port: int | None = None
+        self._websocket_url: str | None = None
         self._reaper: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedServer] | None = None
 
     # -- properties ------------------------------------------------------------------------
@@ -121,6 +122,11 @@ class EmbeddedServer:
         if self._port is None:
             raise RuntimeError("the server has not been started")
         return self._port
+
+    @property
+    def websocket_url(self) -> str | None:
+        """``ws://127.0.0.1:PORT`` when the configuration has a ``websocket`` block."""
+        return self._websocket_url
 
     @property
     def pid(self) -> int:
@@ -152,6 +158,7 @@ class EmbeddedServer:
                 self._shutdown(timeout=2.0)
                 raise
             self._port = port
+            self._websocket_url = _read_websocket_url(tmp, self.pid)
             log.info("nats_server.started", url=self.url, pid=self.pid)
             return self.url
 
@@ -285,6 +292,16 @@ class EmbeddedServer:
         if not lines:
             return " (no server output)"
         return "; last server output:\n" + "\n".join(lines)
+
+
+def _read_websocket_url(directory: Path, pid: int) -> str | None:
+    """The WebSocket listener's URL from the ports file (complete once the server is ready)."""
+    try:
+        path = next(directory.glob(f"*_{pid}.ports"), None)
+        urls = json.loads(path.read_text(encoding="utf-8")).get("websocket") if path else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return urls[0] if isinstance(urls, list) and urls and isinstance(urls[0], str) else None
 
 
 def _read_ports_file(directory: Path, pid: int) -> int | None:

@@ -1,0 +1,201 @@
+"""``sealstream-consume web``: serve the browser consumer (``consumers/web/dist``) and its
+configuration from the user's own machine.
+
+The page verifies and decrypts in the browser; this server only hands it static files and
+``/config.json`` (the NATS WebSocket URL, the token, the cluster, the streams and the cluster
+keys pinned in the local trust store). The token makes ``/config.json`` a secret: the server
+binds 127.0.0.1 by default, answers only requests whose ``Host`` is the address it serves
+(a DNS-rebinding page cannot read it), and marks every answer ``no-store``. The stdlib
+``http.server`` runs in one thread; nothing here decrypts.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+
+from sealstream._ids import Subjects, check_cluster_id, check_stream
+from sealstream.crypto import KeyKind, TrustStore
+
+__all__ = ["WEB_DIST", "WebConfig", "WebServer"]
+
+log = structlog.get_logger(__name__)
+
+#: the built page (committed; ``make web`` rebuilds it)
+WEB_DIST = Path(__file__).resolve().parent / "web" / "dist"
+_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/sealstream-web.js": ("sealstream-web.js", "text/javascript; charset=utf-8"),
+}
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
+    "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebConfig:
+    """What the page is told. ``token`` is called for every ``/config.json`` request (a
+    renewed token file is picked up by the page's next keepalive). ``nats_user`` and
+    ``nats_password`` are for a NATS server with static users (no auth callout): without them
+    the page connects as user = its session id, password = the token."""
+
+    nats_ws_url: str
+    cluster: str
+    streams: Sequence[str]
+    token: Callable[[], str] = field(repr=False)
+    trust: TrustStore
+    prefix: str = "sealstream"
+    key_kind: KeyKind = "x25519"
+    nats_user: str | None = None
+    nats_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_cluster_id(self.cluster)
+        for s in self.streams:
+            check_stream(s)
+        Subjects(self.prefix)
+        if not self.nats_ws_url.startswith(("ws://", "wss://")):
+            raise ValueError("the NATS WebSocket URL must start with ws:// or wss://")
+
+    def page_config(self) -> dict[str, Any]:
+        pinned = {
+            c: [self.trust.get(c, kid) for kid in kids] for c, kids in self.trust.clusters().items()
+        }
+        out: dict[str, Any] = {
+            "nats_ws_url": self.nats_ws_url,
+            "prefix": self.prefix,
+            "token": self.token(),
+            "cluster": self.cluster,
+            "streams": list(self.streams),
+            "trusted_keys": {self.cluster: pinned.get(self.cluster, [])},
+            "key": self.key_kind,
+        }
+        if self.nats_user is not None:
+            out["nats_user"] = self.nats_user
+            out["nats_password"] = self.nats_password or ""
+        return out
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a page closed mid-answer is not an error worth a traceback on the terminal
+        log.debug("web.connection_lost", client=str(client_address))
+
+
+class WebServer:
+    """The page's server, in a thread: ``with WebServer(config, port=0) as web: web.url``."""
+
+    def __init__(
+        self, config: WebConfig, *, host: str = "127.0.0.1", port: int = 0, dist: Path = WEB_DIST
+    ) -> None:
+        self.config = config
+        self.dist = dist
+        if not (dist / "index.html").is_file():
+            raise FileNotFoundError(f"the page is not built in {dist}: run 'make web'")
+        self._httpd = _Server((host, port), self._handler())
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def _allowed_hosts(self) -> set[str]:
+        hosts = {f"{self.host}:{self.port}"}
+        if self.host in ("127.0.0.1", "::1", "localhost"):
+            hosts |= {f"localhost:{self.port}", f"127.0.0.1:{self.port}", f"[::1]:{self.port}"}
+        return hosts
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "sealstream-web"
+            sys_version = ""
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("web.request", path=self.path.split("?")[0], status=args[1:2])
+
+            def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Security-Policy", _CSP)
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Referrer-Policy", "no-referrer")
+                self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.headers.get("Host") not in server._allowed_hosts():
+                    log.warning("web.refused_host", host=str(self.headers.get("Host"))[:100])
+                    self._send(HTTPStatus.MISDIRECTED_REQUEST, b"wrong host\n", "text/plain")
+                    return
+                path = self.path.split("?", 1)[0]
+                if path == "/config.json":
+                    try:
+                        body = json.dumps(server.config.page_config()).encode("utf-8")
+                    except (OSError, ValueError) as exc:  # the token file cannot be read
+                        log.warning("web.config_unavailable", error=str(exc))
+                        self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"no token\n", "text/plain")
+                        return
+                    self._send(HTTPStatus.OK, body, "application/json")
+                    return
+                entry = _FILES.get(path)
+                if entry is None:
+                    self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                    return
+                name, content_type = entry
+                self._send(HTTPStatus.OK, (server.dist / name).read_bytes(), content_type)
+
+        return Handler
+
+    def start(self) -> str:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="sealstream-web", daemon=True
+        )
+        self._thread.start()
+        log.info("web.started", url=self.url)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop serving and release the port; idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._httpd.shutdown()
+            thread.join()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

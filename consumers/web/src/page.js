@@ -1,0 +1,247 @@
+// The page: reads /config.json from the machine that serves it (the user's own), opens one
+// session in the browser and shows a live table per stream. Cell values are set with
+// textContent only: decrypted rows never become markup.
+
+import { thumbprint } from "./crypto.js";
+import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
+
+const MAX_ROWS = 50;
+/** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
+const MAX_CELL = 200;
+const RATE_WINDOW_MS = 5000;
+
+/**
+ * @typedef {object} PageConfig
+ * @property {string} nats_ws_url
+ * @property {string} prefix
+ * @property {string} token
+ * @property {string} cluster
+ * @property {string[]} streams
+ * @property {Record<string, Record<string, unknown>[]>} trusted_keys
+ * @property {import("./crypto.js").KeyKind} [key]
+ * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
+ * @property {string} [nats_password]
+ */
+
+/** @returns {Promise<PageConfig>} */
+async function loadConfig() {
+  const res = await fetch("config.json", { cache: "no-store" });
+  if (!res.ok) throw new Error(`config.json: HTTP ${res.status}`);
+  return res.json();
+}
+
+const HINTS = /** @type {Record<string, string>} */ ({
+  unauthorized: "token refused: it is missing, invalid or expired",
+  forbidden: "token refused: it does not allow this cluster",
+  cluster_unavailable: "cluster unavailable: no producer serves it (unknown, or down)",
+  limit_exceeded: "a proxy limit was reached",
+  bad_request: "the proxy or the cluster refused the request",
+});
+
+/** @param {unknown} err @returns {string} */
+export function describe(err) {
+  if (err instanceof TrustError) return `untrusted signer: ${err.message}`;
+  if (err instanceof SessionError) {
+    const hint = HINTS[err.code];
+    return hint ? `${hint} (${err.message})` : `session ${err.code}: ${err.message}`;
+  }
+  if (err instanceof BrokerError) return `broker unavailable: ${err.message}`;
+  return String(/** @type {any} */ (err)?.message ?? err);
+}
+
+/** @param {unknown} v @returns {string} */
+export function cell(v) {
+  if (v === null || v === undefined) return "";
+  if (typeof v === "bigint") return v.toString();
+  if (v instanceof Uint8Array) return btoa(String.fromCharCode(...v));
+  if (typeof v === "object") {
+    return JSON.stringify(v, (_k, x) =>
+      typeof x === "bigint" ? x.toString() : x instanceof Uint8Array ? cell(x) : x,
+    );
+  }
+  return String(v);
+}
+
+/** @param {string} tag @param {string} [text] @param {string} [cls] */
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (cls) node.className = cls;
+  return node;
+}
+
+class StreamTable {
+  /** @param {string} stream @param {HTMLElement} parent */
+  constructor(stream, parent) {
+    /** @type {string[]} */
+    this.columns = [];
+    /** @type {Record<string, unknown>[]} */
+    this.rows = [];
+    this.total = 0;
+    this.section = el("section");
+    this.section.dataset.stream = stream;
+    this.title = el("h2", stream);
+    this.table = el("table");
+    this.section.append(this.title, this.table);
+    parent.append(this.section);
+  }
+
+  /** @param {Record<string, unknown>[]} rows */
+  add(rows) {
+    for (const row of rows) {
+      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
+    }
+    this.rows = [...rows.slice().reverse(), ...this.rows].slice(0, MAX_ROWS);
+    this.total += rows.length;
+  }
+
+  render() {
+    this.title.textContent = `${this.section.dataset.stream} — ${this.total} rows`;
+    const head = el("tr");
+    for (const c of this.columns) head.append(el("th", c));
+    const body = this.rows.map((row) => {
+      const tr = el("tr");
+      for (const c of this.columns) {
+        const text = cell(row[c]);
+        tr.append(el("td", text.length > MAX_CELL ? `${text.slice(0, MAX_CELL)}…` : text));
+      }
+      return tr;
+    });
+    const thead = el("thead");
+    thead.append(head);
+    const tbody = el("tbody");
+    tbody.append(...body);
+    this.table.replaceChildren(thead, tbody);
+  }
+}
+
+/** @param {string} id @param {string} text */
+function setText(id, text) {
+  const node = document.getElementById(id);
+  if (node) node.textContent = text;
+}
+
+export async function main() {
+  const status = /** @type {HTMLElement} */ (document.getElementById("status"));
+  /** @param {string} state @param {string} text */
+  const setStatus = (state, text) => {
+    status.dataset.state = state;
+    status.textContent = text;
+  };
+  setStatus("starting", "starting…");
+  /** @type {PageConfig} */
+  let config;
+  try {
+    config = await loadConfig();
+  } catch (err) {
+    setStatus("error", `cannot read the page's configuration: ${describe(err)}`);
+    return;
+  }
+  const params = new URLSearchParams(location.search);
+  const keyKind = /** @type {import("./crypto.js").KeyKind} */ (params.get("key") ?? config.key ?? "x25519");
+  /** @type {import("./session.js").TrustedKeys} */
+  const trust = {};
+  for (const [cluster, jwks] of Object.entries(config.trusted_keys)) {
+    trust[cluster] = {};
+    for (const jwk of jwks) trust[cluster][await thumbprint(jwk)] = jwk;
+  }
+  setText("cluster", config.cluster);
+  setText("pinned", Object.keys(trust[config.cluster] ?? {}).join(", ") || "none");
+  const tables = /** @type {Map<string, StreamTable>} */ (new Map());
+  const main = /** @type {HTMLElement} */ (document.getElementById("tables"));
+  for (const s of config.streams) tables.set(s, new StreamTable(s, main));
+  /** @type {{t: number, n: number}[]} */
+  const recent = [];
+  let dirty = true;
+  let firstRowMs = -1;
+
+  const sub = new Subscription({
+    natsUrl: config.nats_ws_url,
+    natsAuth:
+      config.nats_user === undefined
+        ? undefined
+        : { user: config.nats_user, pass: config.nats_password ?? "" },
+    prefix: config.prefix,
+    // read again for every request, so a renewed token keeps a long session
+    token: async () => (await loadConfig()).token,
+    cluster: config.cluster,
+    streams: config.streams,
+    trust,
+    keyKind,
+    policy: "discard",
+    onBatch(batch) {
+      tables.get(batch.stream)?.add(batch.rows);
+      recent.push({ t: performance.now(), n: batch.rows.length });
+      if (firstRowMs < 0) {
+        // since navigation start: page load, key generation, connect, open, first batch
+        firstRowMs = performance.now();
+        document.body.dataset.firstRowMs = String(Math.round(firstRowMs));
+      }
+      dirty = true;
+    },
+    onChange() {
+      dirty = true;
+    },
+    onNotice(notice) {
+      setText("notice", `proxy notice (unauthenticated): ${notice.code}: ${notice.message}`);
+    },
+    onEnd(reason) {
+      setStatus("ended", `session ended by the cluster: ${reason}`);
+    },
+    onError(err) {
+      setStatus("error", describe(err));
+    },
+    onConnection(connected) {
+      if (status.dataset.state === "error" || status.dataset.state === "ended") return;
+      if (connected) setStatus("connected", "connected again");
+      else setStatus("reconnecting", "broker connection lost: reconnecting…");
+    },
+  });
+  /** @type {any} */ (window).sealstream = { subscription: sub };
+  try {
+    await sub.start();
+  } catch (err) {
+    setStatus("error", describe(err));
+    await sub.close();
+    return;
+  }
+  setText("session", sub.sessionId);
+  setText("key", keyKind);
+  if (sub.error === null) {
+    // the cluster's key envelope may have been refused before the open reply came back
+    setStatus("connected", "connected, waiting for the cluster's signed key");
+  }
+
+  const render = () => {
+    const s = sub.session;
+    if (s !== null && dirty) {
+      dirty = false;
+      const now = performance.now();
+      while (recent.length && now - recent[0].t > RATE_WINDOW_MS) recent.shift();
+      const rate = recent.reduce((a, r) => a + r.n, 0) / (RATE_WINDOW_MS / 1000);
+      if (s.signerKid !== null && status.dataset.state === "connected") {
+        setStatus("verified", "connected · every key envelope signature verified");
+      }
+      setText("signer", s.signerKid ?? "not yet");
+      setText("epoch", s.epoch < 0n ? "-" : s.epoch.toString());
+      setText("rows", String(sub.rows));
+      setText("rate", rate.toFixed(1));
+      setText("gaps", `${s.gaps} (${s.lost} lost)`);
+      setText("rejected", String(s.rejectedTotal));
+      setText(
+        "reasons",
+        Object.entries(s.rejected)
+          .map(([k, v]) => `${k}: ${v}`)
+          .join(", "),
+      );
+      setText("dropped", String(sub.dropped));
+      for (const t of tables.values()) t.render();
+    }
+    requestAnimationFrame(render);
+  };
+  requestAnimationFrame(render);
+  setInterval(() => (dirty = true), 1000); // the rate decays without new rows
+  addEventListener("pagehide", () => sub.closeNow());
+}
+
+void main();

@@ -1,0 +1,343 @@
+// The msgpack codecs of the wire contract (docs/protocol.md), as sealstream/_wire.py: pure,
+// no I/O. Every malformed input becomes a WireError with a stable reason; sizes are capped
+// before decoding. 64-bit integers are BigInt (`ts` is Unix nanoseconds, above 2^53), and a
+// msgpack float never passes for an int, as on the Python side.
+
+import { Decoder, Encoder } from "@msgpack/msgpack";
+
+export const VERSION = 1;
+/** NATS' default max_payload; envelopes never exceed it. */
+export const DEFAULT_MAX_ENVELOPE = 1024 * 1024;
+export const DEFAULT_MAX_REQUEST = 64 * 1024;
+export const SESSION_STREAM = "_session";
+const MAX_U63 = (1n << 63n) - 1n;
+const KINDS = new Set(["key", "data", "end"]);
+
+const CLUSTER_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const STREAM_RE = /^[a-z0-9][a-z0-9_]{0,63}$/;
+const SESSION_RE = /^[A-Za-z0-9_-]{43}$/;
+
+export class WireError extends Error {
+  /** @param {string} reason @param {string} message */
+  constructor(reason, message) {
+    super(message);
+    this.name = "WireError";
+    this.reason = reason;
+  }
+}
+
+/** A msgpack float as decoded by the strict decoder: kept apart from integers. */
+export class WireFloat {
+  /** @param {number} value */
+  constructor(value) {
+    this.value = value;
+  }
+}
+
+/** @param {unknown} v */
+export const isClusterId = (v) => typeof v === "string" && CLUSTER_RE.test(v);
+/** @param {unknown} v */
+export const isStream = (v) => typeof v === "string" && STREAM_RE.test(v);
+/** @param {unknown} v */
+export const isSessionId = (v) => typeof v === "string" && SESSION_RE.test(v);
+
+/** @param {unknown} key @returns {string} */
+function stringKey(key) {
+  if (typeof key !== "string") throw new WireError("bad_key", "map keys must be strings");
+  return key;
+}
+
+/**
+ * The decoder of wire maps: floats are boxed as WireFloat so that an int field can refuse
+ * them (msgpack's float 1.0 and int 1 are one JS number otherwise). It wraps the two float
+ * readers of @msgpack/msgpack's Decoder, internal methods of the version pinned in
+ * package-lock (test/wire.test.js fails if an upgrade changes them).
+ */
+function strictDecoder() {
+  const decoder = new Decoder({ useBigInt64: true, mapKeyConverter: stringKey });
+  /** @type {any} */
+  const d = decoder;
+  for (const name of ["readF32", "readF64"]) {
+    const read = d[name];
+    if (typeof read !== "function") throw new Error(`@msgpack/msgpack has no ${name}`);
+    d[name] = function () {
+      return new WireFloat(read.call(this));
+    };
+  }
+  return decoder;
+}
+
+const wireDecoder = strictDecoder();
+const encoder = new Encoder({ useBigInt64: true });
+
+/** @param {Record<string, unknown>} value @returns {Uint8Array} */
+export function encodeMap(value) {
+  return encoder.encode(value);
+}
+
+/**
+ * Decode a msgpack map with string keys, or throw WireError.
+ * @param {Uint8Array} payload
+ * @param {number} [maxSize]
+ * @returns {Record<string, unknown>}
+ */
+export function decodeMap(payload, maxSize = DEFAULT_MAX_REQUEST) {
+  if (payload.length > maxSize) {
+    throw new WireError("oversize", `payload of ${payload.length} bytes exceeds ${maxSize}`);
+  }
+  let value;
+  try {
+    value = wireDecoder.decode(payload);
+  } catch (err) {
+    if (err instanceof WireError) throw err;
+    throw new WireError("not_msgpack", "payload is not a single msgpack value");
+  }
+  if (!isPlainMap(value)) throw new WireError("not_a_map", "payload is not a msgpack map");
+  return /** @type {Record<string, unknown>} */ (value);
+}
+
+/** @param {unknown} v */
+function isPlainMap(v) {
+  return typeof v === "object" && v !== null && Object.getPrototypeOf(v) === Object.prototype;
+}
+
+/**
+ * A msgpack integer (number or BigInt; never a float or a bool) as a BigInt, else null.
+ * @param {unknown} v
+ * @returns {bigint | null}
+ */
+export function wireInt(v) {
+  if (typeof v === "bigint") return v;
+  if (typeof v === "number" && Number.isInteger(v)) return BigInt(v);
+  return null;
+}
+
+/** @param {Record<string, unknown>} m @param {string} key */
+function field(m, key) {
+  if (!Object.hasOwn(m, key)) throw new WireError("missing_key", `missing key ${key}`);
+  return m[key];
+}
+
+/** @param {Record<string, unknown>} m @param {string} key @returns {string} */
+function str(m, key) {
+  const v = field(m, key);
+  if (typeof v !== "string") throw new WireError("bad_type", `key ${key} is not a str`);
+  return v;
+}
+
+/** @param {Record<string, unknown>} m @param {string} key @returns {bigint} */
+function int(m, key) {
+  const v = wireInt(field(m, key));
+  if (v === null) throw new WireError("bad_type", `key ${key} is not an int`);
+  return v;
+}
+
+/** @param {Record<string, unknown>} m */
+function checkVersion(m) {
+  if (int(m, "v") !== BigInt(VERSION)) throw new WireError("bad_version", "unsupported version");
+}
+
+/** @param {Record<string, unknown>} m @param {string} key @returns {bigint} */
+function uint(m, key) {
+  const v = int(m, key);
+  if (v < 0n || v > MAX_U63) throw new WireError("bad_value", `key ${key} out of range`);
+  return v;
+}
+
+/**
+ * @typedef {"key" | "data" | "end"} EnvelopeKind
+ * @typedef {{type: "envelope", kind: EnvelopeKind, cluster: string, session: string,
+ *   stream: string, seq: bigint, ts: bigint, body: Uint8Array}} Envelope
+ * @typedef {{type: "notice", session: string, code: string, message: string}} Notice
+ */
+
+/**
+ * @param {Record<string, unknown>} m
+ * @param {number} maxSize
+ * @returns {Envelope}
+ */
+function envelopeFromMap(m, maxSize) {
+  checkVersion(m);
+  const kind = str(m, "kind");
+  if (!KINDS.has(kind)) throw new WireError("bad_kind", "unknown envelope kind");
+  const cluster = str(m, "cluster");
+  if (!isClusterId(cluster)) throw new WireError("bad_cluster", "bad cluster id");
+  const session = str(m, "session");
+  if (!isSessionId(session)) throw new WireError("bad_session", "bad session id");
+  const stream = str(m, "stream");
+  if (kind === "data") {
+    if (!isStream(stream)) throw new WireError("bad_stream", "bad stream name");
+  } else if (stream !== SESSION_STREAM) {
+    throw new WireError("bad_stream", `${kind} envelopes carry stream ${SESSION_STREAM}`);
+  }
+  const body = field(m, "body");
+  if (!(body instanceof Uint8Array)) throw new WireError("bad_type", "body is not bin");
+  if (body.length === 0 || body.length > maxSize) {
+    throw new WireError("bad_body", "body is empty or too large");
+  }
+  const seq = uint(m, "seq");
+  const ts = uint(m, "ts");
+  return {
+    type: "envelope",
+    kind: /** @type {EnvelopeKind} */ (kind),
+    cluster,
+    session,
+    stream,
+    seq,
+    ts,
+    body,
+  };
+}
+
+/**
+ * What arrives on a consumer inbox: an envelope, or a proxy notice.
+ * @param {Uint8Array} payload
+ * @param {number} [maxSize]
+ * @returns {Envelope | Notice}
+ */
+export function decodeInbox(payload, maxSize = DEFAULT_MAX_ENVELOPE) {
+  const m = decodeMap(payload, maxSize);
+  if (m.kind === "notice") {
+    checkVersion(m);
+    const session = str(m, "session");
+    if (!isSessionId(session)) throw new WireError("bad_session", "bad session id");
+    return {
+      type: "notice",
+      session,
+      code: str(m, "code").slice(0, 64),
+      message: str(m, "message").slice(0, 512),
+    };
+  }
+  return envelopeFromMap(m, maxSize);
+}
+
+/** @param {Envelope} env @returns {Uint8Array} */
+export function encodeEnvelope(env) {
+  return encodeMap({
+    v: VERSION,
+    kind: env.kind,
+    cluster: env.cluster,
+    session: env.session,
+    stream: env.stream,
+    seq: env.seq,
+    ts: env.ts,
+    body: env.body,
+  });
+}
+
+// --- decrypted plaintexts ---------------------------------------------------------------------
+
+/** @param {unknown} key @returns {string} */
+function rowKey(key) {
+  if (typeof key === "string") return key;
+  // bin map keys are shown as base64, as sealstream-consume does
+  if (key instanceof Uint8Array) return btoa(String.fromCharCode(...key));
+  throw new Error("map keys must be str or bin");
+}
+
+const rowDecoder = new Decoder({ useBigInt64: true, mapKeyConverter: rowKey });
+
+/**
+ * A decrypted plaintext (msgpack), or throw.
+ * @param {Uint8Array} plaintext
+ * @returns {unknown}
+ */
+export function decodePlaintext(plaintext) {
+  return rowDecoder.decode(plaintext);
+}
+
+// --- strict JSON (JOSE headers and claims) ----------------------------------------------------
+
+/**
+ * JSON with the Python side's semantics: an integer literal (no fraction, no exponent) is a
+ * BigInt, so `ts` (nanoseconds, above 2^53) compares exactly and `1.0` is not an int;
+ * duplicate member names are refused. Throws SyntaxError.
+ * @param {string} text
+ * @returns {unknown}
+ */
+export function parseJson(text) {
+  let i = 0;
+  const ws = () => {
+    while (i < text.length && " \t\n\r".includes(text[i])) i++;
+  };
+  const fail = () => {
+    throw new SyntaxError(`bad JSON at ${i}`);
+  };
+  /** @returns {unknown} */
+  const value = () => {
+    ws();
+    const c = text[i];
+    if (c === "{") {
+      i++;
+      /** @type {Record<string, unknown>} */
+      const out = Object.create(null);
+      ws();
+      if (text[i] === "}") {
+        i++;
+        return out;
+      }
+      for (;;) {
+        ws();
+        if (text[i] !== '"') fail();
+        const k = string();
+        if (Object.hasOwn(out, k)) throw new SyntaxError("duplicate member");
+        ws();
+        if (text[i++] !== ":") fail();
+        out[k] = value();
+        ws();
+        const sep = text[i++];
+        if (sep === "}") return out;
+        if (sep !== ",") fail();
+      }
+    }
+    if (c === "[") {
+      i++;
+      /** @type {unknown[]} */
+      const out = [];
+      ws();
+      if (text[i] === "]") {
+        i++;
+        return out;
+      }
+      for (;;) {
+        out.push(value());
+        ws();
+        const sep = text[i++];
+        if (sep === "]") return out;
+        if (sep !== ",") fail();
+      }
+    }
+    if (c === '"') return string();
+    for (const [word, v] of /** @type {const} */ ([
+      ["true", true],
+      ["false", false],
+      ["null", null],
+    ])) {
+      if (text.startsWith(word, i)) {
+        i += word.length;
+        return v;
+      }
+    }
+    const m = /^-?(?:0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?/.exec(text.slice(i, i + 400));
+    if (!m) fail();
+    const lit = /** @type {RegExpExecArray} */ (m)[0];
+    i += lit.length;
+    return m?.[1] === undefined && m?.[2] === undefined ? BigInt(lit) : Number(lit);
+  };
+  const string = () => {
+    const start = i;
+    i++;
+    for (;;) {
+      const c = text[i++];
+      if (c === undefined) fail();
+      if (c === '"') break;
+      if (c === "\\") i++;
+      else if (c < " ") fail();
+    }
+    return /** @type {string} */ (JSON.parse(text.slice(start, i)));
+  };
+  const out = value();
+  ws();
+  if (i !== text.length) fail();
+  return out;
+}
