@@ -218,11 +218,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
-        from sealstream._bench import bench_main
+        from sealbench._bench import bench_main
 
         return bench_main(args)
     if args.command == "chaos":
-        from sealstream._chaos import chaos_main
+        from sealbench._chaos import chaos_main
 
         return chaos_main(args)
     configure_logging(level="warning")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sealstream._bench_report import (
+from sealbench._report import (
     MODES,
     Histogram,
     Plan,

@@ -2,7 +2,7 @@
 
 Against an embedded nats-server (or ``--nats-url``), every scenario runs the roles as
 separate processes, as in a deployment: the real proxy (``python -m broker_proxy``), a bench
-producer and consumer worker processes (:mod:`sealstream._bench_worker`). Modes:
+producer and consumer worker processes (:mod:`sealbench._worker`). Modes:
 
 - ``raw``: the producer publishes the envelope (plain rows) straight to a subject each consumer
   subscribes, no proxy: the floor of Python + NATS;
@@ -55,7 +55,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from sealstream._bench_report import (
+from sealbench._report import (
     SCHEMA,
     Histogram,
     Mode,
@@ -330,7 +330,7 @@ class _Ctx:
     async def worker(
         self, stack: contextlib.AsyncExitStack, name: str, role: str, config: dict[str, Any]
     ) -> _Child:
-        argv = [sys.executable, "-m", "sealstream._bench_worker", role]
+        argv = [sys.executable, "-m", "sealbench._worker", role]
         cfg = {"nats_url": self.nats_url, "prefix": self.prefix, "cluster": CLUSTER, **config}
         child = await _Child.spawn(name, role, argv, log=self.log_path(name), config=cfg)
         stack.push_async_callback(child.stop)

@@ -1,8 +1,8 @@
 """The pure parts of ``sealstream bench`` (no I/O): fixed-size bodies, a constant-memory
 latency histogram, the plan of a run, the targets of issue 4 and the Markdown report.
 
-The orchestrator (:mod:`sealstream._bench`) and the worker processes
-(:mod:`sealstream._bench_worker`) share these; tests can use them without processes.
+The orchestrator (:mod:`sealbench._bench`) and the worker processes
+(:mod:`sealbench._worker`) share these; tests can use them without processes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Worker processes of ``sealstream bench``: ``python -m sealstream._bench_worker ROLE``.
+"""Worker processes of ``sealstream bench``: ``python -m sealbench._worker ROLE``.
 
 - ``producer``: serves the cluster's control subject as a real producer does (one
   :class:`ProducerSession` per consumer session) and publishes exactly one envelope per
@@ -16,7 +16,7 @@
   id, password = token, ``docs/protocol.md``) and open their session; times connect and
   connect + open of each.
 
-Protocol with the orchestrator (:mod:`sealstream._bench`): JSON lines. The first stdin line
+Protocol with the orchestrator (:mod:`sealbench._bench`): JSON lines. The first stdin line
 is the config (it carries tokens, so not on the command line), then commands on stdin, events
 on stdout; logs go to stderr. End of stdin ends the worker, so none outlives the orchestrator.
 """
@@ -37,7 +37,7 @@ import msgpack
 import nats.errors
 import structlog
 
-from sealstream._bench_report import Histogram, make_rows
+from sealbench._report import Histogram, make_rows
 from sealstream._errors import SealstreamError, SessionError, WireError
 from sealstream._ids import Subjects, check_session_id
 from sealstream._log import configure_logging
@@ -827,7 +827,7 @@ async def _main(role: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m sealstream._bench_worker ROLE", file=sys.stderr)
+        print("usage: python -m sealbench._worker ROLE", file=sys.stderr)
         return 2
     configure_logging(level="warning")
     return run(lambda: _main(args[0]))
