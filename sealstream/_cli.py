@@ -190,7 +190,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--sources", default="http_events,host_metrics")
         c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s")
         if name == "demo":
-            c.add_argument("--output", choices=["table", "jsonl"], default="table")
+            c.add_argument(
+                "--output",
+                choices=["table", "jsonl"],
+                help="live table (default on a terminal) or JSON lines (default otherwise)",
+            )
             c.add_argument("--duration", type=float, help="stop after this many seconds")
             c.add_argument("--limit", type=int, help="stop after this many rows")
             c.add_argument("--key", choices=["rsa", "x25519", "p256"], default="rsa")
@@ -274,17 +278,19 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         policy="discard",
     )
     streams = [s for s in args.sources.split(",") if s in ("http_events", "host_metrics")]
+    # a live table needs a terminal; piped or redirected, the rows come as lines
+    output = args.output or ("table" if sys.stdout.isatty() else "jsonl")
     view_args = argparse.Namespace(
         cluster=be.cluster,
         stream=streams,
-        output=args.output,
+        output=output,
         limit=args.limit,
         duration=args.duration,
         retry=20.0,
         resume=True,
         resume_timeout=300.0,
     )
-    if be.websocket_url is None or args.output != "table":
+    if be.websocket_url is None or output != "table":
         return await consume(config, view_args)
     web_config = WebConfig(
         nats_ws_url=be.websocket_url,

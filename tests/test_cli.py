@@ -549,3 +549,43 @@ def test_sources_before_and_after_run_are_joined() -> None:
     assert specs("--source", "a") == ["a"]
     assert specs("run", env={"SEALSTREAM_SOURCES": "x,y"}) == ["x", "y"]
     assert specs() == ["http_events", "host_metrics"]
+
+
+def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> None:
+    """Without ``--output``, a stdout that is not a terminal gets JSON lines as rows arrive,
+    not a live table that shows nothing until the end."""
+    out = tmp_path / "demo.out"
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen(
+            _cmd(
+                "sealstream",
+                "demo",
+                "--key",
+                "x25519",
+                "--sources",
+                "http_events",
+                "--dir",
+                tmp_path / "state",
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            env=_ENV,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_text(out).splitlines()) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, "demo exited"
+            time.sleep(0.1)
+        assert proc.poll() is None  # still running: the lines came while it streams
+        lines = _text(out).splitlines()
+        assert len(lines) >= 3
+        assert json.loads(lines[0])["stream"] == "http_events"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
