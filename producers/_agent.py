@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import nats.errors
 import structlog
 
 from producers._authz import Authorized, Authorizer
-from producers._batcher import Batcher, plaintext_budget
+from producers._batcher import Batcher, array_header_size, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
-from producers._sources import Source, validate_row
+from producers._sources import Source, plain_rows, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream._ids import check_session_id, check_stream
 from sealstream._jwk import check_public_jwk, thumbprint
@@ -251,6 +252,25 @@ class Agent(AsyncResource):
         batcher = self._batchers.get(stream)
         if batcher is None:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
+        if rows and plain_rows(rows):
+            # a list of plain rows: packed in one call and added at once, when they fit the
+            # open batch (msgpack refuses an int beyond 64 bits or a str that is not UTF-8:
+            # those, and rows that would cross a batch, take the checks row by row below)
+            assert isinstance(rows, list)
+            try:
+                packed = msgpack.packb(rows, use_bin_type=True)
+            except (OverflowError, ValueError):
+                packed = None
+            if packed is not None:
+                now = time.monotonic()
+                ready = batcher.add_packed(
+                    packed[array_header_size(len(rows)) :], len(rows), now=now
+                )
+                if ready is not None:
+                    self.rows_in += len(rows)
+                    for plaintext in ready:
+                        await self._publish(stream, plaintext)
+                    return
         valid: list[Mapping[str, Any]] = []
         for row in rows:
             checked = validate_row(row)

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgpack
 
-__all__ = ["Batcher", "Batching", "plaintext_budget"]
+__all__ = ["Batcher", "Batching", "array_header_size", "plaintext_budget"]
 
 _ROWS_KEY: Final = b"\x81\xa4rows"
 #: protected header (~400 B as base64), IV, tag, the envelope's own fields, with room to spare
@@ -44,6 +44,11 @@ class Batching:
             raise ValueError("batching limits must be positive")
 
 
+def array_header_size(n: int) -> int:
+    """Bytes of a msgpack array header for ``n`` items."""
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
 def _array_header(n: int) -> bytes:
     if n < 16:
         return bytes([0x90 | n])
@@ -60,16 +65,19 @@ class Batcher:
         self._max_bytes = min(batching.max_bytes, budget) - 16
         self._max_delay = batching.max_delay_s
         self._rows: list[bytes] = []
+        self._count_extra = 0  # rows beyond one per entry of _rows (see add_packed)
         self._size = 0
         self._since = 0.0
         self.oversize_rows = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        """Rows in the open batch."""
+        return len(self._rows) + self._count_extra
 
     def _take(self) -> bytes:
-        rows, self._rows, self._size = self._rows, [], 0
-        return _ROWS_KEY + _array_header(len(rows)) + b"".join(rows)
+        count = len(self)
+        rows, self._rows, self._size, self._count_extra = self._rows, [], 0, 0
+        return _ROWS_KEY + _array_header(count) + b"".join(rows)
 
     def add(self, rows: Iterable[Mapping[str, Any]], *, now: float) -> list[bytes]:
         """Add rows; return the plaintexts of every batch this completed. A row too large for
@@ -86,9 +94,25 @@ class Batcher:
                 self._since = now
             self._rows.append(packed)
             self._size += len(packed)
-            if len(self._rows) >= self._max_rows:
+            if len(self) >= self._max_rows:
                 ready.append(self._take())
         return ready
+
+    def add_packed(self, packed: bytes, count: int, *, now: float) -> list[bytes] | None:
+        """Add ``count`` rows already packed back to back (a msgpack array's items) when they
+        all fit the open batch by rows and bytes; the plaintexts this completed, or None when
+        they do not fit (the caller then adds them row by row)."""
+        if len(self) + count > self._max_rows or self._size + len(packed) > self._max_bytes:
+            return None
+        if not self._rows:
+            self._since = now
+        # one entry for several rows: _take() joins the bytes, the count goes in the header
+        self._rows.append(packed)
+        self._count_extra += count - 1
+        self._size += len(packed)
+        if len(self) >= self._max_rows:
+            return [self._take()]
+        return []
 
     def due(self, *, now: float) -> bytes | None:
         """The pending batch if its first row waited ``max_delay_s``."""

@@ -55,6 +55,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from sealbench._api import BATCH_ROWS as API_BATCH_ROWS
+from sealbench._api import STREAM as API_STREAM
+from sealbench._api import api_rounds, authorize
 from sealbench._report import (
     SCHEMA,
     Histogram,
@@ -890,6 +893,82 @@ async def _logins(ctx: _Ctx) -> dict[str, Any]:
     return out
 
 
+async def _api(ctx: _Ctx) -> dict[str, Any]:
+    """Rows/s through the public API (``Agent.emit`` -> proxy -> ``Client.subscribe``)
+    against a plain nats-py pipeline doing the same work unencrypted: alternating rounds,
+    fresh processes each (see :mod:`sealbench._api`)."""
+    plan = ctx.plan
+    user_file, policy_file = authorize(ctx.state, [API_STREAM])
+    common = {
+        "rows": plan.api_rows,
+        "window": plan.api_window,
+        "ack_subject": f"{ctx.ack_subject}.api",
+    }
+    results: list[dict[str, Any]] = []
+    for n in range(plan.api_rounds):
+        for pipeline in ("plain", "sealstream"):
+            async with contextlib.AsyncExitStack() as stack:
+                if pipeline == "sealstream":
+                    relay = await ctx.proxy(stack)
+                    producer = await ctx.worker(
+                        stack,
+                        "api-producer",
+                        "api-producer",
+                        {
+                            **common,
+                            "identity_file": str(ctx.identity_file),
+                            "policy_file": str(policy_file),
+                        },
+                    )
+                    await producer.expect("ready", timeout_s=60)
+                    consumer = await ctx.worker(
+                        stack,
+                        "api-consumer",
+                        "api-consumer",
+                        {
+                            **common,
+                            "token": ctx.token("bench-api"),
+                            "user_file": str(user_file),
+                            "trust_jwk": ctx.trust_jwk,
+                        },
+                    )
+                else:
+                    relay = await ctx.worker(stack, "plain-relay", "plain-relay", common)
+                    await relay.expect("ready", timeout_s=60)
+                    producer = await ctx.worker(stack, "plain-producer", "plain-producer", common)
+                    await producer.expect("ready", timeout_s=60)
+                    consumer = await ctx.worker(stack, "plain-consumer", "plain-consumer", common)
+                await consumer.expect("ready", timeout_s=60)
+                procs = {
+                    role: psutil.Process(child.pid)
+                    for role, child in (
+                        ("producer", producer),
+                        ("relay", relay),
+                        ("consumer", consumer),
+                    )
+                }
+                cpu0 = {role: sum(p.cpu_times()[:2]) for role, p in procs.items()}
+                await producer.send({"cmd": "go"})
+                done = await consumer.expect("done", timeout_s=600)
+                cpu = {
+                    role: round(sum(p.cpu_times()[:2]) - cpu0[role], 2) for role, p in procs.items()
+                }
+                rows_per_s = done["rows"] / max(done["seconds"], 1e-9)
+                results.append(
+                    {
+                        "pipeline": pipeline,
+                        "round": n,
+                        "rows": done["rows"],
+                        "seconds": round(done["seconds"], 3),
+                        "rows_per_s": round(rows_per_s),
+                        "cpu_s": cpu,
+                    }
+                )
+                ctx.say(f"api {pipeline:<10} round {n + 1}: {rows_per_s:,.0f} rows/s, cpu {cpu}")
+        ctx.progress.advance(ctx.overall)
+    return {**api_rounds(results), "runs": results, "batch_rows": API_BATCH_ROWS}
+
+
 # --- machine, files -------------------------------------------------------------------------
 
 
@@ -976,7 +1055,12 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         console=console,
         refresh_per_second=2,
     )
-    phases = len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2 + 4 * plan.ratio_rounds + 3
+    phases = (
+        len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2
+        + 4 * plan.ratio_rounds
+        + 3
+        + plan.api_rounds
+    )
     with tempfile.TemporaryDirectory(prefix="sealstream-bench-") as tmp:
         state = Path(tmp)
         secret, identity_file, trust_jwk = _prepare(state)
@@ -1008,6 +1092,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
                 soak = await _soak(ctx)
                 first_row = await _first_row(ctx)
                 logins = await _logins(ctx)
+                api = await _api(ctx)
                 if any(problems(x) for x in (*scenarios, *rounds, soak)) or any(
                     (g.get("proxy") or {}).get("rejected") for g in ctx.groups
                 ):
@@ -1027,6 +1112,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         "soak": soak,
         "first_row": first_row,
         "logins": logins,
+        "api": api,
         "groups": ctx.groups,
     }
     report["targets"] = evaluate_targets(report)

@@ -37,6 +37,7 @@ import msgpack
 import nats.errors
 import structlog
 
+from sealbench._api import ROLES, run_role
 from sealbench._report import Histogram, make_rows
 from sealstream._errors import SealstreamError, SessionError, WireError
 from sealstream._ids import Subjects, check_session_id
@@ -816,6 +817,8 @@ async def _main(role: str) -> int:
             await _first_row(cfg)
         elif role == "logins":
             await _logins(cfg, commands)
+        elif role in ROLES:
+            await run_role(role, cfg, commands, _emit)
         else:
             raise ValueError(f"unknown role {role!r}")
     except (SealstreamError, ValueError, OSError) as exc:

@@ -91,6 +91,25 @@ async def test_python_api_rows_round_trip(
         _check_batches(sub, batches, "records")
 
 
+async def test_emit_keeps_the_valid_rows_of_a_list_with_one_msgpack_cannot_carry(
+    nats_url: str,
+) -> None:
+    """A list of plain rows is packed in one call; an int beyond 64 bits (or a str that is
+    not UTF-8) makes that fail, and the rows are then checked one by one: the bad row is
+    counted, the others arrive, in order."""
+    async with (
+        make_stack(nats_url) as st,
+        st.client() as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        rows = [{"i": i} for i in range(5)]
+        await st.agent.emit("records", [*rows[:2], {"i": 2**64}, {"s": "\udcff"}, *rows[2:]])
+        got, _ = await collect_rows(sub, 5)
+        assert got == rows
+        assert st.agent.rejected_rows == {"bad_value": 2}
+        assert st.agent.rows_in == 5
+
+
 @pytest.mark.parametrize("mode", ["session", "per-message"])
 @pytest.mark.parametrize("kind", ["x25519", "rsa"])
 async def test_http_events_rows_round_trip(

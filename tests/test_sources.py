@@ -13,12 +13,14 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from producers._batcher import Batcher, Batching, array_header_size
 from producers._sources import (
     HostMetrics,
     HttpEvents,
@@ -26,6 +28,7 @@ from producers._sources import (
     Records,
     Row,
     Source,
+    plain_rows,
     validate_row,
 )
 from sealstream._errors import WireError
@@ -485,3 +488,67 @@ def test_validate_row_rejects_nested_values(row: dict[str, Any], key: str, neste
 )
 def test_validate_row_reasons(obj: object, reason: str) -> None:
     assert validate_row(obj) == reason
+
+
+# --------------------------------------------------------------------------- plain_rows
+
+
+_any_value = (
+    _scalars
+    | _nested
+    | st.binary()
+    | st.sampled_from([float("nan"), float("inf"), 2**64, -(2**63) - 1, "\udcff"])
+)
+_any_row = st.dictionaries(st.text() | st.integers() | st.binary(), _any_value, max_size=5)
+
+
+@given(st.lists(_any_row, max_size=5))
+def test_plain_rows_pass_only_rows_validate_row_accepts(rows: list[dict[Any, Any]]) -> None:
+    """The fast check never lets through what the row-by-row check refuses; what it leaves to
+    packing (ints beyond 64 bits, str not UTF-8) makes msgpack raise."""
+    if not plain_rows(rows):
+        return
+    try:
+        msgpack.packb(rows, use_bin_type=True)
+    except (OverflowError, ValueError):
+        return
+    assert all(isinstance(validate_row(row), dict) for row in rows)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"a": 1.5}],  # floats must be checked finite: row by row
+        [{1: "a"}],
+        [{"a": b"x"}],
+        [{"a": [1]}],
+        [("a", 1)],
+        ({"a": 1},),  # not a list
+        [{"a": True, "b": None}, {"c": "x"}, "row"],
+    ],
+)
+def test_plain_rows_sends_the_rest_row_by_row(rows: Any) -> None:
+    assert not plain_rows(rows)
+
+
+@given(st.lists(st.lists(_flat.filter(lambda r: plain_rows([r])), max_size=40), max_size=30))
+def test_batcher_packed_rows_make_the_same_batches(chunks: list[list[dict[str, Any]]]) -> None:
+    """Rows added packed in one piece give exactly the plaintexts of adding them one by one."""
+    batching = Batching(max_rows=50, max_bytes=4096, max_delay_s=1.0)
+    one_by_one = Batcher(batching, budget=10**6)
+    packed = Batcher(batching, budget=10**6)
+    expected: list[bytes] = []
+    got: list[bytes] = []
+    for chunk in chunks:
+        expected += one_by_one.add(chunk, now=0.0)
+        ready = (
+            packed.add_packed(
+                msgpack.packb(chunk)[array_header_size(len(chunk)) :], len(chunk), now=0.0
+            )
+            if chunk
+            else []
+        )
+        got += ready if ready is not None else packed.add(chunk, now=0.0)
+    assert got + [b for b in (packed.flush(),) if b] == expected + [
+        b for b in (one_by_one.flush(),) if b
+    ]
