@@ -148,18 +148,6 @@ class Client:
         streams: Sequence[str],
         *,
         key: ConsumerKey | None = None,
-        resume: Literal[True],
-        retry_s: float = 0.0,
-        resume_timeout_s: float = 120.0,
-    ) -> Subscription[Batch | Resumed]: ...
-
-    @overload
-    def subscribe(
-        self,
-        cluster: str,
-        streams: Sequence[str],
-        *,
-        key: ConsumerKey | None = None,
         resume: bool,
         retry_s: float = 0.0,
         resume_timeout_s: float = 120.0,
