@@ -745,7 +745,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         cpu: dict[str, dict[str, list[float]]] = {}
         for run in api.get("runs") or []:
             for role, sec in run["cpu_s"].items():
-                per_krow = 1000 * sec / max(run["rows"], 1)
+                per_krow = 1e6 * sec / max(run["rows"], 1)  # ms per 1,000 rows
                 cpu.setdefault(run["pipeline"], {}).setdefault(role, []).append(per_krow)
         out += [
             "",
