@@ -27,7 +27,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+# the browser tests drive Debian's Chromium, never a downloaded browser: installed here when
+# missing and allowed (root with apt-get); otherwise the test says how to get it
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+		echo "note: the browser tests need Debian's chromium (sudo apt-get install chromium)"; \
+	fi
+
+unit: $(STAMP) $(CHROMIUM)
 	$(BIN)/pytest
 
 test: lint typecheck unit
