@@ -134,6 +134,7 @@ async def test_long_outage_producer_lives_and_counts_what_it_drops(
         "500",
         "--buffer-bytes",
         str(buffer),
+        "--trust-relay-authorization",  # this test is about outages, not who may read
         "--log-level",
         "info",
         env=env,
