@@ -290,7 +290,7 @@ export async function main() {
       else setStatus("reconnecting", "broker connection lost: reconnecting…");
     },
   });
-  /** @type {any} */ (window).sealstream = { subscription: sub };
+  /** @type {any} */ (window).sealstream = { subscription: sub, identity };
   try {
     await sub.start();
   } catch (err) {
