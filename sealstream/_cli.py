@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         "or watch them decrypted in your browser (the page registers its key "
                         f"with this cluster): {web.url}"
                     )
+                    print(f"  (browsers reach NATS at {be.websocket_url})")
                     print("Ctrl-C stops everything.", flush=True)
                     await asyncio.Event().wait()
                 return 0
