@@ -1,7 +1,8 @@
 // The one module that touches WebCrypto and jose. Callers use recipes (generate a key pair,
 // open a key JWE, verify the cluster's signature, open a dir/A256GCM JWE, make the identity's
-// proof for an open) and never choose an algorithm: the allow-list is pinned here, never taken from a header. Every failure
-// becomes a Rejected with a reason for the counters, as sealstream/crypto/_jose.py.
+// proof for an open) and never choose an algorithm: the allow-list is pinned here, never taken
+// from a header. Every failure becomes a Rejected with a reason for the counters, as
+// sealstream/crypto/_jose.py.
 
 import {
   CompactSign,

@@ -1,8 +1,7 @@
 // The page: reads /config.json from the machine that serves it (the user's own), loads its
 // long-term identity (IndexedDB) and shows its fingerprint for registration, opens one
 // session in the browser (every open carries the identity's proof) and shows a live table per
-// stream. Cell values are set with
-// textContent only: decrypted rows never become markup.
+// stream. Cell values are set with textContent only: decrypted rows never become markup.
 
 import { thumbprint } from "./crypto.js";
 import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
@@ -235,7 +234,8 @@ export async function main() {
     setText("authorization", "registering with this machine's cluster…");
     setText("authorization", await register(identity.publicJwk));
   } else {
-    setText("authorization", "give the fingerprint or the public JWK below to the cluster's operator");
+    const ask = "give the fingerprint or the public JWK below to the cluster's operator";
+    setText("authorization", ask);
   }
   setText("cluster", config.cluster);
   setText("pinned", Object.keys(trust[config.cluster] ?? {}).join(", ") || "none");
@@ -317,6 +317,9 @@ export async function main() {
       const rate = recent.reduce((a, r) => a + r.n, 0) / (RATE_WINDOW_MS / 1000);
       if (s.signerKid !== null && status.dataset.state === "connected") {
         setStatus("verified", "connected · every key envelope signature verified");
+        if (!config.register) {
+          setText("authorization", "authorized by the cluster (proof accepted)");
+        }
       }
       setText("signer", s.signerKid ?? "not yet");
       setText("epoch", s.epoch < 0n ? "-" : s.epoch.toString());
