@@ -174,6 +174,10 @@ class WebServer:
             self.refused["bad key"] += 1
             log.warning("web.authorize_refused", reason="bad key", error=str(exc)[:200])
             return HTTPStatus.BAD_REQUEST, b"bad key\n"
+        except OSError as exc:  # the policy file cannot be read or written
+            self.refused["policy unavailable"] += 1
+            log.error("web.authorize_failed", reason="policy unavailable", error=str(exc)[:200])
+            return HTTPStatus.SERVICE_UNAVAILABLE, b"policy unavailable\n"
         log.info("web.authorized", identity=kid, streams=list(self.config.streams))
         answer = {"ok": True, "identity": kid, "streams": list(self.config.streams)}
         return HTTPStatus.OK, json.dumps(answer).encode("utf-8")
