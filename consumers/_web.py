@@ -7,14 +7,22 @@ keys pinned in the local trust store). The token makes ``/config.json`` a secret
 binds 127.0.0.1 by default, answers only requests whose ``Host`` is the address it serves
 (a DNS-rebinding page cannot read it), and marks every answer ``no-store``. The stdlib
 ``http.server`` runs in one thread; nothing here decrypts.
+
+Registration (opt-in): given ``WebConfig.authorize`` (``sealstream demo`` and ``up`` pass one
+that writes their local cluster's policy), ``POST /authorize`` with the page's public identity
+JWK authorizes it for the configured streams. It is accepted only from the page's own origin
+(``Origin`` and ``Host`` both this server's). Without it (``sealstream-consume web``) nothing
+here writes a policy: the page shows its fingerprint for the cluster's operator.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,7 +34,7 @@ import structlog
 from sealstream._ids import Subjects, check_cluster_id, check_stream
 from sealstream.crypto import KeyKind, TrustStore
 
-__all__ = ["WEB_DIST", "WebConfig", "WebServer"]
+__all__ = ["WEB_DIST", "Authorize", "WebConfig", "WebServer"]
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +45,11 @@ _FILES = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/sealstream-web.js": ("sealstream-web.js", "text/javascript; charset=utf-8"),
 }
+#: authorizes a public identity JWK for streams in a cluster's policy; returns its id (its
+#: RFC 7638 thumbprint); raises ValueError for a JWK that is not a public Ed25519 key
+Authorize = Callable[[Mapping[str, Any], Sequence[str]], str]
+#: the largest registration body read
+_MAX_BODY = 4096
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; "
     "connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
@@ -48,7 +61,9 @@ class WebConfig:
     """What the page is told. ``token`` is called for every ``/config.json`` request (a
     renewed token file is picked up by the page's next keepalive). ``nats_user`` and
     ``nats_password`` are for a NATS server with static users (no auth callout): without them
-    the page connects as user = its session id, password = the token."""
+    the page connects as user = its session id, password = the token. ``authorize``, when
+    given, lets the page register its identity key (``POST /authorize``): only for a server
+    that owns the cluster's policy on this machine (``sealstream demo``/``up``)."""
 
     nats_ws_url: str
     cluster: str
@@ -59,6 +74,7 @@ class WebConfig:
     key_kind: KeyKind = "x25519"
     nats_user: str | None = None
     nats_password: str | None = field(default=None, repr=False)
+    authorize: Authorize | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_cluster_id(self.cluster)
@@ -80,6 +96,7 @@ class WebConfig:
             "streams": list(self.streams),
             "trusted_keys": {self.cluster: pinned.get(self.cluster, [])},
             "key": self.key_kind,
+            "register": self.authorize is not None,
         }
         if self.nats_user is not None:
             out["nats_user"] = self.nats_user
@@ -107,6 +124,9 @@ class WebServer:
             raise FileNotFoundError(f"the page is not built in {dist}: run 'make web'")
         self._httpd = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
+        self._authorize_lock = threading.Lock()
+        #: refused registrations, by reason
+        self.refused: Counter[str] = Counter()
 
     @property
     def port(self) -> int:
@@ -125,6 +145,42 @@ class WebServer:
         if self.host in ("127.0.0.1", "::1", "localhost"):
             hosts |= {f"localhost:{self.port}", f"127.0.0.1:{self.port}", f"[::1]:{self.port}"}
         return hosts
+
+    def _register(self, headers: Message, body: bytes) -> tuple[HTTPStatus, bytes]:
+        """``POST /authorize``: the page's public JWK, authorized for the configured streams
+        if this server offers registration and the request comes from its own page."""
+        authorize = self.config.authorize
+        origin = headers.get("Origin")
+        reason = None
+        if authorize is None:
+            reason, status = "not offered", HTTPStatus.NOT_FOUND
+        elif origin is None or origin != f"http://{headers.get('Host')}":
+            reason, status = "foreign origin", HTTPStatus.FORBIDDEN
+        elif (headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            reason, status = "not json", HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+        if reason is not None:
+            self.refused[reason] += 1
+            log.warning("web.authorize_refused", reason=reason, origin=str(origin)[:100])
+            return status, f"{reason}\n".encode()
+        assert authorize is not None
+        try:
+            request = json.loads(body)
+            jwk = request.get("jwk") if isinstance(request, dict) else None
+            if not isinstance(jwk, dict):
+                raise ValueError('expected {"jwk": <public Ed25519 JWK>}')
+            with self._authorize_lock:  # one policy write at a time
+                kid = authorize(jwk, self.config.streams)
+        except (ValueError, RecursionError) as exc:
+            self.refused["bad key"] += 1
+            log.warning("web.authorize_refused", reason="bad key", error=str(exc)[:200])
+            return HTTPStatus.BAD_REQUEST, b"bad key\n"
+        except OSError as exc:  # the policy file cannot be read or written
+            self.refused["policy unavailable"] += 1
+            log.error("web.authorize_failed", reason="policy unavailable", error=str(exc)[:200])
+            return HTTPStatus.SERVICE_UNAVAILABLE, b"policy unavailable\n"
+        log.info("web.authorized", identity=kid, streams=list(self.config.streams))
+        answer = {"ok": True, "identity": kid, "streams": list(self.config.streams)}
+        return HTTPStatus.OK, json.dumps(answer).encode("utf-8")
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -148,10 +204,35 @@ class WebServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _host_ok(self) -> bool:
+                if self.headers.get("Host") in server._allowed_hosts():
+                    return True
+                log.warning("web.refused_host", host=str(self.headers.get("Host"))[:100])
+                self._send(HTTPStatus.MISDIRECTED_REQUEST, b"wrong host\n", "text/plain")
+                return False
+
+            def do_POST(self) -> None:
+                if not self._host_ok():
+                    return
+                if self.path.split("?", 1)[0] != "/authorize":
+                    self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or "0")
+                except ValueError:
+                    length = -1
+                if not 0 < length <= _MAX_BODY:
+                    server.refused["bad size"] += 1
+                    log.warning("web.authorize_refused", reason="bad size")
+                    self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"bad size\n", "text/plain")
+                    return
+                body = self.rfile.read(length)
+                status, answer = server._register(self.headers, body)
+                kind = "application/json" if status == HTTPStatus.OK else "text/plain"
+                self._send(status, answer, kind)
+
             def do_GET(self) -> None:
-                if self.headers.get("Host") not in server._allowed_hosts():
-                    log.warning("web.refused_host", host=str(self.headers.get("Host"))[:100])
-                    self._send(HTTPStatus.MISDIRECTED_REQUEST, b"wrong host\n", "text/plain")
+                if not self._host_ok():
                     return
                 path = self.path.split("?", 1)[0]
                 if path == "/config.json":

@@ -1,6 +1,6 @@
-"""``sealstream``: ``up`` (the back end: nats-server, proxy, one producer cluster), ``demo``
-(``up`` plus a live decrypted view) and ``bench``. The one module that imports every role;
-nothing imports it."""
+"""``sealstream``: ``up`` (the back end: nats-server, proxy, one producer cluster, and the
+browser page), ``demo`` (``up`` plus a live decrypted view) and ``bench``. The one module
+that imports every role; nothing imports it."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import contextlib
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy
 from sealstream._log import configure_logging
@@ -22,6 +23,9 @@ from sealstream._run import run
 from sealstream._server import EmbeddedServer, ServerOptions
 from sealstream._tokens import mint_token
 from sealstream.crypto import ClusterIdentity, TrustStore, UserIdentity
+
+if TYPE_CHECKING:
+    from consumers._web import WebServer
 
 __all__ = ["main"]
 
@@ -45,6 +49,10 @@ class Backend:
     @property
     def identity_file(self) -> Path:
         return self.state / "identity.jwk"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.state / POLICY_FILE_NAME
 
 
 def issuer_seed_file(state: Path) -> Path:
@@ -113,6 +121,51 @@ def prepare_state(
     for role, user in roles.items():  # for deployments that mount them (compose.yaml)
         _write_private(state / f"nats-{role}.password", user.password.encode("utf-8"))
     return creds
+
+
+def page_registration(
+    policy_file: Path, *, name: str
+) -> Callable[[Mapping[str, Any], Sequence[str]], str]:
+    """Registration for the browser page served by ``up``/``demo``, which own this cluster's
+    policy: authorize a page's public identity key for streams in ``policy_file`` (adding to
+    what its entry already allows, keeping its expiry and name); returns the key's id.
+
+    The policy stays the producer's code (``producers._authz``); the page's server
+    (``consumers._web``, which may not import it) is handed this function."""
+
+    def authorize(jwk: Mapping[str, Any], streams: Sequence[str]) -> str:
+        policy = AuthzPolicy.load_or_empty(policy_file)
+        _, kid = policy.with_key(jwk, streams)  # validates the key (ValueError)
+        granted = policy.keys.get(kid)
+        if granted is None:
+            policy.with_key(jwk, streams, name=name)[0].save(policy_file)
+        elif not set(streams) <= granted.streams:
+            wanted = sorted(set(streams) | granted.streams)
+            updated, _ = policy.with_key(jwk, wanted, until=granted.until, name=granted.name)
+            updated.save(policy_file)
+        return kid
+
+    return authorize
+
+
+@contextlib.contextmanager
+def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[WebServer]:
+    """The browser page for this back end, served from this machine, able to register its
+    identity key in the cluster's policy (the page asks for it when it loads)."""
+    from consumers._config import TokenFile
+    from consumers._web import WebConfig, WebServer
+
+    assert be.websocket_url is not None
+    config = WebConfig(
+        nats_ws_url=be.websocket_url,
+        cluster=be.cluster,
+        streams=streams,
+        token=TokenFile(be.token_file),
+        trust=TrustStore.load(be.trust_store),
+        authorize=page_registration(be.policy_file, name="browser page on this machine"),
+    )
+    with WebServer(config, port=port) as web:
+        yield web
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -198,9 +251,9 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--duration", type=float, help="stop after this many seconds")
             c.add_argument("--limit", type=int, help="stop after this many rows")
             c.add_argument("--key", choices=["rsa", "x25519", "p256"], default="rsa")
-            c.add_argument(
-                "--web-port", type=int, default=0, help="port of the browser view (default: any)"
-            )
+        c.add_argument(
+            "--web-port", type=int, default=0, help="port of the browser view (default: any)"
+        )
     b = sub.add_parser("bench", help="load test: raw, plain-relay, session, per-message")
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
@@ -249,15 +302,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
                     f"--trust-store {be.trust_store} --identity {be.identity_file}"
                 )
-                if be.websocket_url is not None:
-                    print("or watch them decrypted in a browser page served from this machine:")
+                if be.websocket_url is None:
+                    print("Ctrl-C stops everything.")
+                    await asyncio.Event().wait()
+                    return 0
+                with page_server(be, source_streams(sources), port=args.web_port) as web:
                     print(
-                        "  sealstream-consume web "
-                        f"--nats-ws-url {be.websocket_url} --cluster {be.cluster} {streams} "
-                        f"--token-file {be.token_file} --trust-store {be.trust_store}"
+                        "or watch them decrypted in your browser (the page registers its key "
+                        f"with this cluster): {web.url}"
                     )
-                print("Ctrl-C stops everything.")
-                await asyncio.Event().wait()
+                    print(f"  (browsers reach NATS at {be.websocket_url})")
+                    print("Ctrl-C stops everything.", flush=True)
+                    await asyncio.Event().wait()
                 return 0
             return await _demo_view(be, args)
 
@@ -266,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
     from consumers._cli import consume
-    from consumers._config import ClientConfig, TokenFile
-    from consumers._web import WebConfig, WebServer
+    from consumers._config import ClientConfig
 
     config = ClientConfig(
         nats_url=be.nats_url,
@@ -292,14 +347,7 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
     )
     if be.websocket_url is None or output != "table":
         return await consume(config, view_args)
-    web_config = WebConfig(
-        nats_ws_url=be.websocket_url,
-        cluster=be.cluster,
-        streams=streams,
-        token=TokenFile(be.token_file),
-        trust=TrustStore.load(be.trust_store),
-    )
-    with WebServer(web_config, port=args.web_port) as web:
+    with page_server(be, streams, port=args.web_port) as web:
         print(f"the same rows, decrypted in your browser: {web.url}", flush=True)
         return await consume(config, view_args)
 

@@ -5,13 +5,19 @@ wire never carries a plaintext row.
 
 The NATS server here has a WebSocket listener and no authorization, so any user/password is
 accepted: the page connects as user = its session id, password = its token, as it will with
-the auth callout."""
+the auth callout. The producer holds a policy (``make_stack``): the page's identity key is
+authorized the way a user gets it, by the page's registration with a server that owns the
+policy (as ``sealstream demo`` does), or by an operator authorizing the key the page shows."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,11 +31,19 @@ from structlog.testing import capture_logs
 
 from consumers._web import WebConfig, WebServer
 from producers import HttpEvents
+from producers._authz import AuthzPolicy
+from sealstream._cli import page_registration
 from sealstream._nats import connect
 from sealstream._natsconf import Credentials, server_config
 from sealstream._natsjwt import AccountKey
 from sealstream._server import EmbeddedServer, ServerOptions
-from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore, encode_rows
+from sealstream.crypto import (
+    ClusterIdentity,
+    ProducerSession,
+    TrustStore,
+    UserIdentity,
+    encode_rows,
+)
 from tests.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,6 +85,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 def _web(server: EmbeddedServer, st: Stack, **changes: Any) -> WebServer:
+    """The page's server for this stack; it registers the page's key in the stack's policy
+    (as ``sealstream demo`` does) unless ``authorize=None``."""
     assert server.websocket_url is not None
     options: dict[str, Any] = {
         "nats_ws_url": server.websocket_url,
@@ -79,6 +95,7 @@ def _web(server: EmbeddedServer, st: Stack, **changes: Any) -> WebServer:
         "token": st.token,
         "trust": st.trust(),
         "prefix": st.prefix,
+        "authorize": page_registration(st.policy_file, name="page"),
         **changes,
     }
     return WebServer(WebConfig(**options))
@@ -159,6 +176,12 @@ async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
             sid = await _text(page, "#session")
             inbox = st.subjects.inbox(sid)
             assert sid in st.agent.sessions
+            # the cluster accepted the page's proof: the session's reader is the page's key
+            kid = await _text(page, "#identity")
+            reader = st.agent.sessions[sid].reader
+            assert reader is not None
+            assert reader.identity == kid != st.user.kid
+            assert "authorized by this machine's cluster" in await _text(page, "#authorization")
 
             # the hostile relay: forged key envelope, forged per-message data, bit flips,
             # replays, all published straight to the page's inbox
@@ -461,3 +484,173 @@ async def test_the_page_connects_as_its_session_with_its_token(
             sid = await page.evaluate("window.sealstream.subscription.session.session")
             await page.close()
     assert f'User "{sid}"' in log_file.read_text()
+
+
+async def _identity(page: Page) -> tuple[str, bool, str]:
+    """The page's fingerprint, whether its private key is extractable, and what WebCrypto
+    says when asked to export it."""
+    kid = await _text(page, "#identity")
+    extractable = await page.evaluate("window.sealstream.identity.privateKey.extractable")
+    export = await page.evaluate(
+        "crypto.subtle.exportKey('jwk', window.sealstream.identity.privateKey)"
+        ".then(() => 'exported', (e) => e.name)"
+    )
+    return kid, extractable, export
+
+
+async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_does(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    """``sealstream-consume web`` writes no policy: the page's open is refused ``forbidden``
+    in one line naming its identity and the command; once the operator authorizes the public
+    JWK the page shows, a reload (same identity, from IndexedDB) opens the session."""
+    async with make_stack(
+        ws_server.url, sources=[HttpEvents(rate=50, seed=9)], streams=["http_events"]
+    ) as st:
+        with _web(ws_server, st, authorize=None) as web:
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(_state_is(page, "error"), timeout=15)
+            status = await _text(page, "#status")
+            kid, extractable, export = await _identity(page)
+            assert len(kid) == 43
+            assert status == (
+                "not authorized by the cluster (key not authorized): this page's identity "
+                f"{kid}; authorize it with: sealstream-producer authorize add --jwk-file "
+                "sealstream-web-identity.jwk --stream http_events"
+            )
+            assert "operator" in await _text(page, "#authorization")
+            assert await page.locator(ROWS_IN_DOM).count() == 0
+            assert await _rows(page) == 0
+            assert st.agent.sessions == {}
+            # the private key never leaves WebCrypto
+            assert extractable is False
+            assert export == "InvalidAccessError"
+
+            # the operator authorizes the public JWK the page shows (and offers to download)
+            jwk = json.loads(await _text(page, "#identity-jwk"))
+            assert set(jwk) == {"kty", "crv", "x"}
+            assert await _text(page, "#authorize-command") in status
+            policy = AuthzPolicy.load(st.policy_file)
+            policy.with_key(jwk, ["http_events"], name="browser")[0].save(st.policy_file)
+
+            await page.reload()
+            await until(lambda: _more(page, "#rows", 0))
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            # the same identity after the reload, still not extractable
+            assert await _identity(page) == (kid, False, "InvalidAccessError")
+            sid = await _text(page, "#session")
+            reader = st.agent.sessions[sid].reader
+            assert reader is not None
+            assert reader.identity == kid
+            await page.close()
+
+
+def _post(
+    web: WebServer, body: object, *, origin: str | None, host: str | None = None
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
+    headers = {"Content-Type": "application/json", "Host": host or f"{web.host}:{web.port}"}
+    if origin is not None:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", "/authorize", body=json.dumps(body), headers=headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) -> None:
+    policy_file = tmp_path / "authorized.json"
+    config = WebConfig(
+        nats_ws_url="ws://127.0.0.1:1",
+        cluster="c1",
+        streams=["http_events"],
+        token=lambda: "secret-token",
+        trust=TrustStore(),
+        authorize=page_registration(policy_file, name="page"),
+    )
+    key = UserIdentity.generate().public_jwk
+    with WebServer(config) as web:
+        own = f"http://{web.host}:{web.port}"
+        # another site's page (a cross-site form or fetch carries its own Origin), a request
+        # without Origin, a rebinding host: refused, and nothing written
+        assert _post(web, {"jwk": key}, origin=f"http://evil.example:{web.port}")[0] == 403
+        assert _post(web, {"jwk": key}, origin=f"http://localhost:{web.port + 1}")[0] == 403
+        assert _post(web, {"jwk": key}, origin=None)[0] == 403
+        assert _post(web, {"jwk": key}, origin=own, host=f"evil.example:{web.port}")[0] == 421
+        assert not policy_file.exists()
+        assert web.refused == {"foreign origin": 3}
+        # a private key, or not an Ed25519 key: refused
+        UserIdentity.load_or_create(tmp_path / "user.jwk")
+        private = json.loads((tmp_path / "user.jwk").read_text())
+        assert _post(web, {"jwk": private}, origin=own)[0] == 400
+        x25519 = {**key, "crv": "X25519"}
+        assert _post(web, {"jwk": x25519}, origin=own)[0] == 400
+        assert not policy_file.exists()
+        # the page itself: authorized for the configured streams, in the policy file
+        status, answer = _post(web, {"jwk": key}, origin=own)
+        assert status == 200, answer
+        kid = json.loads(answer)["identity"]
+        grant = AuthzPolicy.load(policy_file).keys[kid]
+        assert grant.streams == {"http_events"}
+        assert policy_file.stat().st_mode & 0o777 == 0o600
+
+    # sealstream-consume web (no policy of its own) offers no registration
+    plain = WebConfig(
+        nats_ws_url="ws://127.0.0.1:1",
+        cluster="c1",
+        streams=["http_events"],
+        token=lambda: "secret-token",
+        trust=TrustStore(),
+    )
+    with WebServer(plain) as web:
+        assert _post(web, {"jwk": key}, origin=f"http://{web.host}:{web.port}")[0] == 404
+
+
+async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) -> None:
+    """The defaults a user gets: ``sealstream up`` (embedded nats-server with the auth
+    callout, the proxy, a producer enforcing its policy) serves the page; the page registers
+    its key with the cluster and shows decrypted rows."""
+    state = tmp_path / "state"
+    port = _free_port()
+    log = tmp_path / "up.log"
+    argv = [str(Path(sys.executable).parent / "sealstream"), "up", "--dir", str(state)]
+    argv += ["--sources", "http_events", "--rate", "50", "--web-port", str(port)]
+    with log.open("wb") as out:
+        up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=tmp_path
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+
+        async def serving() -> bool:
+            assert up.poll() is None, log.read_text()
+            producer_log = state / "producer.log"
+            started = producer_log.exists() and "producer.started" in producer_log.read_text()
+            return started and url in log.read_text()
+
+        await until(serving, timeout=60)
+        page = await browser.new_page()
+        await page.goto(url)
+        try:
+            await until(lambda: _more(page, "#rows", 0), timeout=30)
+        except TimeoutError:
+            raise AssertionError(await _text(page, "#status")) from None
+        assert await page.locator(ROWS_IN_DOM).count() > 0
+        assert await page.get_attribute("#status", "data-state") == "verified"
+        kid = await _text(page, "#identity")
+        assert "authorized by this machine's cluster" in await _text(page, "#authorization")
+        grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
+        assert grant.streams == {"http_events"}
+        await page.close()
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(up.wait, 20)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            await asyncio.to_thread(up.wait)
+    assert "Traceback" not in log.read_text()
+    assert up.returncode == 0

@@ -27,6 +27,7 @@ from playwright.async_api import Browser, async_playwright
 from consumers._web import WebConfig, WebServer
 from producers import HttpEvents
 from sealstream import configure_logging
+from sealstream._cli import page_registration
 from sealstream._jwk import thumbprint
 from sealstream._nats import connect
 from sealstream._server import EmbeddedServer, ServerOptions
@@ -64,6 +65,8 @@ async def first_rows(server: EmbeddedServer, browser: Browser) -> dict[str, list
             token=st.token,
             trust=st.trust(),
             prefix=st.prefix,
+            # the page registers its identity with the stack's policy, as with sealstream demo
+            authorize=page_registration(st.policy_file, name="bench page"),
         )
         with WebServer(config) as web:
             for kind in ("x25519", "p256", "rsa"):

@@ -4,7 +4,7 @@
 // password = the access token, inbox prefix `_INBOX.<session id>`.
 
 import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
-import { generateConsumerKey } from "./crypto.js";
+import { generateConsumerKey, prove } from "./crypto.js";
 import { ConsumerSession } from "./session.js";
 import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./wire.js";
 
@@ -50,6 +50,8 @@ export class TrustError extends Error {
  * @property {string} cluster
  * @property {string[]} streams
  * @property {import("./session.js").TrustedKeys} trust
+ * @property {import("./crypto.js").Identity} [identity] the user's long-term key: every open
+ *   carries its proof (the cluster refuses an open without one, unless it trusts the relay)
  * @property {KeyKind} [keyKind] default x25519
  * @property {import("./session.js").KeyMode} [keyMode]
  * @property {import("./session.js").Policy} [policy] default discard
@@ -148,15 +150,27 @@ export class Subscription {
       callback: (_err, msg) => this.onMessage(msg.data),
     });
     await this.nc.flush();
-    const reply = await this.request("open", {
+    const keyMode = o.keyMode ?? "session";
+    /** @type {Record<string, unknown>} */
+    const open = {
       v: VERSION,
       token: await this.token(),
       cluster: o.cluster,
       streams: o.streams,
       jwk: key.publicJwk,
-      key_mode: o.keyMode ?? "session",
+      key_mode: keyMode,
       zip: o.allowZip ?? false,
-    });
+    };
+    if (o.identity !== undefined) {
+      // made for this open only (fresh iat and jti): the relay forwards it untouched
+      open.proof = await prove(o.identity, {
+        cluster: o.cluster,
+        session: key.sessionId,
+        streams: o.streams,
+        keyMode,
+      });
+    }
+    const reply = await this.request("open", open);
     if (reply.session !== key.sessionId) {
       throw new BrokerError("the proxy answered for another session");
     }

@@ -1,9 +1,16 @@
 // The one module that touches WebCrypto and jose. Callers use recipes (generate a key pair,
-// open a key JWE, verify the cluster's signature, open a dir/A256GCM JWE) and never choose
-// an algorithm: the allow-list is pinned here, never taken from a header. Every failure
-// becomes a Rejected with a reason for the counters, as sealstream/crypto/_jose.py.
+// open a key JWE, verify the cluster's signature, open a dir/A256GCM JWE, make the identity's
+// proof for an open) and never choose an algorithm: the allow-list is pinned here, never taken
+// from a header. Every failure becomes a Rejected with a reason for the counters, as
+// sealstream/crypto/_jose.py.
 
-import { calculateJwkThumbprint, compactDecrypt, compactVerify, importJWK } from "jose";
+import {
+  CompactSign,
+  calculateJwkThumbprint,
+  compactDecrypt,
+  compactVerify,
+  importJWK,
+} from "jose";
 import { parseJson } from "./wire.js";
 
 export const ENC = "A256GCM";
@@ -375,4 +382,101 @@ export async function verifyClaims(token, key) {
     throw new Rejected("bad_signature");
   }
   return jsonObject(payload, "bad_claims");
+}
+
+// --- the user's identity and the proof in every open -------------------------------------------
+
+/** the proof's JWS `typ` (docs/protocol.md, "Authorization held by the cluster") */
+export const PROOF_TYP = "sealstream-open+jwt";
+const ED25519 = { name: "Ed25519" };
+
+/**
+ * @typedef {object} Identity
+ * @property {CryptoKey} privateKey Ed25519, non-extractable, usage sign
+ * @property {CryptoKey} publicKey
+ * @property {{kty: string, crv: string, x: string}} publicJwk key members only
+ * @property {string} kid RFC 7638 thumbprint of publicJwk: the identity id a policy names
+ */
+
+/**
+ * A new long-term Ed25519 identity key pair; the private half cannot be exported.
+ * @returns {Promise<CryptoKeyPair>}
+ */
+export async function generateIdentityKeys() {
+  return /** @type {CryptoKeyPair} */ (
+    await crypto.subtle.generateKey(ED25519, false, ["sign", "verify"])
+  );
+}
+
+/**
+ * The identity of a stored key pair (as IndexedDB gives it back); refuses a private key that
+ * is not a non-extractable Ed25519 signing key.
+ * @param {CryptoKey} privateKey
+ * @param {CryptoKey} publicKey
+ * @returns {Promise<Identity>}
+ */
+export async function identityFromKeys(privateKey, publicKey) {
+  if (
+    privateKey.type !== "private" ||
+    privateKey.algorithm.name !== "Ed25519" ||
+    privateKey.extractable ||
+    !privateKey.usages.includes("sign") ||
+    publicKey.type !== "public" ||
+    publicKey.algorithm.name !== "Ed25519"
+  ) {
+    throw new TypeError("an identity is a non-extractable Ed25519 key pair");
+  }
+  const jwk = await crypto.subtle.exportKey("jwk", publicKey);
+  if (typeof jwk.x !== "string") throw new TypeError("an Ed25519 public key has x");
+  const publicJwk = { kty: "OKP", crv: "Ed25519", x: jwk.x };
+  return { privateKey, publicKey, publicJwk, kid: await thumbprint(publicJwk) };
+}
+
+/**
+ * An identity from a private JWK, imported non-extractable (tests and vectors only).
+ * @param {JsonWebKey} jwk
+ * @returns {Promise<Identity>}
+ */
+export async function importIdentity(jwk) {
+  const { kty, crv, x, d } = jwk;
+  const priv = await crypto.subtle.importKey("jwk", { kty, crv, x, d }, ED25519, false, ["sign"]);
+  const pub = await crypto.subtle.importKey("jwk", { kty, crv, x }, ED25519, true, ["verify"]);
+  return identityFromKeys(priv, pub);
+}
+
+/**
+ * @typedef {object} ProofClaims
+ * @property {string} cluster
+ * @property {string} session the session id being opened (the thumbprint of the open's jwk)
+ * @property {string[]} streams
+ * @property {string} keyMode "session" or "per-message", as sent in the open
+ * @property {number} [now] Unix seconds (default: the clock)
+ * @property {string} [jti] default: 16 random bytes, base64url
+ */
+
+/**
+ * The proof for one open: a JWS compact by the identity key (alg Ed25519, typ
+ * sealstream-open+jwt, kid, jwk) over the open's cluster, session, streams, key mode, `iat`
+ * and a fresh random `jti`. A new one for every open.
+ * @param {Identity} identity
+ * @param {ProofClaims} claims
+ * @returns {Promise<string>}
+ */
+export async function prove(identity, claims) {
+  const payload = {
+    cluster: claims.cluster,
+    session: claims.session,
+    streams: [...claims.streams],
+    key_mode: claims.keyMode,
+    iat: Math.floor(claims.now ?? Date.now() / 1000),
+    jti: claims.jti ?? b64uEncode(crypto.getRandomValues(new Uint8Array(16))),
+  };
+  return new CompactSign(new TextEncoder().encode(JSON.stringify(payload)))
+    .setProtectedHeader({
+      alg: SIG_ALG,
+      typ: PROOF_TYP,
+      kid: identity.kid,
+      jwk: { ...identity.publicJwk },
+    })
+    .sign(identity.privateKey);
 }

@@ -1,9 +1,11 @@
-// The page: reads /config.json from the machine that serves it (the user's own), opens one
-// session in the browser and shows a live table per stream. Cell values are set with
-// textContent only: decrypted rows never become markup.
+// The page: reads /config.json from the machine that serves it (the user's own), loads its
+// long-term identity (IndexedDB) and shows its fingerprint for registration, opens one
+// session in the browser (every open carries the identity's proof) and shows a live table per
+// stream. Cell values are set with textContent only: decrypted rows never become markup.
 
 import { thumbprint } from "./crypto.js";
 import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
+import { loadIdentity } from "./identity.js";
 
 const MAX_ROWS = 50;
 /** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
@@ -21,7 +23,22 @@ const RATE_WINDOW_MS = 5000;
  * @property {import("./crypto.js").KeyKind} [key]
  * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
  * @property {string} [nats_password]
+ * @property {boolean} [register] the local server can authorize this page's key in the
+ *   cluster's own policy (`sealstream demo` and `up` only): POST authorize
  */
+
+/** the file name the page's public JWK is downloaded as, and the command names */
+export const JWK_FILE = "sealstream-web-identity.jwk";
+
+/**
+ * The operator's command that authorizes this page's identity for the streams.
+ * @param {string[]} streams
+ * @returns {string}
+ */
+export function authorizeCommand(streams) {
+  const each = streams.map((s) => ` --stream ${s}`).join("");
+  return `sealstream-producer authorize add --jwk-file ${JWK_FILE}${each}`;
+}
 
 /** @returns {Promise<PageConfig>} */
 async function loadConfig() {
@@ -38,9 +55,20 @@ const HINTS = /** @type {Record<string, string>} */ ({
   bad_request: "the proxy or the cluster refused the request",
 });
 
-/** @param {unknown} err @returns {string} */
-export function describe(err) {
+/**
+ * One line for an error. A `forbidden` that is not about the token is the cluster's refusal
+ * of this page's identity: the line names the identity and the command that authorizes it.
+ * @param {unknown} err
+ * @param {{kid: string, streams: string[]}} [who]
+ * @returns {string}
+ */
+export function describe(err, who) {
   if (err instanceof TrustError) return `untrusted signer: ${err.message}`;
+  if (err instanceof SessionError && err.code === "forbidden" && !/^token\b/.test(err.message)) {
+    const identity = who ? who.kid : "unknown";
+    const how = who ? `; authorize it with: ${authorizeCommand(who.streams)}` : "";
+    return `not authorized by the cluster (${err.message}): this page's identity ${identity}${how}`;
+  }
   if (err instanceof SessionError) {
     const hint = HINTS[err.code];
     return hint ? `${hint} (${err.message})` : `session ${err.code}: ${err.message}`;
@@ -121,6 +149,54 @@ function setText(id, text) {
   if (node) node.textContent = text;
 }
 
+/**
+ * Show the identity for registration: its fingerprint, the operator's command, the public JWK
+ * with a copy button and a download link.
+ * @param {Record<string, string>} publicJwk
+ * @param {string} kid
+ * @param {string[]} streams
+ */
+function showIdentity(publicJwk, kid, streams) {
+  const text = `${JSON.stringify(publicJwk)}\n`;
+  setText("identity", kid);
+  setText("identity-jwk", text.trim());
+  setText("authorize-command", authorizeCommand(streams));
+  const link = /** @type {HTMLAnchorElement} */ (document.getElementById("download-jwk"));
+  link.href = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  link.download = JWK_FILE;
+  const copy = /** @type {HTMLButtonElement} */ (document.getElementById("copy-jwk"));
+  copy.onclick = async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      copy.textContent = "copied";
+    } catch {
+      copy.textContent = "copy refused: select the text";
+    }
+  };
+}
+
+/**
+ * Ask the local server (`sealstream demo`/`up`) to authorize this page's public key in the
+ * cluster's policy; what happened, in one line.
+ * @param {Record<string, string>} publicJwk
+ * @returns {Promise<string>}
+ */
+async function register(publicJwk) {
+  try {
+    const res = await fetch("authorize", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ jwk: publicJwk }),
+      cache: "no-store",
+    });
+    if (!res.ok) return `registration refused by this machine's server: HTTP ${res.status}`;
+    const answer = await res.json();
+    return `authorized by this machine's cluster for ${answer.streams.join(", ")}`;
+  } catch (err) {
+    return `cannot register with this machine's server: ${describe(err)}`;
+  }
+}
+
 export async function main() {
   const status = /** @type {HTMLElement} */ (document.getElementById("status"));
   /** @param {string} state @param {string} text */
@@ -145,6 +221,22 @@ export async function main() {
     trust[cluster] = {};
     for (const jwk of jwks) trust[cluster][await thumbprint(jwk)] = jwk;
   }
+  let identity;
+  try {
+    identity = await loadIdentity();
+  } catch (err) {
+    setStatus("error", `cannot keep this page's identity key (IndexedDB): ${describe(err)}`);
+    return;
+  }
+  const who = { kid: identity.kid, streams: config.streams };
+  showIdentity(identity.publicJwk, identity.kid, config.streams);
+  if (config.register) {
+    setText("authorization", "registering with this machine's cluster…");
+    setText("authorization", await register(identity.publicJwk));
+  } else {
+    const ask = "give the fingerprint or the public JWK below to the cluster's operator";
+    setText("authorization", ask);
+  }
   setText("cluster", config.cluster);
   setText("pinned", Object.keys(trust[config.cluster] ?? {}).join(", ") || "none");
   const tables = /** @type {Map<string, StreamTable>} */ (new Map());
@@ -167,6 +259,7 @@ export async function main() {
     cluster: config.cluster,
     streams: config.streams,
     trust,
+    identity,
     keyKind,
     policy: "discard",
     onBatch(batch) {
@@ -189,7 +282,7 @@ export async function main() {
       setStatus("ended", `session ended by the cluster: ${reason}`);
     },
     onError(err) {
-      setStatus("error", describe(err));
+      setStatus("error", describe(err, who));
     },
     onConnection(connected) {
       if (status.dataset.state === "error" || status.dataset.state === "ended") return;
@@ -197,11 +290,14 @@ export async function main() {
       else setStatus("reconnecting", "broker connection lost: reconnecting…");
     },
   });
-  /** @type {any} */ (window).sealstream = { subscription: sub };
+  /** @type {any} */ (window).sealstream = { subscription: sub, identity };
   try {
     await sub.start();
   } catch (err) {
-    setStatus("error", describe(err));
+    setStatus("error", describe(err, who));
+    if (err instanceof SessionError && err.code === "forbidden") {
+      /** @type {HTMLDetailsElement} */ (document.getElementById("register")).open = true;
+    }
     await sub.close();
     return;
   }
@@ -221,6 +317,9 @@ export async function main() {
       const rate = recent.reduce((a, r) => a + r.n, 0) / (RATE_WINDOW_MS / 1000);
       if (s.signerKid !== null && status.dataset.state === "connected") {
         setStatus("verified", "connected · every key envelope signature verified");
+        if (!config.register) {
+          setText("authorization", "authorized by the cluster (proof accepted)");
+        }
       }
       setText("signer", s.signerKid ?? "not yet");
       setText("epoch", s.epoch < 0n ? "-" : s.epoch.toString());
