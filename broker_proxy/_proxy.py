@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import nats.errors
 import structlog
@@ -46,6 +47,10 @@ from sealstream._wire import (
 __all__ = ["Proxy"]
 
 log = structlog.get_logger(__name__)
+
+#: the reply subject of a session request: a client's request inbox (``_INBOX.`` then
+#: tokens of a restricted alphabet; no wildcard, no other subject space)
+_REPLY_INBOX: Final = re.compile(r"_INBOX(\.[A-Za-z0-9_-]{1,64}){1,4}")
 
 #: after the proxy reconnects, how long before it pings the clusters (see _ping_soon)
 _RECONNECT_SETTLE_S = 1.0
@@ -245,13 +250,21 @@ class Proxy(AsyncResource):
     # --- session control --------------------------------------------------------------------
 
     async def _on_api(self, msg: Any) -> None:
+        # The answer goes where the requester says, with the proxy's own permissions (which
+        # include the session registry's $KV and $JS subjects and the clusters' control
+        # subjects): only a request inbox is accepted, and the answer is a plain publish
+        # (msg.respond would copy the request's headers, KV operations among them). A request
+        # with no reply subject (a page's close as it goes away) is served unanswered.
+        if msg.reply and not _REPLY_INBOX.fullmatch(msg.reply):
+            self.refused["bad_reply_subject"] += 1
+            log.info("session.bad_reply_subject", subject=msg.subject, reply=msg.reply[:80])
+            return
         if self._tg is None or self._pending.locked():
             self.refused["limit_exceeded"] += 1
+            busy = error_reply("limit_exceeded", "too many pending requests", retry=True)
             if msg.reply:
                 with contextlib.suppress(nats.errors.Error):
-                    await msg.respond(
-                        error_reply("limit_exceeded", "too many pending requests", retry=True)
-                    )
+                    await self._nc.publish(msg.reply, busy)
             return
         await self._pending.acquire()
         self._in_flight += 1
@@ -275,7 +288,7 @@ class Proxy(AsyncResource):
                 )
             if msg.reply:
                 try:
-                    await msg.respond(reply)
+                    await self._nc.publish(msg.reply, reply)
                 except nats.errors.Error as exc:
                     log.info("session.reply_lost", op=op, error=repr(exc))
         finally:

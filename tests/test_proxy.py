@@ -672,3 +672,31 @@ async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: An
         assert isinstance(ended, Notice)
         assert ended.code == "ended"
         assert session not in proxy.registry
+
+
+async def test_the_proxy_answers_only_request_inboxes_and_without_headers(
+    nats_url: str, nc: Any
+) -> None:
+    """A requester chooses the reply subject, and the proxy publishes there with its own
+    permissions: a reply subject in the session registry's KV space (with a KV purge header,
+    which msg.respond would copy) must not delete another user's session."""
+    async with make_stack(nats_url) as st:
+        async with st.client() as client, client.subscribe(st.cluster, ["records"]) as sub:
+            victim = sub.session_id
+            bucket = f"{st.prefix}_sessions"
+            kv = await nc.jetstream().key_value(bucket)
+            assert (await kv.get(victim)).value
+            for op in ("open", "keepalive", "close"):
+                await nc.publish(
+                    f"{st.prefix}.api.session.{op}",
+                    b"\x80",
+                    reply=f"$KV.{bucket}.{victim}",
+                    headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
+                )
+            await nc.flush()
+            await eventually(lambda: st.proxy.refused["bad_reply_subject"] == 3)
+            assert (await kv.get(victim)).value  # still there
+            assert st.proxy.registry.get(victim) is not None
+            await st.agent.emit("records", [{"i": 1}])
+            rows, _ = await collect_rows(sub, 1)
+            assert rows == [{"i": 1}]
