@@ -144,6 +144,8 @@ class Agent(AsyncResource):
             self._pumps.append(self._tg.create_task(self._pump(source)))
         self._tg.create_task(self._flush_loop())
         self._tg.create_task(self._sender())
+        if self._authz is not None:
+            self._tg.create_task(self._authz_loop())
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(
                 collector_registry(self.samples),
@@ -462,9 +464,18 @@ class Agent(AsyncResource):
                 if served is not None:
                     envelopes = served.crypto.start()
                     await self._send(start, envelopes, keys=len(envelopes))
-        # at each ping (once a keepalive interval) and after the policy changed: sessions of
-        # a revoked or expired reader end
+        # at each control message too (the agent's own loop checks every authz_check_s)
         await self._end_unauthorized()
+
+    async def _authz_loop(self) -> None:
+        """Revocation and expiry do not depend on the relay: a relay that stopped pinging
+        must not keep a revoked reader's session served."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.config.authz_check_s)
+            if self._authz is not None and not self._stop.is_set():
+                self._authz.refresh()
+                await self._end_unauthorized()
 
     async def _end_unauthorized(self) -> None:
         if self._authz is None:

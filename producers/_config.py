@@ -30,6 +30,9 @@ class ProducerConfig:
     #: no policy, no proof: serve every open the relay forwards (Pixie's model: the relay's
     #: operator can then read everything)
     trust_relay_authorization: bool = False
+    #: how often the agent itself re-reads the policy and ends the sessions of readers no
+    #: longer authorized (revoked, expired): it does not wait for the relay's pings
+    authz_check_s: float = 2.0
     batching: Batching = field(default_factory=Batching)
     rotation: Rotation = field(default_factory=Rotation)
     max_sessions: int = 1000
@@ -48,6 +51,8 @@ class ProducerConfig:
             raise ValueError("max_sessions must be positive")
         if self.buffer_bytes < 1024 * 1024:
             raise ValueError("buffer_bytes must be at least 1 MiB (one envelope)")
+        if self.authz_check_s <= 0:
+            raise ValueError("authz_check_s must be positive")
         if self.resume_hold_s < 0:
             raise ValueError("resume_hold_s must not be negative")
 

@@ -288,6 +288,24 @@ async def test_revoke_ends_a_live_session_with_an_authenticated_end(nats_url: st
         assert (err.value.code, err.value.detail) == ("forbidden", "key not authorized")
 
 
+async def test_revocation_does_not_wait_for_the_relay(nats_url: str) -> None:
+    """A relay that never pings (keepalive 60 s: no ping during the test) cannot keep a
+    revoked reader's session served: the agent re-reads its policy by itself."""
+    async with (
+        make_stack(nats_url, keepalive_s=60.0) as st,
+        st.client() as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        await st.agent.emit("records", ROWS)
+        await collect_rows(sub, len(ROWS))
+        _write_policy(st, AuthzPolicy())  # the reader's key revoked
+        async with asyncio.timeout(15):
+            async for _batch in sub:
+                pass
+        assert sub.end_reason == "revoked"
+        assert st.agent.sessions == {}
+
+
 async def test_an_authorization_that_expires_ends_its_live_session(nats_url: str) -> None:
     clock = Clock()
     async with make_stack(nats_url, keepalive_s=0.3, clock=clock) as st:
