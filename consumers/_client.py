@@ -359,7 +359,7 @@ class _Session(AsyncResource):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
             if self._stop.is_set():
                 return
-            if self._conn is None:  # the client was closed under the subscription
+            if self._conn is None or self._client.closed:  # closed under the subscription
                 self.push(_Lost("the client is closed", resumable=False))
                 return
             try:

@@ -388,8 +388,10 @@ class Agent(AsyncResource):
         self._connected.clear()
 
     async def _on_reconnected(self) -> None:
-        # the proxy may not have resubscribed to the data subjects yet
-        self._hold_until = time.monotonic() + self.config.resume_hold_s
+        # the proxy may not have resubscribed to the data subjects yet (not when stopping:
+        # then the outbox gets its one chance to go out, see _shutdown)
+        if not self._stop.is_set():
+            self._hold_until = time.monotonic() + self.config.resume_hold_s
         self._connected.set()
         self._wake.set()
 
