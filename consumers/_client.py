@@ -301,6 +301,7 @@ class _Session(AsyncResource):
                 session=key.session_id,
                 streams=self.streams,
                 key_mode=cfg.key_mode,
+                zip=cfg.allow_zip,
             )
             if cfg.identity is not None
             else None,

@@ -528,6 +528,7 @@ class Agent(AsyncResource):
                 authz=req.authz,
                 session=session,
                 jwk=req.jwk,
+                zip=req.zip,
                 streams=req.streams,
                 key_mode=req.key_mode,
                 now=self._clock(),

@@ -310,6 +310,7 @@ class Authorizer:
         streams: Iterable[str],
         key_mode: str,
         now: float,
+        zip: bool = False,
     ) -> Authorized | str:
         """The producer's checks of an open, in the contract's order. Raises WireError only
         for a forwarded ``jwk`` that has no thumbprint (a malformed request)."""
@@ -352,7 +353,7 @@ class Authorizer:
             return "bad signature"
         if until is not None and now >= until:
             return "authorization expired"
-        refused = self._claims(claims, session, jwk, streams, key_mode, allowed, now)
+        refused = self._claims(claims, session, jwk, streams, key_mode, zip, allowed, now)
         if refused is not None:
             return refused
         self._seen[claims["jti"]] = claims["iat"] + self.window_s
@@ -365,12 +366,14 @@ class Authorizer:
         jwk: Mapping[str, Any],
         streams: Iterable[str],
         key_mode: str,
+        zip: bool,
         allowed: frozenset[str],
         now: float,
     ) -> str | None:
         iat, jti, asked = claims.get("iat"), claims.get("jti"), claims.get("streams")
         if (
-            set(claims) != _CLAIMS
+            set(claims) - {"zip"} != _CLAIMS
+            or not isinstance(claims.get("zip", False), bool)
             or not all(isinstance(claims[k], str) for k in ("cluster", "session", "key_mode"))
             or not isinstance(asked, list)
             or not all(isinstance(s, str) for s in asked)
@@ -391,6 +394,8 @@ class Authorizer:
             return f"stream {missing[0]!r:.70} not authorized"
         if claims["key_mode"] != key_mode:
             return "proof is for another key mode"
+        if claims.get("zip", False) is not zip:  # a relay must not turn compression on
+            return "proof is for another zip"
         if iat < now - self.window_s:
             return "proof expired"
         if iat > now + self.window_s:

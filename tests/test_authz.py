@@ -159,7 +159,8 @@ async def test_the_relay_cannot_open_a_session_of_its_own(nats_url: str, nc: Any
 
 async def test_a_captured_proof_is_refused_whatever_is_done_with_it(nats_url: str, nc: Any) -> None:
     """A genuine proof taken off the wire: replayed with the relay's key, replayed as is,
-    replayed after the window, with other streams or another key mode: each refused."""
+    replayed after the window, with other streams, another key mode or compression turned on:
+    each refused."""
     clock = Clock()
     async with (
         make_stack(nats_url, streams=["records", "extra"], clock=clock) as st,
@@ -176,6 +177,8 @@ async def test_a_captured_proof_is_refused_whatever_is_done_with_it(nats_url: st
                 ),
                 ({**captured, "streams": ["records", "extra"]}, "proof is for other streams"),
                 ({**captured, "key_mode": "per-message"}, "proof is for another key mode"),
+                # compression makes sizes follow the contents: the relay cannot turn it on
+                ({**captured, "zip": True}, "proof is for another zip"),
                 (captured, "proof replayed"),
             ]
             async with Tap(nats_url, st.subjects.data(st.cluster, relay.session_id)) as tap:

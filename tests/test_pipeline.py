@@ -91,6 +91,21 @@ async def test_python_api_rows_round_trip(
         _check_batches(sub, batches, "records")
 
 
+async def test_a_compressed_session_carries_its_choice_in_the_proof(nats_url: str) -> None:
+    """A consumer that asks for compressed bodies says so in its proof too (a relay must not
+    turn compression on); the cluster accepts it and the rows arrive deflated and whole."""
+    async with make_stack(nats_url) as st:
+        config = dataclasses.replace(st.config(), allow_zip=True)
+        async with (
+            Client(config, trust=st.trust()) as client,
+            client.subscribe(st.cluster, ["records"]) as sub,
+        ):
+            await st.agent.emit("records", ROWS)
+            rows, _ = await collect_rows(sub, len(ROWS))
+            assert rows == ROWS
+            assert st.agent.sessions[sub.session_id].crypto._zip
+
+
 async def test_emit_keeps_the_valid_rows_of_a_list_with_one_msgpack_cannot_carry(
     nats_url: str,
 ) -> None:

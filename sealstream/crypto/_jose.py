@@ -214,12 +214,14 @@ class UserIdentity(_SigningKey):
         session: str,
         streams: Sequence[str],
         key_mode: str,
+        zip: bool = False,
         now: float | None = None,
         jti: str | None = None,
     ) -> str:
         """The proof for one open: a JWS compact over the open's cluster, session id,
-        streams and key mode, the time (``now``) and a random ``jti`` (128 bits)."""
-        claims = {
+        streams, key mode and (when asked for) compression, the time (``now``) and a random
+        ``jti`` (128 bits)."""
+        claims: dict[str, Any] = {
             "cluster": cluster,
             "session": session,
             "streams": list(streams),
@@ -227,6 +229,8 @@ class UserIdentity(_SigningKey):
             "iat": int(time.time() if now is None else now),
             "jti": jti or b64u_encode_bytes(os.urandom(16)).decode("ascii"),
         }
+        if zip:
+            claims["zip"] = True
         return sign_claims(self, claims, typ=PROOF_TYP).decode("ascii")
 
 
