@@ -10,14 +10,20 @@ binds 127.0.0.1 by default, answers only requests whose ``Host`` is the address 
 
 Registration (opt-in): given ``WebConfig.authorize`` (``sealstream demo`` and ``up`` pass one
 that writes their local cluster's policy), ``POST /authorize`` with the page's public identity
-JWK authorizes it for the configured streams. It is accepted only from the page's own origin
-(``Origin`` and ``Host`` both this server's). Without it (``sealstream-consume web``) nothing
-here writes a policy: the page shows its fingerprint for the cluster's operator.
+JWK authorizes it for the configured streams (for a week, renewed as the page registers again).
+It is accepted only from the page's own origin (``Origin`` and ``Host`` both this server's).
+Both ``/config.json`` and ``/authorize`` also want the page's key: a secret of the run that
+the printed URL carries in its fragment, so that another local user or process, which can
+reach 127.0.0.1 as well, gets neither the token nor a registration. Without it
+(``sealstream-consume web``) nothing here writes a policy: the page shows its fingerprint for
+the cluster's operator.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -28,16 +34,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlencode
 
 import structlog
 
 from sealstream._ids import Subjects, check_cluster_id, check_stream
 from sealstream.crypto import KeyKind, TrustStore
 
-__all__ = ["WEB_DIST", "Authorize", "WebConfig", "WebServer"]
+__all__ = ["PAGE_KEY_HEADER", "WEB_DIST", "Authorize", "WebConfig", "WebServer"]
 
 log = structlog.get_logger(__name__)
 
+#: the header the page sends its key in (see WebServer._page_key)
+PAGE_KEY_HEADER = "X-Sealstream-Page-Key"
 #: the built page (committed; ``make web`` rebuilds it)
 WEB_DIST = Path(__file__).resolve().parent / "web" / "dist"
 _FILES = {
@@ -125,8 +134,13 @@ class WebServer:
         self._httpd = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
         self._authorize_lock = threading.Lock()
-        #: refused registrations, by reason
+        #: refused registrations and configuration requests, by reason
         self.refused: Counter[str] = Counter()
+        # The page's key, a secret of this run: the URL printed for the user carries it in
+        # its fragment (never sent in a request line or a Referer), and the page sends it back
+        # for /config.json (which holds the token) and /authorize. Another local user or
+        # process can reach 127.0.0.1 too, but not the terminal that printed it.
+        self._page_key = secrets.token_urlsafe(24)
 
     @property
     def port(self) -> int:
@@ -138,7 +152,21 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        """The page's address, with its key in the fragment: what to open."""
+        return self.link()
+
+    def link(self, **query: str) -> str:
+        """:attr:`url` with query parameters (``key=p256``: the ephemeral key kind)."""
+        q = f"?{urlencode(query)}" if query else ""
+        return f"http://{self.host}:{self.port}/{q}#key={self._page_key}"
+
+    def _page_key_ok(self, headers: Message, what: str) -> bool:
+        given = headers.get(PAGE_KEY_HEADER) or ""
+        if hmac.compare_digest(given.encode(), self._page_key.encode()):
+            return True
+        self.refused["no page key"] += 1
+        log.warning("web.refused", reason="no page key", what=what)
+        return False
 
     def _allowed_hosts(self) -> set[str]:
         hosts = {f"{self.host}:{self.port}"}
@@ -154,6 +182,8 @@ class WebServer:
         reason = None
         if authorize is None:
             reason, status = "not offered", HTTPStatus.NOT_FOUND
+        elif not self._page_key_ok(headers, "authorize"):
+            return HTTPStatus.FORBIDDEN, b"no page key\n"
         elif origin is None or origin != f"http://{headers.get('Host')}":
             reason, status = "foreign origin", HTTPStatus.FORBIDDEN
         elif (headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
@@ -236,6 +266,9 @@ class WebServer:
                     return
                 path = self.path.split("?", 1)[0]
                 if path == "/config.json":
+                    if not server._page_key_ok(self.headers, "config"):
+                        self._send(HTTPStatus.FORBIDDEN, b"no page key\n", "text/plain")
+                        return
                     try:
                         body = json.dumps(server.config.page_config()).encode("utf-8")
                     except (OSError, ValueError) as exc:  # the token file cannot be read

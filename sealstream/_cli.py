@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def prepare_state(
     return creds
 
 
+#: how long a page's registration authorizes it (renewed when the page registers again)
+REGISTRATION_S = 7 * 24 * 3600
+
+
 def page_registration(
     policy_file: Path, *, name: str
 ) -> Callable[[Mapping[str, Any], Sequence[str]], str]:
@@ -137,11 +142,16 @@ def page_registration(
         policy = AuthzPolicy.load_or_empty(policy_file)
         _, kid = policy.with_key(jwk, streams)  # validates the key (ValueError)
         granted = policy.keys.get(kid)
+        # a page's registration lasts a week (the demo token's lifetime), renewed as it is used
+        horizon = int(time.time()) + REGISTRATION_S
         if granted is None:
-            policy.with_key(jwk, streams, name=name)[0].save(policy_file)
-        elif not set(streams) <= granted.streams:
+            policy.with_key(jwk, streams, until=horizon, name=name)[0].save(policy_file)
+        elif not set(streams) <= granted.streams or (
+            granted.until is not None and granted.until < horizon - REGISTRATION_S / 2
+        ):
             wanted = sorted(set(streams) | granted.streams)
-            updated, _ = policy.with_key(jwk, wanted, until=granted.until, name=granted.name)
+            until = None if granted.until is None else max(int(granted.until), horizon)
+            updated, _ = policy.with_key(jwk, wanted, until=until, name=granted.name)
             updated.save(policy_file)
         return kid
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 from structlog.testing import capture_logs
 
-from consumers._web import WebConfig, WebServer
+from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
 from producers import HttpEvents
 from producers._authz import AuthzPolicy
 from sealstream._cli import page_registration
@@ -295,8 +296,14 @@ async def test_the_page_says_what_went_wrong(
             await page.close()
 
 
+def _page_key(web: WebServer) -> dict[str, str]:
+    """The header with the page's key, which the printed URL carries in its fragment."""
+    return {PAGE_KEY_HEADER: web.url.split("#key=", 1)[1]}
+
+
 def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
-    """A DNS-rebinding page (another Host) cannot read the token."""
+    """A DNS-rebinding page (another Host) cannot read the token, nor can a local process
+    that does not have the page's key (the printed URL's fragment)."""
     import http.client
 
     config = WebConfig(
@@ -308,11 +315,19 @@ def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
     )
     with WebServer(config) as web:
         conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
-        conn.request("GET", "/config.json", headers={"Host": f"evil.example:{web.port}"})
+        conn.request(
+            "GET", "/config.json", headers={"Host": f"evil.example:{web.port}", **_page_key(web)}
+        )
         refused = conn.getresponse()
         assert refused.status == 421
         assert b"secret-token" not in refused.read()
-        conn.request("GET", "/config.json")
+        for wrong in ({}, {PAGE_KEY_HEADER: "guess"}):
+            conn.request("GET", "/config.json", headers=wrong)
+            refused = conn.getresponse()
+            assert refused.status == 403
+            assert b"secret-token" not in refused.read()
+        assert web.refused == {"no page key": 2}
+        conn.request("GET", "/config.json", headers=_page_key(web))
         ok = conn.getresponse()
         assert ok.status == 200
         assert ok.getheader("Cache-Control") == "no-store"
@@ -378,7 +393,7 @@ async def test_every_key_kind_opens_in_the_page(
     ) as st:
         with _web(ws_server, st) as web:
             page = await browser.new_page()
-            await page.goto(f"{web.url}?key={kind}")
+            await page.goto(web.link(key=kind))
             await until(lambda: _more(page, "#rows", 0), timeout=30)
             assert await _text(page, "#key") == kind
             jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
@@ -547,10 +562,17 @@ async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_d
 
 
 def _post(
-    web: WebServer, body: object, *, origin: str | None, host: str | None = None
+    web: WebServer,
+    body: object,
+    *,
+    origin: str | None,
+    host: str | None = None,
+    key: bool = True,
 ) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
     headers = {"Content-Type": "application/json", "Host": host or f"{web.host}:{web.port}"}
+    if key:
+        headers |= _page_key(web)
     if origin is not None:
         headers["Origin"] = origin
     try:
@@ -582,6 +604,10 @@ def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) ->
         assert _post(web, {"jwk": key}, origin=own, host=f"evil.example:{web.port}")[0] == 421
         assert not policy_file.exists()
         assert web.refused == {"foreign origin": 3}
+        # a local process without the page's key (it could forge Origin, not the key)
+        assert _post(web, {"jwk": key}, origin=own, key=False)[0] == 403
+        assert not policy_file.exists()
+        assert web.refused == {"foreign origin": 3, "no page key": 1}
         # a private key, or not an Ed25519 key: refused
         UserIdentity.load_or_create(tmp_path / "user.jwk")
         private = json.loads((tmp_path / "user.jwk").read_text())
@@ -595,6 +621,8 @@ def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) ->
         kid = json.loads(answer)["identity"]
         grant = AuthzPolicy.load(policy_file).keys[kid]
         assert grant.streams == {"http_events"}
+        assert grant.until is not None  # a week, renewed when the page registers again
+        assert 6 * 86400 < grant.until - time.time() <= 7 * 86400
         assert policy_file.stat().st_mode & 0o777 == 0o600
 
     # sealstream-consume web (no policy of its own) offers no registration
@@ -622,18 +650,21 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
         up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=tmp_path
         )
-    url = f"http://127.0.0.1:{port}/"
+    # the address `up` prints, with the page's key in its fragment, as a user would copy it
+    printed = re.compile(rf"http://127\.0\.0\.1:{port}/#key=[A-Za-z0-9_-]+")
     try:
 
         async def serving() -> bool:
             assert up.poll() is None, log.read_text()
             producer_log = state / "producer.log"
             started = producer_log.exists() and "producer.started" in producer_log.read_text()
-            return started and url in log.read_text()
+            return started and printed.search(log.read_text()) is not None
 
         await until(serving, timeout=60)
+        url = printed.search(log.read_text())
+        assert url is not None
         page = await browser.new_page()
-        await page.goto(url)
+        await page.goto(url.group(0))
         try:
             await until(lambda: _more(page, "#rows", 0), timeout=30)
         except TimeoutError:

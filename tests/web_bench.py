@@ -73,7 +73,7 @@ async def first_rows(server: EmbeddedServer, browser: Browser) -> dict[str, list
                 out[kind] = []
                 for _ in range(RUNS):
                     page = await browser.new_page()
-                    await page.goto(f"{web.url}?key={kind}")
+                    await page.goto(web.link(key=kind))
                     ms = await _poll(page, "Number(document.body.dataset.firstRowMs || 0)", 1)
                     out[kind].append(ms)
                     await page.close()

@@ -40,9 +40,20 @@ export function authorizeCommand(streams) {
   return `sealstream-producer authorize add --jwk-file ${JWK_FILE}${each}`;
 }
 
+// The page's key: a secret of the server's run, in the fragment of the URL it printed (never
+// sent in a request line); the server wants it back for config.json and authorize.
+const PAGE_KEY = new URLSearchParams(location.hash.slice(1)).get("key") ?? "";
+const PAGE_KEY_HEADER = "X-Sealstream-Page-Key";
+
 /** @returns {Promise<PageConfig>} */
 async function loadConfig() {
-  const res = await fetch("config.json", { cache: "no-store" });
+  const res = await fetch("config.json", {
+    cache: "no-store",
+    headers: { [PAGE_KEY_HEADER]: PAGE_KEY },
+  });
+  if (res.status === 403) {
+    throw new Error("this page's key is missing or wrong: open the address the command printed");
+  }
   if (!res.ok) throw new Error(`config.json: HTTP ${res.status}`);
   return res.json();
 }
@@ -185,7 +196,7 @@ async function register(publicJwk) {
   try {
     const res = await fetch("authorize", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", [PAGE_KEY_HEADER]: PAGE_KEY },
       body: JSON.stringify({ jwk: publicJwk }),
       cache: "no-store",
     });
