@@ -91,7 +91,9 @@ class Agent(AsyncResource):
         self.rows_in = 0
         self.rejected_rows: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
-        self.outbox = Outbox(max_bytes=config.buffer_bytes)
+        self.outbox = Outbox(
+            max_bytes=config.buffer_bytes, max_total_bytes=config.buffer_total_bytes
+        )
         self._wake = asyncio.Event()  # the sender has something to try
         self._connected = asyncio.Event()
         #: after a reconnect, hold buffered envelopes until a proxy shows it is back (a

@@ -39,6 +39,8 @@ class ProducerConfig:
     #: sealed envelopes kept per session while the broker is unreachable or slow; beyond it
     #: the oldest data envelopes are dropped (and counted)
     buffer_bytes: int = 4 * 1024 * 1024
+    #: and all sessions together (the largest session's buffer gives way first)
+    buffer_total_bytes: int = 64 * 1024 * 1024
     #: after a reconnect, how long buffered envelopes wait for a proxy to show it is back
     resume_hold_s: float = 3.0
     #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
@@ -51,6 +53,8 @@ class ProducerConfig:
             raise ValueError("max_sessions must be positive")
         if self.buffer_bytes < 1024 * 1024:
             raise ValueError("buffer_bytes must be at least 1 MiB (one envelope)")
+        if self.buffer_total_bytes < self.buffer_bytes:
+            raise ValueError("buffer_total_bytes must be at least buffer_bytes")
         if self.authz_check_s <= 0:
             raise ValueError("authz_check_s must be positive")
         if self.resume_hold_s < 0:

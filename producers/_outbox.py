@@ -2,10 +2,11 @@
 
 While the broker is unreachable (or slower than the agent), envelopes wait here instead of in
 nats-py's own buffer, which raises once full. Each session's queue keeps its envelopes in
-``seq`` order and holds at most ``max_bytes``; beyond that the OLDEST data envelopes are
-dropped, so the consumer sees a gap (``seq`` moves on) and then the newest telemetry. Key
-envelopes are kept while any data envelope can be dropped instead: data sealed under a key
-whose envelope was dropped could not be opened at all.
+``seq`` order and holds at most ``max_bytes`` (and all queues together ``max_total_bytes``,
+taken from the largest queue first); beyond that the OLDEST data envelopes are dropped, so
+the consumer sees a gap (``seq`` moves on) and then the newest telemetry. Key envelopes are
+kept while any data envelope can be dropped instead: data sealed under a key whose envelope
+was dropped could not be opened at all.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ class Outbox:
     session over its budget) and ``session_gone`` (what a session that ended still held).
     """
 
-    def __init__(self, *, max_bytes: int) -> None:
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be positive")
+    def __init__(self, *, max_bytes: int, max_total_bytes: int | None = None) -> None:
+        if max_bytes < 1 or (max_total_bytes is not None and max_total_bytes < max_bytes):
+            raise ValueError("max_bytes must be positive, and max_total_bytes at least that")
         self.max_bytes = max_bytes
+        #: all sessions together: beyond it the largest queue loses its oldest data first
+        self.max_total_bytes = max_total_bytes
         self._queues: dict[str, _Queue] = {}
         self.size = 0
         self.dropped: Counter[str] = Counter()
@@ -63,7 +66,15 @@ class Outbox:
         while queue.size > self.max_bytes and len(queue.items) > 1:
             self._drop_oldest(queue)
             dropped += 1
-        self.dropped["buffer_full"] += dropped
+        total = self.max_total_bytes
+        while total is not None and self.size > total:
+            largest = max(self._queues, key=lambda s: self._queues[s].size)
+            self._drop_oldest(self._queues[largest])
+            if not self._queues[largest].items:
+                del self._queues[largest]
+            dropped += 1
+        if dropped:
+            self.dropped["buffer_full"] += dropped
         return dropped
 
     def _drop_oldest(self, queue: _Queue) -> None:
