@@ -10,11 +10,16 @@ import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./
 
 /** A refusal from the proxy (its error code: unauthorized, forbidden, ...). */
 export class SessionError extends Error {
-  /** @param {string} code @param {string} message */
-  constructor(code, message) {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {boolean} [retry] the proxy marked the refusal as passing (`"retry": true`)
+   */
+  constructor(code, message, retry = false) {
     super(message);
     this.name = "SessionError";
     this.code = code;
+    this.retry = retry;
   }
 }
 
@@ -208,7 +213,12 @@ export class Subscription {
       });
       this.setKeepalive(reply.keepalive_s);
     } catch (err) {
-      if (err instanceof SessionError && err.code !== "limit_exceeded") {
+      // busy or passing (the proxy's "retry", its registry or the cluster out of reach): the
+      // session stays, as in the Python client; anything else about it ends it
+      const passing =
+        err instanceof SessionError &&
+        (err.retry || err.code === "limit_exceeded" || err.code === "cluster_unavailable");
+      if (err instanceof SessionError && !passing) {
         this.fail(new SessionError("ended", `session lost: ${err.message}`));
         return;
       }
@@ -246,7 +256,11 @@ export class Subscription {
     }
     if (reply.ok !== true) {
       const error = /** @type {Record<string, unknown>} */ (reply.error ?? {});
-      throw new SessionError(String(error.code ?? "bad_request"), String(error.message ?? ""));
+      throw new SessionError(
+        String(error.code ?? "bad_request"),
+        String(error.message ?? ""),
+        error.retry === true,
+      );
     }
     return reply;
   }
