@@ -374,6 +374,12 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     else:
         p99, detail = None, ""
     lat["measured"] = p99
+    # the machine's own noise: plain-relay's p99 at half its rate in the same run
+    plain_paced = _find(sc, "plain-relay", 1024, 1, "paced")
+    plain_p99 = plain_paced["latency_ms"].get("p99") if plain_paced else None
+    if plain_p99 is not None and p99 is not None:
+        detail += f"; plain-relay's own p99 at half its rate {plain_p99} ms"
+        detail += f" (session - plain-relay: {p99 - plain_p99:+.2f} ms)"
     if p99 is None:
         lat.update({"pass": None, "note": "not measured in this run"})
     else:
