@@ -315,3 +315,27 @@ async def test_fan_out_50_with_members_joining_and_leaving(nats_url: str) -> Non
             else:
                 assert set(got) == mine, (len(mine - set(got)), len(mine))
                 assert mine  # it was a member for some batches
+
+
+async def test_a_relay_cannot_switch_the_key_mode(nats_url: str) -> None:
+    """The proof binds ``key_mode``: an open whose mode was changed on the way (session to
+    group, group to session) is forbidden by the cluster."""
+    from sealstream._wire import OpenRequest
+    from sealstream.crypto import ConsumerKey
+
+    async with group_stack(nats_url) as st, st.client(key_mode="group") as client:
+        for asked, proved in (("group", "session"), ("session", "group")):
+            key = ConsumerKey.generate("x25519")
+            req = OpenRequest(
+                cluster=st.cluster,
+                streams=(STREAM,),
+                jwk=key.public_jwk,
+                key_mode=asked,
+                token=st.token(),
+                proof=st.proof(key.public_jwk, [STREAM], key_mode=proved),
+            )
+            with pytest.raises(SessionError) as err:
+                await client.request(st.subjects.api_open, req.to_map())
+            assert err.value.code == "forbidden"
+            assert err.value.detail == "proof is for another key mode"
+        assert not st.agent.sessions
