@@ -455,6 +455,9 @@ class Agent(AsyncResource):
                 rotation=self.config.rotation,
             )
         sealed = group.seal(plaintext, members)
+        for session in sealed.failed:  # that session only; the group goes on without it
+            self._forget(session)
+            log.error("session.dropped", session=session, error="cannot seal a group key to it")
         for session, envelope in sealed.keys:
             await self._send(session, [envelope], keys=1)
         if sealed.envelope is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from broker_proxy import Limits
 from consumers import Batch, Client, Subscription
-from sealstream import IntegrityError, SessionError
+from sealstream import IntegrityError, KeyMode, SessionError
 from sealstream._nats import connect
 from sealstream.crypto import GroupMember
 from tests.pipeline import Stack, Tap, collect_rows, eventually, make_stack
@@ -324,7 +324,8 @@ async def test_a_relay_cannot_switch_the_key_mode(nats_url: str) -> None:
     from sealstream.crypto import ConsumerKey
 
     async with group_stack(nats_url) as st, st.client(key_mode="group") as client:
-        for asked, proved in (("group", "session"), ("session", "group")):
+        modes: list[tuple[KeyMode, KeyMode]] = [("group", "session"), ("session", "group")]
+        for asked, proved in modes:
             key = ConsumerKey.generate("x25519")
             req = OpenRequest(
                 cluster=st.cluster,

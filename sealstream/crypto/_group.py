@@ -142,13 +142,15 @@ class MemberSession(ProducerSession):
 class GroupSeal:
     """What one sealed batch of a group sends: ``keys`` (member session, key envelope) first,
     when the key rotated, then ``envelope`` (None: the group has no member). ``members``
-    hold the key it was sealed under."""
+    hold the key it was sealed under; ``failed`` are members no key could be sealed to (the
+    caller drops their sessions)."""
 
     keys: list[tuple[str, bytes]]
     envelope: bytes | None
     epoch: int
     gseq: int
     members: frozenset[str]
+    failed: list[str]
 
 
 class GroupSealer:
@@ -205,38 +207,37 @@ class GroupSealer:
         if not current:
             if self._holders:  # the last ones left: nobody may use this key again
                 self._aead, self._holders = None, frozenset()
-            return GroupSeal([], None, self.epoch, self.gseq, frozenset())
+            return GroupSeal([], None, self.epoch, self.gseq, frozenset(), [])
         keys: list[tuple[str, bytes]] = []
+        failed: list[str] = []
         if self._rotate_due(current, now):
-            self.epoch += 1
-            self.rotations += 1
+            epoch = self.epoch + 1
             secret = self._random(32)
-            self._kid = b64u_encode(self._random(12))
-            self._aead = aead(secret)
-            self._holders = current
+            kid = b64u_encode(self._random(12))
+            for session in sorted(current):
+                try:
+                    envelope = members[session].group_key(
+                        group=self.stream,
+                        epoch=epoch,
+                        kid=kid,
+                        secret=secret,
+                        gseq=self.gseq,
+                        now=now,
+                    )
+                except ValueError:  # this member only: it gets no key, the others go on
+                    failed.append(session)
+                    continue
+                keys.append((session, envelope))
+            self.epoch, self._kid, self._aead = epoch, kid, aead(secret)
+            self.rotations += 1
+            self._holders = current.difference(failed)
             self._rotated_at = now
             self._key_uses = 0
             self._head = (
-                f'{{"alg":"dir","enc":"{ENC}","kid":"{self._kid}","cluster":"{self.cluster}",'
-                f'"stream":"{self.stream}","kind":"{GROUP_KIND}","epoch":{self.epoch},"gseq":'
+                f'{{"alg":"dir","enc":"{ENC}","kid":"{kid}","cluster":"{self.cluster}",'
+                f'"stream":"{self.stream}","kind":"{GROUP_KIND}","epoch":{epoch},"gseq":'
             )
-            for session in sorted(current):
-                keys.append(
-                    (
-                        session,
-                        members[session].group_key(
-                            group=self.stream,
-                            epoch=self.epoch,
-                            kid=self._kid,
-                            secret=secret,
-                            gseq=self.gseq,
-                            now=now,
-                        ),
-                    )
-                )
-            log.debug(
-                "group.key_rotated", stream=self.stream, epoch=self.epoch, members=len(current)
-            )
+            log.debug("group.key_rotated", stream=self.stream, epoch=epoch, members=len(keys))
         assert self._aead is not None
         gseq = self.gseq
         self.gseq += 1
@@ -253,7 +254,7 @@ class GroupSealer:
             body=body,
             sig=sig,
         )
-        return GroupSeal(keys, envelope, self.epoch, gseq, self._holders)
+        return GroupSeal(keys, envelope, self.epoch, gseq, self._holders, failed)
 
 
 # --- consumer -------------------------------------------------------------------------------
