@@ -340,3 +340,47 @@ async def test_a_relay_cannot_switch_the_key_mode(nats_url: str) -> None:
             assert err.value.code == "forbidden"
             assert err.value.detail == "proof is for another key mode"
         assert not st.agent.sessions
+
+
+async def test_a_second_proxy_learns_group_members_from_the_shared_registry(
+    nats_url: str,
+) -> None:
+    """Two proxy instances in one queue group: the one that did not serve the open still
+    knows the session is a group member (the registry bucket carries ``key_mode``) and
+    relays its share of the group envelopes to it."""
+    from broker_proxy import Proxy, ProxyConfig
+
+    async with group_stack(nats_url) as st:
+        other = ProxyConfig(
+            nats_url=nats_url,
+            prefix=st.prefix,
+            token_secret=st.secret,
+            control_timeout_s=2.0,
+            limits=Limits(sessions_per_user=200),
+        )
+        async with (
+            Proxy(other) as second,
+            st.client(key_mode="group", policy="discard") as client,
+            client.subscribe(st.cluster, [STREAM]) as sub,
+        ):
+            session = sub.session_id
+
+            def members_at(proxy: Proxy) -> list[str]:
+                return [e.session for e in proxy.registry.group_members(st.cluster, STREAM)]
+
+            await eventually(lambda: members_at(st.proxy) == members_at(second) == [session])
+            await emit_until(st, sub, "warm")
+            for i in range(40):
+                await st.agent.emit(STREAM, [{"n": i}])
+                await asyncio.sleep(0.005)
+            got: list[int] = []
+            async with asyncio.timeout(10):
+                async for batch in sub:
+                    got += [r["n"] for r in batch.rows if "n" in r]
+                    if 39 in got:
+                        break
+            assert st.proxy.group_deliveries > 0
+            assert second.group_deliveries > 0
+            assert (
+                st.proxy.group_deliveries + second.group_deliveries == st.agent.groups[STREAM].gseq
+            )
