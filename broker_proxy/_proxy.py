@@ -30,6 +30,7 @@ from sealstream import (
     check_public_jwk,
     thumbprint,
 )
+from sealstream._groupwire import decode_group_envelope
 from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
 from sealstream._nats import connect, redact_url, release, settle
 from sealstream._resource import AsyncResource
@@ -82,6 +83,9 @@ class Proxy(AsyncResource):
         )
         self.relayed = 0
         self.relayed_bytes = 0
+        #: group mode: group envelopes received, and inbox deliveries made of them
+        self.group_envelopes = 0
+        self.group_deliveries = 0
         self.rejected: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self._nc: Any = None
@@ -128,7 +132,9 @@ class Proxy(AsyncResource):
                 await self._shared.ready.wait()
         group = self.config.queue_group
         await self._nc.subscribe(self._subjects.api_all, queue=group, cb=self._on_api)
-        await self._nc.subscribe(self._subjects.data_all, queue=group, cb=self._on_data)
+        # data and group subjects on one subscription: a member's key envelope and the group
+        # batch sealed after it are relayed in the order they came
+        await self._nc.subscribe(self._subjects.relay_all, queue=group, cb=self._on_data)
         if self.callout is not None:
             await self.callout.subscribe(self._nc)
         self._tg.create_task(self._expiry_loop())
@@ -180,6 +186,18 @@ class Proxy(AsyncResource):
                 "sealstream_proxy_relayed_bytes", "bytes relayed", "counter", self.relayed_bytes
             ),
             Sample(
+                "sealstream_proxy_group_envelopes",
+                "group envelopes received (group mode)",
+                "counter",
+                self.group_envelopes,
+            ),
+            Sample(
+                "sealstream_proxy_group_deliveries",
+                "inbox deliveries of group envelopes",
+                "counter",
+                self.group_deliveries,
+            ),
+            Sample(
                 "sealstream_proxy_envelopes_rejected",
                 "envelopes dropped, by reason",
                 "counter",
@@ -210,7 +228,11 @@ class Proxy(AsyncResource):
             return
         route = self._subjects.parse_data(subject)
         if route is None:
-            self._reject("bad_subject", subject)
+            group = self._subjects.parse_group(subject)
+            if group is None:
+                self._reject("bad_subject", subject)
+                return
+            await self._on_group(data, subject, *group, started)
             return
         try:
             env = decode_envelope(data, max_size=self.config.limits.envelope_bytes)
@@ -245,6 +267,45 @@ class Proxy(AsyncResource):
             return
         self.relayed += 1
         self.relayed_bytes += len(data)
+        self.relay_latency.observe(time.perf_counter() - started)
+
+    async def _on_group(
+        self, data: bytes, subject: str, cluster: str, stream: str, started: float
+    ) -> None:
+        """One group envelope (group mode), byte for byte to the inbox of every group-mode
+        session of that cluster and stream in the registry (never from the body)."""
+        try:
+            env = decode_group_envelope(data, max_size=self.config.limits.envelope_bytes)
+        except WireError as exc:
+            self._reject(f"malformed.{exc.reason}", subject)
+            return
+        if env.cluster != cluster or env.stream != stream:
+            self._reject("subject_mismatch", subject)
+            return
+        members = self.registry.group_members(cluster, stream)
+        if not members:
+            self._reject("no_members", subject)
+            return
+        self.group_envelopes += 1
+        limits = self.config.limits
+        now = self._clock()
+        for entry in members:
+            if not entry.take(now, rate=limits.session_rate, burst=limits.session_burst):
+                self._reject("rate_limited", subject)
+                if now - entry.limited_notice_at >= 1.0:
+                    entry.limited_notice_at = now
+                    await self._notify(
+                        entry.session, "limit_exceeded", "relay rate limit: envelopes dropped"
+                    )
+                continue
+            try:
+                await self._nc.publish(self._subjects.inbox(entry.session), data)
+            except nats.errors.Error:
+                self._reject("broker_unavailable", subject)
+                continue
+            self.relayed += 1
+            self.relayed_bytes += len(data)
+            self.group_deliveries += 1
         self.relay_latency.observe(time.perf_counter() - started)
 
     # --- session control --------------------------------------------------------------------
@@ -351,7 +412,12 @@ class Proxy(AsyncResource):
             raise SessionError("bad_request", "a session with this key exists: use a new key")
         # Register before the cluster hears of it: its first envelope may beat its reply.
         entry = self.registry.add(
-            session, cluster=req.cluster, user=claims.sub, streams=req.streams, now=self._clock()
+            session,
+            cluster=req.cluster,
+            user=claims.sub,
+            streams=req.streams,
+            now=self._clock(),
+            key_mode=req.key_mode,
         )
         if self._shared is not None and not await self._shared.create(entry):
             self.registry.remove(session)

@@ -20,6 +20,8 @@ class SessionEntry:
     limited_notice_at: float = float("-inf")
     #: when this instance learnt of the session (its open, or the shared registry)
     added_at: float = 0.0
+    #: the open's key mode; ``group`` sessions receive their streams' group envelopes
+    key_mode: str = "session"
 
     def take(self, now: float, *, rate: float, burst: float) -> bool:
         """Token bucket of the session's relay rate: True if one envelope may pass."""
@@ -39,6 +41,8 @@ class SessionRegistry:
         self.burst = burst
         self._entries: dict[str, SessionEntry] = {}
         self._per_user: Counter[str] = Counter()
+        #: (cluster, stream) -> the group-mode sessions of that group
+        self._groups: dict[tuple[str, str], dict[str, SessionEntry]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -53,16 +57,39 @@ class SessionRegistry:
         return self._per_user[user]
 
     def add(
-        self, session: str, *, cluster: str, user: str, streams: tuple[str, ...], now: float
+        self,
+        session: str,
+        *,
+        cluster: str,
+        user: str,
+        streams: tuple[str, ...],
+        now: float,
+        key_mode: str = "session",
     ) -> SessionEntry:
         if session in self._entries:
             raise KeyError(session)
         entry = SessionEntry(
-            session, cluster, user, streams, now + self.ttl_s, self.burst, now, added_at=now
+            session,
+            cluster,
+            user,
+            streams,
+            now + self.ttl_s,
+            self.burst,
+            now,
+            added_at=now,
+            key_mode=key_mode,
         )
         self._entries[session] = entry
         self._per_user[user] += 1
+        if key_mode == "group":
+            for stream in streams:
+                self._groups.setdefault((cluster, stream), {})[session] = entry
         return entry
+
+    def group_members(self, cluster: str, stream: str) -> list[SessionEntry]:
+        """The group-mode sessions of ``cluster`` whose streams include ``stream``."""
+        members = self._groups.get((cluster, stream))
+        return list(members.values()) if members else []
 
     def touch(self, session: str, *, now: float) -> SessionEntry | None:
         entry = self._entries.get(session)
@@ -79,6 +106,13 @@ class SessionRegistry:
     def remove(self, session: str) -> SessionEntry | None:
         entry = self._entries.pop(session, None)
         if entry is not None:
+            if entry.key_mode == "group":
+                for stream in entry.streams:
+                    members = self._groups.get((entry.cluster, stream))
+                    if members is not None:
+                        members.pop(session, None)
+                        if not members:
+                            del self._groups[(entry.cluster, stream)]
             self._per_user[entry.user] -= 1
             if self._per_user[entry.user] <= 0:
                 del self._per_user[entry.user]

@@ -48,6 +48,7 @@ def _encode(entry: SessionEntry, expires_unix: float) -> bytes:
             "user": entry.user,
             "streams": list(entry.streams),
             "expires": expires_unix,
+            "key_mode": entry.key_mode,
         }
     )
 
@@ -105,6 +106,7 @@ class SharedRegistry:
             data = msgpack.unpackb(entry.value, raw=False)
             expires = float(data["expires"])
             fields = (str(data["cluster"]), str(data["user"]), tuple(map(str, data["streams"])))
+            key_mode = str(data.get("key_mode", "session"))
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             log.warning("registry.bad_entry", session=session[:64])
             return
@@ -114,7 +116,9 @@ class SharedRegistry:
         current = self.local.get(session)
         if current is None:
             cluster, user, streams = fields
-            added = self.local.add(session, cluster=cluster, user=user, streams=streams, now=now)
+            added = self.local.add(
+                session, cluster=cluster, user=user, streams=streams, now=now, key_mode=key_mode
+            )
             added.expires_at = local_expiry
         else:
             current.expires_at = max(current.expires_at, local_expiry)

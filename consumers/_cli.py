@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-mode",
-        choices=["session", "per-message"],
-        help="session (default: signed session keys) or per-message (Pixie's scheme: NO sender "
-        "authentication, a relay can forge data; for comparison only)",
+        choices=["session", "per-message", "group"],
+        help="session (default: signed session keys), group (one batch sealed and signed once "
+        "for every reader of a stream, group keys sent to each member) or per-message (Pixie's "
+        "scheme: NO sender authentication, a relay can forge data; for comparison only)",
     )
     p.add_argument("--output", choices=["table", "jsonl"], default="table")
     p.add_argument(

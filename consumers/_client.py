@@ -40,7 +40,14 @@ from sealstream._ids import check_cluster_id, check_stream
 from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
-from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, TrustStore
+from sealstream.crypto import (
+    Batch,
+    ConsumerKey,
+    ConsumerSession,
+    End,
+    GroupMember,
+    TrustStore,
+)
 
 __all__ = ["Client", "Resumed", "Stats", "Subscription"]
 
@@ -270,13 +277,23 @@ class _Session(AsyncResource):
     async def _start(self) -> None:
         cfg = self._client.config
         key = self._key or await ConsumerKey.agenerate(cfg.key_kind)
-        self.crypto = ConsumerSession(
-            key,
-            cluster=self.cluster,
-            trust=self._client.trust,
-            key_mode=cfg.key_mode,
-            allow_zip=cfg.allow_zip,
-            policy=cfg.policy,
+        self.crypto = (
+            GroupMember(
+                key,
+                cluster=self.cluster,
+                streams=self.streams,
+                trust=self._client.trust,
+                policy=cfg.policy,
+            )
+            if cfg.key_mode == "group"
+            else ConsumerSession(
+                key,
+                cluster=self.cluster,
+                trust=self._client.trust,
+                key_mode=cfg.key_mode,
+                allow_zip=cfg.allow_zip,
+                policy=cfg.policy,
+            )
         )
         subjects = self._client.subjects
         own = await _session_connection(self._client, key.session_id, on_closed=self._on_closed)

@@ -72,8 +72,12 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.key_kind not in ("rsa", "x25519", "p256"):
             raise ValueError(f"key kind must be rsa, x25519 or p256, not {self.key_kind!r}")
-        if self.key_mode not in ("session", "per-message"):
-            raise ValueError(f"key mode must be session or per-message, not {self.key_mode!r}")
+        if self.key_mode not in ("session", "per-message", "group"):
+            raise ValueError(
+                f"key mode must be session, per-message or group, not {self.key_mode!r}"
+            )
+        if self.key_mode == "group" and self.allow_zip:
+            raise ValueError("zip is not available in group mode")
         if self.queue_size < 1 or self.request_timeout_s <= 0:
             raise ValueError("queue_size and request_timeout_s must be positive")
 

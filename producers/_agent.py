@@ -1,7 +1,8 @@
 """The cluster agent: serves session control, batches rows, seals them per session, publishes.
 
 One :class:`ProducerSession` (encryption state) per consumer session; the rows of a stream are
-batched and packed once, then sealed once per session subscribed to that stream.
+batched and packed once, then sealed once per session-mode session subscribed to that stream,
+and once for all the group-mode sessions of that stream (one :class:`GroupSealer` per stream).
 """
 
 from __future__ import annotations
@@ -30,11 +31,20 @@ from sealstream._metrics import MetricsServer, Sample, collector_registry
 from sealstream._nats import connect, release, settle
 from sealstream._resource import AsyncResource
 from sealstream._wire import VERSION, decode_map, decode_open, encode_map
-from sealstream.crypto import ClusterIdentity, ProducerSession
+from sealstream.crypto import (
+    ClusterIdentity,
+    GroupSeal,
+    GroupSealer,
+    MemberSession,
+    ProducerSession,
+)
 
 __all__ = ["Agent"]
 
 log = structlog.get_logger(__name__)
+
+#: the outbox queue of a stream's group envelopes (a session id never starts with it)
+_GROUP_QUEUE = "group."
 
 
 @dataclass(slots=True)
@@ -79,6 +89,10 @@ class Agent(AsyncResource):
         self._subjects = Subjects(config.prefix)
         self.sessions: dict[str, _Served] = {}
         self._batchers: dict[str, Batcher] = {}
+        #: group mode: one group per stream
+        self.groups: dict[str, GroupSealer] = {}
+        #: when a list, every group batch sealed is appended as (stream, seal): instrumentation
+        self.group_trace: list[tuple[str, GroupSeal]] | None = None
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         super().__init__()
@@ -233,6 +247,12 @@ class Agent(AsyncResource):
                 "gauge",
                 self.outbox.size,
             ),
+            Sample(
+                "sealstream_producer_group_rotations",
+                "group keys replaced (group mode), all streams",
+                "counter",
+                sum(g.rotations for g in self.groups.values()),
+            ),
             Sample("sealstream_producer_rows", "rows accepted", "counter", self.rows_in),
             Sample(
                 "sealstream_producer_rows_rejected",
@@ -340,9 +360,13 @@ class Agent(AsyncResource):
         return self._hold_until is None and self._nc is not None and self._nc.is_connected
 
     async def _drain_session(self, session: str) -> bool:
-        """Publish a session's queued envelopes in order; False if the broker stopped
-        taking them (disconnected, or nats-py's own buffer is full: the server is slow)."""
-        subject = self._subjects.data(self.config.cluster, session)
+        """Publish a session's (or a group's, ``group.<stream>``) queued envelopes in order;
+        False if the broker stopped taking them (disconnected, or nats-py's own buffer is
+        full: the server is slow)."""
+        if session.startswith(_GROUP_QUEUE):
+            subject = self._subjects.group(self.config.cluster, session[len(_GROUP_QUEUE) :])
+        else:
+            subject = self._subjects.data(self.config.cluster, session)
         while (env := self.outbox.peek(session)) is not None:
             try:
                 await self._nc.publish(subject, env)
@@ -357,8 +381,9 @@ class Agent(AsyncResource):
         return True
 
     async def _drain(self) -> bool:
-        """Publish everything queued, session by session; False if the broker stopped."""
-        for session in self.outbox.sessions():
+        """Publish everything queued, session by session, the groups last (a member's key
+        envelope before the batch it opens); False if the broker stopped."""
+        for session in sorted(self.outbox.sessions(), key=lambda s: s.startswith(_GROUP_QUEUE)):
             if not self._can_send() or not await self._drain_session(session):
                 return False
         return True
@@ -424,7 +449,7 @@ class Agent(AsyncResource):
         # one lock: the envelopes of a session leave in seq order whatever task seals them
         async with self._lock:
             for session, served in list(self.sessions.items()):
-                if stream not in served.streams:
+                if stream not in served.streams or isinstance(served.crypto, MemberSession):
                     continue
                 try:
                     envelopes = served.crypto.seal(stream, plaintext)
@@ -434,6 +459,49 @@ class Agent(AsyncResource):
                     continue
                 # seal() puts a key envelope first when one is due
                 await self._send(session, envelopes, keys=len(envelopes) - 1)
+            await self._publish_group(stream, plaintext)
+
+    async def _publish_group(self, stream: str, plaintext: bytes) -> None:
+        """Seal once for the stream's group-mode sessions (the caller holds ``_lock``). The
+        members are read from the live sessions now: one that is gone (closed, expired,
+        ended, revoked) makes the group rotate before this batch."""
+        members = {
+            session: served.crypto
+            for session, served in self.sessions.items()
+            if isinstance(served.crypto, MemberSession) and stream in served.streams
+        }
+        group = self.groups.get(stream)
+        if group is None:
+            if not members:
+                return
+            group = self.groups[stream] = GroupSealer(
+                self.identity,
+                cluster=self.config.cluster,
+                stream=stream,
+                rotation=self.config.rotation,
+            )
+        sealed = group.seal(plaintext, members)
+        for session in sealed.failed:  # that session only; the group goes on without it
+            self._forget(session)
+            log.error("session.dropped", session=session, error="cannot seal a group key to it")
+        for session, envelope in sealed.keys:
+            await self._send(session, [envelope], keys=1)
+        if sealed.envelope is not None:
+            if sealed.keys:
+                log.info(
+                    "group.rotated", stream=stream, epoch=sealed.epoch, members=len(sealed.keys)
+                )
+            if self.group_trace is not None:
+                self.group_trace.append((stream, sealed))
+            queue = _GROUP_QUEUE + stream
+            if any(self.outbox.pending(session) for session, _ in sealed.keys):
+                # a key envelope still waits: the sender publishes the sessions' queues first
+                dropped = self.outbox.put(queue, sealed.envelope)
+                if dropped:
+                    self._log_drops(queue, "buffer_full", dropped)
+                self._wake.set()
+            else:
+                await self._send(queue, [sealed.envelope])
 
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""
@@ -546,7 +614,10 @@ class Agent(AsyncResource):
             return self._error("bad_request", "session already open"), None
         if len(self.sessions) >= self.config.max_sessions:
             return self._error("limit_exceeded", "cluster serves too many sessions"), None
-        crypto = ProducerSession(
+        if req.key_mode == "group" and req.zip:
+            return self._error("bad_request", "zip is not available in group mode"), None
+        kind = MemberSession if req.key_mode == "group" else ProducerSession
+        crypto = kind(
             self.identity,
             cluster=self.config.cluster,
             session=session,

@@ -268,6 +268,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
     b.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
+    f = sub.add_parser(
+        "bench-fanout", help="producer CPU per batch at fan-out 1/10/50, group vs session mode"
+    )
+    f.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
+    f.add_argument("--batches", type=int, default=200, help="batches per measurement")
     c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
     c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
     c.add_argument("--seed", type=int, default=1)
@@ -288,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         from sealbench._bench import bench_main
 
         return bench_main(args)
+    if args.command == "bench-fanout":
+        from sealbench._fanout import fanout_main
+
+        return fanout_main(args)
     if args.command == "chaos":
         from sealbench._chaos import chaos_main
 

@@ -99,6 +99,29 @@ class Subjects:
     def data_all(self) -> str:
         return f"{self.prefix}.cluster.*.data.*"
 
+    def group(self, cluster: str, stream: str) -> str:
+        """Where a producer publishes a stream's group envelopes (group mode)."""
+        return f"{self.prefix}.cluster.{cluster}.group.{stream}"
+
+    @property
+    def relay_all(self) -> str:
+        """Data and group subjects of every cluster, in one subscription (so the proxy relays
+        a member's key envelope and the group batch after it in the order they came)."""
+        return f"{self.prefix}.cluster.*.*.*"
+
+    def parse_group(self, subject: str) -> tuple[str, str] | None:
+        """``(cluster, stream)`` of a group subject, or None if it is not one."""
+        head = self.prefix + ".cluster."
+        if not subject.startswith(head):
+            return None
+        parts = subject[len(head) :].split(".")
+        if len(parts) != 3 or parts[1] != "group":
+            return None
+        cluster, _, stream = parts
+        if not (is_cluster_id(cluster) and is_stream(stream)):
+            return None
+        return cluster, stream
+
     def inbox(self, session: str) -> str:
         return f"{self.prefix}.inbox.{session}"
 

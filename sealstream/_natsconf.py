@@ -3,9 +3,9 @@
 Every role lives in one account (``SEALSTREAM``, with JetStream), so they see each other's
 subjects:
 
-- a producer (one user per cluster) may publish only its own cluster's data subjects, answer
-  requests, and subscribe only to its control subject;
-- the proxy gets the session API, all data subjects, the control subjects, the inboxes,
+- a producer (one user per cluster) may publish only its own cluster's data and group
+  subjects, answer requests, and subscribe only to its control subject;
+- the proxy gets the session API, all data and group subjects, the control subjects, the inboxes,
   JetStream for its session registry, and the auth callout subject (it answers the callout);
 - consumers have no configured user: the server's auth callout sends each of their connects
   to the proxy's callout service (``broker_proxy._callout``), which admits a connection whose
@@ -97,7 +97,9 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
                 "publish": {
                     "allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]
                 },
-                "subscribe": {"allow": [s.api_all, s.data_all, "_INBOX.>", AUTH_SUBJECT]},
+                "subscribe": {
+                    "allow": [s.api_all, s.data_all, s.relay_all, "_INBOX.>", AUTH_SUBJECT]
+                },
                 "allow_responses": True,
             },
         },
@@ -108,7 +110,9 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
                 "user": role.user,
                 "password": role.password,
                 "permissions": {
-                    "publish": {"allow": [f"{p}.cluster.{cluster}.data.*"]},
+                    "publish": {
+                        "allow": [f"{p}.cluster.{cluster}.data.*", f"{p}.cluster.{cluster}.group.*"]
+                    },
                     "subscribe": {"allow": [s.control(cluster)]},
                     "allow_responses": True,
                 },

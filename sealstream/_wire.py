@@ -55,12 +55,13 @@ ERROR_CODES: Final = frozenset(
     {"bad_request", "unauthorized", "forbidden", "cluster_unavailable", "limit_exceeded"}
 )
 
-EnvelopeKind = Literal["key", "data", "end"]
-KeyMode = Literal["session", "per-message"]
+#: ``group``: a group data envelope (sealstream._groupwire), never decoded by this module
+EnvelopeKind = Literal["key", "data", "end", "group"]
+KeyMode = Literal["session", "per-message", "group"]
 _KINDS: Final = frozenset({"key", "data", "end"})
 #: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
 #: not TypeError
-_KEY_MODES: Final = ("session", "per-message")
+_KEY_MODES: Final = ("session", "per-message", "group")
 _MAX_U63: Final = 2**63 - 1
 _DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
 

@@ -220,3 +220,17 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert "delivered every message" in markdown  # the run-health section
     assert "## 1,024 B bodies" in markdown
     assert markdown == render_markdown(report)
+
+
+def test_fanout_measures_group_against_session_mode() -> None:
+    """The fan-out tool runs and reports every row (a tool: its figures are not asserted)."""
+    from sealbench._fanout import measure
+
+    report = measure(fanouts=(1, 3), sizes=(1024,), batches=6)
+    assert [(r["size"], r["fanout"]) for r in report["producer"]] == [(1024, 1), (1024, 3)]
+    for r in report["producer"]:
+        assert r["session_cpu_per_batch_s"] > 0
+        assert r["group_cpu_per_batch_s"] > 0
+    assert report["producer"][0]["group_rotation_cpu_s"] is None
+    assert report["producer"][1]["group_rotation_cpu_s"] > 0
+    assert [c["size"] for c in report["consumer"]] == [1024]

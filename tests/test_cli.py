@@ -308,6 +308,30 @@ def test_consume_prints_decrypted_rows(setup: Setup, backend: tuple[Service, Ser
         assert isinstance(row["resp_status"], int)
 
 
+def test_consume_in_group_mode(setup: Setup, backend: tuple[Service, Service]) -> None:
+    """``--key-mode group``: the rows come as group batches (sealed once for all readers)."""
+    done = setup.consume(
+        "--cluster",
+        CLUSTER,
+        "--stream",
+        "http_events",
+        "--key-mode",
+        "group",
+        "--policy",
+        "fail",
+        "--limit",
+        "10",
+        "--retry",
+        "10",
+        token=setup.token(CLUSTER),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 10
+    assert {r["stream"] for r in records} == {"http_events"}
+
+
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr

@@ -87,11 +87,13 @@ async def test_anonymous_and_wrong_password_are_refused(secure_url: str) -> None
     ("action", "subject"),
     [
         ("pub", f"sealstream.cluster.c2.data.{SESSION}"),  # another cluster's data
+        ("pub", "sealstream.cluster.c2.group.records"),  # another cluster's group batches
         ("pub", f"sealstream.inbox.{SESSION}"),  # straight to a consumer
         ("pub", "sealstream.api.session.open"),
         ("pub", "sealstream.cluster.c1.control"),
         ("sub", "sealstream.cluster.c2.control"),
         ("sub", "sealstream.cluster.*.data.*"),
+        ("sub", "sealstream.cluster.*.group.*"),
         ("sub", f"sealstream.inbox.{SESSION}"),
         ("sub", ">"),
     ],
@@ -107,6 +109,7 @@ async def test_producer_forbidden(
     ("action", "subject"),
     [
         ("pub", f"sealstream.cluster.c1.data.{SESSION}"),  # the proxy cannot forge cluster data
+        ("pub", "sealstream.cluster.c1.group.records"),  # nor group batches
         ("pub", "sealstream.api.session.open"),
         ("sub", "sealstream.cluster.c1.control"),  # nor read another's control traffic
         ("sub", "sealstream.inbox.*"),
@@ -140,14 +143,16 @@ async def test_allowed_paths_work(as_role: Any, creds: Credentials, secure_url: 
     async def control(msg: Any) -> None:
         await msg.respond(b"ok")
 
-    await proxy.nc.subscribe("sealstream.cluster.*.data.*", cb=relay)
+    await proxy.nc.subscribe("sealstream.cluster.*.*.*", cb=relay)  # data and group subjects
     await consumer.nc.subscribe(f"sealstream.inbox.{SESSION}", cb=deliver)
     await producer.nc.subscribe("sealstream.cluster.c1.control", cb=control)
     for c in (proxy, producer, consumer):
         await settle(c.nc)
     await producer.nc.publish(f"sealstream.cluster.c1.data.{SESSION}", b"sealed")
+    await producer.nc.publish("sealstream.cluster.c1.group.records", b"sealed once")
     async with asyncio.timeout(5):
         assert await got.get() == b"sealed"
+        assert await got.get() == b"sealed once"
     reply = await proxy.nc.request("sealstream.cluster.c1.control", b"ping", timeout=5)
     assert reply.data == b"ok"
     kv = await proxy.nc.jetstream().create_key_value(bucket="perm_test")

@@ -508,7 +508,13 @@ def _tampered(key: ConsumerKey) -> list[Case]:
 def build_vectors() -> dict[str, Any]:
     keys = {kind: gen_key(kind) for kind in ("x25519", "p256", "rsa")}
     cases = _genuine(keys) + _tampered(keys["x25519"]) + _tampered_rsa(keys["rsa"])
-    return {"version": 1, "cases": [c.to_json() for c in cases]}
+    from tests.web_group_vectors import build_group_cases
+
+    return {
+        "version": 1,
+        "cases": [c.to_json() for c in cases],
+        "group_cases": build_group_cases(),
+    }
 
 
 def _tampered_rsa(key: ConsumerKey) -> list[Case]:

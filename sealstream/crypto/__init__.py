@@ -3,6 +3,13 @@
 Producers and consumers import this; the proxy never does (it is blind by construction).
 """
 
+from sealstream.crypto._group import (
+    GROUP_COALESCE_S,
+    GroupMember,
+    GroupSeal,
+    GroupSealer,
+    MemberSession,
+)
 from sealstream.crypto._jose import (
     PROOF_TYP,
     ClusterIdentity,
@@ -26,13 +33,18 @@ from sealstream.crypto._trust import TrustStore
 
 __all__ = [
     "DEFAULT_MAX_PLAINTEXT",
+    "GROUP_COALESCE_S",
     "PROOF_TYP",
     "Batch",
     "ClusterIdentity",
     "ConsumerKey",
     "ConsumerSession",
     "End",
+    "GroupMember",
+    "GroupSeal",
+    "GroupSealer",
     "KeyKind",
+    "MemberSession",
     "Policy",
     "ProducerSession",
     "Rotation",

@@ -441,6 +441,7 @@ class ConsumerSession:
             or not isinstance(k, str)
             or type(epoch) is not int
             or type(claims.get("iat")) is not int
+            or "group" in claims  # a group key (group mode) is no session key
         ):
             raise Rejected("bad_claims")
         if epoch <= self.epoch:

@@ -297,7 +297,7 @@ export class ConsumerSession {
  * @param {Uint8Array} plaintext
  * @returns {Batch | End}
  */
-function decodeResult(env, plaintext) {
+export function decodeResult(env, plaintext) {
   let value;
   try {
     value = decodePlaintext(plaintext);

@@ -1,0 +1,320 @@
+// A group-mode session on the consumer (docs/protocol.md, "Group mode"): the state machine of
+// sealstream/crypto/_group.py GroupMember, check for check. Its own channel carries signed
+// group keys and a signed end; group batches (one envelope for every member) are checked
+// against the cluster's Ed25519 signature before they are decrypted. Pure logic over
+// crypto.js, wire.js and session.js (no network).
+
+import {
+  Rejected,
+  aead,
+  b64uDecode,
+  jwsHeader,
+  openDir,
+  openWithKey,
+  parseCompact,
+  verifyClaims,
+} from "./crypto.js";
+import { ConsumerSession, DEFAULT_MAX_PLAINTEXT, decodeResult } from "./session.js";
+import {
+  DEFAULT_MAX_ENVELOPE,
+  VERSION,
+  WireError,
+  decodeMap,
+  encodeMap,
+  isClusterId,
+  isStream,
+  wireInt,
+} from "./wire.js";
+
+const MAX_KEY_PLAINTEXT = 16 * 1024;
+const MAX_U63 = (1n << 63n) - 1n;
+const SIG_BYTES = 64;
+/** Signed before the body: "sealstream-group-v1" and a NUL byte. */
+export const GROUP_SIG_CONTEXT = new TextEncoder().encode("sealstream-group-v1\0");
+// sorted, compared with a map's sorted member names
+const ENVELOPE_KEYS = [
+  ...["v", "kind", "cluster", "stream", "epoch", "gseq", "ts", "body", "sig"],
+].sort();
+const KEY_CLAIMS = ["cluster", "session", "group", "epoch", "kid", "k", "gseq", "iat"].sort();
+const END_CLAIMS = ["cluster", "session", "reason", "iat"].sort();
+
+/**
+ * @typedef {{type: "group", kind: "group", cluster: string, session: string, stream: string,
+ *   epoch: bigint, seq: bigint, ts: bigint, body: Uint8Array, sig: Uint8Array}} GroupEnvelope
+ * @typedef {{cipher: CryptoKey, epoch: bigint, signer: CryptoKey}} GroupKey
+ * @typedef {{firstEpoch: bigint, lastGseq: bigint, epoch: bigint,
+ *   keys: Map<string, GroupKey>, current: string}} Group
+ */
+
+/** @param {string[]} a @param {string[]} b */
+const sameKeys = (a, b) => a.length === b.length && a.every((k, i) => k === b[i]);
+
+/**
+ * A group envelope's nine fields, strictly (as sealstream/_groupwire.py).
+ * @param {Record<string, unknown>} m
+ * @param {number} maxSize
+ * @returns {GroupEnvelope}
+ */
+function groupFromMap(m, maxSize) {
+  if (!sameKeys(Object.keys(m).sort(), ENVELOPE_KEYS)) {
+    throw new WireError("bad_keys", "a group envelope has exactly its nine keys");
+  }
+  if (wireInt(m.v) !== BigInt(VERSION)) throw new WireError("bad_version", "unsupported version");
+  const { cluster, stream, body, sig } = m;
+  if (!isClusterId(cluster)) throw new WireError("bad_cluster", "bad cluster id");
+  if (!isStream(stream)) throw new WireError("bad_stream", "bad stream name");
+  if (!(body instanceof Uint8Array) || body.length === 0 || body.length > maxSize) {
+    throw new WireError("bad_body", "body is empty, too large, or not bin");
+  }
+  if (!(sig instanceof Uint8Array) || sig.length !== SIG_BYTES) {
+    throw new WireError("bad_sig", "sig must be 64 bytes of bin");
+  }
+  /** @param {string} key */
+  const uint = (key) => {
+    const v = wireInt(m[key]);
+    if (v === null || v < 0n || v > MAX_U63) throw new WireError("bad_value", `bad ${key}`);
+    return v;
+  };
+  return {
+    type: "group",
+    kind: "group",
+    cluster: /** @type {string} */ (cluster),
+    session: "",
+    stream: /** @type {string} */ (stream),
+    seq: uint("gseq"),
+    ts: uint("ts"),
+    epoch: uint("epoch"),
+    body,
+    sig,
+  };
+}
+
+export class GroupMember extends ConsumerSession {
+  /**
+   * @param {import("./crypto.js").ConsumerKey} key
+   * @param {object} options
+   * @param {string} options.cluster
+   * @param {string[]} options.streams the streams this session asked for (its groups)
+   * @param {import("./session.js").TrustedKeys} options.trust
+   * @param {import("./session.js").Policy} [options.policy]
+   * @param {number} [options.maxPlaintext]
+   * @param {number} [options.maxEnvelope]
+   */
+  constructor(
+    key,
+    {
+      cluster,
+      streams,
+      trust,
+      policy = "fail",
+      maxPlaintext = DEFAULT_MAX_PLAINTEXT,
+      maxEnvelope = DEFAULT_MAX_ENVELOPE,
+    },
+  ) {
+    super(key, { cluster, trust, policy, maxPlaintext, maxEnvelope });
+    if (!streams.every(isStream)) throw new TypeError("bad stream name");
+    /** @type {string} */
+    this.mode = "group";
+    this.streams = new Set(streams);
+    /** @type {Map<string, Group>} */
+    this.groups = new Map();
+    /** batches sealed before this member joined (dropped, not errors) */
+    this.skipped = 0;
+  }
+
+  get keyed() {
+    return this.groups.size > 0;
+  }
+
+  /**
+   * @param {Uint8Array} payload
+   * @returns {any}
+   */
+  parse(payload) {
+    let m;
+    try {
+      m = decodeMap(payload, this.maxEnvelope);
+    } catch (err) {
+      if (err instanceof WireError) throw new Rejected("malformed");
+      throw err;
+    }
+    if (m.kind !== "group") return super.parse(payload);
+    try {
+      return groupFromMap(m, this.maxEnvelope);
+    } catch (err) {
+      if (err instanceof WireError) throw new Rejected("malformed");
+      throw err;
+    }
+  }
+
+  /**
+   * @param {any} env
+   * @returns {Promise<any>}
+   */
+  async open(env) {
+    if (env.type === "group") return this.openGroup(/** @type {GroupEnvelope} */ (env));
+    if (env.kind === "data") {
+      if (this.ended) throw new Rejected("after_end");
+      throw new Rejected("wrong_mode"); // session data: no downgrade
+    }
+    return super.open(env);
+  }
+
+  /**
+   * The signed claims of a key or end envelope (a JWE to our key).
+   * @param {import("./crypto.js").Compact} jwe
+   * @returns {Promise<{claims: Record<string, unknown>, signer: CryptoKey}>}
+   */
+  async signedClaims(jwe) {
+    const h = jwe.header;
+    if (
+      h.alg !== this.key.alg ||
+      h.kid !== this.session ||
+      h.cty !== "JWT" ||
+      Object.hasOwn(h, "zip")
+    ) {
+      throw new Rejected("bad_key_header");
+    }
+    const jws = await openWithKey(this.key, jwe, MAX_KEY_PLAINTEXT);
+    const signer = await this.clusterKey(this.signer(jwsHeader(jws)));
+    const claims = await verifyClaims(jws, signer);
+    if (claims.cluster !== this.cluster || claims.session !== this.session) {
+      throw new Rejected("bad_claims");
+    }
+    return { claims, signer };
+  }
+
+  /** @param {import("./crypto.js").Compact} jwe */
+  async installKey(jwe) {
+    const { claims, signer } = await this.signedClaims(jwe);
+    const { group, epoch, kid, k, gseq } = claims;
+    if (
+      !sameKeys(Object.keys(claims).sort(), KEY_CLAIMS) ||
+      typeof group !== "string" ||
+      !this.streams.has(group) ||
+      typeof epoch !== "bigint" ||
+      epoch < 0n ||
+      typeof kid !== "string" ||
+      kid.length === 0 ||
+      [...kid].length > 64 || // code points, as Python's len()
+      typeof k !== "string" ||
+      typeof gseq !== "bigint" ||
+      gseq < 0n ||
+      typeof claims.iat !== "bigint"
+    ) {
+      throw new Rejected("bad_claims");
+    }
+    const state = this.groups.get(group);
+    if (state !== undefined && epoch <= state.epoch) throw new Rejected("stale_epoch");
+    if (state !== undefined && state.keys.has(kid)) throw new Rejected("reused_kid");
+    let secret;
+    try {
+      secret = b64uDecode(k);
+    } catch {
+      throw new Rejected("bad_claims");
+    }
+    if (secret.length !== 32) throw new Rejected("bad_claims");
+    /** @type {GroupKey} */
+    const fresh = { cipher: await aead(secret), epoch, signer };
+    if (state === undefined) {
+      this.groups.set(group, {
+        firstEpoch: epoch,
+        lastGseq: gseq - 1n,
+        epoch,
+        keys: new Map([[kid, fresh]]),
+        current: kid,
+      });
+    } else {
+      // keep the previous key only, for batches still in flight
+      const previous = /** @type {GroupKey} */ (state.keys.get(state.current));
+      state.keys = new Map([
+        [kid, fresh],
+        [state.current, previous],
+      ]);
+      state.current = kid;
+      state.epoch = epoch;
+    }
+  }
+
+  /**
+   * Only an end reaches here (keys are installed, data is refused): its signed reason, as
+   * the msgpack plaintext session mode's end carries.
+   * @param {import("./crypto.js").Compact} jwe
+   * @returns {Promise<Uint8Array>}
+   */
+  async openBody(jwe) {
+    const { claims } = await this.signedClaims(jwe);
+    if (
+      !sameKeys(Object.keys(claims).sort(), END_CLAIMS) ||
+      typeof claims.reason !== "string" ||
+      typeof claims.iat !== "bigint"
+    ) {
+      throw new Rejected("bad_claims");
+    }
+    return encodeMap({ reason: claims.reason });
+  }
+
+  /**
+   * @param {GroupEnvelope} env
+   * @returns {Promise<import("./session.js").Batch | null>}
+   */
+  async openGroup(env) {
+    if (this.ended) throw new Rejected("after_end");
+    if (env.cluster !== this.cluster) throw new Rejected("wrong_route");
+    if (!this.streams.has(env.stream)) throw new Rejected("not_member");
+    const state = this.groups.get(env.stream);
+    if (state === undefined || env.epoch < state.firstEpoch) {
+      this.skipped += 1; // sealed before we joined (by the header's word)
+      return null;
+    }
+    if (env.seq <= state.lastGseq) throw new Rejected("replay");
+    const jwe = parseCompact(env.body);
+    const h = jwe.header;
+    if (
+      typeof h.gseq !== "bigint" ||
+      typeof h.ts !== "bigint" ||
+      typeof h.epoch !== "bigint" ||
+      h.gseq !== env.seq ||
+      h.ts !== env.ts ||
+      h.epoch !== env.epoch ||
+      h.cluster !== env.cluster ||
+      h.stream !== env.stream ||
+      h.kind !== "group"
+    ) {
+      throw new Rejected("header_mismatch");
+    }
+    if (h.alg !== "dir") throw new Rejected("bad_alg");
+    if (Object.hasOwn(h, "zip")) throw new Rejected("zip_not_allowed");
+    const key = typeof h.kid === "string" ? state.keys.get(h.kid) : undefined;
+    if (key === undefined) throw new Rejected("unknown_kid");
+    if (key.epoch !== h.epoch) throw new Rejected("epoch_mismatch");
+    const signed = new Uint8Array(GROUP_SIG_CONTEXT.length + env.body.length);
+    signed.set(GROUP_SIG_CONTEXT);
+    signed.set(env.body, GROUP_SIG_CONTEXT.length);
+    let valid = false;
+    try {
+      valid = await crypto.subtle.verify(
+        { name: "Ed25519" },
+        key.signer,
+        /** @type {BufferSource} */ (env.sig),
+        signed,
+      );
+    } catch {
+      valid = false;
+    }
+    if (!valid) throw new Rejected("bad_signature");
+    const plaintext = await openDir(key.cipher, jwe, this.maxPlaintext);
+    const result = /** @type {import("./session.js").Batch} */ (
+      decodeResult(/** @type {any} */ ({ ...env, kind: "data" }), plaintext)
+    );
+    const lost = env.seq - state.lastGseq - 1n;
+    if (lost) {
+      this.gaps += 1;
+      this.lost += lost;
+      result.lostBefore = lost;
+    }
+    state.lastGseq = env.seq;
+    this.accepted += 1;
+    return result;
+  }
+}

@@ -1,0 +1,116 @@
+// Cross-language vectors of group mode: group keys and batches sealed by the Python
+// GroupSealer, judged by the Python GroupMember (tests/web_group_vectors.py); the JavaScript
+// member must reach the same verdict and the same rejection reason at every step.
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { test } from "node:test";
+import { consumerKey, importPrivateKey, thumbprint } from "../src/crypto.js";
+import { GroupMember } from "../src/group.js";
+import { IntegrityError } from "../src/session.js";
+
+const path = process.env.SEALSTREAM_VECTORS;
+if (!path) throw new Error("set SEALSTREAM_VECTORS (python -m tests.web_vectors OUT.json)");
+const cases = JSON.parse(readFileSync(path, "utf-8")).group_cases;
+
+function plain(v) {
+  if (v === null || typeof v === "string" || typeof v === "boolean") return v;
+  if (typeof v === "bigint") return { int: v.toString() };
+  if (typeof v === "number") {
+    return Number.isInteger(v) ? { int: String(v) } : { float: String(v) };
+  }
+  if (v instanceof Uint8Array) return { bin: Buffer.from(v).toString("base64") };
+  if (Array.isArray(v)) return v.map(plain);
+  return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
+}
+
+async function memberFor(c, policy) {
+  const priv = await importPrivateKey(c.key.kind, c.key.private_jwk);
+  const key = await consumerKey(c.key.kind, c.key.public_jwk, priv);
+  assert.equal(key.sessionId, c.key.session_id, "thumbprint");
+  const trust = {};
+  for (const [cluster, jwks] of Object.entries(c.trust)) {
+    trust[cluster] = {};
+    for (const jwk of jwks) trust[cluster][await thumbprint(jwk)] = jwk;
+  }
+  return new GroupMember(key, { cluster: c.cluster, streams: c.streams, trust, policy });
+}
+
+const bytes = (b64) => new Uint8Array(Buffer.from(b64, "base64"));
+
+test("the group vectors cover the group checks", () => {
+  assert.ok(cases.length >= 10, `${cases.length} cases`);
+  const reasons = new Set(cases.flatMap((c) => c.steps.map((s) => s.reason)));
+  for (const r of [
+    "bad_signature",
+    "not_member",
+    "unknown_kid",
+    "wrong_mode",
+    "header_mismatch",
+    "replay",
+    "untrusted_key",
+  ]) {
+    assert.ok(reasons.has(r), r);
+  }
+  assert.ok(cases.some((c) => c.steps.some((s) => s.expect === "skip")));
+});
+
+for (const c of cases) {
+  test(c.name, async () => {
+    const member = await memberFor(c, "discard");
+    for (const [i, step] of c.steps.entries()) {
+      const before = { ...member.rejected };
+      const skipped = member.skipped;
+      const result = await member.accept(bytes(step.payload));
+      const grew = Object.keys(member.rejected).filter(
+        (k) => member.rejected[k] !== (before[k] ?? 0),
+      );
+      const at = `step ${i} (${step.expect} ${step.reason ?? ""})`;
+      if (step.expect === "reject") {
+        assert.deepEqual(grew, [step.reason], at);
+        assert.equal(result, null, at);
+        continue;
+      }
+      assert.deepEqual(grew, [], `${at}: rejected ${JSON.stringify(member.rejected)}`);
+      if (step.expect === "skip") {
+        assert.equal(result, null, at);
+        assert.equal(member.skipped, skipped + 1, at);
+      } else if (step.expect === "key") {
+        assert.equal(result, null, at);
+        const epochs = Object.fromEntries(
+          [...member.groups].map(([g, s]) => [g, s.epoch.toString()]),
+        );
+        assert.deepEqual(epochs, step.epochs, at);
+      } else if (step.expect === "batch") {
+        assert.equal(result?.type, "batch", at);
+        assert.equal(result.stream, step.stream, at);
+        assert.equal(result.seq.toString(), step.seq, at);
+        assert.equal(result.ts.toString(), step.ts, at);
+        assert.equal(result.lostBefore.toString(), step.lost_before, at);
+        assert.deepEqual(plain(result.rows), step.rows, at);
+      } else if (step.expect === "end") {
+        assert.equal(result?.type, "end", at);
+        assert.equal(result.reason, step.reason, at);
+      }
+    }
+    const f = c.final;
+    assert.equal(member.accepted, f.accepted);
+    assert.equal(member.gaps, f.gaps);
+    assert.equal(member.lost.toString(), f.lost);
+    assert.equal(member.skipped, f.skipped);
+    assert.equal(member.ended, f.ended);
+    assert.deepEqual({ ...member.rejected }, f.rejected);
+  });
+}
+
+test("policy fail throws the one opaque error in group mode", async () => {
+  const c = cases.find((x) => x.name === "group member forging");
+  const member = await memberFor(c, "fail");
+  assert.equal(await member.accept(bytes(c.steps[0].payload)), null);
+  assert.equal((await member.accept(bytes(c.steps[1].payload)))?.type, "batch");
+  await assert.rejects(member.accept(bytes(c.steps[2].payload)), (err) => {
+    assert.ok(err instanceof IntegrityError);
+    assert.equal(err.message, "envelope rejected");
+    return true;
+  });
+  assert.deepEqual({ ...member.rejected }, { bad_signature: 1 });
+});
