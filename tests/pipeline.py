@@ -103,14 +103,16 @@ class Stack:
         key_mode: Any = "session",
         user: UserIdentity | None = None,
         session: Any = None,
+        zip: bool = False,
     ) -> str:
         """A genuine proof by ``user`` (default: the authorized one) for an open with this
-        key (or ``session``, when given), streams and key mode."""
+        key (or ``session``, when given), streams, key mode and compression."""
         return (user or self.user).prove(
             cluster=self.cluster,
             session=session if session is not None else thumbprint(jwk),
             streams=streams,
             key_mode=key_mode,
+            zip=zip,
         )
 
     def trust(self) -> TrustStore:

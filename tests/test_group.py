@@ -228,7 +228,7 @@ async def test_zip_is_refused_in_group_mode(nats_url: str) -> None:
             key_mode="group",
             token=st.token(),
             zip=True,
-            proof=st.proof(key.public_jwk, [STREAM], key_mode="group"),
+            proof=st.proof(key.public_jwk, [STREAM], key_mode="group", zip=True),
         )
         async with Client(st.config(key_mode="group"), trust=st.trust()) as client:
             with pytest.raises(SessionError) as err:
