@@ -296,6 +296,24 @@ async def test_the_page_says_what_went_wrong(
             await page.close()
 
 
+async def test_the_page_is_a_group_member(ws_server: EmbeddedServer, browser: Browser) -> None:
+    """``?mode=group``: the page opens a group-mode session (its proof says so), receives the
+    stream's group key in its own key envelope and opens the one batch sealed for all."""
+    source = HttpEvents(rate=100, seed=12)
+    async with make_stack(ws_server.url, sources=[source], streams=["http_events"]) as st:
+        with _web(ws_server, st) as web:
+            page = await browser.new_page()
+            await page.goto(web.link(mode="group"))
+            await until(lambda: _more(page, "#rows", 20))
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            assert await _text(page, "#rejected") == "0"
+            sid = await _text(page, "#session")
+            assert type(st.agent.sessions[sid].crypto).__name__ == "MemberSession"
+            assert st.agent.groups["http_events"].rotations >= 1
+            assert st.proxy.group_deliveries > 0
+            await page.close()
+
+
 def _page_key(web: WebServer) -> dict[str, str]:
     """The header with the page's key, which the printed URL carries in its fragment."""
     return {PAGE_KEY_HEADER: web.url.split("#key=", 1)[1]}

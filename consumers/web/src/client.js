@@ -5,6 +5,7 @@
 
 import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey, prove } from "./crypto.js";
+import { GroupMember } from "./group.js";
 import { ConsumerSession } from "./session.js";
 import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./wire.js";
 
@@ -58,7 +59,7 @@ export class TrustError extends Error {
  * @property {import("./crypto.js").Identity} [identity] the user's long-term key: every open
  *   carries its proof (the cluster refuses an open without one, unless it trusts the relay)
  * @property {KeyKind} [keyKind] default x25519
- * @property {import("./session.js").KeyMode} [keyMode]
+ * @property {import("./session.js").KeyMode | "group"} [keyMode]
  * @property {import("./session.js").Policy} [policy] default discard
  * @property {boolean} [allowZip]
  * @property {number} [requestTimeoutMs]
@@ -123,13 +124,22 @@ export class Subscription {
   async start() {
     const o = this.options;
     const key = await generateConsumerKey(o.keyKind ?? "x25519");
-    this.session = new ConsumerSession(key, {
-      cluster: o.cluster,
-      trust: o.trust,
-      keyMode: o.keyMode,
-      allowZip: o.allowZip,
-      policy: o.policy ?? "discard",
-    });
+    // group mode: a member of each stream's group (docs/protocol.md, Group mode)
+    this.session =
+      o.keyMode === "group"
+        ? new GroupMember(key, {
+            cluster: o.cluster,
+            streams: o.streams,
+            trust: o.trust,
+            policy: o.policy ?? "discard",
+          })
+        : new ConsumerSession(key, {
+            cluster: o.cluster,
+            trust: o.trust,
+            keyMode: o.keyMode,
+            allowZip: o.allowZip,
+            policy: o.policy ?? "discard",
+          });
     await this.token();
     const auth = o.natsAuth;
     try {

@@ -163,7 +163,7 @@ export class GroupMember extends ConsumerSession {
   /**
    * The signed claims of a key or end envelope (a JWE to our key).
    * @param {import("./crypto.js").Compact} jwe
-   * @returns {Promise<{claims: Record<string, unknown>, signer: CryptoKey}>}
+   * @returns {Promise<{claims: Record<string, unknown>, signer: CryptoKey, signerKid: string}>}
    */
   async signedClaims(jwe) {
     const h = jwe.header;
@@ -176,17 +176,18 @@ export class GroupMember extends ConsumerSession {
       throw new Rejected("bad_key_header");
     }
     const jws = await openWithKey(this.key, jwe, MAX_KEY_PLAINTEXT);
-    const signer = await this.clusterKey(this.signer(jwsHeader(jws)));
+    const signerKid = this.signer(jwsHeader(jws));
+    const signer = await this.clusterKey(signerKid);
     const claims = await verifyClaims(jws, signer);
     if (claims.cluster !== this.cluster || claims.session !== this.session) {
       throw new Rejected("bad_claims");
     }
-    return { claims, signer };
+    return { claims, signer, signerKid };
   }
 
   /** @param {import("./crypto.js").Compact} jwe */
   async installKey(jwe) {
-    const { claims, signer } = await this.signedClaims(jwe);
+    const { claims, signer, signerKid } = await this.signedClaims(jwe);
     const { group, epoch, kid, k, gseq } = claims;
     if (
       !sameKeys(Object.keys(claims).sort(), KEY_CLAIMS) ||
@@ -234,6 +235,7 @@ export class GroupMember extends ConsumerSession {
       state.current = kid;
       state.epoch = epoch;
     }
+    this.signerKid = signerKid; // the page shows which pinned cluster key signed it
   }
 
   /**

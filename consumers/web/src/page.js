@@ -21,6 +21,7 @@ const RATE_WINDOW_MS = 5000;
  * @property {string[]} streams
  * @property {Record<string, Record<string, unknown>[]>} trusted_keys
  * @property {import("./crypto.js").KeyKind} [key]
+ * @property {"session" | "per-message" | "group"} [key_mode]
  * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
  * @property {string} [nats_password]
  * @property {boolean} [register] the local server can authorize this page's key in the
@@ -226,6 +227,10 @@ export async function main() {
   }
   const params = new URLSearchParams(location.search);
   const keyKind = /** @type {import("./crypto.js").KeyKind} */ (params.get("key") ?? config.key ?? "x25519");
+  // ?mode=group: one batch sealed for every member of the stream's group (default: session)
+  const keyMode = /** @type {import("./session.js").KeyMode | "group"} */ (
+    params.get("mode") ?? config.key_mode ?? "session"
+  );
   /** @type {import("./session.js").TrustedKeys} */
   const trust = {};
   for (const [cluster, jwks] of Object.entries(config.trusted_keys)) {
@@ -272,6 +277,7 @@ export async function main() {
     trust,
     identity,
     keyKind,
+    keyMode,
     policy: "discard",
     onBatch(batch) {
       tables.get(batch.stream)?.add(batch.rows);
