@@ -63,15 +63,22 @@ def rows() -> list[dict[str, Any]]:
 
 
 class _Window:
-    """The producer's side of the in-flight window: rows acknowledged by the consumer."""
+    """The producer's side of the in-flight window: rows acknowledged by the slowest of
+    ``consumers`` consumer processes (each acknowledges ``<id>:<rows>``, the rows its slowest
+    session has)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, consumers: int = 1) -> None:
         self.size = size
+        self.consumers = consumers
+        self._by: dict[str, int] = {}
         self.acked = 0
         self._moved = asyncio.Event()
 
     async def on_ack(self, msg: Any) -> None:
-        self.acked = max(self.acked, int(msg.data))
+        who, _, rows = msg.data.decode().partition(":")
+        self._by[who] = max(self._by.get(who, 0), int(rows))
+        if len(self._by) >= self.consumers:
+            self.acked = min(self._by.values())
         self._moved.set()
 
     async def wait_room(self, sent: int) -> None:
@@ -83,7 +90,7 @@ class _Window:
 async def _window(cfg: dict[str, Any], stack: contextlib.AsyncExitStack) -> _Window:
     nc = await connect(cfg["nats_url"], name="bench-acks")
     stack.push_async_callback(nc.close)
-    window = _Window(int(cfg["window"]))
+    window = _Window(int(cfg["window"]), int(cfg.get("consumers", 1)))
     await nc.subscribe(cfg["ack_subject"], cb=window.on_ack)
     await settle(nc)
     return window
@@ -176,23 +183,34 @@ async def plain_relay(
 
 
 class _Counter:
-    """The consumer's side: counts rows, acknowledges them, says when all arrived."""
+    """The consumer's side: counts rows per session, acknowledges what its slowest session
+    has, says when every session has ``total``. Times are ``time.monotonic()``, one clock for
+    every process of the machine."""
 
-    def __init__(self, total: int, ack: Callable[[int], Any]) -> None:
+    def __init__(self, total: int, ack: Callable[[int], Any], sessions: int = 1) -> None:
         self.total = total
-        self.rows = 0
+        self.counts = [0] * sessions
         self.first = 0.0
         self.last = 0.0
+        self._acked = 0
         self._ack = ack
 
-    async def add(self, n: int) -> bool:
-        now = time.perf_counter()
-        if not self.rows:
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+    async def add(self, n: int, session: int = 0) -> bool:
+        """Count ``n`` rows of one session; True once that session has them all."""
+        now = time.monotonic()
+        if not self.first:
             self.first = now
-        self.rows += n
+        self.counts[session] += n
         self.last = now
-        await self._ack(self.rows)
-        return self.rows >= self.total
+        low = min(self.counts)
+        if low > self._acked:
+            self._acked = low
+            await self._ack(low)
+        return self.counts[session] >= self.total
 
 
 async def _acker(cfg: dict[str, Any], stack: contextlib.AsyncExitStack) -> Callable[[int], Any]:
@@ -200,7 +218,7 @@ async def _acker(cfg: dict[str, Any], stack: contextlib.AsyncExitStack) -> Calla
     stack.push_async_callback(nc.close)
 
     async def ack(n: int) -> None:
-        await nc.publish(cfg["ack_subject"], str(n).encode())
+        await nc.publish(cfg["ack_subject"], f"{cfg.get('consumer_id', 0)}:{n}".encode())
 
     return ack
 
@@ -214,18 +232,35 @@ async def api_consumer(
         token=cfg["token"],
         identity=UserIdentity.load(Path(cfg["user_file"])),
         key_kind="x25519",
+        key_mode=cfg.get("key_mode", "session"),
     )
     trust = TrustStore({cfg["cluster"]: [cfg["trust_jwk"]]})
+    sessions = int(cfg.get("sessions", 1))
     async with contextlib.AsyncExitStack() as stack:
-        counter = _Counter(int(cfg["rows"]), await _acker(cfg, stack))
+        counter = _Counter(int(cfg["rows"]), await _acker(cfg, stack), sessions)
         client = await stack.enter_async_context(Client(config, trust=trust))
-        sub = await stack.enter_async_context(client.subscribe(cfg["cluster"], [STREAM]))
+        subs = [
+            await stack.enter_async_context(client.subscribe(cfg["cluster"], [STREAM]))
+            for _ in range(sessions)
+        ]
         emit_event("ready")
-        batch: Batch
-        async for batch in sub:
-            if await counter.add(len(batch.rows)):
-                break
-        emit_event("done", rows=counter.rows, seconds=counter.last - counter.first)
+
+        async def read(i: int, sub: Any) -> None:
+            batch: Batch
+            async for batch in sub:
+                if await counter.add(len(batch.rows), i):
+                    return
+
+        async with asyncio.TaskGroup() as tg:
+            for i, sub in enumerate(subs):
+                tg.create_task(read(i, sub))
+        emit_event(
+            "done",
+            rows=counter.rows,
+            seconds=counter.last - counter.first,
+            first=counter.first,
+            last=counter.last,
+        )
         await anext(commands, None)
 
 

@@ -969,6 +969,81 @@ async def _api(ctx: _Ctx) -> dict[str, Any]:
     return {**api_rounds(results), "runs": results, "batch_rows": API_BATCH_ROWS}
 
 
+async def _fanout_api(ctx: _Ctx) -> dict[str, Any]:
+    """The largest fan-out through the public API, session mode then group mode: one
+    ``Agent`` (real sealing, the real proxy) and every reader a ``Client.subscribe``
+    session, spread over the consumer processes; aggregate delivered rows/s (first row of
+    any reader to the last row of all) and the producer's CPU."""
+    plan = ctx.plan
+    fanout = max(plan.fanouts)
+    user_file, policy_file = authorize(ctx.state, [API_STREAM])
+    split = split_sessions(fanout, plan.consumer_procs)
+    runs: list[dict[str, Any]] = []
+    for mode in ("session", "group"):
+        common = {
+            "rows": plan.fanout_rows,
+            "window": plan.api_window,
+            "ack_subject": f"{ctx.ack_subject}.fanout",
+            "consumers": len(split),
+        }
+        async with contextlib.AsyncExitStack() as stack:
+            await ctx.proxy(stack)
+            producer = await ctx.worker(
+                stack,
+                "fanout-producer",
+                "api-producer",
+                {
+                    **common,
+                    "identity_file": str(ctx.identity_file),
+                    "policy_file": str(policy_file),
+                },
+            )
+            await producer.expect("ready", timeout_s=60)
+            consumers = []
+            for i, sessions in enumerate(split):
+                consumers.append(
+                    await ctx.worker(
+                        stack,
+                        f"fanout-consumer-{i}",
+                        "api-consumer",
+                        {
+                            **common,
+                            "consumer_id": i,
+                            "sessions": sessions,
+                            "key_mode": mode,
+                            "token": ctx.token(f"bench-fanout-{i}"),
+                            "user_file": str(user_file),
+                            "trust_jwk": ctx.trust_jwk,
+                        },
+                    )
+                )
+            for c in consumers:
+                await c.expect("ready", timeout_s=120)
+            cpu = psutil.Process(producer.pid)
+            cpu0 = sum(cpu.cpu_times()[:2])
+            await producer.send({"cmd": "go"})
+            done = [await c.expect("done", timeout_s=600) for c in consumers]
+            producer_cpu = sum(cpu.cpu_times()[:2]) - cpu0
+            rows = sum(d["rows"] for d in done)
+            seconds = max(d["last"] for d in done) - min(d["first"] for d in done)
+            runs.append(
+                {
+                    "mode": mode,
+                    "readers": fanout,
+                    "rows": rows,
+                    "seconds": round(seconds, 3),
+                    "rows_per_s": round(rows / max(seconds, 1e-9)),
+                    "producer_cpu_s": round(producer_cpu, 2),
+                }
+            )
+            ctx.say(
+                f"fan-out {fanout} {mode:<8} {rows / max(seconds, 1e-9):,.0f} rows/s delivered, "
+                f"producer cpu {producer_cpu:.2f} s"
+            )
+    ctx.progress.advance(ctx.overall)
+    return {"fanout": fanout, "rows_per_reader": plan.fanout_rows, "runs": runs}
+
+
 # --- machine, files -------------------------------------------------------------------------
 
 
@@ -1060,6 +1135,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         + 4 * plan.ratio_rounds
         + 3
         + plan.api_rounds
+        + 1
     )
     with tempfile.TemporaryDirectory(prefix="sealstream-bench-") as tmp:
         state = Path(tmp)
@@ -1093,6 +1169,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
                 first_row = await _first_row(ctx)
                 logins = await _logins(ctx)
                 api = await _api(ctx)
+                fanout_api = await _fanout_api(ctx)
                 if any(problems(x) for x in (*scenarios, *rounds, soak)) or any(
                     (g.get("proxy") or {}).get("rejected") for g in ctx.groups
                 ):
@@ -1113,6 +1190,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         "first_row": first_row,
         "logins": logins,
         "api": api,
+        "fanout_api": fanout_api,
         "groups": ctx.groups,
     }
     report["targets"] = evaluate_targets(report)

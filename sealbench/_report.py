@@ -180,6 +180,8 @@ class Plan:
     api_rounds: int = 3
     api_rows: int = 500_000
     api_window: int = 50_000
+    #: rows each reader receives in the fan-out runs through the public API (group vs session)
+    fanout_rows: int = 20_000
 
     @classmethod
     def full(cls) -> Plan:
@@ -203,6 +205,7 @@ class Plan:
             api_rounds=1,
             api_rows=20_000,
             api_window=10_000,
+            fanout_rows=2_000,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -225,6 +228,7 @@ class Plan:
             "api_rounds": self.api_rounds,
             "api_rows": self.api_rows,
             "api_window": self.api_window,
+            "fanout_rows": self.fanout_rows,
         }
 
 
@@ -769,6 +773,37 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "envelope's `session` field, unpacked by a nats-py consumer. Both with the same "
             "in-flight window, in separate processes, the rounds alternating; rows/s is first "
             "row to last at the consumer.",
+        ]
+    fan = report.get("fanout_api")
+    if fan:
+        by = {r["mode"]: r for r in fan["runs"]}
+        out += [
+            "",
+            f"## Fan-out {fan['fanout']} through the public API: group mode against session mode",
+            "",
+            "| key mode | readers | rows delivered | rows/s delivered (all readers) "
+            "| producer CPU s |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for mode in ("session", "group"):
+            run = by.get(mode)
+            if run is not None:
+                out.append(
+                    f"| {mode} | {run['readers']} | {_fmt(run['rows'])} "
+                    f"| {_fmt(run['rows_per_s'])} | {_fmt(run['producer_cpu_s'], 2)} |"
+                )
+        if "session" in by and "group" in by and by["session"]["rows_per_s"]:
+            ratio = by["group"]["rows_per_s"] / by["session"]["rows_per_s"]
+            out += ["", f"group / session rows/s delivered: {ratio:.2f}."]
+        out += [
+            "",
+            f"One `producers.Agent` (`emit`, default batching) -> the proxy -> "
+            f"{fan['fanout']} `consumers.Client.subscribe` sessions spread over the consumer "
+            f"processes, each reading {_fmt(fan['rows_per_reader'])} rows; rows/s is every "
+            "reader's rows over the time from the first row any reader got to the last; the "
+            "producer keeps the api scenario's window ahead of the slowest reader. In group "
+            "mode the producer seals and signs each batch once for all readers; in session "
+            "mode once per reader.",
         ]
     out += [
         "",
