@@ -189,7 +189,8 @@ class _Counter:
 
     def __init__(self, total: int, ack: Callable[[int], Any], sessions: int = 1) -> None:
         self.total = total
-        self.counts = [0] * sessions
+        self.counts = [0] * sessions  # rows received, and rows lost (gaps), per session
+        self.lost = 0
         self.first = 0.0
         self.last = 0.0
         self._acked = 0
@@ -197,14 +198,16 @@ class _Counter:
 
     @property
     def rows(self) -> int:
-        return sum(self.counts)
+        return sum(self.counts) - self.lost
 
-    async def add(self, n: int, session: int = 0) -> bool:
-        """Count ``n`` rows of one session; True once that session has them all."""
+    async def add(self, n: int, session: int = 0, lost: int = 0) -> bool:
+        """Count ``n`` rows of one session, and ``lost`` rows it will never get (a gap);
+        True once that session has them all accounted for."""
         now = time.monotonic()
         if not self.first:
             self.first = now
-        self.counts[session] += n
+        self.counts[session] += n + lost
+        self.lost += lost
         self.last = now
         low = min(self.counts)
         if low > self._acked:
@@ -248,7 +251,10 @@ async def api_consumer(
         async def read(i: int, sub: Any) -> None:
             batch: Batch
             async for batch in sub:
-                if await counter.add(len(batch.rows), i):
+                # the batcher makes batches of BATCH_ROWS rows: a gap of n envelopes is
+                # n * BATCH_ROWS rows this reader will never get (counted, not waited for)
+                lost = batch.lost_before * BATCH_ROWS
+                if await counter.add(len(batch.rows), i, lost):
                     return
 
         async with asyncio.TaskGroup() as tg:
@@ -257,6 +263,7 @@ async def api_consumer(
         emit_event(
             "done",
             rows=counter.rows,
+            lost_rows=counter.lost,
             seconds=counter.last - counter.first,
             first=counter.first,
             last=counter.last,

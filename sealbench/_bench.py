@@ -982,7 +982,7 @@ async def _fanout_api(ctx: _Ctx) -> dict[str, Any]:
     for mode in ("session", "group"):
         common = {
             "rows": plan.fanout_rows,
-            "window": plan.api_window,
+            "window": plan.fanout_window,
             "ack_subject": f"{ctx.ack_subject}.fanout",
             "consumers": len(split),
         }
@@ -1025,12 +1025,14 @@ async def _fanout_api(ctx: _Ctx) -> dict[str, Any]:
             done = [await c.expect("done", timeout_s=600) for c in consumers]
             producer_cpu = sum(cpu.cpu_times()[:2]) - cpu0
             rows = sum(d["rows"] for d in done)
+            lost = sum(d["lost_rows"] for d in done)
             seconds = max(d["last"] for d in done) - min(d["first"] for d in done)
             runs.append(
                 {
                     "mode": mode,
                     "readers": fanout,
                     "rows": rows,
+                    "lost_rows": lost,
                     "seconds": round(seconds, 3),
                     "rows_per_s": round(rows / max(seconds, 1e-9)),
                     "producer_cpu_s": round(producer_cpu, 2),

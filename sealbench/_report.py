@@ -180,8 +180,11 @@ class Plan:
     api_rounds: int = 3
     api_rows: int = 500_000
     api_window: int = 50_000
-    #: rows each reader receives in the fan-out runs through the public API (group vs session)
+    #: rows each reader receives in the fan-out runs through the public API (group vs session),
+    #: and rows at most in flight ahead of the slowest reader (in session mode each batch is
+    #: one envelope per reader through the proxy: a wide window would overrun it)
     fanout_rows: int = 20_000
+    fanout_window: int = 2_000
 
     @classmethod
     def full(cls) -> Plan:
@@ -229,6 +232,7 @@ class Plan:
             "api_rows": self.api_rows,
             "api_window": self.api_window,
             "fanout_rows": self.fanout_rows,
+            "fanout_window": self.fanout_window,
         }
 
 
@@ -781,15 +785,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"## Fan-out {fan['fanout']} through the public API: group mode against session mode",
             "",
-            "| key mode | readers | rows delivered | rows/s delivered (all readers) "
+            "| key mode | readers | rows delivered | rows lost | rows/s delivered (all readers) "
             "| producer CPU s |",
-            "|---|--:|--:|--:|--:|",
+            "|---|--:|--:|--:|--:|--:|",
         ]
         for mode in ("session", "group"):
             run = by.get(mode)
             if run is not None:
                 out.append(
                     f"| {mode} | {run['readers']} | {_fmt(run['rows'])} "
+                    f"| {_fmt(run.get('lost_rows', 0))} "
                     f"| {_fmt(run['rows_per_s'])} | {_fmt(run['producer_cpu_s'], 2)} |"
                 )
         if "session" in by and "group" in by and by["session"]["rows_per_s"]:
