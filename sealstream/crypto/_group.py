@@ -41,14 +41,11 @@ from sealstream.crypto._jose import (
     ConsumerKey,
     Rejected,
     aead,
-    jws_header,
     open_dir,
-    open_with_key,
     parse_compact,
     seal_protected,
     seal_to_key,
     sign_claims,
-    verify_claims,
 )
 from sealstream.crypto._session import (
     DEFAULT_MAX_PLAINTEXT,
@@ -76,7 +73,6 @@ log = structlog.get_logger(__name__)
 GROUP_SIG_CONTEXT: Final = b"sealstream-group-v1\x00"
 #: joins within this many seconds of a group's last rotation wait for the next one
 GROUP_COALESCE_S: Final = 0.25
-_MAX_KEY_PLAINTEXT: Final = 16 * 1024
 _ROTATION: Final = Rotation()
 _KEY_CLAIMS: Final = frozenset({"cluster", "session", "group", "epoch", "kid", "k", "gseq", "iat"})
 _END_CLAIMS: Final = frozenset({"cluster", "session", "reason", "iat"})
@@ -330,23 +326,8 @@ class GroupMember(ConsumerSession):
 
     # the session channel: signed key and end claims, in a JWE to our key
 
-    def _claims(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], Any]:
-        if (
-            header.get("alg") != self._key.alg
-            or header.get("kid") != self.session
-            or header.get("cty") != "JWT"
-            or "zip" in header
-        ):
-            raise Rejected("bad_key_header")
-        jws = open_with_key(self._key, body, max_plaintext=_MAX_KEY_PLAINTEXT, allow_zip=False)
-        signer = self._signer(jws_header(jws))
-        claims = verify_claims(jws, signer)
-        if claims.get("cluster") != self.cluster or claims.get("session") != self.session:
-            raise Rejected("bad_claims")
-        return claims, signer
-
     def _install_key(self, header: dict[str, Any], body: bytes) -> None:
-        claims, signer = self._claims(header, body)
+        claims, signer = self._signed_claims(header, body)
         group, epoch, kid = claims.get("group"), claims.get("epoch"), claims.get("kid")
         k, gseq = claims.get("k"), claims.get("gseq")
         if (
@@ -386,7 +367,7 @@ class GroupMember(ConsumerSession):
 
     def _open(self, jwe: Compact, body: bytes) -> bytes:
         # only an end reaches here (key envelopes are installed, data is refused above)
-        claims, _ = self._claims(jwe.header, body)
+        claims, _ = self._signed_claims(jwe.header, body)
         reason = claims.get("reason")
         if (
             set(claims) != _END_CLAIMS

@@ -417,9 +417,12 @@ class ConsumerSession:
         plaintext = open_dir(cipher, jwe, max_plaintext=self._max_plaintext)
         return inflate_if(header, plaintext, limit=self._max_plaintext, allow=self._allow_zip)
 
-    def _install_key(self, header: dict[str, Any], body: bytes) -> None:
-        if self.key_mode != "session":
-            raise Rejected("unexpected_key")
+    def _signed_claims(
+        self, header: dict[str, Any], body: bytes
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cluster's signed claims of a key (or group end) envelope: a JWE to our key
+        holding a JWS by a pinned cluster key, naming this cluster and session; the claims
+        and the signer's public JWK."""
         if (
             header.get("alg") != self._key.alg
             or header.get("kid") != self.session
@@ -430,13 +433,19 @@ class ConsumerSession:
         jws = open_with_key(self._key, body, max_plaintext=_MAX_KEY_PLAINTEXT, allow_zip=False)
         signer = self._signer(jws_header(jws))
         claims = verify_claims(jws, signer)
+        if claims.get("cluster") != self.cluster or claims.get("session") != self.session:
+            raise Rejected("bad_claims")
+        return claims, signer
+
+    def _install_key(self, header: dict[str, Any], body: bytes) -> None:
+        if self.key_mode != "session":
+            raise Rejected("unexpected_key")
+        claims, _ = self._signed_claims(header, body)
         k = claims.get("k")
         kid = claims.get("kid")
         epoch = claims.get("epoch")
         if (
-            claims.get("cluster") != self.cluster
-            or claims.get("session") != self.session
-            or not isinstance(kid, str)
+            not isinstance(kid, str)
             or not 0 < len(kid) <= 64
             or not isinstance(k, str)
             or type(epoch) is not int
