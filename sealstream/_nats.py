@@ -257,9 +257,28 @@ async def release(nc: nats.aio.client.Client | None, *, reconnect_wait_s: float 
         await nc.close()
     except OSError as exc:  # the socket went away under close()
         log.warning("nats.close_failed", error=str(exc) or repr(exc))
+    await _end_reconnecting(nc)
+
+
+async def _end_reconnecting(nc: Any, *, tries: int = 50) -> None:
+    """Make sure the client's reconnection task is over once it is closed.
+
+    nats-py 2.16 cancels that task in ``close()``, but on Python 3.11 ``asyncio.wait_for``
+    can swallow a cancellation that lands as its connect attempt completes: the task then
+    goes on reconnecting every 0.5 s after the close, and a process (or an event loop that
+    cancels what is left) waits for it forever. Cancel it until it ends."""
+    task = getattr(nc, "_reconnection_task", None)
+    for _ in range(tries):
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if task is not None and not task.done():
+        log.warning("nats.reconnect_task_stuck")
 
 
 async def _abandon(nc: Any) -> None:
     """Close a client whose first connect failed, so no socket or task outlives it."""
     if not nc.is_closed:
         await nc.close()
+    await _end_reconnecting(nc)

@@ -4,16 +4,7 @@
 // against the cluster's Ed25519 signature before they are decrypted. Pure logic over
 // crypto.js, wire.js and session.js (no network).
 
-import {
-  Rejected,
-  aead,
-  b64uDecode,
-  jwsHeader,
-  openDir,
-  openWithKey,
-  parseCompact,
-  verifyClaims,
-} from "./crypto.js";
+import { Rejected, aead, b64uDecode, openDir, parseCompact } from "./crypto.js";
 import { ConsumerSession, DEFAULT_MAX_PLAINTEXT, decodeResult } from "./session.js";
 import {
   DEFAULT_MAX_ENVELOPE,
@@ -26,7 +17,6 @@ import {
   wireInt,
 } from "./wire.js";
 
-const MAX_KEY_PLAINTEXT = 16 * 1024;
 const MAX_U63 = (1n << 63n) - 1n;
 const SIG_BYTES = 64;
 /** Signed before the body: "sealstream-group-v1" and a NUL byte. */
@@ -158,31 +148,6 @@ export class GroupMember extends ConsumerSession {
       throw new Rejected("wrong_mode"); // session data: no downgrade
     }
     return super.open(env);
-  }
-
-  /**
-   * The signed claims of a key or end envelope (a JWE to our key).
-   * @param {import("./crypto.js").Compact} jwe
-   * @returns {Promise<{claims: Record<string, unknown>, signer: CryptoKey, signerKid: string}>}
-   */
-  async signedClaims(jwe) {
-    const h = jwe.header;
-    if (
-      h.alg !== this.key.alg ||
-      h.kid !== this.session ||
-      h.cty !== "JWT" ||
-      Object.hasOwn(h, "zip")
-    ) {
-      throw new Rejected("bad_key_header");
-    }
-    const jws = await openWithKey(this.key, jwe, MAX_KEY_PLAINTEXT);
-    const signerKid = this.signer(jwsHeader(jws));
-    const signer = await this.clusterKey(signerKid);
-    const claims = await verifyClaims(jws, signer);
-    if (claims.cluster !== this.cluster || claims.session !== this.session) {
-      throw new Rejected("bad_claims");
-    }
-    return { claims, signer, signerKid };
   }
 
   /** @param {import("./crypto.js").Compact} jwe */

@@ -220,9 +220,13 @@ export class ConsumerSession {
     return inflate(plaintext, this.maxPlaintext);
   }
 
-  /** @param {import("./crypto.js").Compact} jwe */
-  async installKey(jwe) {
-    if (this.keyMode !== "session") throw new Rejected("unexpected_key");
+  /**
+   * The cluster's signed claims of a key (or group end) envelope: a JWE to our key holding a
+   * JWS by a pinned cluster key, naming this cluster and session.
+   * @param {import("./crypto.js").Compact} jwe
+   * @returns {Promise<{claims: Record<string, unknown>, signer: CryptoKey, signerKid: string}>}
+   */
+  async signedClaims(jwe) {
     const h = jwe.header;
     if (
       h.alg !== this.key.alg ||
@@ -234,11 +238,20 @@ export class ConsumerSession {
     }
     const jws = await openWithKey(this.key, jwe, MAX_KEY_PLAINTEXT);
     const signerKid = this.signer(jwsHeader(jws));
-    const claims = await verifyClaims(jws, await this.clusterKey(signerKid));
+    const signer = await this.clusterKey(signerKid);
+    const claims = await verifyClaims(jws, signer);
+    if (claims.cluster !== this.cluster || claims.session !== this.session) {
+      throw new Rejected("bad_claims");
+    }
+    return { claims, signer, signerKid };
+  }
+
+  /** @param {import("./crypto.js").Compact} jwe */
+  async installKey(jwe) {
+    if (this.keyMode !== "session") throw new Rejected("unexpected_key");
+    const { claims, signerKid } = await this.signedClaims(jwe);
     const { k, kid, epoch } = claims;
     if (
-      claims.cluster !== this.cluster ||
-      claims.session !== this.session ||
       typeof kid !== "string" ||
       kid.length === 0 ||
       [...kid].length > 64 || // code points, as Python's len()
