@@ -54,7 +54,7 @@ log = structlog.get_logger(__name__)
 _REPLY_INBOX: Final = re.compile(r"_INBOX(\.[A-Za-z0-9_-]{1,64}){1,4}")
 
 #: after the proxy reconnects, how long before it pings the clusters (see _ping_soon)
-_RECONNECT_SETTLE_S = 1.0
+_RECONNECT_SETTLE_S = 2.0
 #: a producer's refusals the consumer hears as they are (a tuple: an unhashable code, a list or
 #: a map, must not raise TypeError in a set lookup)
 _PASSED_ON = ("bad_request", "forbidden", "limit_exceeded")
@@ -506,9 +506,10 @@ class Proxy(AsyncResource):
             self._tg.create_task(self._ping_soon())
 
     async def _ping_soon(self) -> None:
-        # Clients retry every 0.5 s: a moment after our reconnect, the consumers are back on
-        # their inboxes too. The ping then releases what the producers held; sent at once,
-        # it could make them publish before a consumer resubscribed.
+        # Clients retry every 0.5 s: a moment after our reconnect (2 s: room for a busy
+        # machine), the consumers are back on their inboxes too. The ping then releases what
+        # the producers held; sent at once, it could make them publish before a consumer
+        # resubscribed.
         await asyncio.sleep(_RECONNECT_SETTLE_S)
         self._ping_now.set()
 

@@ -42,7 +42,7 @@ class ProducerConfig:
     #: and all sessions together (the largest session's buffer gives way first)
     buffer_total_bytes: int = 64 * 1024 * 1024
     #: after a reconnect, how long buffered envelopes wait for a proxy to show it is back
-    resume_hold_s: float = 3.0
+    resume_hold_s: float = 5.0
     #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None

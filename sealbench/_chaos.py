@@ -136,8 +136,17 @@ class Deployment:
         }
 
     async def start_server(self) -> None:
-        self.server = EmbeddedServer(self.server_options)
-        await asyncio.to_thread(self.server.start)
+        """Start nats-server again on its port and store, as an operator would: retried if
+        it does not come up at once (the killed one's port or store may be held a moment)."""
+        for attempt in range(5):
+            self.server = EmbeddedServer(self.server_options)
+            try:
+                await asyncio.to_thread(self.server.start)
+                return
+            except SealstreamError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(1.0)
 
     async def kill_server(self) -> None:
         if self.server is not None:
@@ -413,9 +422,16 @@ def chaos_main(args: argparse.Namespace) -> int:
         result = asyncio.run(_chaos(args))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, SealstreamError) as exc:
+    except ValueError as exc:  # the command's words
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (SealstreamError, OSError) as exc:  # the run itself failed: say so in a report
+        print(f"error: the chaos run failed: {exc!r}", file=sys.stderr)
+        args.out.mkdir(parents=True, exist_ok=True)
+        failed = {"problems": [f"the run failed: {exc!r}"]}
+        (args.out / "report.json").write_text(json.dumps(failed, indent=2) + "\n")
+        (args.out / "report.md").write_text(f"# Chaos run\n\nThe run failed: {exc!r}\n")
+        return 1
     problems = _verdict(result)
     result["problems"] = problems
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ def test_chaos_run_recovers_from_every_fault_without_duplicates(tmp_path: Path) 
         timeout=280,
         check=False,
     )
+    assert (out / "report.json").exists(), proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert report["problems"] == []
