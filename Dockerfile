@@ -20,7 +20,7 @@ COPY sealstream ./sealstream
 COPY producers ./producers
 COPY broker_proxy ./broker_proxy
 COPY consumers ./consumers
-COPY sealbench ./sealbench
+COPY sealops ./sealops
 RUN /opt/sealstream/bin/pip install .
 
 # --- runtime: the virtual environment and an unprivileged user ------------------------------

@@ -1,7 +1,7 @@
 """broker_proxy: the blind relay between clusters and consumers."""
 
-from broker_proxy._callout import AuthService, CalloutConfig
-from broker_proxy._config import Limits, ProxyConfig
+from broker_proxy._callout import AuthService
+from broker_proxy._config import CalloutConfig, Limits, ProxyConfig
 from broker_proxy._proxy import Proxy
 from broker_proxy._registry import SessionEntry, SessionRegistry
 

@@ -18,28 +18,23 @@ answer: the server then refuses the connection when its authorization timeout en
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import nats.errors
 import structlog
 
+from broker_proxy._config import CalloutConfig, ProxyConfig
 from sealstream import SessionError, Subjects, TokenVerifier, WireError
-from sealstream._ids import is_session_id
-from sealstream._metrics import MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, redact_url, release, settle
-from sealstream._natsjwt import AccountKey, decode_jwt, encode_jwt, is_public_key
-from sealstream._resource import AsyncResource
+from sealstream.ids import is_session_id
+from sealstream.metrics import MetricsServer, Sample, collector_registry
+from sealstream.nats import connect, redact_url, release, settle
+from sealstream.natsjwt import decode_jwt, encode_jwt, is_public_key
+from sealstream.resource import AsyncResource
 
-if TYPE_CHECKING:
-    from broker_proxy._config import ProxyConfig
-
-__all__ = ["AUTH_SUBJECT", "AuthResponder", "AuthService", "CalloutConfig", "consumer_permissions"]
+__all__ = ["AUTH_SUBJECT", "AuthResponder", "AuthService", "consumer_permissions"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,49 +48,6 @@ _REASONS: Final = {
     "invalid token": "invalid_token",
     "missing or oversized token": "invalid_token",
 }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CalloutConfig:
-    """The auth callout: its issuer key and what it grants."""
-
-    #: the account nkey that signs user JWTs (its public key is the server's ``issuer``)
-    issuer: AccountKey = field(repr=False)
-    #: the configured account consumers are placed in (the user JWT's ``aud``)
-    account: str = "SEALSTREAM"
-    #: a user JWT expires at most this long after the token's ``exp``: longer than the token
-    #: check's 30 s leeway, so that an expired session ends with the keepalive's clear
-    #: ``unauthorized`` before the broker drops its connection
-    grace_s: float = 60.0
-    max_subscriptions: int = 16
-    max_payload: int = 64 * 1024
-    #: authorization requests above this size are not read (a 64 KiB password fits, to be
-    #: answered with a reason)
-    max_request_bytes: int = 256 * 1024
-    queue_group: str = "sealstream-auth"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.grace_s <= 3600:
-            raise ValueError("grace_s must be within 0..3600 s")
-        if self.max_subscriptions < 2 or self.max_payload < 1024 or self.max_request_bytes < 4096:
-            raise ValueError("callout limits too small for a consumer")
-
-    @classmethod
-    def from_seed_file(cls, path: Path, **overrides: Any) -> CalloutConfig:
-        """The issuer seed from a file (``SA...``, as ``sealstream up`` writes it)."""
-        return cls(issuer=AccountKey.from_text(path.read_bytes()), **overrides)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> CalloutConfig | None:
-        """``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (None without it) and
-        ``SEALSTREAM_CALLOUT_ACCOUNT``."""
-        seed_file = env.get("SEALSTREAM_CALLOUT_ISSUER_SEED_FILE")
-        if not seed_file:
-            return None
-        extra: dict[str, Any] = {}
-        if env.get("SEALSTREAM_CALLOUT_ACCOUNT"):
-            extra["account"] = env["SEALSTREAM_CALLOUT_ACCOUNT"]
-        return cls.from_seed_file(Path(seed_file), **extra)
 
 
 def consumer_permissions(session: str, *, prefix: str = "sealstream") -> dict[str, Any]:

@@ -7,11 +7,11 @@ import asyncio
 import sys
 from pathlib import Path
 
-from broker_proxy._callout import AuthService, CalloutConfig
-from broker_proxy._config import ProxyConfig, read_secret
+from broker_proxy._callout import AuthService
+from broker_proxy._config import CalloutConfig, ProxyConfig, read_secret
 from broker_proxy._proxy import Proxy
 from sealstream import configure_logging, mint_token
-from sealstream._run import add_service_options, keep, run, suppress
+from sealstream.run import add_service_options, keep, run, suppress
 
 __all__ = ["main"]
 

@@ -9,11 +9,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker_proxy._callout import CalloutConfig
 from sealstream import TokenVerifier
-from sealstream._nats import NatsAuth
+from sealstream.nats import NatsAuth
+from sealstream.natsjwt import AccountKey
 
-__all__ = ["Limits", "ProxyConfig"]
+__all__ = ["CalloutConfig", "Limits", "ProxyConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CalloutConfig:
+    """The auth callout: its issuer key and what it grants."""
+
+    #: the account nkey that signs user JWTs (its public key is the server's ``issuer``)
+    issuer: AccountKey = field(repr=False)
+    #: the configured account consumers are placed in (the user JWT's ``aud``)
+    account: str = "SEALSTREAM"
+    #: a user JWT expires at most this long after the token's ``exp``: longer than the token
+    #: check's 30 s leeway, so that an expired session ends with the keepalive's clear
+    #: ``unauthorized`` before the broker drops its connection
+    grace_s: float = 60.0
+    max_subscriptions: int = 16
+    max_payload: int = 64 * 1024
+    #: authorization requests above this size are not read (a 64 KiB password fits, to be
+    #: answered with a reason)
+    max_request_bytes: int = 256 * 1024
+    queue_group: str = "sealstream-auth"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grace_s <= 3600:
+            raise ValueError("grace_s must be within 0..3600 s")
+        if self.max_subscriptions < 2 or self.max_payload < 1024 or self.max_request_bytes < 4096:
+            raise ValueError("callout limits too small for a consumer")
+
+    @classmethod
+    def from_seed_file(cls, path: Path, **overrides: Any) -> CalloutConfig:
+        """The issuer seed from a file (``SA...``, as ``sealstream up`` writes it)."""
+        return cls(issuer=AccountKey.from_text(path.read_bytes()), **overrides)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> CalloutConfig | None:
+        """``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (None without it) and
+        ``SEALSTREAM_CALLOUT_ACCOUNT``."""
+        seed_file = env.get("SEALSTREAM_CALLOUT_ISSUER_SEED_FILE")
+        if not seed_file:
+            return None
+        extra: dict[str, Any] = {}
+        if env.get("SEALSTREAM_CALLOUT_ACCOUNT"):
+            extra["account"] = env["SEALSTREAM_CALLOUT_ACCOUNT"]
+        return cls.from_seed_file(Path(seed_file), **extra)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,11 +30,11 @@ from sealstream import (
     check_public_jwk,
     thumbprint,
 )
-from sealstream._groupwire import decode_group_envelope
-from sealstream._metrics import Histogram, MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, redact_url, release, settle
-from sealstream._resource import AsyncResource
-from sealstream._wire import (
+from sealstream.groupwire import decode_group_envelope
+from sealstream.metrics import Histogram, MetricsServer, Sample, collector_registry
+from sealstream.nats import connect, redact_url, release, settle
+from sealstream.resource import AsyncResource
+from sealstream.wire import (
     VERSION,
     decode_envelope,
     decode_map,

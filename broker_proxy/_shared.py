@@ -20,7 +20,7 @@ import structlog
 
 from broker_proxy._registry import SessionEntry, SessionRegistry
 from sealstream import BrokerError
-from sealstream._ids import check_session_id
+from sealstream.ids import check_session_id
 
 __all__ = ["SharedRegistry", "bucket_name"]
 

@@ -1,7 +1,9 @@
 """consumers: the client library (verify, decrypt, order, policy) and the CLI."""
 
+from consumers._cli import consume
 from consumers._client import Client, Resumed, Stats, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
 __all__ = [
@@ -15,6 +17,9 @@ __all__ = [
     "TokenFile",
     "TrustStore",
     "UserIdentity",
+    "WebConfig",
+    "WebServer",
+    "consume",
     "default_identity_file",
     "default_trust_store",
 ]

@@ -24,8 +24,8 @@ from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._view import JsonLinesWriter, LiveTable
 from consumers._web import WebConfig, WebServer
 from sealstream import SealstreamError, SessionError, configure_logging
-from sealstream._run import run
 from sealstream.crypto import Batch, TrustStore, UserIdentity
+from sealstream.run import run
 
 __all__ = ["main"]
 

@@ -36,10 +36,6 @@ import structlog
 
 from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
-from sealstream._ids import check_cluster_id, check_stream
-from sealstream._nats import connect, release, settle
-from sealstream._resource import AsyncResource
-from sealstream._wire import VERSION, OpenRequest, decode_map, encode_map
 from sealstream.crypto import (
     Batch,
     ConsumerKey,
@@ -48,6 +44,10 @@ from sealstream.crypto import (
     GroupMember,
     TrustStore,
 )
+from sealstream.ids import check_cluster_id, check_stream
+from sealstream.nats import connect, release, settle
+from sealstream.resource import AsyncResource
+from sealstream.wire import VERSION, OpenRequest, decode_map, encode_map
 
 __all__ = ["Client", "Resumed", "Stats", "Subscription"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sealstream import KeyMode
-from sealstream._nats import NatsAuth
 from sealstream.crypto import KeyKind, Policy, UserIdentity
+from sealstream.nats import NatsAuth
 
 __all__ = ["ClientConfig", "TokenFile", "default_identity_file", "default_trust_store"]
 

@@ -38,8 +38,8 @@ from urllib.parse import urlencode
 
 import structlog
 
-from sealstream._ids import Subjects, check_cluster_id, check_stream
 from sealstream.crypto import KeyKind, TrustStore
+from sealstream.ids import Subjects, check_cluster_id, check_stream
 
 __all__ = ["PAGE_KEY_HEADER", "WEB_DIST", "Authorize", "WebConfig", "WebServer"]
 

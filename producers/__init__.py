@@ -1,12 +1,19 @@
 """producers: the cluster agent, its telemetry sources and its authorization policy."""
 
 from producers._agent import Agent
-from producers._authz import Authorized, Authorizer, AuthzPolicy
+from producers._authz import (
+    POLICY_FILE_NAME,
+    Authorized,
+    Authorizer,
+    AuthzPolicy,
+    page_registration,
+)
 from producers._batcher import Batching
 from producers._config import ProducerConfig
 from producers._sources import HostMetrics, HttpEvents, JsonLines, Records, Source
 
 __all__ = [
+    "POLICY_FILE_NAME",
     "Agent",
     "Authorized",
     "Authorizer",
@@ -18,4 +25,5 @@ __all__ = [
     "ProducerConfig",
     "Records",
     "Source",
+    "page_registration",
 ]

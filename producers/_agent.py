@@ -25,12 +25,6 @@ from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers._sources import Source, plain_rows, validate_row
 from sealstream import SealstreamError, Subjects, WireError
-from sealstream._ids import check_session_id, check_stream
-from sealstream._jwk import check_public_jwk, thumbprint
-from sealstream._metrics import MetricsServer, Sample, collector_registry
-from sealstream._nats import connect, release, settle
-from sealstream._resource import AsyncResource
-from sealstream._wire import VERSION, decode_map, decode_open, encode_map
 from sealstream.crypto import (
     ClusterIdentity,
     GroupSeal,
@@ -38,6 +32,12 @@ from sealstream.crypto import (
     MemberSession,
     ProducerSession,
 )
+from sealstream.ids import check_session_id, check_stream
+from sealstream.jwk import check_public_jwk, thumbprint
+from sealstream.metrics import MetricsServer, Sample, collector_registry
+from sealstream.nats import connect, release, settle
+from sealstream.resource import AsyncResource
+from sealstream.wire import VERSION, decode_map, decode_open, encode_map
 
 __all__ = ["Agent"]
 

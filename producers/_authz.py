@@ -14,7 +14,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -22,9 +23,9 @@ from typing import Any, Final
 import structlog
 
 from sealstream import IntegrityError, WireError
-from sealstream._ids import check_stream
-from sealstream._jwk import b64u_decode, thumbprint
 from sealstream.crypto import PROOF_TYP, jws_header, verify_proof
+from sealstream.ids import check_stream
+from sealstream.jwk import b64u_decode, thumbprint
 
 __all__ = [
     "MAX_JTI",
@@ -35,6 +36,7 @@ __all__ = [
     "AuthzPolicy",
     "IssuerGrant",
     "KeyGrant",
+    "page_registration",
 ]
 
 log = structlog.get_logger(__name__)
@@ -458,3 +460,37 @@ class Authorizer:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: how long a page's registration authorizes it (renewed when the page registers again)
+REGISTRATION_S = 7 * 24 * 3600
+
+
+def page_registration(
+    policy_file: Path, *, name: str
+) -> Callable[[Mapping[str, Any], Sequence[str]], str]:
+    """Registration for the browser page served by ``up``/``demo``, which own this cluster's
+    policy: authorize a page's public identity key for streams in ``policy_file`` (adding to
+    what its entry already allows, keeping its expiry and name); returns the key's id.
+
+    The policy is the producer's code; the page's server (in ``consumers``, which may not
+    import it) is handed this function by the ``sealstream`` command."""
+
+    def authorize(jwk: Mapping[str, Any], streams: Sequence[str]) -> str:
+        policy = AuthzPolicy.load_or_empty(policy_file)
+        _, kid = policy.with_key(jwk, streams)  # validates the key (ValueError)
+        granted = policy.keys.get(kid)
+        # a page's registration lasts a week (the demo token's lifetime), renewed as it is used
+        horizon = int(time.time()) + REGISTRATION_S
+        if granted is None:
+            policy.with_key(jwk, streams, until=horizon, name=name)[0].save(policy_file)
+        elif not set(streams) <= granted.streams or (
+            granted.until is not None and granted.until < horizon - REGISTRATION_S / 2
+        ):
+            wanted = sorted(set(streams) | granted.streams)
+            until = None if granted.until is None else max(int(granted.until), horizon)
+            updated, _ = policy.with_key(jwk, wanted, until=until, name=granted.name)
+            updated.save(policy_file)
+        return kid
+
+    return authorize

@@ -17,9 +17,9 @@ from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
 from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import SealstreamError, configure_logging
-from sealstream._jwk import thumbprint
-from sealstream._run import add_service_options, keep, run, suppress
 from sealstream.crypto import ClusterIdentity
+from sealstream.jwk import thumbprint
+from sealstream.run import add_service_options, keep, run, suppress
 
 __all__ = ["main", "parse_source"]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from producers._authz import POLICY_FILE_NAME
 from producers._batcher import Batching
-from sealstream._ids import check_cluster_id
-from sealstream._nats import NatsAuth
 from sealstream.crypto import Rotation
+from sealstream.ids import check_cluster_id
+from sealstream.nats import NatsAuth
 
 __all__ = ["ProducerConfig"]
 

@@ -36,8 +36,8 @@ from typing import IO, Any, BinaryIO, Final, Literal, Protocol, TextIO, TypeAlia
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import structlog
 
-from sealstream._errors import WireError
-from sealstream._ids import check_stream
+from sealstream.errors import WireError
+from sealstream.ids import check_stream
 
 __all__ = [
     "HostMetrics",

@@ -4,7 +4,7 @@ Wire format, identifiers, tokens, NATS plumbing and the embedded server. Sealing
 live in :mod:`sealstream.crypto`, which the proxy never imports.
 """
 
-from sealstream._errors import (
+from sealstream.errors import (
     BrokerError,
     IntegrityError,
     SealstreamError,
@@ -12,11 +12,11 @@ from sealstream._errors import (
     TrustError,
     WireError,
 )
-from sealstream._ids import SESSION_STREAM, Subjects
-from sealstream._jwk import check_public_jwk, thumbprint
-from sealstream._log import configure_logging
-from sealstream._tokens import Claims, TokenVerifier, mint_token
-from sealstream._wire import (
+from sealstream.ids import SESSION_STREAM, Subjects
+from sealstream.jwk import check_public_jwk, thumbprint
+from sealstream.log import configure_logging
+from sealstream.tokens import Claims, TokenVerifier, mint_token
+from sealstream.wire import (
     Envelope,
     KeyMode,
     Notice,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from sealstream._nats import connect
-from sealstream._server import EmbeddedServer
+from sealstream.nats import connect
+from sealstream.server import EmbeddedServer
 
 __all__ = ["nats_server", "nats_url", "nc"]
 

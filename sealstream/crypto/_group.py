@@ -24,16 +24,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstream._errors import WireError
-from sealstream._groupwire import (
-    GROUP_KIND,
-    GroupEnvelope,
-    decode_member_inbox,
-    encode_group_envelope,
-)
-from sealstream._ids import SESSION_STREAM, check_stream
-from sealstream._jwk import b64u_decode, b64u_encode, b64u_encode_bytes
-from sealstream._wire import DEFAULT_MAX_ENVELOPE, Envelope, EnvelopeKind, Notice
 from sealstream.crypto._jose import (
     ENC,
     ClusterIdentity,
@@ -57,6 +47,16 @@ from sealstream.crypto._session import (
     Rotation,
 )
 from sealstream.crypto._trust import TrustStore
+from sealstream.errors import WireError
+from sealstream.groupwire import (
+    GROUP_KIND,
+    GroupEnvelope,
+    decode_member_inbox,
+    encode_group_envelope,
+)
+from sealstream.ids import SESSION_STREAM, check_stream
+from sealstream.jwk import b64u_decode, b64u_encode, b64u_encode_bytes
+from sealstream.wire import DEFAULT_MAX_ENVELOPE, Envelope, EnvelopeKind, Notice
 
 __all__ = [
     "GROUP_COALESCE_S",

@@ -33,14 +33,14 @@ from jwcrypto import jwk as _jwk
 from jwcrypto import jws as _jws
 from jwcrypto.common import JWException
 
-from sealstream._errors import IntegrityError, TrustError
-from sealstream._jwk import (
+from sealstream.errors import IntegrityError, TrustError
+from sealstream.jwk import (
     b64u_decode,
     b64u_encode_bytes,
     check_public_jwk,
     thumbprint,
 )
-from sealstream._wire import MAX_PROOF
+from sealstream.wire import MAX_PROOF
 
 __all__ = [
     "ENC",

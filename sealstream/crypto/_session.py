@@ -20,24 +20,6 @@ import msgpack
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstream._errors import IntegrityError, TrustError, WireError
-from sealstream._ids import SESSION_STREAM, check_cluster_id, check_session_id, check_stream
-from sealstream._jwk import (
-    b64u_decode,
-    b64u_encode,
-    b64u_encode_bytes,
-    check_public_jwk,
-    thumbprint,
-)
-from sealstream._wire import (
-    DEFAULT_MAX_ENVELOPE,
-    Envelope,
-    EnvelopeKind,
-    KeyMode,
-    Notice,
-    decode_inbox,
-    encode_envelope,
-)
 from sealstream.crypto._jose import (
     ENC,
     ClusterIdentity,
@@ -56,6 +38,24 @@ from sealstream.crypto._jose import (
     verify_claims,
 )
 from sealstream.crypto._trust import TrustStore
+from sealstream.errors import IntegrityError, TrustError, WireError
+from sealstream.ids import SESSION_STREAM, check_cluster_id, check_session_id, check_stream
+from sealstream.jwk import (
+    b64u_decode,
+    b64u_encode,
+    b64u_encode_bytes,
+    check_public_jwk,
+    thumbprint,
+)
+from sealstream.wire import (
+    DEFAULT_MAX_ENVELOPE,
+    Envelope,
+    EnvelopeKind,
+    KeyMode,
+    Notice,
+    decode_inbox,
+    encode_envelope,
+)
 
 __all__ = [
     "DEFAULT_MAX_PLAINTEXT",

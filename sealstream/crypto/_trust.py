@@ -16,10 +16,10 @@ from typing import Any
 
 import structlog
 
-from sealstream._errors import TrustError, WireError
-from sealstream._ids import check_cluster_id
-from sealstream._jwk import thumbprint
 from sealstream.crypto._jose import check_signing_jwk
+from sealstream.errors import TrustError, WireError
+from sealstream.ids import check_cluster_id
+from sealstream.jwk import thumbprint
 
 __all__ = ["TrustStore"]
 

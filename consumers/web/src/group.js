@@ -40,7 +40,7 @@ const END_CLAIMS = ["cluster", "session", "reason", "iat"].sort();
 const sameKeys = (a, b) => a.length === b.length && a.every((k, i) => k === b[i]);
 
 /**
- * A group envelope's nine fields, strictly (as sealstream/_groupwire.py).
+ * A group envelope's nine fields, strictly (as sealstream/groupwire.py).
  * @param {Record<string, unknown>} m
  * @param {number} maxSize
  * @returns {GroupEnvelope}

@@ -1,4 +1,4 @@
-// The msgpack codecs of the wire contract (docs/protocol.md), as sealstream/_wire.py: pure,
+// The msgpack codecs of the wire contract (docs/protocol.md), as sealstream/wire.py: pure,
 // no I/O. Every malformed input becomes a WireError with a stable reason; sizes are capped
 // before decoding. 64-bit integers are BigInt (`ts` is Unix nanoseconds, above 2^53), and a
 // msgpack float never passes for an int, as on the Python side.

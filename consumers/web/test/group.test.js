@@ -1,5 +1,5 @@
 // Cross-language vectors of group mode: group keys and batches sealed by the Python
-// GroupSealer, judged by the Python GroupMember (tests/web_group_vectors.py); the JavaScript
+// GroupSealer, judged by the Python GroupMember (tests/support/web_group_vectors.py); the JavaScript
 // member must reach the same verdict and the same rejection reason at every step.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -9,7 +9,7 @@ import { GroupMember } from "../src/group.js";
 import { IntegrityError } from "../src/session.js";
 
 const path = process.env.SEALSTREAM_VECTORS;
-if (!path) throw new Error("set SEALSTREAM_VECTORS (python -m tests.web_vectors OUT.json)");
+if (!path) throw new Error("set SEALSTREAM_VECTORS (python -m tests.support.web_vectors OUT.json)");
 const cases = JSON.parse(readFileSync(path, "utf-8")).group_cases;
 
 function plain(v) {

@@ -1,6 +1,6 @@
 // The proof the page sends in every open (docs/protocol.md, "Authorization held by the
 // cluster"). With SEALSTREAM_PROOF_OUT set, the proofs are also written there for the Python
-// producer's checks (tests/test_web_js.py verifies them with producers._authz).
+// producer's checks (tests/web/test_web_js.py verifies them with producers._authz).
 import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { test } from "node:test";
@@ -67,7 +67,7 @@ test("an identity must be a non-extractable Ed25519 signing key", async () => {
 test("proofs for the Python producer's checks", async (t) => {
   const out = process.env.SEALSTREAM_PROOF_OUT;
   if (!out) {
-    t.skip("SEALSTREAM_PROOF_OUT not set (tests/test_web_js.py sets it)");
+    t.skip("SEALSTREAM_PROOF_OUT not set (tests/web/test_web_js.py sets it)");
     return;
   }
   const request = JSON.parse(process.env.SEALSTREAM_PROOF_REQUEST ?? "{}");

@@ -1,5 +1,5 @@
 // Cross-language vectors: sessions sealed by the Python ProducerSession, judged by the Python
-// ConsumerSession (tests/web_vectors.py); the JavaScript session must reach the same verdict
+// ConsumerSession (tests/support/web_vectors.py); the JavaScript session must reach the same verdict
 // and the same rejection reason at every step. SEALSTREAM_VECTORS names the file.
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -10,12 +10,12 @@ import { ConsumerSession, IntegrityError } from "../src/session.js";
 const path = process.env.SEALSTREAM_VECTORS;
 if (!path) {
   throw new Error(
-    "set SEALSTREAM_VECTORS to a vector file: python -m tests.web_vectors build/web-vectors.json",
+    "set SEALSTREAM_VECTORS to a vector file: python -m tests.support.web_vectors build/web-vectors.json",
   );
 }
 const vectors = JSON.parse(readFileSync(path, "utf-8"));
 
-/** Rows as tests/web_vectors.py writes them: ints as {int: decimal}, floats as {float: repr}. */
+/** Rows as tests/support/web_vectors.py writes them: ints as {int: decimal}, floats as {float: repr}. */
 function plain(v) {
   if (v === null || typeof v === "string" || typeof v === "boolean") return v;
   if (typeof v === "bigint") return { int: v.toString() };

@@ -1,0 +1,73 @@
+"""Running a command's async main: signals, clean Ctrl-C, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sealstream.errors import SealstreamError
+
+__all__ = ["add_service_options", "keep", "run", "suppress"]
+
+
+def keep(value: object) -> object:
+    """An option's default on the command itself (see :func:`suppress`)."""
+    return value
+
+
+def suppress(value: object) -> object:
+    """An option's default on the ``run`` subcommand, for options a command takes before or
+    after ``run``: none, so that an option given before ``run`` is not overwritten by the
+    subcommand's default."""
+    return argparse.SUPPRESS
+
+
+def add_service_options(parser: argparse.ArgumentParser, d: Callable[[object], object]) -> None:
+    """The options every long-running service takes: NATS URL, subject prefix, logging.
+    ``d`` is :func:`keep` on the command, :func:`suppress` on its ``run`` subcommand."""
+    parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
+    parser.add_argument("--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)")
+    parser.add_argument("--log-level", default=d("info"))
+    parser.add_argument("--log-json", action="store_true", default=d(False))
+
+
+async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if stopping:
+            return interrupted  # asked to stop
+        raise
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int]], *, interrupted: int = 0) -> int:
+    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit ``interrupted``: 0 for a service,
+    whose normal end that is), a SealstreamError or a misconfiguration prints one ``error:``
+    line (exit 1), never a traceback."""
+    try:
+        return asyncio.run(_until_signalled(main(), interrupted))
+    except KeyboardInterrupt:
+        return 130
+    except SealstreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,704 @@
+"""The browser consumer in a real Chromium (Debian's ``chromium``, driven by Playwright; no
+browser download): the page served by ``consumers._web`` opens a session over NATS WebSocket,
+verifies and decrypts ``http_events`` in the page, refuses a hostile relay's envelopes, and the
+wire never carries a plaintext row.
+
+The NATS server here has a WebSocket listener and no authorization, so any user/password is
+accepted: the page connects as user = its session id, password = its token, as it will with
+the auth callout. The producer holds a policy (``make_stack``): the page's identity key is
+authorized the way a user gets it, by the page's registration with a server that owns the
+policy (as ``sealstream demo`` does), or by an operator authorizing the key the page shows."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
+from structlog.testing import capture_logs
+
+from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
+from producers import HttpEvents, page_registration
+from producers._authz import AuthzPolicy
+from sealstream.crypto import (
+    ClusterIdentity,
+    ProducerSession,
+    TrustStore,
+    UserIdentity,
+    encode_rows,
+)
+from sealstream.nats import connect
+from sealstream.natsconf import Credentials, server_config
+from sealstream.natsjwt import AccountKey
+from sealstream.server import EmbeddedServer, ServerOptions
+from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+BUILD = Path(__file__).resolve().parents[2] / "build"
+FORGED = "FORGED-ROW-7d3e"
+ROWS_IN_DOM = 'section[data-stream="http_events"] tbody tr'
+
+
+@pytest.fixture(scope="module")
+def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    conf = tmp_path_factory.mktemp("ws") / "nats.conf"
+    conf.write_text('websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n')
+    with EmbeddedServer(ServerOptions(config_file=conf)) as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not await asyncio.to_thread(CHROMIUM.exists):
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's Chromium (apt-get install -y chromium); "
+            "the browser test never downloads a browser"
+        )
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+def _web(server: EmbeddedServer, st: Stack, **changes: Any) -> WebServer:
+    """The page's server for this stack; it registers the page's key in the stack's policy
+    (as ``sealstream demo`` does) unless ``authorize=None``."""
+    assert server.websocket_url is not None
+    options: dict[str, Any] = {
+        "nats_ws_url": server.websocket_url,
+        "cluster": st.cluster,
+        "streams": ["http_events"],
+        "token": st.token,
+        "trust": st.trust(),
+        "prefix": st.prefix,
+        "authorize": page_registration(st.policy_file, name="page"),
+        **changes,
+    }
+    return WebServer(WebConfig(**options))
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Poll ``check`` (a bound, not a timing assertion). The page's Content-Security-Policy
+    forbids eval, so conditions are read from the DOM here rather than in the page."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the page did not get there")
+        await asyncio.sleep(0.05)
+
+
+async def _number(page: Page, selector: str) -> int:
+    return int(await _text(page, selector) or 0)
+
+
+async def _text(page: Page, selector: str) -> str:
+    return (await page.text_content(selector)) or ""
+
+
+async def _rows(page: Page) -> int:
+    return await _number(page, "#rows")
+
+
+async def _more(page: Page, selector: str, than: int) -> bool:
+    return await _number(page, selector) > than
+
+
+async def _genuine_inbox(tap: Tap, inbox: str) -> list[bytes]:
+    await tap.flush()
+    return [m.data for m in tap.on(inbox)]
+
+
+def _repack(payload: bytes, **changes: Any) -> bytes:
+    m = msgpack.unpackb(payload, raw=False)
+    m.update(changes)
+    return msgpack.packb(m, use_bin_type=True)
+
+
+def _flip_body(payload: bytes) -> bytes:
+    m = msgpack.unpackb(payload, raw=False)
+    body = bytearray(m["body"])
+    i = body.rindex(b".") - 5  # inside the ciphertext
+    body[i] = ord("B") if body[i] != ord("B") else ord("C")
+    m["body"] = bytes(body)
+    return msgpack.packb(m, use_bin_type=True)
+
+
+async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    source = Recording(HttpEvents(rate=100, seed=11))
+    async with (
+        make_stack(ws_server.url, sources=[source], streams=["http_events"]) as st,
+        Tap(ws_server.url) as tap,
+    ):
+        with _web(ws_server, st) as web:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(web.url)
+            # decrypted rows in the DOM (X25519, the default), and the count keeps rising
+            table_rows = page.locator(ROWS_IN_DOM)
+
+            async def any_row() -> bool:
+                return await table_rows.count() > 0
+
+            await until(any_row)
+            assert await _text(page, "#key") == "x25519"
+            first = await _rows(page)
+            await until(lambda: _more(page, "#rows", first + 20))
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            assert await _text(page, "#signer") == st.identity.kid
+            assert await _text(page, "#rejected") == "0"
+            sid = await _text(page, "#session")
+            inbox = st.subjects.inbox(sid)
+            assert sid in st.agent.sessions
+            # the cluster accepted the page's proof: the session's reader is the page's key
+            kid = await _text(page, "#identity")
+            reader = st.agent.sessions[sid].reader
+            assert reader is not None
+            assert reader.identity == kid != st.user.kid
+            assert "authorized by this machine's cluster" in await _text(page, "#authorization")
+
+            # the hostile relay: forged key envelope, forged per-message data, bit flips,
+            # replays, all published straight to the page's inbox
+            jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+            assert set(jwk) == {"kty", "crv", "x", "alg"}  # public members only
+            assert not await page.evaluate(
+                "window.sealstream.subscription.session.key.privateKey.extractable"
+            )
+            forged_rows = encode_rows([{"req_path": FORGED, "upid": FORGED}])
+            forger = ProducerSession(
+                ClusterIdentity.generate(), cluster=st.cluster, session=sid, consumer_jwk=jwk
+            )
+            forger.seq = 10**9
+            downgrade = ProducerSession(
+                st.identity,  # even the real cluster key cannot make unsigned data pass
+                cluster=st.cluster,
+                session=sid,
+                consumer_jwk=jwk,
+                key_mode="per-message",
+            )
+            downgrade.seq = 2 * 10**9
+            genuine = await _genuine_inbox(tap, inbox)
+            assert len(genuine) >= 3
+            hostile = [
+                *forger.seal("http_events", forged_rows),
+                *downgrade.seal("http_events", forged_rows),
+                genuine[0],  # the key envelope, replayed
+                genuine[-1],  # data, replayed
+                _repack(_flip_body(genuine[-1]), seq=3 * 10**9),  # flipped, seq moved on
+                _repack(_flip_body(genuine[-1])),  # flipped in place
+                msgpack.packb({"rows": [{"req_path": FORGED}]}),  # plaintext
+            ]
+            nc = await connect(ws_server.url, name="hostile-relay")
+            try:
+                for payload in hostile:
+                    await nc.publish(inbox, payload)
+                await nc.flush()
+            finally:
+                await nc.close()
+            await until(lambda: _more(page, "#rejected", len(hostile) - 1))
+            reasons = await _text(page, "#reasons")
+            for reason in ("untrusted_key", "unknown_kid", "bad_alg", "replay", "malformed"):
+                assert reason in reasons, reasons
+            # the session goes on, and nothing forged ever reached the DOM
+            after = await _rows(page)
+            await until(lambda: _more(page, "#rows", after + 10))
+            assert FORGED not in await page.content()
+            assert await page.get_attribute("#status", "data-state") == "verified"
+
+            # rows the page shows are rows the producer made (the DOM holds the newest 50)
+            shown = await page.eval_on_selector_all(
+                'section[data-stream="http_events"] tbody tr td:nth-child(6)',
+                "cells => cells.map(c => c.textContent)",
+            )
+            made = {r["req_path"] for r in source.rows_seen}
+            assert shown
+            assert set(shown) <= made
+            BUILD.mkdir(exist_ok=True)
+            await page.screenshot(path=str(BUILD / "web.png"), full_page=False)
+            assert errors == []
+            await page.close()
+
+        # the relay (the tap sees every subject) never carried a plaintext row
+        await tap.flush()
+        markers = {r["req_path"] for r in source.rows_seen[:200]} | {
+            r["remote_addr"] for r in source.rows_seen[:50]
+        }
+        assert len(markers) > 20
+        relayed = [m for m in tap.messages if m.subject.startswith(f"{st.prefix}.")]
+        assert relayed
+        leaked = [
+            (m.subject, mark)
+            for m in relayed
+            if m.subject != inbox or m.data not in hostile
+            for mark in markers
+            if contains_marker(m.data, mark)
+        ]
+        assert leaked == []
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("token", "token refused"),
+        ("trust", "untrusted signer"),
+        ("cluster", "cluster unavailable"),
+    ],
+)
+async def test_the_page_says_what_went_wrong(
+    ws_server: EmbeddedServer, browser: Browser, case: str, expected: str
+) -> None:
+    async with make_stack(ws_server.url, sources=[HttpEvents(rate=50, seed=3)]) as st:
+        cases: dict[str, dict[str, Any]] = {
+            "token": {"token": lambda: st.token(clusters=["elsewhere"]) + "x"},
+            "trust": {"trust": TrustStore({st.cluster: [ClusterIdentity.generate().public_jwk]})},
+            "cluster": {"cluster": "gone", "token": lambda: st.token(clusters=["gone"])},
+        }
+        changes = cases[case]
+        with _web(ws_server, st, **changes) as web:
+            page = await browser.new_page()
+            await page.goto(web.url)
+
+            async def failed() -> bool:
+                return await page.get_attribute("#status", "data-state") == "error"
+
+            await until(failed, timeout=15)
+            status = await _text(page, "#status")
+            assert status.startswith(expected), status
+            assert "\n" not in status
+            assert await page.locator(ROWS_IN_DOM).count() == 0
+            await page.close()
+
+
+async def test_the_page_is_a_group_member(ws_server: EmbeddedServer, browser: Browser) -> None:
+    """``?mode=group``: the page opens a group-mode session (its proof says so), receives the
+    stream's group key in its own key envelope and opens the one batch sealed for all."""
+    source = HttpEvents(rate=100, seed=12)
+    async with make_stack(ws_server.url, sources=[source], streams=["http_events"]) as st:
+        with _web(ws_server, st) as web:
+            page = await browser.new_page()
+            await page.goto(web.link(mode="group"))
+            await until(lambda: _more(page, "#rows", 20))
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            assert await _text(page, "#rejected") == "0"
+            sid = await _text(page, "#session")
+            assert type(st.agent.sessions[sid].crypto).__name__ == "MemberSession"
+            assert st.agent.groups["http_events"].rotations >= 1
+            assert st.proxy.group_deliveries > 0
+            await page.close()
+
+
+def _page_key(web: WebServer) -> dict[str, str]:
+    """The header with the page's key, which the printed URL carries in its fragment."""
+    return {PAGE_KEY_HEADER: web.url.split("#key=", 1)[1]}
+
+
+def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
+    """A DNS-rebinding page (another Host) cannot read the token, nor can a local process
+    that does not have the page's key (the printed URL's fragment)."""
+    import http.client
+
+    config = WebConfig(
+        nats_ws_url="ws://127.0.0.1:1",
+        cluster="c1",
+        streams=["http_events"],
+        token=lambda: "secret-token",
+        trust=TrustStore(),
+    )
+    with WebServer(config) as web:
+        conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
+        conn.request(
+            "GET", "/config.json", headers={"Host": f"evil.example:{web.port}", **_page_key(web)}
+        )
+        refused = conn.getresponse()
+        assert refused.status == 421
+        assert b"secret-token" not in refused.read()
+        for wrong in ({}, {PAGE_KEY_HEADER: "guess"}):
+            conn.request("GET", "/config.json", headers=wrong)
+            refused = conn.getresponse()
+            assert refused.status == 403
+            assert b"secret-token" not in refused.read()
+        assert web.refused == {"no page key": 2}
+        conn.request("GET", "/config.json", headers=_page_key(web))
+        ok = conn.getresponse()
+        assert ok.status == 200
+        assert ok.getheader("Cache-Control") == "no-store"
+        assert json.loads(ok.read())["token"] == "secret-token"
+        conn.close()
+
+
+async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    keepalive = 0.3
+    async with make_stack(
+        ws_server.url,
+        sources=[HttpEvents(rate=50, seed=4)],
+        streams=["http_events"],
+        keepalive_s=keepalive,
+    ) as st:
+        with _web(ws_server, st) as web:
+            # keepalives from the page (each with a token read again from /config.json): the
+            # session outlives many expiry periods of 3 intervals
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(lambda: _more(page, "#rows", 0))
+            sid = await _text(page, "#session")
+            rows = await _rows(page)
+            await asyncio.sleep(12 * keepalive)
+            assert sid in st.proxy.registry
+            assert await _rows(page) > rows
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            # leaving the page closes the session at the proxy (a close, not an expiry)
+            with capture_logs() as logs:
+                await page.close(run_before_unload=True)
+
+                async def forgotten() -> bool:
+                    return sid not in st.proxy.registry
+
+                await until(forgotten)
+            events = {(e["event"], e.get("reason")) for e in logs if e.get("session") == sid}
+            assert ("session.closed", "consumer") in events, events  # the proxy's
+            assert not any(event == "session.expired" for event, _ in events), events
+
+            # the producer ends the session: the page says so, signed
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(lambda: _more(page, "#rows", 0))
+            await st.agent.aclose()
+
+            async def ended() -> bool:
+                return await page.get_attribute("#status", "data-state") == "ended"
+
+            await until(ended)
+            assert (await _text(page, "#status")).startswith("session ended by the cluster: ")
+            await page.close()
+
+
+@pytest.mark.parametrize("kind", ["p256", "rsa"])
+async def test_every_key_kind_opens_in_the_page(
+    ws_server: EmbeddedServer, browser: Browser, kind: str
+) -> None:
+    """P-256 and RSA-OAEP-256/4096 (Pixie's) key pairs, made by WebCrypto in the page."""
+    async with make_stack(
+        ws_server.url, sources=[HttpEvents(rate=50, seed=6)], streams=["http_events"]
+    ) as st:
+        with _web(ws_server, st) as web:
+            page = await browser.new_page()
+            await page.goto(web.link(key=kind))
+            await until(lambda: _more(page, "#rows", 0), timeout=30)
+            assert await _text(page, "#key") == kind
+            jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+            expected = {"p256": ("EC", "ECDH-ES+A256KW"), "rsa": ("RSA", "RSA-OAEP-256")}[kind]
+            assert (jwk["kty"], jwk["alg"]) == expected
+            if kind == "rsa":
+                assert len(jwk["n"]) == 683  # 4096 bits in base64url
+            # the private key cannot leave WebCrypto
+            extractable = await page.evaluate(
+                "window.sealstream.subscription.session.key.privateKey.extractable"
+            )
+            assert extractable is False
+            assert await _text(page, "#rejected") == "0"
+            await page.close()
+
+
+def test_the_generated_server_config_has_a_loopback_websocket_listener(tmp_path: Path) -> None:
+    conf = tmp_path / "nats.conf"
+    issuer = AccountKey.generate().public_key
+    conf.write_text(server_config(Credentials.generate(["c1"]), issuer=issuer, websocket=True))
+    with EmbeddedServer(ServerOptions(config_file=conf, jetstream=False)) as server:
+        assert server.websocket_url is not None
+        assert server.websocket_url.startswith("ws://127.0.0.1:")
+    conf.write_text(server_config(Credentials.generate(["c1"]), issuer=issuer))
+    with EmbeddedServer(ServerOptions(config_file=conf, jetstream=False)) as server:
+        assert server.websocket_url is None
+
+
+def _state_is(page: Page, state: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await page.get_attribute("#status", "data-state") == state
+
+    return check
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Browser) -> None:
+    """The broker restarts on the same ports: the page says it lost the connection, the
+    client reconnects by itself, and the session's rows come again."""
+    conf = tmp_path / "nats.conf"
+    ws_port = _free_port()
+    conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
+    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port()))
+    await asyncio.to_thread(server.start)
+    try:
+        async with make_stack(
+            server.url,
+            sources=[HttpEvents(rate=50, seed=8)],
+            streams=["http_events"],
+            shared_registry=False,  # the proxy's registry outlives the broker's restart
+        ) as st:
+            with _web(server, st) as web:
+                page = await browser.new_page()
+                await page.goto(web.url)
+                await until(lambda: _more(page, "#rows", 0))
+                await asyncio.to_thread(server.stop)
+
+                await until(_state_is(page, "reconnecting"))
+                assert "reconnecting" in await _text(page, "#status")
+                rows = await _rows(page)
+                await asyncio.to_thread(server.start)
+                await until(_state_is(page, "verified"), timeout=20)
+                await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
+                assert await _text(page, "#rejected") == "0"
+                await page.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_connects_as_its_session_with_its_token(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """The connection convention of the auth callout: NATS user = the session id, password =
+    the token. A server that does not know that user refuses it, and the page says the
+    token was refused."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        'authorization { users: [{user: "someone-else", password: "not-the-token"}] }\n'
+        + 'websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n'
+    )
+    log_file = tmp_path / "nats.log"
+    options = ServerOptions(config_file=conf, jetstream=False, log_file=log_file)
+    with EmbeddedServer(options) as server:
+        assert server.websocket_url is not None
+        config = WebConfig(
+            nats_ws_url=server.websocket_url,
+            cluster="c1",
+            streams=["http_events"],
+            token=lambda: "the-token",
+            trust=TrustStore(),
+        )
+        with WebServer(config) as web:
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(_state_is(page, "error"))
+            status = await _text(page, "#status")
+            assert status.startswith("token refused"), status
+            sid = await page.evaluate("window.sealstream.subscription.session.session")
+            await page.close()
+    assert f'User "{sid}"' in log_file.read_text()
+
+
+async def _identity(page: Page) -> tuple[str, bool, str]:
+    """The page's fingerprint, whether its private key is extractable, and what WebCrypto
+    says when asked to export it."""
+    kid = await _text(page, "#identity")
+    extractable = await page.evaluate("window.sealstream.identity.privateKey.extractable")
+    export = await page.evaluate(
+        "crypto.subtle.exportKey('jwk', window.sealstream.identity.privateKey)"
+        ".then(() => 'exported', (e) => e.name)"
+    )
+    return kid, extractable, export
+
+
+async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_does(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    """``sealstream-consume web`` writes no policy: the page's open is refused ``forbidden``
+    in one line naming its identity and the command; once the operator authorizes the public
+    JWK the page shows, a reload (same identity, from IndexedDB) opens the session."""
+    async with make_stack(
+        ws_server.url, sources=[HttpEvents(rate=50, seed=9)], streams=["http_events"]
+    ) as st:
+        with _web(ws_server, st, authorize=None) as web:
+            page = await browser.new_page()
+            await page.goto(web.url)
+            await until(_state_is(page, "error"), timeout=15)
+            status = await _text(page, "#status")
+            kid, extractable, export = await _identity(page)
+            assert len(kid) == 43
+            assert status == (
+                "not authorized by the cluster (key not authorized): this page's identity "
+                f"{kid}; authorize it with: sealstream-producer authorize add --jwk-file "
+                "sealstream-web-identity.jwk --stream http_events"
+            )
+            assert "operator" in await _text(page, "#authorization")
+            assert await page.locator(ROWS_IN_DOM).count() == 0
+            assert await _rows(page) == 0
+            assert st.agent.sessions == {}
+            # the private key never leaves WebCrypto
+            assert extractable is False
+            assert export == "InvalidAccessError"
+
+            # the operator authorizes the public JWK the page shows (and offers to download)
+            jwk = json.loads(await _text(page, "#identity-jwk"))
+            assert set(jwk) == {"kty", "crv", "x"}
+            assert await _text(page, "#authorize-command") in status
+            policy = AuthzPolicy.load(st.policy_file)
+            policy.with_key(jwk, ["http_events"], name="browser")[0].save(st.policy_file)
+
+            await page.reload()
+            await until(lambda: _more(page, "#rows", 0))
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            # the same identity after the reload, still not extractable
+            assert await _identity(page) == (kid, False, "InvalidAccessError")
+            sid = await _text(page, "#session")
+            reader = st.agent.sessions[sid].reader
+            assert reader is not None
+            assert reader.identity == kid
+            await page.close()
+
+
+def _post(
+    web: WebServer,
+    body: object,
+    *,
+    origin: str | None,
+    host: str | None = None,
+    key: bool = True,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(web.host, web.port, timeout=5)
+    headers = {"Content-Type": "application/json", "Host": host or f"{web.host}:{web.port}"}
+    if key:
+        headers |= _page_key(web)
+    if origin is not None:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", "/authorize", body=json.dumps(body), headers=headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) -> None:
+    policy_file = tmp_path / "authorized.json"
+    config = WebConfig(
+        nats_ws_url="ws://127.0.0.1:1",
+        cluster="c1",
+        streams=["http_events"],
+        token=lambda: "secret-token",
+        trust=TrustStore(),
+        authorize=page_registration(policy_file, name="page"),
+    )
+    key = UserIdentity.generate().public_jwk
+    with WebServer(config) as web:
+        own = f"http://{web.host}:{web.port}"
+        # another site's page (a cross-site form or fetch carries its own Origin), a request
+        # without Origin, a rebinding host: refused, and nothing written
+        assert _post(web, {"jwk": key}, origin=f"http://evil.example:{web.port}")[0] == 403
+        assert _post(web, {"jwk": key}, origin=f"http://localhost:{web.port + 1}")[0] == 403
+        assert _post(web, {"jwk": key}, origin=None)[0] == 403
+        assert _post(web, {"jwk": key}, origin=own, host=f"evil.example:{web.port}")[0] == 421
+        assert not policy_file.exists()
+        assert web.refused == {"foreign origin": 3}
+        # a local process without the page's key (it could forge Origin, not the key)
+        assert _post(web, {"jwk": key}, origin=own, key=False)[0] == 403
+        assert not policy_file.exists()
+        assert web.refused == {"foreign origin": 3, "no page key": 1}
+        # a private key, or not an Ed25519 key: refused
+        UserIdentity.load_or_create(tmp_path / "user.jwk")
+        private = json.loads((tmp_path / "user.jwk").read_text())
+        assert _post(web, {"jwk": private}, origin=own)[0] == 400
+        x25519 = {**key, "crv": "X25519"}
+        assert _post(web, {"jwk": x25519}, origin=own)[0] == 400
+        assert not policy_file.exists()
+        # the page itself: authorized for the configured streams, in the policy file
+        status, answer = _post(web, {"jwk": key}, origin=own)
+        assert status == 200, answer
+        kid = json.loads(answer)["identity"]
+        grant = AuthzPolicy.load(policy_file).keys[kid]
+        assert grant.streams == {"http_events"}
+        assert grant.until is not None  # a week, renewed when the page registers again
+        assert 6 * 86400 < grant.until - time.time() <= 7 * 86400
+        assert policy_file.stat().st_mode & 0o777 == 0o600
+
+    # sealstream-consume web (no policy of its own) offers no registration
+    plain = WebConfig(
+        nats_ws_url="ws://127.0.0.1:1",
+        cluster="c1",
+        streams=["http_events"],
+        token=lambda: "secret-token",
+        trust=TrustStore(),
+    )
+    with WebServer(plain) as web:
+        assert _post(web, {"jwk": key}, origin=f"http://{web.host}:{web.port}")[0] == 404
+
+
+async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) -> None:
+    """The defaults a user gets: ``sealstream up`` (embedded nats-server with the auth
+    callout, the proxy, a producer enforcing its policy) serves the page; the page registers
+    its key with the cluster and shows decrypted rows."""
+    state = tmp_path / "state"
+    port = _free_port()
+    log = tmp_path / "up.log"
+    argv = [str(Path(sys.executable).parent / "sealstream"), "up", "--dir", str(state)]
+    argv += ["--sources", "http_events", "--rate", "50", "--web-port", str(port)]
+    with log.open("wb") as out:
+        up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=tmp_path
+        )
+    # the address `up` prints, with the page's key in its fragment, as a user would copy it
+    printed = re.compile(rf"http://127\.0\.0\.1:{port}/#key=[A-Za-z0-9_-]+")
+    try:
+
+        async def serving() -> bool:
+            assert up.poll() is None, log.read_text()
+            producer_log = state / "producer.log"
+            started = producer_log.exists() and "producer.started" in producer_log.read_text()
+            return started and printed.search(log.read_text()) is not None
+
+        await until(serving, timeout=60)
+        url = printed.search(log.read_text())
+        assert url is not None
+        page = await browser.new_page()
+        await page.goto(url.group(0))
+        try:
+            await until(lambda: _more(page, "#rows", 0), timeout=30)
+        except TimeoutError:
+            raise AssertionError(await _text(page, "#status")) from None
+        assert await page.locator(ROWS_IN_DOM).count() > 0
+        assert await page.get_attribute("#status", "data-state") == "verified"
+        kid = await _text(page, "#identity")
+        assert "authorized by this machine's cluster" in await _text(page, "#authorization")
+        grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
+        assert grant.streams == {"http_events"}
+        await page.close()
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(up.wait, 20)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            await asyncio.to_thread(up.wait)
+    assert "Traceback" not in log.read_text()
+    assert up.returncode == 0
