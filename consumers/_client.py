@@ -36,6 +36,7 @@ import structlog
 
 from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
+from sealstream.control import OpenRequest
 from sealstream.crypto import (
     Batch,
     ConsumerKey,
@@ -47,7 +48,7 @@ from sealstream.crypto import (
 from sealstream.ids import check_cluster_id, check_stream
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.wire import VERSION, OpenRequest, decode_map, encode_map
+from sealstream.wire import VERSION, decode_map, encode_map
 
 __all__ = ["Client", "Resumed", "Stats", "Subscription"]
 

@@ -24,7 +24,17 @@ from producers._batcher import Batcher, array_header_size, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers._sources import Source, plain_rows, validate_row
-from sealstream import SealstreamError, Subjects, WireError
+from sealstream import SealstreamError, SessionError, Subjects, WireError
+from sealstream.control import (
+    ControlClose,
+    ControlOpen,
+    Ok,
+    Pong,
+    Refusal,
+    Reply,
+    decode_control,
+    encode,
+)
 from sealstream.crypto import (
     ClusterIdentity,
     GroupSeal,
@@ -32,12 +42,10 @@ from sealstream.crypto import (
     MemberSession,
     ProducerSession,
 )
-from sealstream.ids import check_session_id, check_stream
-from sealstream.jwk import check_public_jwk, thumbprint
+from sealstream.ids import check_stream
 from sealstream.metrics import MetricsServer, Sample, collector_registry
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.wire import VERSION, decode_map, decode_open, encode_map
 
 __all__ = ["Agent"]
 
@@ -521,13 +529,12 @@ class Agent(AsyncResource):
             self._wake.set()
         if self._authz is not None:
             self._authz.refresh()  # a stat; the file is read again only if it changed
-        try:
-            reply, start = self._control(msg.data)
-        except WireError as exc:
-            reply, start = self._error("bad_request", str(exc)), None
+        reply, start = self._control(msg.data)
+        if isinstance(reply, Refusal):
+            start = None
         if msg.reply:
             try:
-                await msg.respond(reply)
+                await msg.respond(encode(reply))
             except nats.errors.Error as exc:  # the proxy times out and retries, or pings
                 log.info("control.reply_lost", error=repr(exc))
         if start is not None:
@@ -559,80 +566,67 @@ class Agent(AsyncResource):
                 log.info("session.revoked", session=session, reader=reader.identity)
                 await self.end_session(session, "revoked")
 
-    def _error(self, code: str, message: str) -> bytes:
-        self.refused[code] += 1
-        log.debug("control.refused", code=code, reason=message)
-        return encode_map({"ok": False, "error": {"code": code, "message": message}})
+    def _refuse(self, exc: SessionError) -> Refusal:
+        self.refused[exc.code] += 1
+        log.debug("control.refused", code=exc.code, reason=exc.detail)
+        return Refusal.of(exc)
 
-    def _control(self, payload: bytes) -> tuple[bytes, str | None]:
-        m = decode_map(payload)
-        version = m.get("v")
-        if type(version) is not int or version != VERSION:  # a bool is not an int
-            raise WireError("bad_version", f"unsupported version {version!r:.40}")
-        op = m.get("op")
-        if op == "close":
-            session = check_session_id(m.get("session"))
-            if session in self.sessions:
-                self._forget(session)
-                log.info("session.closed", session=session, reason=str(m.get("reason", ""))[:100])
-            return encode_map({"ok": True}), None
-        if op == "ping":  # the proxy checks we are alive and still serve its sessions
-            asked = m.get("sessions")
-            if not isinstance(asked, list):
-                return self._error("bad_request", "ping needs a sessions list"), None
-            unknown = [s for s in asked if isinstance(s, str) and s not in self.sessions]
-            return encode_map({"ok": True, "unknown": unknown[:10_000]}), None
-        if op != "open":
-            return self._error("bad_request", f"unknown op {op!r:.40}"), None
-        session = check_session_id(m.get("session"))
-        # the control op names no cluster: the subject it came on is this cluster's
-        req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
-        # the request's form first (the same answer whoever asks), then who asks: a refused
-        # open learns nothing of this cluster
-        if thumbprint(check_public_jwk(req.jwk)) != session:
-            raise WireError("session_mismatch", "session id is not the key's thumbprint")
+    def _control(self, payload: bytes) -> tuple[Reply, str | None]:
+        """The answer to a control request, and the session to start (after the answer)."""
+        try:
+            request = decode_control(payload)
+            if isinstance(request, ControlOpen):
+                return self._open(request), request.session
+        except WireError as exc:
+            return self._refuse(SessionError("bad_request", str(exc))), None
+        except SessionError as exc:
+            return self._refuse(exc), None
+        if isinstance(request, ControlClose):
+            if request.session in self.sessions:
+                self._forget(request.session)
+                log.info("session.closed", session=request.session, reason=request.reason[:100])
+            return Ok(), None
+        # a ping: the proxy checks we are alive and still serve its sessions
+        unknown = tuple(s for s in request.sessions if s not in self.sessions)
+        return Pong(unknown[:10_000]), None
+
+    def _open(self, request: ControlOpen) -> Ok:
+        """Serve a (well-formed) open, or refuse it (SessionError)."""
+        session = request.session
+        # who asks first (the form was checked when it was decoded): a refused open learns
+        # nothing of this cluster
         reader: Authorized | None = None
         if self._authz is not None:
-            checked = self._authz.check(
-                proof=req.proof,
-                authz=req.authz,
-                session=session,
-                jwk=req.jwk,
-                zip=req.zip,
-                streams=req.streams,
-                key_mode=req.key_mode,
-                now=self._clock(),
-            )
-            if isinstance(checked, str):
-                log.warning("session.forbidden", session=session, reason=checked)
-                return self._error("forbidden", checked), None
-            reader = checked
-        unknown = sorted(set(req.streams) - self.streams)
+            try:
+                reader = self._authz.check(request, now=self._clock())
+            except SessionError as exc:
+                log.warning("session.forbidden", session=session, reason=exc.detail)
+                raise
+        unknown = sorted(set(request.streams) - self.streams)
         if unknown:
-            return self._error("bad_request", f"unknown streams {unknown}"), None
+            raise SessionError("bad_request", f"unknown streams {unknown}")
         if session in self.sessions:
-            return self._error("bad_request", "session already open"), None
+            raise SessionError("bad_request", "session already open")
         if len(self.sessions) >= self.config.max_sessions:
-            return self._error("limit_exceeded", "cluster serves too many sessions"), None
-        if req.key_mode == "group" and req.zip:
-            return self._error("bad_request", "zip is not available in group mode"), None
-        kind = MemberSession if req.key_mode == "group" else ProducerSession
+            raise SessionError("limit_exceeded", "cluster serves too many sessions")
+        if request.key_mode == "group" and request.zip:
+            raise SessionError("bad_request", "zip is not available in group mode")
+        kind = MemberSession if request.key_mode == "group" else ProducerSession
         crypto = kind(
             self.identity,
             cluster=self.config.cluster,
             session=session,
-            consumer_jwk=req.jwk,
-            key_mode=req.key_mode,
-            compress=req.zip,
+            consumer_jwk=request.jwk,
+            key_mode=request.key_mode,
+            compress=request.zip,
             rotation=self.config.rotation,
         )
-        user = m.get("user")
-        self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256], reader)
+        self.sessions[session] = _Served(crypto, frozenset(request.streams), request.user, reader)
         log.info(
             "session.opened",
             session=session,
-            streams=list(req.streams),
-            key_mode=req.key_mode,
+            streams=list(request.streams),
+            key_mode=request.key_mode,
             reader=None if reader is None else reader.identity,
         )
-        return encode_map({"ok": True}), session
+        return Ok()

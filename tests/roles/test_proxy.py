@@ -25,13 +25,13 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
+from sealstream.control import OpenRequest
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, TrustStore
 from sealstream.jwk import b64u_encode, thumbprint
 from sealstream.nats import NatsAuth, settle
 from sealstream.wire import (
     Envelope,
     Notice,
-    OpenRequest,
     decode_inbox,
     encode_envelope,
     encode_map,

@@ -44,11 +44,11 @@ from structlog.testing import capture_logs
 
 from consumers import Batch, Subscription
 from sealstream import SESSION_STREAM
+from sealstream.control import ERROR_CODES
 from sealstream.crypto import ClusterIdentity, ConsumerKey, ConsumerSession, TrustStore
 from sealstream.crypto._jose import seal_to_key
 from sealstream.jwk import b64u_encode
 from sealstream.nats import connect
-from sealstream.wire import ERROR_CODES
 from tests.support.pipeline import Stack, Tap, collect_rows, eventually, fresh_key, make_stack
 
 T = TypeVar("T")
@@ -1003,7 +1003,7 @@ def _live(tg: asyncio.TaskGroup | None) -> set[str]:
 async def still_serving(stack: Stack) -> None:
     """The proxy's and the agent's background tasks are alive, and a NEW session opens and
     receives rows."""
-    assert {"Proxy._expiry_loop", "SharedRegistry.watch"} <= _live(stack.proxy._tg)
+    assert {"Liveness.run", "SharedRegistry.watch"} <= _live(stack.proxy._tg)
     assert "Agent._flush_loop" in _live(stack.agent._tg)
     async with stack.client() as client, client.subscribe(stack.cluster, ["records"]) as sub:
         rows = [{"after": i} for i in range(25)]

@@ -18,6 +18,7 @@ from jwcrypto import jwe as jc_jwe
 from jwcrypto import jwk as jc_jwk
 
 from sealstream import TrustError, WireError, check_public_jwk, thumbprint
+from sealstream.control import decode_open
 from sealstream.crypto import (
     Batch,
     ClusterIdentity,
@@ -30,7 +31,7 @@ from sealstream.crypto import (
 )
 from sealstream.crypto._jose import open_dir, parse_compact, seal_dir
 from sealstream.jwk import b64u_decode, b64u_encode
-from sealstream.wire import decode_envelope, decode_open
+from sealstream.wire import decode_envelope
 from tests.support.helpers import CLUSTER, gen_key, make_pair
 
 ROWS = [{"time_": 1, "path": "/a", "status": 200, "latency": 1.5, "ok": True, "none": None}]

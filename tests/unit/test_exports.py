@@ -146,6 +146,7 @@ CORE_MODULES = sorted(
 
 def test_the_core_has_its_public_modules() -> None:
     assert CORE_MODULES == [
+        "control",
         "errors",
         "groupwire",
         "ids",

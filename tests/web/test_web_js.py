@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from producers._authz import Authorized, Authorizer, AuthzPolicy
+from sealstream import SessionError
+from sealstream.control import ControlOpen
 from sealstream.crypto import ConsumerKey
 from sealstream.jwk import thumbprint
 from tests.support.web_vectors import build_vectors
@@ -104,16 +106,21 @@ def test_the_javascript_proof_passes_the_producers_checks(tmp_path: Path) -> Non
     now = time.time()
 
     def check(proof: str, **changes: Any) -> object:
+        """What the open is answered: Authorized, or the reason it is refused."""
         open_: dict[str, Any] = {
             "proof": proof,
-            "authz": None,
             "session": session_key.session_id,
             "jwk": session_key.public_jwk,
-            "streams": request["streams"],
+            "streams": tuple(request["streams"]),
             "key_mode": "session",
-            "now": now,
+            "zip": False,
+            "user": "u",
         }
-        return authorizer.check(**{**open_, **changes})
+        at = changes.pop("now", now)
+        try:
+            return authorizer.check(ControlOpen(**{**open_, **changes}), now=at)
+        except SessionError as exc:
+            return exc.detail if exc.code == "forbidden" else exc
 
     first, second = made["proofs"]
     accepted = check(first)
