@@ -7,7 +7,7 @@ import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey, prove } from "./crypto.js";
 import { GroupMember } from "./group.js";
 import { ConsumerSession } from "./session.js";
-import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./wire.js";
+import { WireError, decodeReply, encodeOpenRequest, encodeSessionRef } from "./wire.js";
 
 /** A refusal from the proxy (its error code: unauthorized, forbidden, ...). */
 export class SessionError extends Error {
@@ -166,14 +166,13 @@ export class Subscription {
     });
     await this.nc.flush();
     const keyMode = o.keyMode ?? "session";
-    /** @type {Record<string, unknown>} */
+    /** @type {import("./wire.js").OpenRequest} */
     const open = {
-      v: VERSION,
       token: await this.token(),
       cluster: o.cluster,
       streams: o.streams,
       jwk: key.publicJwk,
-      key_mode: keyMode,
+      keyMode,
       zip: o.allowZip ?? false,
     };
     if (o.identity !== undefined) {
@@ -185,11 +184,11 @@ export class Subscription {
         keyMode,
       });
     }
-    const reply = await this.request("open", open);
+    const reply = await this.request("open", encodeOpenRequest(open), "opened");
     if (reply.session !== key.sessionId) {
       throw new BrokerError("the proxy answered for another session");
     }
-    this.setKeepalive(reply.keepalive_s);
+    this.setKeepalive(reply.keepaliveS);
     this.schedule();
   }
 
@@ -201,10 +200,9 @@ export class Subscription {
     }
   }
 
-  /** @param {unknown} value */
-  setKeepalive(value) {
-    const n = value instanceof WireFloat ? value.value : wireInt(value);
-    if (n !== null && Number(n) > 0) this.keepaliveS = Number(n);
+  /** @param {number | null} seconds the proxy's interval (null: it did not say) */
+  setKeepalive(seconds) {
+    if (seconds !== null) this.keepaliveS = seconds;
   }
 
   schedule() {
@@ -216,12 +214,9 @@ export class Subscription {
     if (this.closed || this.session === null) return;
     try {
       const token = await this.token();
-      const reply = await this.request("keepalive", {
-        v: VERSION,
-        token,
-        session: this.session.session,
-      });
-      this.setKeepalive(reply.keepalive_s);
+      const ref = { token, session: this.session.session };
+      const reply = await this.request("keepalive", encodeSessionRef(ref), "keptAlive");
+      this.setKeepalive(reply.keepaliveS);
     } catch (err) {
       // busy or passing (the proxy's "retry", its registry or the cluster out of reach): the
       // session stays, as in the Python client; anything else about it ends it
@@ -238,16 +233,18 @@ export class Subscription {
   }
 
   /**
-   * A session API request in msgpack; the reply's error becomes SessionError.
+   * A session API request (encoded by wire.js); the reply a refusal becomes SessionError.
+   * @template {keyof import("./wire.js").Replies} K
    * @param {"open" | "keepalive" | "close"} op
-   * @param {Record<string, unknown>} body
-   * @returns {Promise<Record<string, unknown>>}
+   * @param {Uint8Array} body
+   * @param {K} kind what the reply answers with
+   * @returns {Promise<import("./wire.js").Replies[K]>}
    */
-  async request(op, body) {
+  async request(op, body, kind) {
     if (this.nc === null) throw new BrokerError("not connected");
     let msg;
     try {
-      msg = await this.nc.request(`${this.prefix}.api.session.${op}`, encodeMap(body), {
+      msg = await this.nc.request(`${this.prefix}.api.session.${op}`, body, {
         timeout: this.options.requestTimeoutMs ?? 5000,
       });
     } catch (err) {
@@ -259,20 +256,13 @@ export class Subscription {
     }
     let reply;
     try {
-      reply = decodeMap(msg.data);
+      reply = decodeReply(msg.data, kind);
     } catch (err) {
       if (err instanceof WireError) throw new BrokerError("malformed reply from the proxy");
       throw err;
     }
-    if (reply.ok !== true) {
-      const error = /** @type {Record<string, unknown>} */ (reply.error ?? {});
-      throw new SessionError(
-        String(error.code ?? "bad_request"),
-        String(error.message ?? ""),
-        error.retry === true,
-      );
-    }
-    return reply;
+    if (reply.type === "refusal") throw new SessionError(reply.code, reply.message, reply.retry);
+    return /** @type {import("./wire.js").Replies[K]} */ (reply);
   }
 
   /** @param {Uint8Array} data */
@@ -350,8 +340,8 @@ export class Subscription {
     const nc = this.nc;
     if (nc === null) return;
     if (this.session !== null && this.lastToken) {
-      const body = { v: VERSION, token: this.lastToken, session: this.session.session };
-      nc.publish(`${this.prefix}.api.session.close`, encodeMap(body));
+      const ref = { token: this.lastToken, session: this.session.session };
+      nc.publish(`${this.prefix}.api.session.close`, encodeSessionRef(ref));
     }
     void nc.close();
   }
@@ -366,7 +356,8 @@ export class Subscription {
     if (this.session !== null) {
       try {
         const token = await this.token();
-        await this.request("close", { v: VERSION, token, session: this.session.session });
+        const ref = { token, session: this.session.session };
+        await this.request("close", encodeSessionRef(ref), "ok");
       } catch {
         // the proxy expires the session anyway
       }
