@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar, overload
@@ -36,7 +36,17 @@ import structlog
 
 from consumers._config import ClientConfig
 from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
-from sealstream.control import OpenRequest
+from sealstream.control import (
+    KeptAlive,
+    Ok,
+    Opened,
+    OpenRequest,
+    Refusal,
+    Request,
+    SessionRef,
+    decode_reply,
+    encode,
+)
 from sealstream.crypto import (
     Batch,
     ConsumerKey,
@@ -48,7 +58,7 @@ from sealstream.crypto import (
 from sealstream.ids import check_cluster_id, check_stream
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.wire import VERSION, decode_map, encode_map
+from sealstream.wire import encode_map
 
 __all__ = ["Client", "Resumed", "Stats", "Subscription"]
 
@@ -85,6 +95,7 @@ class Resumed:
 
 
 _T = TypeVar("_T", "Batch", "Batch | Resumed")
+_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive)
 #: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
@@ -205,19 +216,43 @@ class Client:
             raise SessionError("unauthorized", "the token function returned no token")
         return token
 
+    @overload
     async def request(
         self,
         subject: str,
-        body: dict[str, Any],
+        body: Request | Mapping[str, Any],
         *,
         timeout_s: float | None = None,
         nc: Any = None,
-    ) -> dict[str, Any]:
-        """A session API request (on ``nc``, by default the client's connection); the reply's
-        error becomes :class:`SessionError`."""
+    ) -> Ok: ...
+
+    @overload
+    async def request(
+        self,
+        subject: str,
+        body: Request | Mapping[str, Any],
+        reply: type[_Reply],
+        *,
+        timeout_s: float | None = None,
+        nc: Any = None,
+    ) -> _Reply: ...
+
+    async def request(
+        self,
+        subject: str,
+        body: Request | Mapping[str, Any],
+        reply: type[_Reply] | type[Ok] = Ok,
+        *,
+        timeout_s: float | None = None,
+        nc: Any = None,
+    ) -> _Reply | Ok:
+        """A session API request (on ``nc``, by default the client's connection) and its
+        ``reply``; a refusal raises :class:`SessionError`. ``body`` may be a raw map (a test
+        that sends what the codec would not)."""
+        payload = encode(body) if isinstance(body, OpenRequest | SessionRef) else encode_map(body)
         try:
             msg = await (nc if nc is not None else self.nc).request(
-                subject, encode_map(body), timeout=timeout_s or self.config.request_timeout_s
+                subject, payload, timeout=timeout_s or self.config.request_timeout_s
             )
         except nats.errors.NoRespondersError:
             raise BrokerError("no sealstream proxy is serving this NATS server") from None
@@ -226,19 +261,12 @@ class Client:
         except nats.errors.Error as exc:  # closed, draining, reconnecting...
             raise BrokerError(f"cannot send a session request: {exc!r}") from exc
         try:
-            reply = decode_map(msg.data)
+            answer = decode_reply(msg.data, reply)
         except WireError as exc:
             raise BrokerError(f"malformed reply from the proxy: {exc}") from None
-        if reply.get("ok") is not True:
-            error = reply.get("error")
-            if not isinstance(error, dict):
-                raise SessionError("bad_request", "malformed error reply")
-            code = str(error.get("code", "bad_request"))
-            message = str(error.get("message", ""))
-            if error.get("retry") is True:  # the proxy is busy: the same request may pass later
-                raise SessionError(code, message, retriable=True)
-            raise SessionError(code, message)
-        return reply
+        if isinstance(answer, Refusal):
+            raise answer.error()  # retriable when the proxy marks it passing (busy)
+        return answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,13 +353,12 @@ class _Session(AsyncResource):
             else None,
             authz=cfg.authz,
         )
-        reply = await self._client.request(subjects.api_open, req.to_map(), nc=nc)
-        if reply.get("session") != key.session_id:
+        opened = await self._client.request(subjects.api_open, req, Opened, nc=nc)
+        if opened.session != key.session_id:
             raise BrokerError("the proxy answered for another session")
         self._stack.push_async_callback(self.close)
-        ka = reply.get("keepalive_s")
-        if isinstance(ka, int | float) and not isinstance(ka, bool) and ka > 0:
-            self.keepalive_s = float(ka)
+        if opened.keepalive_s is not None:
+            self.keepalive_s = float(opened.keepalive_s)
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)
         tg.create_task(self._keepalive())
@@ -362,10 +389,10 @@ class _Session(AsyncResource):
             return
         self._closed = True
         try:
-            body = {"v": VERSION, "token": self._client.token(), "session": self.crypto.session}
+            ref = SessionRef(self.crypto.session, self._client.token())
             # short: on shutdown the proxy may be going away too; it expires the session anyway
             await self._client.request(
-                self._client.subjects.api_close, body, timeout_s=2.0, nc=self._conn
+                self._client.subjects.api_close, ref, timeout_s=2.0, nc=self._conn
             )
         except (BrokerError, SessionError) as exc:
             log.info("session.close_failed", session=self.crypto.session, error=str(exc))
@@ -393,8 +420,9 @@ class _Session(AsyncResource):
                 # renewed: log in again with it (the broker ends the old login after its exp)
                 await self._own_nc.force_reconnect()
             try:
-                body = {"v": VERSION, "token": token, "session": session}
-                await self._client.request(self._client.subjects.api_keepalive, body, nc=self._conn)
+                ref = SessionRef(session, token)
+                subject = self._client.subjects.api_keepalive
+                await self._client.request(subject, ref, KeptAlive, nc=self._conn)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning("session.keepalive_refused", session=session, code=exc.code)

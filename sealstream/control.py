@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Self, TypeVar
 
 from sealstream.errors import SessionError, WireError
 from sealstream.ids import check_cluster_id, check_session_id, check_stream
@@ -328,20 +328,30 @@ def _keepalive_s(m: Mapping[str, Any]) -> float | None:
     return value
 
 
+class _Answer:
+    """A reply that is not a refusal (decoded by :func:`decode_reply`)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
-class Ok:
+class Ok(_Answer):
     """``{"ok": true}``: a close served, a control open or close accepted."""
 
     def to_map(self) -> dict[str, Any]:
         return {"ok": True}
 
     @classmethod
-    def _from_map(cls, m: Mapping[str, Any]) -> Ok:
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(_Answer):
     """The proxy's answer to an open (``keepalive_s`` None: the proxy did not say)."""
 
     session: str
@@ -355,13 +365,13 @@ class Opened:
         return m
 
     @classmethod
-    def _from_map(cls, m: Mapping[str, Any]) -> Opened:
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
         session = check_session_id(_field(m, "session", str))
         return cls(session, _field(m, "inbox", str), _keepalive_s(m))
 
 
 @dataclass(frozen=True, slots=True)
-class KeptAlive:
+class KeptAlive(_Answer):
     """The proxy's answer to a keepalive."""
 
     keepalive_s: float | None
@@ -374,12 +384,12 @@ class KeptAlive:
         )
 
     @classmethod
-    def _from_map(cls, m: Mapping[str, Any]) -> KeptAlive:
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
         return cls(_keepalive_s(m))
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
+class Pong(_Answer):
     """A producer's answer to a ping: the sessions it does not serve."""
 
     unknown: tuple[str, ...]
@@ -388,7 +398,7 @@ class Pong:
         return {"ok": True, "unknown": list(self.unknown)}
 
     @classmethod
-    def _from_map(cls, m: Mapping[str, Any]) -> Pong:
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
         return cls(_session_list(m, "unknown") if "unknown" in m else ())
 
 
@@ -432,7 +442,7 @@ class Refusal:
 
 
 Reply = Ok | Opened | KeptAlive | Pong | Refusal
-_R = TypeVar("_R", Ok, Opened, KeptAlive, Pong)
+_R = TypeVar("_R", bound=_Answer)
 
 
 def decode_reply(

@@ -44,7 +44,7 @@ from structlog.testing import capture_logs
 
 from consumers import Batch, Subscription
 from sealstream import SESSION_STREAM
-from sealstream.control import ERROR_CODES
+from sealstream.control import ERROR_CODES, KeptAlive
 from sealstream.crypto import ClusterIdentity, ConsumerKey, ConsumerSession, TrustStore
 from sealstream.crypto._jose import seal_to_key
 from sealstream.jwk import b64u_encode
@@ -1061,7 +1061,8 @@ async def _survive(arena: Arena, send: Sender, caplog: pytest.LogCaptureFixture)
             await storm(stack, sub, arena.shots, send)
             # the legit session can still be kept alive
             body = {"v": 1, "token": client.token(), "session": sub.session_id}
-            assert (await client.request(stack.subjects.api_keepalive, body))["ok"] is True
+            kept = await client.request(stack.subjects.api_keepalive, body, KeptAlive)
+            assert kept.keepalive_s == stack.proxy.config.keepalive_s
         await still_serving(stack)
     # no exception escaped a NATS callback (nats-py hands those to the error callback, which
     # logs nats.error), and no task died unretrieved (asyncio logs those as errors)
