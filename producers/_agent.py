@@ -23,7 +23,7 @@ from producers._authz import Authorized, Authorizer
 from producers._batcher import Batcher, array_header_size, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
-from producers._sources import Source, plain_rows, validate_row
+from producers.sources import Source, plain_rows, validate_row
 from sealstream import SealstreamError, Subjects, WireError
 from sealstream.crypto import (
     ClusterIdentity,

@@ -71,6 +71,18 @@ EXPECTED: dict[str, list[str]] = {
         "Source",
         "page_registration",
     ],
+    "producers.sources": [
+        "HostMetrics",
+        "HttpEvents",
+        "JsonLines",
+        "Records",
+        "RejectReason",
+        "Row",
+        "Scalar",
+        "Source",
+        "plain_rows",
+        "validate_row",
+    ],
     "broker_proxy": [
         "AuthService",
         "CalloutConfig",

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from producers._batcher import Batcher, Batching, array_header_size
-from producers._sources import (
+from producers.sources import (
     HostMetrics,
     HttpEvents,
     JsonLines,
