@@ -7,7 +7,7 @@ A source has a ``stream`` name and an async ``rows()`` iterator of row batches:
 - :class:`JsonLines`: JSON objects, one a line, from a file, a file object or stdin.
 - :class:`Records`: rows handed over by Python code, behind a bounded queue.
 
-The row rules (:func:`validate_row`, :func:`plain_rows`) are the one check of rows from outside.
+The row rules (:func:`validate_row`, :func:`check_rows`) are the one check of rows from outside.
 """
 
 from producers.sources._host import HostMetrics
@@ -15,15 +15,18 @@ from producers.sources._http import HttpEvents
 from producers.sources._jsonl import JsonLines
 from producers.sources._records import Records
 from producers.sources._rows import (
+    CheckedRows,
     RejectReason,
     Row,
     Scalar,
     Source,
+    check_rows,
     plain_rows,
     validate_row,
 )
 
 __all__ = [
+    "CheckedRows",
     "HostMetrics",
     "HttpEvents",
     "JsonLines",
@@ -32,6 +35,7 @@ __all__ = [
     "Row",
     "Scalar",
     "Source",
+    "check_rows",
     "plain_rows",
     "validate_row",
 ]

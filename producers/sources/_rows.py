@@ -2,24 +2,30 @@
 
 A row is a flat ``dict`` of ``str`` keys to scalars (``int``, ``float``, ``str``, ``bool``,
 ``None``). :func:`validate_row` is the one pure check of a row from outside (JSON lines, Python
-callers); :func:`plain_rows` the fast check of a list of rows. Row contents are the user's
-telemetry: they are never logged, and neither are the inputs they came from.
+callers); :func:`check_rows` is what the agent asks once per call of ``emit``: the valid rows,
+packed in one piece when they are plain, and why the others were refused. Row contents are the
+user's telemetry: they are never logged, and neither are the inputs they came from.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, TypeAlias, TypeGuard
 
+import msgpack
+
 __all__ = [
+    "CheckedRows",
     "RejectReason",
     "Row",
     "Scalar",
     "Sleep",
     "Source",
     "check_positive",
+    "check_rows",
     "plain_rows",
     "validate_row",
 ]
@@ -139,6 +145,43 @@ def validate_row(obj: object) -> Row | RejectReason:
         if reason is not None:
             return reason
     return dict(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRows:
+    """What :func:`check_rows` made of one call's rows.
+
+    ``rows`` are the valid rows in order; ``packed`` is them as one msgpack array when they
+    were plain and packed in one call (None: each is packed on its own); ``rejected`` is the
+    reason of every refused row, in order."""
+
+    rows: list[Row]
+    packed: bytes | None = None
+    rejected: list[RejectReason] = field(default_factory=list)
+
+
+def check_rows(rows: Iterable[Mapping[str, Any]]) -> CheckedRows:
+    """The valid rows of ``rows`` and why the others are not rows (pure).
+
+    A list of plain rows (see :func:`plain_rows`) is packed in one call and taken as is
+    (msgpack refuses an int beyond 64 bits or a str that is not UTF-8: those lists take the
+    checks row by row, as does any other iterable)."""
+    if rows and plain_rows(rows):
+        try:
+            packed = msgpack.packb(rows, use_bin_type=True)
+        except (OverflowError, ValueError):
+            pass
+        else:
+            return CheckedRows(rows, packed)
+    valid: list[Row] = []
+    rejected: list[RejectReason] = []
+    for row in rows:
+        checked = validate_row(row)
+        if isinstance(checked, str):
+            rejected.append(checked)
+        else:
+            valid.append(checked)
+    return CheckedRows(valid, None, rejected)
 
 
 def check_positive(name: str, value: float) -> float:

@@ -72,6 +72,7 @@ EXPECTED: dict[str, list[str]] = {
         "page_registration",
     ],
     "producers.sources": [
+        "CheckedRows",
         "HostMetrics",
         "HttpEvents",
         "JsonLines",
@@ -80,6 +81,7 @@ EXPECTED: dict[str, list[str]] = {
         "Row",
         "Scalar",
         "Source",
+        "check_rows",
         "plain_rows",
         "validate_row",
     ],
