@@ -23,7 +23,7 @@ from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers.sources import Source, check_rows
-from sealstream import SealstreamError, Subjects, WireError
+from sealstream import KeyMode, SealstreamError, Subjects, WireError
 from sealstream.crypto import (
     ClusterIdentity,
     GroupSeal,
@@ -48,7 +48,7 @@ _GROUP_QUEUE = "group."
 
 @dataclass(slots=True)
 class _Served:
-    crypto: ProducerSession
+    crypto: ProducerSession | MemberSession
     streams: frozenset[str]
     user: str
     #: who the open's proof showed (None: the relay's word, --trust-relay-authorization)
@@ -482,6 +482,24 @@ class Agent(AsyncResource):
             else:
                 await self._send(queue, [sealed.envelope])
 
+    def _session_crypto(
+        self, session: str, jwk: Mapping[str, Any], key_mode: KeyMode, *, compress: bool
+    ) -> ProducerSession | MemberSession:
+        """A new session's encryption state: its own data channel, or a group member's."""
+        if key_mode == "group":
+            return MemberSession(
+                self.identity, cluster=self.config.cluster, session=session, consumer_jwk=jwk
+            )
+        return ProducerSession(
+            self.identity,
+            cluster=self.config.cluster,
+            session=session,
+            consumer_jwk=jwk,
+            key_mode=key_mode,
+            compress=compress,
+            rotation=self.config.rotation,
+        )
+
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""
         async with self._lock:
@@ -595,16 +613,7 @@ class Agent(AsyncResource):
             return self._error("limit_exceeded", "cluster serves too many sessions"), None
         if req.key_mode == "group" and req.zip:
             return self._error("bad_request", "zip is not available in group mode"), None
-        kind = MemberSession if req.key_mode == "group" else ProducerSession
-        crypto = kind(
-            self.identity,
-            cluster=self.config.cluster,
-            session=session,
-            consumer_jwk=req.jwk,
-            key_mode=req.key_mode,
-            compress=req.zip,
-            rotation=self.config.rotation,
-        )
+        crypto = self._session_crypto(session, req.jwk, req.key_mode, compress=req.zip)
         user = m.get("user")
         self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256], reader)
         log.info(
