@@ -636,7 +636,7 @@ def test_any_bytes_are_refused_without_a_crash(payload: bytes) -> None:
 
 def test_a_new_login_only_near_the_old_tokens_expiry() -> None:
     """A token function that mints a fresh token per call must not reconnect every keepalive."""
-    from consumers._client import _Login
+    from consumers._session import Login as _Login
 
     tokens = iter([token("c1", ttl_s=3600), token("c1", ttl_s=30)])
     c = Client(ClientConfig(token=lambda: next(tokens)), trust=TrustStore({}))
