@@ -344,9 +344,7 @@ class Authorizer:
             raise _forbidden("bad signature") from None
         if until is not None and now >= until:
             raise _forbidden("authorization expired")
-        refused = self._claims(claims, request, allowed, now)
-        if refused is not None:
-            raise _forbidden(refused)
+        self._claims(claims, request, allowed, now)
         self._seen[claims["jti"]] = claims["iat"] + self.window_s
         return Authorized(kid, name, allowed, until, issuer)
 
@@ -356,8 +354,8 @@ class Authorizer:
         request: ControlOpen,
         allowed: frozenset[str],
         now: float,
-    ) -> str | None:
-        """Why the proof's claims do not match the open, or None."""
+    ) -> None:
+        """SessionError ``forbidden`` (with why) unless the proof's claims match the open."""
         iat, jti, asked = claims.get("iat"), claims.get("jti"), claims.get("streams")
         if (
             set(claims) - {"zip"} != _CLAIMS
@@ -369,34 +367,33 @@ class Authorizer:
             or not isinstance(jti, str)
             or not _JTI.fullmatch(jti)
         ):
-            return "malformed claims"
+            raise _forbidden("malformed claims")
         if claims["cluster"] != self.cluster:
-            return "proof is for another cluster"
+            raise _forbidden("proof is for another cluster")
         # the codec bound the open's session to its key
         if claims["session"] != request.session:
-            return "proof is for another session"
+            raise _forbidden("proof is for another session")
         requested = set(request.streams)
         if set(asked) != requested:
-            return "proof is for other streams"
+            raise _forbidden("proof is for other streams")
         missing = sorted(requested - allowed)
         if missing:
-            return f"stream {missing[0]!r:.70} not authorized"
+            raise _forbidden(f"stream {missing[0]!r:.70} not authorized")
         if claims["key_mode"] != request.key_mode:
-            return "proof is for another key mode"
+            raise _forbidden("proof is for another key mode")
         if claims.get("zip", False) is not request.zip:  # a relay must not turn compression on
-            return "proof is for another zip"
+            raise _forbidden("proof is for another zip")
         if iat < now - self.window_s:
-            return "proof expired"
+            raise _forbidden("proof expired")
         if iat > now + self.window_s:
-            return "proof from the future"
+            raise _forbidden("proof from the future")
         seen = self._seen.get(jti)
         if seen is not None and seen >= now:
-            return "proof replayed"
+            raise _forbidden("proof replayed")
         if len(self._seen) >= self.max_jti:
             self._seen = {j: t for j, t in self._seen.items() if t >= now}
             if len(self._seen) >= self.max_jti:
-                return "too many opens"
-        return None
+                raise _forbidden("too many opens")
 
     def _issued(self, token: str, kid: str, now: float) -> tuple[frozenset[str], float | None, str]:
         """An issuer token (``authz``) for identity ``kid``: (streams, until, issuer id); or
