@@ -1,25 +1,28 @@
-"""Cross-language vectors of group mode for the browser member (``consumers/web/src/group.js``):
-group keys and batches sealed by the real :class:`GroupSealer` and :class:`MemberSession`, and
-the group tamper matrix. The Python :class:`GroupMember` is the oracle, as in
-``tests/support/web_vectors.py`` (which writes these cases under ``group_cases``)."""
+"""The group-mode matrix, for the browser member (``consumers/web/src/group.js``): group keys
+and batches sealed by the real :class:`GroupSealer` and :class:`MemberSession`, genuine and
+tampered. The Python :class:`GroupMember` is the oracle: ``tests/support/vectors.py`` records
+its verdict at every step into ``consumers/web/test/vectors/groups.json``. Keys, identities,
+clocks and randomness are fixed, as in ``tests/support/matrix.py``.
+
+To add a case: build it in :func:`group_cases`, then run ``python -m tests.support.vectors``."""
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealstream.crypto import (
-    Batch,
     ClusterIdentity,
     ConsumerKey,
-    End,
     GroupMember,
     GroupSealer,
     MemberSession,
+    Policy,
     ProducerSession,
     TrustStore,
     encode_rows,
@@ -28,28 +31,23 @@ from sealstream.crypto._group import GROUP_SIG_CONTEXT
 from sealstream.crypto._jose import open_with_key, seal_protected
 from sealstream.groupwire import encode_group_envelope
 from sealstream.jwk import b64u_decode
-from tests.support.helpers import CLUSTER, env_map, gen_key, repack
+from tests.support.helpers import CLUSTER, env_map, repack
+from tests.support.matrix import ROWS, TS_BIG, keys, seeded
 
-__all__ = ["build_group_cases"]
+__all__ = ["GroupCase", "group_cases"]
 
 STREAM = "s"
-TS_BIG = 1_790_000_000_123_456_789
-ROWS: list[dict[str, Any]] = [{"path": "/secret", "n": 1, "big": 2**60 + 1, "f": 1.5}]
-
-
-def _plain(value: Any) -> Any:
-    from tests.support.web_vectors import _plain as plain
-
-    return plain(value)
 
 
 class World:
     """A cluster's group of stream ``s`` and its members (the producer side)."""
 
-    def __init__(self) -> None:
-        self.identity = ClusterIdentity.generate()
+    def __init__(self, seed: int) -> None:
+        self.identity = keys().identity["cluster"]
         self.now = TS_BIG
-        self.sealer = GroupSealer(self.identity, cluster=CLUSTER, stream=STREAM, clock=self.clock)
+        self.sealer = GroupSealer(
+            self.identity, cluster=CLUSTER, stream=STREAM, clock=self.clock, random=seeded(seed)
+        )
         self.members: dict[str, MemberSession] = {}
         self.keys: dict[str, ConsumerKey] = {}
 
@@ -87,76 +85,29 @@ class World:
         return b64u_decode(claims["k"])
 
 
+@dataclass
 class GroupCase:
-    """One member fed a list of payloads; each step records the oracle's verdict."""
+    """One member of a world, and the payloads it is fed."""
 
-    def __init__(
-        self, name: str, world: World, key: ConsumerKey, streams: tuple[str, ...] = (STREAM,)
-    ) -> None:
-        self.name = name
-        self.world = world
-        self.key = key
-        self.streams = streams
-        self.member = GroupMember(
-            key,
-            cluster=CLUSTER,
-            streams=list(streams),
-            trust=TrustStore({CLUSTER: [world.identity.public_jwk]}),
-            policy="discard",
-        )
-        self.steps: list[dict[str, Any]] = []
+    name: str
+    world: World
+    key: ConsumerKey
+    streams: tuple[str, ...] = (STREAM,)
+    payloads: list[bytes] = field(default_factory=list)
 
     def feed(self, payloads: list[bytes]) -> GroupCase:
-        m = self.member
-        for payload in payloads:
-            before, skipped = m.rejected.copy(), m.skipped
-            result = m.accept(payload)
-            step: dict[str, Any] = {"payload": base64.b64encode(payload).decode()}
-            delta = m.rejected - before
-            if delta:
-                (reason,) = delta
-                step.update(expect="reject", reason=reason)
-            elif isinstance(result, Batch):
-                step.update(
-                    expect="batch",
-                    stream=result.stream,
-                    seq=str(result.seq),
-                    ts=str(result.ts),
-                    rows=_plain(result.rows),
-                    lost_before=str(result.lost_before),
-                )
-            elif isinstance(result, End):
-                step.update(expect="end", reason=result.reason)
-            elif m.skipped > skipped:
-                step.update(expect="skip")
-            else:
-                step.update(expect="key", epochs={g: str(s.epoch) for g, s in m.groups.items()})
-            self.steps.append(step)
+        self.payloads += payloads
         return self
 
-    def to_json(self) -> dict[str, Any]:
-        m = self.member
-        return {
-            "name": self.name,
-            "cluster": CLUSTER,
-            "streams": list(self.streams),
-            "key": {
-                "kind": self.key.kind,
-                "public_jwk": self.key.public_jwk,
-                "private_jwk": self.key._key.export_private(as_dict=True),
-                "session_id": self.key.session_id,
-            },
-            "trust": {CLUSTER: [self.world.identity.public_jwk]},
-            "steps": self.steps,
-            "final": {
-                "accepted": m.accepted,
-                "gaps": m.gaps,
-                "lost": str(m.lost),
-                "skipped": m.skipped,
-                "ended": m.ended,
-                "rejected": dict(m.rejected),
-            },
-        }
+    def member(self, policy: Policy) -> GroupMember:
+        """A fresh member for this case."""
+        return GroupMember(
+            self.key,
+            cluster=CLUSTER,
+            streams=list(self.streams),
+            trust=TrustStore({CLUSTER: [self.world.identity.public_jwk]}),
+            policy=policy,
+        )
 
 
 def _forge(
@@ -195,18 +146,19 @@ def _flip(data: bytes, index: int) -> bytes:
     return bytes(b)
 
 
-def build_group_cases() -> list[dict[str, Any]]:
+def group_cases() -> list[GroupCase]:
+    k = keys()
     cases: list[GroupCase] = []
     for kind in ("x25519", "p256", "rsa"):
-        w = World()
-        key = gen_key(kind)
+        w = World(1)
+        key = k.consumer[kind]
         s = w.join(key)
         k0, e0 = w.seal()
         _, e1 = w.seal([{"i": 1}])
         cases.append(GroupCase(f"group genuine {kind}", w, key).feed([k0[s], e0, e1]))
 
-    key = gen_key("x25519")
-    w = World()
+    key = k.consumer["x25519"]
+    w = World(2)
     s = w.join(key)
     k0, e0 = w.seal()
     envs = [w.seal([{"i": i}])[1] for i in range(4)]
@@ -217,7 +169,7 @@ def build_group_cases() -> list[dict[str, Any]]:
     )
 
     # tampering with one batch: every part of the JWE, the signature, the clear fields
-    w = World()
+    w = World(3)
     s = w.join(key)
     k0, e0 = w.seal()
     _, e1 = w.seal()
@@ -245,8 +197,8 @@ def build_group_cases() -> list[dict[str, Any]]:
 
     # a member forging for the others with the group key it holds; the header ts off by one
     # above 2**53 (signed by the cluster: only the header check refuses it)
-    w = World()
-    mallory = gen_key("x25519")
+    w = World(4)
+    mallory = k.consumer["mallory"]
     sm = w.join(mallory)
     s = w.join(key)
     k0, e0 = w.seal()
@@ -254,14 +206,14 @@ def build_group_cases() -> list[dict[str, Any]]:
     gk = w.group_key(sm, k0[sm])
     forged = [
         _forge(e1, gk),
-        _forge(e1, gk, signer=ClusterIdentity.generate()),
+        _forge(e1, gk, signer=k.identity["forger"]),
         _forge(e1, gk, signer=w.identity, ts=env_map(e1)["ts"] + 1),
     ]
     cases.append(GroupCase("group member forging", w, key).feed([k0[s], e0, *forged, e1]))
 
     # joining late: batches from before are skipped; a leaver's old epoch and a later one
-    w = World()
-    early = gen_key("x25519")
+    w = World(5)
+    early = k.consumer["early"]
     se = w.join(early)
     k0, e0 = w.seal()
     w.advance(1.0)
@@ -281,16 +233,20 @@ def build_group_cases() -> list[dict[str, Any]]:
     )
 
     # no downgrade; keys that are not group keys; the end
-    w = World()
+    w = World(6)
     s = w.join(key)
     k0, e0 = w.seal()
     session_mode = ProducerSession(
-        w.identity, cluster=CLUSTER, session=key.session_id, consumer_jwk=key.public_jwk
+        w.identity,
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+        random=seeded(8),
     )
     session_mode.seq = 1
     skey, sdata = session_mode.seal(STREAM, encode_rows(ROWS))
     rogue = MemberSession(
-        ClusterIdentity.generate(),
+        k.identity["rogue"],
         cluster=CLUSTER,
         session=key.session_id,
         consumer_jwk=key.public_jwk,
@@ -309,12 +265,12 @@ def build_group_cases() -> list[dict[str, Any]]:
     )
 
     # a member of another stream
-    w = World()
+    w = World(7)
     s = w.join(key)
     k0, e0 = w.seal()
-    other = gen_key("x25519")
+    other = k.consumer["other"]
     cases.append(GroupCase("group envelope to a non-member", w, other, ("t",)).feed([e0]))
 
     garbage = [b"\xc1", msgpack.packb({"v": 1, "kind": "group"}), e0[:-3]]
     cases.append(GroupCase("group malformed payloads", w, key).feed([k0[s], *garbage, e0]))
-    return [c.to_json() for c in cases]
+    return cases
