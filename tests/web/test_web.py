@@ -33,6 +33,7 @@ from structlog.testing import capture_logs
 from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
 from producers import HttpEvents, page_registration
 from producers._authz import AuthzPolicy
+from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
 from sealstream.crypto import (
     ClusterIdentity,
     ProducerSession,
@@ -46,16 +47,6 @@ from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
 from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 BUILD = Path(__file__).resolve().parents[2] / "build"
 FORGED = "FORGED-ROW-7d3e"
 ROWS_IN_DOM = 'section[data-stream="http_events"] tbody tr'
