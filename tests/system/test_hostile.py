@@ -62,7 +62,7 @@ PROXY_MUST_SEE: Final = ("subject_mismatch", "unknown_session", "wrong_cluster")
 CONSUMER_MUST_SEE: Final = ("untrusted_key", "unknown_kid", "bad_alg", "malformed")
 
 
-def check_storm(run: Storm, stack: Stack, sub: Subscription[Batch]) -> None:
+def check_storm(run: Storm, stack: Stack, sub: Subscription[Batch], *, at_once: bool) -> None:
     outcome, d, stats = run.outcome, run.delta, run.stats
     n_api, n_control = outcome.count(*API_OPS), outcome.count("control")
     n_data, n_inbox = outcome.count(*DATA_TARGETS), outcome.count("inbox")
@@ -74,9 +74,10 @@ def check_storm(run: Storm, stack: Stack, sub: Subscription[Batch]) -> None:
     for shot, reply in outcome.replies:
         check_reply(shot, reply)
     assert d.refused == n_api, stack.proxy.refused
-    # the opens for streams only the producer knows were forwarded to it, and it refused them
-    # as it refused every hostile control message
-    assert run.forwarded_opens > 0
+    # the opens for streams only the producer knows were forwarded to it (a few in the corpus;
+    # all at once, the proxy's pending request limit may refuse them first), and it refused
+    # them as it refused every hostile control message
+    assert at_once or run.forwarded_opens > 0
     assert d.agent_refused == n_control + run.forwarded_opens, stack.agent.refused
     # every published input was dropped by the proxy with a reason, or relayed...
     assert d.rejected + d.hostile_relayed == n_data
@@ -159,13 +160,14 @@ async def _all_at_once(nc: Any, shots: Sequence[Shot], outcome: Outcome) -> None
 
 
 async def _survive(arena: Arena, send: Sender, caplog: pytest.LogCaptureFixture) -> None:
+    at_once = send is _all_at_once
     stack = arena.stack
     with capture_logs() as events:
         async with (
             stack.client(policy="discard") as client,
             client.subscribe(stack.cluster, ["records"], key=arena.legit) as sub,
         ):
-            check_storm(await storm(stack, sub, arena.shots, send), stack, sub)
+            check_storm(await storm(stack, sub, arena.shots, send), stack, sub, at_once=at_once)
             # the legit session can still be kept alive
             body = {"v": 1, "token": client.token(), "session": sub.session_id}
             assert (await client.request(stack.subjects.api_keepalive, body))["ok"] is True
