@@ -4,7 +4,9 @@ tampered. The Python :class:`GroupMember` is the oracle: ``tests/support/vectors
 its verdict at every step into ``consumers/web/test/vectors/groups.json``. Keys, identities,
 clocks and randomness are fixed, as in ``tests/support/matrix.py``.
 
-To add a case: build it in :func:`group_cases`, then run ``python -m tests.support.vectors``."""
+Each payload is declared accepted or rejected with its reason; ``tests/unit/test_tamper.py``
+holds the Python member to it. To add a case: build it in :func:`group_cases`, then run
+``python -m tests.support.vectors``."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from sealstream.crypto._jose import open_with_key, seal_protected
 from sealstream.groupwire import encode_group_envelope
 from sealstream.jwk import b64u_decode
 from tests.support.helpers import CLUSTER, env_map, repack
-from tests.support.matrix import ROWS, TS_BIG, keys, seeded
+from tests.support.matrix import ROWS, TS_BIG, Step, keys, seeded
 
 __all__ = ["GroupCase", "group_cases"]
 
@@ -87,16 +89,21 @@ class World:
 
 @dataclass
 class GroupCase:
-    """One member of a world, and the payloads it is fed."""
+    """One member of a world, and the payloads it is fed, each with its verdict (a batch
+    from before the member joined is accepted and skipped)."""
 
     name: str
     world: World
     key: ConsumerKey
     streams: tuple[str, ...] = (STREAM,)
-    payloads: list[bytes] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
 
-    def feed(self, payloads: list[bytes]) -> GroupCase:
-        self.payloads += payloads
+    def ok(self, *payloads: bytes) -> GroupCase:
+        self.steps += [Step(p) for p in payloads]
+        return self
+
+    def bad(self, reason: str, *payloads: bytes) -> GroupCase:
+        self.steps += [Step(p, reason) for p in payloads]
         return self
 
     def member(self, policy: Policy) -> GroupMember:
@@ -155,7 +162,7 @@ def group_cases() -> list[GroupCase]:
         s = w.join(key)
         k0, e0 = w.seal()
         _, e1 = w.seal([{"i": 1}])
-        cases.append(GroupCase(f"group genuine {kind}", w, key).feed([k0[s], e0, e1]))
+        cases.append(GroupCase(f"group genuine {kind}", w, key).ok(k0[s], e0, e1))
 
     key = k.consumer["x25519"]
     w = World(2)
@@ -163,9 +170,11 @@ def group_cases() -> list[GroupCase]:
     k0, e0 = w.seal()
     envs = [w.seal([{"i": i}])[1] for i in range(4)]
     cases.append(
-        GroupCase("group gap, replay and reorder", w, key).feed(
-            [k0[s], e0, envs[1], envs[0], envs[1], envs[3], envs[2]]
-        )
+        GroupCase("group gap, replay and reorder", w, key)
+        .ok(k0[s], e0, envs[1])
+        .bad("replay", envs[0], envs[1])
+        .ok(envs[3])
+        .bad("replay", envs[2])
     )
 
     # tampering with one batch: every part of the JWE, the signature, the clear fields
@@ -174,26 +183,32 @@ def group_cases() -> list[GroupCase]:
     k0, e0 = w.seal()
     _, e1 = w.seal()
     body = env_map(e1)["body"]
-    tampered = []
-    for part in (0, 2, 3, 4):
+    case = GroupCase("group tamper matrix", w, key).ok(k0[s], e0)
+    for part, reason in ((0, "bad_header"), (2, "bad_signature"), (3, "bad_signature")):
         parts = body.split(b".")
         parts[part] = _flip(parts[part], len(parts[part]) // 2)
-        tampered.append(repack(e1, body=b".".join(parts)))
+        case.bad(reason, repack(e1, body=b".".join(parts)))
+    parts = body.split(b".")
+    parts[4] = _flip(parts[4], len(parts[4]) // 2)
     sig = bytearray(env_map(e1)["sig"])
     sig[7] ^= 1
-    tampered += [
-        repack(e1, sig=bytes(sig)),
-        repack(e1, cluster="other"),
-        repack(e1, stream="t"),
+    case.bad("bad_signature", repack(e1, body=b".".join(parts)), repack(e1, sig=bytes(sig)))
+    case.bad("wrong_route", repack(e1, cluster="other"))
+    case.bad("not_member", repack(e1, stream="t"))
+    case.bad(
+        "header_mismatch",
         repack(e1, gseq=9),
         repack(e1, ts=env_map(e1)["ts"] + 1),
         repack(e1, epoch=4),
+    )
+    case.bad(
+        "malformed",
         repack(e1, kind="data"),
         repack(e1, sig=b"\x00" * 63),
         repack(e1, gseq=1.0),
         repack(e1, session=key.session_id),
-    ]
-    cases.append(GroupCase("group tamper matrix", w, key).feed([k0[s], e0, *tampered, e1]))
+    )
+    cases.append(case.ok(e1))
 
     # a member forging for the others with the group key it holds; the header ts off by one
     # above 2**53 (signed by the cluster: only the header check refuses it)
@@ -204,12 +219,39 @@ def group_cases() -> list[GroupCase]:
     k0, e0 = w.seal()
     _, e1 = w.seal([{"i": 1}])
     gk = w.group_key(sm, k0[sm])
-    forged = [
-        _forge(e1, gk),
-        _forge(e1, gk, signer=k.identity["forger"]),
-        _forge(e1, gk, signer=w.identity, ts=env_map(e1)["ts"] + 1),
-    ]
-    cases.append(GroupCase("group member forging", w, key).feed([k0[s], e0, *forged, e1]))
+    cases.append(
+        GroupCase("group member forging", w, key)
+        .ok(k0[s], e0)
+        .bad("bad_signature", _forge(e1, gk), _forge(e1, gk, signer=k.identity["forger"]))
+        .bad("header_mismatch", _forge(e1, gk, signer=w.identity, ts=env_map(e1)["ts"] + 1))
+        .ok(e1)
+    )
+
+    # one batch's protected header on another's ciphertext (the signature covers both)
+    w = World(8)
+    s = w.join(key)
+    k0, e0 = w.seal()
+    _, a = w.seal([{"i": 1}])
+    _, b = w.seal([{"i": 2}])
+    pa, pb = env_map(a)["body"].split(b"."), env_map(b)["body"].split(b".")
+    swapped = repack(b, body=b".".join([pb[0], *pa[1:]]))
+    cases.append(
+        GroupCase("group header swap between batches", w, key)
+        .ok(k0[s], e0)
+        .bad("bad_signature", swapped)
+        .ok(a, b)
+    )
+
+    # another member's key envelope, readdressed
+    w = World(9)
+    sm = w.join(mallory)
+    s = w.join(key)
+    k0, e0 = w.seal()
+    cases.append(
+        GroupCase("group key of another member", w, key)
+        .bad("header_mismatch", repack(k0[sm], session=key.session_id))
+        .ok(k0[s], e0)
+    )
 
     # joining late: batches from before are skipped; a leaver's old epoch and a later one
     w = World(5)
@@ -222,14 +264,12 @@ def group_cases() -> list[GroupCase]:
     del w.members[se]
     k2, e2 = w.seal()
     cases.append(
-        GroupCase("group joiner skips what came before", w, key).feed(
-            [e0, k1[s], e0, e1, k2[s], e2]
-        )
+        GroupCase("group joiner skips what came before", w, key).ok(e0, k1[s], e0, e1, k2[s], e2)
     )
     cases.append(
-        GroupCase("group leaver refuses the next epoch", w, early).feed(
-            [k0[se], e0, k1[se], e1, e2]
-        )
+        GroupCase("group leaver refuses the next epoch", w, early)
+        .ok(k0[se], e0, k1[se], e1)
+        .bad("unknown_kid", e2)
     )
 
     # no downgrade; keys that are not group keys; the end
@@ -259,9 +299,13 @@ def group_cases() -> list[GroupCase]:
     _, e1 = w.seal()
     (end,) = w.members[s].end("producer stopping")
     cases.append(
-        GroupCase("group no downgrade, forged key, end", w, key).feed(
-            [k0[s], e0, sdata, skey, forged_key, end, e1]
-        )
+        GroupCase("group no downgrade, forged key, end", w, key)
+        .ok(k0[s], e0)
+        .bad("wrong_mode", sdata)
+        .bad("bad_claims", skey)
+        .bad("untrusted_key", forged_key)
+        .ok(end)
+        .bad("after_end", e1)
     )
 
     # a member of another stream
@@ -269,8 +313,12 @@ def group_cases() -> list[GroupCase]:
     s = w.join(key)
     k0, e0 = w.seal()
     other = k.consumer["other"]
-    cases.append(GroupCase("group envelope to a non-member", w, other, ("t",)).feed([e0]))
+    cases.append(
+        GroupCase("group envelope to a non-member", w, other, ("t",)).bad("not_member", e0)
+    )
 
     garbage = [b"\xc1", msgpack.packb({"v": 1, "kind": "group"}), e0[:-3]]
-    cases.append(GroupCase("group malformed payloads", w, key).feed([k0[s], *garbage, e0]))
+    cases.append(
+        GroupCase("group malformed payloads", w, key).ok(k0[s]).bad("malformed", *garbage).ok(e0)
+    )
     return cases

@@ -5,13 +5,14 @@ matrices (``tests/support/matrix.py``, ``tests/support/group_matrix.py``) into
 At every step of every case the Python consumer (or group member) is the oracle: the file
 records what it made of the payload (a batch and its rows, an installed key, an end, a notice,
 a skip, or a rejection and its reason), and ``node --test`` asserts that the JavaScript does
-the same. A session case's recorded verdicts are also checked against the ones its matrix
-declares. The consumer keys' PRIVATE JWKs are in the files: test fixtures, never shipped.
+the same; the verdicts must be the ones the matrix declares. The consumer keys' PRIVATE JWKs
+are in the files: test fixtures, never shipped.
 
 Update after changing a matrix: ``python -m tests.support.vectors`` (``--check`` only says
 whether the committed files are current; ``tests/web/test_vectors.py`` fails when they are
 not). Key envelopes are encrypted with fresh randomness each time (an ephemeral ECDH key, OAEP
-padding), so regenerated files differ in their payloads, never in anything else.
+padding), so a regenerated file differs in its payloads, never in anything else: a file whose
+cases, verdicts, keys and options are unchanged is left as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, End, GroupMem
 from sealstream.wire import Notice
 from tests.support.group_matrix import GroupCase, group_cases
 from tests.support.helpers import CLUSTER
-from tests.support.matrix import Case, session_cases
+from tests.support.matrix import Case, Step, session_cases
 
 __all__ = ["COMMAND", "OUT", "build", "final", "main", "payload_of", "plain", "stale", "verdict"]
 
@@ -124,16 +125,24 @@ def _key(key: ConsumerKey) -> dict[str, Any]:
     }
 
 
-def _session_case(case: Case) -> dict[str, Any]:
-    consumer = case.consumer("discard")
-    steps = []
-    for i, step in enumerate(case.steps):
-        made = verdict(consumer, step.payload)
+def _steps(
+    name: str, receiver: ConsumerSession | GroupMember, steps: list[Step]
+) -> list[dict[str, Any]]:
+    """Each step's payload and the oracle's verdict, which must be the one declared."""
+    out = []
+    for i, step in enumerate(steps):
+        made = verdict(receiver, step.payload)
         declared = "accepted" if step.reason is None else step.reason
         said = made["reason"] if made["expect"] == "reject" else "accepted"
         if said != declared:
-            raise AssertionError(f"{case.name!r} step {i}: the matrix says {declared}, not {said}")
-        steps.append({**_payload(step.payload), **made})
+            raise AssertionError(f"{name!r} step {i}: the matrix says {declared}, not {said}")
+        out.append({**_payload(step.payload), **made})
+    return out
+
+
+def _session_case(case: Case) -> dict[str, Any]:
+    consumer = case.consumer("discard")
+    steps = _steps(case.name, consumer, case.steps)
     return {
         "name": case.name,
         "cluster": CLUSTER,
@@ -151,7 +160,7 @@ def _session_case(case: Case) -> dict[str, Any]:
 
 def _group_case(case: GroupCase) -> dict[str, Any]:
     member = case.member("discard")
-    steps = [{**_payload(p), **verdict(member, p)} for p in case.payloads]
+    steps = _steps(case.name, member, case.steps)
     return {
         "name": case.name,
         "cluster": CLUSTER,
@@ -190,15 +199,16 @@ def without_payloads(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _is_current(path: Path, cases: list[dict[str, Any]]) -> bool:
+    if not path.exists():
+        return False
+    committed = json.loads(path.read_text(encoding="utf-8"))
+    return bool(without_payloads(committed) == without_payloads(cases))
+
+
 def stale(out: Path = OUT) -> list[str]:
     """The vector files under ``out`` that a regeneration would change (beyond payloads)."""
-    names = []
-    for name, cases in build().items():
-        path = out / name
-        committed = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-        if committed is None or without_payloads(committed) != without_payloads(cases):
-            names.append(name)
-    return names
+    return [name for name, cases in build().items() if not _is_current(out / name, cases)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if names else 0
     OUT.mkdir(parents=True, exist_ok=True)
     for name, cases in build().items():
-        (OUT / name).write_text(dumps(cases), encoding="utf-8")
+        path = OUT / name
+        if _is_current(path, cases):  # rewritten, only its payloads would change
+            print(f"consumers/web/test/vectors/{name} is current")
+            continue
+        path.write_text(dumps(cases), encoding="utf-8")
         print(f"wrote {len(cases)} cases to consumers/web/test/vectors/{name}")
     return 0
 

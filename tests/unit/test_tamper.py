@@ -1,7 +1,8 @@
-"""The tamper matrix (``tests/support/matrix.py``, the one the browser consumer's vectors are
-written from): everything a hostile relay can do besides drop and delay is caught, always as
-the one opaque IntegrityError, and counted with the reason the matrix declares; what is
-genuine passes. Then the property behind it: any single-byte change is caught."""
+"""The tamper matrices (``tests/support/matrix.py`` and, for group mode, ``group_matrix.py``:
+the ones the browser consumer's vectors are written from): everything a hostile relay can do
+besides drop and delay is caught, always as the one opaque IntegrityError, and counted with
+the reason the matrix declares; what is genuine passes. Then the property behind it: any
+single-byte change is caught."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sealstream import IntegrityError
-from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, encode_rows
+from sealstream.crypto import Batch, ConsumerKey, ConsumerSession, GroupMember, encode_rows
+from tests.support.group_matrix import group_cases
 from tests.support.helpers import Pair, env_map, gen_key, make_pair, repack
-from tests.support.matrix import Case, flip, session_cases
+from tests.support.matrix import Step, flip, session_cases
 
 CASES = {case.name: case for case in session_cases()}
+GROUP_CASES = {case.name: case for case in group_cases()}
 
 
-def rejected(consumer: ConsumerSession, payload: bytes, reason: str) -> None:
+def rejected(consumer: ConsumerSession | GroupMember, payload: bytes, reason: str) -> None:
     before = consumer.rejected.copy()
     with pytest.raises(IntegrityError) as err:
         consumer.accept(payload)
@@ -27,18 +30,26 @@ def rejected(consumer: ConsumerSession, payload: bytes, reason: str) -> None:
     assert consumer.rejected - before == {reason: 1}
 
 
+def held_to(receiver: ConsumerSession | GroupMember, steps: list[Step]) -> None:
+    """Under policy ``fail``: each step accepted, or refused for its reason."""
+    assert steps
+    for step in steps:
+        if step.reason is None:
+            receiver.accept(step.payload)
+        else:
+            rejected(receiver, step.payload, step.reason)
+    refused = sum(step.reason is not None for step in steps)
+    assert sum(receiver.rejected.values()) == refused
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_the_matrix(name: str) -> None:
-    case: Case = CASES[name]
-    consumer = case.consumer("fail")
-    assert case.steps
-    for step in case.steps:
-        if step.reason is None:
-            consumer.accept(step.payload)
-        else:
-            rejected(consumer, step.payload, step.reason)
-    accepted = sum(step.reason is None for step in case.steps)
-    assert sum(consumer.rejected.values()) == len(case.steps) - accepted
+    held_to(CASES[name].consumer("fail"), CASES[name].steps)
+
+
+@pytest.mark.parametrize("name", GROUP_CASES)
+def test_the_group_matrix(name: str) -> None:
+    held_to(GROUP_CASES[name].member("fail"), GROUP_CASES[name].steps)
 
 
 def test_the_matrix_has_every_kind_of_tamper() -> None:
