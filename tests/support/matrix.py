@@ -576,6 +576,7 @@ def plaintexts(k: Keys) -> Iterable[Case]:
             if alt is not None:
                 joined = b".".join([*parts[:n], alt, *parts[n + 1 :]])
                 changed.append(repack(envs[index], body=joined))
+        assert changed, "no part with unused bits: nothing tampered"
         case = Case(f"non-canonical base64 in envelope {index}", pair).ok(*envs[:index])
         yield case.bad("bad_base64", *changed).ok(envs[index])
 
