@@ -15,7 +15,7 @@ from pathlib import Path
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.jwk import thumbprint

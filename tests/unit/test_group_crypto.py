@@ -14,7 +14,7 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sealstream import IntegrityError
+from sealstream import IntegrityError, WireError
 from sealstream.crypto import (
     Batch,
     ClusterIdentity,
@@ -544,6 +544,32 @@ def test_end_forged_by_a_relay_is_refused() -> None:
     (forged,) = rogue.end("bye")
     rejected(m, forged, "untrusted_key")
     assert not m.consumer.ended
+
+
+def test_a_member_session_binds_its_key_and_carries_no_session_data() -> None:
+    """A member is its own kind of producer session, not one with ``seal`` switched off: the
+    same binding of session id to key as a session-mode session, and no data channel."""
+    key, other = gen_key("x25519"), gen_key("x25519")
+    identity = ClusterIdentity.generate()
+    with pytest.raises(WireError) as info:
+        MemberSession(
+            identity, cluster=CLUSTER, session=other.session_id, consumer_jwk=key.public_jwk
+        )
+    assert info.value.reason == "session_mismatch"
+    with pytest.raises(ValueError, match="'group'"):
+        MemberSession(
+            identity,
+            cluster=CLUSTER,
+            session=key.session_id,
+            consumer_jwk=key.public_jwk,
+            key_mode="session",  # type: ignore[arg-type]
+        )
+    member = MemberSession(
+        identity, cluster=CLUSTER, session=key.session_id, consumer_jwk=key.public_jwk
+    )
+    assert member.start() == []
+    assert not isinstance(member, ProducerSession)
+    assert not hasattr(member, "seal")
 
 
 def test_rsa_member() -> None:
