@@ -596,8 +596,7 @@ def plaintexts(k: Keys) -> Iterable[Case]:
         ]
     ):
         odd_header = {**header, "seq": 2 + i, "ts": TS_BIG + i}
-        body = seal_dir(pair.producer._aead, odd_header, plaintext)  # type: ignore[arg-type]
-        odd.append(repack(data, seq=2 + i, ts=TS_BIG + i, body=body))
+        odd.append(_resealed(pair, repack(data, seq=2 + i, ts=TS_BIG + i), odd_header, plaintext))
     yield Case("plaintexts that are not rows", pair).ok(key_env).bad("bad_plaintext", *odd)
 
     pair = _pair(key, 135)
