@@ -46,7 +46,18 @@ from sealstream.jwk import b64u_encode
 from sealstream.wire import Envelope, decode_envelope, encode_envelope, notice
 from tests.support.helpers import CLUSTER, Pair, env_map, make_pair, repack
 
-__all__ = ["CASES", "ROWS", "TS_BIG", "Case", "Keys", "Step", "keys", "session_cases"]
+__all__ = [
+    "CASES",
+    "ROWS",
+    "TS_BIG",
+    "Case",
+    "Keys",
+    "Step",
+    "flip",
+    "keys",
+    "seeded",
+    "session_cases",
+]
 
 TS_BIG: Final = 1_790_000_000_123_456_789  # above 2**53: JSON.parse would round it
 ROWS: Final[list[dict[str, Any]]] = [{"path": "/secret", "n": 1, "big": 2**60 + 1, "f": 1.5}]
