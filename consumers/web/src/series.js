@@ -95,6 +95,8 @@ export class HttpSeries {
   constructor() {
     this.seconds = new PerSecond(() => ({
       /** @type {number[]} */ latency: [],
+      /** @type {[number | null, number | null] | null} p50 and p99, once the second is done */
+      quantiles: null,
       classes: [0, 0, 0, 0],
     }));
   }
@@ -121,12 +123,17 @@ export class HttpSeries {
   /** @returns {Aligned} [xs, p50, p99] in ns, null for a second without latency */
   latency() {
     const done = this.#done();
-    const sorted = done.map(([, b]) => (b ? b.latency.slice().sort((x, y) => x - y) : []));
-    return [
-      done.map(([s]) => s),
-      sorted.map((l) => (l.length ? quantile(l, 0.5) : null)),
-      sorted.map((l) => (l.length ? quantile(l, 0.99) : null)),
-    ];
+    const qs = done.map(([, b]) => {
+      if (b === undefined) return [null, null];
+      if (b.quantiles === null) {
+        // a second is summed up once, and its latencies let go
+        const l = b.latency.sort((x, y) => x - y);
+        b.quantiles = l.length ? [quantile(l, 0.5), quantile(l, 0.99)] : [null, null];
+        b.latency = [];
+      }
+      return b.quantiles;
+    });
+    return [done.map(([s]) => s), qs.map((q) => q[0]), qs.map((q) => q[1])];
   }
 
   /** @returns {Aligned} [xs, 2xx, 3xx, 4xx, 5xx] rows per second */

@@ -114,6 +114,7 @@ test("latency p50/p99 and status classes per second of the rows' own time", () =
   assert.deepEqual(http.latency(), [[], [], []]); // second t0 may still fill
   http.add([at(t0 + 2, 1, 404)]);
   assert.deepEqual(http.latency(), [[t0, t0 + 1], [50e6, null], [99e6, null]]);
+  assert.deepEqual(http.latency(), [[t0, t0 + 1], [50e6, null], [99e6, null]]); // kept
   assert.deepEqual(http.statuses(), [[t0, t0 + 1], [99, 0], [0, 0], [0, 0], [1, 0]]);
   assert.equal(quantile([5], 0.99), 5);
 });
