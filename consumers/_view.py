@@ -203,8 +203,13 @@ class LiveTable:
                 title_justify="left",
                 expand=False,
             )
+            newest = view.last[-1] if view.last else {}
             for col in view.columns:
-                table.add_column(col, overflow="ellipsis", no_wrap=True)
+                value = newest.get(col)
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                table.add_column(  # numbers line up by their units
+                    col, overflow="ellipsis", no_wrap=True, justify="right" if number else "left"
+                )
             for row in view.last:
                 table.add_row(*(cell(c, row.get(c, "")) for c in view.columns))
             parts.append(table)

@@ -22,7 +22,7 @@ const EXAMPLES = {
 const CHARTS_EVERY_MS = 1000;
 
 /** @param {string} tag @param {string} [text] @param {string} [cls] */
-export function el(tag, text, cls) {
+function el(tag, text, cls) {
   const node = document.createElement(tag);
   if (text !== undefined) node.textContent = text;
   if (cls) node.className = cls;
@@ -118,7 +118,8 @@ class StreamView {
 
   /** @param {boolean} paused */
   renderCounts(paused) {
-    this.tab.textContent = `${this.stream} · ${n(this.total)}`;
+    const label = `${this.stream} · ${n(this.total)}`;
+    if (this.tab.textContent !== label) this.tab.textContent = label; // every frame: no relayout
     if (paused) this.count.dataset.paused = "true";
     else delete this.count.dataset.paused;
   }
