@@ -127,6 +127,7 @@ class Case:
                 "key_mode": consumer.key_mode,
                 "allow_zip": self.options.get("allow_zip", False),
                 "max_plaintext": self.options.get("max_plaintext", 16 * 1024 * 1024),
+                "policy": consumer.policy,
             },
             "steps": self.steps,
             "final": {
@@ -505,9 +506,25 @@ def _tampered(key: ConsumerKey) -> list[Case]:
     return cases
 
 
+def _raced(key: ConsumerKey) -> list[Case]:
+    """A relay's key envelope, signed by its own key, raced ahead of the cluster's: counted as
+    ``untrusted_key`` and ignored even under policy ``fail``; the genuine key and rows follow."""
+    pair = make_pair(key, policy="fail", clock=_clock())
+    forger = ProducerSession(
+        ClusterIdentity.generate(),
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+    )
+    forger.seq = 10**9  # refused as untrusted, not as a replay, wherever it lands
+    raced = [*forger.start(), *_sealed(pair, 2)]
+    return [Case("forged key raced ahead of the genuine one, policy fail", pair).feed(raced)]
+
+
 def build_vectors() -> dict[str, Any]:
     keys = {kind: gen_key(kind) for kind in ("x25519", "p256", "rsa")}
     cases = _genuine(keys) + _tampered(keys["x25519"]) + _tampered_rsa(keys["rsa"])
+    cases += _raced(keys["x25519"])
     from tests.support.web_group_vectors import build_group_cases
 
     return {
