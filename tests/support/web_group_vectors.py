@@ -20,6 +20,7 @@ from sealstream.crypto import (
     GroupMember,
     GroupSealer,
     MemberSession,
+    Policy,
     ProducerSession,
     TrustStore,
     encode_rows,
@@ -91,7 +92,12 @@ class GroupCase:
     """One member fed a list of payloads; each step records the oracle's verdict."""
 
     def __init__(
-        self, name: str, world: World, key: ConsumerKey, streams: tuple[str, ...] = (STREAM,)
+        self,
+        name: str,
+        world: World,
+        key: ConsumerKey,
+        streams: tuple[str, ...] = (STREAM,),
+        policy: Policy = "discard",
     ) -> None:
         self.name = name
         self.world = world
@@ -102,7 +108,7 @@ class GroupCase:
             cluster=CLUSTER,
             streams=list(streams),
             trust=TrustStore({CLUSTER: [world.identity.public_jwk]}),
-            policy="discard",
+            policy=policy,
         )
         self.steps: list[dict[str, Any]] = []
 
@@ -147,6 +153,7 @@ class GroupCase:
                 "session_id": self.key.session_id,
             },
             "trust": {CLUSTER: [self.world.identity.public_jwk]},
+            "policy": m.policy,
             "steps": self.steps,
             "final": {
                 "accepted": m.accepted,
@@ -317,4 +324,20 @@ def build_group_cases() -> list[dict[str, Any]]:
 
     garbage = [b"\xc1", msgpack.packb({"v": 1, "kind": "group"}), e0[:-3]]
     cases.append(GroupCase("group malformed payloads", w, key).feed([k0[s], *garbage, e0]))
+
+    # a relay's group key raced ahead of the cluster's: counted and ignored under "fail" too
+    w = World()
+    s = w.join(key)
+    k0, e0 = w.seal()
+    rogue = MemberSession(
+        ClusterIdentity.generate(),
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+        key_mode="group",
+    )
+    rogue.seq = 10**9  # refused as untrusted, not as a replay, wherever it lands
+    raced = rogue.group_key(group=STREAM, epoch=0, kid="rogue", secret=b"k" * 32, gseq=0, now=1)
+    name = "group forged key raced ahead of the genuine one, policy fail"
+    cases.append(GroupCase(name, w, key, policy="fail").feed([raced, k0[s], e0]))
     return [c.to_json() for c in cases]
