@@ -622,9 +622,9 @@ class Subscription(AsyncResource, Generic[_T]):
             try:
                 result = await self._open_one(session, item)
             except IntegrityError:  # policy "fail": the session ends here
-                self._check_trust(live, ending=True)  # the trust error says more
+                if not session.keyed and session.rejected["untrusted_key"]:
+                    raise self._untrusted(session) from None  # it says more
                 raise
-            self._check_trust(live)
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
@@ -657,10 +657,13 @@ class Subscription(AsyncResource, Generic[_T]):
         return item
 
     async def _next_item(self, live: _Session) -> bytes | _Lost | BaseException:
-        """The next inbox item (the session's end last); while key envelopes were refused as
-        signed by unpinned keys and none signed by a pinned key came, no later than the
-        session's key deadline."""
-        if live.ending is not None and live.queue.empty():
+        """The next inbox item (the session's end after those queued). A key envelope whose
+        signer is not pinned is counted and ignored (a relay can forge one): while no key is
+        installed and some were refused, waiting ends at the session's key deadline (the
+        request timeout after the open) with the trust error."""
+        if not live.queue.empty():
+            return live.queue.get_nowait()
+        if live.ending is not None:
             return live.ending
         session = live.crypto
         assert session is not None
@@ -671,19 +674,6 @@ class Subscription(AsyncResource, Generic[_T]):
                 return await live.queue.get()
         except TimeoutError:
             raise self._untrusted(session) from None
-
-    def _check_trust(self, live: _Session, *, ending: bool = False) -> None:
-        """A key envelope whose signer is not pinned is counted and ignored (a relay can
-        forge one); the session ends only if none signed by a pinned key came by the key
-        deadline (the request timeout after the open), or if it is ``ending`` anyway."""
-        session = live.crypto
-        assert session is not None
-        if (
-            not session.keyed
-            and session.rejected["untrusted_key"]
-            and (ending or asyncio.get_running_loop().time() >= live.key_deadline)
-        ):
-            raise self._untrusted(session)
 
     def _untrusted(self, session: ConsumerSession) -> TrustError:
         store = self._client.trust.path or "(in memory)"

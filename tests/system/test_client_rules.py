@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from consumers import Batch, Client
-from sealstream import SessionError
-from sealstream.crypto import ClusterIdentity, ProducerSession
+from sealstream import SessionError, TrustError
+from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
 from sealstream.nats import connect, settle
 from sealstream.wire import VERSION, encode_map
 from tests.support.pipeline import Tap, collect_rows, eventually, fresh_key, make_stack
@@ -104,3 +104,31 @@ async def test_a_slow_consumer_whose_session_ends_sees_the_iterator_end(nats_url
             assert err.value.code == "ended"
             assert 0 < len(got) <= 4
             assert sub.stats().dropped > 0
+
+
+async def test_no_genuine_key_by_the_deadline_is_a_trust_error_that_offers_no_key(
+    nats_url: str,
+) -> None:
+    """Policy ``discard``, a trust store without the cluster's key: the key envelope is
+    refused, the data after it too, and at the key deadline (the request timeout after the
+    open) the subscription ends with a trust error that says how to check the key out of band
+    and never names the refused one."""
+    async with (
+        make_stack(nats_url) as st,
+        st.client(trust=TrustStore(), policy="discard") as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        live = sub._live
+        assert live is not None
+        await st.agent.emit("records", [{"i": 1}])
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TrustError) as err:
+            await collect_rows(sub, 1, timeout=20)
+        assert loop.time() >= live.key_deadline
+        said = str(err.value)
+        assert "no key envelope signed by a key pinned for cluster" in said
+        assert "1 refused" in said
+        assert "sealstream-producer key" in said
+        assert st.identity.kid not in said
+        assert sub.stats().rows == 0
+        assert sub.stats().rejected["untrusted_key"] == 1

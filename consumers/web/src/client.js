@@ -271,7 +271,7 @@ export class Subscription {
     this.opened = true;
     const keyWaitMs = o.requestTimeoutMs ?? 5000;
     this.keyDeadline = Date.now() + keyWaitMs;
-    this.keyTimer = setTimeout(() => this.checkTrust(session), keyWaitMs);
+    this.keyTimer = setTimeout(() => this.checkTrust(session, false, this.pending), keyWaitMs);
     this.setKeepalive(reply.keepalive_s);
     this.schedule();
   }
@@ -391,7 +391,7 @@ export class Subscription {
     } finally {
       this.options.onChange?.();
     }
-    if (this.checkTrust(session) || result === null) return;
+    if (this.checkTrust(session, false, this.pending - 1) || result === null) return;
     if (result.type === "batch") {
       this.batches += 1;
       this.rows += result.rows.length;
@@ -413,15 +413,16 @@ export class Subscription {
 
   /**
    * A key envelope whose signer is not pinned is counted and ignored (a relay can forge
-   * one); the subscription ends only if none signed by a pinned key came by the key deadline,
-   * or if it is `ending` anyway. True if it ended it.
+   * one); the subscription ends only if none signed by a pinned key came by the key deadline
+   * (and none is still `queued`), or if it is `ending` anyway. True if it ended it.
    * @param {ConsumerSession} session
    * @param {boolean} [ending]
+   * @param {number} [queued] inbox messages still waiting for verification
    */
-  checkTrust(session, ending = false) {
+  checkTrust(session, ending = false, queued = 0) {
     const refused = session.rejected.untrusted_key ?? 0;
     if (session !== this.session || session.keyed || refused === 0) return false;
-    if (!ending && Date.now() < this.keyDeadline) return false;
+    if (!ending && (Date.now() < this.keyDeadline || queued > 0)) return false;
     this.fail(
       new TrustError(
         `no key envelope signed by a key pinned for cluster ${session.cluster} arrived; ` +
