@@ -235,8 +235,6 @@ async def api_consumer(
         identity=UserIdentity.load(Path(cfg["user_file"])),
         key_kind="x25519",
         key_mode=cfg.get("key_mode", "session"),
-        # the bench's baseline: Pixie's scheme, measured, never offered to users
-        unauthenticated_per_message=cfg.get("key_mode") == "per-message",
     )
     trust = TrustStore({cfg["cluster"]: [cfg["trust_jwk"]]})
     sessions = int(cfg.get("sessions", 1))
