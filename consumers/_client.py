@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import nats.errors
 
 from consumers._config import ClientConfig
-from consumers._subscription import Resumed, Stats, Subscription
+from consumers._subscription import DEFAULT_RETRY_S, Resumed, Stats, Subscription
 from sealstream import BrokerError, SessionError, Subjects, WireError
 from sealstream.control import (
     KeptAlive,
@@ -44,9 +44,9 @@ from sealstream.ids import check_cluster_id, check_stream
 from sealstream.nats import connect, release
 from sealstream.wire import encode_map
 
-#: Resumed, Stats and Subscription live in consumers._subscription (named here too: the
-#: package's other modules import them from here)
-__all__ = ["Client", "Resumed", "Stats", "Subscription"]
+#: DEFAULT_RETRY_S, Resumed, Stats and Subscription live in consumers._subscription (named
+#: here too: the package's other modules import them from here)
+__all__ = ["DEFAULT_RETRY_S", "Client", "Resumed", "Stats", "Subscription"]
 
 
 _Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive)
@@ -107,7 +107,7 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: Literal[False] = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Batch]: ...
 
@@ -119,7 +119,7 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: bool,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Batch | Resumed]: ...
 
@@ -130,16 +130,17 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: bool = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Any]:
         """A session on ``cluster`` for ``streams``; enter it with ``async with``.
 
         ``key`` is the first session's key (default: a fresh one). An open refused as passing
         (the proxy busy, the cluster unavailable, no proxy answering) is retried with backoff
-        for ``retry_s`` seconds. With ``resume``, a session that ends for an infrastructure
-        reason is replaced by a new one (retried for up to ``resume_timeout_s``), and the
-        iterator yields a :class:`Resumed` marker between them.
+        and jitter for ``retry_s`` seconds (30 by default; 0 fails at once). With ``resume``,
+        a session that ends for an infrastructure reason is replaced by a new one (retried
+        for up to ``resume_timeout_s``), and the iterator yields a :class:`Resumed` marker
+        between them.
         """
         if retry_s < 0 or resume_timeout_s < 0:
             raise ValueError("retry_s and resume_timeout_s must not be negative")

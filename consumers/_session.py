@@ -71,7 +71,11 @@ class LiveSession(AsyncResource):
         self.dropped = 0
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
+        #: (event loop time) a key envelope signed by a pinned key is due by then
+        self.key_deadline = float("inf")
         self._closed = False
+        #: a control item that met a full queue
+        self.ending: Lost | BaseException | None = None
         self._own_nc: Any = None  # the session's own connection (auth callout)
         self._login: Login | None = None
 
@@ -131,6 +135,7 @@ class LiveSession(AsyncResource):
         self._stack.push_async_callback(self.close)
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
+        self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)
         tg.create_task(self._keepalive())
@@ -220,9 +225,15 @@ class LiveSession(AsyncResource):
             self.push(Lost("the NATS connection was closed", resumable=self._resumable()))
 
     def push(self, item: bytes | Lost | BaseException) -> None:
+        """Queue an inbox message, or drop and count it when the queue is full. A control
+        item (the session is over) is never dropped: on a full queue it waits in ``ending``,
+        which the iterator takes once it has drained the queue."""
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
+            if not isinstance(item, bytes):
+                self.ending = self.ending or item
+                return
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Generic, Self, TypeVar
 import structlog
 
 from consumers._session import LiveSession, Lost
-from sealstream import BrokerError, Envelope, Notice, SessionError, TrustError
+from sealstream import BrokerError, Envelope, IntegrityError, Notice, SessionError, TrustError
 from sealstream.crypto import (
     Batch,
     ConsumerKey,
@@ -26,7 +26,7 @@ from sealstream.resource import AsyncResource
 if TYPE_CHECKING:
     from consumers._client import Client
 
-__all__ = ["Resumed", "Stats", "Subscription"]
+__all__ = ["DEFAULT_RETRY_S", "Resumed", "Stats", "Subscription"]
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +62,8 @@ _T = TypeVar("_T", "Batch", "Batch | Resumed")
 #: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
+#: how long a first open retries busy or unavailable refusals by default (0: fail at once)
+DEFAULT_RETRY_S = 30.0
 
 
 class Subscription(AsyncResource, Generic[_T]):
@@ -76,7 +78,7 @@ class Subscription(AsyncResource, Generic[_T]):
         key: ConsumerKey | None,
         *,
         resume: bool = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> None:
         super().__init__()
@@ -219,7 +221,7 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise RuntimeError("use the subscription inside 'async with'")
             if self.end_reason is not None:
                 raise StopAsyncIteration
-            item = await live.queue.get()
+            item = await self._next_item(live)
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Lost):
@@ -227,7 +229,12 @@ class Subscription(AsyncResource, Generic[_T]):
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
             session = live.crypto
-            result = await self._open_one(session, item)
+            try:
+                result = await self._open_one(session, item)
+            except IntegrityError:  # policy "fail": the session ends here
+                if not session.keyed and session.rejected["untrusted_key"]:
+                    raise self._untrusted(session) from None  # it says more
+                raise
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
@@ -251,21 +258,40 @@ class Subscription(AsyncResource, Generic[_T]):
     async def _open_one(
         self, session: ConsumerSession, payload: bytes
     ) -> Batch | End | Notice | None:
-        try:
-            item = session.parse(payload)
-            if isinstance(item, Envelope):
-                if item.kind == "key" or session.key_mode == "per-message":
-                    # public-key decryption (RSA: milliseconds) stays off the event loop
-                    return await asyncio.to_thread(session.open, item)
-                return session.open(item)
-            return item
-        finally:
-            self._check_trust(session)
+        item = session.parse(payload)
+        if isinstance(item, Envelope):
+            if item.kind == "key" or session.key_mode == "per-message":
+                # public-key decryption (RSA: milliseconds) stays off the event loop
+                return await asyncio.to_thread(session.open, item)
+            return session.open(item)
+        return item
 
-    def _check_trust(self, session: ConsumerSession) -> None:
-        if not session.keyed and session.untrusted_kid is not None:
-            store = self._client.trust.path or "(in memory)"
-            raise TrustError(
-                f"cluster {self.cluster!r} signs with key {session.untrusted_kid}, which the "
-                f"trust store {store} does not hold: pin it with 'sealstream-consume trust add'"
-            )
+    async def _next_item(self, live: LiveSession) -> bytes | Lost | BaseException:
+        """The next inbox item (the session's end after those queued). A key envelope whose
+        signer is not pinned is counted and ignored (a relay can forge one): while no key is
+        installed and some were refused, waiting ends at the session's key deadline (the
+        request timeout after the open) with the trust error."""
+        if not live.queue.empty():
+            return live.queue.get_nowait()
+        if live.ending is not None:
+            return live.ending
+        session = live.crypto
+        assert session is not None
+        if session.keyed or not session.rejected["untrusted_key"]:
+            return await live.queue.get()
+        try:
+            async with asyncio.timeout_at(live.key_deadline):
+                return await live.queue.get()
+        except TimeoutError:
+            raise self._untrusted(session) from None
+
+    def _untrusted(self, session: ConsumerSession) -> TrustError:
+        store = self._client.trust.path or "(in memory)"
+        return TrustError(
+            f"no key envelope signed by a key pinned for cluster {self.cluster!r} arrived; "
+            f"{session.rejected['untrusted_key']} refused, "
+            f"signed by keys the trust store {store} does not pin (a relay can forge those: "
+            "never pin a key a session offers). Check the cluster's key out of band: its "
+            "operator's 'sealstream-producer key' prints it; 'sealstream-consume trust list' "
+            "shows the fingerprints this store pins"
+        )
