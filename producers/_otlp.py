@@ -1,0 +1,406 @@
+"""The OTLP/HTTP receiver: OpenTelemetry data in, sealed as rows (docs/protocol.md,
+"OpenTelemetry streams").
+
+``POST /v1/traces|metrics|logs`` (protobuf or JSON, gzip or not) is decoded, split into rows
+that fit a batch, and handed to a :class:`SealingSink` (the :class:`~producers.Agent`), which
+returns once the rows are sealed into its outbox for every session reading them: only then is
+the answer a success. A request is refused before it is read while the outbox is over half its
+bound (503, ``Retry-After``) or while ``max_concurrent`` requests are being handled. Refusals
+are counted by reason (:attr:`OtlpReceiver.refused`) and logged, never with the payload.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import structlog
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from google.rpc.status_pb2 import Status
+
+from sealstream.metrics import Sample
+from sealstream.otlp import SIGNALS, Signal, count_items, otlp_row
+from sealstream.resource import AsyncResource
+
+__all__ = ["OtlpConfig", "OtlpReceiver", "SealingSink", "split_request"]
+
+log = structlog.get_logger(__name__)
+
+PROTOBUF: Final = "application/x-protobuf"
+JSON: Final = "application/json"
+_CHUNK: Final = 64 * 1024
+#: room in a row for the index columns and msgpack framing (``service`` is <= 256 characters)
+_ROW_OVERHEAD: Final = 2048
+#: what the JSON mapping writes as hex, and protobuf's JSON parser reads as base64
+_ID_FIELDS: Final = frozenset(
+    {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+)
+_BY_PATH: Final = {s.path: s for s in SIGNALS.values()}
+# google.rpc.Code values for the Status bodies
+_INVALID_ARGUMENT: Final = 3
+_NOT_FOUND: Final = 5
+_RESOURCE_EXHAUSTED: Final = 8
+_UNIMPLEMENTED: Final = 12
+_INTERNAL: Final = 13
+_UNAVAILABLE: Final = 14
+
+
+class SealingSink(Protocol):
+    """Where the receiver's rows go (the agent)."""
+
+    @property
+    def max_row_bytes(self) -> int:
+        """The largest packed row a batch takes."""
+
+    def backlog(self) -> float:
+        """How full the outbox is: 0 empty, 1 at its bound (the fullest of its limits)."""
+
+    async def seal_rows(self, stream: str, rows: list[dict[str, Any]]) -> int:
+        """Seal ``rows`` into the outbox for every session reading ``stream``; return how many
+        were too large for a batch (not sealed)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtlpConfig:
+    """``host``/``port`` to listen on (port 0: any free port); ``max_body_bytes`` caps a request
+    body before and after gzip; beyond ``high_water`` of the outbox's bound, or with
+    ``max_concurrent`` requests in hand, requests are refused with 503 and ``Retry-After``."""
+
+    host: str = "127.0.0.1"
+    port: int = 4318
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_concurrent: int = 16
+    high_water: float = 0.5
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.retry_after_s < 1:
+            raise ValueError("max_body_bytes, max_concurrent and retry_after_s must be positive")
+        if not 0 < self.high_water <= 1:
+            raise ValueError("high_water must be in (0, 1]")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str, message: str, code: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.code = code
+
+
+def _bad(reason: str, message: str) -> _Refused:
+    return _Refused(400, reason, message, _INVALID_ARGUMENT)
+
+
+def _too_large(limit: int) -> _Refused:
+    return _Refused(413, "too_large", f"body over {limit} bytes", _RESOURCE_EXHAUSTED)
+
+
+class _Gunzip:
+    """Streaming gzip decompression (several members allowed) that stops at ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.out = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            while data:
+                room = self._limit - len(self.out) + 1
+                self.out += self._inflater.decompress(data, room)
+                if len(self.out) > self._limit or self._inflater.unconsumed_tail:
+                    raise _too_large(self._limit)
+                data = b""
+                if self._inflater.eof and self._inflater.unused_data:  # the next member
+                    data = self._inflater.unused_data
+                    self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        except zlib.error:
+            raise _bad("bad_gzip", "the body is not valid gzip") from None
+
+    def end(self) -> bytes:
+        if not self._inflater.eof:
+            raise _bad("bad_gzip", "the gzip body is truncated")
+        return bytes(self.out)
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("gzip", "identity", ""):
+        raise _Refused(415, "unsupported_encoding", "use gzip or no encoding", _INVALID_ARGUMENT)
+    gunzip = _Gunzip(limit) if encoding == "gzip" else None
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        if gunzip is not None:
+            gunzip.feed(chunk)
+        else:
+            raw += chunk
+            if len(raw) > limit:
+                raise _too_large(limit)
+    return gunzip.end() if gunzip is not None else bytes(raw)
+
+
+def _hex_ids(node: Any) -> Any:
+    """OTLP/JSON's hex ids as the base64 protobuf's JSON parser reads (in place)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _ID_FIELDS and isinstance(value, str):
+                try:
+                    node[key] = binascii.b2a_base64(bytes.fromhex(value), newline=False).decode()
+                except ValueError:
+                    raise _bad("bad_json", f"{key} is not hex") from None
+            else:
+                _hex_ids(value)
+    elif isinstance(node, list):
+        for value in node:
+            _hex_ids(value)
+    return node
+
+
+def _decode(signal: Signal, body: bytes, content_type: str) -> Message:
+    message = signal.request()
+    if content_type == PROTOBUF:
+        try:
+            message.ParseFromString(body)
+        except (DecodeError, RecursionError):
+            raise _bad("bad_protobuf", "the body is not a valid protobuf request") from None
+        return message
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _bad("bad_json", "the body is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise _bad("bad_json", "the body is not a JSON object")
+    try:
+        json_format.ParseDict(_hex_ids(parsed), message, ignore_unknown_fields=True)
+    except (json_format.ParseError, RecursionError, ValueError, TypeError):
+        raise _bad("bad_json", "the JSON body is not a valid OTLP request") from None
+    return message
+
+
+def split_request(signal: Signal, request: Any, limit: int) -> tuple[list[Message], int]:
+    """``request`` as requests of at most ``limit`` bytes each (resource and scope messages
+    copied into each part, items in order), and how many items (as the partial success counts
+    them) had to be refused because one alone is over ``limit`` (pure)."""
+    parts: list[Message] = []
+    refused = 0
+    current: Any = signal.request()
+    size = 0
+    for group in getattr(request, signal.resources):
+        head: Any = type(group)()
+        head.CopyFrom(group)
+        head.ClearField(signal.scopes)
+        head_size = head.ByteSize() + 12  # its tag and length, and the scopes list's
+        cur_group: Any = None
+        for scope in getattr(group, signal.scopes):
+            scope_head: Any = type(scope)()
+            scope_head.CopyFrom(scope)
+            scope_head.ClearField(signal.items)
+            scope_size = scope_head.ByteSize() + 12
+            cur_scope: Any = None
+            for item in getattr(scope, signal.items):
+                item_size = item.ByteSize() + 6
+                if head_size + scope_size + item_size > limit:
+                    refused += count_items(signal, [item])
+                    continue
+                need = (
+                    item_size
+                    + (0 if cur_scope is not None else scope_size)
+                    + (0 if cur_group is not None else head_size)
+                )
+                if size and size + need > limit:
+                    parts.append(current)
+                    current, size, cur_group, cur_scope = signal.request(), 0, None, None
+                if cur_group is None:
+                    cur_group = getattr(current, signal.resources).add()
+                    cur_group.CopyFrom(head)
+                    size += head_size
+                if cur_scope is None:
+                    cur_scope = getattr(cur_group, signal.scopes).add()
+                    cur_scope.CopyFrom(scope_head)
+                    size += scope_size
+                getattr(cur_scope, signal.items).append(item)
+                size += item_size
+    if size:
+        parts.append(current)
+    return parts, refused
+
+
+def _rows(
+    signal: Signal, request: Message, body: bytes, as_protobuf: bool, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    if not as_protobuf:
+        body = request.SerializeToString()
+    if len(body) <= limit:
+        return [otlp_row(signal, request, body)] if request.ByteSize() else [], 0
+    parts, refused = split_request(signal, request, limit)
+    return [otlp_row(signal, part, part.SerializeToString()) for part in parts], refused
+
+
+class OtlpReceiver(AsyncResource):
+    """``async with OtlpReceiver(agent, config=...) as receiver:`` serves OTLP/HTTP into
+    ``agent``'s streams ``otlp_traces``, ``otlp_metrics`` and ``otlp_logs`` (which the agent
+    must declare). :attr:`port` is the port it listens on."""
+
+    def __init__(
+        self,
+        sink: SealingSink,
+        *,
+        config: OtlpConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.config = config or OtlpConfig()
+        self._sink = sink
+        self._clock = clock
+        self.port = self.config.port
+        self._busy = 0
+        #: requests refused, by reason; items refused one by one, by signal
+        self.refused: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.items: Counter[str] = Counter()
+        self.items_refused: Counter[str] = Counter()
+        self._unlogged: Counter[str] = Counter()
+        self._last_log: dict[str, float] = {}
+
+    async def _start(self) -> None:
+        # the body is inflated here, within the size limit (a gzip bomb stops at it)
+        server = web.Server(self._handle, access_log=None, auto_decompress=False)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+        log.info("otlp.listening", host=self.config.host, port=self.port)
+
+    def samples(self) -> list[Sample]:
+        return [
+            Sample(
+                "sealstream_producer_otlp_requests",
+                "OTLP export requests sealed, by signal",
+                "counter",
+                self.requests,
+                label="signal",
+            ),
+            Sample(
+                "sealstream_producer_otlp_items",
+                "OTLP spans, data points and log records sealed, by signal",
+                "counter",
+                self.items,
+                label="signal",
+            ),
+            Sample(
+                "sealstream_producer_otlp_refused",
+                "OTLP requests refused, by reason",
+                "counter",
+                self.refused,
+            ),
+            Sample(
+                "sealstream_producer_otlp_items_refused",
+                "OTLP items refused one by one (partial success), by signal",
+                "counter",
+                self.items_refused,
+                label="signal",
+            ),
+        ]
+
+    def _refusal(self, refused: _Refused, content_type: str) -> web.Response:
+        self.refused[refused.reason] += 1
+        self._log_refusal(refused)
+        headers = {}
+        if refused.status == 503:
+            headers["Retry-After"] = str(self.config.retry_after_s)
+        return _answer(
+            Status(code=refused.code, message=str(refused)),
+            content_type,
+            status=refused.status,
+            headers=headers,
+        )
+
+    def _log_refusal(self, refused: _Refused) -> None:
+        """At most one line a second per reason, with the count since the last one."""
+        self._unlogged[refused.reason] += 1
+        now = self._clock()
+        if now - self._last_log.get(refused.reason, float("-inf")) >= 1.0:
+            log.warning(
+                "otlp.refused",
+                reason=refused.reason,
+                status=refused.status,
+                message=str(refused),
+                count=self._unlogged.pop(refused.reason),
+            )
+            self._last_log[refused.reason] = now
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        content_type = request.content_type
+        answer_type = JSON if content_type == JSON else PROTOBUF
+        try:
+            signal = _BY_PATH.get(request.path)
+            if signal is None:
+                raise _Refused(
+                    404, "not_found", "use /v1/traces, /v1/metrics or /v1/logs", _NOT_FOUND
+                )
+            if request.method != "POST":
+                raise _Refused(405, "method_not_allowed", "use POST", _UNIMPLEMENTED)
+            if content_type not in (PROTOBUF, JSON):
+                raise _Refused(
+                    415, "unsupported_media_type", f"use {PROTOBUF} or {JSON}", _INVALID_ARGUMENT
+                )
+            if self._sink.backlog() >= self.config.high_water:
+                raise _Refused(503, "backpressure", "the producer is behind", _UNAVAILABLE)
+            if self._busy >= self.config.max_concurrent:
+                raise _Refused(503, "busy", "too many requests in hand", _UNAVAILABLE)
+            self._busy += 1
+            try:
+                return await self._export(signal, request, answer_type)
+            finally:
+                self._busy -= 1
+        except _Refused as refused:
+            return self._refusal(refused, answer_type)
+
+    async def _export(
+        self, signal: Signal, request: web.BaseRequest, answer_type: str
+    ) -> web.Response:
+        body = await _read_body(request, self.config.max_body_bytes)
+        message = _decode(signal, body, request.content_type)
+        limit = self._sink.max_row_bytes - _ROW_OVERHEAD
+        rows, refused = _rows(signal, message, body, request.content_type == PROTOBUF, limit)
+        too_large = await self._sink.seal_rows(signal.stream, rows)
+        if too_large:  # a row sized to fit should always fit: say so if one did not
+            log.error("otlp.row_too_large", signal=signal.name, rows=too_large)
+            raise _Refused(500, "row_too_large", "a row did not fit a batch", _INTERNAL)
+        self.requests[signal.name] += 1
+        self.items[signal.name] += sum(row["items"] for row in rows)
+        response: Any = signal.response()
+        if refused:
+            self.items_refused[signal.name] += refused
+            log.warning("otlp.items_refused", signal=signal.name, count=refused)
+            partial = response.partial_success
+            setattr(partial, signal.rejected, refused)
+            partial.error_message = f"{refused} item(s) too large to seal"
+        return _answer(response, answer_type)
+
+
+def _answer(
+    message: Message,
+    content_type: str,
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    if content_type == JSON:
+        body = json_format.MessageToJson(message, indent=None).encode()
+    else:
+        body = message.SerializeToString()
+    return web.Response(body=body, status=status, content_type=content_type, headers=headers)
