@@ -87,6 +87,8 @@ EXPECTED: dict[str, list[str]] = {
         "Client",
         "ClientConfig",
         "ConsumerKey",
+        "ExportConfig",
+        "OtlpExporter",
         "Resumed",
         "Stats",
         "Subscription",

@@ -1,0 +1,229 @@
+"""The OTLP exporter: what a consumer decrypts from the OTLP streams, re-exported as it was
+to any OTLP/HTTP endpoint (http/protobuf), with the OTLP client's rules.
+
+Each row of ``otlp_traces``, ``otlp_metrics`` and ``otlp_logs`` is one export request
+(docs/protocol.md, "OpenTelemetry streams"): its ``otlp`` bytes are POSTed unchanged to
+``<endpoint>/v1/traces|metrics|logs``, one at a time and in order. Only 429, 502, 503 and 504
+(and connection failures) are retried, with exponential backoff and jitter, or after the
+``Retry-After`` the server gave, for at most ``max_elapsed_s``. Requests wait in a bounded
+queue (``put`` waits for room). What is not delivered (refused by the endpoint, given up
+after retries, not OTLP, or still queued at close) is counted in :attr:`OtlpExporter.failed`
+by reason and logged, never with the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import structlog
+from google.protobuf.message import DecodeError
+
+from sealstream.crypto import Batch
+from sealstream.otlp import SIGNAL_BY_STREAM, Signal
+from sealstream.resource import AsyncResource
+
+__all__ = ["ExportConfig", "OtlpExporter"]
+
+log = structlog.get_logger(__name__)
+
+_RETRYABLE: Final = frozenset({429, 502, 503, 504})
+_PROTOBUF: Final = "application/x-protobuf"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExportConfig:
+    """``endpoint``: the OTLP/HTTP base URL (``/v1/<signal>`` is appended, as
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` does); ``headers`` sent with every request."""
+
+    endpoint: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+    #: export requests waiting to be sent
+    max_queue: int = 256
+    #: how long one request is retried before it is given up
+    max_elapsed_s: float = 60.0
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 32.0
+    #: how long ``aclose`` keeps sending what is queued
+    close_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"the OTLP endpoint must be an http(s) URL, not {self.endpoint!r}")
+        if self.max_queue < 1 or self.timeout_s <= 0 or self.initial_backoff_s <= 0:
+            raise ValueError("max_queue, timeout_s and initial_backoff_s must be positive")
+        if self.max_backoff_s < self.initial_backoff_s or self.max_elapsed_s < 0:
+            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+
+
+def retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    signal: Signal
+    body: bytes
+    items: int
+
+
+class OtlpExporter(AsyncResource):
+    """``async with OtlpExporter(config) as exporter: await exporter.put(batch)``.
+
+    :attr:`exported` counts requests delivered by signal, :attr:`items` their items,
+    :attr:`failed` requests not delivered by reason and :attr:`rejected_items` the items an
+    endpoint refused in a partial success. ``sleep``, ``clock`` (Unix seconds) and ``rng``
+    are parameters for tests."""
+
+    def __init__(
+        self,
+        config: ExportConfig,
+        *,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(config.max_queue)
+        self._http: aiohttp.ClientSession | None = None
+        self.exported: Counter[str] = Counter()
+        self.items: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.rejected_items: Counter[str] = Counter()
+        self.retries = 0
+        self._sending = False
+
+    async def _start(self) -> None:
+        self._http = await self._stack.enter_async_context(
+            aiohttp.ClientSession(
+                headers={**self.config.headers, "Content-Type": _PROTOBUF},
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            )
+        )
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        sender = tg.create_task(self._send_all())
+        self._stack.push_async_callback(self._finish, sender)
+
+    async def _finish(self, sender: asyncio.Task[None]) -> None:
+        """Send what is queued for up to ``close_timeout_s``; count the rest as ``closed``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.close_timeout_s):
+                await self._queue.join()
+        sender.cancel()
+        left = self._queue.qsize() + self._sending
+        if left:
+            self.failed["closed"] += left
+            log.warning("otlp_export.undelivered", reason="closed", requests=left)
+        log.info(
+            "otlp_export.stopped",
+            exported=dict(self.exported),
+            failed=dict(self.failed),
+            retries=self.retries,
+        )
+
+    def requests(self, batch: Batch) -> list[_Request]:
+        """The export requests of a batch's rows (a row that is not OTLP is counted)."""
+        signal = SIGNAL_BY_STREAM.get(batch.stream)
+        out: list[_Request] = []
+        for row in batch.rows:
+            body = row.get("otlp")
+            if signal is None or not isinstance(body, bytes):
+                self._fail("not_otlp", signal.name if signal else batch.stream)
+                continue
+            items = row.get("items")
+            out.append(_Request(signal, body, items if type(items) is int else 0))
+        return out
+
+    async def put(self, batch: Batch) -> None:
+        """Queue a batch's export requests, waiting for room."""
+        for request in self.requests(batch):
+            await self._queue.put(request)
+
+    def _fail(self, reason: str, signal: str, **fields: Any) -> None:
+        self.failed[reason] += 1
+        log.warning("otlp_export.undelivered", reason=reason, signal=signal, **fields)
+
+    async def _send_all(self) -> None:
+        while True:
+            request = await self._queue.get()
+            self._sending = True
+            try:
+                await self._deliver(request)
+            finally:
+                self._sending = False
+                self._queue.task_done()
+
+    async def _deliver(self, request: _Request) -> None:
+        assert self._http is not None
+        signal = request.signal
+        url = self.config.endpoint.rstrip("/") + signal.path
+        backoff = self.config.initial_backoff_s
+        deadline = time.monotonic() + self.config.max_elapsed_s
+        while True:
+            wait: float | None = None
+            try:
+                async with self._http.post(url, data=request.body) as response:
+                    answer = await response.read()
+                    status = response.status
+                    if status not in _RETRYABLE:
+                        self._done(request, status, answer, response.content_type)
+                        return
+                    wait = retry_after(response.headers.get("Retry-After"), now=self._clock())
+                    reason = f"http_{status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = type(exc).__name__
+            if wait is None:  # full jitter over the exponential backoff
+                wait = self._rng.uniform(backoff / 2, backoff)
+                backoff = min(backoff * 2, self.config.max_backoff_s)
+            if time.monotonic() + wait > deadline:
+                self._fail("gave_up", signal.name, last=reason)
+                return
+            self.retries += 1
+            log.info("otlp_export.retry", signal=signal.name, reason=reason, wait_s=round(wait, 3))
+            await self._sleep(wait)
+
+    def _done(self, request: _Request, status: int, answer: bytes, content_type: str) -> None:
+        signal = request.signal.name
+        if not 200 <= status < 300:
+            self._fail(f"http_{status}", signal)
+            return
+        self.exported[signal] += 1
+        self.items[signal] += request.items
+        if content_type != _PROTOBUF or not answer:
+            return
+        try:
+            response: Any = request.signal.response.FromString(answer)
+        except DecodeError:
+            return  # delivered; only the partial success could not be read
+        rejected = getattr(response.partial_success, request.signal.rejected)
+        if rejected:
+            self.rejected_items[signal] += rejected
+            log.warning(
+                "otlp_export.partially_rejected",
+                signal=signal,
+                rejected=rejected,
+                message=response.partial_success.error_message[:200],
+            )
