@@ -10,13 +10,11 @@ import base64
 import gzip
 import json
 import secrets
-import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgpack
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format
@@ -29,6 +27,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from producers._otlp import OtlpConfig, OtlpReceiver, split_request
 from sealstream.otlp import SIGNALS, count_items
+from tests.support.otlp_sink import run_app
+from tests.support.pipeline import eventually
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -145,20 +145,10 @@ async def test_the_sdk_exports_become_rows_unchanged(
     receiver: OtlpReceiver, sink: RecordingSink, tmp_path: Path
 ) -> None:
     marker = f"mk{secrets.token_hex(4)}"
-    out = tmp_path / "sent.msgpack"
-    app = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.support.otlp_app",
-        f"http://127.0.0.1:{receiver.port}",
-        str(out),
-        marker,
-    )
-    assert await asyncio.wait_for(app.wait(), 60) == 0
-    sent = msgpack.unpackb(out.read_bytes())
-    assert {signal for signal, _ in sent} == {"traces", "metrics", "logs"}
+    sent = await run_app(_url(receiver, ""), tmp_path / "sent.msgpack", marker)
+    assert {signal.name for signal, _ in sent} == {"traces", "metrics", "logs"}
     # one row per request, in order, the bytes the exporter encoded
-    assert [(SIGNALS[s].stream, body) for s, body in sent] == [
+    assert [(signal.stream, body) for signal, body in sent] == [
         (stream, row["otlp"]) for stream, row in sink.rows
     ]
     for stream, row in sink.rows:
@@ -367,8 +357,7 @@ async def test_requests_beyond_max_concurrent_answer_503(
     body = _spans(1).SerializeToString()
     held = [asyncio.ensure_future(_post(http, _url(receiver), body)) for _ in range(2)]
     await asyncio.wait_for(sink.entered.wait(), 10)
-    while receiver._busy < 2:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: receiver._busy == 2)
     status, _, headers = await _post(http, _url(receiver), body)
     assert (status, headers["Retry-After"]) == (503, "1")
     assert receiver.refused == {"busy": 1}
@@ -381,20 +370,9 @@ async def test_the_sdk_retries_until_the_producer_catches_up(
     receiver: OtlpReceiver, sink: RecordingSink, tmp_path: Path
 ) -> None:
     sink.level = 1.0
-    out = tmp_path / "sent.msgpack"
-    app = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.support.otlp_app",
-        f"http://127.0.0.1:{receiver.port}",
-        str(out),
-        "retry",
-    )
-    async with asyncio.timeout(30):
-        while not receiver.refused:
-            await asyncio.sleep(0.01)
+    app = asyncio.ensure_future(run_app(_url(receiver, ""), tmp_path / "sent", "retry"))
+    await eventually(lambda: bool(receiver.refused), timeout=30)
     sink.level = 0.0
-    assert await asyncio.wait_for(app.wait(), 60) == 0
-    sent = msgpack.unpackb(out.read_bytes())
+    sent = await app
     assert [body for _, body in sent] == [row["otlp"] for _, row in sink.rows]
     assert receiver.refused["backpressure"] >= 1

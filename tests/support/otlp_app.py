@@ -1,5 +1,5 @@
 """An application instrumented with the stock OpenTelemetry SDK, run as its own process by the
-OTLP tests: ``python -m tests.support.otlp_app ENDPOINT OUT MARKER``.
+OTLP tests (``tests.support.otlp_sink.run_app``, or ``python -m tests.support.otlp_app ENDPOINT OUT MARKER``).
 
 It exports spans (with events and links), metrics (sum, gauge, histogram, exponential
 histogram) and logs, each carrying ``MARKER`` in names, attributes and bodies, to ``ENDPOINT``

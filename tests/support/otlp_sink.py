@@ -1,22 +1,38 @@
-"""An OTLP/HTTP endpoint for the exporter tests: records every request it is sent, decodes
-it with opentelemetry-proto's messages, and answers what the test scripted (200 by default).
+"""The two ends of the OTLP tests: :func:`run_app` runs an application on the stock SDK
+(tests/support/otlp_app.py, its own process); :class:`OtlpSink` is an OTLP/HTTP endpoint that
+records every request it is sent, decodes it with opentelemetry-proto's messages, and answers
+what the test scripted (200 by default).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import msgpack
 from aiohttp import web
 
-from sealstream.otlp import SIGNALS
+from sealstream.otlp import SIGNALS, Signal
 
-__all__ = ["Answer", "OtlpSink", "Received"]
+__all__ = ["Answer", "OtlpSink", "Received", "run_app"]
 
 _BY_PATH = {s.path: s for s in SIGNALS.values()}
+
+
+async def run_app(endpoint: str, out: Path, marker: str) -> list[tuple[Signal, bytes]]:
+    """Run the application until it has exported everything to ``endpoint`` (its OTLP/HTTP
+    base URL); each export request it sent, in order, with its signal."""
+    app = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.otlp_app", endpoint, str(out), marker
+    )
+    assert await asyncio.wait_for(app.wait(), 60) == 0
+    sent = msgpack.unpackb(await asyncio.to_thread(out.read_bytes))
+    return [(SIGNALS[signal], body) for signal, body in sent]
 
 
 @dataclass(frozen=True, slots=True)
