@@ -174,25 +174,29 @@ def _export_config(args: argparse.Namespace) -> ExportConfig:
 
 
 async def export(config: ClientConfig, args: argparse.Namespace) -> int:
-    """``export``: subscribe to the OTLP streams and re-export every request."""
+    """``export``: subscribe to the OTLP streams and re-export every request (until
+    ``--duration`` or Ctrl-C; then a summary on stderr)."""
     streams = args.stream or list(OTLP_STREAMS)
-    async with (
-        Client(config) as client,
-        OtlpExporter(_export_config(args)) as exporter,
-        client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry) as sub,
-    ):
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(args.duration):
-                async for batch in sub:
-                    if isinstance(batch, Resumed):
-                        _resumed(batch)
-                    else:
-                        await exporter.put(batch)
-    print(
-        f"exported {sum(exporter.exported.values())} OTLP requests, undelivered "
-        f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}",
-        file=sys.stderr,
-    )
+    exporter = OtlpExporter(_export_config(args))
+    try:
+        async with (
+            Client(config) as client,
+            exporter,
+            client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry) as sub,
+        ):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.duration):
+                    async for batch in sub:
+                        if isinstance(batch, Resumed):
+                            _resumed(batch)
+                        else:
+                            await exporter.put(batch)
+    finally:
+        print(
+            f"exported {sum(exporter.exported.values())} OTLP requests, undelivered "
+            f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}".rstrip(),
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import io
 import json
 import os
+import re
 import secrets
 import signal
 import stat
@@ -28,6 +31,7 @@ from producers._cli import _parser as producer_parser
 from producers._cli import source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
+from tests.support.otlp_sink import OtlpSink, run_app
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
@@ -136,7 +140,7 @@ class Setup:
             ),
         )
 
-    def producer(self) -> Service:
+    def producer(self, source: str = "http_events") -> Service:
         return _start(
             self.dir / f"producer-{secrets.token_hex(2)}.log",
             _cmd(
@@ -150,7 +154,7 @@ class Setup:
                 "--key-file",
                 self.key_file,
                 "--source",
-                "http_events",
+                source,
                 "--rate",
                 "200",
             ),
@@ -220,6 +224,7 @@ def setup(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
         public,
         "--stream",
         "http_events",
+        *("--stream", "otlp_traces", "--stream", "otlp_metrics", "--stream", "otlp_logs"),
         "--name",
         "alice",
     )
@@ -330,6 +335,44 @@ def test_consume_in_group_mode(setup: Setup, backend: tuple[Service, Service]) -
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 10
     assert {r["stream"] for r in records} == {"http_events"}
+
+
+async def test_otlp_in_through_the_producer_and_out_through_consume_export(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """``sealstream-producer --source otlp:HOST:PORT`` takes an SDK application's OTLP/HTTP;
+    ``sealstream-consume export`` re-exports it, unchanged, to an OTLP endpoint."""
+    otlp = dataclasses.replace(setup, prefix=f"t{secrets.token_hex(4)}")
+    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0")]
+    try:
+        await asyncio.to_thread(services[0].wait_for, "proxy.started")
+        await asyncio.to_thread(services[1].wait_for, "otlp.listening")
+        port = re.search(r"otlp\.listening.*port=(\d+)", _text(services[1].log))
+        assert port is not None
+        async with OtlpSink() as sink:
+            services.append(
+                _start(
+                    tmp_path / "export.log",
+                    _cmd(
+                        "sealstream-consume",
+                        *("--key", "x25519", "--nats-url", otlp.nats_url, "--prefix"),
+                        *(otlp.prefix, "--token", otlp.token(CLUSTER), "--identity"),
+                        *(otlp.identity_file, "--trust-store", otlp.trust_store),
+                        *("--cluster", CLUSTER, "--retry", "10", "--log-level", "info"),
+                        *("export", "--otlp-endpoint", sink.url, "--header", "X-Tenant=t-1"),
+                    ),
+                )
+            )
+            await asyncio.to_thread(services[2].wait_for, "session.opened")
+            sent = await run_app(f"http://127.0.0.1:{port[1]}", tmp_path / "sent", "cli")
+            await asyncio.wait_for(sink.wait_for(len(sent)), 30)
+            assert services[2].interrupt() == 0
+        assert [(r.path, r.body) for r in sink.received] == [(s.path, b) for s, b in sent]
+        assert {r.headers["X-Tenant"] for r in sink.received} == {"t-1"}
+        assert f"exported {len(sent)} OTLP requests, undelivered 0" in _text(services[2].log)
+    finally:
+        for service in services:
+            service.kill()
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
