@@ -156,8 +156,8 @@ def _hex_ids(node: Any) -> Any:
         for key, value in node.items():
             if key in _ID_FIELDS and isinstance(value, str):
                 try:
-                    node[key] = binascii.b2a_base64(bytes.fromhex(value), newline=False).decode()
-                except ValueError:
+                    node[key] = binascii.b2a_base64(binascii.a2b_hex(value), newline=False).decode()
+                except (binascii.Error, ValueError):  # odd length, not hex, not ASCII
                     raise _bad("bad_json", f"{key} is not hex") from None
             else:
                 _hex_ids(value)
