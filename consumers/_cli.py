@@ -178,23 +178,24 @@ async def export(config: ClientConfig, args: argparse.Namespace) -> int:
     ``--duration`` or Ctrl-C; then a summary on stderr)."""
     streams = args.stream or list(OTLP_STREAMS)
     exporter = OtlpExporter(_export_config(args))
+    sub: Subscription[Batch | Resumed] | None = None
     try:
-        async with (
-            Client(config) as client,
-            exporter,
-            client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry) as sub,
-        ):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(args.duration):
-                    async for batch in sub:
-                        if isinstance(batch, Resumed):
-                            _resumed(batch)
-                        else:
-                            await exporter.put(batch)
+        async with Client(config) as client, exporter:
+            sub = client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry)
+            async with sub:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(args.duration):
+                        async for batch in sub:
+                            if isinstance(batch, Resumed):
+                                _resumed(batch)
+                            else:
+                                await exporter.put(batch)
     finally:
+        stats = sub.stats() if sub is not None else None
         print(
             f"exported {sum(exporter.exported.values())} OTLP requests, undelivered "
-            f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}".rstrip(),
+            f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}".rstrip()
+            + (f"; lost {stats.lost}, dropped {stats.dropped} in the session" if stats else ""),
             file=sys.stderr,
         )
     return 0

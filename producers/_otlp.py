@@ -22,12 +22,13 @@ from typing import Any, Final, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from google.rpc.status_pb2 import Status
 
 from sealstream.metrics import Sample
-from sealstream.otlp import SIGNALS, Signal, count_items, otlp_row
+from sealstream.otlp import OTLP_STREAMS, SIGNALS, Signal, count_items, otlp_row
 from sealstream.resource import AsyncResource
 
 __all__ = ["OtlpConfig", "OtlpReceiver", "SealingSink", "split_request"]
@@ -55,6 +56,10 @@ _UNAVAILABLE: Final = 14
 
 class SealingSink(Protocol):
     """Where the receiver's rows go (the agent)."""
+
+    @property
+    def streams(self) -> frozenset[str]:
+        """The streams it carries: the OTLP streams must be among them."""
 
     @property
     def max_row_bytes(self) -> int:
@@ -140,13 +145,16 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise _Refused(415, "unsupported_encoding", "use gzip or no encoding", _INVALID_ARGUMENT)
     gunzip = _Gunzip(limit) if encoding == "gzip" else None
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(_CHUNK):
-        if gunzip is not None:
-            gunzip.feed(chunk)
-        else:
-            raw += chunk
-            if len(raw) > limit:
-                raise _too_large(limit)
+    try:
+        async for chunk in request.content.iter_chunked(_CHUNK):
+            if gunzip is not None:
+                gunzip.feed(chunk)
+            else:
+                raw += chunk
+                if len(raw) > limit:
+                    raise _too_large(limit)
+    except (OSError, HttpProcessingError):  # the client went away, or a bad chunked body
+        raise _bad("incomplete_body", "the body ended before its end") from None
     return gunzip.end() if gunzip is not None else bytes(raw)
 
 
@@ -274,6 +282,9 @@ class OtlpReceiver(AsyncResource):
         self._last_log: dict[str, float] = {}
 
     async def _start(self) -> None:
+        missing = sorted(set(OTLP_STREAMS) - self._sink.streams)
+        if missing:
+            raise ValueError(f"the agent must declare the OTLP streams: {missing} are missing")
         # the body is inflated here, within the size limit (a gzip bomb stops at it)
         server = web.Server(self._handle, access_log=None, auto_decompress=False)
         runner = web.ServerRunner(server, handle_signals=False)

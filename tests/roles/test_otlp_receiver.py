@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from producers._otlp import OtlpConfig, OtlpReceiver, split_request
-from sealstream.otlp import SIGNALS, count_items
+from sealstream.otlp import OTLP_STREAMS, SIGNALS, count_items
 from tests.support.otlp_sink import run_app
 from tests.support.pipeline import eventually
 
@@ -41,6 +41,7 @@ class RecordingSink:
 
     def __init__(self, *, max_row_bytes: int = ROW_BYTES) -> None:
         self.max_row_bytes = max_row_bytes
+        self.streams = frozenset(OTLP_STREAMS)
         self.rows: list[tuple[str, dict[str, Any]]] = []
         self.level = 0.0
         self.gate: asyncio.Event | None = None
@@ -288,6 +289,27 @@ async def test_each_bad_input_has_its_status_and_counter(
     )
     assert message.message
     assert [row["otlp"] for _, row in sink.rows] == [valid]
+
+
+async def test_a_body_cut_short_is_counted(receiver: OtlpReceiver, sink: RecordingSink) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+    writer.write(
+        b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        b"Content-Length: 1000\r\n\r\n" + _spans(1).SerializeToString()[:20]
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: bool(receiver.refused))
+    assert receiver.refused == {"incomplete_body": 1}
+    assert sink.rows == []
+
+
+async def test_a_sink_without_the_otlp_streams_is_refused(sink: RecordingSink) -> None:
+    sink.streams = frozenset({"otlp_traces", "records"})
+    with pytest.raises(ValueError, match="otlp_logs"):
+        async with OtlpReceiver(sink, config=OtlpConfig(port=0)):
+            pass
 
 
 async def test_a_request_too_large_for_one_row_is_split_losslessly(
