@@ -11,10 +11,7 @@ are counted by reason (:attr:`OtlpReceiver.refused`) and logged, never with the 
 
 from __future__ import annotations
 
-import binascii
-import json
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,34 +21,36 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from google.rpc.status_pb2 import Status
 
+from producers._otlp_codec import (
+    INTERNAL,
+    INVALID_ARGUMENT,
+    JSON,
+    NOT_FOUND,
+    PROTOBUF,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    Gunzip,
+    Refused,
+    bad,
+    decode,
+    to_rows,
+    too_large,
+)
 from sealstream.metrics import Sample
-from sealstream.otlp import OTLP_STREAMS, SIGNALS, Signal, count_items, otlp_row
+from sealstream.otlp import OTLP_STREAMS, SIGNALS, Signal
 from sealstream.resource import AsyncResource
 
-__all__ = ["OtlpConfig", "OtlpReceiver", "SealingSink", "split_request"]
+__all__ = ["OtlpConfig", "OtlpReceiver", "SealingSink"]
 
 log = structlog.get_logger(__name__)
 
-PROTOBUF: Final = "application/x-protobuf"
-JSON: Final = "application/json"
 _CHUNK: Final = 64 * 1024
 #: room in a row for the index columns and msgpack framing (``service`` is <= 256 characters)
 _ROW_OVERHEAD: Final = 2048
-#: what the JSON mapping writes as hex, and protobuf's JSON parser reads as base64
-_ID_FIELDS: Final = frozenset(
-    {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
-)
 _BY_PATH: Final = {s.path: s for s in SIGNALS.values()}
-# google.rpc.Code values for the Status bodies
-_INVALID_ARGUMENT: Final = 3
-_NOT_FOUND: Final = 5
-_RESOURCE_EXHAUSTED: Final = 8
-_UNIMPLEMENTED: Final = 12
-_INTERNAL: Final = 13
-_UNAVAILABLE: Final = 14
 
 
 class SealingSink(Protocol):
@@ -93,57 +92,13 @@ class OtlpConfig:
             raise ValueError("high_water must be in (0, 1]")
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, reason: str, message: str, code: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.code = code
-
-
-def _bad(reason: str, message: str) -> _Refused:
-    return _Refused(400, reason, message, _INVALID_ARGUMENT)
-
-
-def _too_large(limit: int) -> _Refused:
-    return _Refused(413, "too_large", f"body over {limit} bytes", _RESOURCE_EXHAUSTED)
-
-
-class _Gunzip:
-    """Streaming gzip decompression (several members allowed) that stops at ``limit``."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self.out = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        try:
-            while data:
-                room = self._limit - len(self.out) + 1
-                self.out += self._inflater.decompress(data, room)
-                if len(self.out) > self._limit or self._inflater.unconsumed_tail:
-                    raise _too_large(self._limit)
-                data = b""
-                if self._inflater.eof and self._inflater.unused_data:  # the next member
-                    data = self._inflater.unused_data
-                    self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        except zlib.error:
-            raise _bad("bad_gzip", "the body is not valid gzip") from None
-
-    def end(self) -> bytes:
-        if not self._inflater.eof:
-            raise _bad("bad_gzip", "the gzip body is truncated")
-        return bytes(self.out)
-
-
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("gzip", "identity", ""):
-        raise _Refused(415, "unsupported_encoding", "use gzip or no encoding", _INVALID_ARGUMENT)
-    gunzip = _Gunzip(limit) if encoding == "gzip" else None
+        raise Refused(415, "unsupported_encoding", "use gzip or no encoding", INVALID_ARGUMENT)
+    gunzip = Gunzip(limit) if encoding == "gzip" else None
     raw = bytearray()
     try:
         async for chunk in request.content.iter_chunked(_CHUNK):
@@ -152,107 +107,10 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
             else:
                 raw += chunk
                 if len(raw) > limit:
-                    raise _too_large(limit)
+                    raise too_large(limit)
     except (OSError, HttpProcessingError):  # the client went away, or a bad chunked body
-        raise _bad("incomplete_body", "the body ended before its end") from None
+        raise bad("incomplete_body", "the body ended before its end") from None
     return gunzip.end() if gunzip is not None else bytes(raw)
-
-
-def _hex_ids(node: Any) -> Any:
-    """OTLP/JSON's hex ids as the base64 protobuf's JSON parser reads (in place)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _ID_FIELDS and isinstance(value, str):
-                try:
-                    node[key] = binascii.b2a_base64(binascii.a2b_hex(value), newline=False).decode()
-                except (binascii.Error, ValueError):  # odd length, not hex, not ASCII
-                    raise _bad("bad_json", f"{key} is not hex") from None
-            else:
-                _hex_ids(value)
-    elif isinstance(node, list):
-        for value in node:
-            _hex_ids(value)
-    return node
-
-
-def _decode(signal: Signal, body: bytes, content_type: str) -> Message:
-    message = signal.request()
-    if content_type == PROTOBUF:
-        try:
-            message.ParseFromString(body)
-        except (DecodeError, RecursionError):
-            raise _bad("bad_protobuf", "the body is not a valid protobuf request") from None
-        return message
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        raise _bad("bad_json", "the body is not JSON") from None
-    if not isinstance(parsed, dict):
-        raise _bad("bad_json", "the body is not a JSON object")
-    try:
-        json_format.ParseDict(_hex_ids(parsed), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, RecursionError, ValueError, TypeError):
-        raise _bad("bad_json", "the JSON body is not a valid OTLP request") from None
-    return message
-
-
-def split_request(signal: Signal, request: Any, limit: int) -> tuple[list[Message], int]:
-    """``request`` as requests of at most ``limit`` bytes each (resource and scope messages
-    copied into each part, items in order), and how many items (as the partial success counts
-    them) had to be refused because one alone is over ``limit`` (pure)."""
-    parts: list[Message] = []
-    refused = 0
-    current: Any = signal.request()
-    size = 0
-    for group in getattr(request, signal.resources):
-        head: Any = type(group)()
-        head.CopyFrom(group)
-        head.ClearField(signal.scopes)
-        head_size = head.ByteSize() + 12  # its tag and length, and the scopes list's
-        cur_group: Any = None
-        for scope in getattr(group, signal.scopes):
-            scope_head: Any = type(scope)()
-            scope_head.CopyFrom(scope)
-            scope_head.ClearField(signal.items)
-            scope_size = scope_head.ByteSize() + 12
-            cur_scope: Any = None
-            for item in getattr(scope, signal.items):
-                item_size = item.ByteSize() + 6
-                if head_size + scope_size + item_size > limit:
-                    refused += count_items(signal, [item])
-                    continue
-                need = (
-                    item_size
-                    + (0 if cur_scope is not None else scope_size)
-                    + (0 if cur_group is not None else head_size)
-                )
-                if size and size + need > limit:
-                    parts.append(current)
-                    current, size, cur_group, cur_scope = signal.request(), 0, None, None
-                if cur_group is None:
-                    cur_group = getattr(current, signal.resources).add()
-                    cur_group.CopyFrom(head)
-                    size += head_size
-                if cur_scope is None:
-                    cur_scope = getattr(cur_group, signal.scopes).add()
-                    cur_scope.CopyFrom(scope_head)
-                    size += scope_size
-                getattr(cur_scope, signal.items).append(item)
-                size += item_size
-    if size:
-        parts.append(current)
-    return parts, refused
-
-
-def _rows(
-    signal: Signal, request: Message, body: bytes, as_protobuf: bool, limit: int
-) -> tuple[list[dict[str, Any]], int]:
-    if not as_protobuf:
-        body = request.SerializeToString()
-    if len(body) <= limit:
-        return [otlp_row(signal, request, body)] if request.ByteSize() else [], 0
-    parts, refused = split_request(signal, request, limit)
-    return [otlp_row(signal, part, part.SerializeToString()) for part in parts], refused
 
 
 class OtlpReceiver(AsyncResource):
@@ -326,7 +184,7 @@ class OtlpReceiver(AsyncResource):
             ),
         ]
 
-    def _refusal(self, refused: _Refused, content_type: str) -> web.Response:
+    def _refusal(self, refused: Refused, content_type: str) -> web.Response:
         self.refused[refused.reason] += 1
         self._log_refusal(refused)
         headers = {}
@@ -339,7 +197,7 @@ class OtlpReceiver(AsyncResource):
             headers=headers,
         )
 
-    def _log_refusal(self, refused: _Refused) -> None:
+    def _log_refusal(self, refused: Refused) -> None:
         """At most one line a second per reason, with the count since the last one."""
         self._unlogged[refused.reason] += 1
         now = self._clock()
@@ -359,38 +217,38 @@ class OtlpReceiver(AsyncResource):
         try:
             signal = _BY_PATH.get(request.path)
             if signal is None:
-                raise _Refused(
-                    404, "not_found", "use /v1/traces, /v1/metrics or /v1/logs", _NOT_FOUND
+                raise Refused(
+                    404, "not_found", "use /v1/traces, /v1/metrics or /v1/logs", NOT_FOUND
                 )
             if request.method != "POST":
-                raise _Refused(405, "method_not_allowed", "use POST", _UNIMPLEMENTED)
+                raise Refused(405, "method_not_allowed", "use POST", UNIMPLEMENTED)
             if content_type not in (PROTOBUF, JSON):
-                raise _Refused(
-                    415, "unsupported_media_type", f"use {PROTOBUF} or {JSON}", _INVALID_ARGUMENT
+                raise Refused(
+                    415, "unsupported_media_type", f"use {PROTOBUF} or {JSON}", INVALID_ARGUMENT
                 )
             if self._sink.backlog() >= self.config.high_water:
-                raise _Refused(503, "backpressure", "the producer is behind", _UNAVAILABLE)
+                raise Refused(503, "backpressure", "the producer is behind", UNAVAILABLE)
             if self._busy >= self.config.max_concurrent:
-                raise _Refused(503, "busy", "too many requests in hand", _UNAVAILABLE)
+                raise Refused(503, "busy", "too many requests in hand", UNAVAILABLE)
             self._busy += 1
             try:
                 return await self._export(signal, request, answer_type)
             finally:
                 self._busy -= 1
-        except _Refused as refused:
+        except Refused as refused:
             return self._refusal(refused, answer_type)
 
     async def _export(
         self, signal: Signal, request: web.BaseRequest, answer_type: str
     ) -> web.Response:
         body = await _read_body(request, self.config.max_body_bytes)
-        message = _decode(signal, body, request.content_type)
+        message = decode(signal, body, request.content_type)
         limit = self._sink.max_row_bytes - _ROW_OVERHEAD
-        rows, refused = _rows(signal, message, body, request.content_type == PROTOBUF, limit)
+        rows, refused = to_rows(signal, message, body, request.content_type == PROTOBUF, limit)
         too_large = await self._sink.seal_rows(signal.stream, rows)
         if too_large:  # a row sized to fit should always fit: say so if one did not
             log.error("otlp.row_too_large", signal=signal.name, rows=too_large)
-            raise _Refused(500, "row_too_large", "a row did not fit a batch", _INTERNAL)
+            raise Refused(500, "row_too_large", "a row did not fit a batch", INTERNAL)
         self.requests[signal.name] += 1
         self.items[signal.name] += sum(row["items"] for row in rows)
         response: Any = signal.response()

@@ -25,7 +25,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from producers._otlp import OtlpConfig, OtlpReceiver, split_request
+from producers._otlp import OtlpConfig, OtlpReceiver
+from producers._otlp_codec import split_request
 from sealstream.otlp import OTLP_STREAMS, SIGNALS, count_items
 from tests.support.otlp_sink import run_app
 from tests.support.pipeline import eventually
