@@ -38,23 +38,27 @@ def parse_source(spec: str, *, rate: float, interval: float) -> Source:
         return JsonLines(None if path == "-" else Path(path), stream=stream or "records")
     raise ValueError(
         f"unknown source {spec!r}: use http_events, host_metrics, jsonl:PATH[:STREAM] or "
-        "otlp[:HOST:PORT]"
+        "otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]"
     )
 
 
 def otlp_config(specs: list[str]) -> OtlpConfig | None:
-    """The OTLP receiver asked for by ``otlp`` or ``otlp:HOST:PORT`` among ``specs``."""
+    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
+    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
+    only)."""
     given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
     if not given:
         return None
     if len(given) > 1:
         raise ValueError("give one otlp source")
-    if given[0] == "otlp":
-        return OtlpConfig()
-    host, _, port = given[0][len("otlp:") :].rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"source {given[0]!r}: use otlp:HOST:PORT")
-    return OtlpConfig(host=host, port=int(port))
+    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
+    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
+        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
+    return OtlpConfig(
+        host=host or "127.0.0.1",
+        port=int(http or 4318),
+        grpc_port=None if grpc == "off" else int(grpc or 4317),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -95,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
             # after 'run' they go to a list of their own, joined to those given before it
             dest="source" if parser is p else "run_source",
             default=d(None),
-            help="http_events | host_metrics | jsonl:PATH[:STREAM] | otlp[:HOST:PORT] (the "
-            "OTLP/HTTP receiver, 127.0.0.1:4318 by default) (repeatable; env "
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] | "
+            "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
+            "4317 of 127.0.0.1 by default) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(

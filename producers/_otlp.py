@@ -1,7 +1,8 @@
-"""The OTLP/HTTP receiver: OpenTelemetry data in, sealed as rows (docs/protocol.md,
+"""The OTLP receiver: OpenTelemetry data in, sealed as rows (docs/protocol.md,
 "OpenTelemetry streams").
 
-``POST /v1/traces|metrics|logs`` (protobuf or JSON, gzip or not) is decoded, split into rows
+``POST /v1/traces|metrics|logs`` (protobuf or JSON, gzip or not), and the OTLP/gRPC Export
+services when asked (producers/_otlp_grpc.py), is decoded, split into rows
 that fit a batch, and handed to a :class:`SealingSink` (the :class:`~producers.Agent`), which
 returns once the rows are sealed into its outbox for every session reading them: only then is
 the answer a success. A request is refused before it is read while the outbox is over half its
@@ -11,9 +12,10 @@ are counted by reason (:attr:`OtlpReceiver.refused`) and logged, never with the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,6 +41,7 @@ from producers._otlp_codec import (
     to_rows,
     too_large,
 )
+from producers._otlp_grpc import serve_grpc
 from sealstream.metrics import Sample
 from sealstream.otlp import OTLP_STREAMS, SIGNALS, Signal
 from sealstream.resource import AsyncResource
@@ -74,12 +77,15 @@ class SealingSink(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OtlpConfig:
-    """``host``/``port`` to listen on (port 0: any free port); ``max_body_bytes`` caps a request
-    body before and after gzip; beyond ``high_water`` of the outbox's bound, or with
-    ``max_concurrent`` requests in hand, requests are refused with 503 and ``Retry-After``."""
+    """``host``/``port`` to listen on (port 0: any free port), and ``grpc_port`` for OTLP/gRPC;
+    ``max_body_bytes`` caps a request body before and after gzip; beyond ``high_water`` of the
+    outbox's bound, or with ``max_concurrent`` requests in hand, requests are refused with 503
+    and ``Retry-After`` (gRPC: ``UNAVAILABLE`` with ``RetryInfo``)."""
 
     host: str = "127.0.0.1"
     port: int = 4318
+    #: OTLP/gRPC (the three Export services) on this port too; None: HTTP only
+    grpc_port: int | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_concurrent: int = 16
     high_water: float = 0.5
@@ -114,9 +120,10 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 class OtlpReceiver(AsyncResource):
-    """``async with OtlpReceiver(agent, config=...) as receiver:`` serves OTLP/HTTP into
-    ``agent``'s streams ``otlp_traces``, ``otlp_metrics`` and ``otlp_logs`` (which the agent
-    must declare). :attr:`port` is the port it listens on."""
+    """``async with OtlpReceiver(agent, config=...) as receiver:`` serves OTLP/HTTP (and
+    OTLP/gRPC when ``config.grpc_port`` is set) into ``agent``'s streams ``otlp_traces``,
+    ``otlp_metrics`` and ``otlp_logs`` (which the agent must declare). :attr:`port` and
+    :attr:`grpc_port` are the ports it listens on."""
 
     def __init__(
         self,
@@ -130,6 +137,7 @@ class OtlpReceiver(AsyncResource):
         self._sink = sink
         self._clock = clock
         self.port = self.config.port
+        self.grpc_port = self.config.grpc_port
         self._busy = 0
         #: requests refused, by reason; items refused one by one, by signal
         self.refused: Counter[str] = Counter()
@@ -143,15 +151,25 @@ class OtlpReceiver(AsyncResource):
         missing = sorted(set(OTLP_STREAMS) - self._sink.streams)
         if missing:
             raise ValueError(f"the agent must declare the OTLP streams: {missing} are missing")
+        config = self.config
         # the body is inflated here, within the size limit (a gzip bomb stops at it)
         server = web.Server(self._handle, access_log=None, auto_decompress=False)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, self.config.host, self.config.port)
-        await site.start()
+        await web.TCPSite(runner, config.host, config.port).start()
         self.port = int(runner.addresses[0][1])
-        log.info("otlp.listening", host=self.config.host, port=self.port)
+        log.info("otlp.listening", protocol="http", host=config.host, port=self.port)
+        if config.grpc_port is not None:
+            grpc_server, self.grpc_port = await serve_grpc(
+                self,
+                host=config.host,
+                port=config.grpc_port,
+                max_bytes=config.max_body_bytes,
+                retry_after_s=config.retry_after_s,
+            )
+            self._stack.push_async_callback(grpc_server.stop, 1.0)
+            log.info("otlp.listening", protocol="grpc", host=config.host, port=self.grpc_port)
 
     def samples(self) -> list[Sample]:
         return [
@@ -184,21 +202,46 @@ class OtlpReceiver(AsyncResource):
             ),
         ]
 
-    def _refusal(self, refused: Refused, content_type: str) -> web.Response:
-        self.refused[refused.reason] += 1
-        self._log_refusal(refused)
-        headers = {}
-        if refused.status == 503:
-            headers["Retry-After"] = str(self.config.retry_after_s)
-        return _answer(
-            Status(code=refused.code, message=str(refused)),
-            content_type,
-            status=refused.status,
-            headers=headers,
-        )
+    # --- shared by the HTTP and gRPC servers --------------------------------------------------
 
-    def _log_refusal(self, refused: Refused) -> None:
-        """At most one line a second per reason, with the count since the last one."""
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of the ``max_concurrent`` slots, or refuse (503) while the outbox is behind
+        or every slot is taken."""
+        if self._sink.backlog() >= self.config.high_water:
+            raise Refused(503, "backpressure", "the producer is behind", UNAVAILABLE)
+        if self._busy >= self.config.max_concurrent:
+            raise Refused(503, "busy", "too many requests in hand", UNAVAILABLE)
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+
+    async def accept(self, signal: Signal, body: bytes, content_type: str) -> Message:
+        """Decode, seal and count one export request; its response (raises :class:`Refused`)."""
+        message = decode(signal, body, content_type)
+        limit = self._sink.max_row_bytes - _ROW_OVERHEAD
+        rows, refused = to_rows(signal, message, body, content_type == PROTOBUF, limit)
+        oversize = await self._sink.seal_rows(signal.stream, rows)
+        if oversize:  # a row sized to fit should always fit: say so if one did not
+            log.error("otlp.row_too_large", signal=signal.name, rows=oversize)
+            raise Refused(500, "row_too_large", "a row did not fit a batch", INTERNAL)
+        self.requests[signal.name] += 1
+        self.items[signal.name] += sum(row["items"] for row in rows)
+        response: Any = signal.response()
+        if refused:
+            self.items_refused[signal.name] += refused
+            log.warning("otlp.items_refused", signal=signal.name, count=refused)
+            partial = response.partial_success
+            setattr(partial, signal.rejected, refused)
+            partial.error_message = f"{refused} item(s) too large to seal"
+        return response  # type: ignore[no-any-return]
+
+    def refuse(self, refused: Refused) -> None:
+        """Count a refusal; log it, at most one line a second per reason, with the count
+        since the last one."""
+        self.refused[refused.reason] += 1
         self._unlogged[refused.reason] += 1
         now = self._clock()
         if now - self._last_log.get(refused.reason, float("-inf")) >= 1.0:
@@ -210,6 +253,8 @@ class OtlpReceiver(AsyncResource):
                 count=self._unlogged.pop(refused.reason),
             )
             self._last_log[refused.reason] = now
+
+    # --- OTLP/HTTP ----------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         content_type = request.content_type
@@ -226,39 +271,16 @@ class OtlpReceiver(AsyncResource):
                 raise Refused(
                     415, "unsupported_media_type", f"use {PROTOBUF} or {JSON}", INVALID_ARGUMENT
                 )
-            if self._sink.backlog() >= self.config.high_water:
-                raise Refused(503, "backpressure", "the producer is behind", UNAVAILABLE)
-            if self._busy >= self.config.max_concurrent:
-                raise Refused(503, "busy", "too many requests in hand", UNAVAILABLE)
-            self._busy += 1
-            try:
-                return await self._export(signal, request, answer_type)
-            finally:
-                self._busy -= 1
+            with self.admitted():
+                body = await _read_body(request, self.config.max_body_bytes)
+                return _answer(await self.accept(signal, body, content_type), answer_type)
         except Refused as refused:
-            return self._refusal(refused, answer_type)
-
-    async def _export(
-        self, signal: Signal, request: web.BaseRequest, answer_type: str
-    ) -> web.Response:
-        body = await _read_body(request, self.config.max_body_bytes)
-        message = decode(signal, body, request.content_type)
-        limit = self._sink.max_row_bytes - _ROW_OVERHEAD
-        rows, refused = to_rows(signal, message, body, request.content_type == PROTOBUF, limit)
-        too_large = await self._sink.seal_rows(signal.stream, rows)
-        if too_large:  # a row sized to fit should always fit: say so if one did not
-            log.error("otlp.row_too_large", signal=signal.name, rows=too_large)
-            raise Refused(500, "row_too_large", "a row did not fit a batch", INTERNAL)
-        self.requests[signal.name] += 1
-        self.items[signal.name] += sum(row["items"] for row in rows)
-        response: Any = signal.response()
-        if refused:
-            self.items_refused[signal.name] += refused
-            log.warning("otlp.items_refused", signal=signal.name, count=refused)
-            partial = response.partial_success
-            setattr(partial, signal.rejected, refused)
-            partial.error_message = f"{refused} item(s) too large to seal"
-        return _answer(response, answer_type)
+            self.refuse(refused)
+            headers = {}
+            if refused.status == 503:
+                headers["Retry-After"] = str(self.config.retry_after_s)
+            status = Status(code=refused.code, message=str(refused))
+            return _answer(status, answer_type, status=refused.status, headers=headers)
 
 
 def _answer(

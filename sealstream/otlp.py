@@ -2,8 +2,8 @@
 
 One row per OTLP export request: ``signal``, ``service``, ``items`` (index columns for views)
 and ``otlp``, the request's protobuf bytes. :data:`SIGNALS` is the one table of the three
-signals: their stream, their OTLP/HTTP path and their messages; the producer's receiver and
-the consumer's exporter both read it.
+signals: their stream, their OTLP/HTTP path, their OTLP/gRPC service and their messages; the
+producer's receiver and the consumer's exporter both read it.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Signal:
     name: SignalName
     stream: str
     path: str  # OTLP/HTTP
+    service: str  # OTLP/gRPC: the service whose method ``Export`` takes the request
     request: type[Message]
     response: type[Message]
     #: the request's list of resource groups, each group's list of scope groups, each scope
@@ -67,6 +68,7 @@ SIGNALS: Final[dict[SignalName, Signal]] = {
         "traces",
         "otlp_traces",
         "/v1/traces",
+        "opentelemetry.proto.collector.trace.v1.TraceService",
         ExportTraceServiceRequest,
         ExportTraceServiceResponse,
         "resource_spans",
@@ -78,6 +80,7 @@ SIGNALS: Final[dict[SignalName, Signal]] = {
         "metrics",
         "otlp_metrics",
         "/v1/metrics",
+        "opentelemetry.proto.collector.metrics.v1.MetricsService",
         ExportMetricsServiceRequest,
         ExportMetricsServiceResponse,
         "resource_metrics",
@@ -89,6 +92,7 @@ SIGNALS: Final[dict[SignalName, Signal]] = {
         "logs",
         "otlp_logs",
         "/v1/logs",
+        "opentelemetry.proto.collector.logs.v1.LogsService",
         ExportLogsServiceRequest,
         ExportLogsServiceResponse,
         "resource_logs",

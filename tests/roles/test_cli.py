@@ -27,8 +27,9 @@ from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
+from producers import OtlpConfig
 from producers._cli import _parser as producer_parser
-from producers._cli import source_specs
+from producers._cli import otlp_config, source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
 from tests.support.otlp_sink import OtlpSink, run_app
@@ -343,7 +344,7 @@ async def test_otlp_in_through_the_producer_and_out_through_consume_export(
     """``sealstream-producer --source otlp:HOST:PORT`` takes an SDK application's OTLP/HTTP;
     ``sealstream-consume export`` re-exports it, unchanged, to an OTLP endpoint."""
     otlp = dataclasses.replace(setup, prefix=f"t{secrets.token_hex(4)}")
-    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0")]
+    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0:off")]
     try:
         await asyncio.to_thread(services[0].wait_for, "proxy.started")
         await asyncio.to_thread(services[1].wait_for, "otlp.listening")
@@ -606,6 +607,17 @@ def test_options_before_or_after_run_are_kept(
     assert {k: getattr(args, k) for k in (*given, *expected)} == {**given, **expected}
     assert args.log_level == "info"
     assert args.log_json is False
+
+
+def test_the_otlp_source_names_its_addresses() -> None:
+    assert otlp_config(["http_events"]) is None
+    assert otlp_config(["otlp"]) == OtlpConfig(port=4318, grpc_port=4317)
+    assert otlp_config(["otlp:0.0.0.0"]) == OtlpConfig(host="0.0.0.0", grpc_port=4317)
+    assert otlp_config(["otlp:h:0:off"]) == OtlpConfig(host="h", port=0, grpc_port=None)
+    assert otlp_config(["otlp:h:1:2"]) == OtlpConfig(host="h", port=1, grpc_port=2)
+    for bad in (["otlp:h:x"], ["otlp:h:1:-2"], ["otlp:h:1:2:3"], ["otlp", "otlp:h"]):
+        with pytest.raises(ValueError, match="otlp"):
+            otlp_config(bad)
 
 
 def test_sources_before_and_after_run_are_joined() -> None:

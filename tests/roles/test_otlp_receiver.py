@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format
 from google.rpc import status_pb2
+from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -66,7 +68,7 @@ async def sink() -> RecordingSink:
 
 @pytest_asyncio.fixture
 async def receiver(sink: RecordingSink) -> AsyncIterator[OtlpReceiver]:
-    config = OtlpConfig(port=0, max_body_bytes=256 * 1024, max_concurrent=2)
+    config = OtlpConfig(port=0, grpc_port=0, max_body_bytes=256 * 1024, max_concurrent=2)
     async with OtlpReceiver(sink, config=config) as receiver:
         yield receiver
 
@@ -143,11 +145,13 @@ async def _post(
 # --- the real SDK -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 async def test_the_sdk_exports_become_rows_unchanged(
-    receiver: OtlpReceiver, sink: RecordingSink, tmp_path: Path
+    receiver: OtlpReceiver, sink: RecordingSink, tmp_path: Path, protocol: str
 ) -> None:
     marker = f"mk{secrets.token_hex(4)}"
-    sent = await run_app(_url(receiver, ""), tmp_path / "sent.msgpack", marker)
+    endpoint = _url(receiver, "") if protocol == "http" else f"127.0.0.1:{receiver.grpc_port}"
+    sent = await run_app(endpoint, tmp_path / "sent.msgpack", marker, protocol=protocol)
     assert {signal.name for signal, _ in sent} == {"traces", "metrics", "logs"}
     # one row per request, in order, the bytes the exporter encoded
     assert [(signal.stream, body) for signal, body in sent] == [
@@ -408,3 +412,54 @@ async def test_the_sdk_retries_until_the_producer_catches_up(
     sent = await app
     assert [body for _, body in sent] == [row["otlp"] for _, row in sink.rows]
     assert receiver.refused["backpressure"] >= 1
+
+
+# --- OTLP/gRPC --------------------------------------------------------------------------
+
+
+async def _grpc_export(
+    receiver: OtlpReceiver, body: bytes, *, compression: grpc.Compression | None = None
+) -> bytes:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{receiver.grpc_port}") as channel:
+        export: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            f"/{SIGNALS['traces'].service}/Export"
+        )
+        return bytes(await export(body, compression=compression, timeout=10))
+
+
+async def test_grpc_refusals_have_their_codes_and_counters(
+    receiver: OtlpReceiver, sink: RecordingSink
+) -> None:
+    cases: list[tuple[bytes, grpc.Compression | None, grpc.StatusCode]] = [
+        (b"\xff\xff\xff", None, grpc.StatusCode.INVALID_ARGUMENT),
+        (b"\0" * (256 * 1024 + 1), None, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (b"\0" * (8 * 1024 * 1024), grpc.Compression.Gzip, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ]
+    for body, compression, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _grpc_export(receiver, body, compression=compression)
+        assert refused.value.code() == code
+    # the size limit is gRPC's own: only the undecodable request reaches the counters
+    assert receiver.refused == {"bad_protobuf": 1}
+    valid = _spans(2).SerializeToString()
+    assert ExportTraceServiceResponse.FromString(await _grpc_export(receiver, valid)) == (
+        ExportTraceServiceResponse()
+    )
+    assert [row["otlp"] for _, row in sink.rows] == [valid]
+
+
+async def test_grpc_backpressure_is_unavailable_with_retry_info(
+    receiver: OtlpReceiver, sink: RecordingSink
+) -> None:
+    sink.level = 1.0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _grpc_export(receiver, _spans(1).SerializeToString())
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailers = dict(refused.value.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    [detail] = status.details
+    info = RetryInfo()
+    assert detail.Unpack(info)
+    assert info.retry_delay.seconds == 1
+    assert receiver.refused == {"backpressure": 1}
+    assert sink.rows == []

@@ -1,9 +1,11 @@
 """An application instrumented with the stock OpenTelemetry SDK, run as its own process by the
-OTLP tests (``tests.support.otlp_sink.run_app``, or ``python -m tests.support.otlp_app ENDPOINT OUT MARKER``).
+OTLP tests (``tests.support.otlp_sink.run_app``, or ``python -m tests.support.otlp_app
+ENDPOINT OUT MARKER PROTOCOL``).
 
 It exports spans (with events and links), metrics (sum, gauge, histogram, exponential
 histogram) and logs, each carrying ``MARKER`` in names, attributes and bodies, to ``ENDPOINT``
-with the SDK's OTLP/HTTP exporters, and writes to ``OUT`` (msgpack, a list of
+with the SDK's OTLP exporters (PROTOCOL ``http``: OTLP/HTTP to a base URL; ``grpc``: OTLP/gRPC
+to ``HOST:PORT``), and writes to ``OUT`` (msgpack, a list of
 ``[signal, request bytes]``) every export request as the exporter encoded it, so the test
 can compare what arrives with what was sent, message for message.
 """
@@ -21,42 +23,44 @@ from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.grpc import _log_exporter as grpc_logs
+from opentelemetry.exporter.otlp.proto.grpc import metric_exporter as grpc_metrics
+from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_traces
+from opentelemetry.exporter.otlp.proto.http import _log_exporter as http_logs
+from opentelemetry.exporter.otlp.proto.http import metric_exporter as http_metrics
+from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_traces
 from opentelemetry.metrics import Observation
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import LogExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
-    MetricExportResult,
     MetricsData,
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 SENT: list[list[Any]] = []
 
 
 class _Spans(SpanExporter):
-    def __init__(self, inner: OTLPSpanExporter) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+    def export(self, spans: Sequence[Any]) -> Any:
         SENT.append(["traces", encode_spans(spans).SerializeToString()])
         return self.inner.export(spans)
 
     def shutdown(self) -> None:
-        self.inner.shutdown()  # type: ignore[no-untyped-call]
+        self.inner.shutdown()
 
 
 class _Metrics(MetricExporter):
-    def __init__(self, inner: OTLPMetricExporter) -> None:
+    def __init__(self, inner: Any) -> None:
         super().__init__(
             preferred_temporality=inner._preferred_temporality,
             preferred_aggregation=inner._preferred_aggregation,
@@ -65,7 +69,7 @@ class _Metrics(MetricExporter):
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
+    ) -> Any:
         SENT.append(["metrics", encode_metrics(metrics_data).SerializeToString()])
         return self.inner.export(metrics_data, timeout_millis=timeout_millis)
 
@@ -77,7 +81,7 @@ class _Metrics(MetricExporter):
 
 
 class _Logs(LogExporter):
-    def __init__(self, inner: OTLPLogExporter) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     def export(self, batch: Sequence[Any]) -> Any:
@@ -88,15 +92,28 @@ class _Logs(LogExporter):
         return True
 
     def shutdown(self) -> None:
-        self.inner.shutdown()  # type: ignore[no-untyped-call]
+        self.inner.shutdown()
 
 
-def main(endpoint: str, out: Path, marker: str) -> None:
+def _exporters(endpoint: str, protocol: str) -> tuple[Any, Any, Any]:
+    if protocol == "grpc":
+        return (
+            grpc_traces.OTLPSpanExporter(endpoint=endpoint, insecure=True),
+            grpc_metrics.OTLPMetricExporter(endpoint=endpoint, insecure=True),
+            grpc_logs.OTLPLogExporter(endpoint=endpoint, insecure=True),
+        )
+    return (
+        http_traces.OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"),
+        http_metrics.OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics"),
+        http_logs.OTLPLogExporter(endpoint=f"{endpoint}/v1/logs"),
+    )
+
+
+def main(endpoint: str, out: Path, marker: str, protocol: str) -> None:
+    spans, metrics, logs = _exporters(endpoint, protocol)
     resource = Resource.create({"service.name": f"svc-{marker}", "marker": marker})
     tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(
-        SimpleSpanProcessor(_Spans(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")))
-    )
+    tracer_provider.add_span_processor(SimpleSpanProcessor(_Spans(spans)))
     tracer = tracer_provider.get_tracer("otlp-app", "1.0", schema_url="https://example.com/s")
     with tracer.start_as_current_span(f"parent-{marker}", kind=SpanKind.SERVER) as parent:
         parent.set_attribute("secret", marker)
@@ -107,7 +124,7 @@ def main(endpoint: str, out: Path, marker: str) -> None:
             child.set_status(Status(StatusCode.ERROR, f"failed-{marker}"))
 
     reader = PeriodicExportingMetricReader(
-        _Metrics(OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics")),
+        _Metrics(metrics),
         export_interval_millis=3_600_000,
     )
     meter_provider = MeterProvider(
@@ -132,9 +149,7 @@ def main(endpoint: str, out: Path, marker: str) -> None:
     reader.collect()
 
     logger_provider = LoggerProvider(resource=resource)
-    logger_provider.add_log_record_processor(
-        SimpleLogRecordProcessor(_Logs(OTLPLogExporter(endpoint=f"{endpoint}/v1/logs")))
-    )
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(_Logs(logs)))
     logger = logging.getLogger("otlp-app")
     logger.propagate = False
     logger.addHandler(LoggingHandler(level=logging.INFO, logger_provider=logger_provider))
@@ -151,4 +166,4 @@ def main(endpoint: str, out: Path, marker: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -24,11 +24,14 @@ __all__ = ["Answer", "OtlpSink", "Received", "run_app"]
 _BY_PATH = {s.path: s for s in SIGNALS.values()}
 
 
-async def run_app(endpoint: str, out: Path, marker: str) -> list[tuple[Signal, bytes]]:
-    """Run the application until it has exported everything to ``endpoint`` (its OTLP/HTTP
-    base URL); each export request it sent, in order, with its signal."""
+async def run_app(
+    endpoint: str, out: Path, marker: str, *, protocol: str = "http"
+) -> list[tuple[Signal, bytes]]:
+    """Run the application until it has exported everything to ``endpoint`` (an OTLP/HTTP
+    base URL, or ``HOST:PORT`` for ``protocol="grpc"``); each export request it sent, in
+    order, with its signal."""
     app = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.otlp_app", endpoint, str(out), marker
+        sys.executable, "-m", "tests.support.otlp_app", endpoint, str(out), marker, protocol
     )
     assert await asyncio.wait_for(app.wait(), 60) == 0
     sent = msgpack.unpackb(await asyncio.to_thread(out.read_bytes))
