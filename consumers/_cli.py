@@ -2,7 +2,7 @@
 as JSON lines); ``sealstream-consume trust ...`` manages the trust store, ``sealstream-consume
 identity ...`` the user's identity key (which a cluster authorizes), ``sealstream-consume
 web`` serves the browser view, which decrypts in the page, and ``sealstream-consume export``
-re-exports the OTLP streams to an OTLP/HTTP endpoint."""
+re-exports the OTLP streams to an OTLP endpoint."""
 
 from __future__ import annotations
 
@@ -146,12 +146,20 @@ def _parser() -> argparse.ArgumentParser:
 def _export_parser(sub: Any) -> None:
     export = sub.add_parser(
         "export",
-        help="re-export what the OTLP streams carry, decrypted, to an OTLP/HTTP endpoint",
+        help="re-export what the OTLP streams carry, decrypted, to an OTLP endpoint",
     )
     export.add_argument(
         "--otlp-endpoint",
         required=True,
-        help="OTLP/HTTP base URL, e.g. http://127.0.0.1:4318 (/v1/traces etc. appended)",
+        help="OTLP base URL, e.g. http://127.0.0.1:4318 (/v1/traces etc. appended) or "
+        "http://127.0.0.1:4317 with --protocol grpc",
+    )
+    export.add_argument(
+        "--protocol",
+        choices=["http/protobuf", "grpc"],
+        default="http/protobuf",
+        help="OTLP/HTTP (default; POST to the endpoint's /v1/<signal>) or OTLP/gRPC (the "
+        "endpoint's host and port; https:// for TLS)",
     )
     export.add_argument(
         "--header", action="append", default=[], help="K=V sent with every request (repeatable)"
@@ -170,7 +178,7 @@ def _export_config(args: argparse.Namespace) -> ExportConfig:
         if not sep or not name.strip():
             raise ValueError(f"--header {header!r}: use K=V")
         headers[name.strip()] = value.strip()
-    return ExportConfig(endpoint=args.otlp_endpoint, headers=headers)
+    return ExportConfig(endpoint=args.otlp_endpoint, protocol=args.protocol, headers=headers)
 
 
 async def export(config: ClientConfig, args: argparse.Namespace) -> int:

@@ -1,11 +1,13 @@
 """The OTLP exporter: what a consumer decrypts from the OTLP streams, re-exported as it was
-to any OTLP/HTTP endpoint (http/protobuf), with the OTLP client's rules.
+to any OTLP endpoint (http/protobuf or gRPC), with the OTLP client's rules.
 
 Each row of ``otlp_traces``, ``otlp_metrics`` and ``otlp_logs`` is one export request
-(docs/protocol.md, "OpenTelemetry streams"): its ``otlp`` bytes are POSTed unchanged to
-``<endpoint>/v1/traces|metrics|logs``, one at a time and in order. Only 429, 502, 503 and 504
-(and connection failures) are retried, with exponential backoff and jitter, or after the
-``Retry-After`` the server gave, for at most ``max_elapsed_s``. Requests wait in a bounded
+(docs/protocol.md, "OpenTelemetry streams"): its ``otlp`` bytes are sent unchanged, POSTed to
+``<endpoint>/v1/traces|metrics|logs`` or to the gRPC Export service, one at a time and in
+order. Only HTTP 429, 502, 503 and 504, gRPC's retryable codes (RESOURCE_EXHAUSTED only with
+a ``RetryInfo``) and connection failures are retried, with exponential backoff and jitter, or
+after the delay the server gave (``Retry-After``, ``RetryInfo``), for at most
+``max_elapsed_s``. Requests wait in a bounded
 queue (``put`` waits for room). What is not delivered (refused by the endpoint, given up
 after retries, not OTLP, or still queued at close) is counted in :attr:`OtlpExporter.failed`
 by reason and logged, never with the data.
@@ -21,21 +23,36 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
+import grpc
 import structlog
 from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 
 from sealstream.crypto import Batch
-from sealstream.otlp import SIGNAL_BY_STREAM, Signal
+from sealstream.otlp import SIGNAL_BY_STREAM, SIGNALS, Signal
 from sealstream.resource import AsyncResource
 
-__all__ = ["ExportConfig", "OtlpExporter"]
+__all__ = ["ExportConfig", "OtlpExporter", "grpc_retry_delay", "retry_after"]
 
 log = structlog.get_logger(__name__)
 
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
+#: and RESOURCE_EXHAUSTED when the server says when (RetryInfo)
+_GRPC_RETRYABLE: Final = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_STATUS_DETAILS: Final = "grpc-status-details-bin"
 _PROTOBUF: Final = "application/x-protobuf"
 
 
@@ -45,6 +62,9 @@ class ExportConfig:
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` does); ``headers`` sent with every request."""
 
     endpoint: str
+    #: ``http/protobuf`` (POST to ``<endpoint>/v1/<signal>``) or ``grpc`` (the Export services
+    #: at the endpoint's host and port; ``https://`` for TLS)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = 10.0
     #: export requests waiting to be sent
@@ -59,6 +79,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"the OTLP endpoint must be an http(s) URL, not {self.endpoint!r}")
+        if self.protocol not in ("http/protobuf", "grpc"):
+            raise ValueError(f"protocol must be http/protobuf or grpc, not {self.protocol!r}")
         if self.max_queue < 1 or self.timeout_s <= 0 or self.initial_backoff_s <= 0:
             raise ValueError("max_queue, timeout_s and initial_backoff_s must be positive")
         if self.max_backoff_s < self.initial_backoff_s or self.max_elapsed_s < 0:
@@ -77,6 +99,33 @@ def retry_after(value: str | None, *, now: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(when.timestamp() - now, 0.0)
+
+
+def grpc_retry_delay(metadata: Any) -> float | None:
+    """The ``RetryInfo`` delay of a gRPC error's status details, in seconds, or None."""
+    for key, value in metadata or ():
+        if key != _STATUS_DETAILS or not isinstance(value, bytes):
+            continue
+        try:
+            status = Status.FromString(value)
+        except DecodeError:
+            return None
+        for detail in status.details:
+            info = RetryInfo()
+            if detail.Unpack(info):
+                return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One try: ``reason`` ``ok`` once delivered, else why not; whether to ``retry``, after
+    ``wait`` seconds when the server said; the protobuf ``response`` of a delivery."""
+
+    reason: str
+    retry: bool = False
+    wait: float | None = None
+    response: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +158,9 @@ class OtlpExporter(AsyncResource):
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(config.max_queue)
         self._http: aiohttp.ClientSession | None = None
+        #: OTLP/gRPC: each signal's Export method, taking and giving bytes
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._metadata = tuple((k.lower(), v) for k, v in config.headers.items())
         self.exported: Counter[str] = Counter()
         self.items: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
@@ -117,12 +169,26 @@ class OtlpExporter(AsyncResource):
         self._sending = False
 
     async def _start(self) -> None:
-        self._http = await self._stack.enter_async_context(
-            aiohttp.ClientSession(
-                headers={**self.config.headers, "Content-Type": _PROTOBUF},
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+        config = self.config
+        if config.protocol == "grpc":
+            target = config.endpoint.split("://", 1)[1].rstrip("/")
+            channel = (
+                grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
+                if config.endpoint.startswith("https://")
+                else grpc.aio.insecure_channel(target)
             )
-        )
+            self._stack.push_async_callback(channel.close)
+            self._calls = {
+                name: channel.unary_unary(f"/{signal.service}/Export")
+                for name, signal in SIGNALS.items()
+            }
+        else:
+            self._http = await self._stack.enter_async_context(
+                aiohttp.ClientSession(
+                    headers={**config.headers, "Content-Type": _PROTOBUF},
+                    timeout=aiohttp.ClientTimeout(total=config.timeout_s),
+                )
+            )
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         sender = tg.create_task(self._send_all())
         self._stack.push_async_callback(self._finish, sender)
@@ -177,45 +243,73 @@ class OtlpExporter(AsyncResource):
                 self._queue.task_done()
 
     async def _deliver(self, request: _Request) -> None:
-        assert self._http is not None
         signal = request.signal
-        url = self.config.endpoint.rstrip("/") + signal.path
         backoff = self.config.initial_backoff_s
         deadline = time.monotonic() + self.config.max_elapsed_s
         while True:
-            wait: float | None = None
-            try:
-                async with self._http.post(url, data=request.body) as response:
-                    answer = await response.read()
-                    status = response.status
-                    if status not in _RETRYABLE:
-                        self._done(request, status, answer, response.content_type)
-                        return
-                    wait = retry_after(response.headers.get("Retry-After"), now=self._clock())
-                    reason = f"http_{status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                reason = type(exc).__name__
+            attempt = await (self._grpc_attempt if self._calls else self._http_attempt)(request)
+            if not attempt.retry:
+                self._done(request, attempt)
+                return
+            wait = attempt.wait
             if wait is None:  # full jitter over the exponential backoff
                 wait = self._rng.uniform(backoff / 2, backoff)
                 backoff = min(backoff * 2, self.config.max_backoff_s)
             if time.monotonic() + wait > deadline:
-                self._fail("gave_up", signal.name, last=reason)
+                self._fail("gave_up", signal.name, last=attempt.reason)
                 return
             self.retries += 1
-            log.info("otlp_export.retry", signal=signal.name, reason=reason, wait_s=round(wait, 3))
+            log.info(
+                "otlp_export.retry",
+                signal=signal.name,
+                reason=attempt.reason,
+                wait_s=round(wait, 3),
+            )
             await self._sleep(wait)
 
-    def _done(self, request: _Request, status: int, answer: bytes, content_type: str) -> None:
+    async def _http_attempt(self, request: _Request) -> _Attempt:
+        assert self._http is not None
+        url = self.config.endpoint.rstrip("/") + request.signal.path
+        try:
+            async with self._http.post(url, data=request.body) as response:
+                answer = await response.read()
+                status = response.status
+                if status in _RETRYABLE:
+                    wait = retry_after(response.headers.get("Retry-After"), now=self._clock())
+                    return _Attempt(f"http_{status}", retry=True, wait=wait)
+                if not 200 <= status < 300:
+                    return _Attempt(f"http_{status}")
+                protobuf = response.content_type == _PROTOBUF
+                return _Attempt("ok", response=answer if protobuf else None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _Attempt(type(exc).__name__, retry=True)
+
+    async def _grpc_attempt(self, request: _Request) -> _Attempt:
+        call = self._calls[request.signal.name]
+        try:
+            answer = await call(
+                request.body, metadata=self._metadata, timeout=self.config.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            wait = grpc_retry_delay(exc.trailing_metadata())
+            retry = code in _GRPC_RETRYABLE or (
+                code == grpc.StatusCode.RESOURCE_EXHAUSTED and wait is not None
+            )
+            return _Attempt(f"grpc_{code.name.lower()}", retry=retry, wait=wait)
+        return _Attempt("ok", response=bytes(answer))
+
+    def _done(self, request: _Request, attempt: _Attempt) -> None:
         signal = request.signal.name
-        if not 200 <= status < 300:
-            self._fail(f"http_{status}", signal)
+        if attempt.reason != "ok":
+            self._fail(attempt.reason, signal)
             return
         self.exported[signal] += 1
         self.items[signal] += request.items
-        if content_type != _PROTOBUF or not answer:
+        if not attempt.response:
             return
         try:
-            response: Any = request.signal.response.FromString(answer)
+            response: Any = request.signal.response.FromString(attempt.response)
         except DecodeError:
             return  # delivered; only the partial success could not be read
         rejected = getattr(response.partial_success, request.signal.rejected)

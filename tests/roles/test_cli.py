@@ -338,18 +338,21 @@ def test_consume_in_group_mode(setup: Setup, backend: tuple[Service, Service]) -
     assert {r["stream"] for r in records} == {"http_events"}
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 async def test_otlp_in_through_the_producer_and_out_through_consume_export(
-    setup: Setup, tmp_path: Path
+    setup: Setup, tmp_path: Path, protocol: str
 ) -> None:
-    """``sealstream-producer --source otlp:HOST:PORT`` takes an SDK application's OTLP/HTTP;
-    ``sealstream-consume export`` re-exports it, unchanged, to an OTLP endpoint."""
+    """``sealstream-producer --source otlp:HOST:HTTP_PORT:GRPC_PORT`` takes an SDK
+    application's OTLP; ``sealstream-consume export`` re-exports it, unchanged, to an OTLP
+    endpoint, over OTLP/HTTP or OTLP/gRPC."""
     otlp = dataclasses.replace(setup, prefix=f"t{secrets.token_hex(4)}")
-    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0:off")]
+    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0:0")]
+    grpc = protocol == "grpc"
     try:
         await asyncio.to_thread(services[0].wait_for, "proxy.started")
-        await asyncio.to_thread(services[1].wait_for, "otlp.listening")
-        port = re.search(r"otlp\.listening.*port=(\d+)", _text(services[1].log))
-        assert port is not None
+        await asyncio.to_thread(services[1].wait_for, "protocol=grpc")
+        pattern = r"otlp\.listening.*port=(\d+) protocol=(\w+)"
+        ports = {name: port for port, name in re.findall(pattern, _text(services[1].log))}
         async with OtlpSink() as sink:
             services.append(
                 _start(
@@ -360,16 +363,20 @@ async def test_otlp_in_through_the_producer_and_out_through_consume_export(
                         *(otlp.prefix, "--token", otlp.token(CLUSTER), "--identity"),
                         *(otlp.identity_file, "--trust-store", otlp.trust_store),
                         *("--cluster", CLUSTER, "--retry", "10", "--log-level", "info"),
-                        *("export", "--otlp-endpoint", sink.url, "--header", "X-Tenant=t-1"),
+                        *("export", "--otlp-endpoint", sink.grpc_url if grpc else sink.url),
+                        *("--protocol", "grpc" if grpc else "http/protobuf"),
+                        *("--header", "X-Tenant=t-1"),
                     ),
                 )
             )
             await asyncio.to_thread(services[2].wait_for, "session.opened")
-            sent = await run_app(f"http://127.0.0.1:{port[1]}", tmp_path / "sent", "cli")
+            endpoint = f"127.0.0.1:{ports['grpc']}" if grpc else f"http://127.0.0.1:{ports['http']}"
+            sent = await run_app(endpoint, tmp_path / "sent", "cli", protocol=protocol)
             await asyncio.wait_for(sink.wait_for(len(sent)), 30)
             assert services[2].interrupt() == 0
-        assert [(r.path, r.body) for r in sink.received] == [(s.path, b) for s, b in sent]
-        assert {r.headers["X-Tenant"] for r in sink.received} == {"t-1"}
+        expected = [(f"/{s.service}/Export" if grpc else s.path, b) for s, b in sent]
+        assert [(r.path, r.body) for r in sink.received] == expected
+        assert {r.headers["x-tenant" if grpc else "X-Tenant"] for r in sink.received} == {"t-1"}
         summary = f"exported {len(sent)} OTLP requests, undelivered 0; lost 0, dropped 0"
         assert summary in _text(services[2].log)
     finally:

@@ -160,6 +160,60 @@ async def test_what_is_still_queued_at_close_is_counted(sink: OtlpSink) -> None:
     assert exporter.exported == {}
 
 
+# --- OTLP/gRPC --------------------------------------------------------------------------
+
+
+def _grpc(sink: OtlpSink, sleeps: Sleeps, **options: Any) -> OtlpExporter:
+    return _exporter(sink.grpc_url, sleeps, protocol="grpc", **options)
+
+
+async def test_grpc_requests_go_unchanged_and_in_order_with_the_headers(sink: OtlpSink) -> None:
+    sleeps = Sleeps()
+    bodies = [_request(f"span-{i}") for i in range(3)]
+    async with _grpc(sink, sleeps, headers={"X-Tenant": "t-1"}) as exporter:
+        await exporter.put(_batch("otlp_traces", *bodies))
+        await exporter.put(Batch("otlp_logs", 2, 0, [{"otlp": b""}]))
+    path = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+    assert [(r.path, r.body) for r in sink.received] == [
+        *((path, b) for b in bodies),
+        ("/opentelemetry.proto.collector.logs.v1.LogsService/Export", b""),
+    ]
+    assert {r.headers["x-tenant"] for r in sink.received} == {"t-1"}
+    assert (exporter.exported, exporter.failed) == ({"traces": 3, "logs": 1}, {})
+
+
+async def test_grpc_unavailable_is_retried_after_its_retry_info(sink: OtlpSink) -> None:
+    sleeps = Sleeps()
+    sink.answers.extend([Answer(503, {"Retry-After": "3"}), Answer(503)])
+    async with _grpc(sink, sleeps) as exporter:
+        await exporter.put(_batch("otlp_traces", _request("a")))
+    assert len(sink.received) == 3
+    assert sleeps.waits[0] == 3.0
+    assert 0.5 <= sleeps.waits[1] <= 1.0
+    assert (exporter.exported, exporter.failed) == ({"traces": 1}, {})
+
+
+@pytest.mark.parametrize(
+    ("answer", "retried"),
+    [
+        (Answer(429, {"Retry-After": "2"}), True),  # RESOURCE_EXHAUSTED with RetryInfo
+        (Answer(429), False),  # RESOURCE_EXHAUSTED without: not retried
+        (Answer(400), False),
+        (Answer(500), False),
+    ],
+)
+async def test_grpc_codes_are_retried_only_as_the_spec_says(
+    sink: OtlpSink, answer: Answer, retried: bool
+) -> None:
+    sleeps = Sleeps()
+    sink.answers.append(answer)
+    async with _grpc(sink, sleeps) as exporter:
+        await exporter.put(_batch("otlp_traces", _request("a")))
+    assert len(sink.received) == (2 if retried else 1)
+    assert exporter.exported == ({"traces": 1} if retried else {})
+    assert bool(exporter.failed) is not retried
+
+
 def test_retry_after_reads_seconds_and_dates() -> None:
     assert retry_after("7", now=0) == 7.0
     assert retry_after("Thu, 01 Jan 1970 00:00:10 GMT", now=4.0) == 6.0
@@ -172,3 +226,5 @@ def test_retry_after_reads_seconds_and_dates() -> None:
 def test_the_endpoint_must_be_http() -> None:
     with pytest.raises(ValueError, match="http"):
         ExportConfig(endpoint="-h")
+    with pytest.raises(ValueError, match="protocol"):
+        ExportConfig(endpoint="http://h", protocol="http/json")  # type: ignore[arg-type]

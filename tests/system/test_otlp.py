@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 import aiohttp
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client import generate_latest
 
@@ -24,21 +25,30 @@ from tests.system.test_outages import Broker, broker
 __all__ = ["broker"]  # the fixture, shared with the outage tests
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 async def test_sdk_to_producer_to_consumer_to_otlp_endpoint_unchanged_and_unread(
-    nats_url: str, tmp_path: Path
+    nats_url: str, tmp_path: Path, protocol: str
 ) -> None:
+    """OTLP/HTTP or OTLP/gRPC all the way: the SDK's exporters, the receiver, the exporter."""
     marker = f"mk{secrets.token_hex(6)}"
+    grpc = protocol == "grpc"
     async with (
         Tap(nats_url) as tap,
         make_stack(nats_url, streams=OTLP_STREAMS) as st,
-        OtlpReceiver(st.agent, config=OtlpConfig(port=0)) as receiver,
+        OtlpReceiver(st.agent, config=OtlpConfig(port=0, grpc_port=0)) as receiver,
         OtlpSink() as endpoint,
         st.client() as client,
         client.subscribe(st.cluster, list(OTLP_STREAMS)) as sub,
-        OtlpExporter(ExportConfig(endpoint=endpoint.url)) as exporter,
+        OtlpExporter(
+            ExportConfig(
+                endpoint=endpoint.grpc_url if grpc else endpoint.url,
+                protocol="grpc" if grpc else "http/protobuf",
+            )
+        ) as exporter,
     ):
         st.agent.more_samples.append(receiver.samples)
-        sent = await run_app(f"http://127.0.0.1:{receiver.port}", tmp_path / "sent", marker)
+        target = f"127.0.0.1:{receiver.grpc_port}" if grpc else f"http://127.0.0.1:{receiver.port}"
+        sent = await run_app(target, tmp_path / "sent", marker, protocol=protocol)
         rows = 0
         async with asyncio.timeout(30):
             async for batch in sub:
@@ -59,7 +69,7 @@ async def test_sdk_to_producer_to_consumer_to_otlp_endpoint_unchanged_and_unread
         await tap.flush()
     # message for message, in the order exported
     assert [(r.path, r.body) for r in endpoint.received] == [
-        (signal.path, body) for signal, body in sent
+        (f"/{signal.service}/Export" if grpc else signal.path, body) for signal, body in sent
     ]
     for received, (signal, body) in zip(endpoint.received, sent, strict=True):
         assert received.message == signal.request.FromString(body)
