@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 
 from consumers._client import Client, Resumed, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._otlp import ExportConfig, OtlpExporter
-from consumers._view import JsonLinesWriter, LiveTable
+from consumers._view import JsonLinesWriter, LiveTable, summary
 from consumers._web import WebConfig, WebServer
 from sealstream import SealstreamError, SessionError, configure_logging
 from sealstream.crypto import Batch, TrustStore, UserIdentity
@@ -295,18 +294,14 @@ async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) ->
                 if args.limit and rows >= args.limit:
                     return
             return
-        view = LiveTable(sub.cluster, sub.session_id)
-        with Live(view.render(), console=Console(), refresh_per_second=4, transient=False) as live:
+        view = LiveTable(sub.cluster, sub.session_id, stats=sub.stats)
+        with view.live(Console()):
             async for batch in sub:
                 if isinstance(batch, Resumed):
                     view.session = batch.session
-                    view.stats = sub.stats()
-                    live.update(view.render())
                     continue
                 shown = _upto(batch, args.limit - rows if args.limit else None)
                 view.add(shown)
-                view.stats = sub.stats()
-                live.update(view.render())
                 rows += len(shown.rows)
                 if args.limit and rows >= args.limit:
                     return
@@ -321,13 +316,8 @@ async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) ->
         pass
     if sub.end_reason is not None:
         print(f"session ended by the cluster: {sub.end_reason}", file=sys.stderr)
-    stats = sub.stats()
-    if stats.rejected or stats.lost or stats.dropped or stats.sessions > 1:
-        print(
-            f"rejected {stats.rejected}, lost {stats.lost}, dropped {stats.dropped}, "
-            f"sessions {stats.sessions}",
-            file=sys.stderr,
-        )
+    if (said := summary(sub.stats())) is not None:
+        print(said, file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from producers._authz import (
 from producers._batcher import Batching
 from producers._config import ProducerConfig
 from producers._otlp import OtlpConfig, OtlpReceiver
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Records, Source
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Records, Source
 
 __all__ = [
     "POLICY_FILE_NAME",

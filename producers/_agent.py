@@ -15,16 +15,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import nats.errors
 import structlog
 
 from producers._authz import Authorized, Authorizer
-from producers._batcher import Batcher, array_header_size, plaintext_budget
+from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
-from producers._sources import Source, plain_rows, validate_row
-from sealstream import SealstreamError, Subjects, WireError
+from producers.sources import Source, check_rows
+from sealstream import KeyMode, SealstreamError, Subjects, WireError
 from sealstream.crypto import (
     ClusterIdentity,
     GroupSeal,
@@ -49,7 +48,7 @@ _GROUP_QUEUE = "group."
 
 @dataclass(slots=True)
 class _Served:
-    crypto: ProducerSession
+    crypto: ProducerSession | MemberSession
     streams: frozenset[str]
     user: str
     #: who the open's proof showed (None: the relay's word, --trust-relay-authorization)
@@ -278,40 +277,20 @@ class Agent(AsyncResource):
     # --- rows in ----------------------------------------------------------------------------
 
     async def emit(self, stream: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Queue rows for a declared stream; invalid rows are counted, logged and skipped."""
+        """Queue rows for a declared stream; invalid rows are counted, logged and skipped.
+
+        Down the layers, once each: the row rules check the rows, the stream's batcher takes
+        them, and every batch they complete is sealed and queued."""
         batcher = self._batchers.get(stream)
         if batcher is None:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
-        if rows and plain_rows(rows):
-            # a list of plain rows: packed in one call and added at once, when they fit the
-            # open batch (msgpack refuses an int beyond 64 bits or a str that is not UTF-8:
-            # those, and rows that would cross a batch, take the checks row by row below)
-            assert isinstance(rows, list)
-            try:
-                packed = msgpack.packb(rows, use_bin_type=True)
-            except (OverflowError, ValueError):
-                packed = None
-            if packed is not None:
-                now = time.monotonic()
-                ready = batcher.add_packed(
-                    packed[array_header_size(len(rows)) :], len(rows), now=now
-                )
-                if ready is not None:
-                    self.rows_in += len(rows)
-                    for plaintext in ready:
-                        await self._publish(stream, plaintext)
-                    return
-        valid: list[Mapping[str, Any]] = []
-        for row in rows:
-            checked = validate_row(row)
-            if isinstance(checked, str):
-                self.rejected_rows[checked] += 1
-                log.warning("row.rejected", stream=stream, reason=checked)
-            else:
-                valid.append(checked)
-        self.rows_in += len(valid)
+        checked = check_rows(rows)
+        for reason in checked.rejected:
+            self.rejected_rows[reason] += 1
+            log.warning("row.rejected", stream=stream, reason=reason)
+        self.rows_in += len(checked.rows)
         before = batcher.oversize_rows
-        ready = batcher.add(valid, now=time.monotonic())
+        ready = batcher.add(checked.rows, packed=checked.packed, now=time.monotonic())
         if batcher.oversize_rows != before:
             self.rejected_rows["oversize"] += batcher.oversize_rows - before
             log.warning(
@@ -537,6 +516,24 @@ class Agent(AsyncResource):
             else:
                 await self._send(queue, [sealed.envelope])
 
+    def _session_crypto(
+        self, session: str, jwk: Mapping[str, Any], key_mode: KeyMode, *, compress: bool
+    ) -> ProducerSession | MemberSession:
+        """A new session's encryption state: its own data channel, or a group member's."""
+        if key_mode == "group":
+            return MemberSession(
+                self.identity, cluster=self.config.cluster, session=session, consumer_jwk=jwk
+            )
+        return ProducerSession(
+            self.identity,
+            cluster=self.config.cluster,
+            session=session,
+            consumer_jwk=jwk,
+            key_mode=key_mode,
+            compress=compress,
+            rotation=self.config.rotation,
+        )
+
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""
         async with self._lock:
@@ -650,16 +647,7 @@ class Agent(AsyncResource):
             return self._error("limit_exceeded", "cluster serves too many sessions"), None
         if req.key_mode == "group" and req.zip:
             return self._error("bad_request", "zip is not available in group mode"), None
-        kind = MemberSession if req.key_mode == "group" else ProducerSession
-        crypto = kind(
-            self.identity,
-            cluster=self.config.cluster,
-            session=session,
-            consumer_jwk=req.jwk,
-            key_mode=req.key_mode,
-            compress=req.zip,
-            rotation=self.config.rotation,
-        )
+        crypto = self._session_crypto(session, req.jwk, req.key_mode, compress=req.zip)
         user = m.get("user")
         self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256], reader)
         log.info(

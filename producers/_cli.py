@@ -17,7 +17,7 @@ from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
 from producers._otlp import OtlpConfig, OtlpReceiver
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.jwk import thumbprint

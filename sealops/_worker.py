@@ -16,9 +16,10 @@
   id, password = token, ``docs/protocol.md``) and open their session; times connect and
   connect + open of each.
 
-Protocol with the orchestrator (:mod:`sealops._bench`): JSON lines. The first stdin line
-is the config (it carries tokens, so not on the command line), then commands on stdin, events
-on stdout; logs go to stderr. End of stdin ends the worker, so none outlives the orchestrator.
+Protocol with the orchestrator (:mod:`sealops._procs`, driven by :mod:`sealops._scenarios`):
+JSON lines. The first stdin line is the config (it carries tokens, so not on the command
+line), then commands on stdin, events on stdout; logs go to stderr. End of stdin ends the
+worker, so none outlives the orchestrator.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import msgpack
 import psutil
 import pytest
 from rich.console import Console
@@ -32,7 +33,9 @@ from producers._cli import _parser as producer_parser
 from producers._cli import otlp_config, source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch
+from sealstream.nats import connect
 from tests.support.otlp_sink import OtlpSink, run_app
+from tests.support.pipeline import Tap
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
@@ -435,6 +438,42 @@ def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     line = _one_error_line(done)
     assert "trust" in line
     assert CLUSTER in line
+
+
+async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    """Under ``--policy discard`` (the default) what a relay forges is refused, the rows go on,
+    and the exit summary (stderr; stdout holds the rows) says which envelopes were refused
+    and why."""
+    async with Tap(setup.nats_url, f"{setup.prefix}.inbox.>") as tap:
+        consumed = asyncio.create_task(
+            asyncio.to_thread(
+                setup.consume,
+                *("--cluster", CLUSTER, "--duration", "6", "--retry", "10"),
+                token=setup.token(CLUSTER),
+            )
+        )
+        deadline = time.monotonic() + 20
+        while len(tap.messages) < 3:  # the key envelope and data
+            assert not consumed.done(), consumed.result().stderr
+            assert time.monotonic() < deadline, "no envelope reached the consumer's inbox"
+            await asyncio.sleep(0.05)
+        genuine = tap.messages[-1]
+        nc = await connect(setup.nats_url, name="hostile-relay")
+        try:
+            for payload in (b"\x80", msgpack.packb({"rows": [{"req_path": "FORGED"}]})):
+                await nc.publish(genuine.subject, payload)  # garbage, then plaintext
+            await nc.publish(genuine.subject, genuine.data)  # replayed
+            await nc.flush()
+        finally:
+            await nc.close()
+        done = await consumed
+    assert done.returncode == 0, done.stderr
+    assert "FORGED" not in done.stdout
+    assert len(done.stdout.splitlines()) > 10  # the rows went on
+    summary = done.stderr.splitlines()[-1]
+    assert summary.startswith("rejected 3 (malformed 2, replay 1), lost 0, dropped 0"), summary
 
 
 # --- stopping ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Resumed, Subscription
 from producers import Agent, HttpEvents
 from sealstream import IntegrityError, SessionError, TokenVerifier, mint_token
-from sealstream.crypto import ClusterIdentity, TrustStore
+from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
 from sealstream.server import EmbeddedServer, ServerOptions
 from tests.support.pipeline import FAST_BATCHING, Gate, collect_rows, eventually, make_stack
 from tests.system.test_faults import free_port
@@ -274,9 +274,9 @@ async def test_an_integrity_failure_under_fail_policy_is_not_resumed(nats_url: s
             await stack.agent.emit("records", [{"i": 1}])
             assert isinstance(await anext(sub), Batch)
             # the relay's position: publish a forged envelope on the inbox
-            forged = bytearray(
-                stack.agent.sessions[sub.session_id].crypto.seal("records", b"\x80")[-1]
-            )
+            crypto = stack.agent.sessions[sub.session_id].crypto
+            assert isinstance(crypto, ProducerSession)
+            forged = bytearray(crypto.seal("records", b"\x80")[-1])
             forged[-3] ^= 1
             await stack.proxy._nc.publish(stack.subjects.inbox(sub.session_id), bytes(forged))
             with pytest.raises(IntegrityError):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ from playwright.async_api import Browser, Page, async_playwright
 from structlog.testing import capture_logs
 
 from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
-from producers import HttpEvents, page_registration
+from producers import HostMetrics, HttpEvents, Source, page_registration
 from producers._authz import AuthzPolicy
+from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
 from sealstream.crypto import (
     ClusterIdentity,
     ProducerSession,
@@ -46,19 +48,9 @@ from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
 from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 BUILD = Path(__file__).resolve().parents[2] / "build"
 FORGED = "FORGED-ROW-7d3e"
-ROWS_IN_DOM = 'section[data-stream="http_events"] tbody tr'
+ROWS_IN_DOM = 'section[data-stream="http_events"] table.rows tbody tr'
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +225,7 @@ async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
 
             # rows the page shows are rows the producer made (the DOM holds the newest 50)
             shown = await page.eval_on_selector_all(
-                'section[data-stream="http_events"] tbody tr td:nth-child(6)',
+                f"{ROWS_IN_DOM} td:nth-child(6)",
                 "cells => cells.map(c => c.textContent)",
             )
             made = {r["req_path"] for r in source.rows_seen}
@@ -260,6 +252,137 @@ async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
             if contains_marker(m.data, mark)
         ]
         assert leaked == []
+
+
+HTTP = 'section[data-stream="http_events"]'
+#: uPlot's canvas is drawn at the device's pixel ratio: colours are compared loosely
+_INK = """([canvas, rgb]) => {
+  const {data} = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height);
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    const d = Math.abs(data[i] - rgb[0]) + Math.abs(data[i + 1] - rgb[1]) + Math.abs(data[i + 2] - rgb[2]);
+    if (data[i + 3] > 200 && d < 60) n++;
+  }
+  return n;
+}"""
+#: the series' colours (charts.js): the first line of a chart, 2xx for the statuses
+_FIRST_SERIES = {
+    "rows": (0x2F, 0x6F, 0xDE),
+    "latency": (0x2F, 0x6F, 0xDE),
+    "status": (0x2B, 0x8A, 0x3E),
+}
+
+
+async def _column(page: Page, section: str, name: str) -> list[str]:
+    """The cells of column ``name`` of a stream's table, newest first, as shown."""
+    heads = await page.eval_on_selector_all(
+        f"{section} table.rows thead th", "ths => ths.map(t => t.textContent)"
+    )
+    if name not in heads:
+        return []
+    selector = f"{section} table.rows tbody tr td:nth-child({heads.index(name) + 1})"
+    return list(await page.eval_on_selector_all(selector, "cells => cells.map(c => c.textContent)"))
+
+
+async def _points(page: Page, section: str, chart: str) -> int:
+    value = await page.get_attribute(f'{section} figure[data-chart="{chart}"]', "data-points")
+    return int(value or 0)
+
+
+async def test_the_page_charts_formats_filters_and_pauses(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    """The view: a tab per stream; charts drawn from the decrypted rows, their series growing;
+    cells as their columns read (local times, durations, sizes); a header that says how many
+    rows were received above the newest 50; a filter and a pause."""
+    sources: list[Source] = [HttpEvents(rate=100, seed=5), HostMetrics(interval=0.2)]
+    async with make_stack(ws_server.url, sources=sources, streams=[]) as st:
+        streams = ["http_events", "host_metrics"]
+        with _web(ws_server, st, streams=streams) as web:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(web.url)
+            await page.wait_for_selector("#tabs .tab")
+            tabs = await page.eval_on_selector_all(
+                "#tabs .tab", "ts => ts.map(t => t.dataset.stream)"
+            )
+            assert tabs == streams
+            assert await page.is_visible(HTTP)
+            assert not await page.is_visible('section[data-stream="host_metrics"]')
+
+            async def full_table() -> bool:
+                return await page.locator(ROWS_IN_DOM).count() == 50
+
+            await until(full_table, timeout=20)
+            header = await _text(page, f"{HTTP} .count")
+            received = re.fullmatch(r"([\d,]+) rows received · the newest 50 below", header)
+            assert received, header
+            assert int(received.group(1).replace(",", "")) >= 50
+            for column, form in [
+                ("time_", r"\d\d:\d\d:\d\d\.\d{3}"),
+                ("latency_ns", r"\d+(\.\d+)? (ns|µs|ms|s)"),
+                ("resp_body_size", r"\d+(\.\d+)? (B|KiB|MiB)"),
+                ("resp_status", r"[1-5]\d\d"),
+            ]:
+                cells = await _column(page, HTTP, column)
+                assert cells
+                assert all(re.fullmatch(form, c) for c in cells), (column, cells[:5])
+
+            # the charts: drawn (their canvas holds their first series' colour), and growing
+            for chart in ("rows", "latency", "status"):
+                await until(partial(_more_points, page, HTTP, chart, 1), timeout=20)
+                before = await _points(page, HTTP, chart)
+                await until(partial(_more_points, page, HTTP, chart, before), timeout=10)
+                canvas = await page.query_selector(f'{HTTP} figure[data-chart="{chart}"] canvas')
+                assert await page.evaluate(_INK, [canvas, _FIRST_SERIES[chart]]) > 20, chart
+            await page.click('#tabs .tab[data-stream="host_metrics"]')
+            host = 'section[data-stream="host_metrics"]'
+            assert await page.is_visible(host)
+            assert not await page.is_visible(HTTP)
+            for chart in ("percent", "load", "network"):
+                await until(partial(_more_points, page, host, chart, 2), timeout=20)
+            assert all(
+                re.fullmatch(r"\d+\.\d %", c) for c in await _column(page, host, "cpu_percent")
+            )
+            await page.click('#tabs .tab[data-stream="http_events"]')
+
+            # the filter: only 4xx and 5xx, the header says how many of the kept rows match
+            await page.fill(f"{HTTP} input.filter", "resp_status>=400")
+
+            async def only_errors() -> bool:
+                cells = await _column(page, HTTP, "resp_status")
+                return bool(cells) and all(int(c) >= 400 for c in cells)
+
+            await until(only_errors, timeout=20)
+            assert "match the filter" in await _text(page, f"{HTTP} .count")
+            await page.fill(f"{HTTP} input.filter", "resp_status>=")
+            assert await page.get_attribute(f"{HTTP} input.filter", "aria-invalid") == "true"
+            assert "nothing after '>='" in await _text(page, f"{HTTP} .filter-error")
+            await page.fill(f"{HTTP} input.filter", "")
+            await until(full_table)
+
+            # pause: the table and the charts stand still while rows are still counted
+            await page.click("#pause")
+            assert await page.get_attribute("#pause", "aria-pressed") == "true"
+            frozen = await _column(page, HTTP, "time_")
+            points = await _points(page, HTTP, "rows")
+            counted = await _rows(page)
+            await until(lambda: _more(page, "#rows", counted + 200), timeout=20)
+            assert await _column(page, HTTP, "time_") == frozen
+            assert await _points(page, HTTP, "rows") == points
+            await page.click("#pause")
+
+            async def moving() -> bool:
+                return await _column(page, HTTP, "time_") != frozen
+
+            await until(moving)
+            assert errors == []
+            await page.close()
+
+
+async def _more_points(page: Page, section: str, chart: str, than: int) -> bool:
+    return await _points(page, section, chart) > than
 
 
 @pytest.mark.parametrize(
@@ -683,10 +806,14 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
         page = await browser.new_page()
         await page.goto(url.group(0))
         try:
-            await until(lambda: _more(page, "#rows", 0), timeout=30)
+
+            async def shown() -> bool:  # the table is redrawn 4 times a second
+                return await page.locator(ROWS_IN_DOM).count() > 0
+
+            await until(shown, timeout=30)
         except TimeoutError:
             raise AssertionError(await _text(page, "#status")) from None
-        assert await page.locator(ROWS_IN_DOM).count() > 0
+        assert await _rows(page) > 0
         assert await page.get_attribute("#status", "data-state") == "verified"
         kid = await _text(page, "#identity")
         assert "authorized by this machine's cluster" in await _text(page, "#authorization")

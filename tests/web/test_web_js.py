@@ -1,11 +1,13 @@
 """The browser consumer's JavaScript (``consumers/web``) against the Python implementation:
-the cross-language vectors under ``node --test``, its JSDoc types, and the committed bundle
-built from its sources. Needs Node (20 or newer); CI (``CI`` set) fails without it."""
+its ``node --test`` suite on the committed cross-language vectors (``tests/web/test_vectors.py``
+checks they are current), its JSDoc types, and the committed bundle built from its sources.
+Needs Node (20 or newer); CI (``CI`` set) fails without it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -17,9 +19,9 @@ import pytest
 from producers._authz import Authorized, Authorizer, AuthzPolicy
 from sealstream.crypto import ConsumerKey
 from sealstream.jwk import thumbprint
-from tests.support.web_vectors import build_vectors
 
 WEB = Path(__file__).resolve().parents[2] / "consumers" / "web"
+VECTORS = WEB / "test" / "vectors"
 
 
 def _npm_ready() -> str:
@@ -34,20 +36,22 @@ def _npm_ready() -> str:
     return node
 
 
-def test_the_javascript_session_reaches_the_python_verdicts(tmp_path: Path) -> None:
-    node = _npm_ready()
-    vectors = tmp_path / "vectors.json"
-    vectors.write_text(json.dumps(build_vectors()), encoding="utf-8")
+def test_the_javascript_session_reaches_the_python_verdicts() -> None:
+    """``npm test``: the committed vectors, with Node alone."""
+    _npm_ready()
     proc = subprocess.run(
-        [node, "--test", "test/"],
+        ["npm", "test", "--silent"],
         cwd=WEB,
-        env={**os.environ, "SEALSTREAM_VECTORS": str(vectors)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout
+    cases = sum(len(json.loads(p.read_text(encoding="utf-8"))) for p in VECTORS.glob("*.json"))
+    passed = re.search(r"^# pass (\d+)$", proc.stdout, re.MULTILINE)
+    assert passed is not None
+    assert int(passed[1]) > cases >= 80  # one test per case, and the suite's own
 
 
 def test_the_javascript_types_check() -> None:

@@ -1,15 +1,13 @@
 // The page: reads /config.json from the machine that serves it (the user's own), loads its
 // long-term identity (IndexedDB) and shows its fingerprint for registration, opens one
-// session in the browser (every open carries the identity's proof) and shows a live table per
-// stream. Cell values are set with textContent only: decrypted rows never become markup.
+// session in the browser (every open carries the identity's proof) and hands the decrypted
+// rows to the view (view.js: a tab per stream, its charts and table).
 
 import { thumbprint } from "./crypto.js";
 import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
 import { loadIdentity } from "./identity.js";
+import { View } from "./view.js";
 
-const MAX_ROWS = 50;
-/** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
-const MAX_CELL = 200;
 const RATE_WINDOW_MS = 5000;
 
 /**
@@ -87,72 +85,6 @@ export function describe(err, who) {
   }
   if (err instanceof BrokerError) return `broker unavailable: ${err.message}`;
   return String(/** @type {any} */ (err)?.message ?? err);
-}
-
-/** @param {unknown} v @returns {string} */
-export function cell(v) {
-  if (v === null || v === undefined) return "";
-  if (typeof v === "bigint") return v.toString();
-  if (v instanceof Uint8Array) return btoa(String.fromCharCode(...v));
-  if (typeof v === "object") {
-    return JSON.stringify(v, (_k, x) =>
-      typeof x === "bigint" ? x.toString() : x instanceof Uint8Array ? cell(x) : x,
-    );
-  }
-  return String(v);
-}
-
-/** @param {string} tag @param {string} [text] @param {string} [cls] */
-function el(tag, text, cls) {
-  const node = document.createElement(tag);
-  if (text !== undefined) node.textContent = text;
-  if (cls) node.className = cls;
-  return node;
-}
-
-class StreamTable {
-  /** @param {string} stream @param {HTMLElement} parent */
-  constructor(stream, parent) {
-    /** @type {string[]} */
-    this.columns = [];
-    /** @type {Record<string, unknown>[]} */
-    this.rows = [];
-    this.total = 0;
-    this.section = el("section");
-    this.section.dataset.stream = stream;
-    this.title = el("h2", stream);
-    this.table = el("table");
-    this.section.append(this.title, this.table);
-    parent.append(this.section);
-  }
-
-  /** @param {Record<string, unknown>[]} rows */
-  add(rows) {
-    for (const row of rows) {
-      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
-    }
-    this.rows = [...rows.slice().reverse(), ...this.rows].slice(0, MAX_ROWS);
-    this.total += rows.length;
-  }
-
-  render() {
-    this.title.textContent = `${this.section.dataset.stream} — ${this.total} rows`;
-    const head = el("tr");
-    for (const c of this.columns) head.append(el("th", c));
-    const body = this.rows.map((row) => {
-      const tr = el("tr");
-      for (const c of this.columns) {
-        const text = cell(row[c]);
-        tr.append(el("td", text.length > MAX_CELL ? `${text.slice(0, MAX_CELL)}…` : text));
-      }
-      return tr;
-    });
-    const thead = el("thead");
-    thead.append(head);
-    const tbody = el("tbody");
-    tbody.append(...body);
-    this.table.replaceChildren(thead, tbody);
-  }
 }
 
 /** @param {string} id @param {string} text */
@@ -255,9 +187,11 @@ export async function main() {
   }
   setText("cluster", config.cluster);
   setText("pinned", Object.keys(trust[config.cluster] ?? {}).join(", ") || "none");
-  const tables = /** @type {Map<string, StreamTable>} */ (new Map());
-  const main = /** @type {HTMLElement} */ (document.getElementById("tables"));
-  for (const s of config.streams) tables.set(s, new StreamTable(s, main));
+  const view = new View(config.streams, {
+    tabs: /** @type {HTMLElement} */ (document.getElementById("tabs")),
+    panels: /** @type {HTMLElement} */ (document.getElementById("tables")),
+    pause: /** @type {HTMLButtonElement} */ (document.getElementById("pause")),
+  });
   /** @type {{t: number, n: number}[]} */
   const recent = [];
   let dirty = true;
@@ -280,7 +214,7 @@ export async function main() {
     keyMode,
     policy: "discard",
     onBatch(batch) {
-      tables.get(batch.stream)?.add(batch.rows);
+      view.add(batch.stream, batch.rows, Date.now());
       recent.push({ t: performance.now(), n: batch.rows.length });
       if (firstRowMs < 0) {
         // since navigation start: page load, key generation, connect, open, first batch
@@ -351,8 +285,8 @@ export async function main() {
           .join(", "),
       );
       setText("dropped", String(sub.dropped));
-      for (const t of tables.values()) t.render();
     }
+    view.render(performance.now());
     requestAnimationFrame(render);
   };
   requestAnimationFrame(render);

@@ -1,25 +1,30 @@
-"""Cross-language vectors of group mode for the browser member (``consumers/web/src/group.js``):
-group keys and batches sealed by the real :class:`GroupSealer` and :class:`MemberSession`, and
-the group tamper matrix. The Python :class:`GroupMember` is the oracle, as in
-``tests/support/web_vectors.py`` (which writes these cases under ``group_cases``)."""
+"""The group-mode matrix, for the browser member (``consumers/web/src/group.js``): group keys
+and batches sealed by the real :class:`GroupSealer` and :class:`MemberSession`, genuine and
+tampered. The Python :class:`GroupMember` is the oracle: ``tests/support/vectors.py`` records
+its verdict at every step into ``consumers/web/test/vectors/groups.json``. Keys, identities,
+clocks and randomness are fixed, as in ``tests/support/matrix.py``.
+
+Each payload is declared accepted or rejected with its reason; ``tests/unit/test_tamper.py``
+holds the Python member to it. To add a case: build it in :func:`group_cases`, then run
+``python -m tests.support.vectors``."""
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealstream.crypto import (
-    Batch,
     ClusterIdentity,
     ConsumerKey,
-    End,
     GroupMember,
     GroupSealer,
     MemberSession,
+    Policy,
     ProducerSession,
     TrustStore,
     encode_rows,
@@ -28,28 +33,23 @@ from sealstream.crypto._group import GROUP_SIG_CONTEXT
 from sealstream.crypto._jose import open_with_key, seal_protected
 from sealstream.groupwire import encode_group_envelope
 from sealstream.jwk import b64u_decode
-from tests.support.helpers import CLUSTER, env_map, gen_key, repack
+from tests.support.helpers import CLUSTER, env_map, repack
+from tests.support.matrix import ROWS, TS_BIG, Step, keys, seeded
 
-__all__ = ["build_group_cases"]
+__all__ = ["GroupCase", "group_cases"]
 
 STREAM = "s"
-TS_BIG = 1_790_000_000_123_456_789
-ROWS: list[dict[str, Any]] = [{"path": "/secret", "n": 1, "big": 2**60 + 1, "f": 1.5}]
-
-
-def _plain(value: Any) -> Any:
-    from tests.support.web_vectors import _plain as plain
-
-    return plain(value)
 
 
 class World:
     """A cluster's group of stream ``s`` and its members (the producer side)."""
 
-    def __init__(self) -> None:
-        self.identity = ClusterIdentity.generate()
+    def __init__(self, seed: int) -> None:
+        self.identity = keys().identity["cluster"]
         self.now = TS_BIG
-        self.sealer = GroupSealer(self.identity, cluster=CLUSTER, stream=STREAM, clock=self.clock)
+        self.sealer = GroupSealer(
+            self.identity, cluster=CLUSTER, stream=STREAM, clock=self.clock, random=seeded(seed)
+        )
         self.members: dict[str, MemberSession] = {}
         self.keys: dict[str, ConsumerKey] = {}
 
@@ -87,76 +87,34 @@ class World:
         return b64u_decode(claims["k"])
 
 
+@dataclass
 class GroupCase:
-    """One member fed a list of payloads; each step records the oracle's verdict."""
+    """One member of a world, and the payloads it is fed, each with its verdict (a batch
+    from before the member joined is accepted and skipped)."""
 
-    def __init__(
-        self, name: str, world: World, key: ConsumerKey, streams: tuple[str, ...] = (STREAM,)
-    ) -> None:
-        self.name = name
-        self.world = world
-        self.key = key
-        self.streams = streams
-        self.member = GroupMember(
-            key,
-            cluster=CLUSTER,
-            streams=list(streams),
-            trust=TrustStore({CLUSTER: [world.identity.public_jwk]}),
-            policy="discard",
-        )
-        self.steps: list[dict[str, Any]] = []
+    name: str
+    world: World
+    key: ConsumerKey
+    streams: tuple[str, ...] = (STREAM,)
+    steps: list[Step] = field(default_factory=list)
 
-    def feed(self, payloads: list[bytes]) -> GroupCase:
-        m = self.member
-        for payload in payloads:
-            before, skipped = m.rejected.copy(), m.skipped
-            result = m.accept(payload)
-            step: dict[str, Any] = {"payload": base64.b64encode(payload).decode()}
-            delta = m.rejected - before
-            if delta:
-                (reason,) = delta
-                step.update(expect="reject", reason=reason)
-            elif isinstance(result, Batch):
-                step.update(
-                    expect="batch",
-                    stream=result.stream,
-                    seq=str(result.seq),
-                    ts=str(result.ts),
-                    rows=_plain(result.rows),
-                    lost_before=str(result.lost_before),
-                )
-            elif isinstance(result, End):
-                step.update(expect="end", reason=result.reason)
-            elif m.skipped > skipped:
-                step.update(expect="skip")
-            else:
-                step.update(expect="key", epochs={g: str(s.epoch) for g, s in m.groups.items()})
-            self.steps.append(step)
+    def ok(self, *payloads: bytes) -> GroupCase:
+        self.steps += [Step(p) for p in payloads]
         return self
 
-    def to_json(self) -> dict[str, Any]:
-        m = self.member
-        return {
-            "name": self.name,
-            "cluster": CLUSTER,
-            "streams": list(self.streams),
-            "key": {
-                "kind": self.key.kind,
-                "public_jwk": self.key.public_jwk,
-                "private_jwk": self.key._key.export_private(as_dict=True),
-                "session_id": self.key.session_id,
-            },
-            "trust": {CLUSTER: [self.world.identity.public_jwk]},
-            "steps": self.steps,
-            "final": {
-                "accepted": m.accepted,
-                "gaps": m.gaps,
-                "lost": str(m.lost),
-                "skipped": m.skipped,
-                "ended": m.ended,
-                "rejected": dict(m.rejected),
-            },
-        }
+    def bad(self, reason: str, *payloads: bytes) -> GroupCase:
+        self.steps += [Step(p, reason) for p in payloads]
+        return self
+
+    def member(self, policy: Policy) -> GroupMember:
+        """A fresh member for this case."""
+        return GroupMember(
+            self.key,
+            cluster=CLUSTER,
+            streams=list(self.streams),
+            trust=TrustStore({CLUSTER: [self.world.identity.public_jwk]}),
+            policy=policy,
+        )
 
 
 def _forge(
@@ -195,73 +153,109 @@ def _flip(data: bytes, index: int) -> bytes:
     return bytes(b)
 
 
-def build_group_cases() -> list[dict[str, Any]]:
+def group_cases() -> list[GroupCase]:
+    k = keys()
     cases: list[GroupCase] = []
     for kind in ("x25519", "p256", "rsa"):
-        w = World()
-        key = gen_key(kind)
+        w = World(1)
+        key = k.consumer[kind]
         s = w.join(key)
         k0, e0 = w.seal()
         _, e1 = w.seal([{"i": 1}])
-        cases.append(GroupCase(f"group genuine {kind}", w, key).feed([k0[s], e0, e1]))
+        cases.append(GroupCase(f"group genuine {kind}", w, key).ok(k0[s], e0, e1))
 
-    key = gen_key("x25519")
-    w = World()
+    key = k.consumer["x25519"]
+    w = World(2)
     s = w.join(key)
     k0, e0 = w.seal()
     envs = [w.seal([{"i": i}])[1] for i in range(4)]
     cases.append(
-        GroupCase("group gap, replay and reorder", w, key).feed(
-            [k0[s], e0, envs[1], envs[0], envs[1], envs[3], envs[2]]
-        )
+        GroupCase("group gap, replay and reorder", w, key)
+        .ok(k0[s], e0, envs[1])
+        .bad("replay", envs[0], envs[1])
+        .ok(envs[3])
+        .bad("replay", envs[2])
     )
 
     # tampering with one batch: every part of the JWE, the signature, the clear fields
-    w = World()
+    w = World(3)
     s = w.join(key)
     k0, e0 = w.seal()
     _, e1 = w.seal()
     body = env_map(e1)["body"]
-    tampered = []
-    for part in (0, 2, 3, 4):
+    case = GroupCase("group tamper matrix", w, key).ok(k0[s], e0)
+    for part, reason in ((0, "bad_header"), (2, "bad_signature"), (3, "bad_signature")):
         parts = body.split(b".")
         parts[part] = _flip(parts[part], len(parts[part]) // 2)
-        tampered.append(repack(e1, body=b".".join(parts)))
+        case.bad(reason, repack(e1, body=b".".join(parts)))
+    parts = body.split(b".")
+    parts[4] = _flip(parts[4], len(parts[4]) // 2)
     sig = bytearray(env_map(e1)["sig"])
     sig[7] ^= 1
-    tampered += [
-        repack(e1, sig=bytes(sig)),
-        repack(e1, cluster="other"),
-        repack(e1, stream="t"),
+    case.bad("bad_signature", repack(e1, body=b".".join(parts)), repack(e1, sig=bytes(sig)))
+    case.bad("wrong_route", repack(e1, cluster="other"))
+    case.bad("not_member", repack(e1, stream="t"))
+    case.bad(
+        "header_mismatch",
         repack(e1, gseq=9),
         repack(e1, ts=env_map(e1)["ts"] + 1),
         repack(e1, epoch=4),
+    )
+    case.bad(
+        "malformed",
         repack(e1, kind="data"),
         repack(e1, sig=b"\x00" * 63),
         repack(e1, gseq=1.0),
         repack(e1, session=key.session_id),
-    ]
-    cases.append(GroupCase("group tamper matrix", w, key).feed([k0[s], e0, *tampered, e1]))
+    )
+    cases.append(case.ok(e1))
 
     # a member forging for the others with the group key it holds; the header ts off by one
     # above 2**53 (signed by the cluster: only the header check refuses it)
-    w = World()
-    mallory = gen_key("x25519")
+    w = World(4)
+    mallory = k.consumer["mallory"]
     sm = w.join(mallory)
     s = w.join(key)
     k0, e0 = w.seal()
     _, e1 = w.seal([{"i": 1}])
     gk = w.group_key(sm, k0[sm])
-    forged = [
-        _forge(e1, gk),
-        _forge(e1, gk, signer=ClusterIdentity.generate()),
-        _forge(e1, gk, signer=w.identity, ts=env_map(e1)["ts"] + 1),
-    ]
-    cases.append(GroupCase("group member forging", w, key).feed([k0[s], e0, *forged, e1]))
+    cases.append(
+        GroupCase("group member forging", w, key)
+        .ok(k0[s], e0)
+        .bad("bad_signature", _forge(e1, gk), _forge(e1, gk, signer=k.identity["forger"]))
+        .bad("header_mismatch", _forge(e1, gk, signer=w.identity, ts=env_map(e1)["ts"] + 1))
+        .ok(e1)
+    )
+
+    # one batch's protected header on another's ciphertext (the signature covers both)
+    w = World(8)
+    s = w.join(key)
+    k0, e0 = w.seal()
+    _, a = w.seal([{"i": 1}])
+    _, b = w.seal([{"i": 2}])
+    pa, pb = env_map(a)["body"].split(b"."), env_map(b)["body"].split(b".")
+    swapped = repack(b, body=b".".join([pb[0], *pa[1:]]))
+    cases.append(
+        GroupCase("group header swap between batches", w, key)
+        .ok(k0[s], e0)
+        .bad("bad_signature", swapped)
+        .ok(a, b)
+    )
+
+    # another member's key envelope, readdressed
+    w = World(9)
+    sm = w.join(mallory)
+    s = w.join(key)
+    k0, e0 = w.seal()
+    cases.append(
+        GroupCase("group key of another member", w, key)
+        .bad("header_mismatch", repack(k0[sm], session=key.session_id))
+        .ok(k0[s], e0)
+    )
 
     # joining late: batches from before are skipped; a leaver's old epoch and a later one
-    w = World()
-    early = gen_key("x25519")
+    w = World(5)
+    early = k.consumer["early"]
     se = w.join(early)
     k0, e0 = w.seal()
     w.advance(1.0)
@@ -270,27 +264,29 @@ def build_group_cases() -> list[dict[str, Any]]:
     del w.members[se]
     k2, e2 = w.seal()
     cases.append(
-        GroupCase("group joiner skips what came before", w, key).feed(
-            [e0, k1[s], e0, e1, k2[s], e2]
-        )
+        GroupCase("group joiner skips what came before", w, key).ok(e0, k1[s], e0, e1, k2[s], e2)
     )
     cases.append(
-        GroupCase("group leaver refuses the next epoch", w, early).feed(
-            [k0[se], e0, k1[se], e1, e2]
-        )
+        GroupCase("group leaver refuses the next epoch", w, early)
+        .ok(k0[se], e0, k1[se], e1)
+        .bad("unknown_kid", e2)
     )
 
     # no downgrade; keys that are not group keys; the end
-    w = World()
+    w = World(6)
     s = w.join(key)
     k0, e0 = w.seal()
     session_mode = ProducerSession(
-        w.identity, cluster=CLUSTER, session=key.session_id, consumer_jwk=key.public_jwk
+        w.identity,
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+        random=seeded(8),
     )
     session_mode.seq = 1
     skey, sdata = session_mode.seal(STREAM, encode_rows(ROWS))
     rogue = MemberSession(
-        ClusterIdentity.generate(),
+        k.identity["rogue"],
         cluster=CLUSTER,
         session=key.session_id,
         consumer_jwk=key.public_jwk,
@@ -303,18 +299,26 @@ def build_group_cases() -> list[dict[str, Any]]:
     _, e1 = w.seal()
     (end,) = w.members[s].end("producer stopping")
     cases.append(
-        GroupCase("group no downgrade, forged key, end", w, key).feed(
-            [k0[s], e0, sdata, skey, forged_key, end, e1]
-        )
+        GroupCase("group no downgrade, forged key, end", w, key)
+        .ok(k0[s], e0)
+        .bad("wrong_mode", sdata)
+        .bad("bad_claims", skey)
+        .bad("untrusted_key", forged_key)
+        .ok(end)
+        .bad("after_end", e1)
     )
 
     # a member of another stream
-    w = World()
+    w = World(7)
     s = w.join(key)
     k0, e0 = w.seal()
-    other = gen_key("x25519")
-    cases.append(GroupCase("group envelope to a non-member", w, other, ("t",)).feed([e0]))
+    other = k.consumer["other"]
+    cases.append(
+        GroupCase("group envelope to a non-member", w, other, ("t",)).bad("not_member", e0)
+    )
 
     garbage = [b"\xc1", msgpack.packb({"v": 1, "kind": "group"}), e0[:-3]]
-    cases.append(GroupCase("group malformed payloads", w, key).feed([k0[s], *garbage, e0]))
-    return [c.to_json() for c in cases]
+    cases.append(
+        GroupCase("group malformed payloads", w, key).ok(k0[s]).bad("malformed", *garbage).ok(e0)
+    )
+    return cases
