@@ -1,11 +1,11 @@
 """The OTLP receiver: OpenTelemetry data in, sealed as rows (docs/protocol.md,
 "OpenTelemetry streams").
 
-``POST /v1/traces|metrics|logs`` (protobuf or JSON, gzip or not), and the OTLP/gRPC Export
-services when asked (producers/_otlp_grpc.py), is decoded, split into rows
-that fit a batch, and handed to a :class:`SealingSink` (the :class:`~producers.Agent`), which
-returns once the rows are sealed into its outbox for every session reading them: only then is
-the answer a success. A request is refused before it is read while the outbox is over half its
+A request, ``POST /v1/traces|metrics|logs`` (protobuf or JSON, gzip or not) or a call of the
+OTLP/gRPC Export services (producers/_otlp_grpc.py), is decoded, split into rows that fit a
+batch, and handed to a :class:`SealingSink` (the :class:`~producers.Agent`), which returns once
+the rows are sealed into its outbox for every session reading them: only then is the answer a
+success. A request is refused before it is read while the outbox is over half its
 bound (503, ``Retry-After``) or while ``max_concurrent`` requests are being handled. Refusals
 are counted by reason (:attr:`OtlpReceiver.refused`) and logged, never with the payload.
 """
@@ -106,14 +106,16 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
         raise Refused(415, "unsupported_encoding", "use gzip or no encoding", INVALID_ARGUMENT)
     gunzip = Gunzip(limit) if encoding == "gzip" else None
     raw = bytearray()
+    received = 0
     try:
         async for chunk in request.content.iter_chunked(_CHUNK):
+            received += len(chunk)
+            if received > limit:  # as sent (a chunked body has no length)...
+                raise too_large(limit)
             if gunzip is not None:
-                gunzip.feed(chunk)
+                gunzip.feed(chunk)  # ... and inflated
             else:
                 raw += chunk
-                if len(raw) > limit:
-                    raise too_large(limit)
     except (OSError, HttpProcessingError):  # the client went away, or a bad chunked body
         raise bad("incomplete_body", "the body ended before its end") from None
     return gunzip.end() if gunzip is not None else bytes(raw)

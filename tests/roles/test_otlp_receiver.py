@@ -296,6 +296,26 @@ async def test_each_bad_input_has_its_status_and_counter(
     assert [row["otlp"] for _, row in sink.rows] == [valid]
 
 
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+async def test_a_chunked_body_is_measured_as_it_comes(
+    receiver: OtlpReceiver, sink: RecordingSink, http: aiohttp.ClientSession, encoding: str | None
+) -> None:
+    """No Content-Length: the bytes are counted as they arrive, as sent (gzip: 300 KB of
+    empty members, which inflate to nothing)."""
+    empty = gzip.compress(b"")
+    body = empty * (300 * 1024 // len(empty)) if encoding else secrets.token_bytes(300 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 16 * 1024):
+            yield body[i : i + 16 * 1024]
+
+    headers = {"Content-Type": PROTOBUF, **({"Content-Encoding": "gzip"} if encoding else {})}
+    async with http.post(_url(receiver), data=chunks(), headers=headers) as response:
+        assert response.status == 413
+    assert receiver.refused == {"too_large": 1}
+    assert sink.rows == []
+
+
 async def test_a_body_cut_short_is_counted(receiver: OtlpReceiver, sink: RecordingSink) -> None:
     _, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
     writer.write(
