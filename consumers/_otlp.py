@@ -58,8 +58,9 @@ _PROTOBUF: Final = "application/x-protobuf"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportConfig:
-    """``endpoint``: the OTLP/HTTP base URL (``/v1/<signal>`` is appended, as
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` does); ``headers`` sent with every request."""
+    """``endpoint``: the OTLP base URL (``http://`` or ``https://``; over HTTP ``/v1/<signal>``
+    is appended, as for ``OTEL_EXPORTER_OTLP_ENDPOINT``); ``headers`` sent with every request
+    (gRPC metadata, in lower case, over gRPC)."""
 
     endpoint: str
     #: ``http/protobuf`` (POST to ``<endpoint>/v1/<signal>``) or ``grpc`` (the Export services
@@ -210,7 +211,7 @@ class OtlpExporter(AsyncResource):
             retries=self.retries,
         )
 
-    def requests(self, batch: Batch) -> list[_Request]:
+    def _requests(self, batch: Batch) -> list[_Request]:
         """The export requests of a batch's rows (a row that is not OTLP is counted)."""
         signal = SIGNAL_BY_STREAM.get(batch.stream)
         out: list[_Request] = []
@@ -225,7 +226,7 @@ class OtlpExporter(AsyncResource):
 
     async def put(self, batch: Batch) -> None:
         """Queue a batch's export requests, waiting for room."""
-        for request in self.requests(batch):
+        for request in self._requests(batch):
             await self._queue.put(request)
 
     def _fail(self, reason: str, signal: str, **fields: Any) -> None:
