@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from consumers._client import Client, Resumed, Subscription
+from consumers._client import DEFAULT_RETRY_S, Client, Resumed, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._view import JsonLinesWriter, LiveTable, summary
@@ -71,10 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-mode",
-        choices=["session", "per-message", "group"],
-        help="session (default: signed session keys), group (one batch sealed and signed once "
-        "for every reader of a stream, group keys sent to each member) or per-message (Pixie's "
-        "scheme: NO sender authentication, a relay can forge data; for comparison only)",
+        choices=["session", "group"],
+        help="session (default: signed session keys) or group (one batch sealed and signed "
+        "once for every reader of a stream, group keys sent to each member)",
     )
     p.add_argument("--output", choices=["table", "jsonl"], default="table")
     p.add_argument(
@@ -88,9 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry",
         type=float,
-        default=0.0,
+        default=DEFAULT_RETRY_S,
         help="keep retrying the first open for this many seconds while the proxy is busy or "
-        "the cluster unavailable",
+        f"the cluster unavailable (default {DEFAULT_RETRY_S:g} s; 0 fails at once)",
     )
     p.add_argument(
         "--no-resume",

@@ -35,7 +35,16 @@ import nats.errors
 import structlog
 
 from consumers._config import ClientConfig
-from sealstream import BrokerError, Envelope, Notice, SessionError, Subjects, TrustError, WireError
+from sealstream import (
+    BrokerError,
+    Envelope,
+    IntegrityError,
+    Notice,
+    SessionError,
+    Subjects,
+    TrustError,
+    WireError,
+)
 from sealstream.crypto import (
     Batch,
     ConsumerKey,
@@ -49,7 +58,7 @@ from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
 from sealstream.wire import VERSION, OpenRequest, decode_map, encode_map
 
-__all__ = ["Client", "Resumed", "Stats", "Subscription"]
+__all__ = ["DEFAULT_RETRY_S", "Client", "Resumed", "Stats", "Subscription"]
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +96,8 @@ _T = TypeVar("_T", "Batch", "Batch | Resumed")
 #: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
+#: how long a first open retries busy or unavailable refusals by default (0: fail at once)
+DEFAULT_RETRY_S = 30.0
 
 
 class Client:
@@ -144,7 +155,7 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: Literal[False] = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Batch]: ...
 
@@ -156,7 +167,7 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: bool,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Batch | Resumed]: ...
 
@@ -167,16 +178,17 @@ class Client:
         *,
         key: ConsumerKey | None = None,
         resume: bool = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> Subscription[Any]:
         """A session on ``cluster`` for ``streams``; enter it with ``async with``.
 
         ``key`` is the first session's key (default: a fresh one). An open refused as passing
         (the proxy busy, the cluster unavailable, no proxy answering) is retried with backoff
-        for ``retry_s`` seconds. With ``resume``, a session that ends for an infrastructure
-        reason is replaced by a new one (retried for up to ``resume_timeout_s``), and the
-        iterator yields a :class:`Resumed` marker between them.
+        and jitter for ``retry_s`` seconds (30 by default; 0 fails at once). With ``resume``,
+        a session that ends for an infrastructure reason is replaced by a new one (retried
+        for up to ``resume_timeout_s``), and the iterator yields a :class:`Resumed` marker
+        between them.
         """
         if retry_s < 0 or resume_timeout_s < 0:
             raise ValueError("retry_s and resume_timeout_s must not be negative")
@@ -270,7 +282,11 @@ class _Session(AsyncResource):
         self.dropped = 0
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
+        #: (event loop time) a key envelope signed by a pinned key is due by then
+        self.key_deadline = float("inf")
         self._closed = False
+        #: a control item that met a full queue
+        self.ending: _Lost | BaseException | None = None
         self._own_nc: Any = None  # the session's own connection (auth callout)
         self._login: _Login | None = None
 
@@ -331,6 +347,7 @@ class _Session(AsyncResource):
         ka = reply.get("keepalive_s")
         if isinstance(ka, int | float) and not isinstance(ka, bool) and ka > 0:
             self.keepalive_s = float(ka)
+        self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)
         tg.create_task(self._keepalive())
@@ -419,9 +436,15 @@ class _Session(AsyncResource):
             self.push(_Lost("the NATS connection was closed", resumable=self._resumable()))
 
     def push(self, item: bytes | _Lost | BaseException) -> None:
+        """Queue an inbox message, or drop and count it when the queue is full. A control
+        item (the session is over) is never dropped: on a full queue it waits in ``ending``,
+        which the iterator takes once it has drained the queue."""
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
+            if not isinstance(item, bytes):
+                self.ending = self.ending or item
+                return
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
@@ -445,7 +468,7 @@ class Subscription(AsyncResource, Generic[_T]):
         key: ConsumerKey | None,
         *,
         resume: bool = False,
-        retry_s: float = 0.0,
+        retry_s: float = DEFAULT_RETRY_S,
         resume_timeout_s: float = 120.0,
     ) -> None:
         super().__init__()
@@ -588,7 +611,7 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise RuntimeError("use the subscription inside 'async with'")
             if self.end_reason is not None:
                 raise StopAsyncIteration
-            item = await live.queue.get()
+            item = await self._next_item(live)
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, _Lost):
@@ -596,7 +619,12 @@ class Subscription(AsyncResource, Generic[_T]):
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
             session = live.crypto
-            result = await self._open_one(session, item)
+            try:
+                result = await self._open_one(session, item)
+            except IntegrityError:  # policy "fail": the session ends here
+                if not session.keyed and session.rejected["untrusted_key"]:
+                    raise self._untrusted(session) from None  # it says more
+                raise
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
@@ -620,24 +648,43 @@ class Subscription(AsyncResource, Generic[_T]):
     async def _open_one(
         self, session: ConsumerSession, payload: bytes
     ) -> Batch | End | Notice | None:
-        try:
-            item = session.parse(payload)
-            if isinstance(item, Envelope):
-                if item.kind == "key" or session.key_mode == "per-message":
-                    # public-key decryption (RSA: milliseconds) stays off the event loop
-                    return await asyncio.to_thread(session.open, item)
-                return session.open(item)
-            return item
-        finally:
-            self._check_trust(session)
+        item = session.parse(payload)
+        if isinstance(item, Envelope):
+            if item.kind == "key" or session.key_mode == "per-message":
+                # public-key decryption (RSA: milliseconds) stays off the event loop
+                return await asyncio.to_thread(session.open, item)
+            return session.open(item)
+        return item
 
-    def _check_trust(self, session: ConsumerSession) -> None:
-        if not session.keyed and session.untrusted_kid is not None:
-            store = self._client.trust.path or "(in memory)"
-            raise TrustError(
-                f"cluster {self.cluster!r} signs with key {session.untrusted_kid}, which the "
-                f"trust store {store} does not hold: pin it with 'sealstream-consume trust add'"
-            )
+    async def _next_item(self, live: _Session) -> bytes | _Lost | BaseException:
+        """The next inbox item (the session's end after those queued). A key envelope whose
+        signer is not pinned is counted and ignored (a relay can forge one): while no key is
+        installed and some were refused, waiting ends at the session's key deadline (the
+        request timeout after the open) with the trust error."""
+        if not live.queue.empty():
+            return live.queue.get_nowait()
+        if live.ending is not None:
+            return live.ending
+        session = live.crypto
+        assert session is not None
+        if session.keyed or not session.rejected["untrusted_key"]:
+            return await live.queue.get()
+        try:
+            async with asyncio.timeout_at(live.key_deadline):
+                return await live.queue.get()
+        except TimeoutError:
+            raise self._untrusted(session) from None
+
+    def _untrusted(self, session: ConsumerSession) -> TrustError:
+        store = self._client.trust.path or "(in memory)"
+        return TrustError(
+            f"no key envelope signed by a key pinned for cluster {self.cluster!r} arrived; "
+            f"{session.rejected['untrusted_key']} refused, "
+            f"signed by keys the trust store {store} does not pin (a relay can forge those: "
+            "never pin a key a session offers). Check the cluster's key out of band: its "
+            "operator's 'sealstream-producer key' prints it; 'sealstream-consume trust list' "
+            "shows the fingerprints this store pins"
+        )
 
 
 def _callout_mode(config: ClientConfig) -> bool:

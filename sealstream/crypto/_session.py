@@ -308,7 +308,8 @@ class ConsumerSession:
     :meth:`accept` returns a :class:`Batch`, an :class:`End`, a proxy :class:`Notice`, or None
     (a key envelope was installed, or the envelope was discarded under ``policy="discard"``).
     Every failure is the one opaque :class:`IntegrityError`; the reason is counted in
-    :attr:`rejected` and logged at DEBUG.
+    :attr:`rejected` and logged at DEBUG. A key envelope signed by a key the trust store does
+    not pin (``untrusted_key``) is counted and ignored under either policy.
     """
 
     def __init__(
@@ -343,8 +344,6 @@ class ConsumerSession:
         self.gaps = 0
         self.lost = 0
         self.rejected: Counter[str] = Counter()
-        #: kid of the last key envelope signed by a key the trust store does not hold
-        self.untrusted_kid: str | None = None
 
     @property
     def keyed(self) -> bool:
@@ -373,7 +372,9 @@ class ConsumerSession:
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             log.debug("envelope.rejected", reason=exc.reason, session=self.session)
-            if self.policy == "discard":
+            # a key envelope signed by an unpinned key is anyone's (a relay can race one ahead
+            # of the cluster's): ignored under both policies, the caller decides when to stop
+            if self.policy == "discard" or exc.reason == "untrusted_key":
                 return None
             raise IntegrityError() from None
 
@@ -520,7 +521,6 @@ class ConsumerSession:
                         return pinned
             except (WireError, TrustError) as exc:
                 raise Rejected("untrusted_key") from exc
-        self.untrusted_kid = kid
         raise Rejected("untrusted_key")
 
     def _decode(self, env: Envelope, plaintext: bytes) -> Batch | End:

@@ -412,10 +412,11 @@ async def test_callout_down_refuses_new_connections_and_spares_live_ones(
         ):
             await collect_rows(live, 3)
             auth.kill()
-            # a new connection is refused with a clear error, not left hanging
+            # a new connection is refused with a clear error, not left hanging (retry_s=0: by
+            # default the client retries this passing refusal for 30 s)
             async with asyncio.timeout(15), client(secured, token("c1")) as late:
                 with pytest.raises(SessionError) as err:
-                    await late.subscribe("c1", ["http_events"]).__aenter__()
+                    await late.subscribe("c1", ["http_events"], retry_s=0).__aenter__()
             assert err.value.code == "unauthorized"
             assert "not running" in err.value.detail
             # the live session keeps streaming

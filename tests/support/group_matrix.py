@@ -96,6 +96,8 @@ class GroupCase:
     world: World
     key: ConsumerKey
     streams: tuple[str, ...] = (STREAM,)
+    #: the policy the browser member's vectors run it under (the Python test: ``fail``)
+    policy: Policy = "discard"
     steps: list[Step] = field(default_factory=list)
 
     def ok(self, *payloads: bytes) -> GroupCase:
@@ -321,4 +323,20 @@ def group_cases() -> list[GroupCase]:
     cases.append(
         GroupCase("group malformed payloads", w, key).ok(k0[s]).bad("malformed", *garbage).ok(e0)
     )
+
+    # a relay's group key raced ahead of the cluster's: counted and ignored under "fail" too
+    w = World(10)
+    s = w.join(key)
+    k0, e0 = w.seal()
+    racer = MemberSession(
+        k.identity["rogue"],
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+        key_mode="group",
+    )
+    racer.seq = 10**9  # refused as untrusted, not as a replay, wherever it lands
+    raced = racer.group_key(group=STREAM, epoch=0, kid="rogue", secret=b"k" * 32, gseq=0, now=1)
+    name = "group forged key raced ahead of the genuine one"
+    cases.append(GroupCase(name, w, key, policy="fail").bad("untrusted_key", raced).ok(k0[s], e0))
     return cases

@@ -117,6 +117,9 @@ class Case:
     pair: Pair
     allow_zip: bool = False
     max_plaintext: int = DEFAULT_MAX_PLAINTEXT
+    #: the policy the browser consumer's vectors run it under (the Python test runs every case
+    #: under ``fail``); ``fail`` where the case is about what must not end a session
+    policy: Policy = "discard"
     steps: list[Step] = field(default_factory=list)
 
     def ok(self, *payloads: bytes) -> Case:
@@ -431,6 +434,23 @@ def forged_keys(k: Keys) -> Iterable[Case]:
     obj.deserialize(relay_env.body.decode(), relay_key._key)
     body = seal_to_key(key.public_jwk, _key_header(key), obj.plaintext)
     yield Case("key substituted by the relay", pair).bad("bad_claims", _key_env(key, body))
+
+    # the relay sees every open before the cluster answers: its key envelope, raced ahead of
+    # the genuine one, is counted and ignored (never fatal, under "fail" too); rows then flow
+    pair = _pair(key, 140)
+    racer = ProducerSession(
+        k.identity["forger"],
+        cluster=CLUSTER,
+        session=key.session_id,
+        consumer_jwk=key.public_jwk,
+        random=seeded(141),
+    )
+    racer.seq = 10**9  # refused as untrusted, not as a replay, wherever it lands
+    yield (
+        Case("forged key raced ahead of the genuine one", pair, policy="fail")
+        .bad("untrusted_key", *racer.start())
+        .ok(*_sealed(pair, 2))
+    )
 
     pair = _pair(key, 84)
     other_key = _sealed(_pair(k.consumer["other"], 85), 1)[0]

@@ -152,6 +152,7 @@ def _session_case(case: Case) -> dict[str, Any]:
             "key_mode": consumer.key_mode,
             "allow_zip": case.allow_zip,
             "max_plaintext": case.max_plaintext,
+            "policy": case.policy,
         },
         "steps": steps,
         "final": final(consumer),
@@ -167,6 +168,7 @@ def _group_case(case: GroupCase) -> dict[str, Any]:
         "streams": list(case.streams),
         "key": _key(case.key),
         "trust": {CLUSTER: [case.world.identity.public_jwk]},
+        "policy": case.policy,
         "steps": steps,
         "final": final(member),
     }

@@ -256,11 +256,11 @@ def test_trust_on_first_use_is_explicit(tmp_path: Path) -> None:
     from sealstream.crypto import ConsumerSession
 
     strict = ConsumerSession(key, cluster=CLUSTER, trust=TrustStore(path=tmp_path / "a.json"))
-    from sealstream import IntegrityError
-
-    with pytest.raises(IntegrityError):
-        strict.accept(envs[0])
-    assert strict.untrusted_kid == pair.identity.kid
+    # policy "fail": an unpinned signer is still only counted (anyone can sign a key envelope)
+    assert strict.accept(envs[0]) is None
+    assert strict.rejected == {"untrusted_key": 1}
+    assert not strict.keyed
+    assert not (tmp_path / "a.json").exists()  # nothing pinned
     tofu_store = TrustStore(path=tmp_path / "b.json", tofu=True)
     tofu = ConsumerSession(key, cluster=CLUSTER, trust=tofu_store)
     assert tofu.accept(envs[0]) is None

@@ -19,7 +19,7 @@ const RATE_WINDOW_MS = 5000;
  * @property {string[]} streams
  * @property {Record<string, Record<string, unknown>[]>} trusted_keys
  * @property {import("./crypto.js").KeyKind} [key]
- * @property {"session" | "per-message" | "group"} [key_mode]
+ * @property {string} [key_mode] session or group (anything else is refused)
  * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
  * @property {string} [nats_password]
  * @property {boolean} [register] the local server can authorize this page's key in the
@@ -87,6 +87,22 @@ export function describe(err, who) {
   return String(/** @type {any} */ (err)?.message ?? err);
 }
 
+/** what the page says of a mode other than session or group (a link can carry anything) */
+export const MODE_REFUSED =
+  "this page opens session or group mode only (both authenticate the sender); the link " +
+  "asked for another mode, which would let the relay forge rows";
+
+/**
+ * The page's key mode from a link or its configuration: session or group (the cluster signs
+ * every key), anything else null. Per-message mode has no sender authentication: a bench
+ * baseline, never the page's.
+ * @param {unknown} value
+ * @returns {"session" | "group" | null}
+ */
+export function pageMode(value) {
+  return value === "session" || value === "group" ? value : null;
+}
+
 /** @param {string} id @param {string} text */
 function setText(id, text) {
   const node = document.getElementById(id);
@@ -117,6 +133,28 @@ function showIdentity(publicJwk, kid, streams) {
       copy.textContent = "copy refused: select the text";
     }
   };
+}
+
+/**
+ * The visible marker of a resume: when, and which rows were lost (those sealed between the
+ * previous session's last batch and the new session).
+ * @param {HTMLElement} status
+ * @param {import("./client.js").Resumed} marker
+ */
+function showResumed(status, marker) {
+  let line = document.getElementById("resumed");
+  if (line === null) {
+    line = document.createElement("p");
+    line.id = "resumed";
+    status.after(line);
+  }
+  const now = new Date().toLocaleTimeString();
+  const since =
+    marker.lastTs === null
+      ? "the previous session's start"
+      : new Date(Number(marker.lastTs / 1_000_000n)).toLocaleTimeString();
+  line.dataset.count = String(Number(line.dataset.count ?? 0) + 1);
+  line.textContent = `resumed at ${now}, rows between ${since} and ${now} lost (${marker.reason})`;
 }
 
 /**
@@ -160,9 +198,11 @@ export async function main() {
   const params = new URLSearchParams(location.search);
   const keyKind = /** @type {import("./crypto.js").KeyKind} */ (params.get("key") ?? config.key ?? "x25519");
   // ?mode=group: one batch sealed for every member of the stream's group (default: session)
-  const keyMode = /** @type {import("./session.js").KeyMode | "group"} */ (
-    params.get("mode") ?? config.key_mode ?? "session"
-  );
+  const keyMode = pageMode(params.get("mode") ?? config.key_mode ?? "session");
+  if (keyMode === null) {
+    setStatus("error", `refused: ${MODE_REFUSED}`);
+    return;
+  }
   /** @type {import("./session.js").TrustedKeys} */
   const trust = {};
   for (const [cluster, jwks] of Object.entries(config.trusted_keys)) {
@@ -213,6 +253,8 @@ export async function main() {
     keyKind,
     keyMode,
     policy: "discard",
+    // as sealstream-consume: an expiry, an outage or a restarted cluster opens a new session
+    resume: true,
     onBatch(batch) {
       view.add(batch.stream, batch.rows, Date.now());
       recent.push({ t: performance.now(), n: batch.rows.length });
@@ -234,6 +276,16 @@ export async function main() {
     },
     onError(err) {
       setStatus("error", describe(err, who));
+    },
+    onRetry(err, waitMs) {
+      const wait = (waitMs / 1000).toFixed(1);
+      setStatus("retrying", `${describe(err, who)}; trying again in ${wait} s`);
+    },
+    onResumed(marker) {
+      setText("session", marker.session);
+      showResumed(status, marker);
+      setStatus("connected", "resumed: new session, waiting for the cluster's signed key");
+      dirty = true;
     },
     onConnection(connected) {
       if (status.dataset.state === "error" || status.dataset.state === "ended") return;
