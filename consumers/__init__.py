@@ -1,8 +1,10 @@
-"""consumers: the client library (verify, decrypt, order, policy) and the CLI."""
+"""consumers: the client library (verify, decrypt, order, policy), the OTLP exporter and the
+CLI."""
 
 from consumers._cli import consume
 from consumers._client import Client, Resumed, Stats, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
@@ -11,6 +13,8 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConsumerKey",
+    "ExportConfig",
+    "OtlpExporter",
     "Resumed",
     "Stats",
     "Subscription",

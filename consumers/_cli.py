@@ -1,7 +1,8 @@
 """``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
 as JSON lines); ``sealstream-consume trust ...`` manages the trust store, ``sealstream-consume
-identity ...`` the user's identity key (which a cluster authorizes), and ``sealstream-consume
-web`` serves the browser view, which decrypts in the page."""
+identity ...`` the user's identity key (which a cluster authorizes), ``sealstream-consume
+web`` serves the browser view, which decrypts in the page, and ``sealstream-consume export``
+re-exports the OTLP streams to an OTLP endpoint."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from consumers._client import DEFAULT_RETRY_S, Client, Resumed, Subscription
 from consumers._config import ClientConfig, TokenFile, default_identity_file
+from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._view import JsonLinesWriter, LiveTable, summary
 from consumers._web import WebConfig, WebServer
 from sealstream import SealstreamError, SessionError, configure_logging
 from sealstream.crypto import Batch, TrustStore, UserIdentity
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.run import run
 
 __all__ = ["main"]
@@ -133,7 +137,74 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--trust-store", type=Path, default=keep)
     web.add_argument("--key", choices=["rsa", "x25519", "p256"], default=keep)
     web.add_argument("--log-level", default=keep)
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="re-export what the OTLP streams carry, decrypted, to an OTLP endpoint",
+    )
+    export.add_argument(
+        "--otlp-endpoint",
+        required=True,
+        help="OTLP base URL, e.g. http://127.0.0.1:4318 (/v1/traces etc. appended) or "
+        "http://127.0.0.1:4317 with --protocol grpc",
+    )
+    export.add_argument(
+        "--protocol",
+        choices=["http/protobuf", "grpc"],
+        default="http/protobuf",
+        help="OTLP/HTTP (default; POST to the endpoint's /v1/<signal>) or OTLP/gRPC (the "
+        "endpoint's host and port; https:// for TLS)",
+    )
+    export.add_argument(
+        "--header", action="append", default=[], help="K=V sent with every request (repeatable)"
+    )
+    keep = argparse.SUPPRESS
+    export.add_argument("--cluster", default=keep)
+    export.add_argument("--stream", action="append", default=keep)
+    export.add_argument("--duration", type=float, default=keep)
+    export.add_argument("--log-level", default=keep)
+
+
+def _export_config(args: argparse.Namespace) -> ExportConfig:
+    headers = {}
+    for header in args.header:
+        name, sep, value = header.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {header!r}: use K=V")
+        headers[name.strip()] = value.strip()
+    return ExportConfig(endpoint=args.otlp_endpoint, protocol=args.protocol, headers=headers)
+
+
+async def export(config: ClientConfig, args: argparse.Namespace) -> int:
+    """``export``: subscribe to the OTLP streams and re-export every request (until
+    ``--duration`` or Ctrl-C; then a summary on stderr)."""
+    streams = args.stream or list(OTLP_STREAMS)
+    exporter = OtlpExporter(_export_config(args))
+    sub: Subscription[Batch | Resumed] | None = None
+    try:
+        async with Client(config) as client, exporter:
+            sub = client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry)
+            async with sub:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(args.duration):
+                        async for batch in sub:
+                            if isinstance(batch, Resumed):
+                                _resumed(batch)
+                            else:
+                                await exporter.put(batch)
+    finally:
+        stats = sub.stats() if sub is not None else None
+        print(
+            f"exported {sum(exporter.exported.values())} OTLP requests, undelivered "
+            f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}".rstrip()
+            + (f"; lost {stats.lost}, dropped {stats.dropped} in the session" if stats else ""),
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _identity(args: argparse.Namespace) -> int:
@@ -319,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             key_mode=args.key_mode,
             policy=args.policy,
         )
+        if args.command == "export":
+            return await export(config, args)
         return await consume(config, args)
 
     return run(go)

@@ -123,6 +123,9 @@ class Agent(AsyncResource):
         self._hold_until: float | None = None
         self._last_drop_log = float("-inf")
         self._drops_unlogged = 0
+        self._budget = 0
+        #: more metrics read at scrape time (the OTLP receiver's)
+        self.more_samples: list[Callable[[], list[Sample]]] = []
 
     @property
     def identity(self) -> ClusterIdentity:
@@ -157,7 +160,7 @@ class Agent(AsyncResource):
         )
         self._connected.set()
         self._stack.push_async_callback(self._shutdown)
-        budget = plaintext_budget(int(self._nc.max_payload))
+        self._budget = budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping)
@@ -228,6 +231,9 @@ class Agent(AsyncResource):
 
     def samples(self) -> list[Sample]:
         """The agent's metrics, read at scrape time."""
+        return [*self._samples(), *(s for more in self.more_samples for s in more())]
+
+    def _samples(self) -> list[Sample]:
         return [
             Sample("sealstream_producer_sessions", "sessions served", "gauge", len(self.sessions)),
             Sample(
@@ -303,6 +309,34 @@ class Agent(AsyncResource):
             )
         for plaintext in ready:
             await self._publish(stream, plaintext)
+
+    @property
+    def max_row_bytes(self) -> int:
+        """The largest packed row a batch takes (known once started)."""
+        return min(self.config.batching.max_bytes, self._budget) - 16
+
+    def backlog(self) -> float:
+        """How full the outbox is: 0 empty, 1 at its bound (per session or in all)."""
+        outbox = self.outbox
+        total = outbox.size / outbox.max_total_bytes if outbox.max_total_bytes else 0.0
+        return max(outbox.largest() / outbox.max_bytes, total)
+
+    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Seal ``rows`` now, in batches of their own, into the outbox of every session
+        reading ``stream``, and return once they are (a receiver acknowledges its sender
+        then). The rows are the caller's own: no per-value check. Returns how many were too
+        large for a batch (counted as ``oversize``, not sealed)."""
+        if stream not in self._batchers:
+            raise ValueError(f"stream {stream!r} is not declared by this agent")
+        batcher = Batcher(self.config.batching, budget=self._budget)
+        ready = batcher.add(rows, now=time.monotonic())
+        last = batcher.flush()
+        self.rows_in += len(rows) - batcher.oversize_rows
+        if batcher.oversize_rows:
+            self.rejected_rows["oversize"] += batcher.oversize_rows
+        for plaintext in [*ready, *([last] if last is not None else [])]:
+            await self._publish(stream, plaintext)
+        return batcher.oversize_rows
 
     async def _pump(self, source: Source) -> None:
         try:

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
+from producers._otlp import OtlpConfig, OtlpReceiver
 from producers.sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.jwk import thumbprint
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.run import add_service_options, keep, run, suppress
 
 __all__ = ["main", "parse_source"]
@@ -34,8 +37,39 @@ def parse_source(spec: str, *, rate: float, interval: float) -> Source:
         path, _, stream = spec[len("jsonl:") :].partition(":")
         return JsonLines(None if path == "-" else Path(path), stream=stream or "records")
     raise ValueError(
-        f"unknown source {spec!r}: use http_events, host_metrics or jsonl:PATH[:STREAM]"
+        f"unknown source {spec!r}: use http_events, host_metrics, jsonl:PATH[:STREAM] or "
+        "otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]"
     )
+
+
+def otlp_config(specs: list[str]) -> OtlpConfig | None:
+    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
+    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
+    only)."""
+    given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError("give one otlp source")
+    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
+    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
+        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
+    return OtlpConfig(
+        host=host or "127.0.0.1",
+        port=int(http or 4318),
+        grpc_port=None if grpc == "off" else int(grpc or 4317),
+    )
+
+
+@contextlib.asynccontextmanager
+async def otlp_receiver(agent: Agent, config: OtlpConfig | None) -> AsyncIterator[None]:
+    """Serve OTLP/HTTP into ``agent`` (which declares the OTLP streams) when asked."""
+    if config is None:
+        yield
+        return
+    async with OtlpReceiver(agent, config=config) as receiver:
+        agent.more_samples.append(receiver.samples)
+        yield
 
 
 def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
@@ -65,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
             # after 'run' they go to a list of their own, joined to those given before it
             dest="source" if parser is p else "run_source",
             default=d(None),
-            help="http_events | host_metrics | jsonl:PATH[:STREAM] (repeatable; env "
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] | "
+            "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
+            "4317 of 127.0.0.1 by default) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
@@ -214,13 +250,18 @@ def main(argv: list[str] | None = None) -> int:
             policy_file=args.policy_file,
             trust_relay_authorization=args.trust_relay_authorization or None,
         )
-        specs = source_specs(args, os.environ)
+        specs = [s.strip() for s in source_specs(args, os.environ) if s.strip()]
+        otlp = otlp_config(specs)
         sources = [
-            parse_source(s.strip(), rate=args.rate, interval=args.interval)
+            parse_source(s, rate=args.rate, interval=args.interval)
             for s in specs
-            if s.strip()
+            if otlp is None or not s.startswith("otlp")
         ]
-        async with Agent(config, sources=sources):
+        streams = OTLP_STREAMS if otlp is not None else ()
+        async with (
+            Agent(config, sources=sources, streams=streams) as agent,
+            otlp_receiver(agent, otlp),
+        ):
             await asyncio.Event().wait()
         return 0
 
