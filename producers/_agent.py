@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 
 from producers._authz import Authorized, Authorizer
@@ -45,6 +46,7 @@ from sealstream.ids import check_stream
 from sealstream.metrics import MetricsServer, Sample, collector_registry
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
+from sealstream.store import ensure_stream
 
 __all__ = ["Agent"]
 
@@ -52,6 +54,8 @@ log = structlog.get_logger(__name__)
 
 #: the outbox queue of a stream's group envelopes (a session id never starts with it)
 _GROUP_QUEUE = "group."
+#: with a store: envelopes published before their acknowledgements are awaited
+_ACK_WINDOW = 256
 
 
 @dataclass(slots=True)
@@ -106,6 +110,10 @@ class Agent(AsyncResource):
         self._tg: asyncio.TaskGroup | None = None
         self._pumps: list[asyncio.Task[None]] = []
         self._nc: Any = None
+        self._js: Any = None  # with a store: its JetStream context
+        self._store_name = ""
+        #: replaced (and the old one set) whenever envelopes leave the outbox
+        self._progress = asyncio.Event()
         self.published = 0
         self.published_bytes = 0
         self.metrics: MetricsServer | None = None
@@ -157,9 +165,17 @@ class Agent(AsyncResource):
             password=auth.password,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            # its own replies (the store's acknowledgements) on subjects only it may read
+            inbox_prefix=f"_INBOX.{self.config.cluster}",
         )
         self._connected.set()
         self._stack.push_async_callback(self._shutdown)
+        store = self.config.store
+        if store is not None:
+            self._js = self._nc.jetstream(timeout=store.ack_timeout_s)
+            self._store_name = await ensure_stream(
+                self._js, store, prefix=self.config.prefix, cluster=self.config.cluster
+            )
         self._budget = budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
@@ -288,7 +304,9 @@ class Agent(AsyncResource):
         """Queue rows for a declared stream; invalid rows are counted, logged and skipped.
 
         Down the layers, once each: the row rules check the rows, the stream's batcher takes
-        them, and every batch they complete is sealed and queued."""
+        them, and every batch they complete is sealed and queued. With a store, the rows are
+        sealed at once (batches of their own) and ``emit`` returns once they are stored: while
+        the broker is away, it waits."""
         batcher = self._batchers.get(stream)
         if batcher is None:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
@@ -296,6 +314,9 @@ class Agent(AsyncResource):
         for reason in checked.rejected:
             self.rejected_rows[reason] += 1
             log.warning("row.rejected", stream=stream, reason=reason)
+        if self.config.store is not None:
+            await self.seal_rows(stream, checked.rows)
+            return
         self.rows_in += len(checked.rows)
         before = batcher.oversize_rows
         ready = batcher.add(checked.rows, packed=checked.packed, now=time.monotonic())
@@ -324,10 +345,14 @@ class Agent(AsyncResource):
     async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
         """Seal ``rows`` now, in batches of their own, into the outbox of every session
         reading ``stream``, and return once they are (a receiver acknowledges its sender
-        then). The rows are the caller's own: no per-value check. Returns how many were too
-        large for a batch (counted as ``oversize``, not sealed)."""
+        then); with a store, once they are stored, waiting while the outbox is half full.
+        The rows are the caller's own: no per-value check. Returns how many were too large
+        for a batch (counted as ``oversize``, not sealed)."""
         if stream not in self._batchers:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
+        if self.config.store is not None:
+            while self.backlog() >= 0.5:  # backpressure: the caller waits, nothing is dropped
+                await self._progress.wait()
         batcher = Batcher(self.config.batching, budget=self._budget)
         ready = batcher.add(rows, now=time.monotonic())
         last = batcher.flush()
@@ -336,7 +361,19 @@ class Agent(AsyncResource):
             self.rejected_rows["oversize"] += batcher.oversize_rows
         for plaintext in [*ready, *([last] if last is not None else [])]:
             await self._publish(stream, plaintext)
+        if self.config.store is not None:
+            await self._stored(self.outbox.ticket)
         return batcher.oversize_rows
+
+    async def _stored(self, ticket: int) -> None:
+        """Wait until every envelope put up to ``ticket`` has left the outbox (stored, or
+        given up by a session that ended)."""
+        while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
+            await self._progress.wait()
+
+    def _progressed(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
 
     async def _pump(self, source: Source) -> None:
         try:
@@ -388,6 +425,8 @@ class Agent(AsyncResource):
             subject = self._subjects.group(self.config.cluster, session[len(_GROUP_QUEUE) :])
         else:
             subject = self._subjects.data(self.config.cluster, session)
+        if self._js is not None:
+            return await self._store_session(session, subject)
         while (env := self.outbox.peek(session)) is not None:
             try:
                 await self._nc.publish(subject, env)
@@ -399,6 +438,32 @@ class Agent(AsyncResource):
             self.outbox.pop(session)
             self.published += 1
             self.published_bytes += len(env)
+        return True
+
+    async def _store_session(self, session: str, subject: str) -> bool:
+        """With a store: publish a session's queued envelopes, a window at a time, and take
+        each out of the outbox only once the stream acknowledged it; False (it stays queued,
+        to be published again) when an acknowledgement fails or does not come in time."""
+        timeout = self.config.store.ack_timeout_s if self.config.store else 0.0
+        while window := self.outbox.head(session, _ACK_WINDOW):
+            futures: list[asyncio.Future[Any]] = []
+            try:
+                for env in window:
+                    futures.append(await self._js.publish_async(subject, env))
+                for env, future in zip(window, futures, strict=True):
+                    ack = await asyncio.wait_for(future, timeout)
+                    if ack.stream != self._store_name:
+                        raise nats.js.errors.Error(f"stored in {ack.stream!r}")
+                    self.outbox.pop(session)
+                    self.published += 1
+                    self.published_bytes += len(env)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.debug("envelope.store_failed", session=session, error=repr(exc))
+                return False
+            finally:
+                for future in futures:
+                    future.cancel()  # those not acknowledged free their place
+                self._progressed()
         return True
 
     async def _drain(self) -> bool:
@@ -438,7 +503,7 @@ class Agent(AsyncResource):
     async def _on_reconnected(self) -> None:
         # the proxy may not have resubscribed to the data subjects yet (not when stopping:
         # then the outbox gets its one chance to go out, see _shutdown)
-        if not self._stop.is_set():
+        if not self._stop.is_set() and self.config.store is None:
             self._hold_until = time.monotonic() + self.config.resume_hold_s
         self._connected.set()
         self._wake.set()
@@ -465,6 +530,7 @@ class Agent(AsyncResource):
         dropped = self.outbox.discard(session)
         if dropped:
             self._log_drops(session, "session_gone", dropped)
+            self._progressed()
 
     async def _publish(self, stream: str, plaintext: bytes) -> None:
         # one lock: the envelopes of a session leave in seq order whatever task seals them

@@ -13,6 +13,7 @@ from producers._batcher import Batching
 from sealstream.crypto import Rotation
 from sealstream.ids import check_cluster_id
 from sealstream.nats import NatsAuth
+from sealstream.store import Store
 
 __all__ = ["ProducerConfig"]
 
@@ -43,6 +44,9 @@ class ProducerConfig:
     buffer_total_bytes: int = 64 * 1024 * 1024
     #: after a reconnect, how long buffered envelopes wait for a proxy to show it is back
     resume_hold_s: float = 5.0
+    #: keep the sealed envelopes in a JetStream stream (docs/protocol.md, "Lossless
+    #: delivery"): publish acknowledgement, ``emit`` returns once stored; None: at most once
+    store: Store | None = None
     #: Prometheus ``/metrics`` and ``/healthz`` (off unless a port is given; 0 = any free port)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None

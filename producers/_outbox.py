@@ -7,10 +7,15 @@ taken from the largest queue first); beyond that the OLDEST data envelopes are d
 the consumer sees a gap (``seq`` moves on) and then the newest telemetry. Key envelopes are
 kept while any data envelope can be dropped instead: data sealed under a key whose envelope
 was dropped could not be opened at all.
+
+Every envelope put gets a ticket (increasing over all sessions): everything put up to a
+ticket has left the outbox (taken, or dropped) once :meth:`Outbox.oldest` is past it. That is
+how a producer with a store tells when the rows it sealed are stored.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -19,8 +24,8 @@ __all__ = ["Outbox"]
 
 @dataclass(slots=True)
 class _Queue:
-    #: (payload, is_key) in seq order
-    items: deque[tuple[bytes, bool]] = field(default_factory=deque)
+    #: (payload, is_key, ticket) in seq order
+    items: deque[tuple[bytes, bool, int]] = field(default_factory=deque)
     size: int = 0
 
 
@@ -40,6 +45,8 @@ class Outbox:
         self._queues: dict[str, _Queue] = {}
         self.size = 0
         self.dropped: Counter[str] = Counter()
+        #: the ticket of the last envelope put
+        self.ticket = 0
 
     def __len__(self) -> int:
         """Envelopes waiting, all sessions."""
@@ -63,7 +70,8 @@ class Outbox:
         queue = self._queues.get(session)
         if queue is None:
             queue = self._queues[session] = _Queue()
-        queue.items.append((payload, key))
+        self.ticket += 1
+        queue.items.append((payload, key, self.ticket))
         queue.size += len(payload)
         self.size += len(payload)
         dropped = 0
@@ -84,10 +92,10 @@ class Outbox:
     def _drop_oldest(self, queue: _Queue) -> None:
         items = queue.items
         # the oldest data envelope, else (keys only) the oldest key; never the newest item
-        index = next((i for i, (_, key) in enumerate(items) if not key), 0)
+        index = next((i for i, (_, key, _) in enumerate(items) if not key), 0)
         if index == len(items) - 1:
             index = 0
-        payload, _ = items[index]
+        payload = items[index][0]
         del items[index]
         queue.size -= len(payload)
         self.size -= len(payload)
@@ -96,13 +104,24 @@ class Outbox:
         queue = self._queues.get(session)
         return queue.items[0][0] if queue is not None else None
 
+    def head(self, session: str, count: int) -> list[bytes]:
+        """The first ``count`` envelopes of a session's queue, oldest first (not removed)."""
+        queue = self._queues.get(session)
+        if queue is None:
+            return []
+        return [item[0] for item in itertools.islice(queue.items, count)]
+
+    def oldest(self) -> int | None:
+        """The lowest ticket still waiting (None: nothing waits)."""
+        return min((q.items[0][2] for q in self._queues.values()), default=None)
+
     def pop(self, session: str) -> None:
         """Remove the envelope :meth:`peek` returned (the broker took it); nothing if the
         session was discarded meanwhile."""
         queue = self._queues.get(session)
         if queue is None:
             return
-        payload, _ = queue.items.popleft()
+        payload = queue.items.popleft()[0]
         queue.size -= len(payload)
         self.size -= len(payload)
         if not queue.items:

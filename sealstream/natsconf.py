@@ -4,7 +4,9 @@ Every role lives in one account (``SEALSTREAM``, with JetStream), so they see ea
 subjects:
 
 - a producer (one user per cluster) may publish only its own cluster's data and group
-  subjects, answer requests, and subscribe only to its control subject;
+  subjects, answer requests, and subscribe only to its control subject and its own request
+  inbox (``_INBOX.<cluster>``); of JetStream it may only create, update and read its own
+  store's stream (``sealstream.store``);
 - the proxy gets the session API, all data and group subjects, the control subjects, the inboxes,
   JetStream for its session registry, and the auth callout subject (it answers the callout);
 - consumers have no configured user: the server's auth callout sends each of their connects
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sealstream.ids import Subjects, check_cluster_id
+from sealstream.store import stream_name
 
 __all__ = [
     "ACCOUNT",
@@ -111,14 +114,25 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
                 "password": role.password,
                 "permissions": {
                     "publish": {
-                        "allow": [f"{p}.cluster.{cluster}.data.*", f"{p}.cluster.{cluster}.group.*"]
+                        "allow": [
+                            f"{p}.cluster.{cluster}.data.*",
+                            f"{p}.cluster.{cluster}.group.*",
+                            *_store_api(prefix, cluster),
+                        ]
                     },
-                    "subscribe": {"allow": [s.control(cluster)]},
+                    # its own request inbox: the store's acknowledgements
+                    "subscribe": {"allow": [s.control(cluster), f"_INBOX.{cluster}.>"]},
                     "allow_responses": True,
                 },
             }
         )
     return users
+
+
+def _store_api(prefix: str, cluster: str) -> list[str]:
+    """What a producer may ask of JetStream: its own store's stream, nothing else."""
+    name = stream_name(prefix, cluster)
+    return [f"$JS.API.STREAM.{op}.{name}" for op in ("INFO", "CREATE", "UPDATE")]
 
 
 _ENV_REF = re.compile(r"\$[A-Z_][A-Z0-9_]*")

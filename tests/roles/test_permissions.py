@@ -18,6 +18,7 @@ from sealstream.nats import connect, settle
 from sealstream.natsconf import Credentials, RoleUser, server_config
 from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.store import Store, ensure_stream
 
 SESSION = "S" * 43
 ISSUER = AccountKey.generate()
@@ -97,6 +98,10 @@ async def test_anonymous_and_wrong_password_are_refused(secure_url: str) -> None
         ("sub", "sealstream.cluster.*.group.*"),
         ("sub", f"sealstream.inbox.{SESSION}"),
         ("sub", ">"),
+        ("sub", "_INBOX.c2.>"),  # another producer's request replies (store acknowledgements)
+        ("pub", "$JS.API.STREAM.CREATE.sealstream_store_c2"),  # another cluster's store
+        ("pub", "$JS.API.STREAM.DELETE.sealstream_store_c1"),  # nor delete its own
+        ("pub", "$JS.API.CONSUMER.CREATE.sealstream_store_c1"),  # nor read it
     ],
 )
 async def test_producer_forbidden(
@@ -160,6 +165,24 @@ async def test_allowed_paths_work(as_role: Any, creds: Credentials, secure_url: 
     await kv.put("k", b"v")
     assert (await kv.get("k")).value == b"v"
     assert proxy.errors == producer.errors == consumer.errors == []
+
+
+async def test_a_producer_keeps_its_store(creds: Credentials, secure_url: str) -> None:
+    """A producer creates its own cluster's store and publishes into it with acknowledgement
+    (replies on its own inbox prefix); the proxy may read it."""
+    producer = await connect(
+        creds.producers["c1"].url(secure_url), name="producer", inbox_prefix="_INBOX.c1"
+    )
+    proxy = await connect(creds.proxy.url(secure_url), name="proxy")
+    try:
+        name = await ensure_stream(producer.jetstream(), Store(), prefix="sealstream", cluster="c1")
+        ack = await producer.jetstream().publish(f"sealstream.cluster.c1.data.{SESSION}", b"x")
+        assert (ack.stream, name) == ("sealstream_store_c1", "sealstream_store_c1")
+        info = await proxy.jetstream().stream_info(name)
+        assert info.state.messages == 1
+    finally:
+        await producer.close()
+        await proxy.close()
 
 
 def test_env_references_for_deployments() -> None:

@@ -33,6 +33,7 @@ from sealstream.crypto import (
     UserIdentity,
 )
 from sealstream.nats import NatsAuth, connect, settle
+from sealstream.store import Store
 
 __all__ = [
     "CLUSTER",
@@ -165,6 +166,7 @@ async def make_stack(
     shared_registry: bool = True,
     token_leeway_s: int = 30,
     clock: Callable[[], float] = time.time,
+    store: Store | None = None,
 ) -> AsyncIterator[Stack]:
     """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity; the
     agent's policy (in a temporary directory) authorizes a fresh user for all its streams.
@@ -192,6 +194,7 @@ async def make_stack(
         prefix=prefix,
         batching=batching,
         policy_file=policy_file,
+        store=store,
     )
     with policy_dir:
         async with (

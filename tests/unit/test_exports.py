@@ -178,6 +178,7 @@ def test_the_core_has_its_public_modules() -> None:
         "resource",
         "run",
         "server",
+        "store",
         "tokens",
         "wire",
     ]

@@ -84,10 +84,26 @@ def test_sizes_stay_within_bounds_and_order_is_kept(
         sent.append(unique)
         box.put(session, unique, key=key)
         assert box.size <= 32
-        held = [p for s in box.sessions() for p, _ in box._queues[s].items]
+        held = [item[0] for s in box.sessions() for item in box._queues[s].items]
         assert box.size == sum(map(len, held))
+        assert box.oldest() == min(box._queues[s].items[0][2] for s in box.sessions())
     for session, sent in order.items():
         kept = _drain(box, session)
         rest = iter(sent)
         assert all(k in rest for k in kept)  # a subsequence of what was sent: never reordered
     assert box.size == 0
+
+
+def test_tickets_tell_when_what_was_put_has_left() -> None:
+    box = Outbox(max_bytes=100)
+    assert box.oldest() is None
+    box.put("a", b"1")
+    box.put("b", b"2")
+    mark = box.ticket
+    box.put("a", b"3")
+    assert box.head("a", 5) == [b"1", b"3"]
+    assert box.head("nobody", 5) == []
+    box.pop("a")
+    assert box.oldest() == 2  # "b" still holds ticket 2 <= mark
+    box.discard("b")
+    assert box.oldest() == 3 == mark + 1
