@@ -1,5 +1,6 @@
-"""The session API: consumers' open, keepalive and close requests (``P.api.session.<op>``),
-served within the proxy's limits; an open is forwarded to its cluster as a control ``open``."""
+"""The session API: consumers' open, keepalive, close and resume requests
+(``P.api.session.<op>``), served within the proxy's limits; an open is forwarded to its
+cluster as a control ``open``, a resume replayed from the cluster's store."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import nats.errors
 import structlog
 
 from broker_proxy._core import ProxyCore
+from broker_proxy._registry import SessionEntry
+from broker_proxy._replay import has_store, replay
 from sealstream import BrokerError, SessionError, TokenVerifier, WireError
 from sealstream.control import (
     KeptAlive,
@@ -20,7 +23,9 @@ from sealstream.control import (
     Opened,
     OpenRequest,
     Refusal,
+    Replayed,
     Reply,
+    ResumeRequest,
     SessionRef,
     decode_request,
     encode,
@@ -105,22 +110,30 @@ class SessionApi:
             raise SessionError("bad_request", str(exc)) from None
         if isinstance(request, OpenRequest):
             return await self._open(request)
+        if isinstance(request, ResumeRequest):
+            entry = self._owned(op, request)
+            return Replayed(await replay(self._core, entry, request.after))
         return await self._session_op(op, request)
 
-    async def _session_op(self, op: str, ref: SessionRef) -> Reply:
-        """A keepalive or a close, from the user who opened the session only."""
-        core = self._core
+    def _owned(self, op: str, ref: SessionRef | ResumeRequest) -> SessionEntry:
+        """The session a request names, if its token is its owner's (the user who opened
+        it): the one check of keepalive, close and resume. A renewed token may have lost the
+        cluster: the session does not outlive that (closing stays allowed)."""
         claims = self._verifier.verify(ref.token)
-        entry = core.registry.get(ref.session)
+        entry = self._core.registry.get(ref.session)
         if entry is None:
             raise SessionError("bad_request", "unknown or expired session")
         if entry.user != claims.sub:
             raise SessionError("forbidden", "session belongs to another user")
+        if op != "close" and not claims.allows(entry.cluster):
+            raise SessionError("forbidden", f"token no longer allows cluster {entry.cluster!r}")
+        return entry
+
+    async def _session_op(self, op: str, ref: SessionRef) -> Reply:
+        """A keepalive or a close, from the user who opened the session only."""
+        core = self._core
+        entry = self._owned(op, ref)
         if op == "keepalive":
-            # a renewed token may have lost the cluster: the session does not outlive that
-            # (closing stays allowed)
-            if not claims.allows(entry.cluster):
-                raise SessionError("forbidden", f"token no longer allows cluster {entry.cluster!r}")
             core.registry.touch(ref.session, now=core.clock())
             if core.shared is not None:
                 await core.shared.touch(entry)
@@ -174,4 +187,9 @@ class SessionApi:
             streams=list(req.streams),
             key_mode=req.key_mode,
         )
-        return Opened(session, core.subjects.inbox(session), core.config.keepalive_s)
+        return Opened(
+            session,
+            core.subjects.inbox(session),
+            core.config.keepalive_s,
+            store=await has_store(core, entry.cluster),
+        )

@@ -32,10 +32,9 @@ from sealstream.control import (
     KeptAlive,
     Ok,
     Opened,
-    OpenRequest,
     Refusal,
+    Replayed,
     Request,
-    SessionRef,
     decode_reply,
     encode,
 )
@@ -49,7 +48,7 @@ from sealstream.wire import encode_map
 __all__ = ["DEFAULT_RETRY_S", "Client", "Resumed", "Stats", "Subscription"]
 
 
-_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive)
+_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive | Replayed)
 
 
 class Client:
@@ -201,7 +200,7 @@ class Client:
         """A session API request (on ``nc``, by default the client's connection) and its
         ``reply``; a refusal raises :class:`SessionError`. ``body`` may be a raw map (a test
         that sends what the codec would not)."""
-        payload = encode(body) if isinstance(body, OpenRequest | SessionRef) else encode_map(body)
+        payload = encode_map(body) if isinstance(body, Mapping) else encode(body)
         try:
             msg = await (nc if nc is not None else self.nc).request(
                 subject, payload, timeout=timeout_s or self.config.request_timeout_s

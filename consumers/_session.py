@@ -21,6 +21,8 @@ from sealstream.control import (
     KeptAlive,
     Opened,
     OpenRequest,
+    Replayed,
+    ResumeRequest,
     SessionRef,
 )
 from sealstream.crypto import (
@@ -34,7 +36,7 @@ from sealstream.resource import AsyncResource
 if TYPE_CHECKING:
     from consumers._client import Client
 
-__all__ = ["LiveSession", "Login", "Lost", "session_connection"]
+__all__ = ["LiveSession", "Login", "Lost", "ReplayDone", "session_connection"]
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +50,14 @@ class Lost:
 
     reason: str
     resumable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayDone:
+    """A resume request was answered (``replayed`` envelopes published on the inbox before
+    the answer), or failed (0); None: the deployment keeps no store (at most once)."""
+
+    replayed: int | None
 
 
 class LiveSession(AsyncResource):
@@ -64,7 +74,9 @@ class LiveSession(AsyncResource):
         self._key = key
         self.crypto: ConsumerSession | None = None
         cfg = client.config
-        self.queue: asyncio.Queue[bytes | Lost | BaseException] = asyncio.Queue(cfg.queue_size)
+        self.queue: asyncio.Queue[bytes | Lost | ReplayDone | BaseException] = asyncio.Queue(
+            cfg.queue_size
+        )
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.received = 0
@@ -78,6 +90,12 @@ class LiveSession(AsyncResource):
         self.ending: Lost | BaseException | None = None
         self._own_nc: Any = None  # the session's own connection (auth callout)
         self._login: Login | None = None
+        #: the cluster keeps a store (the open's answer said so; a resume answered "no store"
+        #: says otherwise): envelopes past a gap are held, and a replay asked for
+        self.store = False
+        self._resuming = False
+        self._reconnects = 0
+        self._tg: asyncio.TaskGroup | None = None
 
     async def _start(self) -> None:
         cfg = self._client.config
@@ -101,7 +119,12 @@ class LiveSession(AsyncResource):
             )
         )
         subjects = self._client.subjects
-        own = await session_connection(self._client, key.session_id, on_closed=self._on_closed)
+        own = await session_connection(
+            self._client,
+            key.session_id,
+            on_closed=self._on_closed,
+            on_reconnected=self._on_reconnected,
+        )
         if own is not None:
             self._own_nc, self._login = own
         self._stack.push_async_callback(release, self._own_nc)
@@ -135,9 +158,11 @@ class LiveSession(AsyncResource):
         self._stack.push_async_callback(self.close)
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
+        self.store = opened.store
         self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
-        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._tg = tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)
+        self._reconnects = self._conn.stats["reconnects"]
         tg.create_task(self._keepalive())
         log.info(
             "session.opened",
@@ -200,6 +225,9 @@ class LiveSession(AsyncResource):
                 ref = SessionRef(session, token)
                 subject = self._client.subjects.api_keepalive
                 await self._client.request(subject, ref, KeptAlive, nc=self._conn)
+                if self._conn.stats["reconnects"] != self._reconnects:  # a shared connection
+                    self._reconnects = self._conn.stats["reconnects"]
+                    self.ask_resume()
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning("session.keepalive_refused", session=session, code=exc.code)
@@ -215,6 +243,43 @@ class LiveSession(AsyncResource):
                     return
                 log.warning("session.keepalive_failed", session=session, error=str(exc))
 
+    def ask_resume(self) -> None:
+        """Ask the proxy for what follows the last accepted ``seq`` (docs/protocol.md,
+        "Lossless delivery"); the answer comes through the queue as a :class:`ReplayDone`.
+        One at a time, and never once the deployment said it keeps no store."""
+        if self._resuming or not self.store or self._tg is None or self._stop.is_set():
+            return
+        self._resuming = True
+        self._tg.create_task(self._resume())
+
+    async def _resume(self) -> None:
+        assert self.crypto is not None
+        session, after = self.crypto.session, self.crypto.last_seq
+        done = ReplayDone(0)
+        try:
+            req = ResumeRequest(session, self._client.token(), after)
+            subject = self._client.subjects.api_resume
+            answer = await self._client.request(subject, req, Replayed, nc=self._conn)
+            self.store = True
+            done = ReplayDone(answer.replayed)
+            log.info(
+                "session.resume_answered", session=session, after=after, replayed=done.replayed
+            )
+        except SessionError as exc:
+            if exc.code == "bad_request" and exc.detail.startswith("no store"):
+                self.store = False
+                done = ReplayDone(None)
+            log.info("session.resume_refused", session=session, code=exc.code, error=exc.detail)
+        except BrokerError as exc:
+            log.info("session.resume_failed", session=session, error=str(exc))
+        finally:
+            self._resuming = False
+            self.push(done)
+
+    async def _on_reconnected(self) -> None:
+        self._reconnects = self._conn.stats["reconnects"]
+        self.ask_resume()
+
     def _resumable(self) -> bool:
         """A session whose own connection closed (the broker ended its login) may be
         replaced by one on a new connection; not when the client itself was closed."""
@@ -224,13 +289,15 @@ class LiveSession(AsyncResource):
         if not self._stop.is_set():  # not our own close: the broker ended the connection
             self.push(Lost("the NATS connection was closed", resumable=self._resumable()))
 
-    def push(self, item: bytes | Lost | BaseException) -> None:
+    def push(self, item: bytes | Lost | ReplayDone | BaseException) -> None:
         """Queue an inbox message, or drop and count it when the queue is full. A control
         item (the session is over) is never dropped: on a full queue it waits in ``ending``,
         which the iterator takes once it has drained the queue."""
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
+            if isinstance(item, ReplayDone):  # a hint: the hold's time runs out anyway
+                return
             if not isinstance(item, bytes):
                 self.ending = self.ending or item
                 return
@@ -282,7 +349,11 @@ def _unverified_exp(token: str) -> float | None:
 
 
 async def session_connection(
-    client: Client, session_id: str, *, on_closed: Callable[[], Awaitable[None]]
+    client: Client,
+    session_id: str,
+    *,
+    on_closed: Callable[[], Awaitable[None]],
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Any, Login] | None:
     """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
     connections), or None when the client's shared connection serves (NATS credentials).
@@ -290,6 +361,9 @@ async def session_connection(
     if not client.callout:
         return None
     password = Login(client)
+    callbacks: dict[str, Any] = {}
+    if on_reconnected is not None:
+        callbacks["reconnected_cb"] = on_reconnected
     if len(password.sent) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
         raise SessionError("unauthorized", f"the access token is too large (over {_MAX_TOKEN} B)")
     try:
@@ -301,6 +375,7 @@ async def session_connection(
             inbox_prefix=f"_INBOX.{session_id}",
             fail_fast=True,  # a refused login is final: say so now
             closed_cb=on_closed,
+            **callbacks,
         )
     except BrokerError as exc:
         said = str(exc).lower()

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import structlog
 
-from consumers._session import LiveSession, Lost
+from consumers._hold import Hold
+from consumers._session import LiveSession, Lost, ReplayDone
 from sealstream import BrokerError, Envelope, IntegrityError, Notice, SessionError, TrustError
 from sealstream.crypto import (
     Batch,
@@ -44,6 +45,8 @@ class Stats:
     lost: int
     #: sessions used (more than 1 after a resume)
     sessions: int = 1
+    #: byte-identical copies dropped (a store's replay overlapping the live stream)
+    duplicates: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class Subscription(AsyncResource, Generic[_T]):
         self._retry_s = retry_s
         self._resume_timeout_s = resume_timeout_s
         self._live: LiveSession | None = None
+        #: the current session's envelopes that arrived ahead of a gap
+        self._hold = Hold()
         self.end_reason: str | None = None
         #: every resume so far, oldest first
         self.resumes: list[Resumed] = []
@@ -127,6 +132,7 @@ class Subscription(AsyncResource, Generic[_T]):
             gaps=past.gaps + (s.gaps if s else 0),
             lost=past.lost + (s.lost if s else 0),
             sessions=past.sessions + (1 if live else 0),
+            duplicates=self._hold.duplicates,
         )
 
     async def _start(self) -> None:
@@ -199,6 +205,8 @@ class Subscription(AsyncResource, Generic[_T]):
         previous = self.session_id
         log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
         await self._close_live()
+        hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
+        self._hold.duplicates = hold.duplicates
         self._live, attempts = await self._open(None, self._resume_timeout_s)
         marker = Resumed(previous, self.session_id, reason, attempts)
         self.resumes.append(marker)
@@ -221,20 +229,39 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise RuntimeError("use the subscription inside 'async with'")
             if self.end_reason is not None:
                 raise StopAsyncIteration
-            item = await self._next_item(live)
+            session = live.crypto
+            loop = asyncio.get_running_loop()
+            held = self._hold.next(session.last_seq, now=loop.time())
+            item = held if held is not None else await self._next_item(live)
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Lost):
                 if self._resume and item.resumable:
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
-            session = live.crypto
+            if isinstance(item, ReplayDone):
+                if item.replayed is None:  # no store: nothing will fill a gap, don't wait
+                    self._hold.hold_s = 0.0
+                self._hold.extend(now=loop.time())
+                continue
+            if item is None:  # the hold's time ran out: its lowest goes on next turn
+                continue
+            parsed = session.parse(item) if isinstance(item, bytes) else item
+            if isinstance(parsed, Envelope) and held is None:
+                if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
+                    continue  # a replay's copy of what the live stream brought: once only
+                if live.store and parsed.seq > session.last_seq + 1:
+                    self._hold.add(parsed, now=loop.time())
+                    live.ask_resume()
+                    continue
             try:
-                result = await self._open_one(session, item)
+                result = await self._open_one(session, parsed)
             except IntegrityError:  # policy "fail": the session ends here
                 if not session.keyed and session.rejected["untrusted_key"]:
                     raise self._untrusted(session) from None  # it says more
                 raise
+            if isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
+                self._hold.accepted(parsed)
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
@@ -256,9 +283,8 @@ class Subscription(AsyncResource, Generic[_T]):
                     raise SessionError("ended", reason)
 
     async def _open_one(
-        self, session: ConsumerSession, payload: bytes
+        self, session: ConsumerSession, item: Envelope | Notice | None
     ) -> Batch | End | Notice | None:
-        item = session.parse(payload)
         if isinstance(item, Envelope):
             if item.kind == "key" or session.key_mode == "per-message":
                 # public-key decryption (RSA: milliseconds) stays off the event loop
@@ -266,23 +292,34 @@ class Subscription(AsyncResource, Generic[_T]):
             return session.open(item)
         return item
 
-    async def _next_item(self, live: LiveSession) -> bytes | Lost | BaseException:
-        """The next inbox item (the session's end after those queued). A key envelope whose
-        signer is not pinned is counted and ignored (a relay can forge one): while no key is
-        installed and some were refused, waiting ends at the session's key deadline (the
-        request timeout after the open) with the trust error."""
+    async def _next_item(
+        self, live: LiveSession
+    ) -> bytes | Lost | ReplayDone | BaseException | None:
+        """The next inbox item (the session's end after those queued), or None when the
+        hold's time ran out first. A key envelope whose signer is not pinned is counted and
+        ignored (a relay can forge one): while no key is installed and some were refused,
+        waiting ends at the session's key deadline (the request timeout after the open) with
+        the trust error."""
         if not live.queue.empty():
             return live.queue.get_nowait()
         if live.ending is not None:
             return live.ending
         session = live.crypto
         assert session is not None
-        if session.keyed or not session.rejected["untrusted_key"]:
+        untrusted = not session.keyed and session.rejected["untrusted_key"]
+        held = self._hold.deadline
+        deadline = min(
+            live.key_deadline if untrusted else float("inf"),
+            held if held is not None else float("inf"),
+        )
+        if deadline == float("inf"):
             return await live.queue.get()
         try:
-            async with asyncio.timeout_at(live.key_deadline):
+            async with asyncio.timeout_at(deadline):
                 return await live.queue.get()
         except TimeoutError:
+            if held is not None and held <= deadline:
+                return None
             raise self._untrusted(session) from None
 
     def _untrusted(self, session: ConsumerSession) -> TrustError:

@@ -4,8 +4,9 @@ typed values out, and back (h11's way: the roles are the I/O shell around it).
 ::
 
     consumer -> proxy, on P.api.session.<op>    OpenRequest (open), SessionRef (close,
-                                                keepalive): decode_request / encode
-    proxy -> consumer, the reply                Opened, KeptAlive, Ok, or a Refusal:
+                                                keepalive), ResumeRequest (resume, with a
+                                                store): decode_request / encode
+    proxy -> consumer, the reply                Opened, KeptAlive, Ok, Replayed, or a Refusal:
                                                 decode_reply / encode
     proxy -> producer, on P.cluster.<id>.control  ControlOpen, ControlClose, Ping:
                                                 decode_control / encode
@@ -56,8 +57,10 @@ __all__ = [
     "Ping",
     "Pong",
     "Refusal",
+    "Replayed",
     "Reply",
     "Request",
+    "ResumeRequest",
     "SessionRef",
     "decode_control",
     "decode_open",
@@ -213,7 +216,28 @@ def decode_session_ref(m: Mapping[str, Any]) -> SessionRef:
     return SessionRef(check_session_id(_field(m, "session", str)), _field(m, "token", str))
 
 
-Request = OpenRequest | SessionRef
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """resume request (a deployment with a store): ``{"v":1, "token":JWT, "session":id,
+    "after":n}``, ``after`` the last ``seq`` the consumer accepted (-1: none)."""
+
+    session: str
+    token: str = field(repr=False)
+    after: int
+
+    def to_map(self) -> dict[str, Any]:
+        return {"v": VERSION, "token": self.token, "session": self.session, "after": self.after}
+
+
+def decode_resume(m: Mapping[str, Any]) -> ResumeRequest:
+    ref = decode_session_ref(m)
+    after = _field(m, "after", int)
+    if not -1 <= after < 2**63:
+        raise WireError("bad_value", "after must be a seq, or -1")
+    return ResumeRequest(ref.session, ref.token, after)
+
+
+Request = OpenRequest | SessionRef | ResumeRequest
 
 
 def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUEST) -> Request:
@@ -226,6 +250,8 @@ def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUE
         return req
     if op in ("close", "keepalive"):
         return decode_session_ref(m)
+    if op == "resume":
+        return decode_resume(m)
     raise WireError("bad_op", f"unknown operation {op!r:.40}")
 
 
@@ -357,17 +383,22 @@ class Opened(_Answer):
     session: str
     inbox: str
     keepalive_s: float | None
+    #: the cluster keeps a store: the session may ask for a replay (``"store": true``)
+    store: bool = False
 
     def to_map(self) -> dict[str, Any]:
         m: dict[str, Any] = {"ok": True, "session": self.session, "inbox": self.inbox}
         if self.keepalive_s is not None:
             m["keepalive_s"] = self.keepalive_s
+        if self.store:
+            m["store"] = True
         return m
 
     @classmethod
     def _from_map(cls, m: Mapping[str, Any]) -> Self:
         session = check_session_id(_field(m, "session", str))
-        return cls(session, _field(m, "inbox", str), _keepalive_s(m))
+        store = _field(m, "store", bool) if "store" in m else False
+        return cls(session, _field(m, "inbox", str), _keepalive_s(m), store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +417,24 @@ class KeptAlive(_Answer):
     @classmethod
     def _from_map(cls, m: Mapping[str, Any]) -> Self:
         return cls(_keepalive_s(m))
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed(_Answer):
+    """The proxy's answer to a resume: how many stored envelopes it published on the inbox
+    (before this answer)."""
+
+    replayed: int
+
+    def to_map(self) -> dict[str, Any]:
+        return {"ok": True, "replayed": self.replayed}
+
+    @classmethod
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
+        replayed = _field(m, "replayed", int)
+        if replayed < 0:
+            raise WireError("bad_value", "replayed must not be negative")
+        return cls(replayed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +490,7 @@ class Refusal:
         return cls(code, _field(error, "message", str)[:MAX_MESSAGE], retry)
 
 
-Reply = Ok | Opened | KeptAlive | Pong | Refusal
+Reply = Ok | Opened | KeptAlive | Replayed | Pong | Refusal
 _R = TypeVar("_R", bound=_Answer)
 
 

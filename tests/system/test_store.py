@@ -5,22 +5,25 @@ nothing changes. Real nats-servers, real roles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import signal
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from consumers import Client
 from producers import Agent, ProducerConfig
-from sealstream import BrokerError
+from sealstream import BrokerError, IntegrityError, SessionError
 from sealstream.crypto import ClusterIdentity
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store, stream_name
-from tests.support.pipeline import collect_rows, contains_marker, make_stack
+from tests.support.pipeline import collect_rows, contains_marker, eventually, make_stack
 from tests.system.test_faults import free_port
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"
@@ -151,3 +154,178 @@ def test_store_names_and_limits() -> None:
         stream_name("bad prefix", "c1")
     with pytest.raises(ValueError, match="replicas"):
         Store(replicas=0)
+
+
+# --- sessions outlive connections: 0 lost, 0 duplicates, 0 out of order -----------------------
+
+
+@dataclass
+class Numbered:
+    """Emits rows numbered 0, 1, 2... one emit at a time; ``returned`` counts the emits that
+    returned (stored, with a store)."""
+
+    agent: Agent
+    pause_s: float = 0.005
+    returned: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await self.agent.emit("records", [{"n": self.returned, "secret": MARKER}])
+            self.returned += 1
+            await asyncio.sleep(self.pause_s)  # a pace, not a synchronisation
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class Reader:
+    """Reads a subscription in the background: the row numbers in the order they came."""
+
+    sub: Any
+    numbers: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            async for batch in self.sub:
+                self.numbers.extend(row["n"] for row in batch.rows)
+        except (SessionError, IntegrityError) as exc:
+            self.error = exc
+
+
+@contextlib.asynccontextmanager
+async def streaming(agent: Agent, sub: Any) -> AsyncIterator[tuple[Numbered, Reader]]:
+    """Numbered rows flow from ``agent`` to ``sub`` while the block runs; at its end the
+    emitting stops, and every row whose emit returned has to arrive."""
+    emitter, reader = Numbered(agent), Reader(sub)
+    async with asyncio.TaskGroup() as tg:
+        reading = tg.create_task(reader.run())
+        emitting = tg.create_task(emitter.run())
+        await eventually(lambda: len(reader.numbers) >= 20, timeout=10)
+        try:
+            yield emitter, reader
+        finally:
+            emitter.stop()
+            await emitting
+            await eventually(
+                lambda: len(reader.numbers) >= emitter.returned or reader.error is not None,
+                timeout=30,
+            )
+            reading.cancel()
+
+
+def check_lossless(emitter: Numbered, reader: Reader, sub: Any) -> None:
+    assert reader.error is None
+    assert reader.numbers == list(range(emitter.returned))  # none lost, duplicated, reordered
+    stats = sub.stats()
+    assert (stats.lost, stats.rejected, stats.sessions) == (0, {}, 1)
+
+
+async def test_a_broker_restart_loses_nothing(broker: Broker) -> None:
+    """nats-server killed (SIGKILL) and started again on its file store: the session goes on
+    (same key, same seq line), what was in flight is replayed from the store."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(ack_timeout_s=1.0)) as stack,
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+        streaming(stack.agent, sub) as (emitter, reader),
+    ):
+        broker.kill()
+        await asyncio.to_thread(broker.start)
+        before = len(reader.numbers)
+        await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+    check_lossless(emitter, reader, sub)
+
+
+class Splice:
+    """A TCP relay to a NATS server whose connections can be cut for a while (a consumer's
+    network going away): while cut, every connection is closed and the port refuses new
+    ones (nats-py leaks the socket of a connection closed before the server's INFO)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.split("//")[-1].rsplit(":", 1)
+        self._target = (host, int(port))
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._serving = 0
+        self._idle = asyncio.Event()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Splice:
+        await self.mend()
+        self.port = self._server.sockets[0].getsockname()[1] if self._server else 0
+        self._idle.set()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sever()
+        await self._idle.wait()  # every connection handled to its end
+
+    def sever(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in self._writers:
+            writer.close()
+
+    async def mend(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._serving += 1
+        self._idle.clear()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            self._writers |= {writer, up_writer}
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(_pipe(reader, up_writer))
+                    tg.create_task(_pipe(up_reader, writer))
+            finally:
+                self._writers -= {writer, up_writer}
+                await _close(up_writer)
+        finally:
+            await _close(writer)
+            self._serving -= 1
+            if not self._serving:
+                self._idle.set()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def test_a_consumer_cut_off_for_5_s_loses_nothing(broker: Broker) -> None:
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store()) as stack,
+        Splice(url) as splice,
+        Client(
+            dataclasses.replace(stack.config(), nats_url=splice.url), trust=stack.trust()
+        ) as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+        streaming(stack.agent, sub) as (emitter, reader),
+    ):
+        splice.sever()
+        await asyncio.sleep(5.0)  # the outage itself
+        await splice.mend()
+        before = len(reader.numbers)
+        await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+    check_lossless(emitter, reader, sub)

@@ -27,6 +27,8 @@ from sealstream.control import (
     Ping,
     Pong,
     Refusal,
+    Replayed,
+    ResumeRequest,
     SessionRef,
     decode_control,
     decode_reply,
@@ -111,6 +113,26 @@ def test_a_session_ref_round_trips(session: str, token: str, op: str) -> None:
     assert decode_request(op, encode(ref)) == ref
 
 
+@settings(max_examples=100)
+@given(session_ids, st.text(max_size=100), st.integers(-1, 2**63 - 1))
+def test_a_resume_request_round_trips(session: str, token: str, after: int) -> None:
+    req = ResumeRequest(session, token, after)
+    assert decode_request("resume", encode(req)) == req
+    assert encode(req) == pack({"v": 1, "token": token, "session": session, "after": after})
+
+
+def test_a_resume_request_needs_a_seq_after() -> None:
+    base = {"v": 1, "token": "t", "session": SESSION}
+    for after in (-2, 2**63, 1.0, True, "3", None):
+        with pytest.raises(WireError):
+            decode_request("resume", pack({**base, "after": after}))
+    with pytest.raises(WireError):
+        decode_request("resume", pack(base))  # a resume says where it stopped
+    for bad in ({"ok": True}, {"ok": True, "replayed": -1}, {"ok": True, "replayed": 1.0}):
+        with pytest.raises(WireError):
+            decode_reply(pack(bad), Replayed)
+
+
 @settings(max_examples=200)
 @given(controls)
 def test_a_control_request_round_trips(control: Any) -> None:
@@ -121,6 +143,7 @@ def test_a_control_request_round_trips(control: Any) -> None:
     st.one_of(
         st.builds(Opened, session_ids, st.text(max_size=80), keepalives),
         st.builds(KeptAlive, keepalives),
+        st.builds(Replayed, st.integers(0, 2**32)),
         st.builds(Pong, st.lists(session_ids, max_size=20).map(tuple)),
         st.just(Ok()),
     )
