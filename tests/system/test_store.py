@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,24 @@ from typing import Any
 
 import pytest
 
-from consumers import Client
+from consumers import Client, ClientConfig
 from producers import Agent, ProducerConfig
-from sealstream import BrokerError, IntegrityError, SessionError
-from sealstream.crypto import ClusterIdentity
+from sealstream import BrokerError, IntegrityError, SessionError, mint_token
+from sealstream.control import Replayed
+from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store, stream_name
-from tests.support.pipeline import collect_rows, contains_marker, eventually, make_stack
+from tests.support.pipeline import (
+    FAST_BATCHING,
+    Tap,
+    collect_rows,
+    contains_marker,
+    eventually,
+    make_stack,
+)
 from tests.system.test_faults import free_port
+from tests.system.test_ha import SECRET, ProxyProcess
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"
 
@@ -329,3 +339,163 @@ async def test_a_consumer_cut_off_for_5_s_loses_nothing(broker: Broker) -> None:
         before = len(reader.numbers)
         await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
     check_lossless(emitter, reader, sub)
+
+
+async def test_one_proxy_of_two_killed_loses_nothing(nats_url: str, tmp_path: Path) -> None:
+    """Two proxies share the session's envelopes one by one (out of order at the inbox): the
+    consumer holds and orders them; one is killed mid-stream, what it held is replayed."""
+    prefix = f"ll{os.getpid()}"
+    a, b = (ProxyProcess(nats_url, prefix, tmp_path, name) for name in "ab")
+    identity = ClusterIdentity.generate()
+    config = ProducerConfig(
+        cluster="c1",
+        nats_url=nats_url,
+        prefix=prefix,
+        batching=FAST_BATCHING,
+        trust_relay_authorization=True,  # about proxies, not authorization
+        store=Store(max_age_s=60),
+    )
+    client_config = ClientConfig(
+        nats_url=nats_url,
+        prefix=prefix,
+        token=mint_token(sub="u", clusters=["c1"], secret=SECRET),
+        key_kind="x25519",
+        policy="fail",  # a replay or a forgery would raise
+    )
+    try:
+        await asyncio.gather(a.start(), b.start())
+        async with (
+            Agent(config, identity=identity, streams=["records"]) as agent,
+            Client(client_config, trust=TrustStore({"c1": [identity.public_jwk]})) as client,
+            client.subscribe("c1", ["records"]) as sub,
+            streaming(agent, sub) as (emitter, reader),
+        ):
+            await a.kill()
+            before = len(reader.numbers)
+            await eventually(lambda: len(reader.numbers) > before + 100, timeout=30)
+        check_lossless(emitter, reader, sub)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+_PRODUCER = """
+import asyncio, sys
+from pathlib import Path
+from producers import Agent, ProducerConfig
+from sealstream.crypto import ClusterIdentity
+from sealstream.store import Store
+
+async def main(url: str, prefix: str, key_file: str) -> None:
+    config = ProducerConfig(
+        cluster="c2", nats_url=url, prefix=prefix, trust_relay_authorization=True,
+        store=Store(max_age_s=60),
+    )
+    identity = ClusterIdentity.load_or_create(Path(key_file))
+    async with Agent(config, identity=identity, streams=["records"]) as agent:
+        while not agent.sessions:
+            await asyncio.sleep(0.01)
+        n = 0
+        while True:
+            await agent.emit("records", [{"n": n}])
+            print("returned", n, flush=True)
+            n += 1
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def _returned(line: bytes) -> list[int]:
+    """The number of an emit that returned, from the producer's line (its log aside)."""
+    word, _, number = line.decode().strip().partition(" ")
+    return [int(number)] if word == "returned" else []
+
+
+async def test_every_emit_that_returned_survives_a_sigkill(broker: Broker, tmp_path: Path) -> None:
+    url = broker.start()
+    key_file = tmp_path / "c2.jwk"
+    identity = ClusterIdentity.load_or_create(key_file)
+    async with make_stack(url, store=Store(), keepalive_s=0.3) as stack:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _PRODUCER,
+            url,
+            stack.prefix,
+            str(key_file),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        returned: list[int] = []
+        try:
+            trust = TrustStore({"c2": [identity.public_jwk]})
+            async with (
+                stack.client(trust=trust, token=stack.token(clusters=["c2"])) as client,
+                client.subscribe("c2", ["records"]) as sub,
+            ):
+                reader = Reader(sub)
+                async with asyncio.TaskGroup() as tg:
+                    reading = tg.create_task(reader.run())
+                    while len(returned) < 200:
+                        returned.extend(_returned(await proc.stdout.readline()))
+                    proc.send_signal(signal.SIGKILL)
+                    await proc.wait()
+                    for line in (await proc.stdout.read()).splitlines():
+                        returned.extend(_returned(line))
+                    # the proxy ends the session (2 unanswered pings) after what was stored
+                    await reading
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert isinstance(reader.error, SessionError)
+    assert reader.error.code == "ended"
+    assert reader.numbers[: len(returned)] == returned  # every emit that returned, in order
+    assert sub.stats().rejected == {}
+
+
+async def test_only_the_sessions_owner_gets_a_replay_of_the_original_bytes(
+    broker: Broker,
+) -> None:
+    """The resume request is checked like a keepalive; its replay is the stored bytes, on the
+    session's inbox, then the answer; without a store it is refused as such."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store()) as stack,
+        Tap(url, stack.subjects.inbox("*")) as tap,
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+        await stack.agent.emit("records", [{"i": 0}])
+        await stack.agent.emit("records", [{"i": 1}])
+        await collect_rows(sub, 2)
+        await tap.flush()
+        inbox = stack.subjects.inbox(sub.session_id)
+        live = [m.data for m in tap.on(inbox)]
+        assert len(live) == 3  # key, row 0, row 1
+        resume = stack.subjects.api_resume
+        ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": 0}
+        assert await client.request(resume, ask, Replayed) == Replayed(2)
+        await tap.flush()
+        assert [m.data for m in tap.on(inbox)] == live + live[1:]  # byte for byte, in order
+        with pytest.raises(SessionError) as refused:
+            await client.request(resume, {**ask, "token": stack.token(sub="mallory")}, Replayed)
+        assert refused.value.code == "forbidden"
+        with pytest.raises(SessionError) as refused:
+            await client.request(resume, {**ask, "session": "-" + "A" * 42}, Replayed)
+        assert refused.value.code == "bad_request"  # unknown session
+        with pytest.raises(SessionError) as refused:
+            await client.request(resume, {**ask, "after": 0.0}, Replayed)
+        assert refused.value.code == "bad_request"
+        assert len(tap.on(inbox)) == 5  # nothing replayed for a refused request
+    async with (
+        make_stack(url) as stack,  # a cluster without a store, on the same server
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+        ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": -1}
+        with pytest.raises(SessionError, match="no store") as refused:
+            await client.request(stack.subjects.api_resume, ask, Replayed)
+        assert refused.value.code == "bad_request"
+        assert sub._live is not None
+        assert sub._live.store is False  # told at its open: it holds nothing, asks nothing
