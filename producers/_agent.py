@@ -24,7 +24,7 @@ from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers.sources import Source, check_rows
-from sealstream import KeyMode, SealstreamError, SessionError, Subjects, WireError
+from sealstream import BrokerError, KeyMode, SealstreamError, SessionError, Subjects, WireError
 from sealstream.control import (
     ControlClose,
     ControlOpen,
@@ -238,6 +238,7 @@ class Agent(AsyncResource):
                 "producer.unsent_dropped", envelopes=len(self.outbox), bytes=self.outbox.size
             )
         await release(self._nc)
+        self._progressed()  # emits still waiting for the store learn that it is over
         log.info(
             "producer.stopped",
             cluster=self.config.cluster,
@@ -352,6 +353,8 @@ class Agent(AsyncResource):
             raise ValueError(f"stream {stream!r} is not declared by this agent")
         if self.config.store is not None:
             while self.backlog() >= 0.5:  # backpressure: the caller waits, nothing is dropped
+                if self._stop.is_set():
+                    raise BrokerError("the producer is stopping")
                 await self._progress.wait()
         batcher = Batcher(self.config.batching, budget=self._budget)
         ready = batcher.add(rows, now=time.monotonic())
@@ -367,8 +370,10 @@ class Agent(AsyncResource):
 
     async def _stored(self, ticket: int) -> None:
         """Wait until every envelope put up to ``ticket`` has left the outbox (stored, or
-        given up by a session that ended)."""
+        given up by a session that ended); BrokerError if the agent stops first."""
         while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
+            if self._stop.is_set() and self._nc.is_closed:
+                raise BrokerError("the producer stopped before the rows were stored")
             await self._progress.wait()
 
     def _progressed(self) -> None:
