@@ -94,6 +94,8 @@ class LiveSession(AsyncResource):
         #: says otherwise): envelopes past a gap are held, and a replay asked for
         self.store = False
         self._resuming = False
+        #: the last accepted seq the last resume asked after: one request per gap
+        self._asked_after: int | None = None
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
 
@@ -227,7 +229,7 @@ class LiveSession(AsyncResource):
                 await self._client.request(subject, ref, KeptAlive, nc=self._conn)
                 if self._conn.stats["reconnects"] != self._reconnects:  # a shared connection
                     self._reconnects = self._conn.stats["reconnects"]
-                    self.ask_resume()
+                    self.ask_resume(again=True)
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning("session.keepalive_refused", session=session, code=exc.code)
@@ -243,12 +245,17 @@ class LiveSession(AsyncResource):
                     return
                 log.warning("session.keepalive_failed", session=session, error=str(exc))
 
-    def ask_resume(self) -> None:
+    def ask_resume(self, *, again: bool = False) -> None:
         """Ask the proxy for what follows the last accepted ``seq`` (docs/protocol.md,
         "Lossless delivery"); the answer comes through the queue as a :class:`ReplayDone`.
-        One at a time, and never once the deployment said it keeps no store."""
+        One at a time, once per last accepted ``seq`` unless ``again`` (a reconnect), and
+        never once the deployment said it keeps no store."""
         if self._resuming or not self.store or self._tg is None or self._stop.is_set():
             return
+        assert self.crypto is not None
+        if self.crypto.last_seq == self._asked_after and not again:
+            return  # asked already: what the store had of this gap came, or never will
+        self._asked_after = self.crypto.last_seq
         self._resuming = True
         self._tg.create_task(self._resume())
 
@@ -278,7 +285,7 @@ class LiveSession(AsyncResource):
 
     async def _on_reconnected(self) -> None:
         self._reconnects = self._conn.stats["reconnects"]
-        self.ask_resume()
+        self.ask_resume(again=True)
 
     def _resumable(self) -> bool:
         """A session whose own connection closed (the broker ended its login) may be
