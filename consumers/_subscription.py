@@ -246,21 +246,21 @@ class Subscription(AsyncResource, Generic[_T]):
                 continue
             if item is None:  # the hold's time ran out: its lowest goes on next turn
                 continue
-            parsed = session.parse(item) if isinstance(item, bytes) else item
-            if isinstance(parsed, Envelope) and held is None:
-                if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
-                    continue  # a replay's copy of what the live stream brought: once only
-                if live.store and parsed.seq > session.last_seq + 1:
-                    self._hold.add(parsed, now=loop.time())
-                    live.ask_resume()
-                    continue
             try:
+                parsed = session.parse(item) if isinstance(item, bytes) else item
+                if isinstance(parsed, Envelope) and live.store and held is None:
+                    if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
+                        continue  # a replay's copy of what the live stream brought: once only
+                    if parsed.seq > session.last_seq + 1:
+                        self._hold.add(parsed, now=loop.time())
+                        live.ask_resume()
+                        continue
                 result = await self._open_one(session, parsed)
             except IntegrityError:  # policy "fail": the session ends here
                 if not session.keyed and session.rejected["untrusted_key"]:
                     raise self._untrusted(session) from None  # it says more
                 raise
-            if isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
+            if live.store and isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
                 self._hold.accepted(parsed)
             if isinstance(result, Batch):
                 self._batches += 1

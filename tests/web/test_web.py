@@ -48,6 +48,7 @@ from sealstream.nats import connect
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.store import Store
 from sealstream.wire import notice
 from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
@@ -989,6 +990,45 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
                     assert "rows between" in await _text(page, "#resumed")
                     rows = await _rows(page)
                     await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
+                await page.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """With a store (docs/protocol.md, "Lossless delivery") the page keeps its session
+    through a broker restart on its file store: it holds what arrives past a gap, asks for a
+    replay, and shows no gap, no rejection, no new session."""
+    conf = tmp_path / "nats.conf"
+    ws_port = _free_port()
+    conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
+    options = ServerOptions(config_file=conf, port=_free_port(), store_dir=tmp_path / "js")
+    server = EmbeddedServer(options)
+    await asyncio.to_thread(server.start)
+    try:
+        async with make_stack(
+            server.url,
+            sources=[HttpEvents(rate=50, seed=9)],
+            streams=["http_events"],
+            shared_registry=False,  # the proxy's registry outlives the broker's restart
+            store=Store(),
+        ) as st:
+            with _web(server, st) as web:
+                page = await browser.new_page()
+                await page.goto(web.url)
+                await until(lambda: _more(page, "#rows", 0))
+                session = await _text(page, "#session")
+                await asyncio.to_thread(server.stop)
+                await until(_state_is(page, "reconnecting"))
+                rows = await _rows(page)
+                await asyncio.to_thread(server.start)
+                await until(_state_is(page, "verified"), timeout=20)
+                await until(lambda: _more(page, "#rows", rows + 20), timeout=20)
+                assert await _text(page, "#gaps") == "0 (0 lost)"
+                assert await _text(page, "#rejected") == "0"
+                assert await _text(page, "#session") == session
                 await page.close()
     finally:
         await asyncio.to_thread(server.stop)

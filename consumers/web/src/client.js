@@ -6,8 +6,15 @@
 import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey, prove } from "./crypto.js";
 import { GroupMember } from "./group.js";
+import { Hold } from "./hold.js";
 import { ConsumerSession } from "./session.js";
-import { WireError, decodeReply, encodeOpenRequest, encodeSessionRef } from "./wire.js";
+import {
+  WireError,
+  decodeReply,
+  encodeOpenRequest,
+  encodeResume,
+  encodeSessionRef,
+} from "./wire.js";
 
 /** A refusal from the proxy (its error code: unauthorized, forbidden, ...). */
 export class SessionError extends Error {
@@ -152,6 +159,15 @@ export class Subscription {
     this.lastTs = null;
     /** the token of the last request, for a close that cannot wait (the page is going) */
     this.lastToken = "";
+    // lossless delivery (docs/protocol.md): with a store, what arrives past a gap is held
+    // and the rest asked for (one request per gap; on every reconnect)
+    this.hold = new Hold();
+    this.store = false;
+    this.asking = false;
+    /** the last accepted seq the last resume asked after @type {bigint | null} */
+    this.askedAfter = null;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.holdTimer = undefined;
   }
 
   /** @returns {Promise<string>} */
@@ -217,6 +233,9 @@ export class Subscription {
     this.session = session;
     this.opened = false;
     this.keyDeadline = Infinity;
+    this.hold = new Hold();
+    this.store = false;
+    this.askedAfter = null;
     await this.token();
     const auth = o.natsAuth;
     let nc;
@@ -268,6 +287,7 @@ export class Subscription {
       throw new BrokerError("the proxy answered for another session");
     }
     this.opened = true;
+    this.store = reply.store;
     const keyWaitMs = o.requestTimeoutMs ?? 5000;
     this.keyDeadline = Date.now() + keyWaitMs;
     this.keyTimer = setTimeout(() => this.checkTrust(session, false, this.pending), keyWaitMs);
@@ -280,7 +300,10 @@ export class Subscription {
     for await (const status of nc.status()) {
       if (nc !== this.nc) return;
       if (status.type === "disconnect") this.options.onConnection?.(false);
-      else if (status.type === "reconnect") this.options.onConnection?.(true);
+      else if (status.type === "reconnect") {
+        this.options.onConnection?.(true);
+        void this.askResume(true); // what the inbox missed meanwhile
+      }
     }
     // the iterator ends when the connection is closed: by us, or for good by the client
     if (nc === this.nc && this.opened) this.lost("the NATS connection was closed", true);
@@ -323,7 +346,7 @@ export class Subscription {
   /**
    * A session API request (encoded by wire.js); the reply a refusal becomes SessionError.
    * @template {keyof import("./wire.js").Replies} K
-   * @param {"open" | "keepalive" | "close"} op
+   * @param {"open" | "keepalive" | "close" | "resume"} op
    * @param {Uint8Array} body
    * @param {K} kind what the reply answers with
    * @returns {Promise<import("./wire.js").Replies[K]>}
@@ -368,12 +391,101 @@ export class Subscription {
       .finally(() => (this.pending -= 1));
   }
 
+  /**
+   * Ask the proxy for what follows the last accepted seq: once per gap (`again` on a
+   * reconnect), one at a time, only when the cluster keeps a store.
+   * @param {boolean} [again]
+   */
+  async askResume(again = false) {
+    const session = this.session;
+    if (session === null || !this.store || this.asking || this.closed) return;
+    const after = session.lastSeq;
+    if (after === this.askedAfter && !again) return;
+    this.askedAfter = after;
+    this.asking = true;
+    try {
+      const token = await this.token();
+      const req = { token, session: session.session, after };
+      await this.request("resume", encodeResume(req), "replayed");
+    } catch (err) {
+      // "no store": nothing will fill a gap, stop holding; otherwise the hold's time runs out
+      if (err instanceof SessionError && err.message.startsWith("no store")) {
+        this.store = false;
+        this.hold.holdMs = 0;
+      }
+    } finally {
+      this.asking = false;
+    }
+    if (session !== this.session) return;
+    this.hold.extend(Date.now());
+    this.armHold(session);
+  }
+
+  /** Open what the hold releases when its time comes. @param {ConsumerSession} session */
+  armHold(session) {
+    clearTimeout(this.holdTimer);
+    const due = this.hold.deadline;
+    if (due === null) return;
+    this.holdTimer = setTimeout(
+      () => {
+        this.chain = this.chain
+          .then(() => this.release(session))
+          .catch((/** @type {Error} */ err) => this.fail(err));
+      },
+      Math.max(due - Date.now(), 0),
+    );
+  }
+
+  /** @param {ConsumerSession} session */
+  async release(session) {
+    let env;
+    while (session === this.session && (env = this.hold.next(session.lastSeq, Date.now()))) {
+      await this.deliver(session, env);
+    }
+    if (session === this.session) this.armHold(session);
+  }
+
   /** @param {ConsumerSession} session @param {Uint8Array} data */
   async handle(session, data) {
     if (session !== this.session || this.closed) return; // a replaced session's leftovers
+    let item;
+    try {
+      item = await session.guard(() => session.parse(data));
+    } catch (err) {
+      if (!this.checkTrust(session, true)) this.fail(/** @type {Error} */ (err));
+      return;
+    }
+    if (item === null) {
+      this.options.onChange?.();
+      this.checkTrust(session, false, this.pending - 1);
+      return;
+    }
+    if (item.type === "envelope" && this.store) {
+      if (item.seq <= session.lastSeq && (await this.hold.duplicate(item))) return;
+      if (item.seq > session.lastSeq + 1n) {
+        this.hold.add(item, Date.now());
+        this.armHold(session);
+        void this.askResume();
+        return;
+      }
+    }
+    await this.deliver(session, item);
+    await this.release(session);
+  }
+
+  /**
+   * One parsed item through the session's checks, and what it brings to the page.
+   * @param {ConsumerSession} session
+   * @param {ReturnType<ConsumerSession["parse"]>} item
+   */
+  async deliver(session, item) {
+    if (session !== this.session || this.closed) return;
     let result;
     try {
-      result = await session.accept(data);
+      result = await session.acceptItem(item);
+      if (this.store && item.type === "envelope" && session.lastSeq === item.seq) {
+        await this.hold.accepted(item);
+      }
     } catch (err) {
       // policy "fail": the one opaque error ends the subscription (the trust error says more)
       if (!this.checkTrust(session, true)) this.fail(/** @type {Error} */ (err));
@@ -491,6 +603,7 @@ export class Subscription {
   async retire() {
     clearTimeout(this.timer);
     clearTimeout(this.keyTimer);
+    clearTimeout(this.holdTimer);
     if (this.nc === null) return;
     if (this.session !== null && this.opened) {
       this.opened = false;

@@ -125,10 +125,32 @@ export class ConsumerSession {
    * @returns {Promise<Batch | End | Notice | null>}
    */
   async accept(payload) {
-    try {
+    return this.guard(async () => {
       const item = this.parse(payload);
       if (item.type === "notice") return item;
       return await this.open(item);
+    });
+  }
+
+  /**
+   * Open an item parsed already (by `guard(() => this.parse(...))`), under the policy.
+   * @param {ReturnType<ConsumerSession["parse"]>} item
+   * @returns {Promise<Batch | End | Notice | null>}
+   */
+  async acceptItem(item) {
+    return this.guard(async () => (item.type === "notice" ? item : await this.open(item)));
+  }
+
+  /**
+   * Run a step of `accept` under the failure policy: a rejection is counted, then null
+   * (policy "discard", or a key signed by an unpinned key) or the one opaque IntegrityError.
+   * @template T
+   * @param {() => T | Promise<T>} step
+   * @returns {Promise<T | null>}
+   */
+  async guard(step) {
+    try {
+      return await step();
     } catch (err) {
       if (!(err instanceof Rejected)) throw err;
       this.rejected[err.reason] = (this.rejected[err.reason] ?? 0) + 1;

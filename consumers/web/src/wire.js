@@ -246,10 +246,12 @@ export const MAX_MESSAGE = 512;
  *   proof?: string, authz?: string}} OpenRequest
  * @typedef {{session: string, token: string}} SessionRef
  * @typedef {{type: "ok"}} Ok
- * @typedef {{type: "opened", session: string, inbox: string, keepaliveS: number | null}} Opened
+ * @typedef {{type: "opened", session: string, inbox: string, keepaliveS: number | null,
+ *   store: boolean}} Opened
  * @typedef {{type: "keptAlive", keepaliveS: number | null}} KeptAlive
+ * @typedef {{type: "replayed", replayed: bigint}} Replayed
  * @typedef {{type: "refusal", code: string, message: string, retry: boolean}} Refusal
- * @typedef {{ok: Ok, opened: Opened, keptAlive: KeptAlive}} Replies
+ * @typedef {{ok: Ok, opened: Opened, keptAlive: KeptAlive, replayed: Replayed}} Replies
  */
 
 /**
@@ -280,6 +282,19 @@ export function encodeOpenRequest(req) {
  */
 export function encodeSessionRef(ref) {
   return encodeMap({ v: VERSION, token: ref.token, session: ref.session });
+}
+
+/**
+ * resume request (a cluster with a store): `{"v":1, "token":JWT, "session":id, "after":n}`,
+ * `after` the last seq the consumer accepted (-1: none).
+ * @param {SessionRef & {after: bigint}} req
+ * @returns {Uint8Array}
+ */
+export function encodeResume(req) {
+  // the smallest msgpack integer, as sealstream.control writes it (a BigInt is always 64-bit)
+  const small = Number(req.after);
+  const after = Number.isSafeInteger(small) ? small : req.after;
+  return encodeMap({ v: VERSION, token: req.token, session: req.session, after });
 }
 
 /** @param {Record<string, unknown>} m @returns {number | null} */
@@ -317,12 +332,21 @@ export function decodeReply(payload, kind) {
   const ok = field(m, "ok");
   if (typeof ok !== "boolean") throw new WireError("bad_type", "key ok is not a bool");
   if (!ok) return refusalFromMap(m);
-  /** @type {Ok | Opened | KeptAlive} */
+  /** @type {Ok | Opened | KeptAlive | Replayed} */
   let reply;
   if (kind === "opened") {
     const session = str(m, "session");
     if (!isSessionId(session)) throw new WireError("bad_session", "bad session id");
-    reply = { type: "opened", session, inbox: str(m, "inbox"), keepaliveS: keepaliveS(m) };
+    const store = Object.hasOwn(m, "store") ? m.store : false;
+    if (typeof store !== "boolean") throw new WireError("bad_type", "key store must be a bool");
+    const inbox = str(m, "inbox");
+    reply = { type: "opened", session, inbox, keepaliveS: keepaliveS(m), store };
+  } else if (kind === "replayed") {
+    const replayed = wireInt(field(m, "replayed"));
+    if (replayed === null || replayed < 0n) {
+      throw new WireError("bad_value", "replayed must be a count");
+    }
+    reply = { type: "replayed", replayed };
   } else if (kind === "keptAlive") {
     reply = { type: "keptAlive", keepaliveS: keepaliveS(m) };
   } else {

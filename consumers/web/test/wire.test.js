@@ -10,6 +10,7 @@ import {
   decodeMap,
   decodeReply,
   encodeOpenRequest,
+  encodeResume,
   encodeSessionRef,
   parseJson,
 } from "../src/wire.js";
@@ -99,6 +100,7 @@ test("replies decode to typed values, a refusal whatever was asked", () => {
     session: SESSION,
     inbox: `sealstream.inbox.${SESSION}`,
     keepaliveS: 10,
+    store: false,
   });
   assert.deepEqual(decodeReply(hex("82a26f6bc3ab6b656570616c6976655f730a"), "keptAlive"), {
     type: "keptAlive",
@@ -124,6 +126,29 @@ test("replies decode to typed values, a refusal whatever was asked", () => {
   const long = encode({ ok: false, error: { code: "bad_request", message: "x".repeat(10000) } });
   const cut = decodeReply(long, "ok");
   assert.equal(cut.type === "refusal" && cut.message.length, MAX_MESSAGE);
+});
+
+test("the resume request and its answer are sealstream.control's bytes", () => {
+  const session = `a7${"73657373696f6e"}d92b2d${"41".repeat(41)}5f`;
+  assert.deepEqual(
+    encodeResume({ session: SESSION, token: "tok", after: 5n }),
+    hex(`84a17601a5746f6b656ea3746f6b${session}a5616674657205`),
+  );
+  assert.deepEqual(
+    encodeResume({ session: SESSION, token: "tok", after: -1n }),
+    hex(`84a17601a5746f6b656ea3746f6b${session}a56166746572ff`),
+  );
+  assert.deepEqual(decodeReply(hex("82a26f6bc3a87265706c6179656403"), "replayed"), {
+    type: "replayed",
+    replayed: 3n,
+  });
+  const stored = decodeReply(hex(`84a26f6bc3${session}a5696e626f78a169a573746f7265c3`), "opened");
+  assert.equal(stored.type === "opened" && stored.store, true);
+  for (const bad of [{ ok: true }, { ok: true, replayed: -1 }, { ok: true, replayed: 1.5 }]) {
+    assert.throws(() => decodeReply(encode(bad), "replayed"), WireError);
+  }
+  const notBool = encode({ ok: true, session: SESSION, inbox: "i", store: 1 });
+  assert.throws(() => decodeReply(notBool, "opened"), WireError);
 });
 
 test("malformed replies are WireErrors, as in sealstream.control", () => {

@@ -1,0 +1,132 @@
+// The reorder hold, twin of consumers/_hold.py (docs/protocol.md, "Lossless delivery"):
+// envelopes that arrived ahead of a gap wait here, by seq, until the missing ones come (a
+// replay, another proxy's relay) or the hold's time runs out; then they go to the session's
+// strict seq check in order. Pure: time is a parameter (milliseconds).
+
+/** @typedef {import("./wire.js").Envelope} Envelope */
+
+/**
+ * `add` envelopes whose seq is past a gap; `next` gives the one to open now, if any: the
+ * lowest held, once it follows the last accepted seq, or once the hold is past its time
+ * (`holdMs` from the first held envelope, or from the last `extend`) or over its bounds. Two
+ * different envelopes for one seq are both kept, in order of arrival (a forged one cannot
+ * displace the genuine one); a byte-identical copy of one held, or of one of the last
+ * `remember` accepted (a store's replay overlaps the live stream), is dropped and counted in
+ * `duplicates`.
+ */
+export class Hold {
+  /** @param {{holdMs?: number, maxCount?: number, maxBytes?: number, remember?: number}} [o] */
+  constructor(o = {}) {
+    this.holdMs = o.holdMs ?? 2000;
+    this.maxCount = o.maxCount ?? 1024;
+    this.maxBytes = o.maxBytes ?? 16 * 1024 * 1024;
+    this.remember = o.remember ?? 4096;
+    /** @type {Map<bigint, Envelope[]>} */
+    this.bySeq = new Map();
+    this.count = 0;
+    this.size = 0;
+    this.duplicates = 0;
+    /** @type {number | null} */
+    this.since = null;
+    /** seq (as text) -> digest of the accepted envelope @type {Map<string, string>} */
+    this.acceptedDigests = new Map();
+  }
+
+  /** @param {Envelope} env @param {number} now */
+  add(env, now) {
+    const held = this.bySeq.get(env.seq) ?? [];
+    if (held.some((h) => same(h, env))) {
+      this.duplicates += 1;
+      return;
+    }
+    held.push(env);
+    this.bySeq.set(env.seq, held);
+    this.count += 1;
+    this.size += env.body.length;
+    if (this.since === null) this.since = now;
+  }
+
+  /** A replay was answered: what it brought may still be on its way. @param {number} now */
+  extend(now) {
+    if (this.since !== null) this.since = Math.max(this.since, now);
+  }
+
+  /** @returns {number | null} when the lowest held goes to the check whatever came */
+  get deadline() {
+    return this.since === null ? null : this.since + this.holdMs;
+  }
+
+  /**
+   * The envelope to open now after `last` (the last accepted seq), or null.
+   * @param {bigint} last
+   * @param {number} now
+   * @returns {Envelope | null}
+   */
+  next(last, now) {
+    if (this.count === 0) return null;
+    let seq = -1n;
+    for (const s of this.bySeq.keys()) if (seq < 0n || s < seq) seq = s;
+    const due = this.deadline;
+    if (
+      seq > last + 1n &&
+      this.count <= this.maxCount &&
+      this.size <= this.maxBytes &&
+      (due === null || now < due)
+    ) {
+      return null;
+    }
+    const held = /** @type {Envelope[]} */ (this.bySeq.get(seq));
+    const env = /** @type {Envelope} */ (held.shift());
+    if (held.length === 0) this.bySeq.delete(seq);
+    this.count -= 1;
+    this.size -= env.body.length;
+    if (this.count === 0) this.since = null;
+    return env;
+  }
+
+  /** `env` passed the session's checks: a later copy of it is a duplicate. @param {Envelope} env */
+  async accepted(env) {
+    this.acceptedDigests.set(env.seq.toString(), await digest(env));
+    while (this.acceptedDigests.size > this.remember) {
+      const oldest = this.acceptedDigests.keys().next().value;
+      if (oldest === undefined) break;
+      this.acceptedDigests.delete(oldest);
+    }
+  }
+
+  /** True (and counted) if `env` is byte for byte one accepted lately. @param {Envelope} env */
+  async duplicate(env) {
+    const known = this.acceptedDigests.get(env.seq.toString());
+    if (known !== undefined && known === (await digest(env))) {
+      this.duplicates += 1;
+      return true;
+    }
+    return false;
+  }
+}
+
+/** @param {Envelope} a @param {Envelope} b */
+function same(a, b) {
+  return (
+    a.kind === b.kind &&
+    a.cluster === b.cluster &&
+    a.session === b.session &&
+    a.stream === b.stream &&
+    a.seq === b.seq &&
+    a.ts === b.ts &&
+    a.body.length === b.body.length &&
+    a.body.every((byte, i) => byte === b.body[i])
+  );
+}
+
+/** @param {Envelope} env @returns {Promise<string>} */
+async function digest(env) {
+  const fields = new TextEncoder().encode(
+    JSON.stringify([env.kind, env.cluster, env.session, env.stream, `${env.seq}`, `${env.ts}`]),
+  );
+  const data = new Uint8Array(fields.length + 1 + env.body.length);
+  data.set(fields);
+  data.set(env.body, fields.length + 1);
+  const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+  return Array.from(hash, (b) => b.toString(16).padStart(2, "0")).join("");
+}
