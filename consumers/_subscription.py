@@ -248,10 +248,10 @@ class Subscription(AsyncResource, Generic[_T]):
                 continue
             try:
                 parsed = session.parse(item) if isinstance(item, bytes) else item
-                if isinstance(parsed, Envelope) and live.store and held is None:
+                if isinstance(parsed, Envelope) and live.store:
                     if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
                         continue  # a replay's copy of what the live stream brought: once only
-                    if parsed.seq > session.last_seq + 1:
+                    if held is None and parsed.seq > session.last_seq + 1:
                         self._hold.add(parsed, now=loop.time())
                         live.ask_resume()
                         continue

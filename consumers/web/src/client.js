@@ -440,6 +440,7 @@ export class Subscription {
   async release(session) {
     let env;
     while (session === this.session && (env = this.hold.next(session.lastSeq, Date.now()))) {
+      if (env.seq <= session.lastSeq && (await this.hold.duplicate(env))) continue;
       await this.deliver(session, env);
     }
     if (session === this.session) this.armHold(session);
