@@ -409,12 +409,14 @@ class Agent(AsyncResource):
     async def _send(self, session: str, envelopes: list[bytes], *, keys: int = 0) -> None:
         """Queue a session's envelopes (the first ``keys`` of them key envelopes) and hand
         what the broker takes to it. Never raises a broker error: while NATS is away the
-        envelopes wait in the bounded outbox. The caller holds ``_lock``."""
+        envelopes wait in the bounded outbox. The caller holds ``_lock``. With a store the
+        sender alone publishes, the acknowledgements awaited outside the lock: what several
+        callers seal meanwhile goes out in one window."""
         for i, env in enumerate(envelopes):
             dropped = self.outbox.put(session, env, key=i < keys)
             if dropped:
                 self._log_drops(session, "buffer_full", dropped)
-        if self._can_send():
+        if self._can_send() and self._js is None:
             await self._drain_session(session)
         if self.outbox.pending(session):
             self._wake.set()
@@ -459,7 +461,8 @@ class Agent(AsyncResource):
                     ack = await asyncio.wait_for(future, timeout)
                     if ack.stream != self._store_name:
                         raise nats.js.errors.Error(f"stored in {ack.stream!r}")
-                    self.outbox.pop(session)
+                    if self.outbox.peek(session) is env:  # not dropped meanwhile
+                        self.outbox.pop(session)
                     self.published += 1
                     self.published_bytes += len(env)
             except (TimeoutError, nats.errors.Error) as exc:
@@ -494,8 +497,11 @@ class Agent(AsyncResource):
             self._wake.clear()
             if not self.outbox or not self._can_send():
                 continue  # a reconnect, or the end of a hold, wakes us again
-            async with self._lock:
-                done = await self._drain()
+            if self._js is not None:
+                done = await self._drain()  # the only publisher: sealing goes on meanwhile
+            else:
+                async with self._lock:
+                    done = await self._drain()
             if not done and self._nc.is_connected:
                 # nats-py's buffer is full: let its flusher catch up, then go on
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
