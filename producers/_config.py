@@ -72,8 +72,9 @@ class ProducerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProducerConfig:
         """``SEALSTREAM_CLUSTER``, ``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_KEY_FILE``,
-        ``SEALSTREAM_BUFFER_BYTES``, ``SEALSTREAM_POLICY_FILE``; keyword overrides (from
-        command-line flags) win when not None."""
+        ``SEALSTREAM_BUFFER_BYTES``, ``SEALSTREAM_POLICY_FILE``, ``SEALSTREAM_STORE`` (``1``:
+        keep the envelopes in JetStream, with ``SEALSTREAM_STORE_REPLICAS``); keyword
+        overrides (from command-line flags) win when not None."""
         values: dict[str, Any] = {}
         values["nats_auth"] = NatsAuth.from_env(env)
         for name, key in (
@@ -93,6 +94,11 @@ class ProducerConfig:
             values["metrics_port"] = int(env["SEALSTREAM_METRICS_PORT"])
         if env.get("SEALSTREAM_METRICS_HOST"):
             values["metrics_host"] = env["SEALSTREAM_METRICS_HOST"]
+        store = env.get("SEALSTREAM_STORE", "")
+        if store not in ("", "0", "1"):
+            raise ValueError(f"SEALSTREAM_STORE must be 0 or 1, not {store!r}")
+        if store == "1":
+            values["store"] = Store(replicas=int(env.get("SEALSTREAM_STORE_REPLICAS") or 1))
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "cluster" not in values:
             raise ValueError("a cluster id is required (--cluster or SEALSTREAM_CLUSTER)")

@@ -525,3 +525,13 @@ async def test_past_retention_the_exact_count_is_lost(broker: Broker) -> None:
     stats = sub.stats()
     assert stats.lost == emitter.returned - len(numbers) > 0
     assert (stats.gaps, stats.rejected) == (1, {})
+
+
+def test_a_producer_is_given_a_store_by_its_environment() -> None:
+    assert ProducerConfig.from_env({"SEALSTREAM_CLUSTER": "c1"}).store is None
+    config = ProducerConfig.from_env(
+        {"SEALSTREAM_CLUSTER": "c1", "SEALSTREAM_STORE": "1", "SEALSTREAM_STORE_REPLICAS": "3"}
+    )
+    assert config.store == Store(replicas=3)
+    with pytest.raises(ValueError, match="SEALSTREAM_STORE"):
+        ProducerConfig.from_env({"SEALSTREAM_CLUSTER": "c1", "SEALSTREAM_STORE": "yes"})
