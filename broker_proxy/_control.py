@@ -48,13 +48,16 @@ _REGISTRY_DOWN: Final = encode(
 
 
 class SessionApi:
-    """``refused`` counts the requests answered with an error, by code; ``pending_peak`` is
-    the most served at once (bounded by ``limits.pending_requests``)."""
+    """``refused`` counts the requests answered with an error, by code; ``replayed`` the
+    envelopes published again from the store; ``pending_peak`` is the most served at once
+    (bounded by ``limits.pending_requests``)."""
 
     def __init__(self, core: ProxyCore, verifier: TokenVerifier) -> None:
         self._core = core
         self._verifier = verifier
         self.refused: Counter[str] = Counter()
+        #: envelopes published again from the store
+        self.replayed = 0
         self._pending = asyncio.Semaphore(core.config.limits.pending_requests)
         self._in_flight = 0
         self.pending_peak = 0
@@ -112,7 +115,9 @@ class SessionApi:
             return await self._open(request)
         if isinstance(request, ResumeRequest):
             entry = self._owned(op, request)
-            return Replayed(await replay(self._core, entry, request.after))
+            count = await replay(self._core, entry, request.after)
+            self.replayed += count
+            return Replayed(count)
         return await self._session_op(op, request)
 
     def _owned(self, op: str, ref: SessionRef | ResumeRequest) -> SessionEntry:

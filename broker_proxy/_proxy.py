@@ -98,6 +98,11 @@ class Proxy(AsyncResource):
         return self._api.refused
 
     @property
+    def replayed(self) -> int:
+        """Envelopes published again from the store (resume requests)."""
+        return self._api.replayed
+
+    @property
     def pending_peak(self) -> int:
         """The most session requests served at once (bounded by ``limits.pending_requests``)."""
         return self._api.pending_peak
@@ -186,6 +191,12 @@ class Proxy(AsyncResource):
             ),
             Sample(
                 "sealstream_proxy_relayed_bytes", "bytes relayed", "counter", self.relayed_bytes
+            ),
+            Sample(
+                "sealstream_proxy_envelopes_replayed",
+                "envelopes published again from the store (resume requests)",
+                "counter",
+                self.replayed,
             ),
             Sample(
                 "sealstream_proxy_group_envelopes",

@@ -339,6 +339,7 @@ async def test_a_consumer_cut_off_for_5_s_loses_nothing(broker: Broker) -> None:
         before = len(reader.numbers)
         await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
     check_lossless(emitter, reader, sub)
+    assert stack.proxy.replayed > 0  # what the cut missed came from the store
 
 
 async def test_one_proxy_of_two_killed_loses_nothing(nats_url: str, tmp_path: Path) -> None:
@@ -476,6 +477,7 @@ async def test_only_the_sessions_owner_gets_a_replay_of_the_original_bytes(
         resume = stack.subjects.api_resume
         ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": 0}
         assert await client.request(resume, ask, Replayed) == Replayed(2)
+        assert stack.proxy.replayed == 2
         await tap.flush()
         assert [m.data for m in tap.on(inbox)] == live + live[1:]  # byte for byte, in order
         with pytest.raises(SessionError) as refused:
