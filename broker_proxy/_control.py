@@ -42,6 +42,8 @@ _REPLY_INBOX: Final = re.compile(r"_INBOX(\.[A-Za-z0-9_-]{1,64}){1,4}")
 #: to decoded values)
 _PASSED_ON = ("bad_request", "forbidden", "limit_exceeded")
 _BUSY: Final = encode(Refusal("limit_exceeded", "too many pending requests", retry=True))
+#: how long the proxy trusts what it learnt of a cluster's store
+_STORE_TTL_S: Final = 10.0
 _REGISTRY_DOWN: Final = encode(
     Refusal("cluster_unavailable", "session registry unavailable, retry", retry=True)
 )
@@ -58,6 +60,8 @@ class SessionApi:
         self.refused: Counter[str] = Counter()
         #: envelopes published again from the store
         self.replayed = 0
+        #: cluster -> (until, keeps a store): asked of JetStream at most once in _STORE_TTL_S
+        self._stores: dict[str, tuple[float, bool]] = {}
         self._pending = asyncio.Semaphore(core.config.limits.pending_requests)
         self._in_flight = 0
         self.pending_peak = 0
@@ -196,5 +200,15 @@ class SessionApi:
             session,
             core.subjects.inbox(session),
             core.config.keepalive_s,
-            store=await has_store(core, entry.cluster),
+            store=await self._has_store(entry.cluster),
         )
+
+    async def _has_store(self, cluster: str) -> bool:
+        """Whether the cluster keeps a store, known for a while (a storm of opens asks
+        JetStream once)."""
+        now = self._core.clock()
+        known = self._stores.get(cluster)
+        if known is None or known[0] <= now:
+            known = (now + _STORE_TTL_S, await has_store(self._core, cluster))
+            self._stores[cluster] = known
+        return known[1]
