@@ -276,8 +276,11 @@ class LiveSession(AsyncResource):
             if exc.code == "bad_request" and exc.detail.startswith("no store"):
                 self.store = False
                 done = ReplayDone(None)
+            elif exc.retriable:  # the store or the proxy out of reach a moment: ask again
+                self._asked_after = None
             log.info("session.resume_refused", session=session, code=exc.code, error=exc.detail)
         except BrokerError as exc:
+            self._asked_after = None
             log.info("session.resume_failed", session=session, error=str(exc))
         finally:
             self._resuming = False

@@ -24,7 +24,7 @@ from sealstream.control import Replayed
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
-from sealstream.store import Store, stream_name
+from sealstream.store import Store, ensure_stream, stream_name
 from tests.support.pipeline import (
     FAST_BATCHING,
     Tap,
@@ -33,7 +33,7 @@ from tests.support.pipeline import (
     eventually,
     make_stack,
 )
-from tests.system.test_faults import free_port
+from tests.system.test_faults import _cluster_conf, free_port
 from tests.system.test_ha import SECRET, ProxyProcess
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"
@@ -537,3 +537,57 @@ def test_a_producer_is_given_a_store_by_its_environment() -> None:
     assert config.store == Store(replicas=3)
     with pytest.raises(ValueError, match="SEALSTREAM_STORE"):
         ProducerConfig.from_env({"SEALSTREAM_CLUSTER": "c1", "SEALSTREAM_STORE": "yes"})
+
+
+async def _jetstream_ready(url: str) -> None:
+    """Wait until the cluster's JetStream has a meta leader and places an R3 stream."""
+    nc = await connect(url, name="test-js-ready")
+    try:
+        js = nc.jetstream(timeout=2)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await ensure_stream(js, Store(replicas=3), prefix="probe", cluster="c1")
+                    await js.delete_stream(stream_name("probe", "c1"))
+                    return
+                except BrokerError:
+                    await asyncio.sleep(0.2)  # a leader is being elected: ask again
+    finally:
+        await nc.close()
+
+
+async def test_a_node_of_a_three_node_cluster_killed_loses_nothing(tmp_path: Path) -> None:
+    """The store replicated on 3 nodes (R3): the producer's node is killed (SIGKILL); every
+    role moves to another node and the session loses nothing."""
+    ports = [free_port() for _ in range(3)]
+    route_ports = [free_port() for _ in range(3)]
+    nodes: list[Broker] = []
+    try:
+        for i in range(3):
+            conf = _cluster_conf(
+                tmp_path / f"n{i}.conf",
+                f"n{i}",
+                ports[i],
+                [r for j, r in enumerate(route_ports) if j != i],
+                route_ports[i],
+            )
+            options = ServerOptions(config_file=conf, port=ports[i], store_dir=tmp_path / f"js{i}")
+            nodes.append(Broker(options))
+        await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
+        urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        await _jetstream_ready(urls)
+        async with (
+            make_stack(urls, store=Store(replicas=3), shared_registry=False) as stack,
+            stack.client() as client,
+            client.subscribe(stack.cluster, ["records"]) as sub,
+            streaming(stack.agent, sub) as (emitter, reader),
+        ):
+            victim = nodes[ports.index(int(str(stack.agent._nc.connected_url.port)))]
+            victim.kill()
+            before = len(reader.numbers)
+            await eventually(lambda: len(reader.numbers) > before + 100, timeout=60)
+        check_lossless(emitter, reader, sub)
+    finally:
+        for node in nodes:
+            if node.server is not None:
+                await asyncio.to_thread(node.server.stop)

@@ -412,6 +412,8 @@ export class Subscription {
       if (err instanceof SessionError && err.message.startsWith("no store")) {
         this.store = false;
         this.hold.holdMs = 0;
+      } else if (!(err instanceof SessionError) || err.retry || err.code === "cluster_unavailable") {
+        this.askedAfter = null; // the store or the proxy out of reach a moment: ask again
       }
     } finally {
       this.asking = false;
