@@ -40,6 +40,8 @@ class Hold:
         self.size = 0
         self.duplicates = 0
         self._since: float | None = None
+        #: a replay was asked for and not answered yet: the hold's time does not run out
+        self.waiting = False
         self.remember = remember
         self._accepted: OrderedDict[int, bytes] = OrderedDict()  # seq -> digest
 
@@ -79,8 +81,11 @@ class Hold:
 
     @property
     def deadline(self) -> float | None:
-        """When the lowest held envelope goes to the check whatever came (None: empty)."""
-        return None if self._since is None else self._since + self.hold_s
+        """When the lowest held envelope goes to the check whatever came (None: empty, or
+        waiting for a replay's answer)."""
+        if self._since is None or self.waiting:
+            return None
+        return self._since + self.hold_s
 
     def next(self, last: int, *, now: float) -> Envelope | None:
         """The envelope to open now after ``last`` (the last accepted seq), or None."""

@@ -245,6 +245,11 @@ class LiveSession(AsyncResource):
                     return
                 log.warning("session.keepalive_failed", session=session, error=str(exc))
 
+    @property
+    def resuming(self) -> bool:
+        """A resume request is in flight (its answer not yet queued)."""
+        return self._resuming
+
     def ask_resume(self, *, again: bool = False) -> None:
         """Ask the proxy for what follows the last accepted ``seq`` (docs/protocol.md,
         "Lossless delivery"); the answer comes through the queue as a :class:`ReplayDone`.

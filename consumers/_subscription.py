@@ -231,6 +231,7 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise StopAsyncIteration
             session = live.crypto
             loop = asyncio.get_running_loop()
+            self._hold.waiting = live.resuming  # its time runs from the answer
             held = self._hold.next(session.last_seq, now=loop.time())
             item = held if held is not None else await self._next_item(live)
             if isinstance(item, BaseException):
@@ -254,6 +255,7 @@ class Subscription(AsyncResource, Generic[_T]):
                     if held is None and parsed.seq > session.last_seq + 1:
                         self._hold.add(parsed, now=loop.time())
                         live.ask_resume()
+                        self._hold.waiting = live.resuming
                         continue
                 result = await self._open_one(session, parsed)
             except IntegrityError:  # policy "fail": the session ends here

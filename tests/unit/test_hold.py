@@ -90,3 +90,15 @@ def test_any_arrival_order_comes_out_in_seq_order(order: list[int], missing: int
             last = e.seq
     opened.extend(e.seq for e in drain(hold, last, now=2.0))  # the hold's time ran out
     assert opened == sorted(set(range(1, 30)) - {missing})
+
+
+def test_while_a_replay_is_asked_for_the_hold_waits_for_its_answer() -> None:
+    hold = Hold(hold_s=2.0)
+    hold.add(env(5), now=10.0)
+    hold.waiting = True
+    assert hold.deadline is None
+    assert hold.next(0, now=100.0) is None  # however long the store takes to answer
+    hold.waiting = False
+    hold.extend(now=100.0)
+    assert hold.next(0, now=101.0) is None
+    assert hold.next(0, now=102.0) == env(5)

@@ -403,6 +403,7 @@ export class Subscription {
     if (after === this.askedAfter && !again) return;
     this.askedAfter = after;
     this.asking = true;
+    this.hold.waiting = true; // the hold's time runs from the answer
     try {
       const token = await this.token();
       const req = { token, session: session.session, after };
@@ -419,6 +420,7 @@ export class Subscription {
       this.asking = false;
     }
     if (session !== this.session) return;
+    this.hold.waiting = false;
     this.hold.extend(Date.now());
     this.armHold(session);
   }

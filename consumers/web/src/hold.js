@@ -28,6 +28,8 @@ export class Hold {
     this.duplicates = 0;
     /** @type {number | null} */
     this.since = null;
+    /** a replay was asked for and not answered yet: the hold's time does not run out */
+    this.waiting = false;
     /** seq (as text) -> digest of the accepted envelope @type {Map<string, string>} */
     this.acceptedDigests = new Map();
   }
@@ -53,7 +55,7 @@ export class Hold {
 
   /** @returns {number | null} when the lowest held goes to the check whatever came */
   get deadline() {
-    return this.since === null ? null : this.since + this.holdMs;
+    return this.since === null || this.waiting ? null : this.since + this.holdMs;
   }
 
   /**

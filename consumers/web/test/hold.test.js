@@ -82,3 +82,15 @@ test("a copy of an accepted envelope is a duplicate, nothing else is", async () 
   assert.equal(await hold.duplicate(env(0)), false); // forgotten: the session refuses it
   assert.equal(hold.duplicates, 1);
 });
+
+test("while a replay is asked for, the hold waits for its answer", () => {
+  const hold = new Hold({ holdMs: 2000 });
+  hold.add(env(5), 10_000);
+  hold.waiting = true;
+  assert.equal(hold.deadline, null);
+  assert.equal(hold.next(0n, 100_000), null);
+  hold.waiting = false;
+  hold.extend(100_000);
+  assert.equal(hold.next(0n, 101_000), null);
+  assert.equal(hold.next(0n, 102_000)?.seq, 5n);
+});
