@@ -16,15 +16,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
+import structlog
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from consumers._client import Stats
+from consumers._otlpview import LINES_PER_BATCH, NOUNS, expand
 from sealstream.crypto import Batch
+from sealstream.otlp import SIGNAL_BY_STREAM, Signal
 
 __all__ = ["JsonLinesWriter", "LiveTable", "cell", "rejections", "summary"]
+
+log = structlog.get_logger(__name__)
 
 _MAX_COLUMNS = 9
 _ROWS_SHOWN = 8
@@ -134,6 +139,24 @@ class _StreamView:
     columns: list[str] = field(default_factory=list)
     first_seen: float = field(default_factory=time.monotonic)
     latency_ms: float = 0.0
+    #: an OTLP stream's: its rows are export requests, shown as a line per item
+    signal: Signal | None = None
+    items: int = 0
+    hidden: int = 0
+    undecodable: int = 0
+
+    def title(self, name: str) -> str:
+        elapsed = max(time.monotonic() - self.first_seen, 1e-3)
+        rate = f"{self.rows / elapsed:.1f}"
+        latency = f"latency {self.latency_ms:.1f} ms"
+        if self.signal is None:
+            return f"{name}: {self.rows} rows, {rate} rows/s, {latency}"
+        counts = [f"{self.rows} requests", f"{self.items} {NOUNS[self.signal.name]}"]
+        if self.hidden:
+            counts.append(f"{self.hidden} not shown (at most {LINES_PER_BATCH} a batch)")
+        if self.undecodable:
+            counts.append(f"{self.undecodable} undecodable")
+        return f"{name}: {', '.join(counts)}, {rate} requests/s, {latency}"
 
 
 class LiveTable:
@@ -150,11 +173,27 @@ class LiveTable:
         self.stats: Stats | None = stats() if stats else None
 
     def add(self, batch: Batch) -> None:
-        view = self.streams.setdefault(batch.stream, _StreamView())
+        signal = SIGNAL_BY_STREAM.get(batch.stream)
+        view = self.streams.setdefault(batch.stream, _StreamView(signal=signal))
         view.rows += len(batch.rows)
         view.batches += 1
         view.latency_ms = max(0.0, (time.time_ns() - batch.ts) / 1e6)
-        for raw in batch.rows[-_ROWS_SHOWN:]:
+        rows = batch.rows
+        if signal is not None:  # an export request a row: a line per span, record, point
+            expanded = expand(signal, batch.rows)
+            view.items += expanded.items
+            view.hidden += expanded.hidden
+            view.undecodable += expanded.undecodable
+            if expanded.undecodable:
+                log.warning(
+                    "view.otlp_undecodable",
+                    stream=batch.stream,
+                    seq=batch.seq,
+                    rows=expanded.undecodable,
+                    reason=expanded.reason,
+                )
+            rows = expanded.lines
+        for raw in rows[-_ROWS_SHOWN:]:
             row = {_key(k): v for k, v in raw.items()}  # msgpack also allows bytes keys
             view.last.append(row)
             for col in row:
@@ -196,13 +235,7 @@ class LiveTable:
         )
         parts.append(status)
         for name, view in sorted(self.streams.items()):
-            elapsed = max(time.monotonic() - view.first_seen, 1e-3)
-            table = Table(
-                title=f"{name}: {view.rows} rows, {view.rows / elapsed:.1f} rows/s, "
-                f"latency {view.latency_ms:.1f} ms",
-                title_justify="left",
-                expand=False,
-            )
+            table = Table(title=view.title(name), title_justify="left", expand=False)
             newest = view.last[-1] if view.last else {}
             for col in view.columns:
                 value = newest.get(col)
