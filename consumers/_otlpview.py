@@ -3,7 +3,7 @@
 A row of ``otlp_traces``, ``otlp_metrics`` or ``otlp_logs`` is one export request; its ``otlp``
 bytes are decoded here with opentelemetry-proto's messages into one line per span, log record
 or metric data point, as flat dicts of str and int that the table formats by column name
-(``time`` in unix ns, ``duration_ns``):
+(``time`` in unix ns, ``""`` when unknown; ``duration_ns``):
 
 - spans: time, service, name, kind, duration_ns, status, trace_id;
 - log records: time, severity, body, service;
@@ -112,6 +112,11 @@ def _pairs(attributes: Sequence[KeyValue], depth: int = 0) -> str:
     return ", ".join(f"{a.key}={_text(a.value, depth)}" for a in attributes)
 
 
+def _time(unix_ns: int) -> int | str:
+    """OTLP's 0 is "unknown": shown empty, not as 1970."""
+    return unix_ns or ""
+
+
 def _named(names: tuple[str, ...], value: int) -> str:
     """An enum's name, or its number when it has none."""
     return names[value] if 0 <= value < len(names) else str(value)
@@ -121,7 +126,7 @@ def _span(span: Span, service: str) -> dict[str, Any]:
     status = span.status
     shown = _named(_STATUSES, status.code)
     return {
-        "time": span.start_time_unix_nano,
+        "time": _time(span.start_time_unix_nano),
         "service": service,
         "name": span.name,
         "kind": _named(_KINDS, span.kind),
@@ -143,7 +148,7 @@ def _severity(record: LogRecord) -> str:
 
 def _log(record: LogRecord, service: str) -> dict[str, Any]:
     return {
-        "time": record.time_unix_nano or record.observed_time_unix_nano,
+        "time": _time(record.time_unix_nano or record.observed_time_unix_nano),
         "severity": _severity(record),
         "body": _text(record.body),
         "service": service,
@@ -177,7 +182,7 @@ def _points(metric: Metric, service: str) -> Iterator[dict[str, Any]]:
         else:
             value = _summary(point, kind)
         yield {
-            "time": point.time_unix_nano,
+            "time": _time(point.time_unix_nano),
             "service": service,
             "name": metric.name,
             "type": kind,

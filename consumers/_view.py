@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 _MAX_COLUMNS = 9
 _ROWS_SHOWN = 8
 _MAX_CELL = 28
+#: an OTLP line's cells: a 32-digit trace id, a histogram's summary
+_MAX_OTLP_CELL = 64
 _REFRESH_S = 0.25
 
 # What a column holds, by its name (the sources' conventions; the page's format.js reads
@@ -94,9 +96,9 @@ def _clock(t: int | float) -> str:
     return shown
 
 
-def cell(column: str, value: Any) -> str:
+def cell(column: str, value: Any, *, width: int = _MAX_CELL) -> str:
     """``value`` as its column reads: formatted when the column's kind (by its name) and the
-    value's type agree, else its text; cut to a cell's width."""
+    value's type agree, else its text; cut to ``width``."""
     text = str(value)
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         if _TIME.search(column):
@@ -111,7 +113,7 @@ def cell(column: str, value: Any) -> str:
             text = f"{value:.1f} %"
         elif isinstance(value, float):
             text = f"{value:.2f}"
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def rejections(stats: Stats) -> str:
@@ -151,7 +153,8 @@ class _StreamView:
         latency = f"latency {self.latency_ms:.1f} ms"
         if self.signal is None:
             return f"{name}: {self.rows} rows, {rate} rows/s, {latency}"
-        counts = [f"{self.rows} requests", f"{self.items} {NOUNS[self.signal.name]}"]
+        requests = f"{self.rows} request{'' if self.rows == 1 else 's'}"
+        counts = [requests, f"{self.items} {NOUNS[self.signal.name]}"]
         if self.hidden:
             counts.append(f"{self.hidden} not shown (at most {LINES_PER_BATCH} a batch)")
         if self.undecodable:
@@ -235,16 +238,23 @@ class LiveTable:
         )
         parts.append(status)
         for name, view in sorted(self.streams.items()):
-            table = Table(title=view.title(name), title_justify="left", expand=False)
-            newest = view.last[-1] if view.last else {}
+            # decrypted names and values are Text: rich markup in them ("[link=...]") is shown
+            # as written, never applied
+            table = Table(title=Text(view.title(name)), title_justify="left", expand=False)
             for col in view.columns:
-                value = newest.get(col)
+                # the newest value, or the newest known one (OTLP's unknown time is "")
+                known = (r[col] for r in reversed(view.last) if r.get(col, "") != "")
+                value = next(known, None)
                 number = isinstance(value, int | float) and not isinstance(value, bool)
                 table.add_column(  # numbers line up by their units
-                    col, overflow="ellipsis", no_wrap=True, justify="right" if number else "left"
+                    Text(col),
+                    overflow="ellipsis",
+                    no_wrap=True,
+                    justify="right" if number else "left",
                 )
+            width = _MAX_CELL if view.signal is None else _MAX_OTLP_CELL
             for row in view.last:
-                table.add_row(*(cell(c, row.get(c, "")) for c in view.columns))
+                table.add_row(*(Text(cell(c, row.get(c, ""), width=width)) for c in view.columns))
             parts.append(table)
         if not self.streams:
             parts.append(Text("waiting for the first batch…", style="dim"))

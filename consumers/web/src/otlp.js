@@ -219,6 +219,9 @@ function service(b) {
   return [...names].join(",").slice(0, 256);
 }
 
+/** OTLP's 0 is "unknown": shown empty, not as 1970 @param {bigint} ns */
+const unknown = (ns) => (ns === 0n ? "" : ns);
+
 const KINDS = ["unspecified", "internal", "server", "client", "producer", "consumer"];
 const STATUSES = ["unset", "ok", "error"];
 const SEVERITIES = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"];
@@ -233,7 +236,7 @@ function span(b, svc) {
   const text = status.string(2);
   const start = m.fixed64(7);
   return {
-    time: start,
+    time: unknown(start),
     service: svc,
     name: m.string(5),
     kind: named(KINDS, m.varint(6)),
@@ -256,7 +259,7 @@ function log(b, svc) {
   const m = message(b);
   const time = m.fixed64(1);
   return {
-    time: time || m.fixed64(11),
+    time: unknown(time || m.fixed64(11)),
     severity: severity(m.varint(2), m.string(3)),
     body: anyText(m.bytes(5)),
     service: svc,
@@ -346,7 +349,7 @@ function points(b, svc, room) {
       value = intLast ? String(int) : double !== undefined ? number(double) : "";
     } else value = summary(p, type);
     return {
-      time: p.fixed64(3),
+      time: unknown(p.fixed64(3)),
       service: svc,
       name: m.string(1),
       type,

@@ -153,7 +153,7 @@ class StreamView {
     const { rows, matching } = this.shown();
     const received = [`${n(this.total)} rows received`];
     if (this.otlp !== null) {
-      received[0] = `${n(this.total)} requests received`;
+      received[0] = `${n(this.total)} ${this.total === 1 ? "request" : "requests"} received`;
       received.push(`${n(this.items)} ${this.otlp.noun}`);
       const cap = `at most ${LINES_PER_BATCH} a batch`;
       if (this.hidden) received.push(`${n(this.hidden)} not shown (${cap})`);
