@@ -41,6 +41,8 @@ LINES_PER_BATCH: Final = 200
 NOUNS: Final = {"traces": "spans", "metrics": "data points", "logs": "log records"}
 #: nesting of array and map values shown, deeper ones are ``…``
 _DEPTH: Final = 8
+#: bytes values show their first bytes in base64, then ``…``
+_BYTES: Final = 96
 
 _KINDS: Final = ("unspecified", "internal", "server", "client", "producer", "consumer")
 _STATUSES: Final = ("unset", "ok", "error")
@@ -98,7 +100,8 @@ def _text(value: AnyValue, depth: int = 0) -> str:
     if kind == "double_value":
         return number(value.double_value)
     if kind == "bytes_value":
-        return base64.b64encode(value.bytes_value).decode("ascii")
+        shown = base64.b64encode(value.bytes_value[:_BYTES]).decode("ascii")
+        return shown + "…" if len(value.bytes_value) > _BYTES else shown
     if kind in ("array_value", "kvlist_value") and depth >= _DEPTH:
         return "…"
     if kind == "array_value":

@@ -128,6 +128,7 @@ def logs() -> ExportLogsServiceRequest:
         AnyValue(int_value=-(2**63)),
         AnyValue(double_value=2.5),
         AnyValue(bytes_value=b"\xff\x00"),
+        AnyValue(bytes_value=bytes(range(256)) * 2),
         AnyValue(),
     ]
     nested = AnyValue()
@@ -140,7 +141,7 @@ def logs() -> ExportLogsServiceRequest:
     for _ in range(12):
         deep = AnyValue(array_value=ArrayValue(values=[deep]))
     bodies.append(deep)
-    for n, body in zip((0, 1, 6, 18, 24, 30, 2), bodies, strict=True):
+    for n, body in zip((0, 1, 6, 18, 19, 24, 30, 2), bodies, strict=True):
         records.log_records.add(
             observed_time_unix_nano=T0 + n,
             severity_number=n,

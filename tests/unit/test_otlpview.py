@@ -88,6 +88,7 @@ def test_log_records_read_with_time_severity_body_and_service() -> None:
         (1, "TRACE", str(-(2**63))),
         (6, "DEBUG2", "2.5"),
         (18, "ERROR2", "/wA="),
+        (19, "ERROR3", base64.b64encode(bytes(range(96))).decode() + "…"),  # the first bytes
         (24, "FATAL4", ""),
         (30, "30", "[a, {k=1, deep=[true]}]"),
         (2, "TRACE2", "[[[[[[[[…]]]]]]]]"),  # nested deeper than 8: cut
@@ -175,7 +176,7 @@ def test_a_broken_request_is_counted_and_logged_without_its_content() -> None:
     secret = b"\x0a\x07\x12\x05\x12\x03\x2a\x01\xff" + b"marker-7f3a"
     with capture_logs() as logged:
         table.add(Batch("otlp_logs", 4, T0, [{"otlp": secret}, _row(logs(), "logs")]))
-    assert "2 requests, 9 log records, 1 undecodable" in _render(table)
+    assert "2 requests, 10 log records, 1 undecodable" in _render(table)
     assert logged == [
         {
             "event": "view.otlp_undecodable",
