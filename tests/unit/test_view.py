@@ -91,6 +91,16 @@ def test_rejected_envelopes_are_shown_by_reason() -> None:
     assert "rows 70" in footer
 
 
+def test_rich_markup_in_decrypted_names_and_values_is_shown_as_written() -> None:
+    table = LiveTable("c1", "s-1")
+    link = "[link=https://example.com/x]click[/link]"
+    table.add(Batch("records", 1, 1, [{"[bold]name": link}]))
+    out = io.StringIO()
+    Console(file=out, width=140).print(table.render())
+    assert "[bold]name" in out.getvalue()
+    assert link[:27] in out.getvalue()
+
+
 async def test_the_live_footer_follows_the_counters_without_batches() -> None:
     """No batch comes (a relay whose every envelope is refused): the footer still shows the
     counters as they grow, read in the loop's thread."""
