@@ -20,9 +20,10 @@ from typing import Any
 
 from rich.console import Console
 
-from consumers._client import DEFAULT_RETRY_S, Client, Resumed, Subscription
+from consumers._client import Client
 from consumers._config import ClientConfig, TokenFile, default_identity_file
 from consumers._otlp import ExportConfig, OtlpExporter
+from consumers._subscription import DEFAULT_RETRY_S, Resumed, Subscription
 from consumers._view import JsonLinesWriter, LiveTable, summary
 from consumers._web import WebConfig, WebServer
 from sealstream import SealstreamError, SessionError, configure_logging

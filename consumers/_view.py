@@ -22,8 +22,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from consumers._client import Stats
 from consumers._otlpview import LINES_PER_BATCH, NOUNS, expand
+from consumers._subscription import Stats
 from sealstream.crypto import Batch
 from sealstream.otlp import SIGNAL_BY_STREAM, Signal
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 from rich.console import Console
 
-from consumers._client import Stats
+from consumers._subscription import Stats
 from consumers._view import LiveTable, cell, rejections, summary
 from sealstream.crypto import Batch
 
