@@ -282,7 +282,17 @@ export function encodeSessionRef(ref) {
   return encodeMap({ v: VERSION, token: ref.token, session: ref.session });
 }
 
-/** @param {Record<string, unknown>} m @returns {number | null} */
+/** the keepalive interval a reply may set, in s: the relay chooses it, within these bounds */
+export const KEEPALIVE_MIN_S = 1;
+export const KEEPALIVE_MAX_S = 3600;
+
+/**
+ * A reply's keepalive interval, clamped to [1, 3600] s (docs/protocol.md): the relay is not
+ * trusted to pace the keepalives (1e-9 would send them back to back, and 3e6 s overflows
+ * setTimeout, which then fires at once).
+ * @param {Record<string, unknown>} m
+ * @returns {number | null}
+ */
 function keepaliveS(m) {
   if (!Object.hasOwn(m, "keepalive_s")) return null;
   const v = m.keepalive_s;
@@ -290,7 +300,7 @@ function keepaliveS(m) {
   if (!Number.isFinite(n) || n <= 0) {
     throw new WireError("bad_value", "keepalive_s must be a positive number");
   }
-  return n;
+  return Math.min(KEEPALIVE_MAX_S, Math.max(KEEPALIVE_MIN_S, n));
 }
 
 /** @param {Record<string, unknown>} m @returns {Refusal} */
