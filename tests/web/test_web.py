@@ -45,6 +45,7 @@ from producers import (
 )
 from producers._authz import AuthzPolicy
 from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
+from sealstream.control import Opened, encode
 from sealstream.crypto import (
     ClusterIdentity,
     ProducerSession,
@@ -952,6 +953,37 @@ async def test_a_forged_expiry_notice_costs_a_new_session_not_the_end(
             rows = await _rows(page)
             await until(lambda: _more(page, "#rows", rows + 5))
             await page.close()
+
+
+async def test_an_open_answered_for_another_session_ends_at_once(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    """A relay that answers the page's open for another session tampers: the page says so and
+    stops, it does not retry the open as it would a late or busy proxy."""
+    async with make_stack(ws_server.url, sources=[HttpEvents(rate=10, seed=31)]) as st:
+        relay = await connect(ws_server.url, name="hostile-relay")
+        other = "-" + "A" * 41 + "_"  # a valid session id, never the page's own key's
+        opens: list[str] = []
+
+        async def answer(msg: Any) -> None:
+            opens.append(thumbprint(msgpack.unpackb(msg.data, raw=False)["jwk"]))
+            await msg.respond(encode(Opened(other, f"hostile.inbox.{other}", 10.0)))
+
+        try:
+            await relay.subscribe("hostile.api.session.open", cb=answer)
+            await relay.flush()
+            with _web(ws_server, st, prefix="hostile") as web:
+                page = await browser.new_page()
+                await page.goto(web.url)
+                # a retried open stays "retrying" for 30 s
+                await until(_state_is(page, "error"))
+                status = await _text(page, "#status")
+                assert status == "relay not trusted: the proxy answered for another session"
+                assert len(opens) == 1
+                assert opens[0] != other
+                await page.close()
+        finally:
+            await relay.close()
 
 
 async def test_the_page_resumes_after_a_broker_and_cluster_restart(

@@ -33,6 +33,18 @@ export class BrokerError extends Error {
   }
 }
 
+/**
+ * The proxy's reply contradicts the request (an open answered for another session): a relay
+ * that tampers, not one that is late, so never retried as passing.
+ */
+export class RelayError extends Error {
+  /** @param {string} message */
+  constructor(message) {
+    super(message);
+    this.name = "RelayError";
+  }
+}
+
 /** No key envelope signed by a pinned cluster key came (others were refused). */
 export class TrustError extends Error {
   /** @param {string} message */
@@ -265,7 +277,7 @@ export class Subscription {
     }
     const reply = await this.request("open", encodeOpenRequest(open), "opened");
     if (reply.session !== key.sessionId) {
-      throw new BrokerError("the proxy answered for another session");
+      throw new RelayError("the proxy answered for another session");
     }
     this.opened = true;
     const keyWaitMs = o.requestTimeoutMs ?? 5000;

@@ -4,7 +4,7 @@
 // rows to the view (view.js: a tab per stream, its charts and table).
 
 import { thumbprint } from "./crypto.js";
-import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
+import { BrokerError, RelayError, SessionError, Subscription, TrustError } from "./client.js";
 import { loadIdentity } from "./identity.js";
 import { View } from "./view.js";
 
@@ -84,6 +84,7 @@ export function describe(err, who) {
     return hint ? `${hint} (${err.message})` : `session ${err.code}: ${err.message}`;
   }
   if (err instanceof BrokerError) return `broker unavailable: ${err.message}`;
+  if (err instanceof RelayError) return `relay not trusted: ${err.message}`;
   return String(/** @type {any} */ (err)?.message ?? err);
 }
 
