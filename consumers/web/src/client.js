@@ -153,8 +153,9 @@ export class Subscription {
     this.timer = undefined;
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     this.keyTimer = undefined;
-    /** (Date.now() ms) a key envelope signed by a pinned key is due by then */
-    this.keyDeadline = Infinity;
+    /** inbox messages received when the key deadline passed (null: not yet): only those may
+     * still bring the key @type {number | null} */
+    this.keyCutoff = null;
     this.opened = false;
     this.closed = false;
     this.resuming = false;
@@ -228,7 +229,7 @@ export class Subscription {
           });
     this.session = session;
     this.opened = false;
-    this.keyDeadline = Infinity;
+    this.keyCutoff = null;
     await this.token();
     const auth = o.natsAuth;
     let nc;
@@ -280,9 +281,7 @@ export class Subscription {
       throw new RelayError("the proxy answered for another session");
     }
     this.opened = true;
-    const keyWaitMs = o.requestTimeoutMs ?? 5000;
-    this.keyDeadline = Date.now() + keyWaitMs;
-    this.keyTimer = setTimeout(() => this.checkTrust(session, false, this.pending), keyWaitMs);
+    this.keyTimer = setTimeout(() => this.keyDue(session), o.requestTimeoutMs ?? 5000);
     this.setKeepalive(reply.keepaliveS);
     this.schedule();
   }
@@ -373,15 +372,20 @@ export class Subscription {
       return;
     }
     this.pending += 1;
+    const index = this.received;
     this.chain = this.chain
-      .then(() => this.handle(session, data))
+      .then(() => this.handle(session, data, index))
       // a failing callback ends the subscription rather than silently stopping the queue
       .catch((/** @type {Error} */ err) => this.fail(err))
       .finally(() => (this.pending -= 1));
   }
 
-  /** @param {ConsumerSession} session @param {Uint8Array} data */
-  async handle(session, data) {
+  /**
+   * @param {ConsumerSession} session
+   * @param {Uint8Array} data
+   * @param {number} index its place among the inbox messages received
+   */
+  async handle(session, data, index) {
     if (session !== this.session || this.closed) return; // a replaced session's leftovers
     let result;
     try {
@@ -393,7 +397,9 @@ export class Subscription {
     } finally {
       this.options.onChange?.();
     }
-    if (this.checkTrust(session, false, this.pending - 1) || result === null) return;
+    // the last one queued: every message received is done (later ones were dropped)
+    const done = this.pending > 1 ? index : this.received;
+    if (this.checkTrust(session, false, done) || result === null) return;
     if (result.type === "batch") {
       this.batches += 1;
       this.rows += result.rows.length;
@@ -414,17 +420,28 @@ export class Subscription {
   }
 
   /**
+   * The key deadline: the messages received by now are the last that may bring the key.
+   * @param {ConsumerSession} session
+   */
+  keyDue(session) {
+    if (session !== this.session) return;
+    this.keyCutoff = this.received;
+    this.checkTrust(session, false, this.pending === 0 ? this.received : 0);
+  }
+
+  /**
    * A key envelope whose signer is not pinned is counted and ignored (a relay can forge
    * one); the subscription ends only if none signed by a pinned key came by the key deadline
-   * (and none is still `queued`), or if it is `ending` anyway. True if it ended it.
+   * (the messages received by then all verified: a relay that keeps sending forged ones does
+   * not hold the error off), or if it is `ending` anyway. True if it ended it.
    * @param {ConsumerSession} session
    * @param {boolean} [ending]
-   * @param {number} [queued] inbox messages still waiting for verification
+   * @param {number} [done] the inbox messages up to this one (by arrival) are verified
    */
-  checkTrust(session, ending = false, queued = 0) {
+  checkTrust(session, ending = false, done = 0) {
     const refused = session.rejected.untrusted_key ?? 0;
     if (session !== this.session || session.keyed || refused === 0) return false;
-    if (!ending && (Date.now() < this.keyDeadline || queued > 0)) return false;
+    if (!ending && (this.keyCutoff === null || done < this.keyCutoff)) return false;
     this.fail(
       new TrustError(
         `no key envelope signed by a key pinned for cluster ${session.cluster} arrived; ` +
