@@ -88,7 +88,7 @@ export function streamCharts(stream, parent, unit = "rows") {
     series: [stream],
     fmt: count,
   });
-  /** @type {{add(rows: Record<string, unknown>[]): void, draw(): void}[]} */
+  /** @type {{add(rows: Record<string, unknown>[], nowMs: number): void, draw(): void}[]} */
   const more = [];
   if (stream === "http_events") {
     const http = new HttpSeries();
@@ -106,7 +106,7 @@ export function streamCharts(stream, parent, unit = "rows") {
       fmt: count,
     });
     more.push({
-      add: (rows) => http.add(rows),
+      add: (rows, nowMs) => http.add(rows, nowMs),
       draw() {
         latency.draw(http.latency());
         statuses.draw(http.statuses());
@@ -120,13 +120,13 @@ export function streamCharts(stream, parent, unit = "rows") {
     ])) {
       const metrics = new MetricSeries(columns);
       const chart = new Chart(parent, { title, name, series: columns, fmt });
-      more.push({ add: (rows) => metrics.add(rows), draw: () => chart.draw(metrics.data()) });
+      more.push({ add: (rows, nowMs) => metrics.add(rows, nowMs), draw: () => chart.draw(metrics.data()) });
     }
   }
   return {
     add(rows, nowMs, count = rows.length) {
       rowRate.add(count, nowMs);
-      for (const m of more) m.add(rows);
+      for (const m of more) m.add(rows, nowMs);
     },
     draw(nowMs) {
       rateChart.draw(rowRate.data(nowMs));

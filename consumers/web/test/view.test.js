@@ -2,7 +2,15 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseFilter, quantity } from "../src/filter.js";
 import { clock, duration, epochMs, formatCell, kindOf, size } from "../src/format.js";
-import { HttpSeries, MetricSeries, PerSecond, RowRate, WINDOW_S, quantile } from "../src/series.js";
+import {
+  AHEAD_S,
+  HttpSeries,
+  MetricSeries,
+  PerSecond,
+  RowRate,
+  WINDOW_S,
+  quantile,
+} from "../src/series.js";
 
 test("columns read by their names, as the sources name them", () => {
   assert.equal(kindOf("time_"), "time");
@@ -119,6 +127,25 @@ test("latency p50/p99 and status classes per second of the rows' own time", () =
   assert.deepEqual(http.latency(), [[t0, t0 + 1], [50e6, null], [99e6, null]]); // kept
   assert.deepEqual(http.statuses(), [[t0, t0 + 1], [99, 0], [0, 0], [0, 0], [1, 0]]);
   assert.equal(quantile([5], 0.99), 5);
+});
+
+test("a row's time_ far ahead of the clock is not charted: later rows still are", () => {
+  const now = 1_790_000_000_500; // ms
+  const t0 = 1_790_000_000;
+  const ns = (/** @type {number} */ s) => BigInt(s) * 1_000_000_000n;
+  const http = new HttpSeries();
+  const far = { time_: ns(t0 + 10 ** 6), latency_ns: 1, resp_status: 200 };
+  const partial = { time_: ns(t0 - 1), latency_ns: 1, resp_status: 200 }; // the first second
+  http.add([partial, far, { time_: ns(t0), latency_ns: 5e6, resp_status: 200 }], now);
+  http.add([{ time_: ns(t0 + 1), latency_ns: 1e6, resp_status: 500 }], now + 1000);
+  assert.deepEqual(http.statuses(), [[t0], [1], [0], [0], [0]]);
+  // within AHEAD_S the producer's clock may simply run ahead of the page's
+  http.add([{ time_: ns(t0 + AHEAD_S), latency_ns: 1e6, resp_status: 200 }], now);
+  assert.equal(http.seconds.newest, t0 + AHEAD_S);
+  const m = new MetricSeries(["cpu_percent"]);
+  m.add([{ time_: ns(t0 + 10 ** 6), cpu_percent: 99 }], now);
+  for (let s = 0; s < 3; s++) m.add([{ time_: ns(t0 + s), cpu_percent: s }], now + s * 1000);
+  assert.deepEqual(m.data(), [[t0, t0 + 1, t0 + 2], [0, 1, 2]]);
 });
 
 test("the window slides: nothing older than WINDOW_S seconds is kept", () => {
