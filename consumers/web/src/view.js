@@ -14,6 +14,8 @@ import { LINES_PER_BATCH, SIGNALS, expand } from "./otlp.js";
 export const SHOWN = 50;
 /** rows a stream keeps for its filter */
 export const KEPT = 1000;
+/** columns a table shows, the first seen (as consumers/_view.py): the filter reads them all */
+export const MAX_COLUMNS = 9;
 /** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
 const MAX_CELL = 200;
 const TABLE_EVERY_MS = 250;
@@ -36,6 +38,20 @@ function el(tag, text, cls) {
 }
 
 const n = (/** @type {number} */ x) => x.toLocaleString("en-US");
+
+/**
+ * The rows' columns not yet in `columns`, appended while it has fewer than MAX_COLUMNS.
+ * @param {string[]} columns
+ * @param {Record<string, unknown>[]} rows
+ */
+export function addColumns(columns, rows) {
+  for (const row of rows) {
+    for (const k of Object.keys(row)) {
+      if (columns.length >= MAX_COLUMNS) return;
+      if (!columns.includes(k)) columns.push(k);
+    }
+  }
+}
 
 class StreamView {
   /**
@@ -115,9 +131,7 @@ class StreamView {
       if (got.undecodable) this.undecodableReason = got.reason;
     }
     this.total += batch.length;
-    for (const row of rows) {
-      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
-    }
+    addColumns(this.columns, rows);
     this.rows.push(...rows);
     if (this.rows.length > KEPT) this.rows.splice(0, this.rows.length - KEPT);
     this.charts.add(rows, nowMs, count);

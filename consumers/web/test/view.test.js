@@ -11,6 +11,7 @@ import {
   WINDOW_S,
   quantile,
 } from "../src/series.js";
+import { MAX_COLUMNS, addColumns } from "../src/view.js";
 
 test("columns read by their names, as the sources name them", () => {
   assert.equal(kindOf("time_"), "time");
@@ -158,4 +159,13 @@ test("the window slides: nothing older than WINDOW_S seconds is kept", () => {
   const [xs, cpu] = m.data();
   assert.equal(xs.length, WINDOW_S);
   assert.equal(cpu.at(-1), 3 * WINDOW_S - 1);
+});
+
+test("a table shows the first MAX_COLUMNS columns seen, as sealstream-consume", () => {
+  assert.equal(MAX_COLUMNS, 9); // consumers/_view.py _MAX_COLUMNS
+  /** @type {string[]} */
+  const columns = ["time_"];
+  const wide = Object.fromEntries(Array.from({ length: 5000 }, (_, i) => [`c${i}`, i]));
+  addColumns(columns, [{ time_: 1, c0: 0 }, wide, { other: 1 }]);
+  assert.deepEqual(columns, ["time_", "c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]);
 });
