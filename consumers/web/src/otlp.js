@@ -14,8 +14,6 @@ import { raw } from "./format.js";
 export const LINES_PER_BATCH = 200;
 /** nesting of array and map values shown, deeper ones are … */
 const DEPTH = 8;
-/** bytes values show their first bytes in base64, then … */
-const BYTES = 96;
 
 /** @typedef {"traces" | "metrics" | "logs"} SignalName */
 /** @typedef {Record<string, string | bigint>} Line */
@@ -179,9 +177,7 @@ function anyText(b, depth = 0) {
     else if (n === 2 && wire === 0) last = v === 0n ? "false" : "true";
     else if (n === 3 && wire === 0) last = BigInt.asIntN(64, v).toString();
     else if (n === 4 && wire === 1) last = number(view(v).getFloat64(0, true));
-    else if (n === 7 && wire === 2) {
-      last = raw(v.subarray(0, BYTES)) + (v.length > BYTES ? "…" : "");
-    }
+    else if (n === 7 && wire === 2) last = raw(v);
     else if ((n === 5 || n === 6) && wire === 2) {
       if (depth >= DEPTH) {
         last = "…";

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseFilter, quantity } from "../src/filter.js";
-import { clock, duration, epochMs, formatCell, kindOf, size } from "../src/format.js";
+import { BYTES_SHOWN, clock, duration, epochMs, formatCell, kindOf, size } from "../src/format.js";
 import {
   AHEAD_S,
   HttpSeries,
@@ -61,8 +61,12 @@ test("values a column's kind does not fit stay as they are", () => {
   assert.equal(formatCell("load1", 0.5), "0.50");
   assert.equal(formatCell("big", 2n ** 63n), "9223372036854775808");
   assert.equal(formatCell("blob", new Uint8Array([0xff, 0x00])), "/wA=");
+  // the first BYTES_SHOWN bytes only are encoded: a table renders every 250 ms
+  assert.equal(BYTES_SHOWN, 96);
   const big = new Uint8Array(300_000).fill(0xfb); // more than a call's arguments
-  assert.equal(formatCell("blob", big), "+/v7".repeat(100_000));
+  assert.equal(formatCell("blob", big), `${"+/v7".repeat(32)}…`);
+  assert.equal(formatCell("blob", big.subarray(0, 96)), "+/v7".repeat(32));
+  assert.equal(formatCell("nested", { b: big.subarray(0, 97) }), `{"b":"${"+/v7".repeat(32)}…"}`);
   assert.equal(formatCell("nested", { a: 1n, b: [1] }), '{"a":"1","b":[1]}');
   assert.equal(formatCell("latency_ns", Number.NaN), "NaN");
 });
