@@ -258,6 +258,7 @@ export class Subscription {
     });
     await nc.flush();
     const keyMode = o.keyMode ?? "session";
+    const zip = o.allowZip ?? false;
     /** @type {import("./wire.js").OpenRequest} */
     const open = {
       token: await this.token(),
@@ -265,7 +266,7 @@ export class Subscription {
       streams: o.streams,
       jwk: key.publicJwk,
       keyMode,
-      zip: o.allowZip ?? false,
+      zip,
     };
     if (o.identity !== undefined) {
       // made for this open only (fresh iat and jti): the relay forwards it untouched
@@ -274,6 +275,7 @@ export class Subscription {
         session: key.sessionId,
         streams: o.streams,
         keyMode,
+        zip,
       });
     }
     const reply = await this.request("open", encodeOpenRequest(open), "opened");
