@@ -196,7 +196,16 @@ function envelopeFromMap(m, maxSize) {
  * @returns {Envelope | Notice}
  */
 export function decodeInbox(payload, maxSize = DEFAULT_MAX_ENVELOPE) {
-  const m = decodeMap(payload, maxSize);
+  return inboxFromMap(decodeMap(payload, maxSize), maxSize);
+}
+
+/**
+ * An inbox item from its decoded map (decodeMap), for a caller that looks at the map first.
+ * @param {Record<string, unknown>} m
+ * @param {number} [maxSize]
+ * @returns {Envelope | Notice}
+ */
+export function inboxFromMap(m, maxSize = DEFAULT_MAX_ENVELOPE) {
   if (m.kind === "notice") {
     checkVersion(m);
     const session = str(m, "session");
