@@ -14,8 +14,11 @@ import { LINES_PER_BATCH, SIGNALS, expand } from "./otlp.js";
 export const SHOWN = 50;
 /** rows a stream keeps for its filter */
 export const KEPT = 1000;
-/** columns a table shows, the first seen (as consumers/_view.py): the filter reads them all */
-export const MAX_COLUMNS = 9;
+/**
+ * columns a table shows, the first seen: every one of the built-in sources (host_metrics has
+ * 15), where a terminal shows 9 (consumers/_view.py); the filter reads them all
+ */
+export const MAX_COLUMNS = 16;
 /** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
 const MAX_CELL = 200;
 const TABLE_EVERY_MS = 250;
