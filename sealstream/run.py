@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sealstream.errors import SealstreamError
 
-__all__ = ["add_service_options", "keep", "run", "suppress"]
+__all__ = ["add_service_options", "glue_values", "keep", "read_option_file", "run", "suppress"]
 
 
 def keep(value: object) -> object:
@@ -33,6 +34,35 @@ def add_service_options(parser: argparse.ArgumentParser, d: Callable[[object], o
     parser.add_argument("--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)")
     parser.add_argument("--log-level", default=d("info"))
     parser.add_argument("--log-json", action="store_true", default=d(False))
+
+
+def glue_values(argv: Sequence[str], options: Iterable[str]) -> list[str]:
+    """``argv`` with each of ``options`` joined to the value after it (``--thumbprint -Ab``
+    becomes ``--thumbprint=-Ab``), as getopt reads an option that takes a value: argparse
+    would take a value beginning with ``-`` for an option. Ids (thumbprints, session ids,
+    kids) are base64url, and one in 64 begins with ``-``."""
+    wanted = frozenset(options)
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out += [arg, *it]
+            break
+        value = next(it, None) if arg in wanted else None
+        out.append(arg if value is None else f"{arg}={value}")
+    return out
+
+
+def read_option_file(flag: str, path: Path) -> str:
+    """The text of the file an option names; a ValueError naming the option if it cannot be
+    read (``--jwk-file me.jwk: no such file``)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{flag} {path}: {reason}") from None
 
 
 async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> int:
