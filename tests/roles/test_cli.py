@@ -27,10 +27,11 @@ from consumers._view import JsonLinesWriter, LiveTable
 from producers._cli import _parser as producer_parser
 from producers._cli import source_specs
 from sealstream import TokenVerifier
-from sealstream.crypto import Batch
+from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
+STREAM = ("--stream", "http_events")
 #: no inherited configuration may steer the commands
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
 
@@ -345,14 +346,14 @@ def test_consume_with_a_bad_token_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
     forged = setup.token(CLUSTER)[:-4] + "AAAA"
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=forged))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=forged))
     assert "unauthorized" in line
 
 
 def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=setup.token("other")))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=setup.token("other")))
     assert "forbidden" in line
 
 
@@ -362,24 +363,31 @@ def test_consume_with_an_identity_the_cluster_does_not_authorize_fails_clearly(
     stranger = setup.dir / "stranger.jwk"
     made = _run("sealstream-consume", "identity", "create", "--file", stranger)
     assert made.returncode == 0, made.stderr
-    done = setup.consume("--cluster", CLUSTER, "--identity", stranger, token=setup.token(CLUSTER))
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, "--identity", stranger, token=setup.token(CLUSTER)
+    )
     line = _one_error_line(done)
-    assert line.startswith("error: forbidden: key not authorized (")
+    assert line.startswith("error: forbidden: key not authorized: give the cluster's operator")
     assert "identity show" in line  # what to do about it
 
 
 def test_consume_on_an_unknown_cluster_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    done = setup.consume("--cluster", "nobody", "--retry", "0", token=setup.token("nobody"))
+    done = setup.consume(
+        "--cluster", "nobody", *STREAM, "--retry", "0", token=setup.token("nobody")
+    )
     assert "cluster_unavailable" in _one_error_line(done)
 
 
 def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    empty = setup.dir / "empty-trust.json"
-    done = setup.consume("--cluster", CLUSTER, token=setup.token(CLUSTER), trust_store=empty)
+    other = setup.dir / "other-trust.json"
+    TrustStore.load(other).add("other", ClusterIdentity.generate().public_jwk)
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, token=setup.token(CLUSTER), trust_store=other
+    )
     line = _one_error_line(done)
     assert "trust" in line
     assert CLUSTER in line
