@@ -2,7 +2,13 @@
 
 from consumers._cli import consume
 from consumers._client import Client, Resumed, Stats, Subscription
-from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from consumers._config import (
+    ClientConfig,
+    Context,
+    TokenFile,
+    default_identity_file,
+    default_trust_store,
+)
 from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
@@ -11,6 +17,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConsumerKey",
+    "Context",
     "Resumed",
     "Stats",
     "Subscription",

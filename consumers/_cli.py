@@ -34,9 +34,9 @@ from consumers._config import (
 )
 from consumers._view import JsonLinesWriter, LiveTable
 from consumers._web import WebConfig, WebServer
-from sealstream import SealstreamError, SessionError, configure_logging
+from sealstream import BrokerError, SealstreamError, SessionError, configure_logging
 from sealstream.crypto import Batch, TrustStore, UserIdentity
-from sealstream.run import read_option_file, run
+from sealstream.run import quiet_broken_pipe, read_option_file, run
 
 __all__ = ["consume", "main"]
 
@@ -367,25 +367,30 @@ def _whoami(args: argparse.Namespace, ctx: Context | None, env: Mapping[str, str
 
 async def consume(config: ClientConfig, args: argparse.Namespace) -> int:
     """Read ``args.stream`` of ``args.cluster`` and show the rows (the CLI's and the demo's
-    view); a refusal raises SessionError with what to do."""
+    view); a refusal raises SessionError, an unreachable NATS BrokerError, with what to do."""
     if not args.stream:
         raise ValueError("--stream is required")
-    async with Client(config) as client:
-        sub = client.subscribe(
-            args.cluster,
-            args.stream,
-            resume=args.resume,
-            retry_s=args.retry,
-            resume_timeout_s=args.resume_timeout,
-        )
-        try:
-            await sub.__aenter__()
-        except SessionError as exc:
-            raise refusal(exc, identity=config.identity is not None) from None
-        try:
-            return await _show(sub, args)
-        finally:
-            await sub.aclose()
+    try:
+        async with Client(config) as client:
+            sub = client.subscribe(
+                args.cluster,
+                args.stream,
+                resume=args.resume,
+                retry_s=args.retry,
+                resume_timeout_s=args.resume_timeout,
+            )
+            try:
+                await sub.__aenter__()
+            except SessionError as exc:
+                raise refusal(exc, identity=config.identity is not None) from None
+            try:
+                return await _show(sub, args)
+            finally:
+                await sub.aclose()
+    except BrokerError as exc:
+        if not exc.retriable:  # NATS refused a login: the session error says why
+            raise
+        raise BrokerError(f"{exc}: is it running? (--nats-url, NATS_URL or the context)") from None
 
 
 def _upto(batch: Batch, room: int | None) -> Batch:
@@ -535,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level=getattr(args, "log_level", None) or "error")
     try:
         return _command(args)
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except (OSError, ValueError, SealstreamError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, SealstreamError) else 2

@@ -189,7 +189,7 @@ class Context:
         if not isinstance(data, dict):
             raise ValueError(f"--context {chosen}: {path} is not a JSON object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "name"}
-        if not all(isinstance(v, str) for k, v in known.items() if k != "streams"):
+        if not all(v is None or isinstance(v, str) for k, v in known.items() if k != "streams"):
             raise ValueError(f"--context {chosen}: {path}: values must be strings")
         known["streams"] = tuple(str(s) for s in known.get("streams") or ())
         return cls(name=chosen, **known)
@@ -198,7 +198,7 @@ class Context:
         """Write this context (atomically, mode 0600); ``select``: make it the default."""
         path = self.path(self.name)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        data = {k: v for k, v in asdict(self).items() if k != "name"}
+        data = {k: v for k, v in asdict(self).items() if k != "name" and v is not None}
         data["streams"] = list(self.streams)
         _write_atomically(path, json.dumps(data, indent=2) + "\n")
         if select:

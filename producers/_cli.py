@@ -21,7 +21,15 @@ from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.jwk import thumbprint
-from sealstream.run import add_service_options, glue_values, keep, read_option_file, run, suppress
+from sealstream.run import (
+    add_service_options,
+    glue_values,
+    keep,
+    quiet_broken_pipe,
+    read_option_file,
+    run,
+    suppress,
+)
 
 __all__ = ["main", "parse_source"]
 
@@ -290,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "authorize":
         try:
             return _authorize(args, os.environ)
+        except BrokenPipeError:
+            return quiet_broken_pipe()
         except (OSError, ValueError, SealstreamError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

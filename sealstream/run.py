@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -12,7 +13,15 @@ from typing import Any
 
 from sealstream.errors import SealstreamError
 
-__all__ = ["add_service_options", "glue_values", "keep", "read_option_file", "run", "suppress"]
+__all__ = [
+    "add_service_options",
+    "glue_values",
+    "keep",
+    "quiet_broken_pipe",
+    "read_option_file",
+    "run",
+    "suppress",
+]
 
 
 def keep(value: object) -> object:
@@ -87,14 +96,26 @@ async def _until_signalled(main: Coroutine[Any, Any, int], interrupted: int) -> 
         raise
 
 
+def quiet_broken_pipe() -> int:
+    """After stdout's reader went away (``| head``): exit 0 quietly, as a filter does; stdout
+    goes to /dev/null so the interpreter's last flush does not complain either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
 def run(main: Callable[[], Coroutine[Any, Any, int]], *, interrupted: int = 0) -> int:
-    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit ``interrupted``: 0 for a service,
-    whose normal end that is), a SealstreamError or a misconfiguration prints one ``error:``
-    line (exit 1), never a traceback."""
+    """Run ``main()``; SIGINT/SIGTERM stop it cleanly (exit ``interrupted``: 0, as every
+    command ends on Ctrl-C; a service's normal end), a reader of stdout that went away ends
+    it quietly (exit 0), a SealstreamError or a misconfiguration prints one ``error:`` line
+    (exit 1), never a traceback."""
     try:
         return asyncio.run(_until_signalled(main(), interrupted))
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # before the handlers are in place, or after
+        return interrupted
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except SealstreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -85,6 +85,7 @@ EXPECTED: dict[str, list[str]] = {
         "Client",
         "ClientConfig",
         "ConsumerKey",
+        "Context",
         "Resumed",
         "Stats",
         "Subscription",
