@@ -55,8 +55,8 @@ _ADVICE = (
     ),
     ("forbidden", "authorization expired", "ask the cluster's operator to renew it"),
     ("forbidden", "token does not allow", "check --cluster, or use a token for this cluster"),
+    ("unauthorized", "NATS refused the connection: token expired", "get a fresh token"),
     ("unauthorized", "token expired", "get a fresh token"),
-    ("unauthorized", "invalid token", "check --token-file"),
     ("cluster_unavailable", "", "check --cluster, or start the cluster's producer"),
     ("limit_exceeded", "", "try again later, or ask the relay's operator"),
 )

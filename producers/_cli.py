@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             return quiet_broken_pipe()
         except (OSError, ValueError, SealstreamError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 1 if isinstance(exc, SealstreamError) else 2
     configure_logging(level=args.log_level, json=args.log_json)
 
     async def serve() -> int:

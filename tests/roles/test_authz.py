@@ -464,7 +464,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     kid = UserIdentity.load(identity_file).kid
     assert kid in made.stderr
     again = _cli("sealstream-consume", "identity", "create", "--file", identity_file)
-    assert again.returncode == 1, "an identity is never overwritten"
+    assert again.returncode == 2, "an identity is never overwritten"
     shown = _cli("sealstream-consume", "identity", "show", "--file", identity_file)
     assert json.loads(shown.stdout) == public
 
@@ -508,7 +508,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
         "--stream",
         "http_events",
     )
-    assert private.returncode == 1
+    assert private.returncode == 2
     assert "private" in private.stderr
     revoked = _cli(
         "sealstream-producer",
@@ -524,7 +524,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     unknown = _cli(
         "sealstream-producer", "authorize", "revoke", "--key-file", key_file, "--thumbprint", kid
     )
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2
     issuer = jose_jwk.OKPKey.generate_key("Ed25519")
     issuer_file = tmp_path / "issuer.pub.jwk"
     issuer_file.write_text(json.dumps(issuer.as_dict(private=False)), encoding="utf-8")
