@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__)
+    p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__.replace("``", ""))
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="serve session control and relay envelopes (default)")
     a = sub.add_parser("auth", help="answer the NATS auth callout only (consumer logins)")
@@ -43,10 +43,19 @@ def _parser() -> argparse.ArgumentParser:
             "(env SEALSTREAM_CALLOUT_ISSUER_SEED_FILE)",
         )
     t = sub.add_parser("token", help="mint a development token (HS256)")
-    t.add_argument("--secret-file", type=Path, required=True)
+    t.add_argument(
+        "--token-secret-file",
+        "--secret-file",
+        dest="secret_file",
+        type=Path,
+        required=True,
+        help="the HS256 secret file, as the relay's --token-secret-file",
+    )
     t.add_argument("--sub", required=True, help="user name")
-    t.add_argument("--cluster", action="append", required=True, help="allowed cluster id, or '*'")
-    t.add_argument("--ttl", type=int, default=3600, help="seconds")
+    t.add_argument(
+        "--cluster", action="append", required=True, help="allowed cluster id, or '*' (repeatable)"
+    )
+    t.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     return p
 
 

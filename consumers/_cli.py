@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -126,7 +125,9 @@ def _client_options(p: argparse.ArgumentParser, default: Any = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream-consume", description=__doc__, epilog=_ENVIRONMENT)
+    p = argparse.ArgumentParser(
+        prog="sealstream-consume", description=__doc__.replace("``", ""), epilog=_ENVIRONMENT
+    )
     _client_options(p)
     p.add_argument("--nats-url", help="NATS server (env NATS_URL)")
     p.add_argument("--token", help="access token (env SEALSTREAM_TOKEN; prefer --token-file)")
@@ -485,8 +486,7 @@ def _web(args: argparse.Namespace, ctx: Context | None, env: Mapping[str, str]) 
     )
     with WebServer(config, host=args.host, port=args.port) as server:
         print(f"the sealstream page: {server.url} (Ctrl-C stops)", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+        threading.Event().wait()  # until Ctrl-C (KeyboardInterrupt, after the server stops)
     return 0
 
 
@@ -540,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level=getattr(args, "log_level", None) or "error")
     try:
         return _command(args)
+    except KeyboardInterrupt:  # Ctrl-C outside an event loop ('web', before or after one)
+        return 0
     except BrokenPipeError:
         return quiet_broken_pipe()
     except (OSError, ValueError, SealstreamError) as exc:

@@ -55,7 +55,7 @@ def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__)
+    p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__.replace("``", ""))
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the agent (default)")
     for parser, d in ((p, keep), (r, suppress)):

@@ -234,8 +234,10 @@ async def backend(
             "proxy": ["broker_proxy", "--log-level", "info"],
             "producer": ["producers", "--rate", str(rate), "--log-level", "info"],
         }
+        started: list[tuple[str, asyncio.subprocess.Process, Path, int]] = []
         for role, args in roles.items():
-            log = (state / f"{role}.log").open("ab")
+            log_path = state / f"{role}.log"
+            log = log_path.open("ab")
             stack.callback(log.close)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -251,4 +253,29 @@ async def backend(
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
+            started.append((role, proc, log_path, log.tell()))
+        for role, proc, log_path, offset in started:
+            await _started(role, proc, log_path, offset)
         yield Backend(urls["consumer"], cluster, state, websocket_url)
+
+
+#: how long a role may take to start (a loaded machine)
+_START_S = 60.0
+
+
+async def _started(role: str, proc: asyncio.subprocess.Process, log: Path, offset: int) -> None:
+    """Wait until a role's log (past ``offset``) says it started (``proxy.started``: its
+    auth callout answers too; ``producer.started``), so that what ``up`` prints works at
+    once; a role that exits first is an error that quotes its last log line."""
+    needle = f"{role}.started".encode()
+    async with asyncio.timeout(_START_S):
+        while True:
+            with log.open("rb") as f:
+                f.seek(offset)
+                said = f.read()
+            if needle in said:
+                return
+            if proc.returncode is not None:
+                last = said.decode("utf-8", "replace").strip().splitlines()[-1:] or ["-"]
+                raise ValueError(f"the {role} did not start ({log}): {last[0][:300]}")
+            await asyncio.sleep(0.05)  # another process's file: nothing to await

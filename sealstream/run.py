@@ -39,10 +39,19 @@ def suppress(value: object) -> object:
 def add_service_options(parser: argparse.ArgumentParser, d: Callable[[object], object]) -> None:
     """The options every long-running service takes: NATS URL, subject prefix, logging.
     ``d`` is :func:`keep` on the command, :func:`suppress` on its ``run`` subcommand."""
-    parser.add_argument("--nats-url", default=d(None), help="NATS server (env NATS_URL)")
+    parser.add_argument(
+        "--nats-url",
+        default=d(None),
+        help="NATS server (env NATS_URL); its NATS user, if it has users: env "
+        "SEALSTREAM_NATS_USER with SEALSTREAM_NATS_PASSWORD_FILE (or SEALSTREAM_NATS_PASSWORD)",
+    )
     parser.add_argument("--prefix", default=d(None), help="subject prefix (env SEALSTREAM_PREFIX)")
-    parser.add_argument("--log-level", default=d("info"))
-    parser.add_argument("--log-json", action="store_true", default=d(False))
+    parser.add_argument(
+        "--log-level", default=d("info"), help="debug, info, warning or error (default info)"
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", default=d(False), help="log JSON lines, not text"
+    )
 
 
 def glue_values(argv: Sequence[str], options: Iterable[str]) -> list[str]:

@@ -93,11 +93,13 @@ class Service:
             self.proc.wait()
 
 
-def _start(log: Path, argv: list[str], *, cwd: Path | None = None) -> Service:
+def _start(
+    log: Path, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Service:
     out: IO[bytes]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_ENV, cwd=cwd
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env or _ENV, cwd=cwd
         )
     return Service(proc, log)
 
@@ -484,7 +486,11 @@ def test_demo_prints_decrypted_rows(tmp_path: Path) -> None:
 
 def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    up = _start(tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path)
+    config = tmp_path / "config"  # where up writes its context
+    env = {**_ENV, "XDG_CONFIG_HOME": str(config)}
+    up = _start(
+        tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path, env=env
+    )
     children: dict[int, str] = {}
     try:
         up.wait_for("sealstream is up", timeout=30)
@@ -522,6 +528,10 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     assert 'user: "consumer"' not in conf
     assert not (state / "nats-consumer.password").exists()
     assert "@" not in _text(state / "consumer.url")
+    context = json.loads(_text(config / "sealstream" / "context" / "demo.json"))
+    assert context["nats_url"] == _text(state / "consumer.url")
+    assert context["streams"] == ["http_events", "host_metrics"]
+    assert _text(config / "sealstream" / "context.txt") == "demo\n"
 
 
 def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
