@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Source
+from producers._sources import HostMetrics, HttpEvents, JsonLines, Row, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.jwk import thumbprint
@@ -34,18 +36,47 @@ from sealstream.run import (
 __all__ = ["main", "parse_source"]
 
 
-def parse_source(spec: str, *, rate: float, interval: float) -> Source:
-    """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin)."""
+def parse_source(
+    spec: str, *, rate: float, interval: float, read: Callable[[str], bool] | None = None
+) -> Source:
+    """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin);
+    given ``read`` (whether a stream has a reader), records wait for the first reader of
+    their stream (:class:`FirstReader`)."""
     if spec == "http_events":
         return HttpEvents(rate=rate)
     if spec == "host_metrics":
         return HostMetrics(interval=interval)
     if spec.startswith("jsonl:"):
         path, _, stream = spec[len("jsonl:") :].partition(":")
-        return JsonLines(None if path == "-" else Path(path), stream=stream or "records")
+        lines = JsonLines(None if path == "-" else Path(path), stream=stream or "records")
+        return lines if read is None else FirstReader(lines, read)
     raise ValueError(
         f"unknown source {spec!r}: use http_events, host_metrics or jsonl:PATH[:STREAM]"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class FirstReader:
+    """Records (a file, stdin) held until their stream has a reader: a file is read once,
+    and rows emitted before any session is open would be sealed to no one. The first readers
+    get them from the start; later ones, what comes after they open."""
+
+    source: Source
+    #: whether a stream has a reader now
+    read: Callable[[str], bool]
+    poll_s: float = 0.1
+
+    @property
+    def stream(self) -> str:
+        return self.source.stream
+
+    async def rows(self) -> AsyncGenerator[list[Row], None]:
+        # the agent has no event for an open (its control path is not this module's): look
+        while not self.read(self.stream):  # noqa: ASYNC110
+            await asyncio.sleep(self.poll_s)
+        async with contextlib.aclosing(self.source.rows()) as batches:
+            async for batch in batches:
+                yield batch
 
 
 def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
@@ -321,12 +352,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"once with 'sealstream-producer key --key-file {config.key_file}')"
             )
         specs = source_specs(args, os.environ)
+        running: list[Agent] = []  # the agent, once it runs
+
+        def read(stream: str) -> bool:
+            live = (served for agent in running for served in agent.sessions.values())
+            return any(stream in served.streams for served in live)
+
         sources = [
-            parse_source(s.strip(), rate=args.rate, interval=args.interval)
+            parse_source(s.strip(), rate=args.rate, interval=args.interval, read=read)
             for s in specs
             if s.strip()
         ]
-        async with Agent(config, sources=sources):
+        async with Agent(config, sources=sources) as agent:
+            running.append(agent)
             await asyncio.Event().wait()
         return 0
 

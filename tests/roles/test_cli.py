@@ -631,3 +631,62 @@ def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Path) -> None:
+    """``up --sources jsonl:FILE:orders,jsonl:-:events``: the printed command names every
+    stream; the file's records (and what is piped into ``up``) wait for the stream's first
+    reader, who gets them all, exactly (nanosecond integers included)."""
+    orders = [{"id": n, "total": 9.5, "ts": 1_796_588_367_312_858_562 + n} for n in range(5)]
+    events = [{"kind": "login", "user": f"u{n}"} for n in range(3)]
+    (tmp_path / "orders.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in orders), encoding="utf-8"
+    )
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    sources = "jsonl:orders.jsonl:orders,jsonl:-:events"
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen(
+            _cmd("sealstream", "up", "--dir", tmp_path / "state", "--sources", sources),
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert up.stdin is not None
+    try:
+        up.stdin.write(b"".join(json.dumps(r).encode() + b"\n" for r in events))
+        up.stdin.flush()
+        _wait_for(
+            lambda: "Ctrl-C stops everything." in _text(tmp_path / "up.log"),
+            timeout=60,
+            what="up to be ready",
+            proc=up,
+        )
+        assert "--stream orders --stream events\n" in _text(tmp_path / "up.log")
+        for stream, records in (("orders", orders), ("events", events)):
+            done = subprocess.run(
+                [
+                    *_cmd("sealstream-consume", "--stream", stream, "--output", "jsonl"),
+                    "--limit",
+                    str(len(records)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            assert [json.loads(line)["row"] for line in done.stdout.splitlines()] == records
+    finally:
+        up.stdin.close()
+        up.send_signal(signal.SIGINT)
+        try:
+            assert up.wait(timeout=30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
