@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
             # after 'run' they go to a list of their own, joined to those given before it
             dest="source" if parser is p else "run_source",
             default=d(None),
-            help="http_events | host_metrics | jsonl:PATH[:STREAM] (repeatable; env "
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] (PATH - is stdin; its "
+            "records wait for the stream's first reader) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
