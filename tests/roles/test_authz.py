@@ -41,8 +41,10 @@ from tests.support.pipeline import (
 
 BIN = Path(sys.executable).parent
 ROWS = [{"n": 1, "s": "one"}, {"n": 2, "s": "two"}]
-#: no inherited configuration may steer the commands
+#: no inherited configuration may steer the commands: no context, no default identity or trust
+#: store (a configuration directory that does not exist)
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+_ENV["XDG_CONFIG_HOME"] = "/nonexistent/sealstream-test-config"
 
 
 class Clock:

@@ -32,8 +32,10 @@ from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
 STREAM = ("--stream", "http_events")
-#: no inherited configuration may steer the commands
+#: no inherited configuration may steer the commands: no context, no default identity or trust
+#: store (a configuration directory that does not exist)
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+_ENV["XDG_CONFIG_HOME"] = "/nonexistent/sealstream-test-config"
 
 
 def _cmd(name: str, *args: str | Path) -> list[str]:
