@@ -298,8 +298,8 @@ def _identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         identity = UserIdentity.load(_existing("--file", path) or path)
     print(json.dumps(identity.public_jwk))
     print(
-        f"identity {identity.kid} ({path}); give its operator the line above, in a file, for "
-        "'sealstream-producer authorize add --jwk-file FILE'",
+        f"identity {identity.kid} ({path}); give a cluster's operator the line above, in a "
+        "file, for 'sealstream-producer authorize add --jwk-file FILE'",
         file=sys.stderr,
     )
     return 0
@@ -490,14 +490,11 @@ def _web(args: argparse.Namespace, ctx: Context | None, env: Mapping[str, str]) 
     return 0
 
 
-def _client_config(
-    args: argparse.Namespace, ctx: Context | None, env: Mapping[str, str]
-) -> ClientConfig:
+def _client_config(args: argparse.Namespace, env: Mapping[str, str]) -> ClientConfig:
     token: str | TokenFile | None = args.token
-    token_file = _existing("--token-file", args.token_file)
-    if token is None and token_file is not None:
-        token = TokenFile(token_file)
-    _existing("--token-file", env.get("SEALSTREAM_TOKEN_FILE"))
+    if token is None:  # a file named by the flag, else by the environment or the context
+        token_file = _existing("--token-file", args.token_file or env.get("SEALSTREAM_TOKEN_FILE"))
+        token = TokenFile(token_file) if token_file is not None else None
     identity_file = _existing("--identity", args.identity or env.get("SEALSTREAM_IDENTITY_FILE"))
     authz_file = _existing("--authz-file", args.authz_file)
     return ClientConfig.from_env(
@@ -531,7 +528,7 @@ def _command(args: argparse.Namespace) -> int:
     if not args.stream:
         offered = f" ({args.cluster} offers {', '.join(ctx.streams)})" if ctx else ""
         raise ValueError(f"--stream is required{offered}")
-    config = _client_config(args, ctx, env)
+    config = _client_config(args, env)
     return run(lambda: consume(config, args))
 
 
