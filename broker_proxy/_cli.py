@@ -59,17 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _secret(path: Path) -> bytes:
+    """The token secret file's bytes; a missing file is named with its option."""
+    try:
+        return read_secret(path)
+    except FileNotFoundError:
+        raise ValueError(f"--token-secret-file {path}: no such file") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
-        print(
-            mint_token(
-                sub=args.sub,
-                clusters=args.cluster,
-                ttl_s=args.ttl,
-                secret=read_secret(args.secret_file),
-            )
-        )
+        try:
+            secret = _secret(args.secret_file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(mint_token(sub=args.sub, clusters=args.cluster, ttl_s=args.ttl, secret=secret))
         return 0
     configure_logging(level=args.log_level, json=args.log_json)
 
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             nats_url=args.nats_url,
             prefix=args.prefix,
             keepalive_s=args.keepalive,
-            token_secret=read_secret(args.token_secret_file) if args.token_secret_file else None,
+            token_secret=_secret(args.token_secret_file) if args.token_secret_file else None,
             callout=(
                 CalloutConfig.from_seed_file(args.callout_issuer_seed_file)
                 if args.callout_issuer_seed_file

@@ -292,6 +292,22 @@ def mistakes(up: Up) -> dict[str, Mistake]:
             "running? (--nats-url, NATS_URL or the context)",
         ),
         (
+            "a missing token secret",
+            [
+                "sealstream-proxy",
+                "token",
+                "--token-secret-file",
+                up.dir / "nope",
+                "--sub",
+                "a",
+                "--cluster",
+                "demo",
+            ],
+            None,
+            2,
+            f"error: --token-secret-file {up.dir / 'nope'}: no such file",
+        ),
+        (
             "a second up on the same state directory",
             ["sealstream", "up", "--dir", up.state],
             None,
@@ -321,6 +337,7 @@ MISTAKES = [
     "an expired token",
     "no identity, for a cluster that checks who reads",
     "NATS down",
+    "a missing token secret",
     "a second up on the same state directory",
 ]
 
