@@ -228,6 +228,16 @@ def _parser() -> argparse.ArgumentParser:
             help="key file (default --identity, the context's, or "
             "~/.config/sealstream/identity.jwk)",
         )
+    ctx = sub.add_parser(
+        "context",
+        help="the contexts: named defaults ('sealstream up' writes one)",
+        description="The contexts: named defaults for these commands (NATS URL, token, trust "
+        "store, identity, cluster, streams), as the nats CLI has them.",
+    )
+    ctx_actions = ctx.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ctx_actions.add_parser("list", help="the saved contexts; * marks the selected one")
+    chosen = ctx_actions.add_parser("select", help="make a context the default")
+    chosen.add_argument("name", help="the context's name")
     sub.add_parser(
         "whoami",
         help="who you are to a cluster: context, token, identity, pinned key",
@@ -315,6 +325,20 @@ def _trust(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 0
     kid = store.add(args.cluster_sub, json.loads(read_option_file("--jwk-file", args.jwk_file)))
     print(f"pinned {args.cluster_sub} {kid} in {path}")
+    return 0
+
+
+def _context(args: argparse.Namespace) -> int:
+    if args.action == "select":
+        Context.select(args.name)
+        print(f"context {args.name!r} selected")
+        return 0
+    selected = os.environ.get("SEALSTREAM_CONTEXT") or Context.selected()
+    for name in Context.names():
+        ctx = Context.load(name)
+        assert ctx is not None
+        mark = "*" if name == selected else " "
+        print(f"{mark} {name}\t{ctx.cluster or '-'}\t{ctx.nats_url or '-'}")
     return 0
 
 
@@ -513,6 +537,8 @@ def _client_config(args: argparse.Namespace, env: Mapping[str, str]) -> ClientCo
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.command == "context":
+        return _context(args)
     ctx, env = _environment(args)
     if args.command == "trust":
         return _trust(args, env)

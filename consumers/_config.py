@@ -194,6 +194,17 @@ class Context:
         known["streams"] = tuple(str(s) for s in known.get("streams") or ())
         return cls(name=chosen, **known)
 
+    @classmethod
+    def names(cls) -> list[str]:
+        """The contexts saved on this machine, by name."""
+        return sorted(p.stem for p in cls.directory().glob("*.json"))
+
+    @classmethod
+    def select(cls, name: str) -> None:
+        """Make context ``name`` (which must exist) the default."""
+        if cls.load(name) is not None:
+            _write_atomically(_config_dir() / "context.txt", name + "\n")
+
     def save(self, *, select: bool = False) -> Path:
         """Write this context (atomically, mode 0600); ``select``: make it the default."""
         path = self.path(self.name)
@@ -202,7 +213,7 @@ class Context:
         data["streams"] = list(self.streams)
         _write_atomically(path, json.dumps(data, indent=2) + "\n")
         if select:
-            _write_atomically(_config_dir() / "context.txt", self.name + "\n")
+            self.select(self.name)
         return path
 
     def env(self) -> dict[str, str]:

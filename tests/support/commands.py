@@ -92,7 +92,12 @@ def env_names(parser: argparse.ArgumentParser) -> list[str]:
 def table() -> str:
     rows = ["| command | what it does | environment |", "|---|---|---|"]
     for words, parser, text in commands():
-        usage = " ".join([words, *(_usage(a) for a in _options(parser))])
+        positional = [
+            str(a.metavar or a.dest).upper()
+            for a in parser._actions
+            if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+        ]
+        usage = " ".join([words, *positional, *(_usage(a) for a in _options(parser))])
         env = ", ".join(f"`{n}`" for n in env_names(parser)) or "-"
         cell = usage.replace("|", "\\|")
         rows.append(f"| `{cell}` | {text.replace('|', '/')} | {env} |")
