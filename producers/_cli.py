@@ -9,12 +9,15 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import sys
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+
+import nats.errors
 
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
@@ -22,7 +25,9 @@ from producers._config import ProducerConfig
 from producers._sources import HostMetrics, HttpEvents, JsonLines, Row, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
+from sealstream.ids import Subjects
 from sealstream.jwk import thumbprint
+from sealstream.nats import connect, release
 from sealstream.run import (
     add_service_options,
     glue_values,
@@ -77,6 +82,41 @@ class FirstReader:
         async with contextlib.aclosing(self.source.rows()) as batches:
             async for batch in batches:
                 yield batch
+
+
+@contextlib.asynccontextmanager
+async def _sole_producer(config: ProducerConfig) -> AsyncIterator[None]:
+    """Refuse to start beside another producer of the cluster, then answer for this one while
+    it runs (docs/protocol.md, "Identifiers and subjects": one producer serves a cluster)."""
+    subjects = Subjects(config.prefix)
+    nc = await connect(
+        config.nats_url,
+        name=f"sealstream-producer.{config.cluster}.presence",
+        user=config.nats_auth.user,
+        password=config.nats_auth.password,
+        inbox_prefix=subjects.producer_inbox(config.cluster),
+    )
+    try:
+        subject = subjects.producer(config.cluster)
+        try:
+            other = await nc.request(subject, b"", timeout=1.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            pass  # nobody serves it (a server that forbids the subject: no reply either)
+        else:
+            who = other.data.decode("utf-8", "replace")[:200]
+            raise ValueError(
+                f"cluster {config.cluster!r} already has a producer ({who}): stop it, or give "
+                "this one another --cluster"
+            )
+        me = f"process {os.getpid()} on {socket.gethostname()}".encode()
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(me)
+
+        await nc.subscribe(subject, cb=answer)
+        yield
+    finally:
+        await release(nc)
 
 
 def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
@@ -364,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in specs
             if s.strip()
         ]
-        async with Agent(config, sources=sources) as agent:
+        async with _sole_producer(config), Agent(config, sources=sources) as agent:
             running.append(agent)
             await asyncio.Event().wait()
         return 0

@@ -141,13 +141,13 @@ class Setup:
             ),
         )
 
-    def producer(self) -> Service:
+    def producer(self, cluster: str = CLUSTER) -> Service:
         return _start(
             self.dir / f"producer-{secrets.token_hex(2)}.log",
             _cmd(
                 "sealstream-producer",
                 "--cluster",
-                CLUSTER,
+                cluster,
                 "--nats-url",
                 self.nats_url,
                 "--prefix",
@@ -401,7 +401,8 @@ def test_consume_with_an_untrusted_cluster_key_fails_clearly(
 
 
 def test_sigint_stops_proxy_and_producer_cleanly(setup: Setup) -> None:
-    proxy, producer = setup.proxy(), setup.producer()
+    # a cluster of its own: one producer serves a cluster (the module's backend serves c1)
+    proxy, producer = setup.proxy(), setup.producer("c-sigint")
     try:
         proxy.wait_for("proxy.started")
         producer.wait_for("producer.started")

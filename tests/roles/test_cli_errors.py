@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sealstream.crypto import UserIdentity
@@ -124,6 +125,7 @@ def mistakes(up: Up) -> dict[str, Mistake]:
     expired = up.dir / "expired.token"
     expired.write_text(up.token("demo", ttl=-120), encoding="ascii")
     nats_url = (up.state / "consumer.url").read_text(encoding="utf-8")
+    (producer,) = (p.pid for p in psutil.Process(up.pid).children() if "producers" in p.cmdline())
     bare = _clean_env(up.dir / "no-config")  # no context, no default identity
     consume: list[str | Path] = ["sealstream-consume", "--output", "jsonl", "--limit", "1"]
     authorize = ["sealstream-producer", "authorize"]
@@ -292,6 +294,29 @@ def mistakes(up: Up) -> dict[str, Mistake]:
             "running? (--nats-url, NATS_URL or the context)",
         ),
         (
+            "a second producer for a cluster",
+            [
+                "sealstream-producer",
+                "--cluster",
+                "demo",
+                "--key-file",
+                key_file,
+                "--source",
+                "http_events",
+                "--log-level",
+                "warning",
+            ],
+            {
+                **up.env,
+                "NATS_URL": nats_url,
+                "SEALSTREAM_NATS_USER": "producer-demo",
+                "SEALSTREAM_NATS_PASSWORD_FILE": str(up.state / "nats-producer-demo.password"),
+            },
+            2,
+            f"error: cluster 'demo' already has a producer (process {producer} on "
+            f"{socket.gethostname()}): stop it, or give this one another --cluster",
+        ),
+        (
             "a missing token secret",
             [
                 "sealstream-proxy",
@@ -337,6 +362,7 @@ MISTAKES = [
     "an expired token",
     "no identity, for a cluster that checks who reads",
     "NATS down",
+    "a second producer for a cluster",
     "a missing token secret",
     "a second up on the same state directory",
 ]
