@@ -45,15 +45,17 @@ def parse_source(
     spec: str, *, rate: float, interval: float, read: Callable[[str], bool] | None = None
 ) -> Source:
     """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin);
-    given ``read`` (whether a stream has a reader), records wait for the first reader of
-    their stream (:class:`FirstReader`)."""
+    given ``read`` (whether a stream has a reader), a file's records wait for the first reader
+    of their stream (:class:`FirstReader`)."""
     if spec == "http_events":
         return HttpEvents(rate=rate)
     if spec == "host_metrics":
         return HostMetrics(interval=interval)
     if spec.startswith("jsonl:"):
         path, _, stream = spec[len("jsonl:") :].partition(":")
-        lines = JsonLines(None if path == "-" else Path(path), stream=stream or "records")
+        if path == "-":  # read as it comes, as a pipe is
+            return JsonLines(None, stream=stream or "records")
+        lines = JsonLines(Path(path), stream=stream or "records")
         return lines if read is None else FirstReader(lines, read)
     raise ValueError(
         f"unknown source {spec!r}: use http_events, host_metrics or jsonl:PATH[:STREAM]"
@@ -62,9 +64,9 @@ def parse_source(
 
 @dataclass(frozen=True, slots=True)
 class FirstReader:
-    """Records (a file, stdin) held until their stream has a reader: a file is read once,
-    and rows emitted before any session is open would be sealed to no one. The first readers
-    get them from the start; later ones, what comes after they open."""
+    """A file's records held until their stream has a reader: a file is read once, and rows
+    emitted before any session is open would be sealed to no one. The first readers get them
+    from the start; later ones, what comes after they open."""
 
     source: Source
     #: whether a stream has a reader now
@@ -146,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
             # after 'run' they go to a list of their own, joined to those given before it
             dest="source" if parser is p else "run_source",
             default=d(None),
-            help="http_events | host_metrics | jsonl:PATH[:STREAM] (PATH - is stdin; its "
-            "records wait for the stream's first reader) (repeatable; env "
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] (a file's records wait for "
+            "the stream's first reader; PATH - is stdin, read as it comes) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(

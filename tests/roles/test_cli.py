@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -638,10 +640,9 @@ def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> No
 
 def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Path) -> None:
     """``up --sources jsonl:FILE:orders,jsonl:-:events``: the printed command names every
-    stream; the file's records (and what is piped into ``up``) wait for the stream's first
-    reader, who gets them all, exactly (nanosecond integers included)."""
+    stream; the file's records wait for the stream's first reader, who gets them all, exactly
+    (nanosecond integers included); what is piped into ``up`` is read as it comes."""
     orders = [{"id": n, "total": 9.5, "ts": 1_796_588_367_312_858_562 + n} for n in range(5)]
-    events = [{"kind": "login", "user": f"u{n}"} for n in range(3)]
     (tmp_path / "orders.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in orders), encoding="utf-8"
     )
@@ -656,10 +657,20 @@ def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Pat
             env=env,
             cwd=tmp_path,
         )
-    assert up.stdin is not None
+    pipe = up.stdin
+    assert pipe is not None
+    stop = threading.Event()
+
+    def feed() -> None:  # a live source: an event every 50 ms until the reader has its rows
+        n = 0
+        with contextlib.suppress(BrokenPipeError):
+            while not stop.wait(0.05):
+                pipe.write(json.dumps({"kind": "login", "n": n}).encode() + b"\n")
+                pipe.flush()
+                n += 1
+
+    feeder = threading.Thread(target=feed)
     try:
-        up.stdin.write(b"".join(json.dumps(r).encode() + b"\n" for r in events))
-        up.stdin.flush()
         _wait_for(
             lambda: "Ctrl-C stops everything." in _text(tmp_path / "up.log"),
             timeout=60,
@@ -667,12 +678,14 @@ def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Pat
             proc=up,
         )
         assert "--stream orders --stream events\n" in _text(tmp_path / "up.log")
-        for stream, records in (("orders", orders), ("events", events)):
+        feeder.start()
+        rows = {}
+        for stream, limit in (("orders", len(orders)), ("events", 3)):
             done = subprocess.run(
                 [
                     *_cmd("sealstream-consume", "--stream", stream, "--output", "jsonl"),
                     "--limit",
-                    str(len(records)),
+                    str(limit),
                 ],
                 capture_output=True,
                 text=True,
@@ -683,9 +696,16 @@ def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Pat
                 check=False,
             )
             assert done.returncode == 0, done.stderr
-            assert [json.loads(line)["row"] for line in done.stdout.splitlines()] == records
+            rows[stream] = [json.loads(line)["row"] for line in done.stdout.splitlines()]
+        assert rows["orders"] == orders
+        numbers = [r["n"] for r in rows["events"]]
+        assert numbers == sorted(numbers)
+        assert len(numbers) == 3
     finally:
-        up.stdin.close()
+        stop.set()
+        if feeder.is_alive():
+            feeder.join()
+        pipe.close()
         up.send_signal(signal.SIGINT)
         try:
             assert up.wait(timeout=30) == 0
