@@ -636,6 +636,7 @@ def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert proc.returncode == 0, "Ctrl-C ends demo as it ends every command"
 
 
 def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Path) -> None:

@@ -398,3 +398,36 @@ def test_a_closed_pipe_ends_the_reader_quietly(up: Up) -> None:
     assert reader.wait(timeout=30) == 0
     with reader.stderr:
         assert reader.stderr.read() == b""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sealstream-consume", "--stream", "http_events", "--output", "jsonl"],
+        ["sealstream-consume", "web", "--port", "0"],
+    ],
+    ids=["consume", "web"],
+)
+def test_ctrl_c_ends_a_command_with_0_and_nothing_on_stderr(up: Up, argv: list[str]) -> None:
+    """As a terminal's Ctrl-C: SIGINT to the command's process group, once it shows output."""
+    proc = subprocess.Popen(
+        [str(BIN / argv[0]), *argv[1:]],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=up.env,
+        cwd=up.dir,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        assert proc.stdout.readline()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.stderr.read() == b""
