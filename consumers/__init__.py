@@ -1,4 +1,5 @@
-"""consumers: the client library (verify, decrypt, order, policy) and the CLI."""
+"""consumers: the client library (verify, decrypt, order, policy), the OTLP exporter and the
+CLI."""
 
 from consumers._cli import consume
 from consumers._client import Client, Resumed, Stats, Subscription
@@ -9,6 +10,7 @@ from consumers._config import (
     default_identity_file,
     default_trust_store,
 )
+from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
@@ -18,6 +20,8 @@ __all__ = [
     "ClientConfig",
     "ConsumerKey",
     "Context",
+    "ExportConfig",
+    "OtlpExporter",
     "Resumed",
     "Stats",
     "Subscription",

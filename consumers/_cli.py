@@ -1,14 +1,15 @@
 """``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
 as JSON lines). Its defaults come from a context ('sealstream up' writes one); ``trust``
 manages the trust store, ``identity`` your identity key (which a cluster authorizes),
-``whoami`` shows who you are to a cluster, and ``web`` serves the browser view, which
-decrypts in the page."""
+``whoami`` shows who you are to a cluster, ``web`` serves the browser view, which decrypts in
+the page, and ``export`` re-exports the OTLP streams to an OTLP endpoint."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -21,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 
-from consumers._client import Client, Resumed, Subscription
+from consumers._client import DEFAULT_RETRY_S, Client, Resumed, Subscription
 from consumers._config import (
     ClientConfig,
     Context,
@@ -31,10 +31,12 @@ from consumers._config import (
     default_identity_file,
     default_trust_store,
 )
-from consumers._view import JsonLinesWriter, LiveTable
+from consumers._otlp import ExportConfig, OtlpExporter
+from consumers._view import JsonLinesWriter, LiveTable, summary
 from consumers._web import WebConfig, WebServer
 from sealstream import BrokerError, SealstreamError, SessionError, configure_logging
 from sealstream.crypto import Batch, TrustStore, UserIdentity
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.run import quiet_broken_pipe, read_option_file, run
 
 __all__ = ["consume", "main"]
@@ -145,10 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--key-mode",
-        choices=["session", "per-message", "group"],
-        help="session (default: signed session keys), group (one batch sealed and signed once "
-        "for every reader of a stream, group keys sent to each member) or per-message (Pixie's "
-        "scheme: NO sender authentication, a relay can forge data; for comparison only)",
+        choices=["session", "group"],
+        help="session (default: signed session keys) or group (one batch sealed and signed "
+        "once for every reader of a stream, group keys sent to each member)",
     )
     p.add_argument(
         "--output",
@@ -167,9 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry",
         type=float,
-        default=0.0,
+        default=DEFAULT_RETRY_S,
         help="keep retrying the first open for this many seconds while the proxy is busy or "
-        "the cluster unavailable",
+        f"the cluster unavailable (default {DEFAULT_RETRY_S:g} s; 0 fails at once)",
     )
     p.add_argument(
         "--no-resume",
@@ -258,7 +259,73 @@ def _parser() -> argparse.ArgumentParser:
         "--nats-ws-url", help="NATS WebSocket URL for the page (env SEALSTREAM_NATS_WS_URL)"
     )
     _client_options(web, argparse.SUPPRESS)  # so they may follow 'web' too
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="re-export what the OTLP streams carry, decrypted, to an OTLP endpoint",
+    )
+    export.add_argument(
+        "--otlp-endpoint",
+        required=True,
+        help="OTLP base URL, e.g. http://127.0.0.1:4318 (/v1/traces etc. appended) or "
+        "http://127.0.0.1:4317 with --protocol grpc",
+    )
+    export.add_argument(
+        "--protocol",
+        choices=["http/protobuf", "grpc"],
+        default="http/protobuf",
+        help="OTLP/HTTP (default; POST to the endpoint's /v1/<signal>) or OTLP/gRPC (the "
+        "endpoint's host and port; https:// for TLS)",
+    )
+    export.add_argument(
+        "--header", action="append", default=[], help="K=V sent with every request (repeatable)"
+    )
+    _client_options(export, argparse.SUPPRESS)  # so they may follow 'export' too
+    export.add_argument(
+        "--duration", type=float, default=argparse.SUPPRESS, help="stop after this many seconds"
+    )
+
+
+def _export_config(args: argparse.Namespace) -> ExportConfig:
+    headers = {}
+    for header in args.header:
+        name, sep, value = header.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {header!r}: use K=V")
+        headers[name.strip()] = value.strip()
+    return ExportConfig(endpoint=args.otlp_endpoint, protocol=args.protocol, headers=headers)
+
+
+async def export(config: ClientConfig, args: argparse.Namespace) -> int:
+    """``export``: subscribe to the OTLP streams and re-export every request (until
+    ``--duration`` or Ctrl-C; then a summary on stderr)."""
+    streams = args.stream or list(OTLP_STREAMS)  # the OTLP streams, unless told otherwise
+    exporter = OtlpExporter(_export_config(args))
+    sub: Subscription[Batch | Resumed] | None = None
+    try:
+        async with Client(config) as client, exporter:
+            sub = client.subscribe(args.cluster, streams, resume=args.resume, retry_s=args.retry)
+            async with sub:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(args.duration):
+                        async for batch in sub:
+                            if isinstance(batch, Resumed):
+                                _resumed(batch)
+                            else:
+                                await exporter.put(batch)
+    finally:
+        stats = sub.stats() if sub is not None else None
+        print(
+            f"exported {sum(exporter.exported.values())} OTLP requests, undelivered "
+            f"{sum(exporter.failed.values())} {dict(exporter.failed) or ''}".rstrip()
+            + (f"; lost {stats.lost}, dropped {stats.dropped} in the session" if stats else ""),
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _environment(args: argparse.Namespace) -> tuple[Context | None, dict[str, str]]:
@@ -451,18 +518,14 @@ async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) ->
                 if args.limit and rows >= args.limit:
                     return
             return
-        view = LiveTable(sub.cluster, sub.session_id)
-        with Live(view.render(), console=Console(), refresh_per_second=4, transient=False) as live:
+        view = LiveTable(sub.cluster, sub.session_id, stats=sub.stats)
+        with view.live(Console()):
             async for batch in sub:
                 if isinstance(batch, Resumed):
                     view.session = batch.session
-                    view.stats = sub.stats()
-                    live.update(view.render())
                     continue
                 shown = _upto(batch, args.limit - rows if args.limit else None)
                 view.add(shown)
-                view.stats = sub.stats()
-                live.update(view.render())
                 rows += len(shown.rows)
                 if args.limit and rows >= args.limit:
                     return
@@ -477,13 +540,8 @@ async def _show(sub: Subscription[Batch | Resumed], args: argparse.Namespace) ->
         pass
     if sub.end_reason is not None:
         print(f"session ended by the cluster: {sub.end_reason}", file=sys.stderr)
-    stats = sub.stats()
-    if stats.rejected or stats.lost or stats.dropped or stats.sessions > 1:
-        print(
-            f"rejected {stats.rejected}, lost {stats.lost}, dropped {stats.dropped}, "
-            f"sessions {stats.sessions}",
-            file=sys.stderr,
-        )
+    if (said := summary(sub.stats())) is not None:
+        print(said, file=sys.stderr)
     return 0
 
 
@@ -551,6 +609,9 @@ def _command(args: argparse.Namespace) -> int:
         raise ValueError("--cluster is required (or a context: 'sealstream up' writes one)")
     if args.command == "web":
         return _web(args, ctx, env)
+    if args.command == "export":
+        config = _client_config(args, env)
+        return run(lambda: export(config, args))
     if not args.stream:
         offered = f" ({args.cluster} offers {', '.join(ctx.streams)})" if ctx else ""
         raise ValueError(f"--stream is required{offered}")

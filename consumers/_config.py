@@ -73,6 +73,9 @@ class ClientConfig:
     tofu: bool = False
     key_kind: KeyKind = "rsa"
     key_mode: KeyMode = "session"
+    #: per-message mode (Pixie's scheme, a bench baseline) has NO sender authentication: a
+    #: relay can forge rows. Refused unless this is set: nothing user-facing sets it.
+    unauthenticated_per_message: bool = False
     policy: Policy = "fail"
     allow_zip: bool = False
     queue_size: int = 10_000
@@ -84,6 +87,11 @@ class ClientConfig:
         if self.key_mode not in ("session", "per-message", "group"):
             raise ValueError(
                 f"key mode must be session, per-message or group, not {self.key_mode!r}"
+            )
+        if self.key_mode == "per-message" and not self.unauthenticated_per_message:
+            raise ValueError(
+                "per-message mode has no sender authentication (a relay can forge rows): "
+                "use session or group mode (unauthenticated_per_message=True for a bench only)"
             )
         if self.key_mode == "group" and self.allow_zip:
             raise ValueError("zip is not available in group mode")

@@ -2,37 +2,128 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import math
+import re
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
-from rich.console import Group
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from consumers._client import Stats
 from sealstream.crypto import Batch
 
-__all__ = ["JsonLinesWriter", "LiveTable"]
+__all__ = ["JsonLinesWriter", "LiveTable", "cell", "rejections", "summary"]
 
 _MAX_COLUMNS = 9
 _ROWS_SHOWN = 8
+_MAX_CELL = 28
+_REFRESH_S = 0.25
+
+# What a column holds, by its name (the sources' conventions; the page's format.js reads
+# them the same way): unix times, durations in ns, sizes and rates in bytes, percentages.
+_TIME = re.compile(r"^time_?$|^ts$|_time$")
+_DURATION = re.compile(r"_ns$")
+_RATE = re.compile(r"_rate$")
+_SIZE = re.compile(r"_size$|(^|_)bytes(_|$)|^mem_(total|available)$")
+_PERCENT = re.compile(r"_percent$")
 
 
-def _cell(column: str, value: Any) -> str:
-    if column.startswith("time") and isinstance(value, int) and value > 10**18:
-        stamp = datetime.fromtimestamp(value / 1e9, tz=UTC)
-        return stamp.strftime("%H:%M:%S.%f")[:-3]
-    if isinstance(value, float):
-        return f"{value:.2f}"
+def _short(x: float) -> str:
+    """Three significant digits at most."""
+    a = abs(x)
+    if a >= 100 or x == int(x):
+        return f"{x:.0f}"
+    return f"{x:.1f}" if a >= 10 else f"{x:.2f}"
+
+
+def _duration(ns: float) -> str:
+    a = abs(ns)
+    if a < 1e3:
+        return f"{_short(ns)} ns"
+    if a < 1e6:
+        return f"{_short(ns / 1e3)} µs"
+    if a < 1e9:
+        return f"{_short(ns / 1e6)} ms"
+    return f"{_short(ns / 1e9)} s"
+
+
+def _size(n: float) -> str:
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    i = 0
+    n /= 1024
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{_short(n)} {units[i]}"
+
+
+def _clock(t: int | float) -> str:
+    """Local time with ms (the date in front when not today's), from unix s, ms, µs or ns,
+    told apart by magnitude."""
+    a = abs(t)
+    if isinstance(t, int) and a >= 1e17:
+        seconds = t // 1_000_000 / 1e3  # a float holds unix ns to about 256 ns only
+    else:
+        seconds = t / 1e9 if a >= 1e17 else t / 1e6 if a >= 1e14 else t / 1e3 if a >= 1e11 else t
+    try:
+        stamp = datetime.fromtimestamp(seconds).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return str(t)
+    shown = stamp.strftime("%H:%M:%S.%f")[:-3]
+    if stamp.date() != datetime.now().astimezone().date():
+        shown = f"{stamp:%Y-%m-%d} {shown}"
+    return shown
+
+
+def cell(column: str, value: Any) -> str:
+    """``value`` as its column reads: formatted when the column's kind (by its name) and the
+    value's type agree, else its text; cut to a cell's width."""
     text = str(value)
-    return text if len(text) <= 28 else text[:27] + "…"
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        if _TIME.search(column):
+            text = _clock(value)
+        elif _DURATION.search(column):
+            text = _duration(value)
+        elif _RATE.search(column):
+            text = f"{_size(value)}/s"
+        elif _SIZE.search(column):
+            text = _size(value)
+        elif _PERCENT.search(column):
+            text = f"{value:.1f} %"
+        elif isinstance(value, float):
+            text = f"{value:.2f}"
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+
+
+def rejections(stats: Stats) -> str:
+    """``rejected 3 (bad_signature 2, replay 1)``: envelopes refused, by reason."""
+    total = sum(stats.rejected.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.rejected.items()))
+    return f"rejected {total} ({reasons})" if reasons else "rejected 0"
+
+
+def summary(stats: Stats) -> str | None:
+    """The exit summary, when something was refused, lost or dropped, or a session resumed."""
+    if not (stats.rejected or stats.lost or stats.dropped or stats.sessions > 1):
+        return None
+    return (
+        f"{rejections(stats)}, lost {stats.lost}, dropped {stats.dropped}, "
+        f"sessions {stats.sessions}"
+    )
 
 
 @dataclass
@@ -46,13 +137,17 @@ class _StreamView:
 
 
 class LiveTable:
-    """Keeps the last rows of each stream and renders them with the session's counters."""
+    """Keeps the last rows of each stream and renders them, with the subscription's counters
+    in a footer: rows, and envelopes rejected by reason."""
 
-    def __init__(self, cluster: str, session: str) -> None:
+    def __init__(
+        self, cluster: str, session: str, *, stats: Callable[[], Stats] | None = None
+    ) -> None:
         self.cluster = cluster
         self.session = session
         self.streams: dict[str, _StreamView] = {}
-        self.stats: Stats | None = None
+        self._stats = stats
+        self.stats: Stats | None = stats() if stats else None
 
     def add(self, batch: Batch) -> None:
         view = self.streams.setdefault(batch.stream, _StreamView())
@@ -66,24 +161,40 @@ class LiveTable:
                 if col not in view.columns and len(view.columns) < _MAX_COLUMNS:
                     view.columns.append(col)
 
+    @contextlib.contextmanager
+    def live(self, console: Console) -> Iterator[Live]:
+        """Show the table until the block ends, redrawn 4 times a second with fresh counters,
+        batches or not (a relay whose every envelope is refused shows in the footer). The
+        redraw is a callback of the running loop: the counters are read in its thread."""
+        loop = asyncio.get_running_loop()
+        with Live(self.render(), console=console, auto_refresh=False, transient=False) as live:
+            handle: asyncio.TimerHandle | None = None
+
+            def redraw() -> None:
+                nonlocal handle
+                if self._stats is not None:
+                    self.stats = self._stats()
+                live.update(self.render(), refresh=True)
+                handle = loop.call_later(_REFRESH_S, redraw)
+
+            redraw()
+            try:
+                yield live
+            finally:
+                if handle is not None:
+                    handle.cancel()
+                if self._stats is not None:
+                    self.stats = self._stats()
+                live.update(self.render(), refresh=True)
+
     def render(self) -> Group:
         parts: list[Any] = []
-        s = self.stats
         status = Text(
             f"cluster {self.cluster}  session {self.session[:12]}…  end-to-end encrypted, "
             "signature verified",
             style="bold green",
         )
         parts.append(status)
-        if s is not None:
-            rejected = sum(s.rejected.values())
-            parts.append(
-                Text(
-                    f"received {s.received}  batches {s.batches}  rows {s.rows}  "
-                    f"rejected {rejected}  dropped {s.dropped}  gaps {s.gaps} (lost {s.lost})",
-                    style="red" if rejected or s.lost or s.dropped else "dim",
-                )
-            )
         for name, view in sorted(self.streams.items()):
             elapsed = max(time.monotonic() - view.first_seen, 1e-3)
             table = Table(
@@ -92,13 +203,27 @@ class LiveTable:
                 title_justify="left",
                 expand=False,
             )
+            newest = view.last[-1] if view.last else {}
             for col in view.columns:
-                table.add_column(col, overflow="ellipsis", no_wrap=True)
+                value = newest.get(col)
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                table.add_column(  # numbers line up by their units
+                    col, overflow="ellipsis", no_wrap=True, justify="right" if number else "left"
+                )
             for row in view.last:
-                table.add_row(*(_cell(c, row.get(c, "")) for c in view.columns))
+                table.add_row(*(cell(c, row.get(c, "")) for c in view.columns))
             parts.append(table)
         if not self.streams:
             parts.append(Text("waiting for the first batch…", style="dim"))
+        s = self.stats
+        if s is not None:
+            parts.append(
+                Text(
+                    f"received {s.received}  batches {s.batches}  rows {s.rows}  "
+                    f"{rejections(s)}  dropped {s.dropped}  gaps {s.gaps} (lost {s.lost})",
+                    style="bold red" if s.rejected or s.lost or s.dropped else "dim",
+                )
+            )
         return Group(*parts)
 
 

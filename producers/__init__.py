@@ -1,4 +1,5 @@
-"""producers: the cluster agent, its telemetry sources and its authorization policy."""
+"""producers: the cluster agent, its telemetry sources (the OTLP receiver among them) and its
+authorization policy."""
 
 from producers._agent import Agent
 from producers._authz import (
@@ -10,7 +11,8 @@ from producers._authz import (
 )
 from producers._batcher import Batching
 from producers._config import ProducerConfig
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Records, Source
+from producers._otlp import OtlpConfig, OtlpReceiver
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Records, Source
 
 __all__ = [
     "POLICY_FILE_NAME",
@@ -22,6 +24,8 @@ __all__ = [
     "HostMetrics",
     "HttpEvents",
     "JsonLines",
+    "OtlpConfig",
+    "OtlpReceiver",
     "ProducerConfig",
     "Records",
     "Source",

@@ -15,16 +15,25 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import nats.errors
 import structlog
 
 from producers._authz import Authorized, Authorizer
-from producers._batcher import Batcher, array_header_size, plaintext_budget
+from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
-from producers._sources import Source, plain_rows, validate_row
-from sealstream import SealstreamError, Subjects, WireError
+from producers.sources import Source, check_rows
+from sealstream import KeyMode, SealstreamError, SessionError, Subjects, WireError
+from sealstream.control import (
+    ControlClose,
+    ControlOpen,
+    Ok,
+    Pong,
+    Refusal,
+    Reply,
+    decode_control,
+    encode,
+)
 from sealstream.crypto import (
     ClusterIdentity,
     GroupSeal,
@@ -32,12 +41,10 @@ from sealstream.crypto import (
     MemberSession,
     ProducerSession,
 )
-from sealstream.ids import check_session_id, check_stream
-from sealstream.jwk import check_public_jwk, thumbprint
+from sealstream.ids import check_stream
 from sealstream.metrics import MetricsServer, Sample, collector_registry
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.wire import VERSION, decode_map, decode_open, encode_map
 
 __all__ = ["Agent"]
 
@@ -49,7 +56,7 @@ _GROUP_QUEUE = "group."
 
 @dataclass(slots=True)
 class _Served:
-    crypto: ProducerSession
+    crypto: ProducerSession | MemberSession
     streams: frozenset[str]
     user: str
     #: who the open's proof showed (None: the relay's word, --trust-relay-authorization)
@@ -116,6 +123,9 @@ class Agent(AsyncResource):
         self._hold_until: float | None = None
         self._last_drop_log = float("-inf")
         self._drops_unlogged = 0
+        self._budget = 0
+        #: more metrics read at scrape time (the OTLP receiver's)
+        self.more_samples: list[Callable[[], list[Sample]]] = []
 
     @property
     def identity(self) -> ClusterIdentity:
@@ -150,7 +160,7 @@ class Agent(AsyncResource):
         )
         self._connected.set()
         self._stack.push_async_callback(self._shutdown)
-        budget = plaintext_budget(int(self._nc.max_payload))
+        self._budget = budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
         self._tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stopping)
@@ -221,6 +231,9 @@ class Agent(AsyncResource):
 
     def samples(self) -> list[Sample]:
         """The agent's metrics, read at scrape time."""
+        return [*self._samples(), *(s for more in self.more_samples for s in more())]
+
+    def _samples(self) -> list[Sample]:
         return [
             Sample("sealstream_producer_sessions", "sessions served", "gauge", len(self.sessions)),
             Sample(
@@ -272,40 +285,20 @@ class Agent(AsyncResource):
     # --- rows in ----------------------------------------------------------------------------
 
     async def emit(self, stream: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Queue rows for a declared stream; invalid rows are counted, logged and skipped."""
+        """Queue rows for a declared stream; invalid rows are counted, logged and skipped.
+
+        Down the layers, once each: the row rules check the rows, the stream's batcher takes
+        them, and every batch they complete is sealed and queued."""
         batcher = self._batchers.get(stream)
         if batcher is None:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
-        if rows and plain_rows(rows):
-            # a list of plain rows: packed in one call and added at once, when they fit the
-            # open batch (msgpack refuses an int beyond 64 bits or a str that is not UTF-8:
-            # those, and rows that would cross a batch, take the checks row by row below)
-            assert isinstance(rows, list)
-            try:
-                packed = msgpack.packb(rows, use_bin_type=True)
-            except (OverflowError, ValueError):
-                packed = None
-            if packed is not None:
-                now = time.monotonic()
-                ready = batcher.add_packed(
-                    packed[array_header_size(len(rows)) :], len(rows), now=now
-                )
-                if ready is not None:
-                    self.rows_in += len(rows)
-                    for plaintext in ready:
-                        await self._publish(stream, plaintext)
-                    return
-        valid: list[Mapping[str, Any]] = []
-        for row in rows:
-            checked = validate_row(row)
-            if isinstance(checked, str):
-                self.rejected_rows[checked] += 1
-                log.warning("row.rejected", stream=stream, reason=checked)
-            else:
-                valid.append(checked)
-        self.rows_in += len(valid)
+        checked = check_rows(rows)
+        for reason in checked.rejected:
+            self.rejected_rows[reason] += 1
+            log.warning("row.rejected", stream=stream, reason=reason)
+        self.rows_in += len(checked.rows)
         before = batcher.oversize_rows
-        ready = batcher.add(valid, now=time.monotonic())
+        ready = batcher.add(checked.rows, packed=checked.packed, now=time.monotonic())
         if batcher.oversize_rows != before:
             self.rejected_rows["oversize"] += batcher.oversize_rows - before
             log.warning(
@@ -316,6 +309,34 @@ class Agent(AsyncResource):
             )
         for plaintext in ready:
             await self._publish(stream, plaintext)
+
+    @property
+    def max_row_bytes(self) -> int:
+        """The largest packed row a batch takes (known once started)."""
+        return min(self.config.batching.max_bytes, self._budget) - 16
+
+    def backlog(self) -> float:
+        """How full the outbox is: 0 empty, 1 at its bound (per session or in all)."""
+        outbox = self.outbox
+        total = outbox.size / outbox.max_total_bytes if outbox.max_total_bytes else 0.0
+        return max(outbox.largest() / outbox.max_bytes, total)
+
+    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Seal ``rows`` now, in batches of their own, into the outbox of every session
+        reading ``stream``, and return once they are (a receiver acknowledges its sender
+        then). The rows are the caller's own: no per-value check. Returns how many were too
+        large for a batch (counted as ``oversize``, not sealed)."""
+        if stream not in self._batchers:
+            raise ValueError(f"stream {stream!r} is not declared by this agent")
+        batcher = Batcher(self.config.batching, budget=self._budget)
+        ready = batcher.add(rows, now=time.monotonic())
+        last = batcher.flush()
+        self.rows_in += len(rows) - batcher.oversize_rows
+        if batcher.oversize_rows:
+            self.rejected_rows["oversize"] += batcher.oversize_rows
+        for plaintext in [*ready, *([last] if last is not None else [])]:
+            await self._publish(stream, plaintext)
+        return batcher.oversize_rows
 
     async def _pump(self, source: Source) -> None:
         try:
@@ -503,6 +524,24 @@ class Agent(AsyncResource):
             else:
                 await self._send(queue, [sealed.envelope])
 
+    def _session_crypto(
+        self, session: str, jwk: Mapping[str, Any], key_mode: KeyMode, *, compress: bool
+    ) -> ProducerSession | MemberSession:
+        """A new session's encryption state: its own data channel, or a group member's."""
+        if key_mode == "group":
+            return MemberSession(
+                self.identity, cluster=self.config.cluster, session=session, consumer_jwk=jwk
+            )
+        return ProducerSession(
+            self.identity,
+            cluster=self.config.cluster,
+            session=session,
+            consumer_jwk=jwk,
+            key_mode=key_mode,
+            compress=compress,
+            rotation=self.config.rotation,
+        )
+
     async def end_session(self, session: str, reason: str) -> None:
         """End a session: an authenticated ``end`` envelope, then forget it."""
         async with self._lock:
@@ -521,13 +560,12 @@ class Agent(AsyncResource):
             self._wake.set()
         if self._authz is not None:
             self._authz.refresh()  # a stat; the file is read again only if it changed
-        try:
-            reply, start = self._control(msg.data)
-        except WireError as exc:
-            reply, start = self._error("bad_request", str(exc)), None
+        reply, start = self._control(msg.data)
+        if isinstance(reply, Refusal):
+            start = None
         if msg.reply:
             try:
-                await msg.respond(reply)
+                await msg.respond(encode(reply))
             except nats.errors.Error as exc:  # the proxy times out and retries, or pings
                 log.info("control.reply_lost", error=repr(exc))
         if start is not None:
@@ -559,80 +597,58 @@ class Agent(AsyncResource):
                 log.info("session.revoked", session=session, reader=reader.identity)
                 await self.end_session(session, "revoked")
 
-    def _error(self, code: str, message: str) -> bytes:
-        self.refused[code] += 1
-        log.debug("control.refused", code=code, reason=message)
-        return encode_map({"ok": False, "error": {"code": code, "message": message}})
+    def _refuse(self, exc: SessionError) -> Refusal:
+        self.refused[exc.code] += 1
+        log.debug("control.refused", code=exc.code, reason=exc.detail)
+        return Refusal.of(exc)
 
-    def _control(self, payload: bytes) -> tuple[bytes, str | None]:
-        m = decode_map(payload)
-        version = m.get("v")
-        if type(version) is not int or version != VERSION:  # a bool is not an int
-            raise WireError("bad_version", f"unsupported version {version!r:.40}")
-        op = m.get("op")
-        if op == "close":
-            session = check_session_id(m.get("session"))
-            if session in self.sessions:
-                self._forget(session)
-                log.info("session.closed", session=session, reason=str(m.get("reason", ""))[:100])
-            return encode_map({"ok": True}), None
-        if op == "ping":  # the proxy checks we are alive and still serve its sessions
-            asked = m.get("sessions")
-            if not isinstance(asked, list):
-                return self._error("bad_request", "ping needs a sessions list"), None
-            unknown = [s for s in asked if isinstance(s, str) and s not in self.sessions]
-            return encode_map({"ok": True, "unknown": unknown[:10_000]}), None
-        if op != "open":
-            return self._error("bad_request", f"unknown op {op!r:.40}"), None
-        session = check_session_id(m.get("session"))
-        # the control op names no cluster: the subject it came on is this cluster's
-        req = decode_open({**m, "cluster": self.config.cluster}, need_token=False)
-        # the request's form first (the same answer whoever asks), then who asks: a refused
-        # open learns nothing of this cluster
-        if thumbprint(check_public_jwk(req.jwk)) != session:
-            raise WireError("session_mismatch", "session id is not the key's thumbprint")
+    def _control(self, payload: bytes) -> tuple[Reply, str | None]:
+        """The answer to a control request, and the session to start (after the answer)."""
+        try:
+            request = decode_control(payload)
+            if isinstance(request, ControlOpen):
+                return self._open(request), request.session
+        except WireError as exc:
+            return self._refuse(SessionError("bad_request", str(exc))), None
+        except SessionError as exc:
+            return self._refuse(exc), None
+        if isinstance(request, ControlClose):
+            if request.session in self.sessions:
+                self._forget(request.session)
+                log.info("session.closed", session=request.session, reason=request.reason[:100])
+            return Ok(), None
+        # a ping: the proxy checks we are alive and still serve its sessions
+        unknown = tuple(s for s in request.sessions if s not in self.sessions)
+        return Pong(unknown[:10_000]), None
+
+    def _open(self, request: ControlOpen) -> Ok:
+        """Serve a (well-formed) open, or refuse it (SessionError)."""
+        session = request.session
+        # who asks first (the form was checked when it was decoded): a refused open learns
+        # nothing of this cluster
         reader: Authorized | None = None
         if self._authz is not None:
-            checked = self._authz.check(
-                proof=req.proof,
-                authz=req.authz,
-                session=session,
-                jwk=req.jwk,
-                zip=req.zip,
-                streams=req.streams,
-                key_mode=req.key_mode,
-                now=self._clock(),
-            )
-            if isinstance(checked, str):
-                log.warning("session.forbidden", session=session, reason=checked)
-                return self._error("forbidden", checked), None
-            reader = checked
-        unknown = sorted(set(req.streams) - self.streams)
+            try:
+                reader = self._authz.check(request, now=self._clock())
+            except SessionError as exc:
+                log.warning("session.forbidden", session=session, reason=exc.detail)
+                raise
+        unknown = sorted(set(request.streams) - self.streams)
         if unknown:
-            return self._error("bad_request", f"unknown streams {unknown}"), None
+            raise SessionError("bad_request", f"unknown streams {unknown}")
         if session in self.sessions:
-            return self._error("bad_request", "session already open"), None
+            raise SessionError("bad_request", "session already open")
         if len(self.sessions) >= self.config.max_sessions:
-            return self._error("limit_exceeded", "cluster serves too many sessions"), None
-        if req.key_mode == "group" and req.zip:
-            return self._error("bad_request", "zip is not available in group mode"), None
-        kind = MemberSession if req.key_mode == "group" else ProducerSession
-        crypto = kind(
-            self.identity,
-            cluster=self.config.cluster,
-            session=session,
-            consumer_jwk=req.jwk,
-            key_mode=req.key_mode,
-            compress=req.zip,
-            rotation=self.config.rotation,
-        )
-        user = m.get("user")
-        self.sessions[session] = _Served(crypto, frozenset(req.streams), str(user)[:256], reader)
+            raise SessionError("limit_exceeded", "cluster serves too many sessions")
+        if request.key_mode == "group" and request.zip:
+            raise SessionError("bad_request", "zip is not available in group mode")
+        crypto = self._session_crypto(session, request.jwk, request.key_mode, compress=request.zip)
+        self.sessions[session] = _Served(crypto, frozenset(request.streams), request.user, reader)
         log.info(
             "session.opened",
             session=session,
-            streams=list(req.streams),
-            key_mode=req.key_mode,
+            streams=list(request.streams),
+            key_mode=request.key_mode,
             reader=None if reader is None else reader.identity,
         )
-        return encode_map({"ok": True}), session
+        return Ok()

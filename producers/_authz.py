@@ -3,7 +3,8 @@ proof every ``open`` carries, and the replay cache (docs/protocol.md, "Authoriza
 the cluster").
 
 Pure logic but for reading and writing the policy file; time is a parameter. A refused open
-is a one-line reason (a ``str``), never an exception, and never echoes the proof or token.
+is a :class:`SessionError` ``forbidden`` whose message is the contract's one-line reason (it
+never echoes the proof or token).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, Final
 
 import structlog
 
-from sealstream import IntegrityError, WireError
+from sealstream import IntegrityError, SessionError, WireError
+from sealstream.control import ControlOpen
 from sealstream.crypto import PROOF_TYP, jws_header, verify_proof
 from sealstream.ids import check_stream
 from sealstream.jwk import b64u_decode, thumbprint
@@ -258,7 +260,7 @@ class Authorized:
 class Authorizer:
     """The producer's side of authorization: the policy (re-read from ``path`` when it
     changes), the proof check and the replay cache. ``check`` answers an open with
-    :class:`Authorized` or a one-line refusal reason."""
+    :class:`Authorized`, or refuses it (SessionError ``forbidden``, the reason its message)."""
 
     def __init__(
         self,
@@ -302,26 +304,16 @@ class Authorizer:
         )
         return True
 
-    def check(
-        self,
-        *,
-        proof: str | None,
-        authz: str | None,
-        session: str,
-        jwk: Mapping[str, Any],
-        streams: Iterable[str],
-        key_mode: str,
-        now: float,
-        zip: bool = False,
-    ) -> Authorized | str:
-        """The producer's checks of an open, in the contract's order. Raises WireError only
-        for a forwarded ``jwk`` that has no thumbprint (a malformed request)."""
+    def check(self, request: ControlOpen, *, now: float) -> Authorized:
+        """The producer's checks of a (decoded, hence well-formed) open, in the contract's
+        order; SessionError ``forbidden`` with the first failed check's reason."""
+        proof = request.proof
         if proof is None:
-            return "no proof"
+            raise _forbidden("no proof")
         try:
             header = jws_header(proof.encode("ascii"))
         except (IntegrityError, UnicodeEncodeError):
-            return "malformed proof"
+            raise _forbidden("malformed proof") from None
         kid = header.get("kid")
         if (
             header.get("alg") != "Ed25519"
@@ -329,49 +321,41 @@ class Authorizer:
             or "crit" in header
             or not isinstance(kid, str)
         ):
-            return "malformed proof"
+            raise _forbidden("malformed proof")
         grant = self.policy.keys.get(kid)
         issuer: str | None = None
         until: float | None
         if grant is not None:
             key, allowed, until, name = grant.jwk, grant.streams, grant.until, grant.name
-        elif authz is not None:
-            issued = self._issued(authz, kid, now)
-            if isinstance(issued, str):
-                return issued
-            allowed, until, issuer = issued
+        elif request.authz is not None:
+            allowed, until, issuer = self._issued(request.authz, kid, now)
             name = None
             try:
                 key = public_ed25519(header.get("jwk"))
             except ValueError:
-                return "malformed proof"
+                raise _forbidden("malformed proof") from None
             if thumbprint(key) != kid:
-                return "malformed proof"
+                raise _forbidden("malformed proof")
         else:
-            return "key not authorized"
+            raise _forbidden("key not authorized")
         try:
             claims = verify_proof(proof, key)
         except IntegrityError:
-            return "bad signature"
+            raise _forbidden("bad signature") from None
         if until is not None and now >= until:
-            return "authorization expired"
-        refused = self._claims(claims, session, jwk, streams, key_mode, zip, allowed, now)
-        if refused is not None:
-            return refused
+            raise _forbidden("authorization expired")
+        self._claims(claims, request, allowed, now)
         self._seen[claims["jti"]] = claims["iat"] + self.window_s
         return Authorized(kid, name, allowed, until, issuer)
 
     def _claims(
         self,
         claims: dict[str, Any],
-        session: str,
-        jwk: Mapping[str, Any],
-        streams: Iterable[str],
-        key_mode: str,
-        zip: bool,
+        request: ControlOpen,
         allowed: frozenset[str],
         now: float,
-    ) -> str | None:
+    ) -> None:
+        """SessionError ``forbidden`` (with why) unless the proof's claims match the open."""
         iat, jti, asked = claims.get("iat"), claims.get("jti"), claims.get("streams")
         if (
             set(claims) - {"zip"} != _CLAIMS
@@ -383,68 +367,66 @@ class Authorizer:
             or not isinstance(jti, str)
             or not _JTI.fullmatch(jti)
         ):
-            return "malformed claims"
+            raise _forbidden("malformed claims")
         if claims["cluster"] != self.cluster:
-            return "proof is for another cluster"
-        if claims["session"] != thumbprint(jwk) or claims["session"] != session:
-            return "proof is for another session"
-        requested = set(streams)
+            raise _forbidden("proof is for another cluster")
+        # the codec bound the open's session to its key
+        if claims["session"] != request.session:
+            raise _forbidden("proof is for another session")
+        requested = set(request.streams)
         if set(asked) != requested:
-            return "proof is for other streams"
+            raise _forbidden("proof is for other streams")
         missing = sorted(requested - allowed)
         if missing:
-            return f"stream {missing[0]!r:.70} not authorized"
-        if claims["key_mode"] != key_mode:
-            return "proof is for another key mode"
-        if claims.get("zip", False) is not zip:  # a relay must not turn compression on
-            return "proof is for another zip"
+            raise _forbidden(f"stream {missing[0]!r:.70} not authorized")
+        if claims["key_mode"] != request.key_mode:
+            raise _forbidden("proof is for another key mode")
+        if claims.get("zip", False) is not request.zip:  # a relay must not turn compression on
+            raise _forbidden("proof is for another zip")
         if iat < now - self.window_s:
-            return "proof expired"
+            raise _forbidden("proof expired")
         if iat > now + self.window_s:
-            return "proof from the future"
+            raise _forbidden("proof from the future")
         seen = self._seen.get(jti)
         if seen is not None and seen >= now:
-            return "proof replayed"
+            raise _forbidden("proof replayed")
         if len(self._seen) >= self.max_jti:
             self._seen = {j: t for j, t in self._seen.items() if t >= now}
             if len(self._seen) >= self.max_jti:
-                return "too many opens"
-        return None
+                raise _forbidden("too many opens")
 
-    def _issued(
-        self, token: str, kid: str, now: float
-    ) -> tuple[frozenset[str], float | None, str] | str:
-        """An issuer token (``authz``) for identity ``kid``: (streams, until, issuer id), or
-        why it does not authorize."""
+    def _issued(self, token: str, kid: str, now: float) -> tuple[frozenset[str], float | None, str]:
+        """An issuer token (``authz``) for identity ``kid``: (streams, until, issuer id); or
+        SessionError ``forbidden`` with why it does not authorize."""
         refused = "issuer token refused"
         try:
             issuer_id = jws_header(token.encode("ascii")).get("kid")
         except (IntegrityError, UnicodeEncodeError):
-            return refused
+            raise _forbidden(refused) from None
         issuer = self.policy.issuers.get(issuer_id) if isinstance(issuer_id, str) else None
         if issuer is None or not issuer.active(now):
-            return refused
+            raise _forbidden(refused)
         assert isinstance(issuer_id, str)
         try:
             claims = verify_proof(token, issuer.jwk, typ=None)
         except IntegrityError:
-            return refused
+            raise _forbidden(refused) from None
         cnf, exp, nbf, aud = (claims.get(k) for k in ("cnf", "exp", "nbf", "aud"))
         streams = claims.get("streams")
         if not _number(exp) or (nbf is not None and not _number(nbf)):
-            return refused
+            raise _forbidden(refused)
         assert isinstance(exp, int | float)
         if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
-            return refused
+            raise _forbidden(refused)
         if not isinstance(cnf, dict) or cnf.get("jkt") != kid:
-            return "issuer token is for another key"
+            raise _forbidden("issuer token is for another key")
         if aud is not None:
             if not isinstance(aud, str | list):
-                return refused
+                raise _forbidden(refused)
             if self.cluster not in ([aud] if isinstance(aud, str) else aud):
-                return "issuer token is for another cluster"
+                raise _forbidden("issuer token is for another cluster")
         if now >= exp or (nbf is not None and now < nbf):
-            return "authorization expired"
+            raise _forbidden("authorization expired")
         until = float(exp) if issuer.until is None else min(float(exp), issuer.until)
         return frozenset(streams), until, issuer_id
 
@@ -456,6 +438,10 @@ class Authorizer:
             return alive and issuer is not None and issuer.active(now)
         grant = self.policy.keys.get(who.identity)
         return grant is not None and grant.active(now) and streams <= grant.streams
+
+
+def _forbidden(reason: str) -> SessionError:
+    return SessionError("forbidden", reason)
 
 
 def _number(value: object) -> bool:

@@ -8,7 +8,7 @@ once on arrival, and always small enough that its sealed envelope fits the serve
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -79,21 +79,29 @@ class Batcher:
         rows, self._rows, self._size, self._count_extra = self._rows, [], 0, 0
         return _ROWS_KEY + _array_header(count) + b"".join(rows)
 
-    def add(self, rows: Iterable[Mapping[str, Any]], *, now: float) -> list[bytes]:
+    def add(
+        self, rows: Sequence[Mapping[str, Any]], *, packed: bytes | None = None, now: float
+    ) -> list[bytes]:
         """Add rows; return the plaintexts of every batch this completed. A row too large for
-        any batch on its own is counted in ``oversize_rows`` and not sent."""
+        any batch on its own is counted in ``oversize_rows`` and not sent. ``packed`` is
+        ``rows`` as one msgpack array, when the caller has it: added in one piece when all the
+        rows fit the open batch, else row by row."""
+        if packed is not None and rows:
+            fitted = self.add_packed(packed[array_header_size(len(rows)) :], len(rows), now=now)
+            if fitted is not None:
+                return fitted
         ready: list[bytes] = []
         for row in rows:
-            packed = msgpack.packb(row, use_bin_type=True)
-            if len(packed) > self._max_bytes:
+            item = msgpack.packb(row, use_bin_type=True)
+            if len(item) > self._max_bytes:
                 self.oversize_rows += 1
                 continue
-            if self._rows and self._size + len(packed) > self._max_bytes:
+            if self._rows and self._size + len(item) > self._max_bytes:
                 ready.append(self._take())
             if not self._rows:
                 self._since = now
-            self._rows.append(packed)
-            self._size += len(packed)
+            self._rows.append(item)
+            self._size += len(item)
             if len(self) >= self._max_rows:
                 ready.append(self._take())
         return ready

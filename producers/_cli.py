@@ -22,12 +22,14 @@ import nats.errors
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
 from producers._config import ProducerConfig
-from producers._sources import HostMetrics, HttpEvents, JsonLines, Row, Source
+from producers._otlp import OtlpConfig, OtlpReceiver
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Row, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
 from sealstream.ids import Subjects
 from sealstream.jwk import thumbprint
 from sealstream.nats import connect, release
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.run import (
     add_service_options,
     glue_values,
@@ -58,7 +60,8 @@ def parse_source(
         lines = JsonLines(Path(path), stream=stream or "records")
         return lines if read is None else FirstReader(lines, read)
     raise ValueError(
-        f"unknown source {spec!r}: use http_events, host_metrics or jsonl:PATH[:STREAM]"
+        f"unknown source {spec!r}: use http_events, host_metrics, jsonl:PATH[:STREAM] or "
+        "otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]"
     )
 
 
@@ -121,6 +124,36 @@ async def _sole_producer(config: ProducerConfig) -> AsyncIterator[None]:
         await release(nc)
 
 
+def otlp_config(specs: list[str]) -> OtlpConfig | None:
+    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
+    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
+    only)."""
+    given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError("give one otlp source")
+    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
+    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
+        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
+    return OtlpConfig(
+        host=host or "127.0.0.1",
+        port=int(http or 4318),
+        grpc_port=None if grpc == "off" else int(grpc or 4317),
+    )
+
+
+@contextlib.asynccontextmanager
+async def otlp_receiver(agent: Agent, config: OtlpConfig | None) -> AsyncIterator[None]:
+    """Serve OTLP/HTTP into ``agent`` (which declares the OTLP streams) when asked."""
+    if config is None:
+        yield
+        return
+    async with OtlpReceiver(agent, config=config) as receiver:
+        agent.more_samples.append(receiver.samples)
+        yield
+
+
 def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
     """The ``--source`` values given before and after ``run``, else ``SEALSTREAM_SOURCES``."""
     given = [*(args.source or []), *getattr(args, "run_source", [])]
@@ -149,7 +182,9 @@ def _parser() -> argparse.ArgumentParser:
             dest="source" if parser is p else "run_source",
             default=d(None),
             help="http_events | host_metrics | jsonl:PATH[:STREAM] (a file's records wait for "
-            "the stream's first reader; PATH - is stdin, read as it comes) (repeatable; env "
+            "the stream's first reader; PATH - is stdin, read as it comes) | "
+            "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
+            "4317 of 127.0.0.1 by default) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
@@ -394,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"--key-file {config.key_file}: no such file (create the cluster's signing key "
                 f"once with 'sealstream-producer key --key-file {config.key_file}')"
             )
-        specs = source_specs(args, os.environ)
+        specs = [s.strip() for s in source_specs(args, os.environ) if s.strip()]
+        otlp = otlp_config(specs)
         running: list[Agent] = []  # the agent, once it runs
 
         def read(stream: str) -> bool:
@@ -402,11 +438,16 @@ def main(argv: list[str] | None = None) -> int:
             return any(stream in served.streams for served in live)
 
         sources = [
-            parse_source(s.strip(), rate=args.rate, interval=args.interval, read=read)
+            parse_source(s, rate=args.rate, interval=args.interval, read=read)
             for s in specs
-            if s.strip()
+            if otlp is None or not s.startswith("otlp")
         ]
-        async with _sole_producer(config), Agent(config, sources=sources) as agent:
+        streams = OTLP_STREAMS if otlp is not None else ()
+        async with (
+            _sole_producer(config),
+            Agent(config, sources=sources, streams=streams) as agent,
+            otlp_receiver(agent, otlp),
+        ):
             running.append(agent)
             await asyncio.Event().wait()
         return 0

@@ -48,6 +48,10 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._queues)
 
+    def largest(self) -> int:
+        """Bytes of the fullest session's queue."""
+        return max((q.size for q in self._queues.values()), default=0)
+
     def pending(self, session: str) -> bool:
         return session in self._queues
 

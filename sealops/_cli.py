@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
     f.add_argument("--batches", type=int, default=200, help="batches per measurement")
+    w = sub.add_parser(
+        "bench-web", help="the browser consumer in Chromium: first row, decrypted envelopes/s"
+    )
+    w.add_argument("--out", type=Path, default=Path("build/web-bench"), help="report directory")
     c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
     c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
     c.add_argument("--seed", type=int, default=1, help="the fault schedule's random seed")
@@ -108,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from sealops._fanout import fanout_main
 
         return fanout_main(args)
+    if args.command == "bench-web":
+        from sealops._webbench import web_bench_main
+
+        return web_bench_main(args)
     if args.command == "chaos":
         from sealops._chaos import chaos_main
 

@@ -16,9 +16,10 @@
   id, password = token, ``docs/protocol.md``) and open their session; times connect and
   connect + open of each.
 
-Protocol with the orchestrator (:mod:`sealops._bench`): JSON lines. The first stdin line
-is the config (it carries tokens, so not on the command line), then commands on stdin, events
-on stdout; logs go to stderr. End of stdin ends the worker, so none outlives the orchestrator.
+Protocol with the orchestrator (:mod:`sealops._procs`, driven by :mod:`sealops._scenarios`):
+JSON lines. The first stdin line is the config (it carries tokens, so not on the command
+line), then commands on stdin, events on stdout; logs go to stderr. End of stdin ends the
+worker, so none outlives the orchestrator.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ import structlog
 
 from sealops._api import ROLES, run_role
 from sealops._report import Histogram, make_rows
+from sealstream.control import (
+    ControlClose,
+    ControlOpen,
+    Ok,
+    OpenRequest,
+    Ping,
+    Pong,
+    Refusal,
+    Reply,
+    decode_control,
+    encode,
+)
 from sealstream.crypto import (
     Batch,
     ClusterIdentity,
@@ -50,7 +63,7 @@ from sealstream.crypto import (
     encode_rows,
 )
 from sealstream.errors import SealstreamError, SessionError, WireError
-from sealstream.ids import Subjects, check_session_id
+from sealstream.ids import Subjects
 from sealstream.log import configure_logging
 from sealstream.nats import connect, settle
 from sealstream.run import run
@@ -58,10 +71,8 @@ from sealstream.wire import (
     Envelope,
     KeyMode,
     Notice,
-    OpenRequest,
     decode_inbox,
     decode_map,
-    decode_open,
     encode_envelope,
     encode_map,
 )
@@ -185,39 +196,33 @@ class _Producer:
     # control, as producers.Agent serves it
     async def _on_control(self, msg: Any) -> None:
         start: _Out | None = None
+        reply: Reply
         try:
-            m = decode_map(msg.data)
-            op = m.get("op")
-            if op == "ping":  # the proxy checks that the cluster still serves its sessions
-                asked = m.get("sessions")
-                unknown = [s for s in asked or () if s not in self.outs]
-                if msg.reply:
-                    await msg.respond(encode_map({"ok": True, "unknown": unknown}))
-                return
-            session = check_session_id(m.get("session"))
-            if op == "close":
-                self.outs.pop(session, None)
-            elif op == "open":
-                req = decode_open({**m, "cluster": self.cluster}, need_token=False)
-                crypto = None
-                if self.mode in ("session", "per-message"):
-                    crypto = ProducerSession(
-                        self.identity,
-                        cluster=self.cluster,
-                        session=session,
-                        consumer_jwk=req.jwk,
-                        key_mode=req.key_mode,
-                        compress=req.zip,
-                    )
-                start = _Out(session, self.subjects.data(self.cluster, session), crypto)
-                self.outs[session] = start
-            else:
-                raise WireError("bad_op", f"unknown op {op!r:.40}")
-            reply = encode_map({"ok": True})
+            request = decode_control(msg.data)
         except WireError as exc:
-            reply = encode_map({"ok": False, "error": {"code": "bad_request", "message": str(exc)}})
+            request, reply = None, Refusal("bad_request", str(exc))
+        if isinstance(request, Ping):  # the proxy checks that the cluster still serves them
+            reply = Pong(tuple(s for s in request.sessions if s not in self.outs))
+        elif isinstance(request, ControlClose):
+            self.outs.pop(request.session, None)
+            reply = Ok()
+        elif isinstance(request, ControlOpen):
+            session = request.session
+            crypto = None
+            if self.mode in ("session", "per-message"):
+                crypto = ProducerSession(
+                    self.identity,
+                    cluster=self.cluster,
+                    session=session,
+                    consumer_jwk=request.jwk,
+                    key_mode=request.key_mode,
+                    compress=request.zip,
+                )
+            start = _Out(session, self.subjects.data(self.cluster, session), crypto)
+            self.outs[session] = start
+            reply = Ok()
         if msg.reply:
-            await msg.respond(reply)
+            await msg.respond(encode(reply))
         if start is not None and start.crypto is not None:
             async with self._lock:
                 for env in start.crypto.start():

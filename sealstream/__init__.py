@@ -4,6 +4,7 @@ Wire format, identifiers, tokens, NATS plumbing and the embedded server. Sealing
 live in :mod:`sealstream.crypto`, which the proxy never imports.
 """
 
+from sealstream.control import OpenRequest
 from sealstream.errors import (
     BrokerError,
     IntegrityError,
@@ -20,7 +21,6 @@ from sealstream.wire import (
     Envelope,
     KeyMode,
     Notice,
-    OpenRequest,
     decode_envelope,
     decode_inbox,
     encode_envelope,

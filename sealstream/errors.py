@@ -74,12 +74,18 @@ class SessionError(SealstreamError):
 
     ``code`` is one of ``bad_request``, ``unauthorized``, ``forbidden``, ``cluster_unavailable``,
     ``limit_exceeded`` (from the contract) or ``ended`` when a live session is over.
-    ``retriable`` defaults by code; a refusal the proxy marks as passing (busy) sets it.
+    It is the one form of a refusal in the code (the proxy's, a cluster's, the cluster's
+    authorization): :class:`sealstream.control.Refusal` is its form on the wire. ``retry`` is
+    the wire's mark of a passing refusal (the proxy is busy); ``retriable`` defaults by code,
+    and to True with ``retry``.
     """
 
-    def __init__(self, code: str, message: str, *, retriable: bool | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, retry: bool = False, retriable: bool | None = None
+    ) -> None:
         if retriable is None:
-            retriable = code in {"cluster_unavailable", "ended"}
+            retriable = retry or code in {"cluster_unavailable", "ended"}
         super().__init__(f"{code}: {message}", retriable=retriable)
         self.code = code
         self.detail = message
+        self.retry = retry

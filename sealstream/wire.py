@@ -1,4 +1,5 @@
-"""msgpack codecs of the wire contract v1, with strict validation (pure, no I/O).
+"""msgpack codecs of the wire contract v1, with strict validation (pure, no I/O): the
+envelopes and notices; the session control messages are :mod:`sealstream.control`'s.
 
 Every malformed input becomes a :class:`WireError` with a stable ``reason``; no msgpack
 exception escapes. Sizes are capped before decoding.
@@ -27,23 +28,16 @@ from sealstream.ids import (
 __all__ = [
     "DEFAULT_MAX_ENVELOPE",
     "DEFAULT_MAX_REQUEST",
-    "ERROR_CODES",
-    "MAX_PROOF",
     "VERSION",
     "Envelope",
     "EnvelopeKind",
     "KeyMode",
     "Notice",
-    "OpenRequest",
-    "SessionRef",
     "decode_envelope",
     "decode_inbox",
     "decode_map",
-    "decode_open",
-    "decode_session_ref",
     "encode_envelope",
     "encode_map",
-    "error_reply",
     "notice",
 ]
 
@@ -51,17 +45,11 @@ VERSION: Final = 1
 #: NATS' default max_payload; envelopes never exceed it.
 DEFAULT_MAX_ENVELOPE: Final = 1024 * 1024
 DEFAULT_MAX_REQUEST: Final = 64 * 1024
-ERROR_CODES: Final = frozenset(
-    {"bad_request", "unauthorized", "forbidden", "cluster_unavailable", "limit_exceeded"}
-)
 
 #: ``group``: a group data envelope (sealstream.groupwire), never decoded by this module
 EnvelopeKind = Literal["key", "data", "end", "group"]
 KeyMode = Literal["session", "per-message", "group"]
 _KINDS: Final = frozenset({"key", "data", "end"})
-#: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
-#: not TypeError
-_KEY_MODES: Final = ("session", "per-message", "group")
 _MAX_U63: Final = 2**63 - 1
 _DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException)
 
@@ -252,98 +240,3 @@ def notice(session: str, code: str, message: str) -> bytes:
     return encode_map(
         {"v": VERSION, "kind": "notice", "session": session, "code": code, "message": message}
     )
-
-
-# --- session control -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class OpenRequest:
-    """``P.api.session.open`` (consumer -> proxy); also the body of the control ``open`` op."""
-
-    cluster: str
-    streams: tuple[str, ...]
-    jwk: dict[str, Any] = field(repr=False)
-    key_mode: KeyMode
-    token: str = field(default="", repr=False)
-    zip: bool = False
-    #: the consumer identity's proof and an issuer token, for the cluster (forwarded as is)
-    proof: str | None = field(default=None, repr=False)
-    authz: str | None = field(default=None, repr=False)
-
-    def to_map(self) -> dict[str, Any]:
-        m: dict[str, Any] = {
-            "v": VERSION,
-            "token": self.token,
-            "cluster": self.cluster,
-            "streams": list(self.streams),
-            "jwk": self.jwk,
-            "key_mode": self.key_mode,
-            "zip": self.zip,
-        }
-        m.update(self.forwarded())
-        return m
-
-    def forwarded(self) -> dict[str, str]:
-        """The members the proxy copies unchanged into the control ``open``."""
-        return {k: v for k, v in (("proof", self.proof), ("authz", self.authz)) if v is not None}
-
-
-MAX_STREAMS: Final = 64
-#: cap on the ``proof`` and ``authz`` strings of an open
-MAX_PROOF: Final = 8192
-
-
-def _opaque(m: Mapping[str, Any], key: str) -> str | None:
-    if key not in m:
-        return None
-    value: str = _field(m, key, str)
-    if not value or len(value) > MAX_PROOF:
-        raise WireError("bad_value", f"key {key!r} must be 1 to {MAX_PROOF} characters")
-    return value
-
-
-def decode_open(m: Mapping[str, Any], *, need_token: bool = True) -> OpenRequest:
-    _check_version(m)
-    token = _field(m, "token", str) if need_token else ""
-    cluster = check_cluster_id(_field(m, "cluster", str))
-    raw_streams = _field(m, "streams", list)
-    if not raw_streams or len(raw_streams) > MAX_STREAMS:
-        raise WireError("bad_streams", f"streams must list 1 to {MAX_STREAMS} names")
-    streams = tuple(dict.fromkeys(check_stream(s) for s in raw_streams))
-    jwk = _field(m, "jwk", dict)
-    if not all(isinstance(k, str) for k in jwk):
-        raise WireError("bad_jwk", "jwk member names must be strings")
-    key_mode = m.get("key_mode", "session")
-    if key_mode not in _KEY_MODES:
-        raise WireError("bad_key_mode", f"key_mode must be one of {sorted(_KEY_MODES)}")
-    zip_ = m.get("zip", False)
-    if not isinstance(zip_, bool):
-        raise WireError("bad_type", "key 'zip' must be a bool")
-    return OpenRequest(
-        cluster, streams, dict(jwk), key_mode, token, zip_, _opaque(m, "proof"), _opaque(m, "authz")
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRef:
-    """close / keepalive request: ``{"v":1, "token":JWT, "session":id}``."""
-
-    session: str
-    token: str = field(repr=False)
-
-
-def decode_session_ref(m: Mapping[str, Any]) -> SessionRef:
-    _check_version(m)
-    return SessionRef(check_session_id(_field(m, "session", str)), _field(m, "token", str))
-
-
-def error_reply(code: str, message: str, *, retry: bool = False) -> bytes:
-    """An error reply; ``retry`` marks a passing refusal (the proxy is busy) that the same
-    request may meet with success a moment later."""
-    if code not in ERROR_CODES:
-        raise ValueError(f"unknown error code {code!r}")
-    error: dict[str, Any] = {"code": code, "message": message}
-    if retry:
-        error["retry"] = True
-    return encode_map({"ok": False, "error": error})

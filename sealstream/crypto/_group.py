@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgpack
 import structlog
@@ -34,8 +34,6 @@ from sealstream.crypto._jose import (
     open_dir,
     parse_compact,
     seal_protected,
-    seal_to_key,
-    sign_claims,
 )
 from sealstream.crypto._session import (
     DEFAULT_MAX_PLAINTEXT,
@@ -43,8 +41,8 @@ from sealstream.crypto._session import (
     ConsumerSession,
     End,
     Policy,
-    ProducerSession,
     Rotation,
+    SessionChannel,
 )
 from sealstream.crypto._trust import TrustStore
 from sealstream.errors import WireError
@@ -54,9 +52,9 @@ from sealstream.groupwire import (
     decode_member_inbox,
     encode_group_envelope,
 )
-from sealstream.ids import SESSION_STREAM, check_stream
+from sealstream.ids import check_stream
 from sealstream.jwk import b64u_decode, b64u_encode, b64u_encode_bytes
-from sealstream.wire import DEFAULT_MAX_ENVELOPE, Envelope, EnvelopeKind, Notice
+from sealstream.wire import DEFAULT_MAX_ENVELOPE, Envelope, Notice
 
 __all__ = [
     "GROUP_COALESCE_S",
@@ -81,19 +79,33 @@ _END_CLAIMS: Final = frozenset({"cluster", "session", "reason", "iat"})
 # --- producer -------------------------------------------------------------------------------
 
 
-class MemberSession(ProducerSession):
+class MemberSession(SessionChannel):
     """A group-mode session on the producer: its channel carries only signed key envelopes
-    (one per group per rotation) and the signed end, each a JWE to the member's own key."""
+    (one per group per rotation) and the signed end, each a JWE to the member's own key. The
+    group batches themselves are :class:`GroupSealer`'s: a member has no ``seal``."""
 
-    def _signed(self, kind: EnvelopeKind, claims: Mapping[str, Any], now: int) -> bytes:
-        jws = sign_claims(self._identity, claims)
-        seq = self._next_seq()
-        header = {
-            "kid": self.session,
-            "cty": "JWT",
-            **self._routing(kind, SESSION_STREAM, seq, now),
-        }
-        return self._envelope(kind, SESSION_STREAM, seq, now, seal_to_key(self._jwk, header, jws))
+    def __init__(
+        self,
+        identity: ClusterIdentity,
+        *,
+        cluster: str,
+        session: str,
+        consumer_jwk: Mapping[str, Any],
+        key_mode: Literal["group"] = "group",
+        clock: Callable[[], int] = time.time_ns,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if key_mode != "group":
+            raise ValueError(f"a group member's key mode is 'group', not {key_mode!r}")
+        super().__init__(
+            identity,
+            cluster=cluster,
+            session=session,
+            consumer_jwk=consumer_jwk,
+            clock=clock,
+            random=random,
+        )
+        self.key_mode: Literal["group"] = key_mode
 
     def group_key(
         self, *, group: str, epoch: int, kid: str, secret: bytes, gseq: int, now: int
@@ -115,9 +127,6 @@ class MemberSession(ProducerSession):
 
     def start(self) -> list[bytes]:
         return []  # the group keys come with the groups' rotations
-
-    def seal(self, stream: str, plaintext: bytes) -> list[bytes]:
-        raise ValueError("a group member receives group batches, never session data")
 
     def end(self, reason: str) -> list[bytes]:
         if self.ended:

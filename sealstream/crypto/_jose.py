@@ -33,6 +33,7 @@ from jwcrypto import jwk as _jwk
 from jwcrypto import jws as _jws
 from jwcrypto.common import JWException
 
+from sealstream.control import MAX_PROOF
 from sealstream.errors import IntegrityError, TrustError
 from sealstream.jwk import (
     b64u_decode,
@@ -40,7 +41,6 @@ from sealstream.jwk import (
     check_public_jwk,
     thumbprint,
 )
-from sealstream.wire import MAX_PROOF
 
 __all__ = [
     "ENC",

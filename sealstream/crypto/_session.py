@@ -65,6 +65,7 @@ __all__ = [
     "Policy",
     "ProducerSession",
     "Rotation",
+    "SessionChannel",
     "encode_rows",
 ]
 
@@ -121,8 +122,10 @@ def encode_rows(rows: Sequence[Mapping[str, Any]]) -> bytes:
 # --- producer -------------------------------------------------------------------------------
 
 
-class ProducerSession:
-    """One consumer session's encryption state, on the producer."""
+class SessionChannel:
+    """What every producer-side session has, in session and group mode alike: the consumer's
+    key, bound to the session id, the session's ``seq``, and envelopes signed by the cluster
+    and sealed to that key (key envelopes, group keys, the group-mode end)."""
 
     def __init__(
         self,
@@ -131,9 +134,6 @@ class ProducerSession:
         cluster: str,
         session: str,
         consumer_jwk: Mapping[str, Any],
-        key_mode: KeyMode = "session",
-        compress: bool = False,
-        rotation: Rotation = Rotation(),
         clock: Callable[[], int] = time.time_ns,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -151,20 +151,10 @@ class ProducerSession:
         except ValueError as exc:
             raise WireError("bad_jwk", "cannot encrypt to this key") from exc
         self._identity = identity
-        self.key_mode: KeyMode = key_mode
-        self._zip = compress
-        self._rotation = rotation
         self._clock = clock
         self._random = random
         self.seq = 0
-        self.epoch = -1
         self.ended = False
-        self._kid = ""
-        self._aead: AESGCM | None = None
-        self._header_head = ""
-        self._header_tail = ',"zip":"DEF"}' if compress else "}"
-        self._key_uses = 0
-        self._key_born = 0
 
     def _next_seq(self) -> int:
         seq = self.seq
@@ -183,6 +173,54 @@ class ProducerSession:
 
     def _envelope(self, kind: EnvelopeKind, stream: str, seq: int, ts: int, body: bytes) -> bytes:
         return encode_envelope(Envelope(kind, self.cluster, self.session, stream, seq, ts, body))
+
+    def _signed(self, kind: EnvelopeKind, claims: Mapping[str, Any], now: int) -> bytes:
+        """An envelope of the session's channel carrying ``claims`` signed by the cluster, as
+        a JWE to the consumer's key."""
+        jws = sign_claims(self._identity, claims)
+        seq = self._next_seq()
+        header = {
+            "kid": self.session,
+            "cty": "JWT",
+            **self._routing(kind, SESSION_STREAM, seq, now),
+        }
+        return self._envelope(kind, SESSION_STREAM, seq, now, seal_to_key(self._jwk, header, jws))
+
+
+class ProducerSession(SessionChannel):
+    """One consumer session's encryption state, on the producer."""
+
+    def __init__(
+        self,
+        identity: ClusterIdentity,
+        *,
+        cluster: str,
+        session: str,
+        consumer_jwk: Mapping[str, Any],
+        key_mode: KeyMode = "session",
+        compress: bool = False,
+        rotation: Rotation = Rotation(),
+        clock: Callable[[], int] = time.time_ns,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        super().__init__(
+            identity,
+            cluster=cluster,
+            session=session,
+            consumer_jwk=consumer_jwk,
+            clock=clock,
+            random=random,
+        )
+        self.key_mode: KeyMode = key_mode
+        self._zip = compress
+        self._rotation = rotation
+        self.epoch = -1
+        self._kid = ""
+        self._aead: AESGCM | None = None
+        self._header_head = ""
+        self._header_tail = ',"zip":"DEF"}' if compress else "}"
+        self._key_uses = 0
+        self._key_born = 0
 
     def _key_due(self, now: int) -> bool:
         return (
@@ -203,14 +241,7 @@ class ProducerSession:
             "iat": now // 1_000_000_000,
             "epoch": self.epoch,
         }
-        jws = sign_claims(self._identity, claims)
-        seq = self._next_seq()
-        header = {
-            "kid": self.session,
-            "cty": "JWT",
-            **self._routing("key", SESSION_STREAM, seq, now),
-        }
-        body = seal_to_key(self._jwk, header, jws)
+        envelope = self._signed("key", claims, now)
         self._aead = aead(secret)
         self._header_head = (
             f'{{"alg":"dir","enc":"{ENC}","kid":"{self._kid}","cluster":"{self.cluster}",'
@@ -219,7 +250,7 @@ class ProducerSession:
         self._key_uses = 0
         self._key_born = now
         log.debug("session.key_rotated", session=self.session, epoch=self.epoch)
-        return self._envelope("key", SESSION_STREAM, seq, now, body)
+        return envelope
 
     def _seal(self, kind: EnvelopeKind, stream: str, plaintext: bytes) -> list[bytes]:
         if self.ended:
@@ -277,7 +308,8 @@ class ConsumerSession:
     :meth:`accept` returns a :class:`Batch`, an :class:`End`, a proxy :class:`Notice`, or None
     (a key envelope was installed, or the envelope was discarded under ``policy="discard"``).
     Every failure is the one opaque :class:`IntegrityError`; the reason is counted in
-    :attr:`rejected` and logged at DEBUG.
+    :attr:`rejected` and logged at DEBUG. A key envelope signed by a key the trust store does
+    not pin (``untrusted_key``) is counted and ignored under either policy.
     """
 
     def __init__(
@@ -312,8 +344,6 @@ class ConsumerSession:
         self.gaps = 0
         self.lost = 0
         self.rejected: Counter[str] = Counter()
-        #: kid of the last key envelope signed by a key the trust store does not hold
-        self.untrusted_kid: str | None = None
 
     @property
     def keyed(self) -> bool:
@@ -342,7 +372,9 @@ class ConsumerSession:
         except Rejected as exc:
             self.rejected[exc.reason] += 1
             log.debug("envelope.rejected", reason=exc.reason, session=self.session)
-            if self.policy == "discard":
+            # a key envelope signed by an unpinned key is anyone's (a relay can race one ahead
+            # of the cluster's): ignored under both policies, the caller decides when to stop
+            if self.policy == "discard" or exc.reason == "untrusted_key":
                 return None
             raise IntegrityError() from None
 
@@ -489,7 +521,6 @@ class ConsumerSession:
                         return pinned
             except (WireError, TrustError) as exc:
                 raise Rejected("untrusted_key") from exc
-        self.untrusted_kid = kid
         raise Rejected("untrusted_key")
 
     def _decode(self, env: Envelope, plaintext: bytes) -> Batch | End:

@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 from consumers import Client
 from producers import Agent, Authorized, Authorizer, AuthzPolicy, ProducerConfig
 from sealstream import SessionError, WireError
+from sealstream.control import MAX_PROOF, ControlOpen, decode_open
 from sealstream.crypto import PROOF_TYP, ClusterIdentity, ConsumerKey, UserIdentity
 from sealstream.crypto._jose import sign_claims
 from sealstream.jwk import b64u_encode
-from sealstream.wire import MAX_PROOF, decode_open
 from tests.support.pipeline import (
     Stack,
     Tap,
@@ -692,15 +692,14 @@ def test_each_check_of_a_proof_refuses_with_its_reason(tmp_path: Path) -> None:
     mallory = jose_jwk.OKPKey.generate_key("Ed25519")
 
     def check(proof: str | None, at: float = now) -> object:
-        return authz.check(
-            proof=proof,
-            authz=None,
-            session=key.session_id,
-            jwk=key.public_jwk,
-            streams=["records"],
-            key_mode="session",
-            now=at,
+        """What the open is answered: Authorized, or the reason it is refused."""
+        request = ControlOpen(
+            key.session_id, ("records",), key.public_jwk, "session", False, "u", proof
         )
+        try:
+            return authz.check(request, now=at)
+        except SessionError as exc:
+            return exc.detail if exc.code == "forbidden" else exc
 
     cases = {
         "bad signature": _forged(good, user.kid, mallory),  # the authorized kid, another key

@@ -412,10 +412,11 @@ async def test_callout_down_refuses_new_connections_and_spares_live_ones(
         ):
             await collect_rows(live, 3)
             auth.kill()
-            # a new connection is refused with a clear error, not left hanging
+            # a new connection is refused with a clear error, not left hanging (retry_s=0: by
+            # default the client retries this passing refusal for 30 s)
             async with asyncio.timeout(15), client(secured, token("c1")) as late:
                 with pytest.raises(SessionError) as err:
-                    await late.subscribe("c1", ["http_events"]).__aenter__()
+                    await late.subscribe("c1", ["http_events"], retry_s=0).__aenter__()
             assert err.value.code == "unauthorized"
             assert "not running" in err.value.detail
             # the live session keeps streaming
@@ -636,7 +637,7 @@ def test_any_bytes_are_refused_without_a_crash(payload: bytes) -> None:
 
 def test_a_new_login_only_near_the_old_tokens_expiry() -> None:
     """A token function that mints a fresh token per call must not reconnect every keepalive."""
-    from consumers._client import _Login
+    from consumers._session import Login as _Login
 
     tokens = iter([token("c1", ttl_s=3600), token("c1", ttl_s=30)])
     c = Client(ClientConfig(token=lambda: next(tokens)), trust=TrustStore({}))

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
+import re
 import secrets
 import signal
 import stat
@@ -20,16 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import msgpack
 import psutil
 import pytest
 from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
+from producers import OtlpConfig
 from producers._cli import _parser as producer_parser
-from producers._cli import source_specs
+from producers._cli import otlp_config, source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch, ClusterIdentity, TrustStore
+from sealstream.nats import connect
+from tests.support.otlp_sink import OtlpSink, run_app
+from tests.support.pipeline import Tap
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
@@ -143,7 +151,7 @@ class Setup:
             ),
         )
 
-    def producer(self, cluster: str = CLUSTER) -> Service:
+    def producer(self, source: str = "http_events", cluster: str = CLUSTER) -> Service:
         return _start(
             self.dir / f"producer-{secrets.token_hex(2)}.log",
             _cmd(
@@ -157,7 +165,7 @@ class Setup:
                 "--key-file",
                 self.key_file,
                 "--source",
-                "http_events",
+                source,
                 "--rate",
                 "200",
             ),
@@ -227,6 +235,7 @@ def setup(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Setup:
         public,
         "--stream",
         "http_events",
+        *("--stream", "otlp_traces", "--stream", "otlp_metrics", "--stream", "otlp_logs"),
         "--name",
         "alice",
     )
@@ -339,6 +348,52 @@ def test_consume_in_group_mode(setup: Setup, backend: tuple[Service, Service]) -
     assert {r["stream"] for r in records} == {"http_events"}
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_otlp_in_through_the_producer_and_out_through_consume_export(
+    setup: Setup, tmp_path: Path, protocol: str
+) -> None:
+    """``sealstream-producer --source otlp:HOST:HTTP_PORT:GRPC_PORT`` takes an SDK
+    application's OTLP; ``sealstream-consume export`` re-exports it, unchanged, to an OTLP
+    endpoint, over OTLP/HTTP or OTLP/gRPC."""
+    otlp = dataclasses.replace(setup, prefix=f"t{secrets.token_hex(4)}")
+    services = [otlp.proxy(), otlp.producer("otlp:127.0.0.1:0:0")]
+    grpc = protocol == "grpc"
+    try:
+        await asyncio.to_thread(services[0].wait_for, "proxy.started")
+        await asyncio.to_thread(services[1].wait_for, "protocol=grpc")
+        pattern = r"otlp\.listening.*port=(\d+) protocol=(\w+)"
+        ports = {name: port for port, name in re.findall(pattern, _text(services[1].log))}
+        async with OtlpSink() as sink:
+            services.append(
+                _start(
+                    tmp_path / "export.log",
+                    _cmd(
+                        "sealstream-consume",
+                        *("--key", "x25519", "--nats-url", otlp.nats_url, "--prefix"),
+                        *(otlp.prefix, "--token", otlp.token(CLUSTER), "--identity"),
+                        *(otlp.identity_file, "--trust-store", otlp.trust_store),
+                        *("--cluster", CLUSTER, "--retry", "10", "--log-level", "info"),
+                        *("export", "--otlp-endpoint", sink.grpc_url if grpc else sink.url),
+                        *("--protocol", "grpc" if grpc else "http/protobuf"),
+                        *("--header", "X-Tenant=t-1"),
+                    ),
+                )
+            )
+            await asyncio.to_thread(services[2].wait_for, "session.opened")
+            endpoint = f"127.0.0.1:{ports['grpc']}" if grpc else f"http://127.0.0.1:{ports['http']}"
+            sent = await run_app(endpoint, tmp_path / "sent", "cli", protocol=protocol)
+            await asyncio.wait_for(sink.wait_for(len(sent)), 30)
+            assert services[2].interrupt() == 0
+        expected = [(f"/{s.service}/Export" if grpc else s.path, b) for s, b in sent]
+        assert [(r.path, r.body) for r in sink.received] == expected
+        assert {r.headers["x-tenant" if grpc else "X-Tenant"] for r in sink.received} == {"t-1"}
+        summary = f"exported {len(sent)} OTLP requests, undelivered 0; lost 0, dropped 0"
+        assert summary in _text(services[2].log)
+    finally:
+        for service in services:
+            service.kill()
+
+
 def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
@@ -399,12 +454,48 @@ def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     assert CLUSTER in line
 
 
+async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    """Under ``--policy discard`` (the default) what a relay forges is refused, the rows go on,
+    and the exit summary (stderr; stdout holds the rows) says which envelopes were refused
+    and why."""
+    async with Tap(setup.nats_url, f"{setup.prefix}.inbox.>") as tap:
+        consumed = asyncio.create_task(
+            asyncio.to_thread(
+                setup.consume,
+                *("--cluster", CLUSTER, *STREAM, "--duration", "6", "--retry", "10"),
+                token=setup.token(CLUSTER),
+            )
+        )
+        deadline = time.monotonic() + 20
+        while len(tap.messages) < 3:  # the key envelope and data
+            assert not consumed.done(), consumed.result().stderr
+            assert time.monotonic() < deadline, "no envelope reached the consumer's inbox"
+            await asyncio.sleep(0.05)
+        genuine = tap.messages[-1]
+        nc = await connect(setup.nats_url, name="hostile-relay")
+        try:
+            for payload in (b"\x80", msgpack.packb({"rows": [{"req_path": "FORGED"}]})):
+                await nc.publish(genuine.subject, payload)  # garbage, then plaintext
+            await nc.publish(genuine.subject, genuine.data)  # replayed
+            await nc.flush()
+        finally:
+            await nc.close()
+        done = await consumed
+    assert done.returncode == 0, done.stderr
+    assert "FORGED" not in done.stdout
+    assert len(done.stdout.splitlines()) > 10  # the rows went on
+    summary = done.stderr.splitlines()[-1]
+    assert summary.startswith("rejected 3 (malformed 2, replay 1), lost 0, dropped 0"), summary
+
+
 # --- stopping ---------------------------------------------------------------------------------
 
 
 def test_sigint_stops_proxy_and_producer_cleanly(setup: Setup) -> None:
     # a cluster of its own: one producer serves a cluster (the module's backend serves c1)
-    proxy, producer = setup.proxy(), setup.producer("c-sigint")
+    proxy, producer = setup.proxy(), setup.producer(cluster="c-sigint")
     try:
         proxy.wait_for("proxy.started")
         producer.wait_for("producer.started")
@@ -585,6 +676,17 @@ def test_options_before_or_after_run_are_kept(
     assert {k: getattr(args, k) for k in (*given, *expected)} == {**given, **expected}
     assert args.log_level == "info"
     assert args.log_json is False
+
+
+def test_the_otlp_source_names_its_addresses() -> None:
+    assert otlp_config(["http_events"]) is None
+    assert otlp_config(["otlp"]) == OtlpConfig(port=4318, grpc_port=4317)
+    assert otlp_config(["otlp:0.0.0.0"]) == OtlpConfig(host="0.0.0.0", grpc_port=4317)
+    assert otlp_config(["otlp:h:0:off"]) == OtlpConfig(host="h", port=0, grpc_port=None)
+    assert otlp_config(["otlp:h:1:2"]) == OtlpConfig(host="h", port=1, grpc_port=2)
+    for bad in (["otlp:h:x"], ["otlp:h:1:-2"], ["otlp:h:1:2:3"], ["otlp", "otlp:h"]):
+        with pytest.raises(ValueError, match="otlp"):
+            otlp_config(bad)
 
 
 def test_sources_before_and_after_run_are_joined() -> None:

@@ -25,13 +25,13 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
+from sealstream.control import OpenRequest
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, TrustStore
 from sealstream.jwk import b64u_encode, thumbprint
 from sealstream.nats import NatsAuth, settle
 from sealstream.wire import (
     Envelope,
     Notice,
-    OpenRequest,
     decode_inbox,
     encode_envelope,
     encode_map,
@@ -299,7 +299,7 @@ async def test_forged_envelopes_on_data_subjects_are_dropped_and_counted(
 async def _refused(st: Stack, token: str, cluster: str) -> SessionError:
     async with st.client(token=token) as client:
         with pytest.raises(SessionError) as err:
-            async with asyncio.timeout(10), client.subscribe(cluster, ["records"]):
+            async with asyncio.timeout(10), client.subscribe(cluster, ["records"], retry_s=0):
                 pass
     assert len(st.proxy.registry) == 0
     assert st.agent.sessions == {}
@@ -376,10 +376,15 @@ async def test_untrusted_cluster_key_raises_trust_error(nats_url: str) -> None:
     ):
         await st.agent.emit("records", ROWS)
         with pytest.raises(TrustError) as err:
-            await collect_rows(sub, 1, timeout=5)
-        assert st.identity.kid in str(err.value)
+            await collect_rows(sub, 1, timeout=20)  # at the key deadline (5 s here)
+        said = str(err.value)
+        assert "no key envelope signed by a key pinned" in said
+        assert "1 refused" in said
+        assert "'sealstream-producer key'" in said
+        assert st.identity.kid not in said  # never an invitation to pin what a session offered
         assert sub.stats().rows == 0  # nothing was accepted from an unverified cluster
-        assert sub.stats().rejected == {"untrusted_key": 1}
+        # the key ignored, the first batch (policy "fail") cannot be opened: the trust error
+        assert sub.stats().rejected == {"untrusted_key": 1, "unknown_kid": 1}
 
 
 # --- 7. malformed control requests ------------------------------------------------------------

@@ -66,7 +66,18 @@ def test_start_stop_is_idempotent() -> None:
 
 
 def test_stop_without_start_is_a_no_op() -> None:
-    EmbeddedServer().stop()
+    """Stopping a server never started leaves it as it was: not running, and startable."""
+    server = EmbeddedServer()
+    server.stop()
+    assert not server.running
+    with pytest.raises(RuntimeError):
+        _ = server.pid
+    server.start()
+    try:
+        assert server.running
+    finally:
+        server.stop()
+    assert not server.running
 
 
 async def test_async_context_manager() -> None:

@@ -140,6 +140,7 @@ class Stack:
             token=self.token() if token is None else token,
             key_kind=key_kind,
             key_mode=key_mode,
+            unauthenticated_per_message=key_mode == "per-message",
             policy=policy,
             request_timeout_s=5.0,
         )

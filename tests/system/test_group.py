@@ -217,8 +217,8 @@ async def test_zip_is_refused_in_group_mode(nats_url: str) -> None:
         with pytest.raises(ValueError, match="group mode"):
             ClientConfig(key_mode="group", allow_zip=True)
         # at the producer too, for a client that asks anyway
+        from sealstream.control import OpenRequest
         from sealstream.crypto import ConsumerKey
-        from sealstream.wire import OpenRequest
 
         key = ConsumerKey.generate("x25519")
         req = OpenRequest(
@@ -320,8 +320,8 @@ async def test_fan_out_50_with_members_joining_and_leaving(nats_url: str) -> Non
 async def test_a_relay_cannot_switch_the_key_mode(nats_url: str) -> None:
     """The proof binds ``key_mode``: an open whose mode was changed on the way (session to
     group, group to session) is forbidden by the cluster."""
+    from sealstream.control import OpenRequest
     from sealstream.crypto import ConsumerKey
-    from sealstream.wire import OpenRequest
 
     async with group_stack(nats_url) as st, st.client(key_mode="group") as client:
         modes: list[tuple[KeyMode, KeyMode]] = [("group", "session"), ("session", "group")]

@@ -22,7 +22,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Batch, Client, ClientConfig, Resumed, Subscription
 from producers import Agent, HttpEvents
 from sealstream import IntegrityError, SessionError, TokenVerifier, mint_token
-from sealstream.crypto import ClusterIdentity, TrustStore
+from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
 from sealstream.server import EmbeddedServer, ServerOptions
 from tests.support.pipeline import FAST_BATCHING, Gate, collect_rows, eventually, make_stack
 from tests.system.test_faults import free_port
@@ -274,9 +274,9 @@ async def test_an_integrity_failure_under_fail_policy_is_not_resumed(nats_url: s
             await stack.agent.emit("records", [{"i": 1}])
             assert isinstance(await anext(sub), Batch)
             # the relay's position: publish a forged envelope on the inbox
-            forged = bytearray(
-                stack.agent.sessions[sub.session_id].crypto.seal("records", b"\x80")[-1]
-            )
+            crypto = stack.agent.sessions[sub.session_id].crypto
+            assert isinstance(crypto, ProducerSession)
+            forged = bytearray(crypto.seal("records", b"\x80")[-1])
             forged[-3] ^= 1
             await stack.proxy._nc.publish(stack.subjects.inbox(sub.session_id), bytes(forged))
             with pytest.raises(IntegrityError):
@@ -287,8 +287,9 @@ async def test_an_integrity_failure_under_fail_policy_is_not_resumed(nats_url: s
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_a_storm_of_600_opens_is_absorbed(nats_url: str) -> None:
-    """600 sessions of 30 users opened at once against one proxy whose pending bound is 64:
-    some opens are refused as busy, retried with backoff, and every session streams."""
+    """600 sessions of 30 users opened at once against one proxy whose pending bound is 64,
+    with the library's defaults: some opens are refused as busy, retried with backoff, and
+    every session streams."""
     limits = Limits(pending_requests=64)
     source = Gate(HttpEvents(rate=20, seed=4))
     async with make_stack(
@@ -309,9 +310,8 @@ async def test_a_storm_of_600_opens_is_absorbed(nats_url: str) -> None:
             ]
 
             async def one(client: Client) -> int:
-                async with client.subscribe(
-                    stack.cluster, ["http_events"], resume=True, retry_s=60
-                ) as sub:
+                # the library's defaults: busy refusals are retried for 30 s
+                async with client.subscribe(stack.cluster, ["http_events"]) as sub:
                     async for item in sub:
                         if isinstance(item, Batch) and item.rows:
                             return len(item.rows)

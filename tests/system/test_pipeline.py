@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from consumers import Batch, Client, Subscription, TokenFile
 from producers import HostMetrics, HttpEvents, JsonLines, Records, Source
 from sealstream import IntegrityError, SessionError, mint_token
-from sealstream.crypto import ConsumerKey, encode_rows
+from sealstream.crypto import ConsumerKey, ProducerSession, encode_rows
 from tests.support.pipeline import (
     Gate,
     Recording,
@@ -103,7 +103,9 @@ async def test_a_compressed_session_carries_its_choice_in_the_proof(nats_url: st
             await st.agent.emit("records", ROWS)
             rows, _ = await collect_rows(sub, len(ROWS))
             assert rows == ROWS
-            assert st.agent.sessions[sub.session_id].crypto._zip
+            crypto = st.agent.sessions[sub.session_id].crypto
+            assert isinstance(crypto, ProducerSession)
+            assert crypto._zip
 
 
 async def test_emit_keeps_the_valid_rows_of_a_list_with_one_msgpack_cannot_carry(
@@ -373,6 +375,7 @@ def _forge_next(st: Stack, sid: str) -> bytes:
     """The producer's genuine next envelope for ``sid`` (never published), with its
     ciphertext changed: what a relay that edits traffic in flight would deliver."""
     crypto = st.agent.sessions[sid].crypto
+    assert isinstance(crypto, ProducerSession)
     (envelope,) = crypto.seal("records", encode_rows([{"forged": True}]))
     return _tamper_ciphertext(envelope)
 

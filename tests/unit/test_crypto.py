@@ -18,6 +18,7 @@ from jwcrypto import jwe as jc_jwe
 from jwcrypto import jwk as jc_jwk
 
 from sealstream import TrustError, WireError, check_public_jwk, thumbprint
+from sealstream.control import decode_open
 from sealstream.crypto import (
     Batch,
     ClusterIdentity,
@@ -30,7 +31,7 @@ from sealstream.crypto import (
 )
 from sealstream.crypto._jose import open_dir, parse_compact, seal_dir
 from sealstream.jwk import b64u_decode, b64u_encode
-from sealstream.wire import decode_envelope, decode_open
+from sealstream.wire import decode_envelope
 from tests.support.helpers import CLUSTER, gen_key, make_pair
 
 ROWS = [{"time_": 1, "path": "/a", "status": 200, "latency": 1.5, "ok": True, "none": None}]
@@ -256,11 +257,11 @@ def test_trust_on_first_use_is_explicit(tmp_path: Path) -> None:
     from sealstream.crypto import ConsumerSession
 
     strict = ConsumerSession(key, cluster=CLUSTER, trust=TrustStore(path=tmp_path / "a.json"))
-    from sealstream import IntegrityError
-
-    with pytest.raises(IntegrityError):
-        strict.accept(envs[0])
-    assert strict.untrusted_kid == pair.identity.kid
+    # policy "fail": an unpinned signer is still only counted (anyone can sign a key envelope)
+    assert strict.accept(envs[0]) is None
+    assert strict.rejected == {"untrusted_key": 1}
+    assert not strict.keyed
+    assert not (tmp_path / "a.json").exists()  # nothing pinned
     tofu_store = TrustStore(path=tmp_path / "b.json", tofu=True)
     tofu = ConsumerSession(key, cluster=CLUSTER, trust=tofu_store)
     assert tofu.accept(envs[0]) is None

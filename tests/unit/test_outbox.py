@@ -38,6 +38,17 @@ def test_all_sessions_together_are_bounded_the_largest_giving_way() -> None:
     assert box.dropped == {"buffer_full": 1}
 
 
+def test_largest_is_the_fullest_sessions_bytes() -> None:
+    box = Outbox(max_bytes=100)
+    assert box.largest() == 0
+    box.put("-a", b"x" * 30)
+    box.put("_b", b"y" * 20)
+    box.put("_b", b"y" * 20)
+    assert box.largest() == 40
+    _drain(box, "_b")
+    assert box.largest() == 30
+
+
 def test_discard_counts_what_a_finished_session_held() -> None:
     box = Outbox(max_bytes=100)
     box.put("s", b"x")

@@ -21,13 +21,14 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from producers._batcher import Batcher, Batching, array_header_size
-from producers._sources import (
+from producers.sources import (
     HostMetrics,
     HttpEvents,
     JsonLines,
     Records,
     Row,
     Source,
+    check_rows,
     plain_rows,
     validate_row,
 )
@@ -550,5 +551,55 @@ def test_batcher_packed_rows_make_the_same_batches(chunks: list[list[dict[str, A
         )
         got += ready if ready is not None else packed.add(chunk, now=0.0)
     assert got + [b for b in (packed.flush(),) if b] == expected + [
+        b for b in (one_by_one.flush(),) if b
+    ]
+
+
+# --------------------------------------------------------------------------- check_rows
+
+
+@given(st.lists(_any_row, max_size=6))
+def test_check_rows_is_validate_row_on_every_row(rows: list[dict[Any, Any]]) -> None:
+    """One answer per call: the rows validate_row accepts, in order, and the reason of every
+    other; packed (in one piece) only when every row was valid."""
+    checked = check_rows(rows)
+    verdicts = [validate_row(row) for row in rows]
+    assert checked.rows == [v for v in verdicts if not isinstance(v, str)]
+    assert checked.rejected == [v for v in verdicts if isinstance(v, str)]
+    if checked.packed is not None:
+        assert not checked.rejected
+        assert checked.packed == msgpack.packb(rows, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "packed"),
+    [
+        ([{"a": 1, "b": "x"}], True),
+        ([{"a": 2**64}], False),  # plain, but msgpack refuses it: row by row
+        ([{"a": "\udcff"}], False),
+        ([], False),
+        (iter([{"a": 1}]), False),  # not a list: row by row
+    ],
+)
+def test_check_rows_packs_only_plain_lists(rows: Any, packed: bool) -> None:
+    assert (check_rows(rows).packed is not None) is packed
+
+
+@given(st.lists(st.lists(_flat, max_size=40), max_size=30))
+def test_batcher_given_checked_rows_makes_the_same_batches(
+    chunks: list[list[dict[str, Any]]],
+) -> None:
+    """What the agent hands the batcher (the checked rows, packed when plain) gives exactly
+    the plaintexts of adding the valid rows one by one."""
+    batching = Batching(max_rows=50, max_bytes=4096, max_delay_s=1.0)
+    one_by_one = Batcher(batching, budget=10**6)
+    checked_in = Batcher(batching, budget=10**6)
+    expected: list[bytes] = []
+    got: list[bytes] = []
+    for chunk in chunks:
+        expected += one_by_one.add(chunk, now=0.0)
+        checked = check_rows(chunk)
+        got += checked_in.add(checked.rows, packed=checked.packed, now=0.0)
+    assert got + [b for b in (checked_in.flush(),) if b] == expected + [
         b for b in (one_by_one.flush(),) if b
     ]

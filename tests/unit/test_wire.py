@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sealstream import Envelope, Subjects, WireError, decode_envelope, encode_envelope
+from sealstream.control import decode_open, decode_session_ref
 from sealstream.ids import check_cluster_id, check_session_id, check_stream
-from sealstream.wire import decode_inbox, decode_map, decode_open, decode_session_ref, notice
+from sealstream.wire import decode_inbox, decode_map, notice
 
 SESSION = "A" * 43
 GOOD: dict[str, Any] = {

@@ -7,7 +7,7 @@ import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey, prove } from "./crypto.js";
 import { GroupMember } from "./group.js";
 import { ConsumerSession } from "./session.js";
-import { VERSION, WireError, decodeMap, encodeMap, wireInt, WireFloat } from "./wire.js";
+import { WireError, decodeReply, encodeOpenRequest, encodeSessionRef } from "./wire.js";
 
 /** A refusal from the proxy (its error code: unauthorized, forbidden, ...). */
 export class SessionError extends Error {
@@ -33,20 +33,32 @@ export class BrokerError extends Error {
   }
 }
 
-/** The cluster signs with a key the page does not pin. */
+/** No key envelope signed by a pinned cluster key came (others were refused). */
 export class TrustError extends Error {
-  /** @param {string} message @param {string} kid */
-  constructor(message, kid) {
+  /** @param {string} message */
+  constructor(message) {
     super(message);
     this.name = "TrustError";
-    this.kid = kid;
   }
 }
+
+/** how long a first open retries passing refusals by default (0: fail at once) */
+export const DEFAULT_RETRY_MS = 30_000;
+/** backoff between open attempts: exponential from 0.2 s to 5 s, with jitter (as Python's) */
+const BACKOFF_FIRST_MS = 200;
+const BACKOFF_MAX_MS = 5000;
 
 /**
  * @typedef {import("./session.js").Batch} Batch
  * @typedef {import("./wire.js").Notice} Notice
  * @typedef {import("./crypto.js").KeyKind} KeyKind
+ * @typedef {object} Resumed a new session replaced one that ended (consumers/_client.py
+ *   Resumed): rows sealed between the two were lost
+ * @property {string} previous
+ * @property {string} session
+ * @property {string} reason
+ * @property {number} attempts open attempts it took
+ * @property {bigint | null} lastTs `ts` (Unix ns) of the previous session's last batch
  * @typedef {object} SubscriptionOptions
  * @property {string} natsUrl NATS WebSocket URL (ws:// or wss://)
  * @property {{user: string, pass: string}} [natsAuth] static NATS credentials, for a server
@@ -59,15 +71,25 @@ export class TrustError extends Error {
  * @property {import("./crypto.js").Identity} [identity] the user's long-term key: every open
  *   carries its proof (the cluster refuses an open without one, unless it trusts the relay)
  * @property {KeyKind} [keyKind] default x25519
- * @property {import("./session.js").KeyMode | "group"} [keyMode]
+ * @property {"session" | "group"} [keyMode] (per-message mode, without sender
+ *   authentication, is not offered to a page)
  * @property {import("./session.js").Policy} [policy] default discard
  * @property {boolean} [allowZip]
- * @property {number} [requestTimeoutMs]
+ * @property {number} [requestTimeoutMs] also the key deadline: a key envelope signed by a
+ *   pinned key is due this long after the open
  * @property {number} [queueSize] inbox messages waiting for verification before drops
+ * @property {number} [retryMs] how long a first open retries passing refusals (busy, cluster
+ *   unavailable, no proxy answering), with backoff and jitter (default 30 s; 0 fails at once)
+ * @property {boolean} [resume] a session that ends for an infrastructure reason (expired,
+ *   ended by the proxy, lost) is replaced by a new one with a fresh key
+ * @property {number} [resumeTimeoutMs] how long a resume retries (default 120 s)
  * @property {(batch: Batch) => void} [onBatch]
  * @property {(notice: Notice) => void} [onNotice]
  * @property {(reason: string) => void} [onEnd] the producer ended the session (verified)
  * @property {(error: Error) => void} [onError] the session is over
+ * @property {(error: Error, waitMs: number) => void} [onRetry] an open was refused as
+ *   passing: tried again after waitMs
+ * @property {(marker: Resumed) => void} [onResumed] a new session replaced the previous one
  * @property {() => void} [onChange] counters changed
  * @property {(connected: boolean) => void} [onConnection] the broker connection was lost
  *   (the client reconnects by itself) or is back
@@ -81,12 +103,25 @@ function caused(err, name) {
   return false;
 }
 
+/**
+ * A refusal the same open may get past later: the proxy busy or out of reach, the cluster
+ * unavailable (a producer restarting); not one about the request itself.
+ * @param {unknown} err
+ */
+function passing(err) {
+  if (err instanceof BrokerError) return true;
+  return err instanceof SessionError && (err.retry || err.code === "cluster_unavailable");
+}
+
+/** @param {number} ms */
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 export class Subscription {
   /** @param {SubscriptionOptions} options */
   constructor(options) {
     this.options = options;
     this.prefix = options.prefix ?? "sealstream";
-    /** @type {ConsumerSession | null} */
+    /** the current session's verification state @type {ConsumerSession | null} */
     this.session = null;
     /** @type {import("@nats-io/nats-core").NatsConnection | null} */
     this.nc = null;
@@ -104,7 +139,17 @@ export class Subscription {
     this.chain = Promise.resolve();
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     this.timer = undefined;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.keyTimer = undefined;
+    /** (Date.now() ms) a key envelope signed by a pinned key is due by then */
+    this.keyDeadline = Infinity;
+    this.opened = false;
     this.closed = false;
+    this.resuming = false;
+    /** every resume so far, oldest first @type {Resumed[]} */
+    this.resumes = [];
+    /** `ts` of the last batch @type {bigint | null} */
+    this.lastTs = null;
     /** the token of the last request, for a close that cannot wait (the page is going) */
     this.lastToken = "";
   }
@@ -120,12 +165,41 @@ export class Subscription {
     return this.session.session;
   }
 
-  /** Generate the key, connect, subscribe the inbox, open the session. */
+  /** Open the first session, retrying passing refusals for `retryMs`. */
   async start() {
+    await this.open(this.options.retryMs ?? DEFAULT_RETRY_MS);
+  }
+
+  /**
+   * Open a session, retrying passing refusals with backoff and jitter for `budgetMs`; the
+   * attempts it took.
+   * @param {number} budgetMs
+   * @returns {Promise<number>}
+   */
+  async open(budgetMs) {
+    const deadline = Date.now() + budgetMs;
+    let delay = BACKOFF_FIRST_MS;
+    for (let attempts = 1; ; attempts += 1) {
+      try {
+        await this.startSession();
+        return attempts;
+      } catch (err) {
+        await this.retire();
+        const wait = delay / 2 + (Math.random() * delay) / 2;
+        if (this.closed || !passing(err) || Date.now() + wait > deadline) throw err;
+        this.options.onRetry?.(/** @type {Error} */ (err), wait);
+        await sleep(wait);
+        delay = Math.min(delay * 2, BACKOFF_MAX_MS);
+      }
+    }
+  }
+
+  /** Generate a key, connect, subscribe the inbox, open the session. */
+  async startSession() {
     const o = this.options;
     const key = await generateConsumerKey(o.keyKind ?? "x25519");
     // group mode: a member of each stream's group (docs/protocol.md, Group mode)
-    this.session =
+    const session =
       o.keyMode === "group"
         ? new GroupMember(key, {
             cluster: o.cluster,
@@ -136,14 +210,18 @@ export class Subscription {
         : new ConsumerSession(key, {
             cluster: o.cluster,
             trust: o.trust,
-            keyMode: o.keyMode,
+            keyMode: "session",
             allowZip: o.allowZip,
             policy: o.policy ?? "discard",
           });
+    this.session = session;
+    this.opened = false;
+    this.keyDeadline = Infinity;
     await this.token();
     const auth = o.natsAuth;
+    let nc;
     try {
-      this.nc = await wsconnect({
+      nc = await wsconnect({
         servers: o.natsUrl,
         // a reconnect presents the latest token (renewed by keepalives), not the first one
         authenticator: auth
@@ -159,21 +237,21 @@ export class Subscription {
       }
       throw new BrokerError(`cannot connect to NATS at ${o.natsUrl}`);
     }
-    void this.watch(this.nc);
+    this.nc = nc;
+    void this.watch(nc);
     // the inbox first: the producer's key envelope may arrive before the open reply
-    this.nc.subscribe(`${this.prefix}.inbox.${key.sessionId}`, {
-      callback: (_err, msg) => this.onMessage(msg.data),
+    nc.subscribe(`${this.prefix}.inbox.${key.sessionId}`, {
+      callback: (_err, msg) => this.onMessage(session, msg.data),
     });
-    await this.nc.flush();
+    await nc.flush();
     const keyMode = o.keyMode ?? "session";
-    /** @type {Record<string, unknown>} */
+    /** @type {import("./wire.js").OpenRequest} */
     const open = {
-      v: VERSION,
       token: await this.token(),
       cluster: o.cluster,
       streams: o.streams,
       jwk: key.publicJwk,
-      key_mode: keyMode,
+      keyMode,
       zip: o.allowZip ?? false,
     };
     if (o.identity !== undefined) {
@@ -185,26 +263,32 @@ export class Subscription {
         keyMode,
       });
     }
-    const reply = await this.request("open", open);
+    const reply = await this.request("open", encodeOpenRequest(open), "opened");
     if (reply.session !== key.sessionId) {
       throw new BrokerError("the proxy answered for another session");
     }
-    this.setKeepalive(reply.keepalive_s);
+    this.opened = true;
+    const keyWaitMs = o.requestTimeoutMs ?? 5000;
+    this.keyDeadline = Date.now() + keyWaitMs;
+    this.keyTimer = setTimeout(() => this.checkTrust(session, false, this.pending), keyWaitMs);
+    this.setKeepalive(reply.keepaliveS);
     this.schedule();
   }
 
   /** @param {import("@nats-io/nats-core").NatsConnection} nc */
   async watch(nc) {
     for await (const status of nc.status()) {
+      if (nc !== this.nc) return;
       if (status.type === "disconnect") this.options.onConnection?.(false);
       else if (status.type === "reconnect") this.options.onConnection?.(true);
     }
+    // the iterator ends when the connection is closed: by us, or for good by the client
+    if (nc === this.nc && this.opened) this.lost("the NATS connection was closed", true);
   }
 
-  /** @param {unknown} value */
-  setKeepalive(value) {
-    const n = value instanceof WireFloat ? value.value : wireInt(value);
-    if (n !== null && Number(n) > 0) this.keepaliveS = Number(n);
+  /** @param {number | null} seconds the proxy's interval (null: it did not say) */
+  setKeepalive(seconds) {
+    if (seconds !== null) this.keepaliveS = seconds;
   }
 
   schedule() {
@@ -213,41 +297,42 @@ export class Subscription {
   }
 
   async keepalive() {
-    if (this.closed || this.session === null) return;
+    const session = this.session;
+    if (this.closed || session === null) return;
     try {
       const token = await this.token();
-      const reply = await this.request("keepalive", {
-        v: VERSION,
-        token,
-        session: this.session.session,
-      });
-      this.setKeepalive(reply.keepalive_s);
+      const ref = { token, session: session.session };
+      const reply = await this.request("keepalive", encodeSessionRef(ref), "keptAlive");
+      this.setKeepalive(reply.keepaliveS);
     } catch (err) {
       // busy or passing (the proxy's "retry", its registry or the cluster out of reach): the
       // session stays, as in the Python client; anything else about it ends it
-      const passing =
+      const stays =
         err instanceof SessionError &&
         (err.retry || err.code === "limit_exceeded" || err.code === "cluster_unavailable");
-      if (err instanceof SessionError && !passing) {
-        this.fail(new SessionError("ended", `session lost: ${err.message}`));
+      if (err instanceof SessionError && !stays && session === this.session) {
+        // the proxy no longer knows it (resumable), or refuses the token (not)
+        this.lost(`session lost: ${err.message}`, err.code === "bad_request");
         return;
       }
       // the broker may be reconnecting: try again at the next interval
     }
-    this.schedule();
+    if (session === this.session) this.schedule();
   }
 
   /**
-   * A session API request in msgpack; the reply's error becomes SessionError.
+   * A session API request (encoded by wire.js); the reply a refusal becomes SessionError.
+   * @template {keyof import("./wire.js").Replies} K
    * @param {"open" | "keepalive" | "close"} op
-   * @param {Record<string, unknown>} body
-   * @returns {Promise<Record<string, unknown>>}
+   * @param {Uint8Array} body
+   * @param {K} kind what the reply answers with
+   * @returns {Promise<import("./wire.js").Replies[K]>}
    */
-  async request(op, body) {
+  async request(op, body, kind) {
     if (this.nc === null) throw new BrokerError("not connected");
     let msg;
     try {
-      msg = await this.nc.request(`${this.prefix}.api.session.${op}`, encodeMap(body), {
+      msg = await this.nc.request(`${this.prefix}.api.session.${op}`, body, {
         timeout: this.options.requestTimeoutMs ?? 5000,
       });
     } catch (err) {
@@ -259,24 +344,17 @@ export class Subscription {
     }
     let reply;
     try {
-      reply = decodeMap(msg.data);
+      reply = decodeReply(msg.data, kind);
     } catch (err) {
       if (err instanceof WireError) throw new BrokerError("malformed reply from the proxy");
       throw err;
     }
-    if (reply.ok !== true) {
-      const error = /** @type {Record<string, unknown>} */ (reply.error ?? {});
-      throw new SessionError(
-        String(error.code ?? "bad_request"),
-        String(error.message ?? ""),
-        error.retry === true,
-      );
-    }
-    return reply;
+    if (reply.type === "refusal") throw new SessionError(reply.code, reply.message, reply.retry);
+    return /** @type {import("./wire.js").Replies[K]} */ (reply);
   }
 
-  /** @param {Uint8Array} data */
-  onMessage(data) {
+  /** @param {ConsumerSession} session @param {Uint8Array} data */
+  onMessage(session, data) {
     this.received += 1;
     if (this.pending >= (this.options.queueSize ?? 10000)) {
       this.dropped += 1;
@@ -284,50 +362,102 @@ export class Subscription {
     }
     this.pending += 1;
     this.chain = this.chain
-      .then(() => this.handle(data))
+      .then(() => this.handle(session, data))
       // a failing callback ends the subscription rather than silently stopping the queue
       .catch((/** @type {Error} */ err) => this.fail(err))
       .finally(() => (this.pending -= 1));
   }
 
-  /** @param {Uint8Array} data */
-  async handle(data) {
-    const session = this.session;
-    if (session === null || this.closed) return;
+  /** @param {ConsumerSession} session @param {Uint8Array} data */
+  async handle(session, data) {
+    if (session !== this.session || this.closed) return; // a replaced session's leftovers
     let result;
     try {
       result = await session.accept(data);
     } catch (err) {
-      // policy "fail": the one opaque error ends the subscription
-      this.fail(/** @type {Error} */ (err));
+      // policy "fail": the one opaque error ends the subscription (the trust error says more)
+      if (!this.checkTrust(session, true)) this.fail(/** @type {Error} */ (err));
       return;
     } finally {
       this.options.onChange?.();
     }
-    if (!session.keyed && session.untrustedKid !== null) {
-      this.fail(
-        new TrustError(
-          `cluster ${session.cluster} signs with key ${session.untrustedKid}, which this page ` +
-            "does not pin: pin it with 'sealstream-consume trust add'",
-          session.untrustedKid,
-        ),
-      );
-      return;
-    }
-    if (result === null) return;
+    if (this.checkTrust(session, false, this.pending - 1) || result === null) return;
     if (result.type === "batch") {
       this.batches += 1;
       this.rows += result.rows.length;
+      this.lastTs = result.ts;
       this.options.onBatch?.(result);
     } else if (result.type === "end") {
+      // authenticated: the end, never resumed
       this.endReason = result.reason;
       this.options.onEnd?.(result.reason);
       await this.close();
     } else {
       this.options.onNotice?.(result);
       if (result.code === "expired" || result.code === "ended") {
-        this.fail(new SessionError("ended", `the proxy ended this session: ${result.message}`));
+        // unauthenticated: with resume, a forged one costs a new session, never the end
+        this.lost(`the proxy ended this session: ${result.message}`, true);
       }
+    }
+  }
+
+  /**
+   * A key envelope whose signer is not pinned is counted and ignored (a relay can forge
+   * one); the subscription ends only if none signed by a pinned key came by the key deadline
+   * (and none is still `queued`), or if it is `ending` anyway. True if it ended it.
+   * @param {ConsumerSession} session
+   * @param {boolean} [ending]
+   * @param {number} [queued] inbox messages still waiting for verification
+   */
+  checkTrust(session, ending = false, queued = 0) {
+    const refused = session.rejected.untrusted_key ?? 0;
+    if (session !== this.session || session.keyed || refused === 0) return false;
+    if (!ending && (Date.now() < this.keyDeadline || queued > 0)) return false;
+    this.fail(
+      new TrustError(
+        `no key envelope signed by a key pinned for cluster ${session.cluster} arrived; ` +
+          `${refused} refused, signed by keys this page does not pin (a relay can forge ` +
+          "those: never pin a key a session offers). Check the cluster's key out of band: " +
+          "its operator's 'sealstream-producer key' prints it; the keys this page pins are " +
+          "listed above",
+      ),
+    );
+    return true;
+  }
+
+  /**
+   * The session is over without an authenticated end: replaced by a new one if `resume` and
+   * `resumable`, else the subscription ends.
+   * @param {string} reason
+   * @param {boolean} resumable
+   */
+  lost(reason, resumable) {
+    if (this.options.resume && resumable && !this.closed && this.error === null) {
+      void this.resumeAfter(reason);
+    } else {
+      this.fail(new SessionError("ended", reason));
+    }
+  }
+
+  /**
+   * Replace the current session by a new one (fresh key), as consumers/_client.py does.
+   * @param {string} reason
+   */
+  async resumeAfter(reason) {
+    if (this.resuming) return;
+    this.resuming = true;
+    const previous = this.session?.session ?? "";
+    try {
+      await this.retire();
+      const attempts = await this.open(this.options.resumeTimeoutMs ?? 120_000);
+      /** @type {Resumed} */
+      const marker = { previous, session: this.sessionId, reason, attempts, lastTs: this.lastTs };
+      this.resumes.push(marker);
+      this.options.onResumed?.(marker);
+    } catch (err) {
+      this.fail(/** @type {Error} */ (err));
+    } finally {
+      this.resuming = false;
     }
   }
 
@@ -347,30 +477,40 @@ export class Subscription {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.timer);
+    clearTimeout(this.keyTimer);
     const nc = this.nc;
     if (nc === null) return;
-    if (this.session !== null && this.lastToken) {
-      const body = { v: VERSION, token: this.lastToken, session: this.session.session };
-      nc.publish(`${this.prefix}.api.session.close`, encodeMap(body));
+    if (this.session !== null && this.opened && this.lastToken) {
+      const ref = { token: this.lastToken, session: this.session.session };
+      nc.publish(`${this.prefix}.api.session.close`, encodeSessionRef(ref));
     }
     void nc.close();
+  }
+
+  /** Close the current session at the proxy and its connection (the subscription goes on). */
+  async retire() {
+    clearTimeout(this.timer);
+    clearTimeout(this.keyTimer);
+    if (this.nc === null) return;
+    if (this.session !== null && this.opened) {
+      this.opened = false;
+      try {
+        const token = await this.token();
+        const ref = { token, session: this.session.session };
+        await this.request("close", encodeSessionRef(ref), "ok");
+      } catch {
+        // the proxy expires the session anyway
+      }
+    }
+    const nc = this.nc;
+    this.nc = null;
+    await nc?.close();
   }
 
   /** Close the session at the proxy and the connection; idempotent. */
   async close() {
     if (this.closed) return;
     this.closed = true;
-    clearTimeout(this.timer);
-    const nc = this.nc;
-    if (nc === null) return;
-    if (this.session !== null) {
-      try {
-        const token = await this.token();
-        await this.request("close", { v: VERSION, token, session: this.session.session });
-      } catch {
-        // the proxy expires the session anyway
-      }
-    }
-    await nc.close();
+    await this.retire();
   }
 }

@@ -1,15 +1,13 @@
 // The page: reads /config.json from the machine that serves it (the user's own), loads its
 // long-term identity (IndexedDB) and shows its fingerprint for registration, opens one
-// session in the browser (every open carries the identity's proof) and shows a live table per
-// stream. Cell values are set with textContent only: decrypted rows never become markup.
+// session in the browser (every open carries the identity's proof) and hands the decrypted
+// rows to the view (view.js: a tab per stream, its charts and table).
 
 import { thumbprint } from "./crypto.js";
 import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
 import { loadIdentity } from "./identity.js";
+import { View } from "./view.js";
 
-const MAX_ROWS = 50;
-/** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
-const MAX_CELL = 200;
 const RATE_WINDOW_MS = 5000;
 
 /**
@@ -21,7 +19,7 @@ const RATE_WINDOW_MS = 5000;
  * @property {string[]} streams
  * @property {Record<string, Record<string, unknown>[]>} trusted_keys
  * @property {import("./crypto.js").KeyKind} [key]
- * @property {"session" | "per-message" | "group"} [key_mode]
+ * @property {string} [key_mode] session or group (anything else is refused)
  * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
  * @property {string} [nats_password]
  * @property {boolean} [register] the local server can authorize this page's key in the
@@ -89,70 +87,20 @@ export function describe(err, who) {
   return String(/** @type {any} */ (err)?.message ?? err);
 }
 
-/** @param {unknown} v @returns {string} */
-export function cell(v) {
-  if (v === null || v === undefined) return "";
-  if (typeof v === "bigint") return v.toString();
-  if (v instanceof Uint8Array) return btoa(String.fromCharCode(...v));
-  if (typeof v === "object") {
-    return JSON.stringify(v, (_k, x) =>
-      typeof x === "bigint" ? x.toString() : x instanceof Uint8Array ? cell(x) : x,
-    );
-  }
-  return String(v);
-}
+/** what the page says of a mode other than session or group (a link can carry anything) */
+export const MODE_REFUSED =
+  "this page opens session or group mode only (both authenticate the sender); the link " +
+  "asked for another mode, which would let the relay forge rows";
 
-/** @param {string} tag @param {string} [text] @param {string} [cls] */
-function el(tag, text, cls) {
-  const node = document.createElement(tag);
-  if (text !== undefined) node.textContent = text;
-  if (cls) node.className = cls;
-  return node;
-}
-
-class StreamTable {
-  /** @param {string} stream @param {HTMLElement} parent */
-  constructor(stream, parent) {
-    /** @type {string[]} */
-    this.columns = [];
-    /** @type {Record<string, unknown>[]} */
-    this.rows = [];
-    this.total = 0;
-    this.section = el("section");
-    this.section.dataset.stream = stream;
-    this.title = el("h2", stream);
-    this.table = el("table");
-    this.section.append(this.title, this.table);
-    parent.append(this.section);
-  }
-
-  /** @param {Record<string, unknown>[]} rows */
-  add(rows) {
-    for (const row of rows) {
-      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
-    }
-    this.rows = [...rows.slice().reverse(), ...this.rows].slice(0, MAX_ROWS);
-    this.total += rows.length;
-  }
-
-  render() {
-    this.title.textContent = `${this.section.dataset.stream} — ${this.total} rows`;
-    const head = el("tr");
-    for (const c of this.columns) head.append(el("th", c));
-    const body = this.rows.map((row) => {
-      const tr = el("tr");
-      for (const c of this.columns) {
-        const text = cell(row[c]);
-        tr.append(el("td", text.length > MAX_CELL ? `${text.slice(0, MAX_CELL)}…` : text));
-      }
-      return tr;
-    });
-    const thead = el("thead");
-    thead.append(head);
-    const tbody = el("tbody");
-    tbody.append(...body);
-    this.table.replaceChildren(thead, tbody);
-  }
+/**
+ * The page's key mode from a link or its configuration: session or group (the cluster signs
+ * every key), anything else null. Per-message mode has no sender authentication: a bench
+ * baseline, never the page's.
+ * @param {unknown} value
+ * @returns {"session" | "group" | null}
+ */
+export function pageMode(value) {
+  return value === "session" || value === "group" ? value : null;
 }
 
 /** @param {string} id @param {string} text */
@@ -185,6 +133,28 @@ function showIdentity(publicJwk, kid, streams) {
       copy.textContent = "copy refused: select the text";
     }
   };
+}
+
+/**
+ * The visible marker of a resume: when, and which rows were lost (those sealed between the
+ * previous session's last batch and the new session).
+ * @param {HTMLElement} status
+ * @param {import("./client.js").Resumed} marker
+ */
+function showResumed(status, marker) {
+  let line = document.getElementById("resumed");
+  if (line === null) {
+    line = document.createElement("p");
+    line.id = "resumed";
+    status.after(line);
+  }
+  const now = new Date().toLocaleTimeString();
+  const since =
+    marker.lastTs === null
+      ? "the previous session's start"
+      : new Date(Number(marker.lastTs / 1_000_000n)).toLocaleTimeString();
+  line.dataset.count = String(Number(line.dataset.count ?? 0) + 1);
+  line.textContent = `resumed at ${now}, rows between ${since} and ${now} lost (${marker.reason})`;
 }
 
 /**
@@ -228,9 +198,11 @@ export async function main() {
   const params = new URLSearchParams(location.search);
   const keyKind = /** @type {import("./crypto.js").KeyKind} */ (params.get("key") ?? config.key ?? "x25519");
   // ?mode=group: one batch sealed for every member of the stream's group (default: session)
-  const keyMode = /** @type {import("./session.js").KeyMode | "group"} */ (
-    params.get("mode") ?? config.key_mode ?? "session"
-  );
+  const keyMode = pageMode(params.get("mode") ?? config.key_mode ?? "session");
+  if (keyMode === null) {
+    setStatus("error", `refused: ${MODE_REFUSED}`);
+    return;
+  }
   /** @type {import("./session.js").TrustedKeys} */
   const trust = {};
   for (const [cluster, jwks] of Object.entries(config.trusted_keys)) {
@@ -255,9 +227,11 @@ export async function main() {
   }
   setText("cluster", config.cluster);
   setText("pinned", Object.keys(trust[config.cluster] ?? {}).join(", ") || "none");
-  const tables = /** @type {Map<string, StreamTable>} */ (new Map());
-  const main = /** @type {HTMLElement} */ (document.getElementById("tables"));
-  for (const s of config.streams) tables.set(s, new StreamTable(s, main));
+  const view = new View(config.streams, {
+    tabs: /** @type {HTMLElement} */ (document.getElementById("tabs")),
+    panels: /** @type {HTMLElement} */ (document.getElementById("tables")),
+    pause: /** @type {HTMLButtonElement} */ (document.getElementById("pause")),
+  });
   /** @type {{t: number, n: number}[]} */
   const recent = [];
   let dirty = true;
@@ -279,8 +253,10 @@ export async function main() {
     keyKind,
     keyMode,
     policy: "discard",
+    // as sealstream-consume: an expiry, an outage or a restarted cluster opens a new session
+    resume: true,
     onBatch(batch) {
-      tables.get(batch.stream)?.add(batch.rows);
+      view.add(batch.stream, batch.rows, Date.now());
       recent.push({ t: performance.now(), n: batch.rows.length });
       if (firstRowMs < 0) {
         // since navigation start: page load, key generation, connect, open, first batch
@@ -300,6 +276,16 @@ export async function main() {
     },
     onError(err) {
       setStatus("error", describe(err, who));
+    },
+    onRetry(err, waitMs) {
+      const wait = (waitMs / 1000).toFixed(1);
+      setStatus("retrying", `${describe(err, who)}; trying again in ${wait} s`);
+    },
+    onResumed(marker) {
+      setText("session", marker.session);
+      showResumed(status, marker);
+      setStatus("connected", "resumed: new session, waiting for the cluster's signed key");
+      dirty = true;
     },
     onConnection(connected) {
       if (status.dataset.state === "error" || status.dataset.state === "ended") return;
@@ -351,8 +337,8 @@ export async function main() {
           .join(", "),
       );
       setText("dropped", String(sub.dropped));
-      for (const t of tables.values()) t.render();
     }
+    view.render(performance.now());
     requestAnimationFrame(render);
   };
   requestAnimationFrame(render);

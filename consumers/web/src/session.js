@@ -1,7 +1,8 @@
 // One session's decryption and verification state, on the consumer: the state machine of
 // sealstream/crypto/_session.py ConsumerSession, check for check. Pure logic over crypto.js
 // and wire.js (no network). Every failure is counted by reason in `rejected`; with policy
-// "fail" it also throws the one opaque IntegrityError, with "discard" it returns null.
+// "fail" it also throws the one opaque IntegrityError, with "discard" it returns null. A key
+// envelope signed by a key the page does not pin (untrusted_key) is ignored under either.
 
 import {
   Rejected,
@@ -102,8 +103,6 @@ export class ConsumerSession {
     this.lost = 0n;
     /** @type {Record<string, number>} */
     this.rejected = {};
-    /** kid of the last key envelope signed by a key the trust store does not hold @type {string | null} */
-    this.untrustedKid = null;
     /** kid of the cluster key that verified the current session key @type {string | null} */
     this.signerKid = null;
     /** @type {Map<string, Promise<CryptoKey>>} */
@@ -133,7 +132,9 @@ export class ConsumerSession {
     } catch (err) {
       if (!(err instanceof Rejected)) throw err;
       this.rejected[err.reason] = (this.rejected[err.reason] ?? 0) + 1;
-      if (this.policy === "discard") return null;
+      // a key envelope signed by an unpinned key is anyone's (a relay can race one ahead of
+      // the cluster's): ignored under both policies, the caller decides when to stop
+      if (this.policy === "discard" || err.reason === "untrusted_key") return null;
       throw new IntegrityError();
     }
   }
@@ -290,7 +291,6 @@ export class ConsumerSession {
     if (typeof kid !== "string") throw new Rejected("bad_jws");
     const pinned = this.trust[this.cluster];
     if (pinned && Object.hasOwn(pinned, kid)) return kid;
-    this.untrustedKid = kid;
     throw new Rejected("untrusted_key");
   }
 

@@ -1,5 +1,5 @@
-// The msgpack codecs of the wire contract (docs/protocol.md), as sealstream/wire.py: pure,
-// no I/O. Every malformed input becomes a WireError with a stable reason; sizes are capped
+// The msgpack codecs of the wire contract (docs/protocol.md), as sealstream/wire.py and the
+// consumer's side of sealstream/control.py: pure, no I/O. Every malformed input becomes a WireError with a stable reason; sizes are capped
 // before decoding. 64-bit integers are BigInt (`ts` is Unix nanoseconds, above 2^53), and a
 // msgpack float never passes for an int, as on the Python side.
 
@@ -223,6 +223,112 @@ export function encodeEnvelope(env) {
     ts: env.ts,
     body: env.body,
   });
+}
+
+// --- session control (sealstream/control.py: the consumer's side) ----------------------------
+
+export const ERROR_CODES = new Set([
+  "bad_request",
+  "unauthorized",
+  "forbidden",
+  "cluster_unavailable",
+  "limit_exceeded",
+]);
+export const MAX_STREAMS = 64;
+/** cap on the `proof` and `authz` strings of an open */
+export const MAX_PROOF = 8192;
+/** a refusal's `message` is cut to this many characters where it is decoded */
+export const MAX_MESSAGE = 512;
+
+/**
+ * @typedef {{cluster: string, streams: string[], jwk: Record<string, unknown>,
+ *   keyMode: "session" | "per-message" | "group", token: string, zip: boolean,
+ *   proof?: string, authz?: string}} OpenRequest
+ * @typedef {{session: string, token: string}} SessionRef
+ * @typedef {{type: "ok"}} Ok
+ * @typedef {{type: "opened", session: string, inbox: string, keepaliveS: number | null}} Opened
+ * @typedef {{type: "keptAlive", keepaliveS: number | null}} KeptAlive
+ * @typedef {{type: "refusal", code: string, message: string, retry: boolean}} Refusal
+ * @typedef {{ok: Ok, opened: Opened, keptAlive: KeptAlive}} Replies
+ */
+
+/**
+ * `P.api.session.open` (consumer -> proxy), the contract's keys in its order.
+ * @param {OpenRequest} req
+ * @returns {Uint8Array}
+ */
+export function encodeOpenRequest(req) {
+  /** @type {Record<string, unknown>} */
+  const m = {
+    v: VERSION,
+    token: req.token,
+    cluster: req.cluster,
+    streams: req.streams,
+    jwk: req.jwk,
+    key_mode: req.keyMode,
+    zip: req.zip,
+  };
+  if (req.proof !== undefined) m.proof = req.proof;
+  if (req.authz !== undefined) m.authz = req.authz;
+  return encodeMap(m);
+}
+
+/**
+ * close / keepalive request: `{"v":1, "token":JWT, "session":id}`.
+ * @param {SessionRef} ref
+ * @returns {Uint8Array}
+ */
+export function encodeSessionRef(ref) {
+  return encodeMap({ v: VERSION, token: ref.token, session: ref.session });
+}
+
+/** @param {Record<string, unknown>} m @returns {number | null} */
+function keepaliveS(m) {
+  if (!Object.hasOwn(m, "keepalive_s")) return null;
+  const v = m.keepalive_s;
+  const n = v instanceof WireFloat ? v.value : wireInt(v) === null ? NaN : Number(v);
+  if (!Number.isFinite(n) || n <= 0) {
+    throw new WireError("bad_value", "keepalive_s must be a positive number");
+  }
+  return n;
+}
+
+/** @param {Record<string, unknown>} m @returns {Refusal} */
+function refusalFromMap(m) {
+  const error = field(m, "error");
+  if (!isPlainMap(error)) throw new WireError("bad_type", "key error is not a map");
+  const e = /** @type {Record<string, unknown>} */ (error);
+  const code = str(e, "code");
+  if (!ERROR_CODES.has(code)) throw new WireError("bad_code", "unknown error code");
+  const retry = Object.hasOwn(e, "retry") ? e.retry : false;
+  if (typeof retry !== "boolean") throw new WireError("bad_type", "key retry must be a bool");
+  return { type: "refusal", code, message: str(e, "message").slice(0, MAX_MESSAGE), retry };
+}
+
+/**
+ * A reply that answers with `kind`, or a refusal; WireError if malformed.
+ * @template {keyof Replies} K
+ * @param {Uint8Array} payload
+ * @param {K} kind
+ * @returns {Replies[K] | Refusal}
+ */
+export function decodeReply(payload, kind) {
+  const m = decodeMap(payload);
+  const ok = field(m, "ok");
+  if (typeof ok !== "boolean") throw new WireError("bad_type", "key ok is not a bool");
+  if (!ok) return refusalFromMap(m);
+  /** @type {Ok | Opened | KeptAlive} */
+  let reply;
+  if (kind === "opened") {
+    const session = str(m, "session");
+    if (!isSessionId(session)) throw new WireError("bad_session", "bad session id");
+    reply = { type: "opened", session, inbox: str(m, "inbox"), keepaliveS: keepaliveS(m) };
+  } else if (kind === "keptAlive") {
+    reply = { type: "keptAlive", keepaliveS: keepaliveS(m) };
+  } else {
+    reply = { type: "ok" };
+  }
+  return /** @type {Replies[K]} */ (reply);
 }
 
 // --- decrypted plaintexts ---------------------------------------------------------------------

@@ -1,40 +1,13 @@
 // Cross-language vectors: sessions sealed by the Python ProducerSession, judged by the Python
-// ConsumerSession (tests/support/web_vectors.py); the JavaScript session must reach the same verdict
-// and the same rejection reason at every step. SEALSTREAM_VECTORS names the file.
+// ConsumerSession (tests/support/matrix.py, committed in test/vectors/sessions.json); the
+// JavaScript session must reach the same verdict and the same rejection reason at every step.
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
 import { test } from "node:test";
-import { consumerKey, importPrivateKey, thumbprint } from "../src/crypto.js";
+import { consumerKey, importPrivateKey } from "../src/crypto.js";
 import { ConsumerSession, IntegrityError } from "../src/session.js";
+import { payloadOf, plain, sessionCases, trustOf } from "./vectors/load.js";
 
-const path = process.env.SEALSTREAM_VECTORS;
-if (!path) {
-  throw new Error(
-    "set SEALSTREAM_VECTORS to a vector file: python -m tests.support.web_vectors build/web-vectors.json",
-  );
-}
-const vectors = JSON.parse(readFileSync(path, "utf-8"));
-
-/** Rows as tests/support/web_vectors.py writes them: ints as {int: decimal}, floats as {float: repr}. */
-function plain(v) {
-  if (v === null || typeof v === "string" || typeof v === "boolean") return v;
-  if (typeof v === "bigint") return { int: v.toString() };
-  if (typeof v === "number") {
-    return Number.isInteger(v) ? { int: String(v) } : { float: String(v) };
-  }
-  if (v instanceof Uint8Array) return { bin: Buffer.from(v).toString("base64") };
-  if (Array.isArray(v)) return v.map(plain);
-  return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
-}
-
-async function trustOf(trust) {
-  const out = {};
-  for (const [cluster, jwks] of Object.entries(trust)) {
-    out[cluster] = {};
-    for (const jwk of jwks) out[cluster][await thumbprint(jwk)] = jwk;
-  }
-  return out;
-}
+const vectors = { cases: sessionCases };
 
 async function sessionFor(c, policy) {
   const priv = await importPrivateKey(c.key.kind, c.key.private_jwk);
@@ -60,10 +33,11 @@ test("the vector file has the whole matrix", () => {
 
 for (const c of vectors.cases) {
   test(c.name, async () => {
-    const session = await sessionFor(c, "discard");
+    // policy "fail" where the case says so: an untrusted key envelope must not throw
+    const session = await sessionFor(c, c.options.policy ?? "discard");
     for (const [i, step] of c.steps.entries()) {
       const before = { ...session.rejected };
-      const result = await session.accept(new Uint8Array(Buffer.from(step.payload, "base64")));
+      const result = await session.accept(payloadOf(step));
       const grew = Object.keys(session.rejected).filter(
         (k) => session.rejected[k] !== (before[k] ?? 0),
       );
@@ -105,7 +79,7 @@ for (const c of vectors.cases) {
 test("policy fail throws the one opaque error", async () => {
   const c = vectors.cases.find((x) => x.name === "replay and reorder");
   const session = await sessionFor(c, "fail");
-  const payloads = c.steps.map((s) => new Uint8Array(Buffer.from(s.payload, "base64")));
+  const payloads = c.steps.map(payloadOf);
   assert.equal(await session.accept(payloads[0]), null);
   assert.equal((await session.accept(payloads[1]))?.type, "batch");
   await assert.rejects(session.accept(payloads[2]), (err) => {

@@ -2,7 +2,17 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { encode } from "@msgpack/msgpack";
 import { b64uDecode, b64uEncode } from "../src/crypto.js";
-import { WireFloat, decodeMap, parseJson } from "../src/wire.js";
+import {
+  ERROR_CODES,
+  MAX_MESSAGE,
+  WireError,
+  WireFloat,
+  decodeMap,
+  decodeReply,
+  encodeOpenRequest,
+  encodeSessionRef,
+  parseJson,
+} from "../src/wire.js";
 
 test("a msgpack float never passes for an int (the pinned decoder's float readers)", () => {
   const m = decodeMap(encode({ a: 1.5, b: 1 }));
@@ -41,4 +51,101 @@ test("base64url is canonical", () => {
   assert.throws(() => b64uDecode("AR")); // unused low bits set
   assert.throws(() => b64uDecode("A+"));
   assert.throws(() => b64uDecode("A"));
+});
+
+// --- session control: the consumer's side of sealstream/control.py ---------------------------
+
+const hex = (/** @type {string} */ h) => Uint8Array.from(Buffer.from(h, "hex"));
+/** a session id at both edges of its alphabet */
+const SESSION = `-${"A".repeat(41)}_`;
+
+test("requests are the bytes sealstream.control encodes", () => {
+  // the hex strings are sealstream.control.encode(...) of the same values, in Python
+  const open = encodeOpenRequest({
+    cluster: "c1",
+    streams: ["a", "b"],
+    jwk: { kty: "OKP", crv: "X25519", x: "x".repeat(43) },
+    keyMode: "per-message",
+    token: "tok",
+    zip: false,
+    proof: "p.r.f",
+  });
+  assert.deepEqual(
+    open,
+    hex(
+      "88a17601a5746f6b656ea3746f6ba7636c7573746572a26331a773747265616d7392a161a162a36a776b83" +
+        "a36b7479a34f4b50a3637276a6583235353139a178d92b" +
+        "78".repeat(43) +
+        "a86b65795f6d6f6465ab7065722d6d657373616765a37a6970c2a570726f6f66a5702e722e66",
+    ),
+  );
+  assert.deepEqual(
+    encodeSessionRef({ session: SESSION, token: "tok" }),
+    hex(`83a17601a5746f6b656ea3746f6ba773657373696f6ed92b2d${"41".repeat(41)}5f`),
+  );
+});
+
+test("replies decode to typed values, a refusal whatever was asked", () => {
+  const opened = decodeReply(
+    hex(
+      `84a26f6bc3a773657373696f6ed92b2d${"41".repeat(41)}5fa5696e626f78d93c` +
+        `7365616c73747265616d2e696e626f782e2d${"41".repeat(41)}5f` +
+        "ab6b656570616c6976655f73cb4024000000000000",
+    ),
+    "opened",
+  );
+  assert.deepEqual(opened, {
+    type: "opened",
+    session: SESSION,
+    inbox: `sealstream.inbox.${SESSION}`,
+    keepaliveS: 10,
+  });
+  assert.deepEqual(decodeReply(hex("82a26f6bc3ab6b656570616c6976655f730a"), "keptAlive"), {
+    type: "keptAlive",
+    keepaliveS: 10,
+  });
+  assert.deepEqual(decodeReply(encode({ ok: true }), "keptAlive"), {
+    type: "keptAlive",
+    keepaliveS: null,
+  });
+  const busy = hex(
+    "82a26f6bc2a56572726f7283a4636f6465ae6c696d69745f6578636565646564a76d657373616765a462757379a57265747279c3",
+  );
+  for (const kind of /** @type {const} */ (["ok", "opened", "keptAlive"])) {
+    assert.deepEqual(decodeReply(busy, kind), {
+      type: "refusal",
+      code: "limit_exceeded",
+      message: "busy",
+      retry: true,
+    });
+  }
+  const plain = decodeReply(encode({ ok: false, error: { code: "forbidden", message: "m" } }), "ok");
+  assert.deepEqual(plain, { type: "refusal", code: "forbidden", message: "m", retry: false });
+  const long = encode({ ok: false, error: { code: "bad_request", message: "x".repeat(10000) } });
+  const cut = decodeReply(long, "ok");
+  assert.equal(cut.type === "refusal" && cut.message.length, MAX_MESSAGE);
+});
+
+test("malformed replies are WireErrors, as in sealstream.control", () => {
+  /** @type {Array<[Record<string, unknown>, "ok" | "opened" | "keptAlive"]>} */
+  const cases = [
+    [{}, "ok"],
+    [{ ok: 1 }, "ok"],
+    [{ ok: false }, "ok"],
+    [{ ok: false, error: "forbidden" }, "ok"],
+    [{ ok: false, error: { message: "no code" } }, "ok"],
+    [{ ok: false, error: { code: "teapot", message: "m" } }, "ok"],
+    [{ ok: false, error: { code: "forbidden" } }, "ok"],
+    [{ ok: false, error: { code: "forbidden", message: "m", retry: 1 } }, "ok"],
+    [{ ok: true, inbox: "i" }, "opened"],
+    [{ ok: true, session: "short", inbox: "i" }, "opened"],
+    [{ ok: true, session: SESSION, inbox: 5 }, "opened"],
+    [{ ok: true, session: SESSION, inbox: "i", keepalive_s: true }, "opened"],
+    [{ ok: true, keepalive_s: -1 }, "keptAlive"],
+    [{ ok: true, keepalive_s: "10" }, "keptAlive"],
+  ];
+  for (const [m, kind] of cases) {
+    assert.throws(() => decodeReply(encode(m), kind), WireError, JSON.stringify(m));
+  }
+  assert.equal(ERROR_CODES.size, 5);
 });

@@ -7,37 +7,87 @@
   live table) at 1 KiB and 16 KiB bodies: a minimal open responder stands in for the proxy
   and envelopes sealed by the real ProducerSession are published straight to the inbox.
 
-Run: ``python -m tests.support.web_bench [OUT_DIR]`` (default ``build/web-bench``): writes
-``report.json`` and ``report.md``."""
+Run: ``sealstream bench-web [--out DIR]`` (default ``build/web-bench``): writes ``report.json``
+and ``report.md``. Needs Python's playwright (a dev dependency, imported only here) and
+Debian's Chromium at ``/usr/bin/chromium``."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
-from playwright.async_api import Browser, async_playwright
-
-from consumers._web import WebConfig, WebServer
-from producers import HttpEvents, page_registration
-from sealstream import configure_logging
+from broker_proxy import Proxy, ProxyConfig
+from consumers import WebConfig, WebServer
+from producers import Agent, AuthzPolicy, Batching, HttpEvents, ProducerConfig, page_registration
+from sealstream import configure_logging, mint_token
 from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore, encode_rows
 from sealstream.jwk import thumbprint
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.wire import decode_map, encode_map
-from tests.support.pipeline import make_stack
-from tests.web.test_web import CHROMIUM, CHROMIUM_ARGS
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
-RUNS = 3
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "web_bench_main"]
+
+RUNS: Final = 3
+#: Debian's Chromium, never a downloaded browser (the browser tests drive it too)
+CHROMIUM: Final = Path("/usr/bin/chromium")
+CHROMIUM_ARGS: Final = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+_CLUSTER: Final = "bench"
+_STREAM: Final = "http_events"
+
+
+@contextlib.asynccontextmanager
+async def _stack(server: EmbeddedServer) -> AsyncIterator[WebConfig]:
+    """A proxy and a producer streaming ``http_events`` at 200 rows/s on ``server``, and the
+    page's configuration for them (it registers its identity with the producer's policy, as
+    with ``sealstream demo``)."""
+    assert server.websocket_url is not None
+    secret = os.urandom(32)
+    identity = ClusterIdentity.generate()
+    with tempfile.TemporaryDirectory(prefix="sealstream-web-bench-") as tmp:
+        policy_file = Path(tmp) / "authorized.json"
+        AuthzPolicy().save(policy_file)
+        async with (
+            Proxy(ProxyConfig(nats_url=server.url, token_secret=secret, shared_registry=False)),
+            Agent(
+                ProducerConfig(
+                    cluster=_CLUSTER,
+                    nats_url=server.url,
+                    batching=Batching(max_delay_s=0.02),
+                    policy_file=policy_file,
+                ),
+                identity=identity,
+                sources=[HttpEvents(rate=200, seed=5)],
+            ),
+        ):
+            yield WebConfig(
+                nats_ws_url=server.websocket_url,
+                cluster=_CLUSTER,
+                streams=[_STREAM],
+                token=lambda: mint_token(sub="bench", clusters=[_CLUSTER], secret=secret),
+                trust=TrustStore({_CLUSTER: [identity.public_jwk]}),
+                authorize=page_registration(policy_file, name="bench page"),
+            )
 
 
 async def _poll(page: Any, expr: str, until: float, bound_s: float = 60.0) -> float:
@@ -53,20 +103,7 @@ async def _poll(page: Any, expr: str, until: float, bound_s: float = 60.0) -> fl
 
 async def first_rows(server: EmbeddedServer, browser: Browser) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    async with make_stack(
-        server.url, sources=[HttpEvents(rate=200, seed=5)], streams=["http_events"]
-    ) as st:
-        assert server.websocket_url is not None
-        config = WebConfig(
-            nats_ws_url=server.websocket_url,
-            cluster=st.cluster,
-            streams=["http_events"],
-            token=st.token,
-            trust=st.trust(),
-            prefix=st.prefix,
-            # the page registers its identity with the stack's policy, as with sealstream demo
-            authorize=page_registration(st.policy_file, name="bench page"),
-        )
+    async with _stack(server) as config:
         with WebServer(config) as web:
             for kind in ("x25519", "p256", "rsa"):
                 out[kind] = []
@@ -150,6 +187,8 @@ async def throughput(
 
 
 async def run(out: Path) -> dict[str, Any]:
+    from playwright.async_api import async_playwright  # a dev dependency: only for this tool
+
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "nats.conf"
         conf.write_text('websocket {\n  host: "127.0.0.1"\n  port: -1\n  no_tls: true\n}\n')
@@ -193,20 +232,21 @@ def _write(out: Path, report: dict[str, Any]) -> None:
         "|---|---|---|---|",
     ]
     for name, r in load.items():
-        lines.append(
-            f"| {name} | {r['envelope_bytes']:.0f} | {r['envelopes']} | {r['envelopes_per_s']:.0f} |"
-        )
+        size, rate = f"{r['envelope_bytes']:.0f}", f"{r['envelopes_per_s']:.0f}"
+        lines.append(f"| {name} | {size} | {r['envelopes']} | {rate} |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    configure_logging(level="error")
-    out = Path(args[0]) if args else Path("build/web-bench")
-    asyncio.run(run(out))
-    print((out / "report.md").read_text(encoding="utf-8"))
+def web_bench_main(args: argparse.Namespace) -> int:
+    configure_logging(level="error")  # a page's close asks for no reply: the responder warns
+    if not CHROMIUM.exists():
+        print(f"error: {CHROMIUM} is missing (apt-get install chromium)")
+        return 2
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        print("error: the browser bench needs playwright (pip install -e '.[dev]')")
+        return 2
+    asyncio.run(run(args.out))
+    print((args.out / "report.md").read_text(encoding="utf-8"))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

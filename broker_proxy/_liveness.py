@@ -1,0 +1,150 @@
+"""Liveness: sessions without keepalive expire, and each cluster with sessions is pinged
+once a keepalive interval (a cluster gone, or one that no longer serves a session, ends it).
+Nothing of this runs while the proxy's own connection is down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from typing import Final
+
+import structlog
+
+from broker_proxy._core import ProxyCore
+from broker_proxy._registry import SessionEntry
+from sealstream import BrokerError, SessionError
+from sealstream.control import Ping, Pong, Refusal
+
+__all__ = ["Liveness"]
+
+log = structlog.get_logger(__name__)
+
+#: after the proxy reconnects, how long before it pings the clusters (see _ping_soon)
+_RECONNECT_SETTLE_S: Final = 2.0
+
+
+class Liveness:
+    """``run()`` is the expiry loop (a task of the proxy's task group); ``stop()`` ends it."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self._core = core
+        self._stop = asyncio.Event()
+        self._ping_now = asyncio.Event()
+        self._ping_failures: Counter[str] = Counter()
+        #: after a reconnect of our own connection, silence is not the clusters' fault until
+        #: this (clock) time
+        self._grace_until = float("-inf")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._ping_now.set()  # wakes the loop
+
+    async def on_reconnected(self) -> None:
+        """Our own connection is back: nobody could keep a session alive, and no cluster could
+        answer a ping, while it was down. Expiry restarts from now, silence counts again
+        after a grace period, and the clusters are pinged a moment later (a producer holds
+        what it buffered until it hears from a proxy)."""
+        core = self._core
+        now = core.clock()
+        self._grace_until = now + 2 * core.config.keepalive_s + core.config.control_timeout_s
+        self._ping_failures.clear()
+        core.registry.extend(now=now)
+        log.info("proxy.reconnected", sessions=len(core.registry))
+        if core.tg is not None:
+            core.tg.create_task(self._ping_soon())
+
+    async def _ping_soon(self) -> None:
+        # Clients retry every 0.5 s: a moment after our reconnect (2 s: room for a busy
+        # machine), the consumers are back on their inboxes too. The ping then releases what
+        # the producers held; sent at once, it could make them publish before a consumer
+        # resubscribed.
+        await asyncio.sleep(_RECONNECT_SETTLE_S)
+        self._ping_now.set()
+
+    async def run(self) -> None:
+        """Expire sessions without keepalive (every half interval) and check, once an
+        interval, that each cluster with sessions is alive and still knows them."""
+        core = self._core
+        interval = max(core.config.keepalive_s / 2, 0.05)
+        ticks = 0
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ping_now.wait(), timeout=interval)
+            if self._stop.is_set() or core.tg is None:
+                return
+            ping_now = self._ping_now.is_set()
+            self._ping_now.clear()
+            if not core.nc.is_connected:
+                continue
+            if not ping_now:
+                for entry in core.registry.expire(now=core.clock()):
+                    await self._expire(entry)
+                ticks += 1
+            if ping_now or ticks % 2 == 0:
+                self._ping_all()
+
+    async def _expire(self, entry: SessionEntry) -> None:
+        core = self._core
+        try:
+            if not await core.claim(entry.session):
+                return  # another instance expires it, or it was kept alive there
+        except BrokerError as exc:
+            log.warning("session.expiry_deferred", session=entry.session, error=str(exc))
+            return
+        log.info("session.expired", session=entry.session, cluster=entry.cluster)
+        await core.notify(entry.session, "expired", "no keepalive: session closed")
+        assert core.tg is not None
+        core.tg.create_task(core.tell_cluster_closed(entry, "keepalive expired"))
+
+    def _ping_all(self) -> None:
+        # A session is registered before its cluster hears of the open: one younger than the
+        # open's timeout may be unknown to the cluster only because the open is still on its
+        # way. Asking about it then would end a session that is about to work (and the
+        # cluster would serve it with every envelope dropped here).
+        core = self._core
+        settled = core.clock() - core.config.control_timeout_s
+        clusters: dict[str, list[str]] = {}
+        for entry in core.registry.entries():
+            if entry.added_at <= settled:
+                clusters.setdefault(entry.cluster, []).append(entry.session)
+        assert core.tg is not None
+        for cluster, sessions in clusters.items():
+            core.tg.create_task(self._ping(cluster, sessions))
+
+    async def _end(self, session: str, message: str) -> None:
+        core = self._core
+        if core.registry.remove(session) is None:
+            return
+        try:
+            claimed = await core.claim(session)
+        except BrokerError as exc:
+            log.warning("session.end_deferred", session=session, error=str(exc))
+            return
+        if claimed:
+            log.info("session.ended", session=session, reason=message)
+            await core.notify(session, "ended", message)
+
+    async def _ping(self, cluster: str, sessions: list[str]) -> None:
+        """A producer that is gone (twice unanswered) or that no longer knows a session (it
+        restarted) ends those sessions: the consumers are told with an ``ended`` notice."""
+        core = self._core
+        try:
+            answer = await core.ask(cluster, Ping(tuple(sessions)), Pong)
+        except SessionError as exc:
+            if not core.nc.is_connected or core.clock() < self._grace_until:
+                # our own outage, or the cluster's reconnect after it: not its silence
+                log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
+                return
+            self._ping_failures[cluster] += 1
+            log.info("cluster.ping_failed", cluster=cluster, counted=True, error=exc.detail)
+            if self._ping_failures[cluster] >= 2:
+                for session in sessions:
+                    await self._end(session, f"cluster {cluster!r} is unavailable")
+            return
+        self._ping_failures.pop(cluster, None)  # it answered: it is alive
+        if isinstance(answer, Refusal):
+            log.info("cluster.ping_refused", cluster=cluster, code=answer.code)
+            return
+        for session in set(sessions) & set(answer.unknown):
+            await self._end(session, f"cluster {cluster!r} no longer serves this session")

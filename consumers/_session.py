@@ -1,0 +1,324 @@
+"""One live session of a subscription: its key pair, its connection (its own, logged in as
+the session, or the client's), its inbox subscription, the open, its keepalives, and a bounded
+queue of what arrives on its inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import structlog
+
+from sealstream import BrokerError, SessionError
+from sealstream.control import (
+    KeptAlive,
+    Opened,
+    OpenRequest,
+    SessionRef,
+)
+from sealstream.crypto import (
+    ConsumerKey,
+    ConsumerSession,
+    GroupMember,
+)
+from sealstream.nats import connect, release, settle
+from sealstream.resource import AsyncResource
+
+if TYPE_CHECKING:
+    from consumers._client import Client
+
+__all__ = ["LiveSession", "Login", "Lost", "session_connection"]
+
+log = structlog.get_logger(__name__)
+
+_MAX_TOKEN = 8192  # docs/protocol.md: the proxy's token size cap
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """A session is over without an authenticated end; ``resumable`` if a new one may
+    replace it (not when the token was refused, or the client closed)."""
+
+    reason: str
+    resumable: bool
+
+
+class LiveSession(AsyncResource):
+    """One live session: key pair, inbox subscription, the open, keepalives, and a bounded
+    queue of what arrives on the inbox."""
+
+    def __init__(
+        self, client: Client, cluster: str, streams: list[str], key: ConsumerKey | None
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self.cluster = cluster
+        self.streams = streams
+        self._key = key
+        self.crypto: ConsumerSession | None = None
+        cfg = client.config
+        self.queue: asyncio.Queue[bytes | Lost | BaseException] = asyncio.Queue(cfg.queue_size)
+        self._sub: Any = None
+        self._stop = asyncio.Event()
+        self.received = 0
+        self.dropped = 0
+        self._last_drop_log = 0.0
+        self.keepalive_s = 10.0
+        #: (event loop time) a key envelope signed by a pinned key is due by then
+        self.key_deadline = float("inf")
+        self._closed = False
+        #: a control item that met a full queue
+        self.ending: Lost | BaseException | None = None
+        self._own_nc: Any = None  # the session's own connection (auth callout)
+        self._login: Login | None = None
+
+    async def _start(self) -> None:
+        cfg = self._client.config
+        key = self._key or await ConsumerKey.agenerate(cfg.key_kind)
+        self.crypto = (
+            GroupMember(
+                key,
+                cluster=self.cluster,
+                streams=self.streams,
+                trust=self._client.trust,
+                policy=cfg.policy,
+            )
+            if cfg.key_mode == "group"
+            else ConsumerSession(
+                key,
+                cluster=self.cluster,
+                trust=self._client.trust,
+                key_mode=cfg.key_mode,
+                allow_zip=cfg.allow_zip,
+                policy=cfg.policy,
+            )
+        )
+        subjects = self._client.subjects
+        own = await session_connection(self._client, key.session_id, on_closed=self._on_closed)
+        if own is not None:
+            self._own_nc, self._login = own
+        self._stack.push_async_callback(release, self._own_nc)
+        nc = self._conn
+        # the inbox first: the producer's key envelope may arrive before the open reply
+        self._sub = await nc.subscribe(subjects.inbox(key.session_id), cb=self._on_msg)
+        self._stack.push_async_callback(self._unsubscribe)
+        await settle(nc)
+        req = OpenRequest(
+            cluster=self.cluster,
+            streams=tuple(self.streams),
+            jwk=key.public_jwk,
+            key_mode=cfg.key_mode,
+            token=self._client.token(),
+            zip=cfg.allow_zip,
+            # the cluster's own check of who reads (the relay forwards it untouched)
+            proof=cfg.identity.prove(
+                cluster=self.cluster,
+                session=key.session_id,
+                streams=self.streams,
+                key_mode=cfg.key_mode,
+                zip=cfg.allow_zip,
+            )
+            if cfg.identity is not None
+            else None,
+            authz=cfg.authz,
+        )
+        opened = await self._client.request(subjects.api_open, req, Opened, nc=nc)
+        if opened.session != key.session_id:
+            raise BrokerError("the proxy answered for another session")
+        self._stack.push_async_callback(self.close)
+        if opened.keepalive_s is not None:
+            self.keepalive_s = float(opened.keepalive_s)
+        self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
+        tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+        self._stack.callback(self._stop.set)
+        tg.create_task(self._keepalive())
+        log.info(
+            "session.opened",
+            cluster=self.cluster,
+            session=key.session_id,
+            streams=self.streams,
+            key=key.kind,
+            key_mode=cfg.key_mode,
+        )
+
+    @property
+    def _conn(self) -> Any:
+        """The session's connection: its own (auth callout) or the client's (None: closed)."""
+        return self._own_nc if self._own_nc is not None else self._client._nc
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None and self._conn is not None and not self._conn.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def close(self) -> None:
+        """Tell the proxy the session is over (once; best effort: it expires it anyway)."""
+        self._stop.set()  # no keepalive after this
+        if self._closed or self.crypto is None or self._conn is None or self._conn.is_closed:
+            return
+        self._closed = True
+        try:
+            ref = SessionRef(self.crypto.session, self._client.token())
+            # short: on shutdown the proxy may be going away too; it expires the session anyway
+            await self._client.request(
+                self._client.subjects.api_close, ref, timeout_s=2.0, nc=self._conn
+            )
+        except (BrokerError, SessionError) as exc:
+            log.info("session.close_failed", session=self.crypto.session, error=str(exc))
+
+    async def _keepalive(self) -> None:
+        assert self.crypto is not None
+        session = self.crypto.session
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
+            if self._stop.is_set():
+                return
+            if self._conn is None or self._client.closed:  # closed under the subscription
+                self.push(Lost("the client is closed", resumable=False))
+                return
+            try:
+                # read each time: a TokenFile renewed on disk keeps the session going
+                token = self._client.token()
+            except SessionError as exc:
+                # a file caught mid-rewrite reads empty: try again at the next interval (the
+                # proxy's expiry bounds how long)
+                log.warning("session.token_unreadable", session=session, error=exc.detail)
+                continue
+            if self._login is not None and self._login.renew_due(token):
+                # renewed: log in again with it (the broker ends the old login after its exp)
+                await self._own_nc.force_reconnect()
+            try:
+                ref = SessionRef(session, token)
+                subject = self._client.subjects.api_keepalive
+                await self._client.request(subject, ref, KeptAlive, nc=self._conn)
+            except SessionError as exc:
+                if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
+                    log.warning("session.keepalive_refused", session=session, code=exc.code)
+                    continue
+                # the proxy no longer knows it (resumable), or refuses our token (not)
+                resumable = exc.code == "bad_request"
+                self.push(Lost(f"session lost: {exc.detail}", resumable=resumable))
+                return
+            except BrokerError as exc:
+                nc = self._conn
+                if nc is None or nc.is_closed:  # no connection will come back: say so
+                    self.push(Lost("the NATS connection is closed", resumable=self._resumable()))
+                    return
+                log.warning("session.keepalive_failed", session=session, error=str(exc))
+
+    def _resumable(self) -> bool:
+        """A session whose own connection closed (the broker ended its login) may be
+        replaced by one on a new connection; not when the client itself was closed."""
+        return self._own_nc is not None and not self._client.closed
+
+    async def _on_closed(self) -> None:
+        if not self._stop.is_set():  # not our own close: the broker ended the connection
+            self.push(Lost("the NATS connection was closed", resumable=self._resumable()))
+
+    def push(self, item: bytes | Lost | BaseException) -> None:
+        """Queue an inbox message, or drop and count it when the queue is full. A control
+        item (the session is over) is never dropped: on a full queue it waits in ``ending``,
+        which the iterator takes once it has drained the queue."""
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            if not isinstance(item, bytes):
+                self.ending = self.ending or item
+                return
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 1.0:
+                self._last_drop_log = now
+                log.warning("inbox.overflow", dropped=self.dropped, queue=self.queue.maxsize)
+
+    async def _on_msg(self, msg: Any) -> None:
+        self.received += 1
+        self.push(msg.data)
+
+
+class Login:
+    """The NATS password of a session connection: the client's token, read again for every
+    (re)connect (the last good one when it cannot be read at that instant). ``sent`` is the
+    token the connection last logged in with: once the token is renewed, a reconnect presents
+    it before the broker ends the login that the old one bounds."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.sent = client.token()  # no token at all: fail now, with the token's error
+
+    def __call__(self) -> str:
+        with contextlib.suppress(SessionError):
+            self.sent = self._client.token()
+        return self.sent
+
+    def renew_due(self, token: str, *, margin_s: float = 60.0) -> bool:
+        """True when ``token`` differs from the login's and the login's token expires within
+        ``margin_s`` (read from its claims, unverified: only to time the new login; a token
+        function that mints a fresh token per call must not reconnect every keepalive)."""
+        if token == self.sent:
+            return False
+        exp = _unverified_exp(self.sent)
+        return exp is None or exp - time.time() < margin_s
+
+
+def _unverified_exp(token: str) -> float | None:
+    """The ``exp`` claim of a JWS compact token, without verifying it; None if unreadable."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, RecursionError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+async def session_connection(
+    client: Client, session_id: str, *, on_closed: Callable[[], Awaitable[None]]
+) -> tuple[Any, Login] | None:
+    """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
+    connections), or None when the client's shared connection serves (NATS credentials).
+    ``on_closed`` runs when the connection is closed, by us or by the broker."""
+    if not client.callout:
+        return None
+    password = Login(client)
+    if len(password.sent) > _MAX_TOKEN:  # the proxy would refuse it; NATS may just drop the line
+        raise SessionError("unauthorized", f"the access token is too large (over {_MAX_TOKEN} B)")
+    try:
+        nc = await connect(
+            client.config.nats_url,
+            name="sealstream-consumer",
+            user=session_id,
+            password=password,
+            inbox_prefix=f"_INBOX.{session_id}",
+            fail_fast=True,  # a refused login is final: say so now
+            closed_cb=on_closed,
+        )
+    except BrokerError as exc:
+        said = str(exc).lower()
+        if "control line" in said:  # the CONNECT line is capped (4 KiB by default)
+            raise SessionError("unauthorized", "the access token is too large for NATS") from None
+        if exc.retriable:
+            raise
+        exp = _unverified_exp(password.sent)
+        if exp is not None and exp < time.time() - 30:  # the proxy's leeway
+            raise SessionError(
+                "unauthorized", "NATS refused the connection: token expired"
+            ) from None
+        refused = SessionError(
+            "unauthorized",
+            "NATS refused the connection: the broker's authorization service refused the "
+            "token (not yet valid, invalid, or for no cluster; see the proxy log) or is not "
+            "running",
+        )
+        refused.retriable = True  # the service may be starting: worth another try
+        raise refused from None
+    return nc, password

@@ -1,0 +1,297 @@
+"""A subscription: the async iterator of a live session's batches; with ``resume``, a chain
+of sessions (a new one, with a fresh key, when one ends for an infrastructure reason),
+opened with backoff and jitter."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
+
+import structlog
+
+from consumers._session import LiveSession, Lost
+from sealstream import BrokerError, Envelope, IntegrityError, Notice, SessionError, TrustError
+from sealstream.crypto import (
+    Batch,
+    ConsumerKey,
+    ConsumerSession,
+    End,
+)
+from sealstream.resource import AsyncResource
+
+if TYPE_CHECKING:
+    from consumers._client import Client
+
+__all__ = ["DEFAULT_RETRY_S", "Resumed", "Stats", "Subscription"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """What a subscription received and what became of it."""
+
+    received: int
+    batches: int
+    rows: int
+    rejected: dict[str, int]
+    dropped: int
+    gaps: int
+    lost: int
+    #: sessions used (more than 1 after a resume)
+    sessions: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Yielded by a ``resume=True`` subscription when a new session replaced one that ended:
+    rows sealed between the two were lost and are NOT counted in ``lost``."""
+
+    previous: str
+    session: str
+    reason: str
+    #: open attempts it took (busy or unavailable refusals are retried with backoff)
+    attempts: int
+
+
+_T = TypeVar("_T", "Batch", "Batch | Resumed")
+#: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
+_BACKOFF_FIRST = 0.2
+_BACKOFF_MAX = 5.0
+#: how long a first open retries busy or unavailable refusals by default (0: fail at once)
+DEFAULT_RETRY_S = 30.0
+
+
+class Subscription(AsyncResource, Generic[_T]):
+    """A live subscription: an async iterator of :class:`Batch` (and, with ``resume``,
+    :class:`Resumed` markers) until the producer ends it."""
+
+    def __init__(
+        self,
+        client: Client,
+        cluster: str,
+        streams: list[str],
+        key: ConsumerKey | None,
+        *,
+        resume: bool = False,
+        retry_s: float = DEFAULT_RETRY_S,
+        resume_timeout_s: float = 120.0,
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self.cluster = cluster
+        self.streams = streams
+        self._key = key
+        self._resume = resume
+        self._retry_s = retry_s
+        self._resume_timeout_s = resume_timeout_s
+        self._live: LiveSession | None = None
+        self.end_reason: str | None = None
+        #: every resume so far, oldest first
+        self.resumes: list[Resumed] = []
+        self._batches = 0
+        self._rows = 0
+        self._past = Stats(0, 0, 0, {}, 0, 0, 0, 0)  # what ended sessions received
+
+    @property
+    def session(self) -> ConsumerSession | None:
+        """The current session's verification state (None before the start)."""
+        return self._live.crypto if self._live is not None else None
+
+    @property
+    def session_id(self) -> str:
+        if self.session is None:
+            raise RuntimeError("subscription not started")
+        return self.session.session
+
+    @property
+    def keepalive_s(self) -> float:
+        return self._live.keepalive_s if self._live is not None else 10.0
+
+    def stats(self) -> Stats:
+        """Counters over every session of this subscription."""
+        live, past = self._live, self._past
+        s = live.crypto if live is not None else None
+        rejected: Counter[str] = Counter(past.rejected)
+        rejected.update(s.rejected if s else {})
+        return Stats(
+            received=past.received + (live.received if live else 0),
+            batches=self._batches,
+            rows=self._rows,
+            rejected=dict(rejected),
+            dropped=past.dropped + (live.dropped if live else 0),
+            gaps=past.gaps + (s.gaps if s else 0),
+            lost=past.lost + (s.lost if s else 0),
+            sessions=past.sessions + (1 if live else 0),
+        )
+
+    async def _start(self) -> None:
+        self._live, _ = await self._open(self._key, self._retry_s)
+        self._stack.push_async_callback(self._close_live)
+
+    async def _close_live(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            self._past = self._stats_with(live)
+            await live.aclose()
+
+    def _stats_with(self, live: LiveSession) -> Stats:
+        """``_past`` with an ending session's counters added."""
+        past, s = self._past, live.crypto
+        rejected: Counter[str] = Counter(past.rejected)
+        rejected.update(s.rejected if s else {})
+        return Stats(
+            received=past.received + live.received,
+            batches=0,
+            rows=0,
+            rejected=dict(rejected),
+            dropped=past.dropped + live.dropped,
+            gaps=past.gaps + (s.gaps if s else 0),
+            lost=past.lost + (s.lost if s else 0),
+            sessions=past.sessions + 1,
+        )
+
+    async def _open(self, key: ConsumerKey | None, budget_s: float) -> tuple[LiveSession, int]:
+        """Open a session, retrying passing refusals with backoff and jitter for
+        ``budget_s`` seconds; the session and the attempts it took."""
+        deadline = time.monotonic() + budget_s
+        delay = _BACKOFF_FIRST
+        attempts = 0
+        while True:
+            attempts += 1
+            live = LiveSession(self._client, self.cluster, self.streams, key)
+            try:
+                await live.__aenter__()
+            except (BrokerError, SessionError) as exc:
+                if not self._passing(exc):
+                    raise
+                wait = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not a secret
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.info(
+                    "session.open_retry",
+                    cluster=self.cluster,
+                    attempt=attempts,
+                    error=str(exc),
+                    wait_s=round(wait, 3),
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                key = None  # a key is single-use: the proxy may have registered it
+                continue
+            return live, attempts
+
+    def _passing(self, exc: BrokerError | SessionError) -> bool:
+        """A refusal the same open may get past later: the proxy busy or restarting, the
+        cluster unavailable (a producer restarting); not one about the request itself."""
+        if self._client.closed:
+            return False
+        if isinstance(exc, SessionError):
+            return exc.code == "cluster_unavailable" or exc.retriable
+        return exc.retriable
+
+    async def _resume_after(self, reason: str) -> Resumed:
+        """Replace the current session by a new one (fresh key)."""
+        previous = self.session_id
+        log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
+        await self._close_live()
+        self._live, attempts = await self._open(None, self._resume_timeout_s)
+        marker = Resumed(previous, self.session_id, reason, attempts)
+        self.resumes.append(marker)
+        log.info(
+            "session.resumed",
+            cluster=self.cluster,
+            previous=previous,
+            session=marker.session,
+            attempts=attempts,
+        )
+        return marker
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> _T:
+        while True:
+            live = self._live
+            if live is None or live.crypto is None:
+                raise RuntimeError("use the subscription inside 'async with'")
+            if self.end_reason is not None:
+                raise StopAsyncIteration
+            item = await self._next_item(live)
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Lost):
+                if self._resume and item.resumable:
+                    return await self._resume_after(item.reason)  # type: ignore[return-value]
+                raise SessionError("ended", item.reason)
+            session = live.crypto
+            try:
+                result = await self._open_one(session, item)
+            except IntegrityError:  # policy "fail": the session ends here
+                if not session.keyed and session.rejected["untrusted_key"]:
+                    raise self._untrusted(session) from None  # it says more
+                raise
+            if isinstance(result, Batch):
+                self._batches += 1
+                self._rows += len(result.rows)
+                return result
+            if isinstance(result, End):
+                self.end_reason = result.reason
+                log.info("session.ended", session=session.session, reason=result.reason)
+                # the proxy cannot tell a genuine end from a forged one: the consumer, which
+                # verified it, stops its keepalives and lets the proxy's session go now
+                await live.close()
+                raise StopAsyncIteration
+            if isinstance(result, Notice):
+                log.info("session.notice", session=session.session, code=result.code)
+                if result.code in ("expired", "ended"):
+                    # unauthenticated, but a relay able to send it could drop everything anyway
+                    reason = f"the proxy ended this session: {result.message}"
+                    if self._resume:
+                        return await self._resume_after(reason)  # type: ignore[return-value]
+                    raise SessionError("ended", reason)
+
+    async def _open_one(
+        self, session: ConsumerSession, payload: bytes
+    ) -> Batch | End | Notice | None:
+        item = session.parse(payload)
+        if isinstance(item, Envelope):
+            if item.kind == "key" or session.key_mode == "per-message":
+                # public-key decryption (RSA: milliseconds) stays off the event loop
+                return await asyncio.to_thread(session.open, item)
+            return session.open(item)
+        return item
+
+    async def _next_item(self, live: LiveSession) -> bytes | Lost | BaseException:
+        """The next inbox item (the session's end after those queued). A key envelope whose
+        signer is not pinned is counted and ignored (a relay can forge one): while no key is
+        installed and some were refused, waiting ends at the session's key deadline (the
+        request timeout after the open) with the trust error."""
+        if not live.queue.empty():
+            return live.queue.get_nowait()
+        if live.ending is not None:
+            return live.ending
+        session = live.crypto
+        assert session is not None
+        if session.keyed or not session.rejected["untrusted_key"]:
+            return await live.queue.get()
+        try:
+            async with asyncio.timeout_at(live.key_deadline):
+                return await live.queue.get()
+        except TimeoutError:
+            raise self._untrusted(session) from None
+
+    def _untrusted(self, session: ConsumerSession) -> TrustError:
+        store = self._client.trust.path or "(in memory)"
+        return TrustError(
+            f"no key envelope signed by a key pinned for cluster {self.cluster!r} arrived; "
+            f"{session.rejected['untrusted_key']} refused, "
+            f"signed by keys the trust store {store} does not pin (a relay can forge those: "
+            "never pin a key a session offers). Check the cluster's key out of band: its "
+            "operator's 'sealstream-producer key' prints it; 'sealstream-consume trust list' "
+            "shows the fingerprints this store pins"
+        )

@@ -1,0 +1,214 @@
+// What the page shows of the decrypted rows: a tab per stream with its charts (charts.js), a
+// filter (filter.js) and a table of the newest rows, formatted (format.js); pause freezes the
+// tables and charts while rows keep being counted. Cells are set with textContent only:
+// decrypted rows never become markup, and no row leaves the page.
+
+import { streamCharts } from "./charts.js";
+import { parseFilter } from "./filter.js";
+import { formatCell, kindOf, raw } from "./format.js";
+
+/** rows a table shows */
+export const SHOWN = 50;
+/** rows a stream keeps for its filter */
+export const KEPT = 1000;
+/** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
+const MAX_CELL = 200;
+const TABLE_EVERY_MS = 250;
+/** @type {Record<string, string>} */
+const EXAMPLES = {
+  http_events: "resp_status>=500 latency_ns>20ms",
+  host_metrics: "cpu_percent>50 net_recv_rate>1MiB",
+};
+const CHARTS_EVERY_MS = 1000;
+
+/** @param {string} tag @param {string} [text] @param {string} [cls] */
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (cls) node.className = cls;
+  return node;
+}
+
+const n = (/** @type {number} */ x) => x.toLocaleString("en-US");
+
+class StreamView {
+  /**
+   * @param {string} stream
+   * @param {HTMLElement} tabs
+   * @param {HTMLElement} parent
+   * @param {(s: StreamView) => void} select
+   */
+  constructor(stream, tabs, parent, select) {
+    this.stream = stream;
+    /** @type {string[]} */
+    this.columns = [];
+    /** @type {Record<string, unknown>[]} newest last */
+    this.rows = [];
+    this.total = 0;
+    this.dirty = true;
+    /** @type {import("./filter.js").RowTest | null} */
+    this.test = null;
+
+    this.tab = el("button", stream, "tab");
+    this.tab.setAttribute("role", "tab");
+    this.tab.dataset.stream = stream;
+    this.tab.onclick = () => select(this);
+    tabs.append(this.tab);
+
+    this.section = el("section");
+    this.section.dataset.stream = stream;
+    this.section.setAttribute("role", "tabpanel");
+    const charts = el("div", undefined, "charts");
+    this.count = el("p", "0 rows received", "count");
+    this.filter = /** @type {HTMLInputElement} */ (el("input", undefined, "filter"));
+    this.filter.type = "search";
+    this.filter.placeholder = `filter: ${EXAMPLES[stream] ?? "column>=number column=text text"}`;
+    this.filter.setAttribute("aria-label", `filter the rows of ${stream}`);
+    this.filterError = el("span", "", "filter-error");
+    this.filter.oninput = () => this.setFilter(this.filter.value);
+    const head = el("div", undefined, "table-head");
+    head.append(this.count, this.filter, this.filterError);
+    this.table = el("table", undefined, "rows");
+    const wrap = el("div", undefined, "table-wrap");
+    wrap.append(this.table);
+    this.section.append(charts, head, wrap);
+    parent.append(this.section);
+    this.charts = streamCharts(stream, charts);
+  }
+
+  /** @param {string} text */
+  setFilter(text) {
+    try {
+      this.test = parseFilter(text);
+      this.filterError.textContent = "";
+      this.filter.removeAttribute("aria-invalid");
+    } catch (err) {
+      this.filterError.textContent = /** @type {Error} */ (err).message;
+      this.filter.setAttribute("aria-invalid", "true");
+    }
+    this.dirty = true;
+  }
+
+  /** @param {Record<string, unknown>[]} rows @param {number} nowMs */
+  add(rows, nowMs) {
+    for (const row of rows) {
+      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
+    }
+    this.rows.push(...rows);
+    if (this.rows.length > KEPT) this.rows.splice(0, this.rows.length - KEPT);
+    this.total += rows.length;
+    this.charts.add(rows, nowMs);
+    this.dirty = true;
+  }
+
+  /** the newest rows that pass the filter, newest first, and how many of the kept ones do */
+  shown() {
+    const test = this.test;
+    /** @type {Record<string, unknown>[]} */
+    const out = [];
+    let matching = 0;
+    for (let i = this.rows.length - 1; i >= 0; i--) {
+      if (test !== null && !test(this.rows[i])) continue;
+      matching += 1;
+      if (out.length < SHOWN) out.push(this.rows[i]);
+      else if (test === null) break;
+    }
+    return { rows: out, matching: test === null ? this.rows.length : matching };
+  }
+
+  /** @param {boolean} paused */
+  renderCounts(paused) {
+    const label = `${this.stream} · ${n(this.total)}`;
+    if (this.tab.textContent !== label) this.tab.textContent = label; // every frame: no relayout
+    if (paused) this.count.dataset.paused = "true";
+    else delete this.count.dataset.paused;
+  }
+
+  renderTable() {
+    if (!this.dirty) return;
+    this.dirty = false;
+    const { rows, matching } = this.shown();
+    const received = `${n(this.total)} rows received`;
+    const kept = Math.min(this.total, KEPT);
+    this.count.textContent =
+      this.test === null
+        ? `${received} · the newest ${n(rows.length)} below`
+        : `${received} · ${n(matching)} of the newest ${n(kept)} match the filter · ` +
+          `the newest ${n(rows.length)} of them below`;
+    const head = el("tr");
+    for (const c of this.columns) head.append(el("th", c, kindOf(c) === "plain" ? "" : "num"));
+    const body = rows.map((row) => {
+      const tr = el("tr");
+      for (const c of this.columns) {
+        const text = formatCell(c, row[c]);
+        const td = el("td", text.length > MAX_CELL ? `${text.slice(0, MAX_CELL)}…` : text);
+        if (kindOf(c) !== "plain" || typeof row[c] === "number" || typeof row[c] === "bigint") {
+          td.className = "num";
+        }
+        const exact = raw(row[c]);
+        if (exact !== text) td.title = exact.slice(0, MAX_CELL);
+        tr.append(td);
+      }
+      return tr;
+    });
+    const thead = el("thead");
+    thead.append(head);
+    const tbody = el("tbody");
+    tbody.append(...body);
+    this.table.replaceChildren(thead, tbody);
+  }
+}
+
+/** The tabs, charts and tables of the page's streams. */
+export class View {
+  /**
+   * @param {string[]} streams
+   * @param {{tabs: HTMLElement, panels: HTMLElement, pause: HTMLButtonElement}} at
+   */
+  constructor(streams, at) {
+    this.paused = false;
+    this.pause = at.pause;
+    this.pause.onclick = () => this.setPaused(!this.paused);
+    /** @type {Map<string, StreamView>} */
+    this.streams = new Map();
+    const select = (/** @type {StreamView} */ chosen) => {
+      for (const s of this.streams.values()) {
+        const on = s === chosen;
+        s.tab.setAttribute("aria-selected", String(on));
+        s.section.hidden = !on;
+      }
+    };
+    for (const s of streams) this.streams.set(s, new StreamView(s, at.tabs, at.panels, select));
+    const first = this.streams.values().next().value;
+    if (first !== undefined) select(first);
+    this.tableAt = -Infinity;
+    this.chartsAt = -Infinity;
+  }
+
+  /** @param {boolean} paused */
+  setPaused(paused) {
+    this.paused = paused;
+    this.pause.textContent = paused ? "resume" : "pause";
+    this.pause.setAttribute("aria-pressed", String(paused));
+    for (const s of this.streams.values()) s.dirty = true;
+  }
+
+  /** @param {string} stream @param {Record<string, unknown>[]} rows @param {number} nowMs */
+  add(stream, rows, nowMs) {
+    this.streams.get(stream)?.add(rows, nowMs);
+  }
+
+  /** called every frame: counts always, tables and charts at their pace unless paused */
+  render(/** @type {number} */ nowMs) {
+    for (const s of this.streams.values()) s.renderCounts(this.paused);
+    if (this.paused) return;
+    if (nowMs - this.tableAt >= TABLE_EVERY_MS) {
+      this.tableAt = nowMs;
+      for (const s of this.streams.values()) s.renderTable();
+    }
+    if (nowMs - this.chartsAt >= CHARTS_EVERY_MS) {
+      this.chartsAt = nowMs;
+      for (const s of this.streams.values()) s.charts.draw(Date.now());
+    }
+  }
+}

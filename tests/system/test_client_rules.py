@@ -1,0 +1,134 @@
+"""The consumer library's rules against a hostile relay and a slow reader (issue 19): a key
+envelope signed by an unpinned key is counted and ignored, never fatal; the end of a session
+reaches an iterator whose queue is full; a session keeps going whatever a relay raced ahead."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from consumers import Batch, Client
+from sealstream import SessionError, TrustError
+from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
+from sealstream.nats import connect, settle
+from sealstream.wire import VERSION, encode_map
+from tests.support.pipeline import Tap, collect_rows, eventually, fresh_key, make_stack
+
+
+async def test_a_forged_key_envelope_raced_ahead_of_the_genuine_one_is_only_counted(
+    nats_url: str,
+) -> None:
+    """The relay sees every open before the cluster answers it: a key envelope signed by its
+    own key, sealed to the open's key and delivered first, is refused as ``untrusted_key``
+    and the session goes on with the cluster's key (policy ``fail``, the library default)."""
+    key = fresh_key()
+    async with (
+        make_stack(nats_url) as st,
+        Tap(nats_url, st.subjects.inbox(key.session_id)) as tap,
+    ):
+        forger = ProducerSession(
+            ClusterIdentity.generate(),
+            cluster=st.cluster,
+            session=key.session_id,
+            consumer_jwk=key.public_jwk,
+        )
+        # a fresh seq: had it come second, it would be refused as untrusted, not as a replay
+        forger.seq = 10**9
+        forged = forger.start()  # the key envelope alone (under "fail" any junk data ends it)
+        relay = await connect(nats_url, name="hostile-relay")
+        raced: list[bytes] = []
+
+        async def race(msg: Any) -> None:
+            for payload in forged:
+                await relay.publish(st.subjects.inbox(key.session_id), payload)
+            await relay.flush()
+            raced.extend(forged)
+
+        try:
+            await relay.subscribe(st.subjects.api_open, cb=race)
+            await settle(relay)
+            async with (
+                st.client() as client,
+                client.subscribe(st.cluster, ["records"], key=key) as sub,
+            ):
+                assert client.config.policy == "fail"
+                await st.agent.emit("records", [{"path": "/genuine", "i": i} for i in range(3)])
+                rows, _ = await collect_rows(sub, 3)
+                await tap.flush()
+                seen = [m.data for m in tap.messages]
+                # the race was won: the forged key envelope reached the inbox first
+                assert raced
+                assert seen[0] == forged[0]
+                assert [r["path"] for r in rows] == ["/genuine"] * 3
+                assert sub.stats().rejected == {"untrusted_key": 1}
+                assert sub.session is not None
+                assert sub.session.keyed
+        finally:
+            await relay.close()
+
+
+async def test_a_slow_consumer_whose_session_ends_sees_the_iterator_end(nats_url: str) -> None:
+    """The inbox queue full (a reader slower than the stream), the session lost at the proxy:
+    the marker that says so is not dropped but kept for after the queued messages, so the
+    iterator ends instead of waiting forever."""
+    async with make_stack(nats_url, keepalive_s=0.3) as st:
+        config = dataclasses.replace(st.config(), queue_size=4)
+        async with (
+            Client(config, trust=st.trust()) as client,
+            client.subscribe(st.cluster, ["records"]) as sub,
+        ):
+            live = sub._live
+            assert live is not None
+            async with asyncio.timeout(10):
+                i = 0
+                while live.dropped == 0:  # more batches than the queue holds
+                    await st.agent.emit("records", [{"i": i}])
+                    i += 1
+                    await asyncio.sleep(0.01)
+            # the session is closed at the proxy behind the reader's back (as a proxy restart
+            # that lost its registry would): its next keepalive is refused, and the marker
+            # that says so meets a full queue
+            body = {"v": VERSION, "token": st.token(), "session": sub.session_id}
+            await client.nc.request(st.subjects.api_close, encode_map(body), timeout=5)
+            await eventually(lambda: live.ending is not None, timeout=10)
+            assert live.queue.full()
+            got: list[Batch] = []
+            with pytest.raises(SessionError) as err:
+                async with asyncio.timeout(10):
+                    async for batch in sub:
+                        got.append(batch)
+                        await asyncio.sleep(0.05)  # slower than the stream
+            assert err.value.code == "ended"
+            assert 0 < len(got) <= 4
+            assert sub.stats().dropped > 0
+
+
+async def test_no_genuine_key_by_the_deadline_is_a_trust_error_that_offers_no_key(
+    nats_url: str,
+) -> None:
+    """Policy ``discard``, a trust store without the cluster's key: the key envelope is
+    refused, the data after it too, and at the key deadline (the request timeout after the
+    open) the subscription ends with a trust error that says how to check the key out of band
+    and never names the refused one."""
+    async with (
+        make_stack(nats_url) as st,
+        st.client(trust=TrustStore(), policy="discard") as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        live = sub._live
+        assert live is not None
+        await st.agent.emit("records", [{"i": 1}])
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TrustError) as err:
+            await collect_rows(sub, 1, timeout=20)
+        assert loop.time() >= live.key_deadline
+        said = str(err.value)
+        assert "no key envelope signed by a key pinned for cluster" in said
+        assert "1 refused" in said
+        assert "sealstream-producer key" in said
+        assert st.identity.kid not in said
+        assert sub.stats().rows == 0
+        assert sub.stats().rejected["untrusted_key"] == 1
