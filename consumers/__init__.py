@@ -2,7 +2,7 @@
 CLI."""
 
 from consumers._cli import consume
-from consumers._client import Client, Resumed, Stats, Subscription
+from consumers._client import Client
 from consumers._config import (
     ClientConfig,
     Context,
@@ -11,6 +11,7 @@ from consumers._config import (
     default_trust_store,
 )
 from consumers._otlp import ExportConfig, OtlpExporter
+from consumers._subscription import Resumed, Stats, Subscription
 from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from consumers._client import DEFAULT_RETRY_S, Client, Resumed, Subscription
+from consumers._client import Client
 from consumers._config import (
     ClientConfig,
     Context,
@@ -32,6 +32,7 @@ from consumers._config import (
     default_trust_store,
 )
 from consumers._otlp import ExportConfig, OtlpExporter
+from consumers._subscription import DEFAULT_RETRY_S, Resumed, Subscription
 from consumers._view import JsonLinesWriter, LiveTable, summary
 from consumers._web import WebConfig, WebServer
 from sealstream import BrokerError, SealstreamError, SessionError, configure_logging

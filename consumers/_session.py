@@ -32,7 +32,7 @@ from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
 
 if TYPE_CHECKING:
-    from consumers._client import Client
+    from consumers._endpoint import Endpoint
 
 __all__ = ["LiveSession", "Login", "Lost", "session_connection"]
 
@@ -55,7 +55,7 @@ class LiveSession(AsyncResource):
     queue of what arrives on the inbox."""
 
     def __init__(
-        self, client: Client, cluster: str, streams: list[str], key: ConsumerKey | None
+        self, client: Endpoint, cluster: str, streams: list[str], key: ConsumerKey | None
     ) -> None:
         super().__init__()
         self._client = client
@@ -251,7 +251,7 @@ class Login:
     token the connection last logged in with: once the token is renewed, a reconnect presents
     it before the broker ends the login that the old one bounds."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Endpoint) -> None:
         self._client = client
         self.sent = client.token()  # no token at all: fail now, with the token's error
 
@@ -282,7 +282,7 @@ def _unverified_exp(token: str) -> float | None:
 
 
 async def session_connection(
-    client: Client, session_id: str, *, on_closed: Callable[[], Awaitable[None]]
+    client: Endpoint, session_id: str, *, on_closed: Callable[[], Awaitable[None]]
 ) -> tuple[Any, Login] | None:
     """A connection logged in as ``session_id`` with the token (``docs/protocol.md``, consumer
     connections), or None when the client's shared connection serves (NATS credentials).

@@ -24,7 +24,7 @@ from sealstream.crypto import (
 from sealstream.resource import AsyncResource
 
 if TYPE_CHECKING:
-    from consumers._client import Client
+    from consumers._endpoint import Endpoint
 
 __all__ = ["DEFAULT_RETRY_S", "Resumed", "Stats", "Subscription"]
 
@@ -72,7 +72,7 @@ class Subscription(AsyncResource, Generic[_T]):
 
     def __init__(
         self,
-        client: Client,
+        client: Endpoint,
         cluster: str,
         streams: list[str],
         key: ConsumerKey | None,

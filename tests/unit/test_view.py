@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 from rich.console import Console
 
-from consumers._client import Stats
+from consumers._subscription import Stats
 from consumers._view import LiveTable, cell, rejections, summary
 from sealstream.crypto import Batch
 
@@ -89,6 +89,16 @@ def test_rejected_envelopes_are_shown_by_reason() -> None:
     footer = text.rstrip().splitlines()[-1]
     assert "rejected 3 (bad_signature 2, replay 1)" in footer
     assert "rows 70" in footer
+
+
+def test_rich_markup_in_decrypted_names_and_values_is_shown_as_written() -> None:
+    table = LiveTable("c1", "s-1")
+    link = "[link=https://example.com/x]click[/link]"
+    table.add(Batch("records", 1, 1, [{"[bold]name": link}]))
+    out = io.StringIO()
+    Console(file=out, width=140).print(table.render())
+    assert "[bold]name" in out.getvalue()
+    assert link[:27] in out.getvalue()
 
 
 async def test_the_live_footer_follows_the_counters_without_batches() -> None:

@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,7 +35,15 @@ from playwright.async_api import Browser, Page, async_playwright
 from structlog.testing import capture_logs
 
 from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
-from producers import Agent, HostMetrics, HttpEvents, Source, page_registration
+from producers import (
+    Agent,
+    HostMetrics,
+    HttpEvents,
+    OtlpConfig,
+    OtlpReceiver,
+    Source,
+    page_registration,
+)
 from producers._authz import AuthzPolicy
 from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
 from sealstream.crypto import (
@@ -48,8 +57,10 @@ from sealstream.jwk import thumbprint
 from sealstream.nats import connect
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.wire import notice
+from tests.support.otlp_sink import run_app
 from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
 BUILD = Path(__file__).resolve().parents[2] / "build"
@@ -998,3 +1009,65 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
                 await page.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_reads_otlp_streams_from_the_sdk_as_spans_records_and_points(
+    ws_server: EmbeddedServer, browser: Browser, tmp_path: Path
+) -> None:
+    """An application on the stock OpenTelemetry SDK exports OTLP/HTTP to the producer's
+    receiver; the page decodes the sealed export requests and shows a line per span (its
+    name, kind, duration, status), per data point and per log record."""
+    marker = f"mk{secrets.token_hex(4)}"
+    streams = list(OTLP_STREAMS)
+    async with (
+        make_stack(ws_server.url, streams=streams) as st,
+        OtlpReceiver(st.agent, config=OtlpConfig(port=0, grpc_port=None)) as receiver,
+    ):
+        with _web(ws_server, st, streams=streams) as web:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(web.url)
+            # the receiver seals only for sessions reading: the page's must be open first
+            await until(_state_is(page, "verified"))
+            await run_app(f"http://127.0.0.1:{receiver.port}", tmp_path / "sent", marker)
+            traces = 'section[data-stream="otlp_traces"]'
+
+            async def spans() -> bool:
+                return len(await _column(page, traces, "name")) == 3
+
+            await until(spans, timeout=20)
+            names = await _column(page, traces, "name")
+            assert sorted(names) == sorted(f"{n}-{marker}" for n in ("parent", "child", "logged"))
+            assert set(await _column(page, traces, "service")) == {f"svc-{marker}"}
+            assert "server" in await _column(page, traces, "kind")
+            assert f"error: failed-{marker}" in await _column(page, traces, "status")
+            durations = await _column(page, traces, "duration_ns")
+            assert all(re.fullmatch(r"\d+(\.\d+)? (ns|µs|ms|s)", d) for d in durations)
+            assert all(
+                re.fullmatch(r"[0-9a-f]{32}", t) for t in await _column(page, traces, "trace_id")
+            )
+            header = await _text(page, f"{traces} .count")
+            assert re.fullmatch(
+                r"\d+ requests? received · 3 spans · the newest 3 lines below", header
+            )
+            BUILD.mkdir(exist_ok=True)
+            await page.screenshot(path=str(BUILD / "web-otlp-traces.png"))
+
+            for stream, column, want in [
+                ("otlp_metrics", "type", {"sum", "gauge", "histogram", "exponential_histogram"}),
+                ("otlp_logs", "body", {f"body-{marker}", f"{{kv={marker}}}"}),
+            ]:
+                await page.click(f'#tabs .tab[data-stream="{stream}"]')
+                section = f'section[data-stream="{stream}"]'
+
+                async def shown(section: str = section, column: str = column) -> bool:
+                    return bool(await _column(page, section, column))
+
+                await until(shown, timeout=20)
+                assert want <= set(await _column(page, section, column)), stream
+                await page.screenshot(path=str(BUILD / f"web-{stream.replace('_', '-')}.png"))
+            logs = 'section[data-stream="otlp_logs"]'
+            assert {"WARN", "ERROR"} <= set(await _column(page, logs, "severity"))
+            assert errors == []
+            await page.close()

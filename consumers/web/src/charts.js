@@ -70,19 +70,20 @@ export class Chart {
   }
 }
 
-/** @typedef {{add(rows: Record<string, unknown>[], nowMs: number): void, draw(nowMs: number): void}} StreamCharts */
+/** @typedef {{add(rows: Record<string, unknown>[], nowMs: number, count?: number): void, draw(nowMs: number): void}} StreamCharts */
 
 /**
- * The charts of one stream: its rows/s, and what its rows say when the stream is known
- * (http_events, host_metrics).
+ * The charts of one stream: its rows/s (or spans/s, ...: `unit`, counted by `add`'s `count`),
+ * and what its rows say when the stream is known (http_events, host_metrics).
  * @param {string} stream
  * @param {HTMLElement} parent
+ * @param {string} [unit]
  * @returns {StreamCharts}
  */
-export function streamCharts(stream, parent) {
+export function streamCharts(stream, parent, unit = "rows") {
   const rowRate = new RowRate();
   const rateChart = new Chart(parent, {
-    title: "rows/s received",
+    title: `${unit}/s received`,
     name: "rows",
     series: [stream],
     fmt: count,
@@ -123,8 +124,8 @@ export function streamCharts(stream, parent) {
     }
   }
   return {
-    add(rows, nowMs) {
-      rowRate.add(rows.length, nowMs);
+    add(rows, nowMs, count = rows.length) {
+      rowRate.add(count, nowMs);
       for (const m of more) m.add(rows);
     },
     draw(nowMs) {

@@ -88,7 +88,14 @@ export function clock(ms, today = new Date()) {
 }
 
 /** @param {Uint8Array} b */
-const base64 = (b) => btoa(String.fromCharCode(...b));
+function base64(b) {
+  let binary = "";
+  // in slices: spreading 100 KiB into one call's arguments overflows the stack
+  for (let i = 0; i < b.length; i += 0x8000) {
+    binary += String.fromCharCode(...b.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
 
 /**
  * Any decoded value as text (bigints exactly, bytes as base64, maps and arrays as JSON).

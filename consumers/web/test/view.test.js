@@ -52,6 +52,8 @@ test("values a column's kind does not fit stay as they are", () => {
   assert.equal(formatCell("load1", 0.5), "0.50");
   assert.equal(formatCell("big", 2n ** 63n), "9223372036854775808");
   assert.equal(formatCell("blob", new Uint8Array([0xff, 0x00])), "/wA=");
+  const big = new Uint8Array(300_000).fill(0xfb); // more than a call's arguments
+  assert.equal(formatCell("blob", big), "+/v7".repeat(100_000));
   assert.equal(formatCell("nested", { a: 1n, b: [1] }), '{"a":"1","b":[1]}');
   assert.equal(formatCell("latency_ns", Number.NaN), "NaN");
 });
