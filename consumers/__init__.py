@@ -3,7 +3,13 @@ CLI."""
 
 from consumers._cli import consume
 from consumers._client import Client
-from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from consumers._config import (
+    ClientConfig,
+    Context,
+    TokenFile,
+    default_identity_file,
+    default_trust_store,
+)
 from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._subscription import Resumed, Stats, Subscription
 from consumers._web import WebConfig, WebServer
@@ -14,6 +20,7 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConsumerKey",
+    "Context",
     "ExportConfig",
     "OtlpExporter",
     "Resumed",

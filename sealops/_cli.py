@@ -1,15 +1,17 @@
 """``sealstream``: ``up`` (the back end: nats-server, proxy, one producer cluster, and the
-browser page), ``demo`` (``up`` plus a live decrypted view) and ``bench``. The one module
-that imports every role; nothing imports it."""
+browser page), ``demo`` (``up`` plus a live decrypted view), the benches and chaos. The one
+module that imports every role; nothing imports it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 from pathlib import Path
 
-from sealops._stack import Backend, backend, page_server, source_streams
+from consumers import Context
+from sealops._stack import Backend, backend, page_server, source_streams, state_lock
 from sealstream.crypto import UserIdentity
 from sealstream.log import configure_logging
 from sealstream.run import run
@@ -17,17 +19,46 @@ from sealstream.run import run
 __all__ = ["main"]
 
 
+_DESCRIPTION = (
+    "sealstream on this machine: 'up' runs the back end (nats-server, proxy, one producer "
+    "cluster and the browser page), 'demo' the same with a live decrypted view; 'bench', "
+    "'bench-fanout' and 'chaos' measure it."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("up", "run the back end"), ("demo", "back end + live decrypted view")):
-        c = sub.add_parser(name, help=text)
-        c.add_argument("--dir", type=Path, default=Path(".sealstream"), help="state directory")
-        c.add_argument("--cluster", default="demo")
+    p = argparse.ArgumentParser(prog="sealstream", description=_DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("up", "run the back end; write a context for sealstream-consume"),
+        ("demo", "the back end and a live decrypted view of its rows"),
+    ):
+        c = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        c.add_argument(
+            "--dir",
+            type=Path,
+            default=Path(".sealstream"),
+            help="state directory: keys, token, policy, logs (default .sealstream; one run "
+            "at a time)",
+        )
+        c.add_argument("--cluster", default="demo", help="the cluster's id (default demo)")
         c.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
-        c.add_argument("--sources", default="http_events,host_metrics")
-        c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s")
-        if name == "demo":
+        c.add_argument(
+            "--nats-port", type=int, help="the embedded NATS server's port (default: any free)"
+        )
+        c.add_argument(
+            "--sources",
+            default="http_events,host_metrics",
+            help="comma-separated: http_events, host_metrics, jsonl:PATH[:STREAM] (PATH - "
+            "reads this command's stdin; STREAM default records)",
+        )
+        c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s (default 20)")
+        if name == "up":
+            c.add_argument(
+                "--context",
+                help="the name of the context it writes and selects (default: the cluster id)",
+            )
+        else:
             c.add_argument(
                 "--output",
                 choices=["table", "jsonl"],
@@ -35,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
             )
             c.add_argument("--duration", type=float, help="stop after this many seconds")
             c.add_argument("--limit", type=int, help="stop after this many rows")
-            c.add_argument("--key", choices=["rsa", "x25519", "p256"], default="rsa")
+            c.add_argument(
+                "--key",
+                choices=["rsa", "x25519", "p256"],
+                default="rsa",
+                help="the view's ephemeral key type (default rsa)",
+            )
         c.add_argument(
             "--web-port", type=int, default=0, help="port of the browser view (default: any)"
         )
@@ -54,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, default=Path("build/web-bench"), help="report directory")
     c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
     c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--consumers", type=int, default=3)
+    c.add_argument("--seed", type=int, default=1, help="the fault schedule's random seed")
+    c.add_argument("--consumers", type=int, default=3, help="consumers reading (default 3)")
     c.add_argument("--rate", type=float, default=200.0, help="rows/s from the producer")
     c.add_argument("--min-outage", type=float, default=1.0, help="nats-server outage, s")
     c.add_argument("--max-outage", type=float, default=60.0, help="nats-server outage, s")
@@ -87,39 +123,59 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level="warning")
 
     async def go() -> int:
-        sources = args.sources
-        async with backend(
-            state=args.dir,
-            cluster=args.cluster,
-            nats_url=args.nats_url,
-            sources=sources,
-            rate=args.rate,
-        ) as be:
-            if args.command == "up":
-                print(f"sealstream is up: cluster {be.cluster!r}, logs in {be.state}/")
-                print("connect a consumer from another terminal with:")
-                streams = " ".join(f"--stream {s}" for s in sources.split(",") if ":" not in s)
-                print(
-                    f'  NATS_URL="$(cat {be.state}/consumer.url)" sealstream-consume '
-                    f"--cluster {be.cluster} {streams} --token-file {be.token_file} "
-                    f"--trust-store {be.trust_store} --identity {be.identity_file}"
-                )
-                if be.websocket_url is None:
-                    print("Ctrl-C stops everything.")
-                    await asyncio.Event().wait()
-                    return 0
-                with page_server(be, source_streams(sources), port=args.web_port) as web:
-                    print(
-                        "or watch them decrypted in your browser (the page registers its key "
-                        f"with this cluster): {web.url}"
-                    )
-                    print(f"  (browsers reach NATS at {be.websocket_url})")
-                    print("Ctrl-C stops everything.", flush=True)
-                    await asyncio.Event().wait()
-                return 0
-            return await _demo_view(be, args)
+        with state_lock(args.dir, f"sealstream {args.command}"):
+            async with backend(
+                state=args.dir,
+                cluster=args.cluster,
+                nats_url=args.nats_url,
+                sources=args.sources,
+                rate=args.rate,
+                nats_port=args.nats_port,
+            ) as be:
+                if args.command == "up":
+                    return await _up(be, args)
+                return await _demo_view(be, args)
 
     return run(go)
+
+
+def _command(name: str) -> str:
+    """How to run one of our commands from a shell: its name if that is what the shell finds
+    (an active virtualenv), else its path."""
+    ours = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    return name if found and Path(found).resolve() == ours.resolve() else str(ours)
+
+
+async def _up(be: Backend, args: argparse.Namespace) -> int:
+    streams = source_streams(args.sources)
+    context = Context(
+        name=args.context or be.cluster,
+        nats_url=be.nats_url,
+        nats_ws_url=be.websocket_url,
+        token_file=str(be.token_file.resolve()),
+        trust_store=str(be.trust_store.resolve()),
+        identity=str(be.identity_file.resolve()),
+        cluster=be.cluster,
+        streams=tuple(streams),
+    )
+    saved = context.save(select=True)
+    print(f"sealstream is up: cluster {be.cluster!r}, logs in {be.state}/")
+    print(f"context {context.name!r} written and selected ({saved}); read the rows with:")
+    print(f"  {_command('sealstream-consume')} {' '.join(f'--stream {s}' for s in streams)}")
+    if be.websocket_url is None:
+        print("Ctrl-C stops everything.", flush=True)
+        await asyncio.Event().wait()
+        return 0
+    with page_server(be, streams, port=args.web_port) as web:
+        print(
+            "or watch them decrypted in your browser (the page registers its key with this "
+            f"cluster): {web.url}"
+        )
+        print(f"  (browsers reach NATS at {be.websocket_url})")
+        print("Ctrl-C stops everything.", flush=True)
+        await asyncio.Event().wait()
+    return 0
 
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
@@ -133,7 +189,7 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         key_kind=args.key,
         policy="discard",
     )
-    streams = [s for s in args.sources.split(",") if s in ("http_events", "host_metrics")]
+    streams = source_streams(args.sources)
     # a live table needs a terminal; piped or redirected, the rows come as lines
     output = args.output or ("table" if sys.stdout.isatty() else "jsonl")
     view_args = argparse.Namespace(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
 import sys
@@ -30,7 +31,9 @@ __all__ = [
     "issuer_seed_file",
     "page_server",
     "prepare_state",
+    "reads_stdin",
     "source_streams",
+    "state_lock",
 ]
 
 
@@ -68,6 +71,28 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def state_lock(state: Path, command: str) -> Iterator[None]:
+    """Hold the state directory for this process (``state/lock``, an advisory lock the
+    system releases when the process ends, however it ends); a ValueError names the process
+    that holds it."""
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ValueError(
+                f"{state} is in use by {holder}: stop it, or give another --dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def source_streams(sources: str) -> list[str]:
@@ -127,6 +152,13 @@ def prepare_state(
     return creds
 
 
+def reads_stdin(sources: str) -> bool:
+    """Whether a ``--sources`` list reads stdin (``jsonl:-``, as sealstream-producer reads
+    it)."""
+    specs = (s.strip() for s in sources.split(","))
+    return any(s.startswith("jsonl:") and s[6:].partition(":")[0] == "-" for s in specs)
+
+
 @contextlib.contextmanager
 def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[WebServer]:
     """The browser page for this back end, served from this machine, able to register its
@@ -159,9 +191,17 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def backend(
-    *, state: Path, cluster: str, nats_url: str | None, sources: str, rate: float
+    *,
+    state: Path,
+    cluster: str,
+    nats_url: str | None,
+    sources: str,
+    rate: float,
+    nats_port: int | None = None,
 ) -> AsyncIterator[Backend]:
-    """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
+    """nats-server (embedded unless ``nats_url``; on ``nats_port`` if given), proxy and
+    producer as child processes. The producer reads this process's stdin if a source is
+    ``jsonl:-``."""
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
         callout: dict[str, str] = {}
@@ -169,7 +209,7 @@ async def backend(
         if nats_url is None:
             # secure by default: one NATS user per role, least privilege; consumers log in
             # with their token through the auth callout, which the proxy answers
-            options = ServerOptions(config_file=state / "nats.conf")
+            options = ServerOptions(config_file=state / "nats.conf", port=nats_port)
             server = await stack.enter_async_context(EmbeddedServer(options))
             websocket_url = server.websocket_url
             urls = {
@@ -194,17 +234,48 @@ async def backend(
             "proxy": ["broker_proxy", "--log-level", "info"],
             "producer": ["producers", "--rate", str(rate), "--log-level", "info"],
         }
+        started: list[tuple[str, asyncio.subprocess.Process, Path, int]] = []
         for role, args in roles.items():
-            log = (state / f"{role}.log").open("ab")
+            log_path = state / f"{role}.log"
+            log = log_path.open("ab")
             stack.callback(log.close)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 *args,
                 env={**env, "NATS_URL": urls[role]},
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=(
+                    None  # the records piped into this command
+                    if role == "producer" and reads_stdin(sources)
+                    else asyncio.subprocess.DEVNULL
+                ),
                 stdout=log,
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
+            started.append((role, proc, log_path, log.tell()))
+        for role, proc, log_path, offset in started:
+            await _started(role, proc, log_path, offset)
         yield Backend(urls["consumer"], cluster, state, websocket_url)
+
+
+#: how long a role may take to start (a loaded machine)
+_START_S = 60.0
+
+
+async def _started(role: str, proc: asyncio.subprocess.Process, log: Path, offset: int) -> None:
+    """Wait until a role's log (past ``offset``) says it started (``proxy.started``: its
+    auth callout answers too; ``producer.started``), so that what ``up`` prints works at
+    once; a role that exits first is an error that quotes its last log line."""
+    needle = f"{role}.started".encode()
+    async with asyncio.timeout(_START_S):
+        while True:
+            with log.open("rb") as f:
+                f.seek(offset)
+                said = f.read()
+            if needle in said:
+                return
+            if proc.returncode is not None:
+                last = said.decode("utf-8", "replace").strip().splitlines()[-1:] or ["-"]
+                raise ValueError(f"the {role} did not start ({log}): {last[0][:300]}")
+            await asyncio.sleep(0.05)  # another process's file: nothing to await

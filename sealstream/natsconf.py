@@ -111,9 +111,19 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
                 "password": role.password,
                 "permissions": {
                     "publish": {
-                        "allow": [f"{p}.cluster.{cluster}.data.*", f"{p}.cluster.{cluster}.group.*"]
+                        "allow": [
+                            f"{p}.cluster.{cluster}.data.*",
+                            f"{p}.cluster.{cluster}.group.*",
+                            s.producer(cluster),
+                        ]
                     },
-                    "subscribe": {"allow": [s.control(cluster)]},
+                    "subscribe": {
+                        "allow": [
+                            s.control(cluster),
+                            s.producer(cluster),
+                            f"{s.producer_inbox(cluster)}.>",  # its presence request's reply
+                        ]
+                    },
                     "allow_responses": True,
                 },
             }

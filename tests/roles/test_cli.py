@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -15,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,15 +34,18 @@ from producers import OtlpConfig
 from producers._cli import _parser as producer_parser
 from producers._cli import otlp_config, source_specs
 from sealstream import TokenVerifier
-from sealstream.crypto import Batch
+from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 from sealstream.nats import connect
 from tests.support.otlp_sink import OtlpSink, run_app
 from tests.support.pipeline import Tap
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
-#: no inherited configuration may steer the commands
+STREAM = ("--stream", "http_events")
+#: no inherited configuration may steer the commands: no context, no default identity or trust
+#: store (a configuration directory that does not exist)
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+_ENV["XDG_CONFIG_HOME"] = "/nonexistent/sealstream-test-config"
 
 
 def _cmd(name: str, *args: str | Path) -> list[str]:
@@ -100,11 +105,13 @@ class Service:
             self.proc.wait()
 
 
-def _start(log: Path, argv: list[str], *, cwd: Path | None = None) -> Service:
+def _start(
+    log: Path, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Service:
     out: IO[bytes]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_ENV, cwd=cwd
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env or _ENV, cwd=cwd
         )
     return Service(proc, log)
 
@@ -144,13 +151,13 @@ class Setup:
             ),
         )
 
-    def producer(self, source: str = "http_events") -> Service:
+    def producer(self, source: str = "http_events", cluster: str = CLUSTER) -> Service:
         return _start(
             self.dir / f"producer-{secrets.token_hex(2)}.log",
             _cmd(
                 "sealstream-producer",
                 "--cluster",
-                CLUSTER,
+                cluster,
                 "--nats-url",
                 self.nats_url,
                 "--prefix",
@@ -400,14 +407,14 @@ def test_consume_with_a_bad_token_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
     forged = setup.token(CLUSTER)[:-4] + "AAAA"
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=forged))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=forged))
     assert "unauthorized" in line
 
 
 def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=setup.token("other")))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=setup.token("other")))
     assert "forbidden" in line
 
 
@@ -417,24 +424,31 @@ def test_consume_with_an_identity_the_cluster_does_not_authorize_fails_clearly(
     stranger = setup.dir / "stranger.jwk"
     made = _run("sealstream-consume", "identity", "create", "--file", stranger)
     assert made.returncode == 0, made.stderr
-    done = setup.consume("--cluster", CLUSTER, "--identity", stranger, token=setup.token(CLUSTER))
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, "--identity", stranger, token=setup.token(CLUSTER)
+    )
     line = _one_error_line(done)
-    assert line.startswith("error: forbidden: key not authorized (")
+    assert line.startswith("error: forbidden: key not authorized: give the cluster's operator")
     assert "identity show" in line  # what to do about it
 
 
 def test_consume_on_an_unknown_cluster_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    done = setup.consume("--cluster", "nobody", "--retry", "0", token=setup.token("nobody"))
+    done = setup.consume(
+        "--cluster", "nobody", *STREAM, "--retry", "0", token=setup.token("nobody")
+    )
     assert "cluster_unavailable" in _one_error_line(done)
 
 
 def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    empty = setup.dir / "empty-trust.json"
-    done = setup.consume("--cluster", CLUSTER, token=setup.token(CLUSTER), trust_store=empty)
+    other = setup.dir / "other-trust.json"
+    TrustStore.load(other).add("other", ClusterIdentity.generate().public_jwk)
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, token=setup.token(CLUSTER), trust_store=other
+    )
     line = _one_error_line(done)
     assert "trust" in line
     assert CLUSTER in line
@@ -450,7 +464,7 @@ async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
         consumed = asyncio.create_task(
             asyncio.to_thread(
                 setup.consume,
-                *("--cluster", CLUSTER, "--duration", "6", "--retry", "10"),
+                *("--cluster", CLUSTER, *STREAM, "--duration", "6", "--retry", "10"),
                 token=setup.token(CLUSTER),
             )
         )
@@ -480,7 +494,8 @@ async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
 
 
 def test_sigint_stops_proxy_and_producer_cleanly(setup: Setup) -> None:
-    proxy, producer = setup.proxy(), setup.producer()
+    # a cluster of its own: one producer serves a cluster (the module's backend serves c1)
+    proxy, producer = setup.proxy(), setup.producer(cluster="c-sigint")
     try:
         proxy.wait_for("proxy.started")
         producer.wait_for("producer.started")
@@ -567,7 +582,11 @@ def test_demo_prints_decrypted_rows(tmp_path: Path) -> None:
 
 def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    up = _start(tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path)
+    config = tmp_path / "config"  # where up writes its context
+    env = {**_ENV, "XDG_CONFIG_HOME": str(config)}
+    up = _start(
+        tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path, env=env
+    )
     children: dict[int, str] = {}
     try:
         up.wait_for("sealstream is up", timeout=30)
@@ -605,6 +624,10 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     assert 'user: "consumer"' not in conf
     assert not (state / "nats-consumer.password").exists()
     assert "@" not in _text(state / "consumer.url")
+    context = json.loads(_text(config / "sealstream" / "context" / "demo.json"))
+    assert context["nats_url"] == _text(state / "consumer.url")
+    assert context["streams"] == ["http_events", "host_metrics"]
+    assert _text(config / "sealstream" / "context.txt") == "demo\n"
 
 
 def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
@@ -715,3 +738,81 @@ def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert proc.returncode == 0, "Ctrl-C ends demo as it ends every command"
+
+
+def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Path) -> None:
+    """``up --sources jsonl:FILE:orders,jsonl:-:events``: the printed command names every
+    stream; the file's records wait for the stream's first reader, who gets them all, exactly
+    (nanosecond integers included); what is piped into ``up`` is read as it comes."""
+    orders = [{"id": n, "total": 9.5, "ts": 1_796_588_367_312_858_562 + n} for n in range(5)]
+    (tmp_path / "orders.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in orders), encoding="utf-8"
+    )
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    sources = "jsonl:orders.jsonl:orders,jsonl:-:events"
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen(
+            _cmd("sealstream", "up", "--dir", tmp_path / "state", "--sources", sources),
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+        )
+    pipe = up.stdin
+    assert pipe is not None
+    stop = threading.Event()
+
+    def feed() -> None:  # a live source: an event every 50 ms until the reader has its rows
+        n = 0
+        with contextlib.suppress(BrokenPipeError):
+            while not stop.wait(0.05):
+                pipe.write(json.dumps({"kind": "login", "n": n}).encode() + b"\n")
+                pipe.flush()
+                n += 1
+
+    feeder = threading.Thread(target=feed)
+    try:
+        _wait_for(
+            lambda: "Ctrl-C stops everything." in _text(tmp_path / "up.log"),
+            timeout=60,
+            what="up to be ready",
+            proc=up,
+        )
+        assert "--stream orders --stream events\n" in _text(tmp_path / "up.log")
+        feeder.start()
+        rows = {}
+        for stream, limit in (("orders", len(orders)), ("events", 3)):
+            done = subprocess.run(
+                [
+                    *_cmd("sealstream-consume", "--stream", stream, "--output", "jsonl"),
+                    "--limit",
+                    str(limit),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            rows[stream] = [json.loads(line)["row"] for line in done.stdout.splitlines()]
+        assert rows["orders"] == orders
+        numbers = [r["n"] for r in rows["events"]]
+        assert numbers == sorted(numbers)
+        assert len(numbers) == 3
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join()
+        pipe.close()
+        up.send_signal(signal.SIGINT)
+        try:
+            assert up.wait(timeout=30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()

@@ -101,6 +101,7 @@ EXPECTED: dict[str, list[str]] = {
         "Client",
         "ClientConfig",
         "ConsumerKey",
+        "Context",
         "ExportConfig",
         "OtlpExporter",
         "Resumed",

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import re
 import secrets
 import signal
@@ -805,7 +806,12 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
     argv += ["--sources", "http_events", "--rate", "50", "--web-port", str(port)]
     with log.open("wb") as out:
         up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=tmp_path
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            cwd=tmp_path,
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},  # its context
         )
     # the address `up` prints, with the page's key in its fragment, as a user would copy it
     printed = re.compile(rf"http://127\.0\.0\.1:{port}/#key=[A-Za-z0-9_-]+")
