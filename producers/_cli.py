@@ -42,10 +42,10 @@ def parse_source(spec: str, *, rate: float, interval: float) -> Source:
     )
 
 
-def otlp_config(specs: list[str]) -> OtlpConfig | None:
+def otlp_config(specs: list[str], *, token: str | None = None) -> OtlpConfig | None:
     """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
     (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
-    only)."""
+    only), requiring the bearer ``token`` when one is given."""
     given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
     if not given:
         return None
@@ -58,6 +58,7 @@ def otlp_config(specs: list[str]) -> OtlpConfig | None:
         host=host or "127.0.0.1",
         port=int(http or 4318),
         grpc_port=None if grpc == "off" else int(grpc or 4317),
+        token=token,
     )
 
 
@@ -101,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
             default=d(None),
             help="http_events | host_metrics | jsonl:PATH[:STREAM] | "
             "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
-            "4317 of 127.0.0.1 by default) (repeatable; env "
+            "4317 of 127.0.0.1 by default; env SEALSTREAM_OTLP_TOKEN: the bearer token it "
+            "requires) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             trust_relay_authorization=args.trust_relay_authorization or None,
         )
         specs = [s.strip() for s in source_specs(args, os.environ) if s.strip()]
-        otlp = otlp_config(specs)
+        otlp = otlp_config(specs, token=os.environ.get("SEALSTREAM_OTLP_TOKEN") or None)
         sources = [
             parse_source(s, rate=args.rate, interval=args.interval)
             for s in specs
