@@ -697,6 +697,21 @@ async def test_a_token_is_required_over_http_and_grpc_when_configured(
     assert len(sink.rows) == 2
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_the_sdk_sends_the_token_from_its_environment(
+    sink: RecordingSink, tmp_path: Path, protocol: str
+) -> None:
+    """As the README says: OTEL_EXPORTER_OTLP_HEADERS, its value URL-encoded."""
+    token = secrets.token_urlsafe(16)
+    config = OtlpConfig(port=0, grpc_port=0, token=token)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        endpoint = _url(receiver, "") if protocol == "http" else f"127.0.0.1:{receiver.grpc_port}"
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{token}"}
+        sent = await run_app(endpoint, tmp_path / "sent", "tok", protocol=protocol, env=env)
+        assert receiver.refused == {}
+    assert [body for _, body in sent] == [row["otlp"] for _, row in sink.rows]
+
+
 @pytest.mark.parametrize(
     ("host", "token", "warned"),
     [("0.0.0.0", None, True), ("0.0.0.0", "t", False), ("127.0.0.1", None, False)],
