@@ -315,17 +315,27 @@ class Agent(AsyncResource):
         """The largest packed row a batch takes (known once started)."""
         return min(self.config.batching.max_bytes, self._budget) - 16
 
-    def backlog(self) -> float:
-        """How full the outbox is: 0 empty, 1 at its bound (per session or in all)."""
-        outbox = self.outbox
-        total = outbox.size / outbox.max_total_bytes if outbox.max_total_bytes else 0.0
-        return max(outbox.largest() / outbox.max_bytes, total)
+    @property
+    def buffer_bytes(self) -> int:
+        """The outbox's bound for one session's queue."""
+        return self.outbox.max_bytes
 
-    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    def backlog(self, reserve: int = 0) -> float:
+        """How full the outbox is: 0 empty, 1 at its bound (per session or in all), once
+        ``reserve`` more bytes wait for every session (and group) there is."""
+        outbox = self.outbox
+        queues = len(self.sessions) + len(self.groups)
+        extra = reserve if queues else 0
+        total = outbox.max_total_bytes
+        in_all = (outbox.size + extra * queues) / total if total else 0.0
+        return max((outbox.largest() + extra) / outbox.max_bytes, in_all)
+
+    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
         """Seal ``rows`` now, in batches of their own, into the outbox of every session
         reading ``stream``, and return once they are (a receiver acknowledges its sender
         then). The rows are the caller's own: no per-value check. Returns how many were too
-        large for a batch (counted as ``oversize``, not sealed)."""
+        large for a batch (counted as ``oversize``, not sealed), and how many envelopes the
+        outbox dropped meanwhile (over its bound: these rows may be among them)."""
         if stream not in self._batchers:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
         batcher = Batcher(self.config.batching, budget=self._budget)
@@ -334,9 +344,10 @@ class Agent(AsyncResource):
         self.rows_in += len(rows) - batcher.oversize_rows
         if batcher.oversize_rows:
             self.rejected_rows["oversize"] += batcher.oversize_rows
+        dropped = self.outbox.dropped["buffer_full"]
         for plaintext in [*ready, *([last] if last is not None else [])]:
             await self._publish(stream, plaintext)
-        return batcher.oversize_rows
+        return batcher.oversize_rows, self.outbox.dropped["buffer_full"] - dropped
 
     async def _pump(self, source: Source) -> None:
         try:

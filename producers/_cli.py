@@ -124,10 +124,10 @@ async def _sole_producer(config: ProducerConfig) -> AsyncIterator[None]:
         await release(nc)
 
 
-def otlp_config(specs: list[str]) -> OtlpConfig | None:
+def otlp_config(specs: list[str], *, token: str | None = None) -> OtlpConfig | None:
     """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
     (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
-    only)."""
+    only), requiring the bearer ``token`` when one is given."""
     given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
     if not given:
         return None
@@ -140,6 +140,7 @@ def otlp_config(specs: list[str]) -> OtlpConfig | None:
         host=host or "127.0.0.1",
         port=int(http or 4318),
         grpc_port=None if grpc == "off" else int(grpc or 4317),
+        token=token,
     )
 
 
@@ -184,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
             help="http_events | host_metrics | jsonl:PATH[:STREAM] (a file's records wait for "
             "the stream's first reader; PATH - is stdin, read as it comes) | "
             "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
-            "4317 of 127.0.0.1 by default) (repeatable; env "
+            "4317 of 127.0.0.1 by default; env SEALSTREAM_OTLP_TOKEN: the bearer token it "
+            "requires) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"once with 'sealstream-producer key --key-file {config.key_file}')"
             )
         specs = [s.strip() for s in source_specs(args, os.environ) if s.strip()]
-        otlp = otlp_config(specs)
+        otlp = otlp_config(specs, token=os.environ.get("SEALSTREAM_OTLP_TOKEN") or None)
         running: list[Agent] = []  # the agent, once it runs
 
         def read(stream: str) -> bool:

@@ -684,6 +684,7 @@ def test_the_otlp_source_names_its_addresses() -> None:
     assert otlp_config(["otlp:0.0.0.0"]) == OtlpConfig(host="0.0.0.0", grpc_port=4317)
     assert otlp_config(["otlp:h:0:off"]) == OtlpConfig(host="h", port=0, grpc_port=None)
     assert otlp_config(["otlp:h:1:2"]) == OtlpConfig(host="h", port=1, grpc_port=2)
+    assert otlp_config(["otlp"], token="t") == OtlpConfig(grpc_port=4317, token="t")
     for bad in (["otlp:h:x"], ["otlp:h:1:-2"], ["otlp:h:1:2:3"], ["otlp", "otlp:h"]):
         with pytest.raises(ValueError, match="otlp"):
             otlp_config(bad)
