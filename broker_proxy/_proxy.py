@@ -123,7 +123,10 @@ class Proxy(AsyncResource):
         if self.config.shared_registry:
             # load every live session before serving: a restarted instance loses none
             self._shared = SharedRegistry(
-                self.registry, bucket=bucket_name(self.config.prefix), clock=self._clock
+                self.registry,
+                bucket=bucket_name(self.config.prefix),
+                replicas=self.config.registry_replicas,
+                clock=self._clock,
             )
             await self._shared.open(self._nc)
             watch = self._tg.create_task(self._shared.watch())

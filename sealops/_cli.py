@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
         c.add_argument("--sources", default="http_events,host_metrics")
         c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s")
+        if name == "up":
+            _topology_option(c)
         if name == "demo":
             c.add_argument(
                 "--output",
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go() -> int:
         sources = args.sources
+        if getattr(args, "topology", "single") == "hub":
+            return await _up_hub(args)
         async with backend(
             state=args.dir,
             cluster=args.cluster,
@@ -112,6 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             return await _demo_view(be, args)
 
     return run(go)
+
+
+def _topology_option(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--topology",
+        choices=["single", "hub"],
+        default="single",
+        help="one nats-server, or a 3-node hub cluster with two proxies and two customer "
+        "sites behind leaf nodes (state in DIR/hub/)",
+    )
+
+
+async def _up_hub(args: argparse.Namespace) -> int:
+    from sealops._hub import up_hub
+
+    return await up_hub(state=args.dir / "hub", sources=args.sources, rate=args.rate)
 
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:

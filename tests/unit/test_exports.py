@@ -173,6 +173,7 @@ def test_the_core_has_its_public_modules() -> None:
         "run",
         "server",
         "tokens",
+        "topology",
         "wire",
     ]
 

@@ -1,0 +1,261 @@
+"""``sealstream up --topology hub``: the hub-and-leaves topology on this machine.
+
+A 3-node hub cluster (real nats-servers with JetStream, routes and a leafnode port each), two
+proxies sharing the session registry (3 replicas), and per customer cluster a site: its leaf
+node (dialling out to the hub) and its producer. Configurations come from
+:mod:`sealstream.topology`; every port is a free loopback port chosen here, kept across a
+node's restart.
+
+State directory::
+
+    token-secret  callout-issuer.nk  hub-credentials.json  nats-<user>.password
+    hub-<i>.conf  hub-<i>/ (JetStream)  hub-<i>.log  proxy-<x>.log
+    site-<cluster>/   as ``sealstream up --dir`` makes it (cluster key, policy, trust store,
+                      token, identity), with leaf.conf, leaf.log and producer.log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from producers import POLICY_FILE_NAME
+from sealops._procs import Child
+from sealops._stack import _write_private, issuer_seed_file, prepare_state, source_streams
+from sealstream.natsconf import Credentials
+from sealstream.natsjwt import AccountKey
+from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.topology import HubCredentials, HubNode, hub_config, leaf_config
+
+__all__ = ["HUB_CLUSTERS", "HubBackend", "HubServers", "hub_backend", "prepare_hub", "up_hub"]
+
+#: the customer clusters of the local topology
+HUB_CLUSTERS = ("acme", "globex")
+_NODES = 3
+_PROXIES = ("a", "b")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def site_dir(state: Path, cluster: str) -> Path:
+    return state / f"site-{cluster}"
+
+
+def prepare_hub(
+    state: Path,
+    clusters: Sequence[str] = HUB_CLUSTERS,
+    streams: Sequence[str] = ("http_events", "host_metrics"),
+) -> tuple[HubCredentials, list[HubNode]]:
+    """Credentials (one token secret for the proxies, a site directory per cluster as
+    ``sealstream up`` makes one, sharing the user identity), free ports for the hub's nodes,
+    and every server's configuration."""
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    roles = {}
+    for cluster in clusters:
+        site = site_dir(state, cluster)
+        site.mkdir(mode=0o700, exist_ok=True)
+        for shared in ("token-secret", "identity.jwk"):  # one secret, one reader
+            if (state / shared).exists() and not (site / shared).exists():
+                shutil.copy2(state / shared, site / shared)
+        roles[cluster] = prepare_state(site, cluster, streams).producers[cluster]
+        for shared in ("token-secret", "identity.jwk"):
+            if not (state / shared).exists():
+                shutil.copy2(site / shared, state / shared)
+    creds_file = state / "hub-credentials.json"
+    creds = HubCredentials.from_json(creds_file.read_text()) if creds_file.exists() else None
+    if creds is None or creds.clusters != sorted(clusters):
+        creds = HubCredentials.generate(clusters)
+    # the producers' users are the ones their sites' state holds
+    creds = HubCredentials(Credentials(creds.roles.proxy, roles), creds.links)
+    _write_private(creds_file, creds.to_json().encode("utf-8"))
+    _write_private(state / "nats-proxy.password", creds.roles.proxy.password.encode("utf-8"))
+    seed_file = issuer_seed_file(state)
+    if not seed_file.exists():
+        _write_private(seed_file, AccountKey.generate().seed + b"\n")
+    issuer = AccountKey.from_text(seed_file.read_bytes()).public_key
+    nodes = [
+        HubNode(
+            name=f"hub-{i}",
+            client_port=_free_port(),
+            cluster_port=_free_port(),
+            leaf_port=_free_port(),
+        )
+        for i in range(_NODES)
+    ]
+    for i in range(_NODES):
+        text = hub_config(nodes, i, creds, issuer=issuer, store_dir=str(state / f"hub-{i}"))
+        _write_private(state / f"hub-{i}.conf", text.encode("utf-8"))
+    for cluster in clusters:
+        text = leaf_config(cluster, creds, nodes)
+        _write_private(site_dir(state, cluster) / "leaf.conf", text.encode("utf-8"))
+    return creds, nodes
+
+
+class HubServers:
+    """The hub's nodes and the sites' leaf nodes as nats-server processes; any of them can be
+    stopped and started again on its ports (JetStream data kept)."""
+
+    def __init__(self, state: Path, nodes: Sequence[HubNode], clusters: Sequence[str]) -> None:
+        self.nodes = list(nodes)
+        self.hub = [
+            EmbeddedServer(
+                ServerOptions(
+                    config_file=state / f"hub-{i}.conf",
+                    port=n.client_port,
+                    jetstream=False,  # in the configuration, with its store directory
+                    log_file=state / f"hub-{i}.log",
+                )
+            )
+            for i, n in enumerate(nodes)
+        ]
+        self.leaves = {
+            c: EmbeddedServer(
+                ServerOptions(
+                    config_file=site_dir(state, c) / "leaf.conf",
+                    port=_free_port(),
+                    jetstream=False,
+                    log_file=site_dir(state, c) / "leaf.log",
+                )
+            )
+            for c in clusters
+        }
+
+    @property
+    def hub_urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    async def start(self) -> None:
+        # all at once: a node waits for its routes to form a JetStream cluster
+        await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.hub))
+        await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.leaves.values()))
+
+    async def stop(self) -> None:
+        servers = [*self.leaves.values(), *self.hub]
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
+
+    async def __aenter__(self) -> HubServers:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class HubBackend:
+    state: Path
+    servers: HubServers
+    creds: HubCredentials
+    proxies: Mapping[str, Child]
+    producers: Mapping[str, Child]
+
+    @property
+    def consumer_url(self) -> str:
+        """Every hub node: a consumer logs in on any of them (the auth callout answers)."""
+        return ",".join(self.servers.hub_urls)
+
+    def site(self, cluster: str) -> Path:
+        return site_dir(self.state, cluster)
+
+
+def _python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args, "--log-level", "info"]
+
+
+async def start_proxy(state: Path, name: str, urls: Sequence[str], user: str) -> Child:
+    """A proxy process on the hub (its registry in 3 replicas, the callout answered)."""
+    env = {
+        **os.environ,
+        "NATS_URL": ",".join(urls),
+        "SEALSTREAM_NATS_USER": user,
+        "SEALSTREAM_NATS_PASSWORD_FILE": str(state / "nats-proxy.password"),
+        "SEALSTREAM_TOKEN_SECRET_FILE": str(state / "token-secret"),
+        "SEALSTREAM_CALLOUT_ISSUER_SEED_FILE": str(issuer_seed_file(state)),
+        "SEALSTREAM_REGISTRY_REPLICAS": str(min(3, _NODES)),
+    }
+    log = state / f"proxy-{name}.log"
+    return await Child.spawn(
+        f"proxy-{name}", "proxy", _python("broker_proxy"), log=log, config=None, env=env
+    )
+
+
+async def start_producer(
+    state: Path, cluster: str, leaf: EmbeddedServer, user: str, *, sources: str, rate: float
+) -> Child:
+    """A site's producer process, connected to its leaf node only."""
+    site = site_dir(state, cluster)
+    env = {
+        **os.environ,
+        "NATS_URL": leaf.url,
+        "SEALSTREAM_NATS_USER": user,
+        "SEALSTREAM_NATS_PASSWORD_FILE": str(site / f"nats-producer-{cluster}.password"),
+        "SEALSTREAM_CLUSTER": cluster,
+        "SEALSTREAM_KEY_FILE": str(site / "cluster-key.jwk"),
+        "SEALSTREAM_POLICY_FILE": str(site / POLICY_FILE_NAME),
+        "SEALSTREAM_SOURCES": sources,
+    }
+    argv = _python("producers", "--rate", str(rate))
+    return await Child.spawn(
+        f"producer-{cluster}", "producer", argv, log=site / "producer.log", config=None, env=env
+    )
+
+
+@contextlib.asynccontextmanager
+async def hub_backend(
+    *, state: Path, sources: str, rate: float, clusters: Sequence[str] = HUB_CLUSTERS
+) -> AsyncIterator[HubBackend]:
+    """The whole topology on loopback: hub nodes, leaf nodes, two proxies, a producer per
+    site, stopped in the reverse order."""
+    creds, nodes = prepare_hub(state, clusters, source_streams(sources))
+    async with contextlib.AsyncExitStack() as stack:
+        servers = await stack.enter_async_context(HubServers(state, nodes, clusters))
+        urls = servers.hub_urls
+        proxies: dict[str, Child] = {}
+        for name in _PROXIES:  # each on a node of its client's choosing
+            proxies[name] = await start_proxy(state, name, urls, creds.roles.proxy.user)
+            stack.push_async_callback(proxies[name].stop)
+        producers: dict[str, Child] = {}
+        for cluster in clusters:
+            user = creds.roles.producers[cluster].user
+            child = await start_producer(
+                state, cluster, servers.leaves[cluster], user, sources=sources, rate=rate
+            )
+            stack.push_async_callback(child.stop)
+            producers[cluster] = child
+        yield HubBackend(state, servers, creds, proxies, producers)
+
+
+async def up_hub(*, state: Path, sources: str, rate: float) -> int:
+    """``sealstream up --topology hub``: run it all until Ctrl-C, saying how to consume."""
+    async with hub_backend(state=state, sources=sources, rate=rate) as be:
+        print(f"sealstream hub is up: 3 hub nodes, 2 proxies, sites {', '.join(be.producers)}")
+        print(f"  hub nodes (consumers log in on any): {be.consumer_url}")
+        print(f"  logs in {state}/ and {state}/site-*/")
+        streams = " ".join(f"--stream {s}" for s in source_streams(sources))
+        for cluster in be.producers:
+            site = be.site(cluster)
+            print(f"consume cluster {cluster!r} (its producer is behind its leaf node) with:")
+            print(
+                f'  NATS_URL="{be.consumer_url}" sealstream-consume --cluster {cluster} '
+                f"{streams} --token-file {site}/token --trust-store {site}/trust.json "
+                f"--identity {site}/identity.jwk"
+            )
+        print("Ctrl-C stops everything.", flush=True)
+        await asyncio.Event().wait()
+    return 0
