@@ -20,10 +20,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from producers import POLICY_FILE_NAME
@@ -136,6 +136,20 @@ class HubServers:
     def hub_urls(self) -> list[str]:
         return [n.url for n in self.nodes]
 
+    def node(self, name: str) -> EmbeddedServer:
+        """A hub node by its ``server_name``."""
+        return self.hub[[n.name for n in self.nodes].index(name)]
+
+    async def kill(self, server: EmbeddedServer) -> None:
+        """SIGKILL: no goodbye to its clients, routes or leaf links."""
+        with contextlib.suppress(ProcessLookupError, RuntimeError):
+            os.kill(server.pid, signal.SIGKILL)
+        await asyncio.to_thread(server.stop)
+
+    async def restart(self, server: EmbeddedServer) -> None:
+        """Start a stopped server again on its ports (a hub node keeps its JetStream data)."""
+        await asyncio.to_thread(server.start)
+
     async def start(self) -> None:
         # all at once: a node waits for its routes to form a JetStream cluster
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.hub))
@@ -157,88 +171,119 @@ class HubServers:
         await self.stop()
 
 
-@dataclass(frozen=True, slots=True)
+def _python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args, "--log-level", "info"]
+
+
 class HubBackend:
-    state: Path
-    servers: HubServers
-    creds: HubCredentials
-    proxies: Mapping[str, Child]
-    producers: Mapping[str, Child]
+    """The role processes on the hub's and the sites' servers: two proxies on the hub, a
+    producer per site on its leaf node; any of them can be killed and started again."""
+
+    def __init__(
+        self,
+        state: Path,
+        servers: HubServers,
+        creds: HubCredentials,
+        *,
+        sources: str,
+        rate: float,
+        keepalive_s: float | None = None,
+    ) -> None:
+        self.state = state
+        self.servers = servers
+        self.creds = creds
+        self.sources = sources
+        self.rate = rate
+        self.keepalive_s = keepalive_s
+        self.proxies: dict[str, Child] = {}
+        self.producers: dict[str, Child] = {}
 
     @property
     def consumer_url(self) -> str:
         """Every hub node: a consumer logs in on any of them (the auth callout answers)."""
         return ",".join(self.servers.hub_urls)
 
+    @property
+    def clusters(self) -> list[str]:
+        return self.creds.clusters
+
     def site(self, cluster: str) -> Path:
         return site_dir(self.state, cluster)
 
+    async def start_proxy(self, name: str) -> Child:
+        """A proxy process on the hub (its registry in 3 replicas, the callout answered)."""
+        env = {
+            **os.environ,
+            "NATS_URL": ",".join(self.servers.hub_urls),
+            "SEALSTREAM_NATS_USER": self.creds.roles.proxy.user,
+            "SEALSTREAM_NATS_PASSWORD_FILE": str(self.state / "nats-proxy.password"),
+            "SEALSTREAM_TOKEN_SECRET_FILE": str(self.state / "token-secret"),
+            "SEALSTREAM_CALLOUT_ISSUER_SEED_FILE": str(issuer_seed_file(self.state)),
+            "SEALSTREAM_REGISTRY_REPLICAS": str(min(3, len(self.servers.hub))),
+        }
+        if self.keepalive_s is not None:
+            env["SEALSTREAM_KEEPALIVE_S"] = str(self.keepalive_s)
+        log = self.state / f"proxy-{name}.log"
+        child = await Child.spawn(
+            f"proxy-{name}", "proxy", _python("broker_proxy"), log=log, config=None, env=env
+        )
+        self.proxies[name] = child
+        return child
 
-def _python(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args, "--log-level", "info"]
+    async def start_producer(self, cluster: str) -> Child:
+        """A site's producer process, connected to its leaf node only."""
+        site = self.site(cluster)
+        env = {
+            **os.environ,
+            "NATS_URL": self.servers.leaves[cluster].url,
+            "SEALSTREAM_NATS_USER": self.creds.roles.producers[cluster].user,
+            "SEALSTREAM_NATS_PASSWORD_FILE": str(site / f"nats-producer-{cluster}.password"),
+            "SEALSTREAM_CLUSTER": cluster,
+            "SEALSTREAM_KEY_FILE": str(site / "cluster-key.jwk"),
+            "SEALSTREAM_POLICY_FILE": str(site / POLICY_FILE_NAME),
+            "SEALSTREAM_SOURCES": self.sources,
+        }
+        argv = _python("producers", "--rate", str(self.rate))
+        log = site / "producer.log"
+        child = await Child.spawn(
+            f"producer-{cluster}", "producer", argv, log=log, config=None, env=env
+        )
+        self.producers[cluster] = child
+        return child
 
+    async def kill(self, child: Child) -> None:
+        """SIGKILL a role process (no goodbye), and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.kill()
+        await child.proc.wait()
 
-async def start_proxy(state: Path, name: str, urls: Sequence[str], user: str) -> Child:
-    """A proxy process on the hub (its registry in 3 replicas, the callout answered)."""
-    env = {
-        **os.environ,
-        "NATS_URL": ",".join(urls),
-        "SEALSTREAM_NATS_USER": user,
-        "SEALSTREAM_NATS_PASSWORD_FILE": str(state / "nats-proxy.password"),
-        "SEALSTREAM_TOKEN_SECRET_FILE": str(state / "token-secret"),
-        "SEALSTREAM_CALLOUT_ISSUER_SEED_FILE": str(issuer_seed_file(state)),
-        "SEALSTREAM_REGISTRY_REPLICAS": str(min(3, _NODES)),
-    }
-    log = state / f"proxy-{name}.log"
-    return await Child.spawn(
-        f"proxy-{name}", "proxy", _python("broker_proxy"), log=log, config=None, env=env
-    )
-
-
-async def start_producer(
-    state: Path, cluster: str, leaf: EmbeddedServer, user: str, *, sources: str, rate: float
-) -> Child:
-    """A site's producer process, connected to its leaf node only."""
-    site = site_dir(state, cluster)
-    env = {
-        **os.environ,
-        "NATS_URL": leaf.url,
-        "SEALSTREAM_NATS_USER": user,
-        "SEALSTREAM_NATS_PASSWORD_FILE": str(site / f"nats-producer-{cluster}.password"),
-        "SEALSTREAM_CLUSTER": cluster,
-        "SEALSTREAM_KEY_FILE": str(site / "cluster-key.jwk"),
-        "SEALSTREAM_POLICY_FILE": str(site / POLICY_FILE_NAME),
-        "SEALSTREAM_SOURCES": sources,
-    }
-    argv = _python("producers", "--rate", str(rate))
-    return await Child.spawn(
-        f"producer-{cluster}", "producer", argv, log=site / "producer.log", config=None, env=env
-    )
+    async def stop(self) -> None:
+        children = [*self.producers.values(), *self.proxies.values()]
+        await asyncio.gather(*(c.stop() for c in children))
 
 
 @contextlib.asynccontextmanager
 async def hub_backend(
-    *, state: Path, sources: str, rate: float, clusters: Sequence[str] = HUB_CLUSTERS
+    *,
+    state: Path,
+    sources: str,
+    rate: float,
+    clusters: Sequence[str] = HUB_CLUSTERS,
+    keepalive_s: float | None = None,
 ) -> AsyncIterator[HubBackend]:
     """The whole topology on loopback: hub nodes, leaf nodes, two proxies, a producer per
-    site, stopped in the reverse order."""
+    site; the processes stop before the servers."""
     creds, nodes = prepare_hub(state, clusters, source_streams(sources))
-    async with contextlib.AsyncExitStack() as stack:
-        servers = await stack.enter_async_context(HubServers(state, nodes, clusters))
-        urls = servers.hub_urls
-        proxies: dict[str, Child] = {}
-        for name in _PROXIES:  # each on a node of its client's choosing
-            proxies[name] = await start_proxy(state, name, urls, creds.roles.proxy.user)
-            stack.push_async_callback(proxies[name].stop)
-        producers: dict[str, Child] = {}
-        for cluster in clusters:
-            user = creds.roles.producers[cluster].user
-            child = await start_producer(
-                state, cluster, servers.leaves[cluster], user, sources=sources, rate=rate
-            )
-            stack.push_async_callback(child.stop)
-            producers[cluster] = child
-        yield HubBackend(state, servers, creds, proxies, producers)
+    async with HubServers(state, nodes, clusters) as servers:
+        be = HubBackend(state, servers, creds, sources=sources, rate=rate, keepalive_s=keepalive_s)
+        try:
+            for name in _PROXIES:
+                await be.start_proxy(name)
+            for cluster in clusters:
+                await be.start_producer(cluster)
+            yield be
+        finally:
+            await be.stop()
 
 
 async def up_hub(*, state: Path, sources: str, rate: float) -> int:

@@ -93,6 +93,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProxyConfig",
         "SessionEntry",
         "SessionRegistry",
+        "bucket_name",
     ],
     "consumers": [
         "Batch",
