@@ -10,6 +10,7 @@ State directory::
 
     token-secret  callout-issuer.nk  hub-credentials.json  nats-<user>.password
     hub-<i>.conf  hub-<i>/ (JetStream)  hub-<i>.log  proxy-<x>.log
+    compose/      the servers' configurations for compose.hub.yaml
     site-<cluster>/   as ``sealstream up --dir`` makes it (cluster key, policy, trust store,
                       token, identity), with leaf.conf, leaf.log and producer.log
 """
@@ -26,9 +27,12 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import nats.errors
+
 from producers import POLICY_FILE_NAME
 from sealops._procs import Child
 from sealops._stack import _write_private, issuer_seed_file, prepare_state, source_streams
+from sealstream.nats import connect, release
 from sealstream.natsconf import Credentials
 from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
@@ -100,7 +104,21 @@ def prepare_hub(
     for cluster in clusters:
         text = leaf_config(cluster, creds, nodes)
         _write_private(site_dir(state, cluster) / "leaf.conf", text.encode("utf-8"))
+    _compose_configs(state / "compose", creds, issuer)
     return creds, nodes
+
+
+def _compose_configs(out: Path, creds: HubCredentials, issuer: str) -> None:
+    """The same configurations for compose.hub.yaml: each server is the service of its name,
+    on the standard ports, with its JetStream store on the volume at /data."""
+    out.mkdir(mode=0o700, exist_ok=True)
+    nodes = [HubNode(name=f"hub-{i}", host=f"hub-{i}") for i in range(_NODES)]
+    for i in range(_NODES):
+        text = hub_config(nodes, i, creds, issuer=issuer, store_dir="/data")
+        _write_private(out / f"hub-{i}.conf", text.encode("utf-8"))
+    for cluster in creds.clusters:
+        text = leaf_config(cluster, creds, nodes)
+        _write_private(out / f"leaf-{cluster}.conf", text.encode("utf-8"))
 
 
 class HubServers:
@@ -108,6 +126,7 @@ class HubServers:
     stopped and started again on its ports (JetStream data kept)."""
 
     def __init__(self, state: Path, nodes: Sequence[HubNode], clusters: Sequence[str]) -> None:
+        self.state = state
         self.nodes = list(nodes)
         self.hub = [
             EmbeddedServer(
@@ -153,7 +172,26 @@ class HubServers:
     async def start(self) -> None:
         # all at once: a node waits for its routes to form a JetStream cluster
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.hub))
+        await self.jetstream_ready()
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.leaves.values()))
+
+    async def jetstream_ready(self, *, timeout_s: float = 30.0) -> None:
+        """Wait until the hub's JetStream has a meta leader (it answers an account info
+        request): before that, creating the registry's bucket fails."""
+        creds = HubCredentials.from_json((self.state / "hub-credentials.json").read_text())
+        urls = ",".join(creds.roles.proxy.url(u) for u in self.hub_urls)
+        nc = await connect(urls, name="sealstream-hub-ready")
+        js = nc.jetstream(timeout=1.0)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    try:
+                        await js.account_info()
+                        return
+                    except (nats.errors.Error, TimeoutError):
+                        await asyncio.sleep(0.2)
+        finally:
+            await release(nc)
 
     async def stop(self) -> None:
         servers = [*self.leaves.values(), *self.hub]
