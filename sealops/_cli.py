@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--faults", help="fault kinds in this order, cycled (nats,proxy-a,proxy-b,producer)"
     )
     c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
+    _hub_chaos_options(c)
     return p
 
 
@@ -126,6 +127,17 @@ def _topology_option(c: argparse.ArgumentParser) -> None:
         help="one nats-server, or a 3-node hub cluster with two proxies and two customer "
         "sites behind leaf nodes (state in DIR/hub/)",
     )
+
+
+def _hub_chaos_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--topology",
+        choices=["single", "hub"],
+        default="single",
+        help="hub: the 3-node hub with two sites behind leaf nodes (faults hub-node,proxy,leaf; "
+        "--consumers a cluster)",
+    )
+    c.add_argument("--leaf-outage", type=float, default=30.0, help="a leaf node's outage (hub), s")
 
 
 async def _up_hub(args: argparse.Namespace) -> int:

@@ -308,16 +308,18 @@ async def hub_backend(
     rate: float,
     clusters: Sequence[str] = HUB_CLUSTERS,
     keepalive_s: float | None = None,
+    producers: bool = True,
 ) -> AsyncIterator[HubBackend]:
     """The whole topology on loopback: hub nodes, leaf nodes, two proxies, a producer per
-    site; the processes stop before the servers."""
+    site (unless ``producers`` is False: the caller runs its own); the processes stop before
+    the servers."""
     creds, nodes = prepare_hub(state, clusters, source_streams(sources))
     async with HubServers(state, nodes, clusters) as servers:
         be = HubBackend(state, servers, creds, sources=sources, rate=rate, keepalive_s=keepalive_s)
         try:
             for name in _PROXIES:
                 await be.start_proxy(name)
-            for cluster in clusters:
+            for cluster in clusters if producers else ():
                 await be.start_producer(cluster)
             yield be
         finally:
