@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from sealops._stack import Backend, backend, page_server, source_streams
 from sealstream.crypto import UserIdentity
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
     f.add_argument("--batches", type=int, default=200, help="batches per measurement")
+    _bench_hub_parser(sub)
     c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
     c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
     c.add_argument("--seed", type=int, default=1)
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from sealops._fanout import fanout_main
 
         return fanout_main(args)
+    if args.command == "bench-hub":
+        from sealops._hubbench import bench_hub_main
+
+        return bench_hub_main(args)
     if args.command == "chaos":
         from sealops._chaos import chaos_main
 
@@ -127,6 +133,20 @@ def _topology_option(c: argparse.ArgumentParser) -> None:
         help="one nats-server, or a 3-node hub cluster with two proxies and two customer "
         "sites behind leaf nodes (state in DIR/hub/)",
     )
+
+
+def _bench_hub_parser(sub: Any) -> None:
+    h = sub.add_parser(
+        "bench-hub", help="sessions, rows/s, proxy cost and a node kill on the hub topology"
+    )
+    h.add_argument("--clusters", type=int, default=20, help="customer clusters (leaf nodes)")
+    h.add_argument("--sessions", type=int, default=1000, help="sessions over all clusters")
+    h.add_argument("--proxies", type=int, choices=[1, 2, 3], default=2)
+    h.add_argument("--rate", type=float, default=5.0, help="rows/s a cluster")
+    h.add_argument("--concurrency", type=int, default=50, help="opens in flight at once")
+    h.add_argument("--window", type=float, default=20.0, help="steady-state window, s")
+    h.add_argument("--timeout", type=float, default=300.0, help="bound of each phase, s")
+    h.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
 
 
 def _hub_chaos_options(c: argparse.ArgumentParser) -> None:
