@@ -36,6 +36,7 @@ from sealstream.crypto import ClusterIdentity, UserIdentity
 from sealstream.errors import SealstreamError, SessionError
 from sealstream.log import configure_logging
 from sealstream.nats import NatsAuth
+from sealstream.run import run
 from sealstream.tokens import mint_token
 
 __all__ = ["bench_hub_main"]
@@ -257,18 +258,22 @@ def _report(r: dict[str, Any]) -> str:
     )
 
 
-def bench_hub_main(args: argparse.Namespace) -> int:
-    configure_logging(level="error")
-    try:
-        result = asyncio.run(_bench(args))
-    except KeyboardInterrupt:
-        return 130
-    except (SealstreamError, OSError) as exc:
-        print(f"error: the hub bench failed: {exc!r}")
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hub.json").write_text(json.dumps(result, indent=2) + "\n")
+def _write(out: Path, result: dict[str, Any]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hub.json").write_text(json.dumps(result, indent=2) + "\n")
     text = _report(result)
-    (args.out / "hub.md").write_text(text)
-    print(text)
-    return 0
+    (out / "hub.md").write_text(text)
+    return text
+
+
+def bench_hub_main(args: argparse.Namespace) -> int:
+    """Run, write ``hub.md`` and ``hub.json`` to ``args.out``; SIGINT or SIGTERM stops the
+    run and every server and process it started."""
+    configure_logging(level="error")
+
+    async def go() -> int:
+        result = await _bench(args)
+        print(await asyncio.to_thread(_write, args.out, result))
+        return 0
+
+    return run(go, interrupted=130)
