@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from consumers import Context
 from sealops._stack import Backend, backend, page_server, source_streams, state_lock
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s (default 20)")
         if name == "up":
+            _topology_option(c)
             c.add_argument(
                 "--context",
                 help="the name of the context it writes and selects (default: the cluster id)",
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         "bench-web", help="the browser consumer in Chromium: first row, decrypted envelopes/s"
     )
     w.add_argument("--out", type=Path, default=Path("build/web-bench"), help="report directory")
+    _bench_hub_parser(sub)
     c = sub.add_parser("chaos", help="kill and restart the broker, a proxy, the producer")
     c.add_argument("--duration", type=float, default=180.0, help="seconds (default 180)")
     c.add_argument("--seed", type=int, default=1, help="the fault schedule's random seed")
@@ -99,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "--faults", help="fault kinds in this order, cycled (nats,proxy-a,proxy-b,producer)"
     )
     c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
+    _hub_chaos_options(c)
     return p
 
 
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from sealops._webbench import web_bench_main
 
         return web_bench_main(args)
+    if args.command == "bench-hub":
+        from sealops._hubbench import bench_hub_main
+
+        return bench_hub_main(args)
     if args.command == "chaos":
         from sealops._chaos import chaos_main
 
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go() -> int:
         with state_lock(args.dir, f"sealstream {args.command}"):
+            if getattr(args, "topology", "single") == "hub":
+                return await _up_hub(args)
             async with backend(
                 state=args.dir,
                 cluster=args.cluster,
@@ -176,6 +186,49 @@ async def _up(be: Backend, args: argparse.Namespace) -> int:
         print("Ctrl-C stops everything.", flush=True)
         await asyncio.Event().wait()
     return 0
+
+
+def _topology_option(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--topology",
+        choices=["single", "hub"],
+        default="single",
+        help="one nats-server, or a 3-node hub cluster with two proxies and two customer "
+        "sites behind leaf nodes (state in DIR/hub/)",
+    )
+
+
+def _bench_hub_parser(sub: Any) -> None:
+    h = sub.add_parser(
+        "bench-hub", help="sessions, rows/s, proxy cost and a node kill on the hub topology"
+    )
+    h.add_argument("--clusters", type=int, default=20, help="customer clusters (leaf nodes)")
+    h.add_argument("--sessions", type=int, default=1000, help="sessions over all clusters")
+    h.add_argument(
+        "--proxies", type=int, choices=[1, 2, 3], default=2, help="proxies on the hub (default 2)"
+    )
+    h.add_argument("--rate", type=float, default=5.0, help="rows/s a cluster")
+    h.add_argument("--concurrency", type=int, default=50, help="opens in flight at once")
+    h.add_argument("--window", type=float, default=20.0, help="steady-state window, s")
+    h.add_argument("--timeout", type=float, default=300.0, help="bound of each phase, s")
+    h.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
+
+
+def _hub_chaos_options(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--topology",
+        choices=["single", "hub"],
+        default="single",
+        help="hub: the 3-node hub with two sites behind leaf nodes (faults hub-node,proxy,leaf; "
+        "--consumers a cluster)",
+    )
+    c.add_argument("--leaf-outage", type=float, default=30.0, help="a leaf node's outage (hub), s")
+
+
+async def _up_hub(args: argparse.Namespace) -> int:
+    from sealops._hub import up_hub
+
+    return await up_hub(state=args.dir / "hub", sources=args.sources, rate=args.rate)
 
 
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:

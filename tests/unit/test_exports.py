@@ -95,6 +95,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProxyConfig",
         "SessionEntry",
         "SessionRegistry",
+        "bucket_name",
     ],
     "consumers": [
         "Batch",
@@ -180,6 +181,7 @@ def test_the_core_has_its_public_modules() -> None:
         "run",
         "server",
         "tokens",
+        "topology",
         "wire",
     ]
 
