@@ -92,7 +92,7 @@ class Subscription(AsyncResource, Generic[_T]):
         self._resume_timeout_s = resume_timeout_s
         self._live: LiveSession | None = None
         self.end_reason: str | None = None
-        #: a resume failed (its error was raised): the iteration is over
+        #: an error ended the iteration (raised once: a failed resume, a stopped keepalive)
         self._failed = False
         #: every resume so far, oldest first
         self.resumes: list[Resumed] = []
@@ -230,7 +230,8 @@ class Subscription(AsyncResource, Generic[_T]):
             if live is None or live.crypto is None:
                 raise RuntimeError("use the subscription inside 'async with'")
             item = await self._next_item(live)
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException):  # the session's keepalive stopped with it
+                self._failed = True
                 raise item
             if isinstance(item, Lost):
                 if self._resume and item.resumable:
