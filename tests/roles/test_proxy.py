@@ -25,7 +25,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
-from sealstream.control import MAX_PING, OpenRequest
+from sealstream.control import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S, MAX_PING, OpenRequest
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, TrustStore
 from sealstream.jwk import b64u_encode, thumbprint
 from sealstream.nats import NatsAuth, settle
@@ -677,6 +677,17 @@ async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: An
         assert isinstance(ended, Notice)
         assert ended.code == "ended"
         assert session not in proxy.registry
+
+
+def test_the_proxy_offers_only_a_keepalive_interval_the_consumers_keep() -> None:
+    """The consumers clamp the interval to [1, 3600] s: a proxy offering less would expire
+    sessions kept alive as they should be, so it refuses to start."""
+    secret = secrets.token_bytes(32)
+    for keepalive_s in (KEEPALIVE_MIN_S, 10.0, KEEPALIVE_MAX_S):
+        assert ProxyConfig(token_secret=secret, keepalive_s=keepalive_s).keepalive_s == keepalive_s
+    for keepalive_s in (0.3, 1e-9, 0.0, -1.0, 3601.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="keepalive_s"):
+            ProxyConfig(token_secret=secret, keepalive_s=keepalive_s)
 
 
 async def test_a_cluster_with_more_sessions_than_a_ping_holds_is_still_checked(
