@@ -278,7 +278,8 @@ def test_a_control_open_built_directly_is_bound_to_its_key_too() -> None:
     made in code relies on it as well."""
     good = ControlOpen(SESSION, ("a",), KEY, "session", False, "u")
     assert good.session == SESSION
-    for session in (thumbprint(DASH_KEY), "-" + SESSION[1:], "_" + SESSION[1:]):
+    flipped = SESSION[:-1] + ("B" if SESSION[-1] == "A" else "A")
+    for session in (thumbprint(DASH_KEY), thumbprint(UNDERSCORE_KEY), flipped):
         with pytest.raises(WireError) as err:
             ControlOpen(session, ("a",), KEY, "session", False, "u")
         assert err.value.reason == "session_mismatch"
