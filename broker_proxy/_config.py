@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstream import TokenVerifier
+from sealstream.control import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S
 from sealstream.nats import NatsAuth
 from sealstream.natsjwt import AccountKey
 
@@ -95,8 +96,14 @@ class ProxyConfig:
     callout: CalloutConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
-            raise ValueError("keepalive_s and control_timeout_s must be positive")
+        if not KEEPALIVE_MIN_S <= self.keepalive_s <= KEEPALIVE_MAX_S:
+            # the consumers clamp the interval to these bounds (docs/protocol.md): outside
+            # them, they would keep their sessions alive at another pace than the expiry's
+            raise ValueError(
+                f"keepalive_s must be {KEEPALIVE_MIN_S:g} to {KEEPALIVE_MAX_S:g} seconds"
+            )
+        if self.control_timeout_s <= 0:
+            raise ValueError("control_timeout_s must be positive")
         if not 1 <= self.registry_replicas <= 5:
             raise ValueError("registry_replicas must be within 1..5 (JetStream's limit)")
         if (self.token_secret is None) == (self.issuer_jwk is None):

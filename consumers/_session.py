@@ -73,6 +73,8 @@ class LiveSession(AsyncResource):
         self.keepalive_s = 10.0
         #: (event loop time) a key envelope signed by a pinned key is due by then
         self.key_deadline = float("inf")
+        #: past the key deadline, how many of the items queued then may still be taken
+        self.key_grace: int | None = None
         self._closed = False
         #: a control item that met a full queue
         self.ending: Lost | BaseException | None = None
@@ -131,7 +133,10 @@ class LiveSession(AsyncResource):
         )
         opened = await self._client.request(subjects.api_open, req, Opened, nc=nc)
         if opened.session != key.session_id:
-            raise BrokerError("the proxy answered for another session")
+            # a relay that tampers, not a passing failure: never retried
+            raise SessionError(
+                "bad_request", "the proxy answered for another session", retriable=False
+            )
         self._stack.push_async_callback(self.close)
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
@@ -175,6 +180,16 @@ class LiveSession(AsyncResource):
             log.info("session.close_failed", session=self.crypto.session, error=str(exc))
 
     async def _keepalive(self) -> None:
+        """Keep the session alive. It runs in a task group entered by whichever task opened
+        the subscription: a failure it did not foresee (a token function's own exception)
+        must end the subscription through its iterator, not cancel that task."""
+        try:
+            await self._keep_alive()
+        except Exception as exc:  # noqa: BLE001 - handed to the iterator, which raises it
+            log.warning("session.keepalive_stopped", error=type(exc).__name__)
+            self.push(exc)
+
+    async def _keep_alive(self) -> None:
         assert self.crypto is not None
         session = self.crypto.session
         while not self._stop.is_set():

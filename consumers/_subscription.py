@@ -59,7 +59,8 @@ class Resumed:
 
 
 _T = TypeVar("_T", "Batch", "Batch | Resumed")
-#: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
+#: backoff between open attempts: exponential from 0.2 s to 5 s, each wait drawn from the upper
+#: half (uniform over [d/2, d])
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 #: how long a first open retries busy or unavailable refusals by default (0: fail at once)
@@ -91,6 +92,8 @@ class Subscription(AsyncResource, Generic[_T]):
         self._resume_timeout_s = resume_timeout_s
         self._live: LiveSession | None = None
         self.end_reason: str | None = None
+        #: an error ended the iteration (raised once: a failed resume, a stopped keepalive)
+        self._failed = False
         #: every resume so far, oldest first
         self.resumes: list[Resumed] = []
         self._batches = 0
@@ -199,7 +202,12 @@ class Subscription(AsyncResource, Generic[_T]):
         previous = self.session_id
         log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
         await self._close_live()
-        self._live, attempts = await self._open(None, self._resume_timeout_s)
+        try:
+            self._live, attempts = await self._open(None, self._resume_timeout_s)
+        except BaseException:
+            # raised to this call; the iteration ends there (not "use it inside 'async with'")
+            self._failed = True
+            raise
         marker = Resumed(previous, self.session_id, reason, attempts)
         self.resumes.append(marker)
         log.info(
@@ -216,13 +224,14 @@ class Subscription(AsyncResource, Generic[_T]):
 
     async def __anext__(self) -> _T:
         while True:
+            if self.end_reason is not None or self._failed:
+                raise StopAsyncIteration
             live = self._live
             if live is None or live.crypto is None:
                 raise RuntimeError("use the subscription inside 'async with'")
-            if self.end_reason is not None:
-                raise StopAsyncIteration
             item = await self._next_item(live)
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException):  # the session's keepalive stopped with it
+                self._failed = True
                 raise item
             if isinstance(item, Lost):
                 if self._resume and item.resumable:
@@ -269,15 +278,25 @@ class Subscription(AsyncResource, Generic[_T]):
     async def _next_item(self, live: LiveSession) -> bytes | Lost | BaseException:
         """The next inbox item (the session's end after those queued). A key envelope whose
         signer is not pinned is counted and ignored (a relay can forge one): while no key is
-        installed and some were refused, waiting ends at the session's key deadline (the
-        request timeout after the open) with the trust error."""
+        installed and some were refused, the session's key deadline (the request timeout
+        after the open) ends the waiting with the trust error; past it, only the items
+        already queued then are still taken (a relay streaming forged key envelopes never
+        lets the queue run empty)."""
+        session = live.crypto
+        assert session is not None
+        watched = not session.keyed and session.rejected["untrusted_key"] > 0
+        if watched and asyncio.get_running_loop().time() >= live.key_deadline:
+            if live.key_grace is None:
+                live.key_grace = live.queue.qsize()
+            if live.key_grace <= 0:
+                raise self._untrusted(session)
+            live.key_grace -= 1
+            return live.queue.get_nowait()
         if not live.queue.empty():
             return live.queue.get_nowait()
         if live.ending is not None:
             return live.ending
-        session = live.crypto
-        assert session is not None
-        if session.keyed or not session.rejected["untrusted_key"]:
+        if not watched:
             return await live.queue.get()
         try:
             async with asyncio.timeout_at(live.key_deadline):

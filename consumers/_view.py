@@ -27,7 +27,7 @@ from consumers._subscription import Stats
 from sealstream.crypto import Batch
 from sealstream.otlp import SIGNAL_BY_STREAM, Signal
 
-__all__ = ["JsonLinesWriter", "LiveTable", "cell", "rejections", "summary"]
+__all__ = ["JsonLinesWriter", "LiveTable", "cell", "printable", "rejections", "summary"]
 
 log = structlog.get_logger(__name__)
 
@@ -96,10 +96,20 @@ def _clock(t: int | float) -> str:
     return shown
 
 
+#: C0 and C1 control characters (and DEL): in decrypted text they would reach the terminal as
+#: commands (ESC [2J clears it, OSC 52 writes the clipboard)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown escaped (``\\x1b``), never sent as is."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def cell(column: str, value: Any, *, width: int = _MAX_CELL) -> str:
     """``value`` as its column reads: formatted when the column's kind (by its name) and the
-    value's type agree, else its text; cut to ``width``."""
-    text = str(value)
+    value's type agree, else its text, control characters escaped; cut to ``width``."""
+    text = printable(str(value))
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         if _TIME.search(column):
             text = _clock(value)
@@ -247,7 +257,7 @@ class LiveTable:
                 value = next(known, None)
                 number = isinstance(value, int | float) and not isinstance(value, bool)
                 table.add_column(  # numbers line up by their units
-                    Text(col),
+                    Text(printable(col)),
                     overflow="ellipsis",
                     no_wrap=True,
                     justify="right" if number else "left",

@@ -628,9 +628,10 @@ class Agent(AsyncResource):
                 self._forget(request.session)
                 log.info("session.closed", session=request.session, reason=request.reason[:100])
             return Ok(), None
-        # a ping: the proxy checks we are alive and still serve its sessions
+        # a ping: the proxy checks we are alive and still serve its sessions (at most
+        # MAX_PING of them, checked by the codec: so many unknown at most)
         unknown = tuple(s for s in request.sessions if s not in self.sessions)
-        return Pong(unknown[:10_000]), None
+        return Pong(unknown), None
 
     def _open(self, request: ControlOpen) -> Ok:
         """Serve a (well-formed) open, or refuse it (SessionError)."""

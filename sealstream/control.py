@@ -41,7 +41,10 @@ from sealstream.wire import (
 
 __all__ = [
     "ERROR_CODES",
+    "KEEPALIVE_MAX_S",
+    "KEEPALIVE_MIN_S",
     "MAX_MESSAGE",
+    "MAX_PING",
     "MAX_PROOF",
     "MAX_STREAMS",
     "MAX_USER",
@@ -80,6 +83,13 @@ MAX_PROOF: Final = 8192
 MAX_USER: Final = 256
 #: a refusal's ``message`` is cut to this many characters where it is decoded
 MAX_MESSAGE: Final = 512
+#: the keepalive interval a reply sets is clamped to these bounds where it is decoded (s): the
+#: relay paces the keepalives, but 1e-9 must not send them back to back
+KEEPALIVE_MIN_S: Final = 1.0
+KEEPALIVE_MAX_S: Final = 3600.0
+#: at most this many session ids in a ping, and in a pong's ``unknown`` (a proxy pings a
+#: cluster with more sessions in several pings)
+MAX_PING: Final = 1000
 #: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
 #: not TypeError
 _KEY_MODES: Final = ("session", "per-message", "group")
@@ -234,8 +244,9 @@ def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUE
 
 @dataclass(frozen=True, slots=True)
 class ControlOpen:
-    """The control ``open`` (proxy -> producer). Decoded, its ``session`` is the thumbprint of
-    its ``jwk`` (an allowed public key, its members only): no role checks that again."""
+    """The control ``open`` (proxy -> producer). Its ``session`` is the thumbprint of its
+    ``jwk`` (an allowed public key), checked however it is made (decoded or built): no role
+    checks that again."""
 
     session: str
     streams: tuple[str, ...]
@@ -245,6 +256,12 @@ class ControlOpen:
     user: str
     proof: str | None = field(default=None, repr=False)
     authz: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # The session id IS the key's thumbprint: a relay that swaps the key changes the id,
+        # and the signed claims then name a session the consumer does not have.
+        if thumbprint(check_public_jwk(self.jwk)) != self.session:
+            raise WireError("session_mismatch", "session id is not the key's thumbprint")
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -297,16 +314,14 @@ def decode_control(payload: bytes, *, max_size: int = DEFAULT_MAX_REQUEST) -> Co
     if op not in _OPS:
         raise WireError("bad_op", f"unknown op {op!r:.40}")
     if op == "ping":
+        if len(_field(m, "sessions", list)) > MAX_PING:
+            raise WireError("oversize", f"a ping lists at most {MAX_PING} sessions")
         return Ping(_session_list(m, "sessions"))
     session = check_session_id(_field(m, "session", str))
     if op == "close":
         return ControlClose(session, _short(m, "reason", default=""))
     a = _asked(m)
     jwk = check_public_jwk(a.jwk)
-    # The session id IS the key's thumbprint: a relay that swaps the key changes the id, and
-    # the signed claims then name a session the consumer does not have.
-    if thumbprint(jwk) != session:
-        raise WireError("session_mismatch", "session id is not the key's thumbprint")
     user = _short(m, "user")
     return ControlOpen(session, a.streams, jwk, a.key_mode, a.zip, user, a.proof, a.authz)
 
@@ -325,7 +340,7 @@ def _keepalive_s(m: Mapping[str, Any]) -> float | None:
         or value <= 0
     ):
         raise WireError("bad_value", "keepalive_s must be a positive number")
-    return value
+    return min(max(float(value), KEEPALIVE_MIN_S), KEEPALIVE_MAX_S)
 
 
 class _Answer:

@@ -275,7 +275,7 @@ async def test_revoke_ends_a_live_session_with_an_authenticated_end(nats_url: st
     The reader's id begins with ``-`` on purpose (one in 64 does): the command takes it as
     the value of ``--thumbprint``, not as an option."""
     async with (
-        make_stack(nats_url, keepalive_s=0.3, user=identity_whose_id_begins_with("-")) as st,
+        make_stack(nats_url, keepalive_s=1.0, user=identity_whose_id_begins_with("-")) as st,
         st.client() as client,
         client.subscribe(st.cluster, ["records"]) as sub,
     ):
@@ -323,7 +323,7 @@ async def test_revocation_does_not_wait_for_the_relay(nats_url: str) -> None:
 
 async def test_an_authorization_that_expires_ends_its_live_session(nats_url: str) -> None:
     clock = Clock()
-    async with make_stack(nats_url, keepalive_s=0.3, clock=clock) as st:
+    async with make_stack(nats_url, keepalive_s=1.0, clock=clock) as st:
         until = int(time.time()) + 60
         _write_policy(st, AuthzPolicy().with_key(st.user.public_jwk, ["records"], until=until)[0])
         async with st.client() as client, client.subscribe(st.cluster, ["records"]) as sub:
@@ -348,7 +348,7 @@ def _issuer_token(issuer: jose_jwk.OKPKey, claims: dict[str, Any]) -> str:
 async def test_an_issuer_token_authorizes_only_the_key_it_names(nats_url: str) -> None:
     """A team's own issuer vouches for user key K (``cnf.jkt``): K reads; K' with K's token
     does not, nor does K without a token; when the issuer is revoked, K's session ends."""
-    async with make_stack(nats_url, keepalive_s=0.3) as st:
+    async with make_stack(nats_url, keepalive_s=1.0) as st:
         issuer = jose_jwk.OKPKey.generate_key("Ed25519")
         policy, _ = AuthzPolicy().with_issuer(issuer.as_dict(private=False), name="team")
         _write_policy(st, policy)

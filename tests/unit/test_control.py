@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 from sealstream import SessionError, WireError
 from sealstream.control import (
     ERROR_CODES,
+    KEEPALIVE_MAX_S,
+    KEEPALIVE_MIN_S,
     MAX_MESSAGE,
+    MAX_PING,
     MAX_PROOF,
     MAX_STREAMS,
     MAX_USER,
     ControlClose,
+    ControlOpen,
     KeptAlive,
     Ok,
     Opened,
@@ -74,7 +78,7 @@ key_modes = st.sampled_from(["session", "per-message", "group"])
 opaque = st.none() | st.text(min_size=1, max_size=200)
 jwks = st.binary(min_size=32, max_size=32).map(x25519_jwk)
 short = st.text(max_size=MAX_USER)
-keepalives = st.none() | st.integers(1, 3600) | st.floats(0.01, 3600.0)
+keepalives = st.none() | st.integers(1, 3600) | st.floats(KEEPALIVE_MIN_S, KEEPALIVE_MAX_S)
 
 open_requests = st.builds(
     OpenRequest,
@@ -267,6 +271,53 @@ def test_the_session_id_is_bound_to_the_key_where_the_open_is_decoded() -> None:
     private = {**control.to_map(), "jwk": {**KEY, "d": b64u_encode(os.urandom(32))}}
     with pytest.raises(WireError):
         decode_control(pack(private))
+
+
+def test_a_control_open_built_directly_is_bound_to_its_key_too() -> None:
+    """The binding is the type's, not only the decoder's: an authorizer given a ControlOpen
+    made in code relies on it as well."""
+    good = ControlOpen(SESSION, ("a",), KEY, "session", False, "u")
+    assert good.session == SESSION
+    flipped = SESSION[:-1] + ("B" if SESSION[-1] == "A" else "A")
+    for session in (thumbprint(DASH_KEY), thumbprint(UNDERSCORE_KEY), flipped):
+        with pytest.raises(WireError) as err:
+            ControlOpen(session, ("a",), KEY, "session", False, "u")
+        assert err.value.reason == "session_mismatch"
+    with pytest.raises(WireError):  # a private key is no session key
+        private = {**KEY, "d": b64u_encode(os.urandom(32))}
+        ControlOpen(SESSION, ("a",), private, "session", False, "u")
+
+
+def test_the_relays_keepalive_interval_is_clamped() -> None:
+    """The relay paces the keepalives within [1, 3600] s: 1e-9 would send them back to back,
+    and a huge one would never send one."""
+
+    def interval(value: Any) -> float | None:
+        opened = decode_reply(
+            pack({"ok": True, "session": SESSION, "inbox": "i", "keepalive_s": value}), Opened
+        )
+        kept = decode_reply(pack({"ok": True, "keepalive_s": value}), KeptAlive)
+        assert isinstance(opened, Opened)
+        assert isinstance(kept, KeptAlive)
+        assert opened.keepalive_s == kept.keepalive_s
+        return kept.keepalive_s
+
+    assert interval(1e-9) == KEEPALIVE_MIN_S == 1
+    assert interval(0.5) == 1
+    assert interval(1) == 1
+    assert interval(2.5) == 2.5
+    assert interval(3600) == 3600
+    assert interval(3_000_000) == KEEPALIVE_MAX_S == 3600
+    assert interval(1e300) == 3600
+    assert interval(2**63) == 3600
+
+
+def test_a_ping_holds_at_most_max_ping_sessions() -> None:
+    full = Ping(tuple([thumbprint(DASH_KEY)] * MAX_PING))
+    assert decode_control(encode(full)) == full
+    with pytest.raises(WireError) as err:
+        decode_control(encode(Ping(tuple([SESSION] * (MAX_PING + 1)))))
+    assert err.value.reason == "oversize"
 
 
 def _open_map(**changes: Any) -> dict[str, Any]:

@@ -496,7 +496,7 @@ def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
 async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
     ws_server: EmbeddedServer, browser: Browser
 ) -> None:
-    keepalive = 0.5  # an expiry after 1.5 s: room for a loaded machine's page to keep up
+    keepalive = 1.0  # the least a proxy offers: an expiry after 3 s
     async with make_stack(
         ws_server.url,
         sources=[HttpEvents(rate=50, seed=4)],
