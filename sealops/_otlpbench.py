@@ -48,7 +48,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from consumers import Batch, Client, ClientConfig, ExportConfig, OtlpExporter, Resumed
 from producers import Agent, OtlpConfig, OtlpReceiver, ProducerConfig
-from sealops._api import _acker, _window, authorize
+from sealops._api import _acker, _Window, _window, authorize
 from sealops._procs import Child, Proc
 from sealops._report import Histogram, Plan
 from sealops._scenarios import Ctx
@@ -56,7 +56,7 @@ from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
 from sealstream.otlp import OTLP_STREAMS
 
-__all__ = ["ROLES", "build_request", "otlp", "overload_figures"]
+__all__ = ["ROLES", "SPANS", "build_request", "otlp", "otlp_summary", "overload_figures"]
 
 SPANS: Final = 512
 _STREAM: Final = "otlp_traces"
@@ -144,7 +144,7 @@ class _Generator:
         body[self.offset : self.offset + 16] = _STAMP.pack(self.seq, time.monotonic_ns())
         return bytes(body)
 
-    async def run(self, http: aiohttp.ClientSession, window: Any, cmd: dict[str, Any]) -> None:
+    async def run(self, http: aiohttp.ClientSession, window: _Window, cmd: dict[str, Any]) -> None:
         url = cmd["url"] + _PATH
         total = int(cmd["requests"])
         rate: float | None = cmd.get("rate")
