@@ -15,7 +15,8 @@ every process of the machine) over the first span's trace id. The sink checks ev
 against the same request and takes the latency from the stamp: POST to receipt. Per pipeline,
 fresh processes: a maximum-rate run (at most ``window`` requests not yet at the sink), a run
 paced at half sealstream's maximum rate of the round, the same offered load for both
-(latency), and for sealstream a run paced at twice its maximum rate
+(latency), and for sealstream a run paced at twice its maximum rate (``--quick``: a flood, as
+fast as 64 connections go, so that it overloads whatever the rate measured on a busy machine)
 (overload) with no window, during which producer and consumer RSS are sampled; the receiver
 must refuse (503 and ``Retry-After``) rather than grow, and every request it acknowledged must
 reach the sink.
@@ -70,9 +71,9 @@ _STAMP: Final = struct.Struct(">QQ")
 _IDLE_S: Final = 10.0
 #: RSS samples of producer and consumer during the overload, seconds apart
 _SAMPLE_S: Final = 0.25
-#: requests in hand at once in a paced run (the overload's open loop; the receiver refuses
+#: requests in hand at once without a window (paced runs, the overload; the receiver refuses
 #: past its own ``max_concurrent``)
-_PACED_CONNECTIONS: Final = 64
+_CONNECTIONS: Final = 64
 
 
 def _attr(key: str, value: str | int) -> KeyValue:
@@ -146,12 +147,14 @@ class _Generator:
 
     async def run(self, http: aiohttp.ClientSession, window: _Window, cmd: dict[str, Any]) -> None:
         url = cmd["url"] + _PATH
-        total = int(cmd["requests"])
+        total = int(cmd.get("requests") or 2**62)
         rate: float | None = cmd.get("rate")
+        #: a flood (no rate, no window) runs this long, as fast as its connections go
+        duration = float(cmd.get("duration") or "inf")
         retry = bool(cmd.get("retry", True))
         windowed = cmd.get("window") is not None
         window.size = int(cmd.get("window") or 1)
-        slots = asyncio.Semaphore(window.size if rate is None else _PACED_CONNECTIONS)
+        slots = asyncio.Semaphore(window.size if windowed else _CONNECTIONS)
         statuses: Counter[int] = Counter()
         retry_after = 0
         errors = 0
@@ -188,6 +191,8 @@ class _Generator:
         started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
             for i in range(total):
+                if time.monotonic() - started >= duration:
+                    break
                 if rate is not None:
                     due = started + i / rate
                     if (delay := due - time.monotonic()) > 0:
@@ -211,7 +216,7 @@ async def otlp_gen(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
     gen = _Generator(emit_event)
-    limits = aiohttp.TCPConnector(limit=_PACED_CONNECTIONS)
+    limits = aiohttp.TCPConnector(limit=_CONNECTIONS)
     async with (
         contextlib.AsyncExitStack() as stack,
         aiohttp.ClientSession(connector=limits) as http,
@@ -604,7 +609,8 @@ async def otlp(ctx: Ctx) -> dict[str, Any]:
                 )
                 run["paced"] = _figures("paced", ran, got, rate / 2)
                 if pipeline == "sealstream":
-                    run["overload"] = await _overload(gen, sink, url, procs, rate * 2, plan)
+                    over = None if plan.otlp_overload_x is None else rate * plan.otlp_overload_x
+                    run["overload"] = await _overload(gen, sink, url, procs, over, plan)
                 ctx.say(
                     f"otlp {pipeline:<10} round {n + 1}: {_fmt_rate(maximum)} spans/s, "
                     f"p99 at half rate {run['paced']['latency_ms']['p99']} ms"
@@ -622,10 +628,10 @@ def _fmt_rate(figures: dict[str, Any]) -> str:
 
 
 async def _overload(
-    gen: Child, sink: Child, url: str, procs: list[Proc], rate: float, plan: Plan
+    gen: Child, sink: Child, url: str, procs: list[Proc], rate: float | None, plan: Plan
 ) -> dict[str, Any]:
-    """Twice the maximum rate for ``plan.otlp_overload_s``, no window, no retries: RSS of
-    producer and consumer sampled throughout."""
+    """``rate`` requests/s (or a flood, None) for ``plan.otlp_overload_s``, no window, no
+    retries: RSS of producer and consumer sampled throughout."""
     sampled = {p.role: p for p in procs if p.role in ("producer", "consumer")}
     timeline: list[dict[str, float]] = []
     stop = asyncio.Event()
@@ -648,8 +654,9 @@ async def _overload(
                 sink,
                 {
                     "url": url,
-                    "requests": max(1, int(rate * plan.otlp_overload_s)),
+                    "requests": None if rate is None else max(1, int(rate * plan.otlp_overload_s)),
                     "rate": rate,
+                    "duration": plan.otlp_overload_s,
                     "retry": False,
                 },
                 timeout_s=600,

@@ -193,6 +193,9 @@ class Plan:
     otlp_window: int = 8
     otlp_paced_s: float = 10.0
     otlp_overload_s: float = 15.0
+    #: the overload's rate, times sealstream's maximum; None: a flood, as fast as the load
+    #: generator goes (the quick run: an overload whatever a busy machine let the maximum be)
+    otlp_overload_x: float | None = 2.0
 
     @classmethod
     def full(cls) -> Plan:
@@ -221,6 +224,7 @@ class Plan:
             otlp_requests=100,
             otlp_paced_s=1.0,
             otlp_overload_s=4.0,
+            otlp_overload_x=None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -250,6 +254,7 @@ class Plan:
             "otlp_window": self.otlp_window,
             "otlp_paced_s": self.otlp_paced_s,
             "otlp_overload_s": self.otlp_overload_s,
+            "otlp_overload_x": self.otlp_overload_x,
         }
 
 
@@ -632,8 +637,13 @@ def render_otlp(otlp: Mapping[str, Any]) -> list[str]:
         rss = o["rss"]
         out += [
             "",
-            f"Overload, round {run['round'] + 1} ({_fmt(o['rate_target'])} spans/s offered for "
-            f"{o['seconds']} s): RSS peak first half / second half, producer "
+            f"Overload, round {run['round'] + 1} ("
+            + (
+                "a flood"
+                if o["rate_target"] is None
+                else f"{_fmt(o['rate_target'])} spans/s offered"
+            )
+            + f" for {o['seconds']} s): RSS peak first half / second half, producer "
             f"{_fmt(rss['producer']['peak_first_half_mb'], 1)} / "
             f"{_fmt(rss['producer']['peak_second_half_mb'], 1)} MB, consumer "
             f"{_fmt(rss['consumer']['peak_first_half_mb'], 1)} / "
