@@ -671,6 +671,11 @@ async def _overload(
     }
 
 
+def _cpu_per_span(run: dict[str, Any], spans: int) -> float | None:
+    cpu, n = run.get("cpu_s"), run["max"]["delivered"] * spans
+    return sum(cpu.values()) / n if cpu and n else None
+
+
 def otlp_summary(runs: list[dict[str, Any]], *, spans: int) -> dict[str, Any]:
     """Per round: spans/s of each pipeline and their ratio, the p99 latency sealstream adds
     at half its rate; the median of each."""
@@ -686,5 +691,10 @@ def otlp_summary(runs: list[dict[str, Any]], *, spans: int) -> dict[str, Any]:
             sp, pp = seal["paced"]["latency_ms"]["p99"], plain["paced"]["latency_ms"]["p99"]
             row["sealstream_p99_ms"], row["plain_p99_ms"] = sp, pp
             row["added_p99_ms"] = round(sp - pp, 2) if sp is not None and pp is not None else None
+            # CPU seconds of all five processes per span at maximum rate, plain's over
+            # sealstream's: the ratio the rates tend to when both are CPU-bound, whatever
+            # share of the machine each round got
+            cs, cp = _cpu_per_span(seal, spans), _cpu_per_span(plain, spans)
+            row["cpu_ratio"] = round(cp / cs, 3) if cs and cp else None
         table.append(row)
     return {"spans_per_request": spans, "rounds": table, "runs": runs}

@@ -585,15 +585,16 @@ def render_otlp(otlp: Mapping[str, Any]) -> list[str]:
         "## otlp: OpenTelemetry spans through sealstream (OTLP/HTTP in, OTLP/HTTP out)",
         "",
         "| round | sealstream spans/s | plain spans/s | sealstream / plain "
-        "| p99 ms at half sealstream's rate, sealstream | plain | added |",
-        "|--:|--:|--:|--:|--:|--:|--:|",
+        "| p99 ms at half sealstream's rate, sealstream | plain | added "
+        "| CPU per span, plain / sealstream |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in otlp.get("rounds") or []:
         out.append(
             f"| {r['round'] + 1} | {_fmt(r.get('sealstream_spans_per_s'))} "
             f"| {_fmt(r.get('plain_spans_per_s'))} | {_fmt(r.get('ratio'), 2)} "
             f"| {_fmt(r.get('sealstream_p99_ms'), 1)} | {_fmt(r.get('plain_p99_ms'), 1)} "
-            f"| {_fmt(r.get('added_p99_ms'), 1)} |"
+            f"| {_fmt(r.get('added_p99_ms'), 1)} | {_fmt(r.get('cpu_ratio'), 2)} |"
         )
     out += [
         "",

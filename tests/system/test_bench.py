@@ -282,7 +282,8 @@ def _otlp_run(pipeline: str, n: int, spans_per_s: float, p99: float) -> dict[str
         "spans_per_s": spans_per_s,
         "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": p99, "max": p99},
     }
-    return {"pipeline": pipeline, "round": n, "max": figures, "paced": figures}
+    cpu = {"producer": 0.5, "relay": 0.25, "consumer": 0.25 * (1 + (pipeline == "sealstream"))}
+    return {"pipeline": pipeline, "round": n, "max": figures, "paced": figures, "cpu_s": cpu}
 
 
 def test_otlp_targets_are_medians_of_rounds_and_a_lost_request_fails_the_overload() -> None:
@@ -310,6 +311,7 @@ def test_otlp_targets_are_medians_of_rounds_and_a_lost_request_fails_the_overloa
     }
     otlp = otlp_summary(runs, spans=SPANS)
     assert [r["ratio"] for r in otlp["rounds"]] == [0.9, 0.7, 0.85]
+    assert {r["cpu_ratio"] for r in otlp["rounds"]} == {0.8}  # 1.0 CPU s against 1.25
     targets = {t["id"]: t for t in evaluate_targets({"scenarios": [], "otlp": otlp})}
     assert (targets["otlp_vs_plain"]["measured"], targets["otlp_vs_plain"]["pass"]) == (
         0.85,
