@@ -39,7 +39,7 @@ import nats.errors
 import structlog
 
 from sealops._api import ROLES, run_role
-from sealops._otlpbench import ROLES as OTLP_ROLES
+from sealops._otlproles import ROLES as OTLP_ROLES
 from sealops._report import Histogram, make_rows
 from sealstream.crypto import (
     Batch,

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sealops._otlpbench import SPANS, build_request, otlp_summary, overload_figures
+from sealops._otlpbench import otlp_summary, overload_figures
+from sealops._otlproles import SPANS, build_request
 from sealops._report import (
     MODES,
     Histogram,
