@@ -30,9 +30,9 @@ from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
-from producers import OtlpConfig
+from producers import OtlpConfig, otlp_config
 from producers._cli import _parser as producer_parser
-from producers._cli import otlp_config, source_specs
+from producers._cli import source_specs
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 from sealstream.nats import connect
