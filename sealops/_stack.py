@@ -214,6 +214,7 @@ def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[W
         token=TokenFile(be.token_file),
         trust=TrustStore.load(be.trust_store),
         authorize=page_registration(be.policy_file, name="browser page on this machine"),
+        policy_file=str(be.policy_file.resolve()),
     )
     with WebServer(config, port=port) as web:
         yield web
