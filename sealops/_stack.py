@@ -120,15 +120,16 @@ def source_streams(sources: str) -> list[str]:
     return streams
 
 
-def _free(host: str, port: int) -> int:
-    """``port`` if nothing listens on it at ``host``, else a port the system picks."""
+def _free(held: contextlib.ExitStack, host: str, port: int) -> int:
+    """``port`` if nothing listens on it at ``host``, else a port the system picks; bound in
+    ``held`` until it closes (so that two picks never get the same port)."""
     for wanted in (port, 0):
-        with socket.socket() as s:
-            try:
-                s.bind((host, wanted))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
+        s = held.enter_context(socket.socket())
+        try:
+            s.bind((host, wanted))
+        except OSError:
+            continue
+        return int(s.getsockname()[1])
     raise ValueError(f"no free port on {host}")
 
 
@@ -141,8 +142,9 @@ def otlp_ports(sources: str) -> tuple[str, str | None, int | None]:
     if asked is None:
         return sources, None, None
     host = asked.host
-    http_port = _free(host, asked.port)
-    grpc_port = None if asked.grpc_port is None else _free(host, asked.grpc_port)
+    with contextlib.ExitStack() as held:  # released for the producer to bind
+        http_port = _free(held, host, asked.port)
+        grpc_port = None if asked.grpc_port is None else _free(held, host, asked.grpc_port)
     spec = f"otlp:{host}:{http_port}:{'off' if grpc_port is None else grpc_port}"
     fixed = [spec if _is_otlp(s) else s for s in specs]
     return ",".join(fixed), f"http://{host}:{http_port}", grpc_port
