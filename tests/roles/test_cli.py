@@ -906,3 +906,57 @@ async def test_up_otlp_takes_an_sdk_export_and_a_consumer_reads_it(tmp_path: Pat
                 finally:
                     service.kill()
     assert up.proc.returncode == 0, _text(up.log)
+
+
+async def test_demo_otlp_shows_an_sdk_export_in_its_view(tmp_path: Path) -> None:
+    """``sealstream demo --otlp``: the view reads the OTLP streams too (lines, piped), and
+    says where applications export to (on stderr, apart from the rows)."""
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    argv = _cmd("sealstream", "demo", "--dir", tmp_path / "state", "--sources", "host_metrics")
+    out, err = tmp_path / "rows.jsonl", tmp_path / "demo.err"
+    with out.open("wb") as rows_file, err.open("wb") as err_file:
+        demo = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
+            [*argv, "--otlp", "--output", "jsonl"],
+            stdin=subprocess.DEVNULL,
+            stdout=rows_file,
+            stderr=err_file,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        pattern = re.compile(r"export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)\n")
+        producer_log = tmp_path / "state" / "producer.log"
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: (
+                pattern.search(_text(err)) is not None and "session.opened" in _text(producer_log)
+            ),
+            timeout=60,
+            what="the demo's view",
+            proc=demo,
+        )
+        endpoint = pattern.search(_text(err))
+        assert endpoint is not None
+        sent = await run_app(endpoint[1], tmp_path / "sent", "demo-otlp")
+
+        def otlp() -> list[tuple[str, bytes]]:
+            rows = [json.loads(line) for line in _text(out).splitlines()]
+            return [
+                (r["stream"], base64.b64decode(r["row"]["otlp"]))
+                for r in rows
+                if "otlp" in r["row"]
+            ]
+
+        await asyncio.to_thread(
+            _wait_for, lambda: len(otlp()) >= len(sent), timeout=60, what="rows"
+        )
+        assert sorted(otlp()) == sorted((s.stream, body) for s, body in sent)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(demo.wait, 30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    assert demo.returncode == 0, _text(err)
