@@ -130,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return chaos_main(args)
     configure_logging(level="warning")
-    if args.command in ("up", "demo") and args.otlp:
-        args.sources = f"{args.sources},otlp"
+    if (
+        args.command in ("up", "demo")
+        and args.otlp
+        and "otlp_traces" not in source_streams(args.sources)
+    ):
+        args.sources = f"{args.sources},otlp"  # unless --sources has one already
 
     async def go() -> int:
         with state_lock(args.dir, f"sealstream {args.command}"):
