@@ -53,7 +53,8 @@ _ADVICE = (
     (
         "forbidden",
         "stream ",
-        "ask the cluster's operator for it ('sealstream-producer authorize add --stream')",
+        "ask the cluster's operator for it ('sealstream-producer authorize add --key-file "
+        "CLUSTER-KEY --jwk-file YOURS.pub.jwk --stream STREAM')",
     ),
     ("forbidden", "authorization expired", "ask the cluster's operator to renew it"),
     ("forbidden", "token does not allow", "check --cluster, or use a token for this cluster"),
@@ -216,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
         "identity",
         help="your identity key, which clusters authorize",
         description="Your identity key: its public half is what a cluster's operator "
-        "authorizes ('sealstream-producer authorize add --jwk-file').",
+        "authorizes ('sealstream-producer authorize add --key-file CLUSTER-KEY --jwk-file FILE "
+        "--stream STREAM').",
     )
     ident_actions = ident.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (
@@ -377,7 +379,8 @@ def _identity(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(json.dumps(identity.public_jwk))
     print(
         f"identity {identity.kid} ({path}); give a cluster's operator the line above, in a "
-        "file, for 'sealstream-producer authorize add --jwk-file FILE'",
+        "file, for 'sealstream-producer authorize add --key-file CLUSTER-KEY --jwk-file FILE "
+        "--stream STREAM'",
         file=sys.stderr,
     )
     return 0

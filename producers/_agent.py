@@ -144,7 +144,8 @@ class Agent(AsyncResource):
         elif not self._authz.path.exists():
             raise ValueError(
                 f"no authorization policy at {self._authz.path}: authorize readers with "
-                "'sealstream-producer authorize add', or run with --trust-relay-authorization "
+                f"'sealstream-producer authorize add --policy-file {self._authz.path} --jwk-file "
+                "FILE --stream STREAM', or run with --trust-relay-authorization "
                 "(the relay then decides who reads)"
             )
         else:

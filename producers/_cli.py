@@ -21,7 +21,7 @@ import nats.errors
 
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
-from producers._config import ProducerConfig
+from producers._config import ProducerConfig, otlp_config
 from producers._otlp import OtlpConfig, OtlpReceiver
 from producers.sources import HostMetrics, HttpEvents, JsonLines, Row, Source
 from sealstream import SealstreamError, configure_logging
@@ -122,26 +122,6 @@ async def _sole_producer(config: ProducerConfig) -> AsyncIterator[None]:
         yield
     finally:
         await release(nc)
-
-
-def otlp_config(specs: list[str], *, token: str | None = None) -> OtlpConfig | None:
-    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
-    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
-    only), requiring the bearer ``token`` when one is given."""
-    given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
-    if not given:
-        return None
-    if len(given) > 1:
-        raise ValueError("give one otlp source")
-    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
-    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
-        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
-    return OtlpConfig(
-        host=host or "127.0.0.1",
-        port=int(http or 4318),
-        grpc_port=None if grpc == "off" else int(grpc or 4317),
-        token=token,
-    )
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from consumers import Context
 from sealops._stack import Backend, backend, page_server, source_streams, state_lock
@@ -51,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
             "--sources",
             default="http_events,host_metrics",
             help="comma-separated: http_events, host_metrics, jsonl:PATH[:STREAM] (PATH - "
-            "reads this command's stdin; STREAM default records)",
+            "reads this command's stdin; STREAM default records), "
+            "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (as --otlp)",
+        )
+        c.add_argument(
+            "--otlp",
+            action="store_true",
+            help="also an OpenTelemetry receiver: add the otlp source (OTLP/HTTP on 4318 and "
+            "gRPC on 4317 of 127.0.0.1, free ports if those are taken; streams otlp_traces, "
+            "otlp_metrics, otlp_logs)",
         )
         c.add_argument("--rate", type=float, default=20.0, help="http_events rows/s (default 20)")
         if name == "up":
@@ -130,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return chaos_main(args)
     configure_logging(level="warning")
+    if (
+        args.command in ("up", "demo")
+        and args.otlp
+        and "otlp_traces" not in source_streams(args.sources)
+    ):
+        args.sources = f"{args.sources},otlp"  # unless --sources has one already
 
     async def go() -> int:
         with state_lock(args.dir, f"sealstream {args.command}"):
@@ -174,6 +188,7 @@ async def _up(be: Backend, args: argparse.Namespace) -> int:
     print(f"sealstream is up: cluster {be.cluster!r}, logs in {be.state}/")
     print(f"context {context.name!r} written and selected ({saved}); read the rows with:")
     print(f"  {_command('sealstream-consume')} {' '.join(f'--stream {s}' for s in streams)}")
+    _print_otlp(be, sys.stdout)
     if be.websocket_url is None:
         print("Ctrl-C stops everything.", flush=True)
         await asyncio.Event().wait()
@@ -232,6 +247,15 @@ async def _up_hub(args: argparse.Namespace) -> int:
     return await up_hub(state=args.dir / "hub", sources=args.sources, rate=args.rate)
 
 
+def _print_otlp(be: Backend, out: TextIO) -> None:
+    """Where applications export OpenTelemetry data to, as the SDK's variable says it."""
+    if be.otlp_endpoint is None:
+        return
+    grpc = f" (gRPC on port {be.otlp_grpc_port})" if be.otlp_grpc_port is not None else ""
+    print(f"OpenTelemetry applications export to the producer{grpc}:", file=out)
+    print(f"  export OTEL_EXPORTER_OTLP_ENDPOINT={be.otlp_endpoint}", file=out, flush=True)
+
+
 async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
     from consumers import ClientConfig, consume
 
@@ -256,6 +280,7 @@ async def _demo_view(be: Backend, args: argparse.Namespace) -> int:
         resume=True,
         resume_timeout=300.0,
     )
+    _print_otlp(be, sys.stdout if output == "table" else sys.stderr)
     if be.websocket_url is None or output != "table":
         return await consume(config, view_args)
     with page_server(be, streams, port=args.web_port) as web:

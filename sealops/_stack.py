@@ -9,16 +9,18 @@ import contextlib
 import fcntl
 import os
 import secrets
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producers import POLICY_FILE_NAME, AuthzPolicy, page_registration
+from producers import POLICY_FILE_NAME, AuthzPolicy, otlp_config, page_registration
 from sealstream.crypto import ClusterIdentity, TrustStore, UserIdentity
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.tokens import mint_token
 
@@ -29,6 +31,7 @@ __all__ = [
     "Backend",
     "backend",
     "issuer_seed_file",
+    "otlp_ports",
     "page_server",
     "prepare_state",
     "reads_stdin",
@@ -44,6 +47,10 @@ class Backend:
     state: Path
     #: the embedded server's WebSocket listener, for the browser view
     websocket_url: str | None = None
+    #: the producer's OTLP receiver, ``http://HOST:PORT`` (OTLP/HTTP), when a source is otlp
+    otlp_endpoint: str | None = None
+    #: its OTLP/gRPC port (None: HTTP only)
+    otlp_grpc_port: int | None = None
 
     @property
     def token_file(self) -> Path:
@@ -95,16 +102,52 @@ def state_lock(state: Path, command: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _is_otlp(spec: str) -> bool:
+    return spec == "otlp" or spec.startswith("otlp:")
+
+
 def source_streams(sources: str) -> list[str]:
     """The streams of a ``--sources`` list (``jsonl:PATH[:STREAM]`` is ``STREAM``, default
-    ``records``)."""
+    ``records``; ``otlp[:...]`` the three OTLP streams)."""
     streams = []
     for spec in filter(None, (s.strip() for s in sources.split(","))):
         if spec.startswith("jsonl:"):  # as sealstream-producer reads it
             streams.append(spec[len("jsonl:") :].partition(":")[2] or "records")
+        elif _is_otlp(spec):
+            streams.extend(OTLP_STREAMS)
         else:
             streams.append(spec)
     return streams
+
+
+def _free(held: contextlib.ExitStack, host: str, port: int) -> int:
+    """``port`` if nothing listens on it at ``host``, else a port the system picks; bound in
+    ``held`` until it closes (so that two picks never get the same port)."""
+    for wanted in (port, 0):
+        s = held.enter_context(socket.socket())
+        try:
+            s.bind((host, wanted))
+        except OSError:
+            continue
+        return int(s.getsockname()[1])
+    raise ValueError(f"no free port on {host}")
+
+
+def otlp_ports(sources: str) -> tuple[str, str | None, int | None]:
+    """``sources`` with its otlp source given fixed ports, the OTLP/HTTP endpoint and the
+    OTLP/gRPC port: the ports asked for (4318 and 4317 by default), or free ones when
+    those are taken (the sources unchanged and None, None without an otlp source)."""
+    specs = [s.strip() for s in sources.split(",") if s.strip()]
+    asked = otlp_config(specs)
+    if asked is None:
+        return sources, None, None
+    host = asked.host
+    with contextlib.ExitStack() as held:  # released for the producer to bind
+        http_port = _free(held, host, asked.port)
+        grpc_port = None if asked.grpc_port is None else _free(held, host, asked.grpc_port)
+    spec = f"otlp:{host}:{http_port}:{'off' if grpc_port is None else grpc_port}"
+    fixed = [spec if _is_otlp(s) else s for s in specs]
+    return ",".join(fixed), f"http://{host}:{http_port}", grpc_port
 
 
 def prepare_state(
@@ -173,6 +216,7 @@ def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[W
         token=TokenFile(be.token_file),
         trust=TrustStore.load(be.trust_store),
         authorize=page_registration(be.policy_file, name="browser page on this machine"),
+        policy_file=str(be.policy_file.resolve()),
     )
     with WebServer(config, port=port) as web:
         yield web
@@ -201,7 +245,9 @@ async def backend(
 ) -> AsyncIterator[Backend]:
     """nats-server (embedded unless ``nats_url``; on ``nats_port`` if given), proxy and
     producer as child processes. The producer reads this process's stdin if a source is
-    ``jsonl:-``."""
+    ``jsonl:-``; its OTLP receiver (an ``otlp`` source) listens on the ports asked for, or on
+    free ones if those are taken."""
+    sources, otlp_endpoint, otlp_grpc_port = otlp_ports(sources)
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
         callout: dict[str, str] = {}
@@ -256,7 +302,9 @@ async def backend(
             started.append((role, proc, log_path, log.tell()))
         for role, proc, log_path, offset in started:
             await _started(role, proc, log_path, offset)
-        yield Backend(urls["consumer"], cluster, state, websocket_url)
+        yield Backend(
+            urls["consumer"], cluster, state, websocket_url, otlp_endpoint, otlp_grpc_port
+        )
 
 
 #: how long a role may take to start (a loaded machine)

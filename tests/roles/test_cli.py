@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import io
@@ -13,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -30,12 +32,14 @@ from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
-from producers import OtlpConfig
+from producers import OtlpConfig, otlp_config
 from producers._cli import _parser as producer_parser
-from producers._cli import otlp_config, source_specs
+from producers._cli import source_specs
+from sealops._stack import otlp_ports, source_streams
 from sealstream import TokenVerifier
 from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 from sealstream.nats import connect
+from sealstream.otlp import OTLP_STREAMS
 from tests.support.otlp_sink import OtlpSink, run_app
 from tests.support.pipeline import Tap
 
@@ -817,3 +821,143 @@ def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Pat
             if up.poll() is None:
                 up.kill()
                 up.wait()
+
+
+def test_up_gives_the_otlp_receiver_free_ports_when_those_asked_for_are_taken() -> None:
+    assert otlp_ports("http_events,host_metrics") == ("http_events,host_metrics", None, None)
+    assert source_streams("http_events,otlp:127.0.0.1:0:off") == ["http_events", *OTLP_STREAMS]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sources, endpoint, grpc = otlp_ports(f"http_events,otlp:127.0.0.1:{port}:{port}")
+    assert endpoint is not None
+    assert grpc is not None
+    free = int(endpoint.rpartition(":")[2])
+    assert port not in (free, grpc)
+    assert sources == f"http_events,otlp:127.0.0.1:{free}:{grpc}"
+    assert endpoint == f"http://127.0.0.1:{free}"
+    assert otlp_ports("otlp:127.0.0.1:0:off")[2] is None
+
+
+async def test_up_otlp_takes_an_sdk_export_and_a_consumer_reads_it(tmp_path: Path) -> None:
+    """``sealstream up --otlp``: the printed ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes the
+    OpenTelemetry SDK's exports, the policy grants the OTLP streams to the local identity,
+    and the printed consume command reads each export request back, unchanged."""
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    up = _start(
+        tmp_path / "up.log",
+        _cmd("sealstream", "up", "--dir", tmp_path / "state", "--sources", "http_events", "--otlp"),
+        cwd=tmp_path,
+        env=env,
+    )
+    services = [up]
+    try:
+        await asyncio.to_thread(up.wait_for, "Ctrl-C stops everything.", 60)
+        said = _text(up.log)
+        endpoint = re.search(
+            r"export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)\n", said
+        )
+        assert endpoint is not None, said
+        printed = re.search(r"\n  (\S*sealstream-consume .*)\n", said)
+        assert printed is not None, said
+        argv = printed[1].split()
+        assert argv[1:] == [
+            *("--stream", "http_events"),
+            *("--stream", "otlp_traces"),
+            *("--stream", "otlp_metrics"),
+            *("--stream", "otlp_logs"),
+        ]
+        # the printed command, less http_events (rows of its own, at their rate)
+        reader = _start(
+            tmp_path / "rows.jsonl",
+            [*argv[:1], *argv[3:], "--output", "jsonl"],
+            cwd=tmp_path,
+            env=env,
+        )
+        services.append(reader)
+        producer_log = tmp_path / "state" / "producer.log"
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: "session.opened" in _text(producer_log),
+            timeout=60,
+            what="the reader's session",
+            proc=reader.proc,
+        )
+        sent = await run_app(endpoint[1], tmp_path / "sent", "up-otlp")
+        assert {s.name for s, _ in sent} == {"traces", "metrics", "logs"}
+
+        def rows() -> list[dict[str, Any]]:
+            lines = _text(reader.log).splitlines()
+            return [json.loads(line) for line in lines if line.startswith("{")]
+
+        await asyncio.to_thread(
+            _wait_for, lambda: len(rows()) >= len(sent), timeout=60, what="the rows"
+        )
+        got = [(r["stream"], base64.b64decode(r["row"]["otlp"])) for r in rows()]
+        assert sorted(got) == sorted((s.stream, body) for s, body in sent)
+        assert reader.interrupt() == 0
+    finally:
+        reader_and_up = services[::-1]
+        for service in reader_and_up:  # Ctrl-C: up stops its children
+            if service.proc.poll() is None:
+                service.proc.send_signal(signal.SIGINT)
+                try:
+                    service.proc.wait(timeout=30)
+                finally:
+                    service.kill()
+    assert up.proc.returncode == 0, _text(up.log)
+
+
+async def test_demo_otlp_shows_an_sdk_export_in_its_view(tmp_path: Path) -> None:
+    """``sealstream demo --otlp``: the view reads the OTLP streams too (lines, piped), and
+    says where applications export to (on stderr, apart from the rows)."""
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    argv = _cmd("sealstream", "demo", "--dir", tmp_path / "state", "--sources", "host_metrics")
+    out, err = tmp_path / "rows.jsonl", tmp_path / "demo.err"
+    with out.open("wb") as rows_file, err.open("wb") as err_file:
+        demo = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
+            [*argv, "--otlp", "--output", "jsonl"],
+            stdin=subprocess.DEVNULL,
+            stdout=rows_file,
+            stderr=err_file,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        pattern = re.compile(r"export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)\n")
+        producer_log = tmp_path / "state" / "producer.log"
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: (
+                pattern.search(_text(err)) is not None and "session.opened" in _text(producer_log)
+            ),
+            timeout=60,
+            what="the demo's view",
+            proc=demo,
+        )
+        endpoint = pattern.search(_text(err))
+        assert endpoint is not None
+        sent = await run_app(endpoint[1], tmp_path / "sent", "demo-otlp")
+
+        def otlp() -> list[tuple[str, bytes]]:
+            rows = [json.loads(line) for line in _text(out).splitlines()]
+            return [
+                (r["stream"], base64.b64decode(r["row"]["otlp"]))
+                for r in rows
+                if "otlp" in r["row"]
+            ]
+
+        await asyncio.to_thread(
+            _wait_for, lambda: len(otlp()) >= len(sent), timeout=60, what="rows"
+        )
+        assert sorted(otlp()) == sorted((s.stream, body) for s, body in sent)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(demo.wait, 30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    assert demo.returncode == 0, _text(err)

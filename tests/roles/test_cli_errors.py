@@ -239,7 +239,8 @@ def mistakes(up: Up) -> dict[str, Mistake]:
             None,
             1,
             "error: forbidden: stream 'orders' not authorized: ask the cluster's operator for "
-            "it ('sealstream-producer authorize add --stream')",
+            "it ('sealstream-producer authorize add --key-file CLUSTER-KEY --jwk-file "
+            "YOURS.pub.jwk --stream STREAM')",
         ),
         (
             "a cluster the token does not allow",

@@ -4,15 +4,23 @@ fresh directory against a real ``sealstream up`` and the context it writes; a bl
 until Ctrl-C ends with 0 and no traceback when it gets one.
 
 A block may be preceded by ``<!-- readme-test: skip (why) -->``, ``background`` (started and
-kept running until the end, as ``up`` in its own terminal) or ``until Ctrl-C``."""
+kept running until the end, as ``up`` in its own terminal), ``reader`` (a consumer in a
+terminal of its own: the next blocks run once the producer serves its session; it ends by
+itself or on Ctrl-C at the end, with 0 either way) or ``until Ctrl-C``. The blocks after
+``up`` get the ``OTEL_EXPORTER_OTLP_ENDPOINT`` it printed, as a user exports it; the OTLP
+collector the README exports to is an OTLP/HTTP sink of this test."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +72,48 @@ def test_every_option_has_help() -> None:
                 assert action.help, f"{words} {action.option_strings[0]} has no help"
 
 
-def test_only_the_make_targets_and_the_otlp_flow_are_not_run() -> None:
-    """The OTLP flow needs an application and a collector (tests/roles/test_cli.py runs it)."""
+def test_only_the_make_targets_are_not_run() -> None:
     skipped = [b for b in blocks() if b.mark.startswith("skip")]
-    assert [b.mark.split("(")[1].split(":")[0] for b in skipped] == [
-        "make demo runs until Ctrl-C and make test runs every test)",
-        "OTLP",
-        "OTLP",
-        "OTLP",
+    assert [b.mark for b in skipped] == [
+        "skip (make demo runs until Ctrl-C and make test runs every test)"
     ]
+
+
+#: where the README's export command sends what it decrypts
+COLLECTOR = ("127.0.0.1", 14318)
+
+
+@pytest.fixture
+def collector() -> Iterator[list[str]]:
+    """An OTLP/HTTP endpoint at :data:`COLLECTOR` that accepts every export; the paths it got."""
+    got: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(COLLECTOR, Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield got
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _sessions(project: Path) -> int:
+    """The sessions ``up``'s producer has opened so far (its log)."""
+    log = project / ".sealstream" / "producer.log"
+    return log.read_text(errors="replace").count("session.opened") if log.exists() else 0
 
 
 def _env(project: Path, *, nats_url: str | None) -> dict[str, str]:
@@ -119,8 +160,12 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_every_readme_block_runs_as_written(project: Path, nats_url: str) -> None:
+def test_every_readme_block_runs_as_written(
+    project: Path, nats_url: str, collector: list[str]
+) -> None:
     background: list[subprocess.Popen[str]] = []
+    readers: list[tuple[Block, subprocess.Popen[str]]] = []
+    exported: dict[str, str] = {}  # what up said to export
     try:
         for block in blocks():
             if block.mark.startswith("skip"):
@@ -128,17 +173,28 @@ def test_every_readme_block_runs_as_written(project: Path, nats_url: str) -> Non
             # the producer snippet reads NATS_URL for a server it may publish to (up's NATS has
             # no user for a second cluster): the session's server
             producing = "ProducerConfig.from_env" in block.code
-            env = _env(project, nats_url=nats_url if producing else None)
+            env = _env(project, nats_url=nats_url if producing else None) | exported
+            opened = _sessions(project)
             proc = _start(block, project, env)
             assert proc.stdout is not None
             err = project / f"block-{block.line}.err"
             if block.mark == "background":
                 background.append(proc)
                 for line in proc.stdout:
+                    if m := re.search(r"export (OTEL_EXPORTER_OTLP_ENDPOINT)=(\S+)", line):
+                        exported[m[1]] = m[2]
                     if "Ctrl-C stops" in line:
                         break
                 else:
                     pytest.fail(f"{block.what} ended: {err.read_text()}")
+                continue
+            if block.mark == "reader":
+                readers.append((block, proc))
+                deadline = time.monotonic() + 60
+                while _sessions(project) == opened:  # another process's file: nothing to await
+                    assert proc.poll() is None, f"{block.what} ended: {err.read_text()}"
+                    assert time.monotonic() < deadline, f"{block.what}: no session opened"
+                    time.sleep(0.1)
                 continue
             if block.mark == "until Ctrl-C":
                 first = proc.stdout.readline()
@@ -149,7 +205,31 @@ def test_every_readme_block_runs_as_written(project: Path, nats_url: str) -> Non
             proc.stdout.close()
             assert "Traceback" not in err.read_text(), f"{block.what}: {err.read_text()}"
             assert "error:" not in err.read_text(), f"{block.what}: {err.read_text()}"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" in exported
+        # the program's span, log record and metric: decrypted, and exported to the collector
+        deadline = time.monotonic() + 60
+        while len(collector) < 3:  # the exporter delivers on its own time
+            assert time.monotonic() < deadline, f"the collector got {collector}"
+            time.sleep(0.1)
+        assert sorted(collector) == ["/v1/logs", "/v1/metrics", "/v1/traces"]
+        shown = ""
+        for block, proc in readers:
+            err = project / f"block-{block.line}.err"
+            assert proc.stdout is not None
+            # one with --limit ends by itself, the others on Ctrl-C
+            limited = "--limit" in block.code
+            ended = (proc.wait(timeout=60) if limited else _interrupt(proc)) == 0
+            shown += proc.stdout.read()
+            assert ended, f"{block.what}: {err.read_text()} {shown}"
+            assert proc.wait() == 0, f"{block.what}: {err.read_text()}"
+        for line in ("otlp_traces: 1 request, 1 spans", "order 1042 charged", "currency=EUR"):
+            assert line in shown, shown
     finally:
+        for _, proc in readers:
+            if proc.poll() is None:
+                _interrupt(proc)
+            assert proc.stdout is not None
+            proc.stdout.close()
         for proc in background:
             assert _interrupt(proc) == 0
             assert proc.stdout is not None

@@ -71,6 +71,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProducerConfig",
         "Records",
         "Source",
+        "otlp_config",
         "page_registration",
     ],
     "producers.sources": [

@@ -689,8 +689,8 @@ async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_d
             assert len(kid) == 43
             assert status == (
                 "not authorized by the cluster (key not authorized): this page's identity "
-                f"{kid}; authorize it with: sealstream-producer authorize add --jwk-file "
-                "sealstream-web-identity.jwk --stream http_events"
+                f"{kid}; authorize it with: sealstream-producer authorize add --key-file "
+                "CLUSTER-KEY --jwk-file sealstream-web-identity.jwk --stream http_events"
             )
             assert "operator" in await _text(page, "#authorization")
             assert await page.locator(ROWS_IN_DOM).count() == 0
@@ -798,12 +798,13 @@ def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) ->
 async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) -> None:
     """The defaults a user gets: ``sealstream up`` (embedded nats-server with the auth
     callout, the proxy, a producer enforcing its policy) serves the page; the page registers
-    its key with the cluster and shows decrypted rows."""
+    its key with the cluster (for the OTLP streams too, with ``--otlp``) and shows decrypted
+    rows; the operator's command it shows names the cluster's policy."""
     state = tmp_path / "state"
     port = _free_port()
     log = tmp_path / "up.log"
     argv = [str(Path(sys.executable).parent / "sealstream"), "up", "--dir", str(state)]
-    argv += ["--sources", "http_events", "--rate", "50", "--web-port", str(port)]
+    argv += ["--sources", "http_events", "--otlp", "--rate", "50", "--web-port", str(port)]
     with log.open("wb") as out:
         up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
             argv,
@@ -841,7 +842,12 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
         kid = await _text(page, "#identity")
         assert "authorized by this machine's cluster" in await _text(page, "#authorization")
         grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
-        assert grant.streams == {"http_events"}
+        assert grant.streams == {"http_events", "otlp_traces", "otlp_metrics", "otlp_logs"}
+        assert await _text(page, "#authorize-command") == (
+            "sealstream-producer authorize add --policy-file "
+            f"{(state / 'authorized.json').resolve()} --jwk-file sealstream-web-identity.jwk "
+            "--stream http_events --stream otlp_traces --stream otlp_metrics --stream otlp_logs"
+        )
         await page.close()
     finally:
         up.send_signal(signal.SIGINT)
