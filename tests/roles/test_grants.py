@@ -13,9 +13,8 @@ import pytest
 
 from consumers import Client, Grants
 from consumers._grants import _checked
-from producers import AuthzPolicy
+from producers import Agent, AuthzPolicy, ProducerConfig
 from sealstream import IntegrityError, SessionError, TrustError
-from sealstream.control import GrantsRequest, decode_request
 from sealstream.crypto import ClusterIdentity, TrustStore, UserIdentity
 from sealstream.jwk import b64u_decode, b64u_encode
 from tests.support.pipeline import (
@@ -159,8 +158,18 @@ async def test_the_client_checks_the_answer_against_its_request(nats_url: str) -
             _checked(token, stranger, cluster=st.cluster, identity=st.user.kid, jti=jti)
 
 
-def test_a_grants_request_needs_a_proof() -> None:
-    request = GrantsRequest("c1", "a.b.c", "tok")
-    assert decode_request("grants", msgpack.packb(request.to_map())) == request
-    with pytest.raises(Exception, match="needs a proof"):
-        decode_request("grants", msgpack.packb({"v": 1, "token": "t", "cluster": "c1"}))
+async def test_a_producer_that_trusts_the_relay_grants_everything_it_offers(
+    nats_url: str,
+) -> None:
+    async with make_stack(nats_url) as st:
+        config = ProducerConfig(
+            cluster="c8", nats_url=nats_url, prefix=st.prefix, trust_relay_authorization=True
+        )
+        identity = ClusterIdentity.generate()
+        trust = TrustStore({"c8": [identity.public_jwk]})
+        async with (
+            Agent(config, identity=identity, streams=["b", "a"]),
+            st.client(token=st.token(clusters=["c8"]), trust=trust) as client,
+        ):
+            grants = await client.grants("c8")
+    assert grants == Grants("c8", "", ("a", "b"), ("a", "b"), None)
