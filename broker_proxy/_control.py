@@ -1,5 +1,6 @@
-"""The session API: consumers' open, keepalive and close requests (``P.api.session.<op>``),
-served within the proxy's limits; an open is forwarded to its cluster as a control ``open``."""
+"""The session API: consumers' open, keepalive, close and grants requests
+(``P.api.session.<op>``), served within the proxy's limits; an open is forwarded to its cluster
+as a control ``open``, a grants request as a control ``grants`` (no session)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import nats.errors
 import structlog
@@ -15,6 +16,8 @@ import structlog
 from broker_proxy._core import ProxyCore
 from sealstream import BrokerError, SessionError, TokenVerifier, WireError
 from sealstream.control import (
+    Granted,
+    GrantsRequest,
     KeptAlive,
     Ok,
     Opened,
@@ -105,7 +108,21 @@ class SessionApi:
             raise SessionError("bad_request", str(exc)) from None
         if isinstance(request, OpenRequest):
             return await self._open(request)
+        if isinstance(request, GrantsRequest):
+            return await self._grants(request)
         return await self._session_op(op, request)
+
+    async def _grants(self, req: GrantsRequest) -> Granted:
+        """What the cluster grants the identity that signed the proof: asked of the cluster,
+        whose signed answer goes back unchanged; nothing is registered."""
+        claims = self._verifier.verify(req.token)
+        if not claims.allows(req.cluster):
+            raise SessionError("forbidden", f"token does not allow cluster {req.cluster!r}")
+        answer = _passed_on(
+            await self._core.ask(req.cluster, req.control(user=claims.sub), Granted)
+        )
+        log.info("grants.answered", cluster=req.cluster, user=claims.sub)
+        return answer
 
     async def _session_op(self, op: str, ref: SessionRef) -> Reply:
         """A keepalive or a close, from the user who opened the session only."""
@@ -163,9 +180,7 @@ class SessionApi:
             raise
         if isinstance(answer, Refusal):
             await core.forget(session)
-            if answer.code in _PASSED_ON:
-                raise SessionError(answer.code, answer.message[:200])
-            raise SessionError("cluster_unavailable", "cluster refused the session")
+            _passed_on(answer)
         log.info(
             "session.opened",
             session=session,
@@ -175,3 +190,15 @@ class SessionApi:
             key_mode=req.key_mode,
         )
         return Opened(session, core.subjects.inbox(session), core.config.keepalive_s)
+
+
+_A = TypeVar("_A")
+
+
+def _passed_on(answer: _A | Refusal) -> _A:
+    """The cluster's answer; its refusal as the consumer hears it (SessionError)."""
+    if not isinstance(answer, Refusal):
+        return answer
+    if answer.code in _PASSED_ON:
+        raise SessionError(answer.code, answer.message[:200])
+    raise SessionError("cluster_unavailable", "cluster refused the request")

@@ -10,6 +10,7 @@ from consumers._config import (
     default_identity_file,
     default_trust_store,
 )
+from consumers._grants import Grants
 from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._subscription import Resumed, Stats, Subscription
 from consumers._web import WebConfig, WebServer
@@ -22,6 +23,7 @@ __all__ = [
     "ConsumerKey",
     "Context",
     "ExportConfig",
+    "Grants",
     "OtlpExporter",
     "Resumed",
     "Stats",

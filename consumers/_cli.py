@@ -1,8 +1,9 @@
 """``sealstream-consume``: subscribe to a cluster's streams and show decrypted rows live (or
 as JSON lines). Its defaults come from a context ('sealstream up' writes one); ``trust``
 manages the trust store, ``identity`` your identity key (which a cluster authorizes),
-``whoami`` shows who you are to a cluster, ``web`` serves the browser view, which decrypts in
-the page, and ``export`` re-exports the OTLP streams to an OTLP endpoint."""
+``whoami`` shows who you are to a cluster, ``streams`` what a cluster offers and grants you,
+``web`` serves the browser view, which decrypts in the page, and ``export`` re-exports the OTLP
+streams to an OTLP endpoint."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from consumers._config import (
     default_identity_file,
     default_trust_store,
 )
+from consumers._grants import Grants
 from consumers._otlp import ExportConfig, OtlpExporter
 from consumers._subscription import DEFAULT_RETRY_S, Resumed, Subscription
 from consumers._view import JsonLinesWriter, LiveTable, summary
@@ -244,9 +246,17 @@ def _parser() -> argparse.ArgumentParser:
     chosen.add_argument("name", help="the context's name")
     sub.add_parser(
         "whoami",
-        help="who you are to a cluster: context, token, identity, pinned key",
-        description="What this machine knows of you, from local files only: the context, the "
-        "token's subject, clusters and expiry, your identity's id, the pinned cluster keys.",
+        help="who you are to a cluster: context, token, identity, pinned key, grants",
+        description="Who you are: the context, the token's subject, clusters and expiry, your "
+        "identity's id, the pinned cluster keys (local files), and the streams the cluster "
+        "grants your identity, asked of the cluster (or why it could not be asked).",
+        epilog=_ENVIRONMENT,
+    )
+    sub.add_parser(
+        "streams",
+        help="the streams a cluster offers, and which it grants your identity",
+        description="The streams the cluster (--cluster, or the context's) offers, each "
+        "marked granted (until when) or not granted, as its producer's policy says.",
         epilog=_ENVIRONMENT,
     )
     web = sub.add_parser(
@@ -455,9 +465,54 @@ def _whoami(args: argparse.Namespace, ctx: Context | None, env: Mapping[str, str
     store = _trust_store(args, env, must_exist=False)
     pinned = TrustStore.load(store).clusters() if store.exists() else {}
     lines += [(f"pinned {c}", ", ".join(kids)) for c, kids in pinned.items()]
+    cluster = args.cluster or (ctx.cluster if ctx else None)
+    if cluster:
+        lines.append((f"granted by cluster {cluster}", _granted_line(args, env, cluster)))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _granted(until: int | None) -> str:
+    if until is None:
+        return "granted"
+    return f"granted until {datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat()}"
+
+
+def _granted_line(args: argparse.Namespace, env: Mapping[str, str], cluster: str) -> str:
+    """What ``cluster`` grants, asked of it; or, in the same one line, why it was not known."""
+    try:
+        config = _client_config(args, env)
+        grants = asyncio.run(_ask_grants(config, cluster))
+    except (OSError, ValueError, SealstreamError) as exc:
+        return f"unknown ({exc})"
+    if not grants.granted:
+        return f"nothing (offers {', '.join(grants.offered) or 'nothing'})"
+    return f"{', '.join(grants.granted)} ({_granted(grants.until)})"
+
+
+async def _ask_grants(config: ClientConfig, cluster: str) -> Grants:
+    """The cluster's grants; a refusal says what to do, an unreachable NATS where to look."""
+    try:
+        async with Client(config) as client:
+            return await client.grants(cluster)
+    except SessionError as exc:
+        raise refusal(exc, identity=config.identity is not None) from None
+    except BrokerError as exc:
+        if not exc.retriable:
+            raise
+        raise BrokerError(f"{exc}: is it running? (--nats-url, NATS_URL or the context)") from None
+
+
+async def _streams(config: ClientConfig, cluster: str) -> int:
+    grants = await _ask_grants(config, cluster)
+    width = max((len(s) for s in grants.offered), default=0)
+    for stream in grants.offered:
+        said = "not granted" if stream not in grants.granted else _granted(grants.until)
+        print(f"{stream:<{width}}  {said}")
+    if not grants.offered:
+        print(f"cluster {cluster} offers no stream")
     return 0
 
 
@@ -613,6 +668,10 @@ def _command(args: argparse.Namespace) -> int:
         raise ValueError("--cluster is required (or a context: 'sealstream up' writes one)")
     if args.command == "web":
         return _web(args, ctx, env)
+    if args.command == "streams":
+        config = _client_config(args, env)
+        cluster = args.cluster
+        return run(lambda: _streams(config, cluster))
     if args.command == "export":
         config = _client_config(args, env)
         return run(lambda: export(config, args))

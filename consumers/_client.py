@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 from consumers._endpoint import Endpoint
+from consumers._grants import Grants, ask_grants
 from consumers._subscription import DEFAULT_RETRY_S, Resumed, Subscription
 from sealstream.crypto import Batch, ConsumerKey
 from sealstream.ids import check_cluster_id, check_stream
@@ -86,3 +87,10 @@ class Client(Endpoint):
             retry_s=retry_s,
             resume_timeout_s=resume_timeout_s,
         )
+
+    async def grants(self, cluster: str) -> Grants:
+        """What ``cluster`` offers and grants this client's identity, asked of the cluster
+        (its producer answers from its policy, signed; no session is opened). A refusal
+        raises :class:`SessionError`, an answer not signed by a pinned key
+        :class:`TrustError`."""
+        return await ask_grants(self, cluster)

@@ -15,6 +15,8 @@ import nats.errors
 from consumers._config import ClientConfig
 from sealstream import BrokerError, SessionError, Subjects, WireError
 from sealstream.control import (
+    Granted,
+    GrantsRequest,
     KeptAlive,
     Ok,
     Opened,
@@ -32,7 +34,7 @@ from sealstream.wire import encode_map
 __all__ = ["Endpoint"]
 
 
-_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive)
+_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive | Granted)
 
 
 class Endpoint:
@@ -129,7 +131,11 @@ class Endpoint:
         """A session API request (on ``nc``, by default the client's connection) and its
         ``reply``; a refusal raises :class:`SessionError`. ``body`` may be a raw map (a test
         that sends what the codec would not)."""
-        payload = encode(body) if isinstance(body, OpenRequest | SessionRef) else encode_map(body)
+        payload = (
+            encode(body)
+            if isinstance(body, OpenRequest | SessionRef | GrantsRequest)
+            else encode_map(body)
+        )
         try:
             msg = await (nc if nc is not None else self.nc).request(
                 subject, payload, timeout=timeout_s or self.config.request_timeout_s

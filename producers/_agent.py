@@ -18,7 +18,7 @@ from typing import Any
 import nats.errors
 import structlog
 
-from producers._authz import Authorized, Authorizer
+from producers._authz import Authorized, Authorizer, unverified_jti
 from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
@@ -26,7 +26,9 @@ from producers.sources import Source, check_rows
 from sealstream import KeyMode, SealstreamError, SessionError, Subjects, WireError
 from sealstream.control import (
     ControlClose,
+    ControlGrants,
     ControlOpen,
+    Granted,
     Ok,
     Pong,
     Refusal,
@@ -620,6 +622,8 @@ class Agent(AsyncResource):
             request = decode_control(payload)
             if isinstance(request, ControlOpen):
                 return self._open(request), request.session
+            if isinstance(request, ControlGrants):
+                return self._grants(request), None
         except WireError as exc:
             return self._refuse(SessionError("bad_request", str(exc))), None
         except SessionError as exc:
@@ -633,6 +637,33 @@ class Agent(AsyncResource):
         # MAX_PING of them, checked by the codec: so many unknown at most)
         unknown = tuple(s for s in request.sessions if s not in self.sessions)
         return Pong(unknown), None
+
+    def _grants(self, request: ControlGrants) -> Granted:
+        """What this cluster offers and its policy grants the identity that asks: answered
+        from the policy, signed, with no session and no state (but the proof's ``jti``)."""
+        now = self._clock()
+        offered = sorted(self.streams)
+        if self._authz is None:  # the relay's authorization is trusted: everything, no end
+            identity, granted, until, jti = "", offered, None, unverified_jti(request.proof)
+        else:
+            try:
+                who, jti = self._authz.grants(request, now=now)
+            except SessionError as exc:
+                log.info("grants.forbidden", reason=exc.detail)
+                raise
+            identity, until = who.identity, who.until
+            granted = sorted(self.streams & who.streams)
+        log.info("grants.answered", identity=identity, granted=granted)
+        claims = {
+            "cluster": self.config.cluster,
+            "identity": identity,
+            "jti": jti,
+            "iat": int(now),
+            "offered": offered,
+            "granted": granted,
+            "until": None if until is None else int(until),
+        }
+        return Granted(self.identity.sign_grants(claims))
 
     def _open(self, request: ControlOpen) -> Ok:
         """Serve a (well-formed) open, or refuse it (SessionError)."""

@@ -86,6 +86,10 @@ class Subjects:
         return f"{self.prefix}.api.session.keepalive"
 
     @property
+    def api_grants(self) -> str:
+        return f"{self.prefix}.api.session.grants"
+
+    @property
     def api_all(self) -> str:
         return f"{self.prefix}.api.session.*"
 

@@ -547,7 +547,12 @@ def test_issued_user_jwt() -> None:
     user = decode_jwt(response["nats"]["jwt"], issuer_kind="account", max_size=1 << 16)
     assert (user["sub"], user["aud"], user["name"]) == (USER_NKEY, "SEALSTREAM", sid)
     assert user["nats"]["pub"] == {
-        "allow": [f"{P}.api.session.open", f"{P}.api.session.keepalive", f"{P}.api.session.close"]
+        "allow": [
+            f"{P}.api.session.open",
+            f"{P}.api.session.keepalive",
+            f"{P}.api.session.close",
+            f"{P}.api.session.grants",
+        ]
     }
     assert user["nats"]["sub"] == {"allow": [f"{P}.inbox.{sid}", f"_INBOX.{sid}.>"]}
     assert set(user["nats"]) == {"pub", "sub", "subs", "data", "payload", "type", "version"}

@@ -458,6 +458,54 @@ def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     assert CLUSTER in line
 
 
+def test_whoami_and_streams_say_what_the_cluster_grants(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    """Asked of the cluster: a stream offered and granted, one offered and not granted (a
+    second cluster's producer offers ``orders``, which the policy does not grant), and the one
+    line that says why when the cluster cannot be asked."""
+    records = setup.dir / "orders.jsonl"
+    records.write_text('{"n": 1}\n', encoding="utf-8")
+    trust = setup.dir / "two-clusters.json"
+    store = TrustStore.load(trust)
+    for cluster in (CLUSTER, "c2"):
+        store.add(cluster, ClusterIdentity.load(setup.key_file).public_jwk)
+    producer = setup.producer(f"jsonl:{records}:orders", cluster="c2")
+    try:
+        producer.wait_for("producer.started")
+        token = setup.token(CLUSTER, "c2")
+        done = setup.consume("--cluster", "c2", "streams", token=token, trust_store=trust)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.splitlines() == ["orders  not granted"]
+        done = setup.consume("--cluster", CLUSTER, "streams", token=token, trust_store=trust)
+        assert done.stdout.splitlines() == ["http_events  granted"]
+        done = setup.consume("--cluster", CLUSTER, "whoami", token=token, trust_store=trust)
+        assert done.returncode == 0, done.stderr
+        assert "granted by cluster c1  http_events (granted)" in done.stdout.splitlines()
+        done = setup.consume("--cluster", "c2", "whoami", token=token, trust_store=trust)
+        assert "granted by cluster c2  nothing (offers orders)" in done.stdout.splitlines()
+    finally:
+        producer.kill()
+    stranger = setup.dir / "stranger-grants.jwk"
+    assert _run("sealstream-consume", "identity", "create", "--file", stranger).returncode == 0
+    done = setup.consume(
+        "--cluster", CLUSTER, "--identity", stranger, "whoami", token=token, trust_store=trust
+    )
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if line.startswith("granted by")]
+    assert said == [
+        "granted by cluster c1  unknown (forbidden: key not authorized: give the cluster's "
+        "operator your public key ('sealstream-consume identity show' prints it) for "
+        "'sealstream-producer authorize add')"
+    ]
+    done = setup.consume(
+        "--cluster", CLUSTER, "--identity", stranger, "streams", token=token, trust_store=trust
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: forbidden: key not authorized: give")
+    assert len(done.stderr.splitlines()) == 1
+
+
 async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:

@@ -17,13 +17,17 @@ from sealstream.control import (
     ERROR_CODES,
     KEEPALIVE_MAX_S,
     KEEPALIVE_MIN_S,
+    MAX_GRANTS,
     MAX_MESSAGE,
     MAX_PING,
     MAX_PROOF,
     MAX_STREAMS,
     MAX_USER,
     ControlClose,
+    ControlGrants,
     ControlOpen,
+    Granted,
+    GrantsRequest,
     KeptAlive,
     Ok,
     Opened,
@@ -187,6 +191,51 @@ def test_each_message_has_the_contract_bytes() -> None:
     assert encode(Opened(SESSION, "sealstream.inbox.x", 2.5)) == pack(
         {"ok": True, "session": SESSION, "inbox": "sealstream.inbox.x", "keepalive_s": 2.5}
     )
+
+
+def test_a_grants_request_its_control_and_answer_have_the_contract_bytes() -> None:
+    """Both ways: what is encoded decodes to the same value, with the contract's keys."""
+    req = GrantsRequest("-c1", "p.r.f", "tok", "a.b.c")
+    wire = pack({"v": 1, "token": "tok", "cluster": "-c1", "proof": "p.r.f", "authz": "a.b.c"})
+    assert encode(req) == wire
+    assert decode_request("grants", wire) == req
+    control = req.control(user="-alice")
+    wire = pack({"v": 1, "op": "grants", "user": "-alice", "proof": "p.r.f", "authz": "a.b.c"})
+    assert encode(control) == wire
+    assert decode_control(wire) == control
+    assert decode_control(encode(ControlGrants("bob", "x.y.z"))) == ControlGrants("bob", "x.y.z")
+    answer = Granted("h.c.s")
+    assert encode(answer) == pack({"ok": True, "grants": "h.c.s"})
+    assert decode_reply(encode(answer), Granted) == answer
+
+
+@pytest.mark.parametrize(
+    ("payload", "decode"),
+    [
+        ({"v": 1, "token": "t", "cluster": "c1"}, "request"),  # no proof
+        ({"v": 1, "token": "t", "cluster": "c1", "proof": ""}, "request"),
+        ({"v": 1, "token": "t", "cluster": "c1", "proof": "x" * (MAX_PROOF + 1)}, "request"),
+        ({"v": 1, "token": "t", "cluster": "c 1", "proof": "p"}, "request"),
+        ({"v": 2, "token": "t", "cluster": "c1", "proof": "p"}, "request"),
+        ({"v": 1, "op": "grants", "user": "u"}, "control"),  # no proof
+        ({"v": 1, "op": "grants", "user": "u" * (MAX_USER + 1), "proof": "p"}, "control"),
+        ({"v": 1, "op": "grants", "user": 1, "proof": "p"}, "control"),
+        ({"ok": True}, "reply"),
+        ({"ok": True, "grants": ""}, "reply"),
+        ({"ok": True, "grants": "x" * (MAX_GRANTS + 1)}, "reply"),
+    ],
+)
+def test_a_malformed_grants_message_is_refused_where_it_is_decoded(
+    payload: dict[str, Any], decode: str
+) -> None:
+    wire = pack(payload)
+    with pytest.raises(WireError):
+        if decode == "request":
+            decode_request("grants", wire)
+        elif decode == "control":
+            decode_control(wire)
+        else:
+            decode_reply(wire, Granted)
 
 
 def test_each_refusal_form() -> None:

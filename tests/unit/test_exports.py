@@ -35,6 +35,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "sealstream.crypto": [
         "DEFAULT_MAX_PLAINTEXT",
+        "GRANTS_TYP",
         "GROUP_COALESCE_S",
         "PROOF_TYP",
         "Batch",
@@ -54,6 +55,7 @@ EXPECTED: dict[str, list[str]] = {
         "UserIdentity",
         "encode_rows",
         "jws_header",
+        "verify_grants",
         "verify_proof",
     ],
     "producers": [
@@ -105,6 +107,7 @@ EXPECTED: dict[str, list[str]] = {
         "ConsumerKey",
         "Context",
         "ExportConfig",
+        "Grants",
         "OtlpExporter",
         "Resumed",
         "Stats",
