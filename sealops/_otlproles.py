@@ -37,8 +37,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from consumers import Batch, Client, ClientConfig, ExportConfig, OtlpExporter, Resumed
-from producers import Agent, OtlpConfig, OtlpReceiver, ProducerConfig
-from sealops._api import _acker, _Window, _window
+from producers import Agent, OtlpConfig, OtlpReceiver
+from sealops._api import _acker, _Window, _window, producer_config
 from sealops._report import Histogram
 from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
@@ -318,13 +318,7 @@ async def otlp_sink(
 async def otlp_producer(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
-    config = ProducerConfig(
-        cluster=cfg["cluster"],
-        nats_url=cfg["nats_url"],
-        prefix=cfg["prefix"],
-        key_file=Path(cfg["identity_file"]),
-        policy_file=Path(cfg["policy_file"]),
-    )
+    config = producer_config(cfg)
     async with (
         Agent(config, streams=OTLP_STREAMS) as agent,
         OtlpReceiver(agent, config=OtlpConfig(port=0)) as receiver,
