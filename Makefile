@@ -19,9 +19,12 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(BIN)/sealstream up
 
+# the project's files (a clone's), not files a user dropped into the directory
+PY_FILES = $(or $(shell git ls-files '*.py' 2>/dev/null),.)
+
 lint: $(STAMP)
-	$(BIN)/ruff format --check .
-	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(PY_FILES)
+	$(BIN)/ruff check $(PY_FILES)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)

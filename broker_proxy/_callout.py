@@ -54,7 +54,7 @@ def consumer_permissions(session: str, *, prefix: str = "sealstream") -> dict[st
     """What a connection declared for ``session`` may do: the session API and its inbox."""
     s = Subjects(prefix)
     return {
-        "pub": {"allow": [s.api_open, s.api_keepalive, s.api_close, s.api_resume]},
+        "pub": {"allow": [s.api_open, s.api_keepalive, s.api_close, s.api_resume, s.api_grants]},
         "sub": {"allow": [s.inbox(session), f"_INBOX.{session}.>"]},
     }
 

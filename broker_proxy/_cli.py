@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__)
+    p = argparse.ArgumentParser(prog="sealstream-proxy", description=__doc__.replace("``", ""))
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="serve session control and relay envelopes (default)")
     a = sub.add_parser("auth", help="answer the NATS auth callout only (consumer logins)")
@@ -43,24 +43,39 @@ def _parser() -> argparse.ArgumentParser:
             "(env SEALSTREAM_CALLOUT_ISSUER_SEED_FILE)",
         )
     t = sub.add_parser("token", help="mint a development token (HS256)")
-    t.add_argument("--secret-file", type=Path, required=True)
+    t.add_argument(
+        "--token-secret-file",
+        "--secret-file",
+        dest="secret_file",
+        type=Path,
+        required=True,
+        help="the HS256 secret file, as the relay's --token-secret-file",
+    )
     t.add_argument("--sub", required=True, help="user name")
-    t.add_argument("--cluster", action="append", required=True, help="allowed cluster id, or '*'")
-    t.add_argument("--ttl", type=int, default=3600, help="seconds")
+    t.add_argument(
+        "--cluster", action="append", required=True, help="allowed cluster id, or '*' (repeatable)"
+    )
+    t.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     return p
+
+
+def _secret(path: Path) -> bytes:
+    """The token secret file's bytes; a missing file is named with its option."""
+    try:
+        return read_secret(path)
+    except FileNotFoundError:
+        raise ValueError(f"--token-secret-file {path}: no such file") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
-        print(
-            mint_token(
-                sub=args.sub,
-                clusters=args.cluster,
-                ttl_s=args.ttl,
-                secret=read_secret(args.secret_file),
-            )
-        )
+        try:
+            secret = _secret(args.secret_file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(mint_token(sub=args.sub, clusters=args.cluster, ttl_s=args.ttl, secret=secret))
         return 0
     configure_logging(level=args.log_level, json=args.log_json)
 
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             nats_url=args.nats_url,
             prefix=args.prefix,
             keepalive_s=args.keepalive,
-            token_secret=read_secret(args.token_secret_file) if args.token_secret_file else None,
+            token_secret=_secret(args.token_secret_file) if args.token_secret_file else None,
             callout=(
                 CalloutConfig.from_seed_file(args.callout_issuer_seed_file)
                 if args.callout_issuer_seed_file

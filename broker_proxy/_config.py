@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sealstream import TokenVerifier
+from sealstream.control import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S
 from sealstream.nats import NatsAuth
 from sealstream.natsjwt import AccountKey
 
@@ -89,12 +90,22 @@ class ProxyConfig:
     #: share sessions between instances through a JetStream key-value bucket (HA); off for a
     #: single in-memory proxy on a server without JetStream
     shared_registry: bool = True
+    #: replicas of the registry's bucket when this instance creates it (3 on a 3-node hub)
+    registry_replicas: int = 1
     #: answer the NATS auth callout (consumers log in with their token) in this process
     callout: CalloutConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.keepalive_s <= 0 or self.control_timeout_s <= 0:
-            raise ValueError("keepalive_s and control_timeout_s must be positive")
+        if not KEEPALIVE_MIN_S <= self.keepalive_s <= KEEPALIVE_MAX_S:
+            # the consumers clamp the interval to these bounds (docs/protocol.md): outside
+            # them, they would keep their sessions alive at another pace than the expiry's
+            raise ValueError(
+                f"keepalive_s must be {KEEPALIVE_MIN_S:g} to {KEEPALIVE_MAX_S:g} seconds"
+            )
+        if self.control_timeout_s <= 0:
+            raise ValueError("control_timeout_s must be positive")
+        if not 1 <= self.registry_replicas <= 5:
+            raise ValueError("registry_replicas must be within 1..5 (JetStream's limit)")
         if (self.token_secret is None) == (self.issuer_jwk is None):
             raise ValueError("configure exactly one of a token secret or an issuer key")
 
@@ -105,7 +116,8 @@ class ProxyConfig:
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
         ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``,
-        ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`)."""
+        ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`),
+        ``SEALSTREAM_REGISTRY_REPLICAS``."""
         values: dict[str, Any] = {}
         values["callout"] = CalloutConfig.from_env(env)
         values["nats_auth"] = NatsAuth.from_env(env)
@@ -130,6 +142,8 @@ class ProxyConfig:
                 "no",
                 "off",
             )
+        if env.get("SEALSTREAM_REGISTRY_REPLICAS"):
+            values["registry_replicas"] = int(env["SEALSTREAM_REGISTRY_REPLICAS"])
         if env.get("SEALSTREAM_ISSUER_JWK_FILE"):
             path = Path(env["SEALSTREAM_ISSUER_JWK_FILE"])
             values["issuer_jwk"] = json.loads(path.read_text(encoding="utf-8"))

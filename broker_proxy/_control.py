@@ -1,6 +1,7 @@
-"""The session API: consumers' open, keepalive, close and resume requests
+"""The session API: consumers' open, keepalive, close, resume and grants requests
 (``P.api.session.<op>``), served within the proxy's limits; an open is forwarded to its
-cluster as a control ``open``, a resume replayed from the cluster's store."""
+cluster as a control ``open``, a resume replayed from the cluster's store, a grants request
+forwarded as a control ``grants`` (no session)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import nats.errors
 import structlog
@@ -18,6 +19,8 @@ from broker_proxy._registry import SessionEntry
 from broker_proxy._replay import has_store, replay
 from sealstream import BrokerError, SessionError, TokenVerifier, WireError
 from sealstream.control import (
+    Granted,
+    GrantsRequest,
     KeptAlive,
     Ok,
     Opened,
@@ -122,7 +125,21 @@ class SessionApi:
             count = await replay(self._core, entry, request.after)
             self.replayed += count
             return Replayed(count)
+        if isinstance(request, GrantsRequest):
+            return await self._grants(request)
         return await self._session_op(op, request)
+
+    async def _grants(self, req: GrantsRequest) -> Granted:
+        """What the cluster grants the identity that signed the proof: asked of the cluster,
+        whose signed answer goes back unchanged; nothing is registered."""
+        claims = self._verifier.verify(req.token)
+        if not claims.allows(req.cluster):
+            raise SessionError("forbidden", f"token does not allow cluster {req.cluster!r}")
+        answer = _passed_on(
+            await self._core.ask(req.cluster, req.control(user=claims.sub), Granted)
+        )
+        log.info("grants.answered", cluster=req.cluster, user=claims.sub)
+        return answer
 
     def _owned(self, op: str, ref: SessionRef | ResumeRequest) -> SessionEntry:
         """The session a request names, if its token is its owner's (the user who opened
@@ -185,9 +202,7 @@ class SessionApi:
             raise
         if isinstance(answer, Refusal):
             await core.forget(session)
-            if answer.code in _PASSED_ON:
-                raise SessionError(answer.code, answer.message[:200])
-            raise SessionError("cluster_unavailable", "cluster refused the session")
+            _passed_on(answer)
         log.info(
             "session.opened",
             session=session,
@@ -212,3 +227,15 @@ class SessionApi:
             known = (now + _STORE_TTL_S, await has_store(self._core, cluster))
             self._stores[cluster] = known
         return known[1]
+
+
+_A = TypeVar("_A")
+
+
+def _passed_on(answer: _A | Refusal) -> _A:
+    """The cluster's answer; its refusal as the consumer hears it (SessionError)."""
+    if not isinstance(answer, Refusal):
+        return answer
+    if answer.code in _PASSED_ON:
+        raise SessionError(answer.code, answer.message[:200])
+    raise SessionError("cluster_unavailable", "cluster refused the request")

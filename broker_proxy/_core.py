@@ -15,14 +15,23 @@ from broker_proxy._config import ProxyConfig
 from broker_proxy._registry import SessionEntry, SessionRegistry
 from broker_proxy._shared import SharedRegistry
 from sealstream import SessionError, Subjects, WireError
-from sealstream.control import Control, ControlClose, Ok, Pong, Refusal, decode_reply, encode
+from sealstream.control import (
+    Control,
+    ControlClose,
+    Granted,
+    Ok,
+    Pong,
+    Refusal,
+    decode_reply,
+    encode,
+)
 from sealstream.wire import notice
 
 __all__ = ["ProxyCore"]
 
 log = structlog.get_logger(__name__)
 
-_A = TypeVar("_A", Ok, Pong)
+_A = TypeVar("_A", Ok, Pong, Granted)
 
 
 class ProxyCore:

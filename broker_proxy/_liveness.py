@@ -14,7 +14,7 @@ import structlog
 from broker_proxy._core import ProxyCore
 from broker_proxy._registry import SessionEntry
 from sealstream import BrokerError, SessionError
-from sealstream.control import Ping, Pong, Refusal
+from sealstream.control import MAX_PING, Ping, Pong, Refusal
 
 __all__ = ["Liveness"]
 
@@ -127,24 +127,36 @@ class Liveness:
 
     async def _ping(self, cluster: str, sessions: list[str]) -> None:
         """A producer that is gone (twice unanswered) or that no longer knows a session (it
-        restarted) ends those sessions: the consumers are told with an ``ended`` notice."""
+        restarted) ends those sessions: the consumers are told with an ``ended`` notice. The
+        sessions go in pings of at most MAX_PING ids (a ping must fit a control request);
+        the first unanswered one counts once for the cluster."""
         core = self._core
-        try:
-            answer = await core.ask(cluster, Ping(tuple(sessions)), Pong)
-        except SessionError as exc:
-            if not core.nc.is_connected or core.clock() < self._grace_until:
-                # our own outage, or the cluster's reconnect after it: not its silence
-                log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
+        answers: list[Pong] = []
+        for start in range(0, len(sessions), MAX_PING):
+            chunk = tuple(sessions[start : start + MAX_PING])
+            try:
+                answer = await core.ask(cluster, Ping(chunk), Pong)
+            except SessionError as exc:
+                await self._unanswered(cluster, sessions, exc)
                 return
-            self._ping_failures[cluster] += 1
-            log.info("cluster.ping_failed", cluster=cluster, counted=True, error=exc.detail)
-            if self._ping_failures[cluster] >= 2:
-                for session in sessions:
-                    await self._end(session, f"cluster {cluster!r} is unavailable")
-            return
+            if isinstance(answer, Refusal):
+                log.info("cluster.ping_refused", cluster=cluster, code=answer.code)
+            else:
+                answers.append(answer)
         self._ping_failures.pop(cluster, None)  # it answered: it is alive
-        if isinstance(answer, Refusal):
-            log.info("cluster.ping_refused", cluster=cluster, code=answer.code)
+        asked = set(sessions)
+        for answer in answers:
+            for session in asked.intersection(answer.unknown):
+                await self._end(session, f"cluster {cluster!r} no longer serves this session")
+
+    async def _unanswered(self, cluster: str, sessions: list[str], exc: SessionError) -> None:
+        core = self._core
+        if not core.nc.is_connected or core.clock() < self._grace_until:
+            # our own outage, or the cluster's reconnect after it: not its silence
+            log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
             return
-        for session in set(sessions) & set(answer.unknown):
-            await self._end(session, f"cluster {cluster!r} no longer serves this session")
+        self._ping_failures[cluster] += 1
+        log.info("cluster.ping_failed", cluster=cluster, counted=True, error=exc.detail)
+        if self._ping_failures[cluster] >= 2:
+            for session in sessions:
+                await self._end(session, f"cluster {cluster!r} is unavailable")

@@ -133,7 +133,10 @@ class Proxy(AsyncResource):
         if self.config.shared_registry:
             # load every live session before serving: a restarted instance loses none
             core.shared = SharedRegistry(
-                core.registry, bucket=bucket_name(self.config.prefix), clock=core.clock
+                core.registry,
+                bucket=bucket_name(self.config.prefix),
+                replicas=self.config.registry_replicas,
+                clock=core.clock,
             )
             await core.shared.open(core.nc)
             watch = tg.create_task(core.shared.watch())

@@ -56,9 +56,17 @@ def _encode(entry: SessionEntry, expires_unix: float) -> bytes:
 class SharedRegistry:
     """Write-through to the bucket; reads from the local cache ``local``."""
 
-    def __init__(self, local: SessionRegistry, *, bucket: str, clock: Any = time.monotonic):
+    def __init__(
+        self,
+        local: SessionRegistry,
+        *,
+        bucket: str,
+        replicas: int = 1,
+        clock: Any = time.monotonic,
+    ):
         self.local = local
         self.bucket = bucket
+        self.replicas = replicas
         self._clock = clock
         self._kv: Any = None
         self._revisions: dict[str, int] = {}
@@ -74,7 +82,10 @@ class SharedRegistry:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv = await js.create_key_value(
-                    bucket=self.bucket, history=1, ttl=max(2 * self.local.ttl_s, 1.0)
+                    bucket=self.bucket,
+                    history=1,
+                    ttl=max(2 * self.local.ttl_s, 1.0),
+                    replicas=self.replicas,
                 )
         except (nats.errors.Error, TimeoutError) as exc:
             raise BrokerError(

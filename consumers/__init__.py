@@ -2,9 +2,17 @@
 CLI."""
 
 from consumers._cli import consume
-from consumers._client import Client, Resumed, Stats, Subscription
-from consumers._config import ClientConfig, TokenFile, default_identity_file, default_trust_store
+from consumers._client import Client
+from consumers._config import (
+    ClientConfig,
+    Context,
+    TokenFile,
+    default_identity_file,
+    default_trust_store,
+)
+from consumers._grants import Grants
 from consumers._otlp import ExportConfig, OtlpExporter
+from consumers._subscription import Resumed, Stats, Subscription
 from consumers._web import WebConfig, WebServer
 from sealstream.crypto import Batch, ConsumerKey, TrustStore, UserIdentity
 
@@ -13,7 +21,9 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ConsumerKey",
+    "Context",
     "ExportConfig",
+    "Grants",
     "OtlpExporter",
     "Resumed",
     "Stats",

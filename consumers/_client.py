@@ -18,85 +18,20 @@ the ``fail`` policy end it for good.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from typing import Any, Literal, overload
 
-import nats.errors
-
-from consumers._config import ClientConfig
-from consumers._subscription import DEFAULT_RETRY_S, Resumed, Stats, Subscription
-from sealstream import BrokerError, SessionError, Subjects, WireError
-from sealstream.control import (
-    KeptAlive,
-    Ok,
-    Opened,
-    Refusal,
-    Replayed,
-    Request,
-    decode_reply,
-    encode,
-)
-from sealstream.crypto import Batch, ConsumerKey, TrustStore
+from consumers._endpoint import Endpoint
+from consumers._grants import Grants, ask_grants
+from consumers._subscription import DEFAULT_RETRY_S, Resumed, Subscription
+from sealstream.crypto import Batch, ConsumerKey
 from sealstream.ids import check_cluster_id, check_stream
-from sealstream.nats import connect, release
-from sealstream.wire import encode_map
 
-#: DEFAULT_RETRY_S, Resumed, Stats and Subscription live in consumers._subscription (named
-#: here too: the package's other modules import them from here)
-__all__ = ["DEFAULT_RETRY_S", "Client", "Resumed", "Stats", "Subscription"]
+__all__ = ["Client"]
 
 
-_Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive | Replayed)
-
-
-class Client:
+class Client(Endpoint):
     """A connection to NATS from which sessions are opened."""
-
-    def __init__(self, config: ClientConfig, *, trust: TrustStore | None = None) -> None:
-        self.config = config
-        self.trust = (
-            trust if trust is not None else TrustStore.load(config.trust_store, tofu=config.tofu)
-        )
-        self.subjects = Subjects(config.prefix)
-        self._nc: Any = None
-        #: no NATS credentials: each session logs in with its id and token (auth callout)
-        self.callout = _callout_mode(config)
-        self.closed = True  # until entered
-
-    async def __aenter__(self) -> Self:
-        self.closed = False
-        if self.callout:
-            return self
-        auth = self.config.nats_auth
-        self._nc = await connect(
-            self.config.nats_url,
-            name="sealstream-consumer",
-            user=auth.user,
-            password=auth.password,
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Drain the connection; idempotent."""
-        self.closed = True
-        nc, self._nc = self._nc, None
-        await release(nc)
-
-    @property
-    def nc(self) -> Any:
-        if self._nc is None:
-            raise RuntimeError("use the client inside 'async with'")
-        return self._nc
 
     @overload
     def subscribe(
@@ -153,77 +88,9 @@ class Client:
             resume_timeout_s=resume_timeout_s,
         )
 
-    def token(self) -> str:
-        """The token to send now (the configured one, or what its function returns); raises
-        :class:`SessionError` ``unauthorized`` if the function fails or gives no token."""
-        source = self.config.token
-        if isinstance(source, str):
-            return source
-        try:
-            token = source()
-        except (OSError, ValueError) as exc:  # the documented failures of a token function
-            raise SessionError("unauthorized", f"cannot read the token: {exc}") from None
-        if not isinstance(token, str) or not token:
-            raise SessionError("unauthorized", "the token function returned no token")
-        return token
-
-    @overload
-    async def request(
-        self,
-        subject: str,
-        body: Request | Mapping[str, Any],
-        *,
-        timeout_s: float | None = None,
-        nc: Any = None,
-    ) -> Ok: ...
-
-    @overload
-    async def request(
-        self,
-        subject: str,
-        body: Request | Mapping[str, Any],
-        reply: type[_Reply],
-        *,
-        timeout_s: float | None = None,
-        nc: Any = None,
-    ) -> _Reply: ...
-
-    async def request(
-        self,
-        subject: str,
-        body: Request | Mapping[str, Any],
-        reply: type[_Reply] | type[Ok] = Ok,
-        *,
-        timeout_s: float | None = None,
-        nc: Any = None,
-    ) -> _Reply | Ok:
-        """A session API request (on ``nc``, by default the client's connection) and its
-        ``reply``; a refusal raises :class:`SessionError`. ``body`` may be a raw map (a test
-        that sends what the codec would not)."""
-        payload = encode_map(body) if isinstance(body, Mapping) else encode(body)
-        try:
-            msg = await (nc if nc is not None else self.nc).request(
-                subject, payload, timeout=timeout_s or self.config.request_timeout_s
-            )
-        except nats.errors.NoRespondersError:
-            raise BrokerError("no sealstream proxy is serving this NATS server") from None
-        except nats.errors.TimeoutError:
-            raise BrokerError("the proxy did not answer in time") from None
-        except nats.errors.Error as exc:  # closed, draining, reconnecting...
-            raise BrokerError(f"cannot send a session request: {exc!r}") from exc
-        try:
-            answer = decode_reply(msg.data, reply)
-        except WireError as exc:
-            raise BrokerError(f"malformed reply from the proxy: {exc}") from None
-        if isinstance(answer, Refusal):
-            raise answer.error()  # retriable when the proxy marks it passing (busy)
-        return answer
-
-
-def _callout_mode(config: ClientConfig) -> bool:
-    """True without NATS credentials (neither configured nor in a URL)."""
-    auth = config.nats_auth
-    if auth.user is not None or auth.password is not None:
-        return False
-    urls = [u.strip() for u in config.nats_url.split(",")]
-    return not any(urlsplit(u if "://" in u else f"nats://{u}").username for u in urls)
+    async def grants(self, cluster: str) -> Grants:
+        """What ``cluster`` offers and grants this client's identity, asked of the cluster
+        (its producer answers from its policy, signed; no session is opened). A refusal
+        raises :class:`SessionError`, an answer not signed by a pinned key
+        :class:`TrustError`."""
+        return await ask_grants(self, cluster)

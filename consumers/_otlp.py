@@ -6,7 +6,8 @@ Each row of ``otlp_traces``, ``otlp_metrics`` and ``otlp_logs`` is one export re
 ``<endpoint>/v1/traces|metrics|logs`` or to the gRPC Export service, one at a time and in
 order. Only HTTP 429, 502, 503 and 504, gRPC's retryable codes (RESOURCE_EXHAUSTED only with
 a ``RetryInfo``) and connection failures are retried, with exponential backoff and jitter, or
-after the delay the server gave (``Retry-After``, ``RetryInfo``), for at most
+after the delay the server gave (``Retry-After``, ``RetryInfo``; never sooner than the
+backoff), for at most
 ``max_elapsed_s``. Requests wait in a bounded
 queue (``put`` waits for room). What is not delivered (refused by the endpoint, given up
 after retries, not OTLP, or still queued at close) is counted in :attr:`OtlpExporter.failed`
@@ -239,6 +240,10 @@ class OtlpExporter(AsyncResource):
             self._sending = True
             try:
                 await self._deliver(request)
+            except Exception as exc:  # noqa: BLE001 - the task runs in the user's task group
+                # an unexpected failure must not end the task that opened the exporter (its
+                # task group would cancel it): this request is counted, the next goes on
+                self._fail("error", request.signal.name, error=type(exc).__name__)
             finally:
                 self._sending = False
                 self._queue.task_done()
@@ -252,10 +257,14 @@ class OtlpExporter(AsyncResource):
             if not attempt.retry:
                 self._done(request, attempt)
                 return
-            wait = attempt.wait
-            if wait is None:  # full jitter over the exponential backoff
-                wait = self._rng.uniform(backoff / 2, backoff)
+            # the exponential backoff, each wait drawn from its upper half; a delay the server
+            # gives replaces it, but never goes below it (Retry-After: 0 is no tight loop)
+            jittered = self._rng.uniform(backoff / 2, backoff)
+            if attempt.wait is None:
+                wait = jittered
                 backoff = min(backoff * 2, self.config.max_backoff_s)
+            else:
+                wait = max(attempt.wait, jittered)
             if time.monotonic() + wait > deadline:
                 self._fail("gave_up", signal.name, last=attempt.reason)
                 return

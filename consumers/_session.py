@@ -34,7 +34,7 @@ from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
 
 if TYPE_CHECKING:
-    from consumers._client import Client
+    from consumers._endpoint import Endpoint
 
 __all__ = ["LiveSession", "Login", "Lost", "ReplayDone", "session_connection"]
 
@@ -65,7 +65,7 @@ class LiveSession(AsyncResource):
     queue of what arrives on the inbox."""
 
     def __init__(
-        self, client: Client, cluster: str, streams: list[str], key: ConsumerKey | None
+        self, client: Endpoint, cluster: str, streams: list[str], key: ConsumerKey | None
     ) -> None:
         super().__init__()
         self._client = client
@@ -85,6 +85,8 @@ class LiveSession(AsyncResource):
         self.keepalive_s = 10.0
         #: (event loop time) a key envelope signed by a pinned key is due by then
         self.key_deadline = float("inf")
+        #: past the key deadline, how many of the items queued then may still be taken
+        self.key_grace: int | None = None
         self._closed = False
         #: a control item that met a full queue
         self.ending: Lost | BaseException | None = None
@@ -156,7 +158,10 @@ class LiveSession(AsyncResource):
         )
         opened = await self._client.request(subjects.api_open, req, Opened, nc=nc)
         if opened.session != key.session_id:
-            raise BrokerError("the proxy answered for another session")
+            # a relay that tampers, not a passing failure: never retried
+            raise SessionError(
+                "bad_request", "the proxy answered for another session", retriable=False
+            )
         self._stack.push_async_callback(self.close)
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
@@ -202,6 +207,16 @@ class LiveSession(AsyncResource):
             log.info("session.close_failed", session=self.crypto.session, error=str(exc))
 
     async def _keepalive(self) -> None:
+        """Keep the session alive. It runs in a task group entered by whichever task opened
+        the subscription: a failure it did not foresee (a token function's own exception)
+        must end the subscription through its iterator, not cancel that task."""
+        try:
+            await self._keep_alive()
+        except Exception as exc:  # noqa: BLE001 - handed to the iterator, which raises it
+            log.warning("session.keepalive_stopped", error=type(exc).__name__)
+            self.push(exc)
+
+    async def _keep_alive(self) -> None:
         assert self.crypto is not None
         session = self.crypto.session
         while not self._stop.is_set():
@@ -333,7 +348,7 @@ class Login:
     token the connection last logged in with: once the token is renewed, a reconnect presents
     it before the broker ends the login that the old one bounds."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Endpoint) -> None:
         self._client = client
         self.sent = client.token()  # no token at all: fail now, with the token's error
 
@@ -364,7 +379,7 @@ def _unverified_exp(token: str) -> float | None:
 
 
 async def session_connection(
-    client: Client,
+    client: Endpoint,
     session_id: str,
     *,
     on_closed: Callable[[], Awaitable[None]],

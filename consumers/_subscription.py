@@ -25,7 +25,7 @@ from sealstream.crypto import (
 from sealstream.resource import AsyncResource
 
 if TYPE_CHECKING:
-    from consumers._client import Client
+    from consumers._endpoint import Endpoint
 
 __all__ = ["DEFAULT_RETRY_S", "Resumed", "Stats", "Subscription"]
 
@@ -62,7 +62,8 @@ class Resumed:
 
 
 _T = TypeVar("_T", "Batch", "Batch | Resumed")
-#: backoff between open attempts: exponential from 0.2 s to 5 s, with full jitter
+#: backoff between open attempts: exponential from 0.2 s to 5 s, each wait drawn from the upper
+#: half (uniform over [d/2, d])
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 #: how long a first open retries busy or unavailable refusals by default (0: fail at once)
@@ -75,7 +76,7 @@ class Subscription(AsyncResource, Generic[_T]):
 
     def __init__(
         self,
-        client: Client,
+        client: Endpoint,
         cluster: str,
         streams: list[str],
         key: ConsumerKey | None,
@@ -96,6 +97,8 @@ class Subscription(AsyncResource, Generic[_T]):
         #: the current session's envelopes that arrived ahead of a gap
         self._hold = Hold()
         self.end_reason: str | None = None
+        #: an error ended the iteration (raised once: a failed resume, a stopped keepalive)
+        self._failed = False
         #: every resume so far, oldest first
         self.resumes: list[Resumed] = []
         self._batches = 0
@@ -207,7 +210,12 @@ class Subscription(AsyncResource, Generic[_T]):
         await self._close_live()
         hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
         self._hold.duplicates = hold.duplicates
-        self._live, attempts = await self._open(None, self._resume_timeout_s)
+        try:
+            self._live, attempts = await self._open(None, self._resume_timeout_s)
+        except BaseException:
+            # raised to this call; the iteration ends there (not "use it inside 'async with'")
+            self._failed = True
+            raise
         marker = Resumed(previous, self.session_id, reason, attempts)
         self.resumes.append(marker)
         log.info(
@@ -224,17 +232,18 @@ class Subscription(AsyncResource, Generic[_T]):
 
     async def __anext__(self) -> _T:
         while True:
+            if self.end_reason is not None or self._failed:
+                raise StopAsyncIteration
             live = self._live
             if live is None or live.crypto is None:
                 raise RuntimeError("use the subscription inside 'async with'")
-            if self.end_reason is not None:
-                raise StopAsyncIteration
             session = live.crypto
             loop = asyncio.get_running_loop()
             self._hold.waiting = live.resuming  # its time runs from the answer
             held = self._hold.next(session.last_seq, now=loop.time())
             item = held if held is not None else await self._next_item(live)
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException):  # the session's keepalive stopped with it
+                self._failed = True
                 raise item
             if isinstance(item, Lost):
                 if self._resume and item.resumable:
@@ -300,18 +309,26 @@ class Subscription(AsyncResource, Generic[_T]):
         """The next inbox item (the session's end after those queued), or None when the
         hold's time ran out first. A key envelope whose signer is not pinned is counted and
         ignored (a relay can forge one): while no key is installed and some were refused,
-        waiting ends at the session's key deadline (the request timeout after the open) with
-        the trust error."""
+        the session's key deadline (the request timeout after the open) ends the waiting with
+        the trust error; past it, only the items already queued then are still taken (a relay
+        streaming forged key envelopes never lets the queue run empty)."""
+        session = live.crypto
+        assert session is not None
+        watched = not session.keyed and session.rejected["untrusted_key"] > 0
+        if watched and asyncio.get_running_loop().time() >= live.key_deadline:
+            if live.key_grace is None:
+                live.key_grace = live.queue.qsize()
+            if live.key_grace <= 0:
+                raise self._untrusted(session)
+            live.key_grace -= 1
+            return live.queue.get_nowait()
         if not live.queue.empty():
             return live.queue.get_nowait()
         if live.ending is not None:
             return live.ending
-        session = live.crypto
-        assert session is not None
-        untrusted = not session.keyed and session.rejected["untrusted_key"]
         held = self._hold.deadline
         deadline = min(
-            live.key_deadline if untrusted else float("inf"),
+            live.key_deadline if watched else float("inf"),
             held if held is not None else float("inf"),
         )
         if deadline == float("inf"):

@@ -16,19 +16,26 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
 
+import structlog
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from consumers._client import Stats
+from consumers._otlpview import LINES_PER_BATCH, NOUNS, expand
+from consumers._subscription import Stats
 from sealstream.crypto import Batch
+from sealstream.otlp import SIGNAL_BY_STREAM, Signal
 
-__all__ = ["JsonLinesWriter", "LiveTable", "cell", "rejections", "summary"]
+__all__ = ["JsonLinesWriter", "LiveTable", "cell", "printable", "rejections", "summary"]
+
+log = structlog.get_logger(__name__)
 
 _MAX_COLUMNS = 9
 _ROWS_SHOWN = 8
 _MAX_CELL = 28
+#: an OTLP line's cells: a 32-digit trace id, a histogram's summary
+_MAX_OTLP_CELL = 64
 _REFRESH_S = 0.25
 
 # What a column holds, by its name (the sources' conventions; the page's format.js reads
@@ -89,10 +96,20 @@ def _clock(t: int | float) -> str:
     return shown
 
 
-def cell(column: str, value: Any) -> str:
+#: C0 and C1 control characters (and DEL): in decrypted text they would reach the terminal as
+#: commands (ESC [2J clears it, OSC 52 writes the clipboard)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character shown escaped (``\\x1b``), never sent as is."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def cell(column: str, value: Any, *, width: int = _MAX_CELL) -> str:
     """``value`` as its column reads: formatted when the column's kind (by its name) and the
-    value's type agree, else its text; cut to a cell's width."""
-    text = str(value)
+    value's type agree, else its text, control characters escaped; cut to ``width``."""
+    text = printable(str(value))
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         if _TIME.search(column):
             text = _clock(value)
@@ -106,7 +123,7 @@ def cell(column: str, value: Any) -> str:
             text = f"{value:.1f} %"
         elif isinstance(value, float):
             text = f"{value:.2f}"
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def rejections(stats: Stats) -> str:
@@ -134,6 +151,25 @@ class _StreamView:
     columns: list[str] = field(default_factory=list)
     first_seen: float = field(default_factory=time.monotonic)
     latency_ms: float = 0.0
+    #: an OTLP stream's: its rows are export requests, shown as a line per item
+    signal: Signal | None = None
+    items: int = 0
+    hidden: int = 0
+    undecodable: int = 0
+
+    def title(self, name: str) -> str:
+        elapsed = max(time.monotonic() - self.first_seen, 1e-3)
+        rate = f"{self.rows / elapsed:.1f}"
+        latency = f"latency {self.latency_ms:.1f} ms"
+        if self.signal is None:
+            return f"{name}: {self.rows} rows, {rate} rows/s, {latency}"
+        requests = f"{self.rows} request{'' if self.rows == 1 else 's'}"
+        counts = [requests, f"{self.items} {NOUNS[self.signal.name]}"]
+        if self.hidden:
+            counts.append(f"{self.hidden} not shown (at most {LINES_PER_BATCH} a batch)")
+        if self.undecodable:
+            counts.append(f"{self.undecodable} undecodable")
+        return f"{name}: {', '.join(counts)}, {rate} requests/s, {latency}"
 
 
 class LiveTable:
@@ -150,11 +186,27 @@ class LiveTable:
         self.stats: Stats | None = stats() if stats else None
 
     def add(self, batch: Batch) -> None:
-        view = self.streams.setdefault(batch.stream, _StreamView())
+        signal = SIGNAL_BY_STREAM.get(batch.stream)
+        view = self.streams.setdefault(batch.stream, _StreamView(signal=signal))
         view.rows += len(batch.rows)
         view.batches += 1
         view.latency_ms = max(0.0, (time.time_ns() - batch.ts) / 1e6)
-        for raw in batch.rows[-_ROWS_SHOWN:]:
+        rows = batch.rows
+        if signal is not None:  # an export request a row: a line per span, record, point
+            expanded = expand(signal, batch.rows)
+            view.items += expanded.items
+            view.hidden += expanded.hidden
+            view.undecodable += expanded.undecodable
+            if expanded.undecodable:
+                log.warning(
+                    "view.otlp_undecodable",
+                    stream=batch.stream,
+                    seq=batch.seq,
+                    rows=expanded.undecodable,
+                    reason=expanded.reason,
+                )
+            rows = expanded.lines
+        for raw in rows[-_ROWS_SHOWN:]:
             row = {_key(k): v for k, v in raw.items()}  # msgpack also allows bytes keys
             view.last.append(row)
             for col in row:
@@ -196,22 +248,23 @@ class LiveTable:
         )
         parts.append(status)
         for name, view in sorted(self.streams.items()):
-            elapsed = max(time.monotonic() - view.first_seen, 1e-3)
-            table = Table(
-                title=f"{name}: {view.rows} rows, {view.rows / elapsed:.1f} rows/s, "
-                f"latency {view.latency_ms:.1f} ms",
-                title_justify="left",
-                expand=False,
-            )
-            newest = view.last[-1] if view.last else {}
+            # decrypted names and values are Text: rich markup in them ("[link=...]") is shown
+            # as written, never applied
+            table = Table(title=Text(view.title(name)), title_justify="left", expand=False)
             for col in view.columns:
-                value = newest.get(col)
+                # the newest value, or the newest known one (OTLP's unknown time is "")
+                known = (r[col] for r in reversed(view.last) if r.get(col, "") != "")
+                value = next(known, None)
                 number = isinstance(value, int | float) and not isinstance(value, bool)
                 table.add_column(  # numbers line up by their units
-                    col, overflow="ellipsis", no_wrap=True, justify="right" if number else "left"
+                    Text(printable(col)),
+                    overflow="ellipsis",
+                    no_wrap=True,
+                    justify="right" if number else "left",
                 )
+            width = _MAX_CELL if view.signal is None else _MAX_OTLP_CELL
             for row in view.last:
-                table.add_row(*(cell(c, row.get(c, "")) for c in view.columns))
+                table.add_row(*(Text(cell(c, row.get(c, ""), width=width)) for c in view.columns))
             parts.append(table)
         if not self.streams:
             parts.append(Text("waiting for the first batch…", style="dim"))

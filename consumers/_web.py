@@ -72,7 +72,8 @@ class WebConfig:
     ``nats_password`` are for a NATS server with static users (no auth callout): without them
     the page connects as user = its session id, password = the token. ``authorize``, when
     given, lets the page register its identity key (``POST /authorize``): only for a server
-    that owns the cluster's policy on this machine (``sealstream demo``/``up``)."""
+    that owns the cluster's policy on this machine (``sealstream demo``/``up``), which also
+    give ``policy_file``, the policy's path, for the operator's command the page prints."""
 
     nats_ws_url: str
     cluster: str
@@ -84,6 +85,7 @@ class WebConfig:
     nats_user: str | None = None
     nats_password: str | None = field(default=None, repr=False)
     authorize: Authorize | None = field(default=None, repr=False)
+    policy_file: str | None = None
 
     def __post_init__(self) -> None:
         check_cluster_id(self.cluster)
@@ -110,6 +112,8 @@ class WebConfig:
         if self.nats_user is not None:
             out["nats_user"] = self.nats_user
             out["nats_password"] = self.nats_password or ""
+        if self.policy_file is not None:
+            out["policy_file"] = self.policy_file
         return out
 
 

@@ -10,7 +10,7 @@ from producers._authz import (
     page_registration,
 )
 from producers._batcher import Batching
-from producers._config import ProducerConfig
+from producers._config import ProducerConfig, otlp_config
 from producers._otlp import OtlpConfig, OtlpReceiver
 from producers.sources import HostMetrics, HttpEvents, JsonLines, Records, Source
 
@@ -29,5 +29,6 @@ __all__ = [
     "ProducerConfig",
     "Records",
     "Source",
+    "otlp_config",
     "page_registration",
 ]

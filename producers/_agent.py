@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 
-from producers._authz import Authorized, Authorizer
+from producers._authz import Authorized, Authorizer, unverified_jti
 from producers._batcher import Batcher, plaintext_budget
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
@@ -27,7 +27,9 @@ from producers.sources import Source, check_rows
 from sealstream import BrokerError, KeyMode, SealstreamError, SessionError, Subjects, WireError
 from sealstream.control import (
     ControlClose,
+    ControlGrants,
     ControlOpen,
+    Granted,
     Ok,
     Pong,
     Refusal,
@@ -152,7 +154,8 @@ class Agent(AsyncResource):
         elif not self._authz.path.exists():
             raise ValueError(
                 f"no authorization policy at {self._authz.path}: authorize readers with "
-                "'sealstream-producer authorize add', or run with --trust-relay-authorization "
+                f"'sealstream-producer authorize add --policy-file {self._authz.path} --jwk-file "
+                "FILE --stream STREAM', or run with --trust-relay-authorization "
                 "(the relay then decides who reads)"
             )
         else:
@@ -337,18 +340,28 @@ class Agent(AsyncResource):
         """The largest packed row a batch takes (known once started)."""
         return min(self.config.batching.max_bytes, self._budget) - 16
 
-    def backlog(self) -> float:
-        """How full the outbox is: 0 empty, 1 at its bound (per session or in all)."""
-        outbox = self.outbox
-        total = outbox.size / outbox.max_total_bytes if outbox.max_total_bytes else 0.0
-        return max(outbox.largest() / outbox.max_bytes, total)
+    @property
+    def buffer_bytes(self) -> int:
+        """The outbox's bound for one session's queue."""
+        return self.outbox.max_bytes
 
-    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    def backlog(self, reserve: int = 0) -> float:
+        """How full the outbox is: 0 empty, 1 at its bound (per session or in all), once
+        ``reserve`` more bytes wait for every session (and group) there is."""
+        outbox = self.outbox
+        queues = len(self.sessions) + len(self.groups)
+        extra = reserve if queues else 0
+        total = outbox.max_total_bytes
+        in_all = (outbox.size + extra * queues) / total if total else 0.0
+        return max((outbox.largest() + extra) / outbox.max_bytes, in_all)
+
+    async def seal_rows(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
         """Seal ``rows`` now, in batches of their own, into the outbox of every session
         reading ``stream``, and return once they are (a receiver acknowledges its sender
         then); with a store, once they are stored, waiting while the outbox is half full.
         The rows are the caller's own: no per-value check. Returns how many were too large
-        for a batch (counted as ``oversize``, not sealed)."""
+        for a batch (counted as ``oversize``, not sealed), and how many envelopes the outbox
+        dropped meanwhile (over its bound: these rows may be among them)."""
         if stream not in self._batchers:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
         if self.config.store is not None:
@@ -362,11 +375,12 @@ class Agent(AsyncResource):
         self.rows_in += len(rows) - batcher.oversize_rows
         if batcher.oversize_rows:
             self.rejected_rows["oversize"] += batcher.oversize_rows
+        dropped = self.outbox.dropped["buffer_full"]
         for plaintext in [*ready, *([last] if last is not None else [])]:
             await self._publish(stream, plaintext)
         if self.config.store is not None:
             await self._stored(self.outbox.ticket)
-        return batcher.oversize_rows
+        return batcher.oversize_rows, self.outbox.dropped["buffer_full"] - dropped
 
     async def _stored(self, ticket: int) -> None:
         """Wait until every envelope put up to ``ticket`` has left the outbox (stored, or
@@ -685,6 +699,8 @@ class Agent(AsyncResource):
             request = decode_control(payload)
             if isinstance(request, ControlOpen):
                 return self._open(request), request.session
+            if isinstance(request, ControlGrants):
+                return self._grants(request), None
         except WireError as exc:
             return self._refuse(SessionError("bad_request", str(exc))), None
         except SessionError as exc:
@@ -694,9 +710,37 @@ class Agent(AsyncResource):
                 self._forget(request.session)
                 log.info("session.closed", session=request.session, reason=request.reason[:100])
             return Ok(), None
-        # a ping: the proxy checks we are alive and still serve its sessions
+        # a ping: the proxy checks we are alive and still serve its sessions (at most
+        # MAX_PING of them, checked by the codec: so many unknown at most)
         unknown = tuple(s for s in request.sessions if s not in self.sessions)
-        return Pong(unknown[:10_000]), None
+        return Pong(unknown), None
+
+    def _grants(self, request: ControlGrants) -> Granted:
+        """What this cluster offers and its policy grants the identity that asks: answered
+        from the policy, signed, with no session and no state (but the proof's ``jti``)."""
+        now = self._clock()
+        offered = sorted(self.streams)
+        if self._authz is None:  # the relay's authorization is trusted: everything, no end
+            identity, granted, until, jti = "", offered, None, unverified_jti(request.proof)
+        else:
+            try:
+                who, jti = self._authz.grants(request, now=now)
+            except SessionError as exc:
+                log.info("grants.forbidden", reason=exc.detail)
+                raise
+            identity, until = who.identity, who.until
+            granted = sorted(self.streams & who.streams)
+        log.info("grants.answered", identity=identity, granted=granted)
+        claims = {
+            "cluster": self.config.cluster,
+            "identity": identity,
+            "jti": jti,
+            "iat": int(now),
+            "offered": offered,
+            "granted": granted,
+            "until": None if until is None else int(until),
+        }
+        return Granted(self.identity.sign_grants(claims))
 
     def _open(self, request: ControlOpen) -> Ok:
         """Serve a (well-formed) open, or refuse it (SessionError)."""

@@ -24,8 +24,8 @@ from typing import Any, Final
 import structlog
 
 from sealstream import IntegrityError, SessionError, WireError
-from sealstream.control import ControlOpen
-from sealstream.crypto import PROOF_TYP, jws_header, verify_proof
+from sealstream.control import ControlGrants, ControlOpen
+from sealstream.crypto import GRANTS_TYP, PROOF_TYP, jws_header, verify_proof
 from sealstream.ids import check_stream
 from sealstream.jwk import b64u_decode, thumbprint
 
@@ -50,6 +50,7 @@ MAX_JTI: Final = 100_000
 #: the policy file's name, in the cluster key file's directory
 POLICY_FILE_NAME: Final = "authorized.json"
 _CLAIMS: Final = frozenset({"cluster", "session", "streams", "key_mode", "iat", "jti"})
+_GRANTS_CLAIMS: Final = frozenset({"cluster", "iat", "jti"})
 _JTI: Final = re.compile(r"[A-Za-z0-9_-]{22,128}")
 
 
@@ -307,7 +308,32 @@ class Authorizer:
     def check(self, request: ControlOpen, *, now: float) -> Authorized:
         """The producer's checks of a (decoded, hence well-formed) open, in the contract's
         order; SessionError ``forbidden`` with the first failed check's reason."""
-        proof = request.proof
+        who, claims = self._verified(request.proof, request.authz, PROOF_TYP, now)
+        self._claims(claims, request, who.streams)
+        self._fresh(claims, now)
+        return who
+
+    def grants(self, request: ControlGrants, *, now: float) -> tuple[Authorized, str]:
+        """The checks of a grants request (those of an open, on the grants proof's three
+        claims): who asks, what the policy grants it, and the proof's ``jti``; SessionError
+        ``forbidden``."""
+        who, claims = self._verified(request.proof, request.authz, GRANTS_TYP, now)
+        if (
+            set(claims) != _GRANTS_CLAIMS
+            or not isinstance(claims["cluster"], str)
+            or not _fresh_form(claims)
+        ):
+            raise _forbidden("malformed claims")
+        if claims["cluster"] != self.cluster:
+            raise _forbidden("proof is for another cluster")
+        self._fresh(claims, now)
+        return who, claims["jti"]
+
+    def _verified(
+        self, proof: str | None, authz: str | None, typ: str, now: float
+    ) -> tuple[Authorized, dict[str, Any]]:
+        """Steps 1 to 4: who signed ``proof`` (a ``typ`` proof), what it may read, and the
+        proof's claims (not yet checked)."""
         if proof is None:
             raise _forbidden("no proof")
         try:
@@ -317,7 +343,7 @@ class Authorizer:
         kid = header.get("kid")
         if (
             header.get("alg") != "Ed25519"
-            or header.get("typ") != PROOF_TYP
+            or header.get("typ") != typ
             or "crit" in header
             or not isinstance(kid, str)
         ):
@@ -327,8 +353,8 @@ class Authorizer:
         until: float | None
         if grant is not None:
             key, allowed, until, name = grant.jwk, grant.streams, grant.until, grant.name
-        elif request.authz is not None:
-            allowed, until, issuer = self._issued(request.authz, kid, now)
+        elif authz is not None:
+            allowed, until, issuer = self._issued(authz, kid, now)
             name = None
             try:
                 key = public_ed25519(header.get("jwk"))
@@ -339,33 +365,28 @@ class Authorizer:
         else:
             raise _forbidden("key not authorized")
         try:
-            claims = verify_proof(proof, key)
+            claims = verify_proof(proof, key, typ=typ)
         except IntegrityError:
             raise _forbidden("bad signature") from None
         if until is not None and now >= until:
             raise _forbidden("authorization expired")
-        self._claims(claims, request, allowed, now)
-        self._seen[claims["jti"]] = claims["iat"] + self.window_s
-        return Authorized(kid, name, allowed, until, issuer)
+        return Authorized(kid, name, allowed, until, issuer), claims
 
     def _claims(
         self,
         claims: dict[str, Any],
         request: ControlOpen,
         allowed: frozenset[str],
-        now: float,
     ) -> None:
         """SessionError ``forbidden`` (with why) unless the proof's claims match the open."""
-        iat, jti, asked = claims.get("iat"), claims.get("jti"), claims.get("streams")
+        asked = claims.get("streams")
         if (
             set(claims) - {"zip"} != _CLAIMS
             or not isinstance(claims.get("zip", False), bool)
             or not all(isinstance(claims[k], str) for k in ("cluster", "session", "key_mode"))
             or not isinstance(asked, list)
             or not all(isinstance(s, str) for s in asked)
-            or type(iat) is not int
-            or not isinstance(jti, str)
-            or not _JTI.fullmatch(jti)
+            or not _fresh_form(claims)
         ):
             raise _forbidden("malformed claims")
         if claims["cluster"] != self.cluster:
@@ -383,6 +404,11 @@ class Authorizer:
             raise _forbidden("proof is for another key mode")
         if claims.get("zip", False) is not request.zip:  # a relay must not turn compression on
             raise _forbidden("proof is for another zip")
+
+    def _fresh(self, claims: dict[str, Any], now: float) -> None:
+        """Steps 6 and 7 (``iat`` within the window, ``jti`` never accepted before), then the
+        ``jti`` is remembered: one cache for opens and grants requests."""
+        iat, jti = claims["iat"], claims["jti"]
         if iat < now - self.window_s:
             raise _forbidden("proof expired")
         if iat > now + self.window_s:
@@ -394,6 +420,7 @@ class Authorizer:
             self._seen = {j: t for j, t in self._seen.items() if t >= now}
             if len(self._seen) >= self.max_jti:
                 raise _forbidden("too many opens")
+        self._seen[jti] = iat + self.window_s
 
     def _issued(self, token: str, kid: str, now: float) -> tuple[frozenset[str], float | None, str]:
         """An issuer token (``authz``) for identity ``kid``: (streams, until, issuer id); or
@@ -442,6 +469,23 @@ class Authorizer:
 
 def _forbidden(reason: str) -> SessionError:
     return SessionError("forbidden", reason)
+
+
+def unverified_jti(proof: str) -> str:
+    """A proof's ``jti``, unverified (a producer without a policy echoes it, checking nothing);
+    "" when it cannot be read."""
+    try:
+        claims = json.loads(b64u_decode(proof.split(".")[1]))
+    except (IndexError, ValueError, RecursionError):
+        return ""
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+    return jti if isinstance(jti, str) and _JTI.fullmatch(jti) else ""
+
+
+def _fresh_form(claims: Mapping[str, Any]) -> bool:
+    """``iat`` an integer and ``jti`` of the contract's form."""
+    jti = claims.get("jti")
+    return type(claims.get("iat")) is int and isinstance(jti, str) and bool(_JTI.fullmatch(jti))
 
 
 def _number(value: object) -> bool:

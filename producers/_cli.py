@@ -9,56 +9,119 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import sys
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
+
+import nats.errors
 
 from producers._agent import Agent
 from producers._authz import POLICY_FILE_NAME, AuthzPolicy, public_ed25519
-from producers._config import ProducerConfig
+from producers._config import ProducerConfig, otlp_config
 from producers._otlp import OtlpConfig, OtlpReceiver
-from producers.sources import HostMetrics, HttpEvents, JsonLines, Source
+from producers.sources import HostMetrics, HttpEvents, JsonLines, Row, Source
 from sealstream import SealstreamError, configure_logging
 from sealstream.crypto import ClusterIdentity
+from sealstream.ids import Subjects
 from sealstream.jwk import thumbprint
+from sealstream.nats import connect, release
 from sealstream.otlp import OTLP_STREAMS
-from sealstream.run import add_service_options, keep, run, suppress
+from sealstream.run import (
+    add_service_options,
+    glue_values,
+    keep,
+    quiet_broken_pipe,
+    read_option_file,
+    run,
+    suppress,
+)
 
 __all__ = ["main", "parse_source"]
 
 
-def parse_source(spec: str, *, rate: float, interval: float) -> Source:
-    """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin)."""
+def parse_source(
+    spec: str, *, rate: float, interval: float, read: Callable[[str], bool] | None = None
+) -> Source:
+    """``http_events``, ``host_metrics``, or ``jsonl:PATH[:STREAM]`` (PATH ``-`` is stdin);
+    given ``read`` (whether a stream has a reader), a file's records wait for the first reader
+    of their stream (:class:`FirstReader`)."""
     if spec == "http_events":
         return HttpEvents(rate=rate)
     if spec == "host_metrics":
         return HostMetrics(interval=interval)
     if spec.startswith("jsonl:"):
         path, _, stream = spec[len("jsonl:") :].partition(":")
-        return JsonLines(None if path == "-" else Path(path), stream=stream or "records")
+        if path == "-":  # read as it comes, as a pipe is
+            return JsonLines(None, stream=stream or "records")
+        lines = JsonLines(Path(path), stream=stream or "records")
+        return lines if read is None else FirstReader(lines, read)
     raise ValueError(
         f"unknown source {spec!r}: use http_events, host_metrics, jsonl:PATH[:STREAM] or "
         "otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]"
     )
 
 
-def otlp_config(specs: list[str]) -> OtlpConfig | None:
-    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
-    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
-    only)."""
-    given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
-    if not given:
-        return None
-    if len(given) > 1:
-        raise ValueError("give one otlp source")
-    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
-    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
-        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
-    return OtlpConfig(
-        host=host or "127.0.0.1",
-        port=int(http or 4318),
-        grpc_port=None if grpc == "off" else int(grpc or 4317),
+@dataclass(frozen=True, slots=True)
+class FirstReader:
+    """A file's records held until their stream has a reader: a file is read once, and rows
+    emitted before any session is open would be sealed to no one. The first readers get them
+    from the start; later ones, what comes after they open."""
+
+    source: Source
+    #: whether a stream has a reader now
+    read: Callable[[str], bool]
+    poll_s: float = 0.1
+
+    @property
+    def stream(self) -> str:
+        return self.source.stream
+
+    async def rows(self) -> AsyncGenerator[list[Row], None]:
+        # the agent has no event for an open (its control path is not this module's): look
+        while not self.read(self.stream):  # noqa: ASYNC110
+            await asyncio.sleep(self.poll_s)
+        async with contextlib.aclosing(self.source.rows()) as batches:
+            async for batch in batches:
+                yield batch
+
+
+@contextlib.asynccontextmanager
+async def _sole_producer(config: ProducerConfig) -> AsyncIterator[None]:
+    """Refuse to start beside another producer of the cluster, then answer for this one while
+    it runs (docs/protocol.md, "Identifiers and subjects": one producer serves a cluster)."""
+    subjects = Subjects(config.prefix)
+    nc = await connect(
+        config.nats_url,
+        name=f"sealstream-producer.{config.cluster}.presence",
+        user=config.nats_auth.user,
+        password=config.nats_auth.password,
+        inbox_prefix=subjects.producer_inbox(config.cluster),
     )
+    try:
+        subject = subjects.producer(config.cluster)
+        try:
+            other = await nc.request(subject, b"", timeout=1.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            pass  # nobody serves it (a server that forbids the subject: no reply either)
+        else:
+            who = other.data.decode("utf-8", "replace")[:200]
+            raise ValueError(
+                f"cluster {config.cluster!r} already has a producer ({who}): stop it, or give "
+                "this one another --cluster"
+            )
+        me = f"process {os.getpid()} on {socket.gethostname()}".encode()
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(me)
+
+        await nc.subscribe(subject, cb=answer)
+        yield
+    finally:
+        await release(nc)
 
 
 @contextlib.asynccontextmanager
@@ -79,7 +142,7 @@ def source_specs(args: argparse.Namespace, env: Mapping[str, str]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__)
+    p = argparse.ArgumentParser(prog="sealstream-producer", description=__doc__.replace("``", ""))
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run the agent (default)")
     for parser, d in ((p, keep), (r, suppress)):
@@ -99,9 +162,11 @@ def _parser() -> argparse.ArgumentParser:
             # after 'run' they go to a list of their own, joined to those given before it
             dest="source" if parser is p else "run_source",
             default=d(None),
-            help="http_events | host_metrics | jsonl:PATH[:STREAM] | "
+            help="http_events | host_metrics | jsonl:PATH[:STREAM] (a file's records wait for "
+            "the stream's first reader; PATH - is stdin, read as it comes) | "
             "otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]] (the OTLP receiver: HTTP on 4318 and gRPC on "
-            "4317 of 127.0.0.1 by default) (repeatable; env "
+            "4317 of 127.0.0.1 by default; env SEALSTREAM_OTLP_TOKEN: the bearer token it "
+            "requires) (repeatable; env "
             "SEALSTREAM_SOURCES, comma-separated; default http_events,host_metrics)",
         )
         parser.add_argument(
@@ -127,46 +192,101 @@ def _parser() -> argparse.ArgumentParser:
             help="sealed envelopes kept per session while NATS is unreachable (default 4 MiB; "
             "env SEALSTREAM_BUFFER_BYTES); beyond it the oldest are dropped and counted",
         )
-    k = sub.add_parser("key", help="create the signing key if needed; print its public JWK")
-    k.add_argument("--key-file", type=Path, required=True)
-    a = sub.add_parser("authorize", help="manage who may read this cluster (its policy file)")
-    a.add_argument("action", choices=["add", "list", "revoke", "add-issuer"])
-    a.add_argument(
-        "--key-file",
-        type=Path,
-        dest="authz_key_file",
-        help="cluster key file: the policy is authorized.json beside it (env SEALSTREAM_KEY_FILE)",
+    k = sub.add_parser(
+        "key",
+        help="create the signing key if needed; print its public JWK",
+        description="Create the cluster's signing key (if the file does not exist) and print "
+        "its public JWK, which consumers pin ('sealstream-consume trust add').",
     )
-    a.add_argument(
-        "--policy-file",
-        type=Path,
-        dest="authz_policy_file",
-        help="the policy file itself (env SEALSTREAM_POLICY_FILE)",
-    )
-    a.add_argument(
-        "--jwk-file",
-        type=Path,
-        help="the reader's public JWK ('sealstream-consume identity create' prints it), or an "
-        "issuer's",
-    )
-    a.add_argument("--stream", action="append", help="a stream it may read (repeatable)")
-    a.add_argument("--until", help="expiry: ISO 8601 (UTC unless it says) or Unix seconds")
-    a.add_argument("--name", help="who this is, for 'list'")
-    a.add_argument("--thumbprint", help="the key to revoke (or give --jwk-file)")
+    k.add_argument("--key-file", type=Path, required=True, help="the signing key file")
+    _authorize_parser(sub)
     return p
 
 
-def parse_until(text: str) -> int:
-    """``--until``: Unix seconds, or an ISO 8601 date-time (UTC unless it names a zone)."""
+#: what each ``authorize`` action does (its help), and whether it may create the policy file
+_ACTIONS: Final = {
+    "add": ("authorize a reader's identity for more streams (keeps what it had)", True),
+    "set": ("authorize a reader's identity for exactly these streams (replaces its grant)", True),
+    "list": ("print the policy: key or issuer, id, name, streams, until", False),
+    "revoke": ("remove a reader's identity or an issuer: its live sessions end", False),
+    "add-issuer": ("trust an issuer key whose tokens authorize identities", True),
+}
+#: options whose value is an id (base64url: it may begin with '-')
+ID_OPTIONS: Final = ("--thumbprint",)
+
+
+def _authorize_parser(sub: Any) -> None:
+    a = sub.add_parser(
+        "authorize",
+        help="manage who may read this cluster (its policy file)",
+        description="Manage who may read this cluster: the policy file (authorized.json beside "
+        "the cluster key, or --policy-file) that the producer re-reads when it changes.",
+    )
+    actions = a.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, (text, creates) in _ACTIONS.items():
+        c = actions.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        c.add_argument(
+            "--key-file",
+            type=Path,
+            dest="authz_key_file",
+            help="the cluster's signing key: the policy is authorized.json beside it (env "
+            "SEALSTREAM_KEY_FILE)",
+        )
+        c.add_argument(
+            "--policy-file",
+            type=Path,
+            dest="authz_policy_file",
+            help="the policy file itself (env SEALSTREAM_POLICY_FILE)"
+            + ("" if creates else "; it must exist"),
+        )
+        if action == "list":
+            continue
+        c.add_argument(
+            "--jwk-file",
+            type=Path,
+            required=action != "revoke",
+            help="an issuer's public JWK"
+            if action == "add-issuer"
+            else "the reader's public JWK (what 'sealstream-consume identity create' prints)",
+        )
+        if action == "revoke":
+            c.add_argument(
+                "--thumbprint",
+                help="the id of the key or issuer to revoke (as 'list' prints it), instead of "
+                "--jwk-file; write --thumbprint=ID",
+            )
+            continue
+        if action != "add-issuer":
+            c.add_argument(
+                "--stream",
+                action="append",
+                required=True,
+                help="a stream it may read (repeatable)",
+            )
+        c.add_argument(
+            "--until",
+            help="expiry, in the future: ISO 8601 (UTC unless it says) or Unix seconds "
+            "(default: never; 'add' keeps the grant's)",
+        )
+        c.add_argument("--name", help="who this is, shown by 'list'")
+
+
+def parse_until(text: str, *, now: float | None = None) -> int:
+    """``--until``: Unix seconds, or an ISO 8601 date-time (UTC unless it names a zone); it
+    must be in the future."""
     if text.isdigit():
-        return int(text)
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"--until {text!r}: use ISO 8601 or Unix seconds") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return int(when.timestamp())
+        until = int(text)
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"--until {text}: use ISO 8601 or Unix seconds") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        until = int(when.timestamp())
+    if until <= (time.time() if now is None else now):
+        raise ValueError(f"--until {text}: that is in the past")
+    return until
 
 
 def _when(until: int | None) -> str:
@@ -175,17 +295,40 @@ def _when(until: int | None) -> str:
     return datetime.datetime.fromtimestamp(until, datetime.UTC).isoformat()
 
 
-def _authorize(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    policy_file = args.authz_policy_file or (
+def policy_path(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
+    """The policy file an ``authorize`` action works on: it exists, or (for an action that
+    creates it) the cluster's key file beside which it goes does. Never a stray file in the
+    working directory."""
+    key_file = (
+        args.authz_key_file
+        or args.key_file
+        or (Path(env["SEALSTREAM_KEY_FILE"]) if env.get("SEALSTREAM_KEY_FILE") else None)
+    )
+    given = args.authz_policy_file or (
         Path(env["SEALSTREAM_POLICY_FILE"]) if env.get("SEALSTREAM_POLICY_FILE") else None
     )
-    if policy_file is None:
-        key_file = (
-            args.authz_key_file
-            or args.key_file
-            or Path(env.get("SEALSTREAM_KEY_FILE") or "cluster-key.jwk")
+    if given is None and key_file is None:
+        raise ValueError(
+            f"authorize {args.action} needs the cluster's policy: give --key-file (the policy "
+            "is beside it) or --policy-file"
         )
-        policy_file = key_file.parent / POLICY_FILE_NAME
+    path = given or key_file.parent / POLICY_FILE_NAME  # type: ignore[union-attr]
+    if path.exists():
+        return path
+    flag = "--policy-file" if given else "--key-file"
+    if not _ACTIONS[args.action][1]:
+        raise ValueError(f"{flag}: there is no policy at {path}")
+    if key_file is None or not key_file.exists():
+        where = f"no cluster key at {key_file}" if key_file else "no --key-file"
+        raise ValueError(
+            f"{flag}: there is no policy at {path} and {where}: give the cluster's --key-file "
+            "('sealstream-producer key' creates it)"
+        )
+    return path
+
+
+def _authorize(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    policy_file = policy_path(args, env)
     policy = AuthzPolicy.load_or_empty(policy_file)
     if args.action == "list":
         for kid, grant in policy.keys.items():
@@ -194,40 +337,51 @@ def _authorize(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         for kid, issuer in policy.issuers.items():
             print(f"issuer\t{kid}\t{issuer.name or '-'}\t*\t{_when(issuer.until)}")
         return 0
-    jwk = json.loads(args.jwk_file.read_text(encoding="utf-8")) if args.jwk_file else None
+    jwk = (
+        public_ed25519(_json_file("--jwk-file", args.jwk_file))
+        if args.jwk_file is not None
+        else None
+    )
     if args.action == "revoke":
-        gone = args.thumbprint or (thumbprint(public_ed25519(jwk)) if jwk else None)
-        if gone is None:
-            print("error: revoke needs --thumbprint or --jwk-file", file=sys.stderr)
-            return 2
+        if (args.thumbprint is None) == (jwk is None):
+            raise ValueError("authorize revoke needs --thumbprint=ID or --jwk-file (one of them)")
+        gone = args.thumbprint or thumbprint(jwk)  # type: ignore[arg-type]
         try:
             policy = policy.without(gone)
         except KeyError:
-            print(f"error: {gone} is not in {policy_file}", file=sys.stderr)
-            return 1
+            raise ValueError(f"{gone} is not in {policy_file}") from None
         policy.save(policy_file)
         print(f"revoked {gone} in {policy_file}")
         return 0
-    if jwk is None:
-        print(f"error: authorize {args.action} needs --jwk-file", file=sys.stderr)
-        return 2
+    assert jwk is not None  # required by the parser
     until = parse_until(args.until) if args.until else None
     if args.action == "add-issuer":
         policy, kid = policy.with_issuer(jwk, until=until, name=args.name)
         policy.save(policy_file)
         print(f"trusted issuer {kid} in {policy_file}")
         return 0
-    if not args.stream:
-        print("error: authorize add needs at least one --stream", file=sys.stderr)
-        return 2
-    policy, kid = policy.with_key(jwk, args.stream, until=until, name=args.name)
+    wanted = set(args.stream)
+    granted = policy.keys.get(thumbprint(jwk))
+    if args.action == "add" and granted is not None:
+        wanted |= granted.streams
+        until = granted.until if until is None else until
+    name = args.name or (granted.name if granted else None)
+    policy, kid = policy.with_key(jwk, sorted(wanted), until=until, name=name)
     policy.save(policy_file)
-    print(f"authorized {kid} for {', '.join(sorted(set(args.stream)))} in {policy_file}")
+    added = ", ".join(sorted(set(args.stream)))
+    print(f"authorized {kid} for {added} (now: {', '.join(sorted(wanted))}) in {policy_file}")
     return 0
 
 
+def _json_file(flag: str, path: Path) -> object:
+    try:
+        return json.loads(read_option_file(flag, path))
+    except json.JSONDecodeError:
+        raise ValueError(f"{flag} {path}: not JSON") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(glue_values(sys.argv[1:] if argv is None else argv, ID_OPTIONS))
     if args.command == "key":
         identity = ClusterIdentity.load_or_create(args.key_file)
         print(json.dumps(identity.public_jwk))
@@ -235,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "authorize":
         try:
             return _authorize(args, os.environ)
+        except BrokenPipeError:
+            return quiet_broken_pipe()
         except (OSError, ValueError, SealstreamError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 1 if isinstance(exc, SealstreamError) else 2
     configure_logging(level=args.log_level, json=args.log_json)
 
     async def serve() -> int:
@@ -250,18 +406,31 @@ def main(argv: list[str] | None = None) -> int:
             policy_file=args.policy_file,
             trust_relay_authorization=args.trust_relay_authorization or None,
         )
+        if not config.key_file.exists():  # a mistyped path must not make a key nobody pins
+            raise ValueError(
+                f"--key-file {config.key_file}: no such file (create the cluster's signing key "
+                f"once with 'sealstream-producer key --key-file {config.key_file}')"
+            )
         specs = [s.strip() for s in source_specs(args, os.environ) if s.strip()]
-        otlp = otlp_config(specs)
+        otlp = otlp_config(specs, token=os.environ.get("SEALSTREAM_OTLP_TOKEN") or None)
+        running: list[Agent] = []  # the agent, once it runs
+
+        def read(stream: str) -> bool:
+            live = (served for agent in running for served in agent.sessions.values())
+            return any(stream in served.streams for served in live)
+
         sources = [
-            parse_source(s, rate=args.rate, interval=args.interval)
+            parse_source(s, rate=args.rate, interval=args.interval, read=read)
             for s in specs
             if otlp is None or not s.startswith("otlp")
         ]
         streams = OTLP_STREAMS if otlp is not None else ()
         async with (
+            _sole_producer(config),
             Agent(config, sources=sources, streams=streams) as agent,
             otlp_receiver(agent, otlp),
         ):
+            running.append(agent)
             await asyncio.Event().wait()
         return 0
 

@@ -10,12 +10,13 @@ from typing import Any
 
 from producers._authz import POLICY_FILE_NAME
 from producers._batcher import Batching
+from producers._otlp import OtlpConfig
 from sealstream.crypto import Rotation
 from sealstream.ids import check_cluster_id
 from sealstream.nats import NatsAuth
 from sealstream.store import Store
 
-__all__ = ["ProducerConfig"]
+__all__ = ["ProducerConfig", "otlp_config"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,3 +104,23 @@ class ProducerConfig:
         if "cluster" not in values:
             raise ValueError("a cluster id is required (--cluster or SEALSTREAM_CLUSTER)")
         return cls(**values)
+
+
+def otlp_config(specs: list[str], *, token: str | None = None) -> OtlpConfig | None:
+    """The OTLP receiver asked for by ``otlp[:HOST[:HTTP_PORT[:GRPC_PORT]]]`` among ``specs``
+    (127.0.0.1, 4318 and 4317 by default; port 0: any free port; GRPC_PORT ``off``: HTTP
+    only), requiring the bearer ``token`` when one is given."""
+    given = [s for s in specs if s == "otlp" or s.startswith("otlp:")]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError("give one otlp source")
+    host, http, grpc, *rest = [*given[0].split(":")[1:], "", "", ""]
+    if any(rest) or not (http or "0").isdigit() or not (grpc in ("", "off") or grpc.isdigit()):
+        raise ValueError(f"source {given[0]!r}: use otlp[:HOST[:HTTP_PORT[:GRPC_PORT|off]]]")
+    return OtlpConfig(
+        host=host or "127.0.0.1",
+        port=int(http or 4318),
+        grpc_port=None if grpc == "off" else int(grpc or 4317),
+        token=token,
+    )

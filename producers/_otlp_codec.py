@@ -1,7 +1,8 @@
 """OTLP export requests in and out of their encodings, pure: protobuf and OTLP/JSON decoding,
 bounded gzip, the split of a request into rows that fit a batch (docs/protocol.md,
 "OpenTelemetry streams"), and the refusals with their HTTP status and gRPC code. The
-receiver's HTTP and gRPC servers share it."""
+receiver's HTTP and gRPC servers share it; :func:`prepare` (decoding and splitting, CPU-bound)
+runs in a worker thread, never on the producer's event loop."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ __all__ = [
     "NOT_FOUND",
     "PROTOBUF",
     "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
     "UNAVAILABLE",
     "UNIMPLEMENTED",
     "Gunzip",
     "Refused",
     "bad",
     "decode",
+    "prepare",
     "split_request",
     "to_rows",
     "too_large",
@@ -46,6 +49,7 @@ RESOURCE_EXHAUSTED: Final = 8
 UNIMPLEMENTED: Final = 12
 INTERNAL: Final = 13
 UNAVAILABLE: Final = 14
+UNAUTHENTICATED: Final = 16
 
 
 class Refused(Exception):
@@ -179,6 +183,25 @@ def split_request(signal: Signal, request: Any, limit: int) -> tuple[list[Messag
     if size:
         parts.append(current)
     return parts, refused
+
+
+def prepare(
+    signal: Signal, body: bytes, content_type: str, *, limit: int, max_items: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Decode a request and split it into rows of at most ``limit`` bytes of ``otlp``; the
+    rows and how many items were refused one by one. More than ``max_items`` spans, metrics or
+    log records in one request: refused whole (413), before the split that costs per item."""
+    message = decode(signal, body, content_type)
+    items = sum(
+        len(getattr(scope, signal.items))
+        for group in getattr(message, signal.resources)
+        for scope in getattr(group, signal.scopes)
+    )
+    if items > max_items:
+        raise Refused(
+            413, "too_many_items", f"over {max_items} items in one request", RESOURCE_EXHAUSTED
+        )
+    return to_rows(signal, message, body, content_type == PROTOBUF, limit)
 
 
 def to_rows(

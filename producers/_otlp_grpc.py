@@ -4,8 +4,10 @@
 Requests arrive as their protobuf bytes (no deserializer: the bytes are what is sealed) and
 go through the same admission, decoding and sealing as OTLP/HTTP. Refusals map to gRPC codes:
 ``INVALID_ARGUMENT`` (undecodable), ``UNAVAILABLE`` with a ``RetryInfo`` in the status details
-(backpressure; the OTLP client retries after its delay), ``INTERNAL``. gzip (``grpc-encoding``)
-and the size limit (``RESOURCE_EXHAUSTED``, on the inflated message) are gRPC's own.
+(backpressure; the OTLP client retries after its delay), ``UNAUTHENTICATED`` (no or a wrong
+bearer token in the ``authorization`` metadata, when the receiver has one), ``INTERNAL``. gzip
+(``grpc-encoding``) and the size limit (``RESOURCE_EXHAUSTED``, on the inflated message) are
+gRPC's own.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ STATUS_DETAILS: Final = "grpc-status-details-bin"
 class Accepting(Protocol):
     """The receiver, as the servers use it."""
 
+    def authenticate(self, authorization: str | None) -> None: ...
+
     def admitted(self) -> AbstractContextManager[None]: ...
 
     async def accept(self, signal: Signal, body: bytes, content_type: str) -> Message: ...
@@ -54,14 +58,17 @@ def _export(
 ) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]:
     async def export(body: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
+            metadata = dict(context.invocation_metadata() or ())
+            authorization = metadata.get("authorization")
+            receiver.authenticate(authorization if isinstance(authorization, str) else None)
             with receiver.admitted():
                 response = await receiver.accept(signal, body, PROTOBUF)
         except Refused as refused:
             receiver.refuse(refused)
-            metadata: tuple[tuple[str, str | bytes], ...] = ()
+            trailers: tuple[tuple[str, str | bytes], ...] = ()
             if refused.code == UNAVAILABLE:
-                metadata = ((STATUS_DETAILS, retry_info(str(refused), retry_after_s)),)
-            await context.abort(_CODES[refused.code], str(refused), trailing_metadata=metadata)
+                trailers = ((STATUS_DETAILS, retry_info(str(refused), retry_after_s)),)
+            await context.abort(_CODES[refused.code], str(refused), trailing_metadata=trailers)
         return bytes(response.SerializeToString())
 
     return export

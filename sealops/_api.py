@@ -115,16 +115,21 @@ async def _produce(
     await anext(commands, None)  # until told to stop (or stdin closes)
 
 
-async def api_producer(
-    cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
-) -> None:
-    config = ProducerConfig(
+def producer_config(cfg: dict[str, Any]) -> ProducerConfig:
+    """A worker's producer configuration, from the settings the bench hands its workers."""
+    return ProducerConfig(
         cluster=cfg["cluster"],
         nats_url=cfg["nats_url"],
         prefix=cfg["prefix"],
         key_file=Path(cfg["identity_file"]),
         policy_file=Path(cfg["policy_file"]),
     )
+
+
+async def api_producer(
+    cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
+) -> None:
+    config = producer_config(cfg)
     async with contextlib.AsyncExitStack() as stack:
         window = await _window(cfg, stack)
         agent = await stack.enter_async_context(Agent(config, streams=[STREAM]))

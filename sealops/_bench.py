@@ -10,6 +10,10 @@ producer and consumer worker processes (:mod:`sealops._worker`). Modes:
 - ``session``: sealstream's default mode (a signed key envelope, then ``dir``/A256GCM);
 - ``per-message``: Pixie's scheme, an RSA-OAEP-256 (4096-bit) JWE per message.
 
+Then the public API against plain nats-py (:mod:`sealops._api`) and OpenTelemetry spans
+through the OTLP receiver and exporter against a plain pipeline (:mod:`sealops._otlpbench`;
+``--only otlp`` runs that scenario alone).
+
 For each mode, body size and fan-out: a maximum-rate run (bounded in-flight window, so no
 consumer is overrun) and a run paced at half that rate for latency. Then a memory soak and
 the time from subscribe to the first decrypted row. The orchestrator measures CPU seconds
@@ -50,9 +54,16 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from sealops import _scenarios
+from sealops import _otlpbench, _scenarios
 from sealops._procs import Launcher, Proc
-from sealops._report import SCHEMA, Plan, evaluate_targets, problems, render_markdown
+from sealops._report import (
+    SCHEMA,
+    Plan,
+    evaluate_targets,
+    otlp_problems,
+    problems,
+    render_markdown,
+)
 from sealstream.crypto import ClusterIdentity
 from sealstream.errors import SealstreamError
 from sealstream.log import configure_logging
@@ -75,7 +86,7 @@ def bench_main(args: argparse.Namespace) -> int:
     plan = Plan.quick() if args.quick else Plan.full()
     command = shlex.join(["sealstream", *map(_shown, sys.argv[1:])])
     return run(
-        lambda: _bench(plan, out=args.out, nats_url=args.nats_url, command=command),
+        lambda: _bench(plan, out=args.out, nats_url=args.nats_url, command=command, only=args.only),
         interrupted=130,  # a stopped bench wrote no report: not a success
     )
 
@@ -156,7 +167,10 @@ def _write(out: Path, report: dict[str, Any]) -> None:
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
 
 
-async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -> int:
+async def _bench(
+    plan: Plan, *, out: Path, nats_url: str | None, command: str, only: str | None = None
+) -> int:
+    """Every scenario, or ``only`` the one named (``otlp``)."""
     started = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     console = Console(stderr=True)
@@ -168,13 +182,15 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         console=console,
         refresh_per_second=2,
     )
-    phases = (
-        len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2
-        + 4 * plan.ratio_rounds
-        + 3
-        + plan.api_rounds
-        + 1
-    )
+    phases = plan.otlp_rounds
+    if only is None:
+        phases += (
+            len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2
+            + 4 * plan.ratio_rounds
+            + 3
+            + plan.api_rounds
+            + 1
+        )
     with tempfile.TemporaryDirectory(prefix="sealstream-bench-") as tmp:
         state = Path(tmp)
         secret, secret_file, identity_file, trust_jwk = _prepare(state)
@@ -211,15 +227,22 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
                     progress=progress,
                     overall=overall,
                 )
-                scenarios = await _scenarios.matrix(ctx)
-                rounds = await _scenarios.rounds(ctx)
-                soak = await _scenarios.soak(ctx)
-                first_row = await _scenarios.first_row(ctx)
-                logins = await _scenarios.logins(ctx)
-                api = await _scenarios.api(ctx)
-                fanout_api = await _scenarios.fanout_api(ctx)
-                if any(problems(x) for x in (*scenarios, *rounds, soak)) or any(
-                    (g.get("proxy") or {}).get("rejected") for g in ctx.groups
+                found: dict[str, Any] = {"scenarios": [], "rounds": []}
+                if only is None:
+                    found["scenarios"] = await _scenarios.matrix(ctx)
+                    found["rounds"] = await _scenarios.rounds(ctx)
+                    found["soak"] = await _scenarios.soak(ctx)
+                    found["first_row"] = await _scenarios.first_row(ctx)
+                    found["logins"] = await _scenarios.logins(ctx)
+                    found["api"] = await _scenarios.api(ctx)
+                    found["fanout_api"] = await _scenarios.fanout_api(ctx)
+                found["otlp"] = await _otlpbench.otlp(ctx)
+                soak = found.get("soak") or {}
+                runs = (*found["scenarios"], *found["rounds"], *([soak] if soak else []))
+                if (
+                    any(problems(x) for x in runs)
+                    or any((g.get("proxy") or {}).get("rejected") for g in ctx.groups)
+                    or any(otlp_problems(r) for r in found["otlp"]["runs"])
                 ):
                     _keep_logs(state, out, "some runs lost or refused messages")
         except BaseException:
@@ -232,13 +255,7 @@ async def _bench(plan: Plan, *, out: Path, nats_url: str | None, command: str) -
         "duration_s": round(time.monotonic() - started, 1),
         "machine": machine,
         "plan": plan.to_json(),
-        "scenarios": scenarios,
-        "rounds": rounds,
-        "soak": soak,
-        "first_row": first_row,
-        "logins": logins,
-        "api": api,
-        "fanout_api": fanout_api,
+        **found,
         "groups": ctx.groups,
     }
     report["targets"] = evaluate_targets(report)

@@ -225,13 +225,15 @@ class Deployment:
         return codes
 
 
-async def _consume(config: ClientConfig, seen: Seen) -> None:
+async def _consume(
+    config: ClientConfig, seen: Seen, *, cluster: str = _CLUSTER, stream: str = _STREAM
+) -> None:
     """Stream until cancelled, recording into ``seen``."""
     try:
         async with (
             Client(config) as client,
             client.subscribe(
-                _CLUSTER, [_STREAM], resume=True, retry_s=120, resume_timeout_s=600
+                cluster, [stream], resume=True, retry_s=120, resume_timeout_s=600
             ) as sub,
         ):
             try:
@@ -359,7 +361,8 @@ def _report(result: dict[str, Any]) -> str:
     lines = [
         "# Chaos run",
         "",
-        f"`sealstream chaos --duration {result['duration_s']:g} --seed {result['seed']}` "
+        result.get("what")
+        or f"`sealstream chaos --duration {result['duration_s']:g} --seed {result['seed']}` "
         f"({result['rate']:g} rows/s): nats-server, two proxies and a producer killed and "
         "restarted at random moments while library consumers (`resume=True`) stream.",
         "",
@@ -415,11 +418,23 @@ def _verdict(result: dict[str, Any]) -> list[str]:
     return problems
 
 
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The run on the topology asked for (``--topology hub``: :mod:`sealops._hubchaos`)."""
+    if getattr(args, "topology", "single") != "hub":
+        return await _chaos(args)
+    from sealops._hubchaos import HUB_FAULTS, hub_chaos
+
+    kinds = [k for k in (args.faults or ",".join(HUB_FAULTS)).split(",") if k]
+    if not set(kinds) <= set(HUB_FAULTS):
+        raise ValueError(f"fault kinds on the hub are {', '.join(HUB_FAULTS)}")
+    return await hub_chaos(args, kinds)
+
+
 def chaos_main(args: argparse.Namespace) -> int:
     """Run, write ``report.md`` and ``report.json`` to ``args.out``; exit 1 on a problem."""
     configure_logging(level="error")  # the roles' own logs are in OUT/logs
     try:
-        result = asyncio.run(_chaos(args))
+        result = asyncio.run(_run(args))
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:  # the command's words

@@ -185,6 +185,17 @@ class Plan:
     #: one envelope per reader through the proxy: a wide window would overrun it)
     fanout_rows: int = 20_000
     fanout_window: int = 2_000
+    #: the otlp scenario: rounds of (plain, sealstream); export requests of 512 spans at
+    #: maximum rate, at most ``otlp_window`` of them not yet at the sink; seconds paced at half
+    #: the maximum rate, and at twice it (the overload)
+    otlp_rounds: int = 3
+    otlp_requests: int = 2_000
+    otlp_window: int = 8
+    otlp_paced_s: float = 10.0
+    otlp_overload_s: float = 15.0
+    #: the overload's rate, times sealstream's maximum; None: a flood, as fast as the load
+    #: generator goes (the quick run: an overload whatever a busy machine let the maximum be)
+    otlp_overload_x: float | None = 2.0
 
     @classmethod
     def full(cls) -> Plan:
@@ -209,6 +220,11 @@ class Plan:
             api_rows=20_000,
             api_window=10_000,
             fanout_rows=2_000,
+            otlp_rounds=1,
+            otlp_requests=100,
+            otlp_paced_s=1.0,
+            otlp_overload_s=4.0,
+            otlp_overload_x=None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -233,6 +249,12 @@ class Plan:
             "api_window": self.api_window,
             "fanout_rows": self.fanout_rows,
             "fanout_window": self.fanout_window,
+            "otlp_rounds": self.otlp_rounds,
+            "otlp_requests": self.otlp_requests,
+            "otlp_window": self.otlp_window,
+            "otlp_paced_s": self.otlp_paced_s,
+            "otlp_overload_s": self.otlp_overload_s,
+            "otlp_overload_x": self.otlp_overload_x,
         }
 
 
@@ -460,7 +482,193 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         t["detail"] = f"median of {len(api.get('rounds') or [])} alternating rounds"
         t["pass"] = ratio >= 0.9
     targets.append(t)
+    return [*targets, *otlp_targets(report.get("otlp") or {})]
+
+
+#: the otlp scenario's bound on memory under overload: a process's RSS peak in the overload's
+#: second half may exceed its first half's by this much (bounded memory stops growing)
+OTLP_RSS_GROWTH_MB: Final = 16.0
+
+
+def otlp_problems(run: Mapping[str, Any]) -> list[str]:
+    """What makes an otlp run's figures doubtful: a request acknowledged and not delivered,
+    delivered twice, or altered on the way."""
+    out = []
+    for phase in ("max", "paced", "overload"):
+        f = run.get(phase)
+        if not f:
+            continue
+        if f["delivered"] != f["accepted"]:
+            out.append(f"{phase}: delivered {f['delivered']} of {f['accepted']} acknowledged")
+        for key in ("duplicates", "corrupt"):
+            if f.get(key):
+                out.append(f"{phase}: {key} {f[key]}")
+    return out
+
+
+def otlp_targets(otlp: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark targets of issue 20: spans/s against the plain pipeline, the p99 latency
+    sealstream adds at half its rate (medians over the rounds), memory under overload."""
+    rounds = otlp.get("rounds") or []
+    runs = otlp.get("runs") or []
+    found = [p for r in runs for p in otlp_problems(r)]
+    ratios = [r["ratio"] for r in rounds if r.get("ratio") is not None]
+    added = [r["added_p99_ms"] for r in rounds if r.get("added_p99_ms") is not None]
+    targets: list[dict[str, Any]] = []
+    for tid, text, required, values, least, most in (
+        (
+            "otlp_vs_plain",
+            "otlp: sealstream >= 0.8 x a plain pipeline's spans/s (OTLP/HTTP, 512-span requests)",
+            ">= 0.8",
+            ratios,
+            0.8,
+            None,
+        ),
+        (
+            "otlp_p99_added",
+            "otlp: p99 latency added at half the maximum rate <= 20 ms (against plain at the "
+            "same rate)",
+            "<= 20 ms",
+            added,
+            None,
+            20.0,
+        ),
+    ):
+        t: dict[str, Any] = {"id": tid, "target": text, "required": required}
+        if not values:
+            t.update({"measured": None, "pass": None, "note": "not measured in this run"})
+        else:
+            median = round(statistics.median(values), 2)
+            t["measured"] = median
+            t["detail"] = f"median of {len(values)} rounds: {', '.join(map(str, values))}"
+            t["pass"] = (least is None or median >= least) and (most is None or median <= most)
+        targets.append(t)
+    overloads = [r["overload"] for r in runs if r.get("overload")]
+    t = {
+        "id": "otlp_overload",
+        "target": "otlp: producer and consumer RSS bounded under a 2x overload, refused with "
+        "503 and Retry-After, every acknowledged request delivered",
+        "required": f"growth <= {OTLP_RSS_GROWTH_MB:g} MB, 503s seen",
+    }
+    if not overloads:
+        t.update({"measured": None, "pass": None, "note": "not measured in this run"})
+    else:
+        growth = [
+            o["rss"][role]["growth_mb"]
+            for o in overloads
+            for role in ("producer", "consumer")
+            if o["rss"][role]["growth_mb"] is not None
+        ]
+        refused = sum(o["retry_after"] for o in overloads)
+        worst = max(growth) if growth else None
+        t["measured"] = worst
+        t["detail"] = (
+            f"largest growth {worst} MB; {refused:,} refusals with Retry-After; "
+            f"{sum(o['delivered'] for o in overloads):,} of "
+            f"{sum(o['accepted'] for o in overloads):,} acknowledged requests delivered"
+        )
+        t["pass"] = worst is not None and worst <= OTLP_RSS_GROWTH_MB and refused > 0
+        if any("overload" in p for p in found):
+            t["pass"] = False  # an acknowledged request lost is this target's own failure
+    targets.append(t)
+    if found:
+        for t in targets[:2]:
+            if t["pass"] is not None:
+                t["pass"] = None
+                t["note"] = "degraded run: " + "; ".join(found)
     return targets
+
+
+def render_otlp(otlp: Mapping[str, Any]) -> list[str]:
+    """The otlp scenario: a row per round, the per-run figures, CPU per 1,000 spans."""
+    out = [
+        "## otlp: OpenTelemetry spans through sealstream (OTLP/HTTP in, OTLP/HTTP out)",
+        "",
+        "| round | sealstream spans/s | plain spans/s | sealstream / plain "
+        "| p99 ms at half sealstream's rate, sealstream | plain | added "
+        "| CPU per span, plain / sealstream |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in otlp.get("rounds") or []:
+        out.append(
+            f"| {r['round'] + 1} | {_fmt(r.get('sealstream_spans_per_s'))} "
+            f"| {_fmt(r.get('plain_spans_per_s'))} | {_fmt(r.get('ratio'), 2)} "
+            f"| {_fmt(r.get('sealstream_p99_ms'), 1)} | {_fmt(r.get('plain_p99_ms'), 1)} "
+            f"| {_fmt(r.get('added_p99_ms'), 1)} | {_fmt(r.get('cpu_ratio'), 2)} |"
+        )
+    out += [
+        "",
+        "| pipeline | round | phase | spans/s target | spans/s delivered | latency p50 / p90 / p99 "
+        "ms | acknowledged | delivered | answers |",
+        "|---|--:|---|--:|--:|--:|--:|--:|---|",
+    ]
+    cpu: dict[str, dict[str, list[float]]] = {}
+    spans = int(otlp.get("spans_per_request") or 512)
+    for run in otlp.get("runs") or []:
+        for phase in ("max", "paced", "overload"):
+            f = run.get(phase)
+            if not f:
+                continue
+            answers = ", ".join(f"{n:,} x {s}" for s, n in f["statuses"].items())
+            out.append(
+                f"| {run['pipeline']} | {run['round'] + 1} | {phase} | {_fmt(f['rate_target'])} "
+                f"| {_fmt(f['spans_per_s'])} | {_lat(f['latency_ms'])} | {_fmt(f['accepted'])} "
+                f"| {_fmt(f['delivered'])} | {answers} |"
+            )
+        requests = max(1, int(run["max"]["delivered"]))
+        for role, sec in run["cpu_s"].items():
+            per_k = 1000 * sec / (requests * spans) * 1000  # ms per 1,000 spans
+            cpu.setdefault(run["pipeline"], {}).setdefault(role, []).append(per_k)
+    if cpu:
+        roles = next(iter(cpu.values())).keys()
+        out += [
+            "",
+            f"CPU ms per 1,000 spans at maximum rate (median over rounds), "
+            f"{' / '.join(roles)}: "
+            + "; ".join(
+                f"{p} " + " / ".join(f"{statistics.median(v):.2f}" for v in by.values())
+                for p, by in sorted(cpu.items())
+            )
+            + ".",
+        ]
+    for run in otlp.get("runs") or []:
+        o = run.get("overload")
+        if not o:
+            continue
+        rss = o["rss"]
+        out += [
+            "",
+            f"Overload, round {run['round'] + 1} ("
+            + (
+                "a flood"
+                if o["rate_target"] is None
+                else f"{_fmt(o['rate_target'])} spans/s offered"
+            )
+            + f" for {o['seconds']} s): RSS peak first half / second half, producer "
+            f"{_fmt(rss['producer']['peak_first_half_mb'], 1)} / "
+            f"{_fmt(rss['producer']['peak_second_half_mb'], 1)} MB, consumer "
+            f"{_fmt(rss['consumer']['peak_first_half_mb'], 1)} / "
+            f"{_fmt(rss['consumer']['peak_second_half_mb'], 1)} MB (at the end of the "
+            f"maximum-rate run: {run['peak_rss_mb'].get('producer')} / "
+            f"{run['peak_rss_mb'].get('consumer')} MB); {o['retry_after']:,} refusals carried "
+            f"Retry-After; producer refusals by reason {run['producer'].get('refused', {})}.",
+        ]
+    out += [
+        "",
+        "sealstream: OTLP/HTTP load generator -> `producers.OtlpReceiver` (the agent seals each "
+        "request into its outbox before answering 200) -> the proxy -> "
+        "`consumers.Client.subscribe` -> `consumers.OtlpExporter` -> an OTLP/HTTP sink. plain: "
+        "the same request bytes POSTed to an aiohttp server publishing each in a msgpack "
+        "envelope -> a nats-py relay routing on the envelope's `session` -> a nats-py "
+        "consumer POSTing each body to the same sink. Each request is one protobuf "
+        "`ExportTraceServiceRequest` of 512 spans built once and replayed with a 16-byte stamp "
+        "(sequence, send time); latency is the generator's POST to the sink's receipt. At "
+        "maximum rate at most a window of requests is not yet at the sink; both pipelines are "
+        "then paced at half sealstream's maximum rate of the round (the same offered load), "
+        "and the overload at twice it, no window, refused requests not retried. Each round "
+        "runs sealstream first, then plain.",
+    ]
+    return out
 
 
 # --- Markdown -------------------------------------------------------------------------------
@@ -618,24 +826,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         *render_targets(report["targets"]),
     ]
-    for body in report["plan"]["sizes"]:
+    for body in report["plan"]["sizes"] if sc else ():
         out += [
             "",
             f"## {body:,} B bodies",
             "",
             *render_matrix(sc, body),
         ]
-    out += [
-        "",
-        "msg/s, rows/s and MB/s (plaintext) are delivered to all consumers together, first to "
-        "last message, at the maximum rate the producer sustains with a bounded in-flight "
-        "window. Latency is producer timestamp to decrypted row: p50/p90/p99 from a second "
-        "run paced at half that rate, and p99 at the maximum rate (where the window queues). "
-        "CPU seconds are those of the maximum-rate run; consumers sum over their processes; "
-        "peak RSS is each process's high-water mark since it started (consumer: the largest "
-        "process). sent / lost / rejected add both runs: lost is what never reached a "
-        "consumer, rejected what arrived and was refused.",
-    ]
+    if sc:
+        out += [
+            "",
+            "msg/s, rows/s and MB/s (plaintext) are delivered to all consumers together, first to "
+            "last message, at the maximum rate the producer sustains with a bounded in-flight "
+            "window. Latency is producer timestamp to decrypted row: p50/p90/p99 from a second "
+            "run paced at half that rate, and p99 at the maximum rate (where the window queues). "
+            "CPU seconds are those of the maximum-rate run; consumers sum over their processes; "
+            "peak RSS is each process's high-water mark since it started (consumer: the largest "
+            "process). sent / lost / rejected add both runs: lost is what never reached a "
+            "consumer, rejected what arrived and was refused.",
+        ]
     rounds = report.get("rounds") or []
     if rounds:
         out += [
@@ -663,7 +872,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "Each round runs the three modes one after the other, each with fresh processes; "
             "the targets above take the median of the rounds' ratios.",
         ]
-    out += ["", *render_costs(sc), "", *render_health(report)]
+    out += ["", *render_costs(sc), "", *render_health(report)] if sc else []
     groups = report.get("groups") or []
     published = sum(g.get("producer_published") or 0 for g in groups if g.get("proxy"))
     relayed = sum(g["proxy"].get("relayed") or 0 for g in groups if g.get("proxy"))
@@ -778,6 +987,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "in-flight window, in separate processes, the rounds alternating; rows/s is first "
             "row to last at the consumer.",
         ]
+    if report.get("otlp"):
+        out += ["", *render_otlp(report["otlp"])]
     fan = report.get("fanout_api")
     if fan:
         by = {r["mode"]: r for r in fan["runs"]}
@@ -810,14 +1021,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "mode the producer seals and signs each batch once for all readers; in session "
             "mode once per reader.",
         ]
-    out += [
-        "",
-        "## Messages per scenario",
-        "",
-        "| mode | body B | consumers | consumer processes | window | max-rate msgs "
-        "| paced msgs | paced rate msg/s per consumer |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    if sc:
+        out += [
+            "",
+            "## Messages per scenario",
+            "",
+            "| mode | body B | consumers | consumer processes | window | max-rate msgs "
+            "| paced msgs | paced rate msg/s per consumer |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
     for s in sc:
         if s["phase"] != "max":
             continue

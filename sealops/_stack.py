@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import secrets
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from producers import POLICY_FILE_NAME, AuthzPolicy, page_registration
+from producers import POLICY_FILE_NAME, AuthzPolicy, otlp_config, page_registration
 from sealstream.crypto import ClusterIdentity, TrustStore, UserIdentity
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.tokens import mint_token
 
@@ -28,9 +31,12 @@ __all__ = [
     "Backend",
     "backend",
     "issuer_seed_file",
+    "otlp_ports",
     "page_server",
     "prepare_state",
+    "reads_stdin",
     "source_streams",
+    "state_lock",
 ]
 
 
@@ -41,6 +47,10 @@ class Backend:
     state: Path
     #: the embedded server's WebSocket listener, for the browser view
     websocket_url: str | None = None
+    #: the producer's OTLP receiver, ``http://HOST:PORT`` (OTLP/HTTP), when a source is otlp
+    otlp_endpoint: str | None = None
+    #: its OTLP/gRPC port (None: HTTP only)
+    otlp_grpc_port: int | None = None
 
     @property
     def token_file(self) -> Path:
@@ -70,16 +80,74 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+@contextlib.contextmanager
+def state_lock(state: Path, command: str) -> Iterator[None]:
+    """Hold the state directory for this process (``state/lock``, an advisory lock the
+    system releases when the process ends, however it ends); a ValueError names the process
+    that holds it."""
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ValueError(
+                f"{state} is in use by {holder}: stop it, or give another --dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({command})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _is_otlp(spec: str) -> bool:
+    return spec == "otlp" or spec.startswith("otlp:")
+
+
 def source_streams(sources: str) -> list[str]:
     """The streams of a ``--sources`` list (``jsonl:PATH[:STREAM]`` is ``STREAM``, default
-    ``records``)."""
+    ``records``; ``otlp[:...]`` the three OTLP streams)."""
     streams = []
     for spec in filter(None, (s.strip() for s in sources.split(","))):
         if spec.startswith("jsonl:"):  # as sealstream-producer reads it
             streams.append(spec[len("jsonl:") :].partition(":")[2] or "records")
+        elif _is_otlp(spec):
+            streams.extend(OTLP_STREAMS)
         else:
             streams.append(spec)
     return streams
+
+
+def _free(held: contextlib.ExitStack, host: str, port: int) -> int:
+    """``port`` if nothing listens on it at ``host``, else a port the system picks; bound in
+    ``held`` until it closes (so that two picks never get the same port)."""
+    for wanted in (port, 0):
+        s = held.enter_context(socket.socket())
+        try:
+            s.bind((host, wanted))
+        except OSError:
+            continue
+        return int(s.getsockname()[1])
+    raise ValueError(f"no free port on {host}")
+
+
+def otlp_ports(sources: str) -> tuple[str, str | None, int | None]:
+    """``sources`` with its otlp source given fixed ports, the OTLP/HTTP endpoint and the
+    OTLP/gRPC port: the ports asked for (4318 and 4317 by default), or free ones when
+    those are taken (the sources unchanged and None, None without an otlp source)."""
+    specs = [s.strip() for s in sources.split(",") if s.strip()]
+    asked = otlp_config(specs)
+    if asked is None:
+        return sources, None, None
+    host = asked.host
+    with contextlib.ExitStack() as held:  # released for the producer to bind
+        http_port = _free(held, host, asked.port)
+        grpc_port = None if asked.grpc_port is None else _free(held, host, asked.grpc_port)
+    spec = f"otlp:{host}:{http_port}:{'off' if grpc_port is None else grpc_port}"
+    fixed = [spec if _is_otlp(s) else s for s in specs]
+    return ",".join(fixed), f"http://{host}:{http_port}", grpc_port
 
 
 def prepare_state(
@@ -127,6 +195,13 @@ def prepare_state(
     return creds
 
 
+def reads_stdin(sources: str) -> bool:
+    """Whether a ``--sources`` list reads stdin (``jsonl:-``, as sealstream-producer reads
+    it)."""
+    specs = (s.strip() for s in sources.split(","))
+    return any(s.startswith("jsonl:") and s[6:].partition(":")[0] == "-" for s in specs)
+
+
 @contextlib.contextmanager
 def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[WebServer]:
     """The browser page for this back end, served from this machine, able to register its
@@ -141,6 +216,7 @@ def page_server(be: Backend, streams: Sequence[str], *, port: int) -> Iterator[W
         token=TokenFile(be.token_file),
         trust=TrustStore.load(be.trust_store),
         authorize=page_registration(be.policy_file, name="browser page on this machine"),
+        policy_file=str(be.policy_file.resolve()),
     )
     with WebServer(config, port=port) as web:
         yield web
@@ -159,9 +235,19 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def backend(
-    *, state: Path, cluster: str, nats_url: str | None, sources: str, rate: float
+    *,
+    state: Path,
+    cluster: str,
+    nats_url: str | None,
+    sources: str,
+    rate: float,
+    nats_port: int | None = None,
 ) -> AsyncIterator[Backend]:
-    """nats-server (embedded unless ``nats_url``), proxy and producer as child processes."""
+    """nats-server (embedded unless ``nats_url``; on ``nats_port`` if given), proxy and
+    producer as child processes. The producer reads this process's stdin if a source is
+    ``jsonl:-``; its OTLP receiver (an ``otlp`` source) listens on the ports asked for, or on
+    free ones if those are taken."""
+    sources, otlp_endpoint, otlp_grpc_port = otlp_ports(sources)
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
         callout: dict[str, str] = {}
@@ -169,7 +255,7 @@ async def backend(
         if nats_url is None:
             # secure by default: one NATS user per role, least privilege; consumers log in
             # with their token through the auth callout, which the proxy answers
-            options = ServerOptions(config_file=state / "nats.conf")
+            options = ServerOptions(config_file=state / "nats.conf", port=nats_port)
             server = await stack.enter_async_context(EmbeddedServer(options))
             websocket_url = server.websocket_url
             urls = {
@@ -194,17 +280,50 @@ async def backend(
             "proxy": ["broker_proxy", "--log-level", "info"],
             "producer": ["producers", "--rate", str(rate), "--log-level", "info"],
         }
+        started: list[tuple[str, asyncio.subprocess.Process, Path, int]] = []
         for role, args in roles.items():
-            log = (state / f"{role}.log").open("ab")
+            log_path = state / f"{role}.log"
+            log = log_path.open("ab")
             stack.callback(log.close)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 *args,
                 env={**env, "NATS_URL": urls[role]},
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=(
+                    None  # the records piped into this command
+                    if role == "producer" and reads_stdin(sources)
+                    else asyncio.subprocess.DEVNULL
+                ),
                 stdout=log,
                 stderr=log,
             )
             stack.push_async_callback(_stop, proc)
-        yield Backend(urls["consumer"], cluster, state, websocket_url)
+            started.append((role, proc, log_path, log.tell()))
+        for role, proc, log_path, offset in started:
+            await _started(role, proc, log_path, offset)
+        yield Backend(
+            urls["consumer"], cluster, state, websocket_url, otlp_endpoint, otlp_grpc_port
+        )
+
+
+#: how long a role may take to start (a loaded machine)
+_START_S = 60.0
+
+
+async def _started(role: str, proc: asyncio.subprocess.Process, log: Path, offset: int) -> None:
+    """Wait until a role's log (past ``offset``) says it started (``proxy.started``: its
+    auth callout answers too; ``producer.started``), so that what ``up`` prints works at
+    once; a role that exits first is an error that quotes its last log line."""
+    needle = f"{role}.started".encode()
+    async with asyncio.timeout(_START_S):
+        while True:
+            with log.open("rb") as f:
+                f.seek(offset)
+                said = f.read()
+            if needle in said:
+                return
+            if proc.returncode is not None:
+                last = said.decode("utf-8", "replace").strip().splitlines()[-1:] or ["-"]
+                raise ValueError(f"the {role} did not start ({log}): {last[0][:300]}")
+            await asyncio.sleep(0.05)  # another process's file: nothing to await

@@ -39,6 +39,7 @@ import nats.errors
 import structlog
 
 from sealops._api import ROLES, run_role
+from sealops._otlproles import ROLES as OTLP_ROLES
 from sealops._report import Histogram, make_rows
 from sealstream.control import (
     ControlClose,
@@ -824,6 +825,8 @@ async def _main(role: str) -> int:
             await _logins(cfg, commands)
         elif role in ROLES:
             await run_role(role, cfg, commands, _emit)
+        elif role in OTLP_ROLES:
+            await OTLP_ROLES[role](cfg, commands, _emit)
         else:
             raise ValueError(f"unknown role {role!r}")
     except (SealstreamError, ValueError, OSError) as exc:

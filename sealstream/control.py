@@ -5,12 +5,14 @@ typed values out, and back (h11's way: the roles are the I/O shell around it).
 
     consumer -> proxy, on P.api.session.<op>    OpenRequest (open), SessionRef (close,
                                                 keepalive), ResumeRequest (resume, with a
-                                                store): decode_request / encode
-    proxy -> consumer, the reply                Opened, KeptAlive, Ok, Replayed, or a Refusal:
+                                                store), GrantsRequest (grants):
+                                                decode_request / encode
+    proxy -> consumer, the reply                Opened, KeptAlive, Ok, Replayed, Granted, or
+                                                a Refusal: decode_reply / encode
+    proxy -> producer, on P.cluster.<id>.control  ControlOpen, ControlClose, Ping,
+                                                ControlGrants: decode_control / encode
+    producer -> proxy, the reply                Ok, Pong, Granted, or a Refusal:
                                                 decode_reply / encode
-    proxy -> producer, on P.cluster.<id>.control  ControlOpen, ControlClose, Ping:
-                                                decode_control / encode
-    producer -> proxy, the reply                Ok, Pong, or a Refusal: decode_reply / encode
 
 Every form check is made here, once, where a message is decoded: the version, the types, the
 sizes, and the binding of a session id to its key (a ``ControlOpen``'s ``session`` is the
@@ -42,14 +44,21 @@ from sealstream.wire import (
 
 __all__ = [
     "ERROR_CODES",
+    "KEEPALIVE_MAX_S",
+    "KEEPALIVE_MIN_S",
+    "MAX_GRANTS",
     "MAX_MESSAGE",
+    "MAX_PING",
     "MAX_PROOF",
     "MAX_STREAMS",
     "MAX_USER",
     "Control",
     "ControlClose",
+    "ControlGrants",
     "ControlOpen",
     "ErrorCode",
+    "Granted",
+    "GrantsRequest",
     "KeptAlive",
     "Ok",
     "OpenRequest",
@@ -83,10 +92,19 @@ MAX_PROOF: Final = 8192
 MAX_USER: Final = 256
 #: a refusal's ``message`` is cut to this many characters where it is decoded
 MAX_MESSAGE: Final = 512
+#: the keepalive interval a reply sets is clamped to these bounds where it is decoded (s): the
+#: relay paces the keepalives, but 1e-9 must not send them back to back
+KEEPALIVE_MIN_S: Final = 1.0
+KEEPALIVE_MAX_S: Final = 3600.0
+#: at most this many session ids in a ping, and in a pong's ``unknown`` (a proxy pings a
+#: cluster with more sessions in several pings)
+MAX_PING: Final = 1000
+#: cap on a grants answer's signed ``grants`` string
+MAX_GRANTS: Final = 16384
 #: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
 #: not TypeError
 _KEY_MODES: Final = ("session", "per-message", "group")
-_OPS: Final = ("open", "close", "ping")
+_OPS: Final = ("open", "close", "ping", "grants")
 
 
 def _opaque(m: Mapping[str, Any], key: str) -> str | None:
@@ -237,7 +255,44 @@ def decode_resume(m: Mapping[str, Any]) -> ResumeRequest:
     return ResumeRequest(ref.session, ref.token, after)
 
 
-Request = OpenRequest | SessionRef | ResumeRequest
+@dataclass(frozen=True, slots=True)
+class GrantsRequest:
+    """``P.api.session.grants`` (consumer -> proxy): what does ``cluster`` grant the identity
+    that signed ``proof`` (a grants proof, required)?"""
+
+    cluster: str
+    proof: str = field(repr=False)
+    token: str = field(default="", repr=False)
+    authz: str | None = field(default=None, repr=False)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "token": self.token,
+            "cluster": self.cluster,
+            **_forwarded(self.proof, self.authz),
+        }
+
+    def control(self, *, user: str) -> ControlGrants:
+        """The control ``grants`` the proxy sends the cluster (proof and authz unchanged)."""
+        return ControlGrants(user, self.proof, self.authz)
+
+
+def decode_grants(m: Mapping[str, Any]) -> GrantsRequest:
+    _check_version(m)
+    token = _field(m, "token", str)
+    cluster = check_cluster_id(_field(m, "cluster", str))
+    return GrantsRequest(cluster, _proof(m), token, _opaque(m, "authz"))
+
+
+def _proof(m: Mapping[str, Any]) -> str:
+    proof = _opaque(m, "proof")
+    if proof is None:
+        raise WireError("missing_key", "a grants request needs a proof")
+    return proof
+
+
+Request = OpenRequest | SessionRef | ResumeRequest | GrantsRequest
 
 
 def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUEST) -> Request:
@@ -252,6 +307,8 @@ def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUE
         return decode_session_ref(m)
     if op == "resume":
         return decode_resume(m)
+    if op == "grants":
+        return decode_grants(m)
     raise WireError("bad_op", f"unknown operation {op!r:.40}")
 
 
@@ -260,8 +317,9 @@ def decode_request(op: str, payload: bytes, *, max_size: int = DEFAULT_MAX_REQUE
 
 @dataclass(frozen=True, slots=True)
 class ControlOpen:
-    """The control ``open`` (proxy -> producer). Decoded, its ``session`` is the thumbprint of
-    its ``jwk`` (an allowed public key, its members only): no role checks that again."""
+    """The control ``open`` (proxy -> producer). Its ``session`` is the thumbprint of its
+    ``jwk`` (an allowed public key), checked however it is made (decoded or built): no role
+    checks that again."""
 
     session: str
     streams: tuple[str, ...]
@@ -271,6 +329,12 @@ class ControlOpen:
     user: str
     proof: str | None = field(default=None, repr=False)
     authz: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # The session id IS the key's thumbprint: a relay that swaps the key changes the id,
+        # and the signed claims then name a session the consumer does not have.
+        if thumbprint(check_public_jwk(self.jwk)) != self.session:
+            raise WireError("session_mismatch", "session id is not the key's thumbprint")
 
     def to_map(self) -> dict[str, Any]:
         return {
@@ -307,7 +371,24 @@ class Ping:
         return {"v": VERSION, "op": "ping", "sessions": list(self.sessions)}
 
 
-Control = ControlOpen | ControlClose | Ping
+@dataclass(frozen=True, slots=True)
+class ControlGrants:
+    """The control ``grants``: the cluster answers from its policy, creating no session."""
+
+    user: str
+    proof: str = field(repr=False)
+    authz: str | None = field(default=None, repr=False)
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "op": "grants",
+            "user": self.user,
+            **_forwarded(self.proof, self.authz),
+        }
+
+
+Control = ControlOpen | ControlClose | Ping | ControlGrants
 
 
 def _session_list(m: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -323,16 +404,16 @@ def decode_control(payload: bytes, *, max_size: int = DEFAULT_MAX_REQUEST) -> Co
     if op not in _OPS:
         raise WireError("bad_op", f"unknown op {op!r:.40}")
     if op == "ping":
+        if len(_field(m, "sessions", list)) > MAX_PING:
+            raise WireError("oversize", f"a ping lists at most {MAX_PING} sessions")
         return Ping(_session_list(m, "sessions"))
+    if op == "grants":
+        return ControlGrants(_short(m, "user"), _proof(m), _opaque(m, "authz"))
     session = check_session_id(_field(m, "session", str))
     if op == "close":
         return ControlClose(session, _short(m, "reason", default=""))
     a = _asked(m)
     jwk = check_public_jwk(a.jwk)
-    # The session id IS the key's thumbprint: a relay that swaps the key changes the id, and
-    # the signed claims then name a session the consumer does not have.
-    if thumbprint(jwk) != session:
-        raise WireError("session_mismatch", "session id is not the key's thumbprint")
     user = _short(m, "user")
     return ControlOpen(session, a.streams, jwk, a.key_mode, a.zip, user, a.proof, a.authz)
 
@@ -351,7 +432,7 @@ def _keepalive_s(m: Mapping[str, Any]) -> float | None:
         or value <= 0
     ):
         raise WireError("bad_value", "keepalive_s must be a positive number")
-    return value
+    return min(max(float(value), KEEPALIVE_MIN_S), KEEPALIVE_MAX_S)
 
 
 class _Answer:
@@ -452,6 +533,24 @@ class Pong(_Answer):
 
 
 @dataclass(frozen=True, slots=True)
+class Granted(_Answer):
+    """The answer to a grants request: the cluster's signed answer, passed on unchanged (its
+    signature and claims are the consumer's to check: the relay cannot)."""
+
+    grants: str = field(repr=False)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"ok": True, "grants": self.grants}
+
+    @classmethod
+    def _from_map(cls, m: Mapping[str, Any]) -> Self:
+        grants: str = _field(m, "grants", str)
+        if not grants or len(grants) > MAX_GRANTS:
+            raise WireError("bad_value", f"key 'grants' must be 1 to {MAX_GRANTS} characters")
+        return cls(grants)
+
+
+@dataclass(frozen=True, slots=True)
 class Refusal:
     """An error reply. ``retry`` marks a passing refusal (the proxy is busy) that the same
     request may meet with success a moment later."""
@@ -490,7 +589,7 @@ class Refusal:
         return cls(code, _field(error, "message", str)[:MAX_MESSAGE], retry)
 
 
-Reply = Ok | Opened | KeptAlive | Replayed | Pong | Refusal
+Reply = Ok | Opened | KeptAlive | Replayed | Pong | Granted | Refusal
 _R = TypeVar("_R", bound=_Answer)
 
 

@@ -90,11 +90,25 @@ class Subjects:
         return f"{self.prefix}.api.session.resume"
 
     @property
+    def api_grants(self) -> str:
+        return f"{self.prefix}.api.session.grants"
+
+    @property
     def api_all(self) -> str:
         return f"{self.prefix}.api.session.*"
 
     def control(self, cluster: str) -> str:
         return f"{self.prefix}.cluster.{check_cluster_id(cluster)}.control"
+
+    def producer(self, cluster: str) -> str:
+        """Where a cluster's producer answers whether it runs (one producer per cluster)."""
+        return f"{self.prefix}.cluster.{check_cluster_id(cluster)}.producer"
+
+    @staticmethod
+    def producer_inbox(cluster: str) -> str:
+        """The reply inbox prefix of a producer's presence request: ``_INBOX.producer.<id>``
+        (a session's inboxes are ``_INBOX.<session id>``, 43 characters: never "producer")."""
+        return f"_INBOX.producer.{check_cluster_id(cluster)}"
 
     def data(self, cluster: str, session: str) -> str:
         return f"{self.prefix}.cluster.{cluster}.data.{session}"

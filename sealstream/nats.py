@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -198,9 +199,12 @@ async def connect(
         if isinstance(exc, TimeoutError):
             cause = cbs.last_server_error or cbs.last_error or exc
         refused = "authorization violation" in str(cause).lower()
-        raise BrokerError(
-            f"cannot reach NATS at {shown}: {cause!r}", retriable=not refused
-        ) from cause
+        said = (
+            os.strerror(cause.errno).lower()
+            if isinstance(cause, OSError) and cause.errno
+            else str(cause) or type(cause).__name__
+        )
+        raise BrokerError(f"cannot reach NATS at {shown}: {said}", retriable=not refused) from cause
     except asyncio.CancelledError:
         await _abandon(nc)
         raise

@@ -36,6 +36,8 @@ __all__ = [
     "WEBSOCKET_LOOPBACK",
     "Credentials",
     "RoleUser",
+    "producer_user",
+    "proxy_user",
     "server_config",
     "users_for",
 ]
@@ -88,45 +90,58 @@ class Credentials:
         )
 
 
-def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[str, Any]]:
-    """The ``authorization.users`` entries, one per role."""
+def proxy_user(role: RoleUser, *, prefix: str = "sealstream") -> dict[str, Any]:
+    """The proxy's ``users`` entry: the session API, every cluster's data and group subjects,
+    the control subjects, consumers' inboxes, JetStream (its registry) and the auth callout."""
     s = Subjects(prefix)
     p = prefix
-    users: list[dict[str, Any]] = [
-        {
-            "user": creds.proxy.user,
-            "password": creds.proxy.password,
-            "permissions": {
-                "publish": {
-                    "allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]
-                },
-                "subscribe": {
-                    "allow": [s.api_all, s.data_all, s.relay_all, "_INBOX.>", AUTH_SUBJECT]
-                },
-                "allow_responses": True,
-            },
+    return {
+        "user": role.user,
+        "password": role.password,
+        "permissions": {
+            "publish": {"allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]},
+            "subscribe": {"allow": [s.api_all, s.data_all, s.relay_all, "_INBOX.>", AUTH_SUBJECT]},
+            "allow_responses": True,
         },
+    }
+
+
+def producer_user(cluster: str, role: RoleUser, prefix: str = "sealstream") -> dict[str, Any]:
+    """A producer's ``users`` entry: its own cluster's data and group subjects, answers to its
+    control subject, its cluster's presence subject (one producer serves a cluster), its own
+    request inbox and, of JetStream, its own store's stream (the store's acknowledgements)."""
+    s = Subjects(prefix)
+    return {
+        "user": role.user,
+        "password": role.password,
+        "permissions": {
+            "publish": {
+                "allow": [
+                    s.data(cluster, "*"),
+                    s.group(cluster, "*"),
+                    s.producer(cluster),
+                    *_store_api(prefix, cluster),
+                ]
+            },
+            "subscribe": {
+                "allow": [
+                    s.control(cluster),
+                    s.producer(cluster),
+                    f"{s.producer_inbox(cluster)}.>",  # its presence request's reply
+                    f"_INBOX.{cluster}.>",  # its own request inbox: the store's acknowledgements
+                ]
+            },
+            "allow_responses": True,
+        },
+    }
+
+
+def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[str, Any]]:
+    """The ``authorization.users`` entries, one per role."""
+    return [
+        proxy_user(creds.proxy, prefix=prefix),
+        *(producer_user(c, r, prefix) for c, r in sorted(creds.producers.items())),
     ]
-    for cluster, role in sorted(creds.producers.items()):
-        users.append(
-            {
-                "user": role.user,
-                "password": role.password,
-                "permissions": {
-                    "publish": {
-                        "allow": [
-                            f"{p}.cluster.{cluster}.data.*",
-                            f"{p}.cluster.{cluster}.group.*",
-                            *_store_api(prefix, cluster),
-                        ]
-                    },
-                    # its own request inbox: the store's acknowledgements
-                    "subscribe": {"allow": [s.control(cluster), f"_INBOX.{cluster}.>"]},
-                    "allow_responses": True,
-                },
-            }
-        )
-    return users
 
 
 def _store_api(prefix: str, cluster: str) -> list[str]:

@@ -35,6 +35,7 @@ __all__ = [
     "SignalName",
     "count_items",
     "otlp_row",
+    "request_items",
     "service_names",
 ]
 
@@ -117,10 +118,13 @@ def count_items(signal: Signal, items: Iterable[Any]) -> int:
     return sum(_item_count(signal, item) for item in items)
 
 
-def _items(signal: Signal, request: Any) -> Iterable[Any]:
-    for group in getattr(request, signal.resources):
-        for scope in getattr(group, signal.scopes):
-            yield from getattr(scope, signal.items)
+def request_items(signal: Signal, request: Any) -> int:
+    """What an export request carries (spans, log records, data points), counted per scope:
+    ``len()`` of a scope's spans or log records, not a walk over each one."""
+    scopes = (s for g in getattr(request, signal.resources) for s in getattr(g, signal.scopes))
+    if signal.name != "metrics":
+        return sum(len(getattr(scope, signal.items)) for scope in scopes)
+    return sum(count_items(signal, getattr(scope, signal.items)) for scope in scopes)
 
 
 def service_names(resources: Iterable[Resource]) -> str:
@@ -138,6 +142,6 @@ def otlp_row(signal: Signal, request: Any, encoded: bytes) -> dict[str, Any]:
     return {
         "signal": signal.name,
         "service": service_names(g.resource for g in getattr(request, signal.resources)),
-        "items": count_items(signal, _items(signal, request)),
+        "items": request_items(signal, request),
         "otlp": encoded,
     }

@@ -11,12 +11,14 @@ from sealstream.crypto._group import (
     MemberSession,
 )
 from sealstream.crypto._jose import (
+    GRANTS_TYP,
     PROOF_TYP,
     ClusterIdentity,
     ConsumerKey,
     KeyKind,
     UserIdentity,
     jws_header,
+    verify_grants,
     verify_proof,
 )
 from sealstream.crypto._session import (
@@ -33,6 +35,7 @@ from sealstream.crypto._trust import TrustStore
 
 __all__ = [
     "DEFAULT_MAX_PLAINTEXT",
+    "GRANTS_TYP",
     "GROUP_COALESCE_S",
     "PROOF_TYP",
     "Batch",
@@ -52,5 +55,6 @@ __all__ = [
     "UserIdentity",
     "encode_rows",
     "jws_header",
+    "verify_grants",
     "verify_proof",
 ]

@@ -33,7 +33,7 @@ from jwcrypto import jwk as _jwk
 from jwcrypto import jws as _jws
 from jwcrypto.common import JWException
 
-from sealstream.control import MAX_PROOF
+from sealstream.control import MAX_GRANTS, MAX_PROOF
 from sealstream.errors import IntegrityError, TrustError
 from sealstream.jwk import (
     b64u_decode,
@@ -73,6 +73,9 @@ KeyKind = Literal["rsa", "x25519", "p256"]
 _MAX_HEADER: Final = 4096
 _MAX_JWS: Final = 16 * 1024
 PROOF_TYP: Final = "sealstream-open+jwt"
+#: the ``typ`` of a grants proof (a user's) and of a cluster's grants answer
+GRANTS_TYP: Final = "sealstream-grants+jwt"
+GRANTS_ANSWER_TYP: Final = "sealstream-grants-answer+jwt"
 _NONCE: Final = 12
 _TAG: Final = 16
 _CRYPTO_ERRORS = (JWException, ValueError, TypeError, KeyError, InvalidTag, zlib.error)
@@ -198,6 +201,10 @@ class ClusterIdentity(_SigningKey):
     __slots__ = ()
     _what = "a cluster identity"
 
+    def sign_grants(self, claims: Mapping[str, Any]) -> str:
+        """The signed answer to a grants request (docs/protocol.md, "Grants")."""
+        return sign_claims(self, claims, embed_jwk=False, typ=GRANTS_ANSWER_TYP).decode("ascii")
+
 
 class UserIdentity(_SigningKey):
     """A consumer's long-term Ed25519 identity key: it signs the proof sent with every open
@@ -232,6 +239,14 @@ class UserIdentity(_SigningKey):
         if zip:
             claims["zip"] = True
         return sign_claims(self, claims, typ=PROOF_TYP).decode("ascii")
+
+    def prove_grants(
+        self, *, cluster: str, now: float | None = None, jti: str | None = None
+    ) -> tuple[str, str]:
+        """The proof for one grants request, and its ``jti`` (the answer echoes it)."""
+        jti = jti or b64u_encode_bytes(os.urandom(16)).decode("ascii")
+        claims = {"cluster": cluster, "iat": int(time.time() if now is None else now), "jti": jti}
+        return sign_claims(self, claims, typ=GRANTS_TYP).decode("ascii"), jti
 
 
 # --- JWS claims -----------------------------------------------------------------------------
@@ -291,6 +306,20 @@ def verify_proof(
     except UnicodeEncodeError as exc:
         raise Rejected("bad_jws") from exc
     if typ is not None and jws_header(raw).get("typ") != typ:
+        raise Rejected("bad_typ")
+    return verify_claims(raw, public_jwk)
+
+
+def verify_grants(token: str, public_jwk: Mapping[str, Any]) -> dict[str, Any]:
+    """Verify a cluster's grants answer (``typ``, ``alg`` Ed25519, signed by ``public_jwk``);
+    its claims, or the one opaque :class:`Rejected`."""
+    if len(token) > MAX_GRANTS:
+        raise Rejected("bad_jws")
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise Rejected("bad_jws") from exc
+    if jws_header(raw).get("typ") != GRANTS_ANSWER_TYP:
         raise Rejected("bad_typ")
     return verify_claims(raw, public_jwk)
 

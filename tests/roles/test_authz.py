@@ -29,12 +29,22 @@ from sealstream.control import MAX_PROOF, ControlOpen, decode_open
 from sealstream.crypto import PROOF_TYP, ClusterIdentity, ConsumerKey, UserIdentity
 from sealstream.crypto._jose import sign_claims
 from sealstream.jwk import b64u_encode
-from tests.support.pipeline import Stack, Tap, collect_rows, eventually, fresh_key, make_stack
+from tests.support.pipeline import (
+    Stack,
+    Tap,
+    collect_rows,
+    eventually,
+    fresh_key,
+    identity_whose_id_begins_with,
+    make_stack,
+)
 
 BIN = Path(sys.executable).parent
 ROWS = [{"n": 1, "s": "one"}, {"n": 2, "s": "two"}]
-#: no inherited configuration may steer the commands
+#: no inherited configuration may steer the commands: no context, no default identity or trust
+#: store (a configuration directory that does not exist)
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+_ENV["XDG_CONFIG_HOME"] = "/nonexistent/sealstream-test-config"
 
 
 class Clock:
@@ -261,9 +271,11 @@ async def test_without_an_identity_a_consumer_is_refused(nats_url: str) -> None:
 
 async def test_revoke_ends_a_live_session_with_an_authenticated_end(nats_url: str) -> None:
     """``sealstream-producer authorize revoke`` on the policy file: the live session ends with
-    an ``end`` envelope whose reason is "revoked" (at the next ping), and no new open works."""
+    an ``end`` envelope whose reason is "revoked" (at the next ping), and no new open works.
+    The reader's id begins with ``-`` on purpose (one in 64 does): the command takes it as
+    the value of ``--thumbprint``, not as an option."""
     async with (
-        make_stack(nats_url, keepalive_s=0.3) as st,
+        make_stack(nats_url, keepalive_s=1.0, user=identity_whose_id_begins_with("-")) as st,
         st.client() as client,
         client.subscribe(st.cluster, ["records"]) as sub,
     ):
@@ -311,7 +323,7 @@ async def test_revocation_does_not_wait_for_the_relay(nats_url: str) -> None:
 
 async def test_an_authorization_that_expires_ends_its_live_session(nats_url: str) -> None:
     clock = Clock()
-    async with make_stack(nats_url, keepalive_s=0.3, clock=clock) as st:
+    async with make_stack(nats_url, keepalive_s=1.0, clock=clock) as st:
         until = int(time.time()) + 60
         _write_policy(st, AuthzPolicy().with_key(st.user.public_jwk, ["records"], until=until)[0])
         async with st.client() as client, client.subscribe(st.cluster, ["records"]) as sub:
@@ -336,7 +348,7 @@ def _issuer_token(issuer: jose_jwk.OKPKey, claims: dict[str, Any]) -> str:
 async def test_an_issuer_token_authorizes_only_the_key_it_names(nats_url: str) -> None:
     """A team's own issuer vouches for user key K (``cnf.jkt``): K reads; K' with K's token
     does not, nor does K without a token; when the issuer is revoked, K's session ends."""
-    async with make_stack(nats_url, keepalive_s=0.3) as st:
+    async with make_stack(nats_url, keepalive_s=1.0) as st:
         issuer = jose_jwk.OKPKey.generate_key("Ed25519")
         policy, _ = AuthzPolicy().with_issuer(issuer.as_dict(private=False), name="team")
         _write_policy(st, policy)
@@ -454,7 +466,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     kid = UserIdentity.load(identity_file).kid
     assert kid in made.stderr
     again = _cli("sealstream-consume", "identity", "create", "--file", identity_file)
-    assert again.returncode == 1, "an identity is never overwritten"
+    assert again.returncode == 2, "an identity is never overwritten"
     shown = _cli("sealstream-consume", "identity", "show", "--file", identity_file)
     assert json.loads(shown.stdout) == public
 
@@ -498,7 +510,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
         "--stream",
         "http_events",
     )
-    assert private.returncode == 1
+    assert private.returncode == 2
     assert "private" in private.stderr
     revoked = _cli(
         "sealstream-producer",
@@ -514,7 +526,7 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     unknown = _cli(
         "sealstream-producer", "authorize", "revoke", "--key-file", key_file, "--thumbprint", kid
     )
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2
     issuer = jose_jwk.OKPKey.generate_key("Ed25519")
     issuer_file = tmp_path / "issuer.pub.jwk"
     issuer_file.write_text(json.dumps(issuer.as_dict(private=False)), encoding="utf-8")
@@ -537,8 +549,42 @@ def test_identity_create_and_authorize_add_list_revoke(tmp_path: Path) -> None:
     assert listed.stdout.split("\t")[:3] == ["issuer", issuer.thumbprint(), "team"]
 
 
+def test_authorize_add_adds_streams_and_set_replaces_them(tmp_path: Path) -> None:
+    """Granting more never revokes: ``add`` keeps the grant's streams, expiry and name and
+    says what it now holds; ``set`` replaces them."""
+    key_file = tmp_path / "cluster-key.jwk"
+    ClusterIdentity.load_or_create(key_file)
+    reader = UserIdentity.generate()
+    public_file = tmp_path / "reader.pub.jwk"
+    public_file.write_text(json.dumps(reader.public_jwk), encoding="utf-8")
+    policy_file = tmp_path / "authorized.json"
+
+    def authorize(action: str, *more: str) -> subprocess.CompletedProcess[str]:
+        args = ["--key-file", str(key_file), "--jwk-file", str(public_file), *more]
+        return _cli("sealstream-producer", "authorize", action, *args)
+
+    first = authorize("add", "--stream", "http_events", "--name", "k", "--until", "4070908800")
+    assert first.returncode == 0, first.stderr
+    more = authorize("add", "--stream", "orders", "--stream", "host_metrics")
+    assert more.stdout == (
+        f"authorized {reader.kid} for host_metrics, orders "
+        f"(now: host_metrics, http_events, orders) in {policy_file}\n"
+    )
+    grant = AuthzPolicy.load(policy_file).keys[reader.kid]
+    assert (set(grant.streams), grant.until, grant.name) == (
+        {"http_events", "host_metrics", "orders"},
+        4070908800,
+        "k",
+    )
+    replaced = authorize("set", "--stream", "orders")
+    assert replaced.stdout.endswith(f"(now: orders) in {policy_file}\n"), replaced.stdout
+    grant = AuthzPolicy.load(policy_file).keys[reader.kid]
+    assert (set(grant.streams), grant.until, grant.name) == ({"orders"}, None, "k")
+
+
 async def test_a_producer_without_a_policy_refuses_to_start(nats_url: str, tmp_path: Path) -> None:
     config = ProducerConfig(cluster="c9", nats_url=nats_url, key_file=tmp_path / "k.jwk")
+    ClusterIdentity.load_or_create(config.key_file)
     with pytest.raises(ValueError, match="--trust-relay-authorization"):
         async with Agent(config, streams=["records"]):
             pass

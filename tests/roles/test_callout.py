@@ -552,6 +552,7 @@ def test_issued_user_jwt() -> None:
             f"{P}.api.session.keepalive",
             f"{P}.api.session.close",
             f"{P}.api.session.resume",
+            f"{P}.api.session.grants",
         ]
     }
     assert user["nats"]["sub"] == {"allow": [f"{P}.inbox.{sid}", f"_INBOX.{sid}.>"]}

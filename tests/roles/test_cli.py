@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -12,9 +14,11 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,19 +32,24 @@ from rich.console import Console
 
 from broker_proxy._cli import _parser as proxy_parser
 from consumers._view import JsonLinesWriter, LiveTable
-from producers import OtlpConfig
+from producers import OtlpConfig, otlp_config
 from producers._cli import _parser as producer_parser
-from producers._cli import otlp_config, source_specs
+from producers._cli import source_specs
+from sealops._stack import otlp_ports, source_streams
 from sealstream import TokenVerifier
-from sealstream.crypto import Batch
+from sealstream.crypto import Batch, ClusterIdentity, TrustStore
 from sealstream.nats import connect
+from sealstream.otlp import OTLP_STREAMS
 from tests.support.otlp_sink import OtlpSink, run_app
 from tests.support.pipeline import Tap
 
 BIN = Path(sys.executable).parent
 CLUSTER = "c1"
-#: no inherited configuration may steer the commands
+STREAM = ("--stream", "http_events")
+#: no inherited configuration may steer the commands: no context, no default identity or trust
+#: store (a configuration directory that does not exist)
 _ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "NATS_", "XDG_"))}
+_ENV["XDG_CONFIG_HOME"] = "/nonexistent/sealstream-test-config"
 
 
 def _cmd(name: str, *args: str | Path) -> list[str]:
@@ -100,11 +109,13 @@ class Service:
             self.proc.wait()
 
 
-def _start(log: Path, argv: list[str], *, cwd: Path | None = None) -> Service:
+def _start(
+    log: Path, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Service:
     out: IO[bytes]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_ENV, cwd=cwd
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env or _ENV, cwd=cwd
         )
     return Service(proc, log)
 
@@ -144,13 +155,13 @@ class Setup:
             ),
         )
 
-    def producer(self, source: str = "http_events") -> Service:
+    def producer(self, source: str = "http_events", cluster: str = CLUSTER) -> Service:
         return _start(
             self.dir / f"producer-{secrets.token_hex(2)}.log",
             _cmd(
                 "sealstream-producer",
                 "--cluster",
-                CLUSTER,
+                cluster,
                 "--nats-url",
                 self.nats_url,
                 "--prefix",
@@ -400,14 +411,14 @@ def test_consume_with_a_bad_token_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
     forged = setup.token(CLUSTER)[:-4] + "AAAA"
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=forged))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=forged))
     assert "unauthorized" in line
 
 
 def test_consume_on_a_cluster_the_token_does_not_allow_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    line = _one_error_line(setup.consume("--cluster", CLUSTER, token=setup.token("other")))
+    line = _one_error_line(setup.consume("--cluster", CLUSTER, *STREAM, token=setup.token("other")))
     assert "forbidden" in line
 
 
@@ -417,27 +428,82 @@ def test_consume_with_an_identity_the_cluster_does_not_authorize_fails_clearly(
     stranger = setup.dir / "stranger.jwk"
     made = _run("sealstream-consume", "identity", "create", "--file", stranger)
     assert made.returncode == 0, made.stderr
-    done = setup.consume("--cluster", CLUSTER, "--identity", stranger, token=setup.token(CLUSTER))
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, "--identity", stranger, token=setup.token(CLUSTER)
+    )
     line = _one_error_line(done)
-    assert line.startswith("error: forbidden: key not authorized (")
+    assert line.startswith("error: forbidden: key not authorized: give the cluster's operator")
     assert "identity show" in line  # what to do about it
 
 
 def test_consume_on_an_unknown_cluster_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    done = setup.consume("--cluster", "nobody", "--retry", "0", token=setup.token("nobody"))
+    done = setup.consume(
+        "--cluster", "nobody", *STREAM, "--retry", "0", token=setup.token("nobody")
+    )
     assert "cluster_unavailable" in _one_error_line(done)
 
 
 def test_consume_with_an_untrusted_cluster_key_fails_clearly(
     setup: Setup, backend: tuple[Service, Service]
 ) -> None:
-    empty = setup.dir / "empty-trust.json"
-    done = setup.consume("--cluster", CLUSTER, token=setup.token(CLUSTER), trust_store=empty)
+    other = setup.dir / "other-trust.json"
+    TrustStore.load(other).add("other", ClusterIdentity.generate().public_jwk)
+    done = setup.consume(
+        "--cluster", CLUSTER, *STREAM, token=setup.token(CLUSTER), trust_store=other
+    )
     line = _one_error_line(done)
     assert "trust" in line
     assert CLUSTER in line
+
+
+def test_whoami_and_streams_say_what_the_cluster_grants(
+    setup: Setup, backend: tuple[Service, Service]
+) -> None:
+    """Asked of the cluster: a stream offered and granted, one offered and not granted (a
+    second cluster's producer offers ``orders``, which the policy does not grant), and the one
+    line that says why when the cluster cannot be asked."""
+    records = setup.dir / "orders.jsonl"
+    records.write_text('{"n": 1}\n', encoding="utf-8")
+    trust = setup.dir / "two-clusters.json"
+    store = TrustStore.load(trust)
+    for cluster in (CLUSTER, "c2"):
+        store.add(cluster, ClusterIdentity.load(setup.key_file).public_jwk)
+    producer = setup.producer(f"jsonl:{records}:orders", cluster="c2")
+    try:
+        producer.wait_for("producer.started")
+        token = setup.token(CLUSTER, "c2")
+        done = setup.consume("--cluster", "c2", "streams", token=token, trust_store=trust)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.splitlines() == ["orders  not granted"]
+        done = setup.consume("--cluster", CLUSTER, "streams", token=token, trust_store=trust)
+        assert done.stdout.splitlines() == ["http_events  granted"]
+        done = setup.consume("--cluster", CLUSTER, "whoami", token=token, trust_store=trust)
+        assert done.returncode == 0, done.stderr
+        assert "granted by cluster c1  http_events (granted)" in done.stdout.splitlines()
+        done = setup.consume("--cluster", "c2", "whoami", token=token, trust_store=trust)
+        assert "granted by cluster c2  nothing (offers orders)" in done.stdout.splitlines()
+    finally:
+        producer.kill()
+    stranger = setup.dir / "stranger-grants.jwk"
+    assert _run("sealstream-consume", "identity", "create", "--file", stranger).returncode == 0
+    done = setup.consume(
+        "--cluster", CLUSTER, "--identity", stranger, "whoami", token=token, trust_store=trust
+    )
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if line.startswith("granted by")]
+    assert said == [
+        "granted by cluster c1  unknown (forbidden: key not authorized: give the cluster's "
+        "operator your public key ('sealstream-consume identity show' prints it) for "
+        "'sealstream-producer authorize add')"
+    ]
+    done = setup.consume(
+        "--cluster", CLUSTER, "--identity", stranger, "streams", token=token, trust_store=trust
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: forbidden: key not authorized: give")
+    assert len(done.stderr.splitlines()) == 1
 
 
 async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
@@ -450,7 +516,7 @@ async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
         consumed = asyncio.create_task(
             asyncio.to_thread(
                 setup.consume,
-                *("--cluster", CLUSTER, "--duration", "6", "--retry", "10"),
+                *("--cluster", CLUSTER, *STREAM, "--duration", "6", "--retry", "10"),
                 token=setup.token(CLUSTER),
             )
         )
@@ -480,7 +546,8 @@ async def test_consume_shows_a_relays_forgeries_by_reason_at_exit(
 
 
 def test_sigint_stops_proxy_and_producer_cleanly(setup: Setup) -> None:
-    proxy, producer = setup.proxy(), setup.producer()
+    # a cluster of its own: one producer serves a cluster (the module's backend serves c1)
+    proxy, producer = setup.proxy(), setup.producer(cluster="c-sigint")
     try:
         proxy.wait_for("proxy.started")
         producer.wait_for("producer.started")
@@ -567,7 +634,11 @@ def test_demo_prints_decrypted_rows(tmp_path: Path) -> None:
 
 def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    up = _start(tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path)
+    config = tmp_path / "config"  # where up writes its context
+    env = {**_ENV, "XDG_CONFIG_HOME": str(config)}
+    up = _start(
+        tmp_path / "up.log", _cmd("sealstream", "up", "--dir", state), cwd=tmp_path, env=env
+    )
     children: dict[int, str] = {}
     try:
         up.wait_for("sealstream is up", timeout=30)
@@ -605,6 +676,10 @@ def test_up_stops_with_its_children_on_sigint(tmp_path: Path) -> None:
     assert 'user: "consumer"' not in conf
     assert not (state / "nats-consumer.password").exists()
     assert "@" not in _text(state / "consumer.url")
+    context = json.loads(_text(config / "sealstream" / "context" / "demo.json"))
+    assert context["nats_url"] == _text(state / "consumer.url")
+    assert context["streams"] == ["http_events", "host_metrics"]
+    assert _text(config / "sealstream" / "context.txt") == "demo\n"
 
 
 def test_jsonl_output_keeps_envelope_fields_apart_from_columns() -> None:
@@ -661,6 +736,7 @@ def test_the_otlp_source_names_its_addresses() -> None:
     assert otlp_config(["otlp:0.0.0.0"]) == OtlpConfig(host="0.0.0.0", grpc_port=4317)
     assert otlp_config(["otlp:h:0:off"]) == OtlpConfig(host="h", port=0, grpc_port=None)
     assert otlp_config(["otlp:h:1:2"]) == OtlpConfig(host="h", port=1, grpc_port=2)
+    assert otlp_config(["otlp"], token="t") == OtlpConfig(grpc_port=4317, token="t")
     for bad in (["otlp:h:x"], ["otlp:h:1:-2"], ["otlp:h:1:2:3"], ["otlp", "otlp:h"]):
         with pytest.raises(ValueError, match="otlp"):
             otlp_config(bad)
@@ -715,3 +791,221 @@ def test_demo_on_a_pipe_prints_rows_as_lines_while_it_runs(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    assert proc.returncode == 0, "Ctrl-C ends demo as it ends every command"
+
+
+def test_up_serves_your_own_records_from_a_file_and_from_its_stdin(tmp_path: Path) -> None:
+    """``up --sources jsonl:FILE:orders,jsonl:-:events``: the printed command names every
+    stream; the file's records wait for the stream's first reader, who gets them all, exactly
+    (nanosecond integers included); what is piped into ``up`` is read as it comes."""
+    orders = [{"id": n, "total": 9.5, "ts": 1_796_588_367_312_858_562 + n} for n in range(5)]
+    (tmp_path / "orders.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in orders), encoding="utf-8"
+    )
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    sources = "jsonl:orders.jsonl:orders,jsonl:-:events"
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen(
+            _cmd("sealstream", "up", "--dir", tmp_path / "state", "--sources", sources),
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=tmp_path,
+        )
+    pipe = up.stdin
+    assert pipe is not None
+    stop = threading.Event()
+
+    def feed() -> None:  # a live source: an event every 50 ms until the reader has its rows
+        n = 0
+        with contextlib.suppress(BrokenPipeError):
+            while not stop.wait(0.05):
+                pipe.write(json.dumps({"kind": "login", "n": n}).encode() + b"\n")
+                pipe.flush()
+                n += 1
+
+    feeder = threading.Thread(target=feed)
+    try:
+        _wait_for(
+            lambda: "Ctrl-C stops everything." in _text(tmp_path / "up.log"),
+            timeout=60,
+            what="up to be ready",
+            proc=up,
+        )
+        assert "--stream orders --stream events\n" in _text(tmp_path / "up.log")
+        feeder.start()
+        rows = {}
+        for stream, limit in (("orders", len(orders)), ("events", 3)):
+            done = subprocess.run(
+                [
+                    *_cmd("sealstream-consume", "--stream", stream, "--output", "jsonl"),
+                    "--limit",
+                    str(limit),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+                cwd=tmp_path,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            rows[stream] = [json.loads(line)["row"] for line in done.stdout.splitlines()]
+        assert rows["orders"] == orders
+        numbers = [r["n"] for r in rows["events"]]
+        assert numbers == sorted(numbers)
+        assert len(numbers) == 3
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join()
+        pipe.close()
+        up.send_signal(signal.SIGINT)
+        try:
+            assert up.wait(timeout=30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+
+
+def test_up_gives_the_otlp_receiver_free_ports_when_those_asked_for_are_taken() -> None:
+    assert otlp_ports("http_events,host_metrics") == ("http_events,host_metrics", None, None)
+    assert source_streams("http_events,otlp:127.0.0.1:0:off") == ["http_events", *OTLP_STREAMS]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sources, endpoint, grpc = otlp_ports(f"http_events,otlp:127.0.0.1:{port}:{port}")
+    assert endpoint is not None
+    assert grpc is not None
+    free = int(endpoint.rpartition(":")[2])
+    assert port not in (free, grpc)
+    assert sources == f"http_events,otlp:127.0.0.1:{free}:{grpc}"
+    assert endpoint == f"http://127.0.0.1:{free}"
+    assert otlp_ports("otlp:127.0.0.1:0:off")[2] is None
+
+
+async def test_up_otlp_takes_an_sdk_export_and_a_consumer_reads_it(tmp_path: Path) -> None:
+    """``sealstream up --otlp``: the printed ``OTEL_EXPORTER_OTLP_ENDPOINT`` takes the
+    OpenTelemetry SDK's exports, the policy grants the OTLP streams to the local identity,
+    and the printed consume command reads each export request back, unchanged."""
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    up = _start(
+        tmp_path / "up.log",
+        _cmd("sealstream", "up", "--dir", tmp_path / "state", "--sources", "http_events", "--otlp"),
+        cwd=tmp_path,
+        env=env,
+    )
+    services = [up]
+    try:
+        await asyncio.to_thread(up.wait_for, "Ctrl-C stops everything.", 60)
+        said = _text(up.log)
+        endpoint = re.search(
+            r"export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)\n", said
+        )
+        assert endpoint is not None, said
+        printed = re.search(r"\n  (\S*sealstream-consume .*)\n", said)
+        assert printed is not None, said
+        argv = printed[1].split()
+        assert argv[1:] == [
+            *("--stream", "http_events"),
+            *("--stream", "otlp_traces"),
+            *("--stream", "otlp_metrics"),
+            *("--stream", "otlp_logs"),
+        ]
+        # the printed command, less http_events (rows of its own, at their rate)
+        reader = _start(
+            tmp_path / "rows.jsonl",
+            [*argv[:1], *argv[3:], "--output", "jsonl"],
+            cwd=tmp_path,
+            env=env,
+        )
+        services.append(reader)
+        producer_log = tmp_path / "state" / "producer.log"
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: "session.opened" in _text(producer_log),
+            timeout=60,
+            what="the reader's session",
+            proc=reader.proc,
+        )
+        sent = await run_app(endpoint[1], tmp_path / "sent", "up-otlp")
+        assert {s.name for s, _ in sent} == {"traces", "metrics", "logs"}
+
+        def rows() -> list[dict[str, Any]]:
+            lines = _text(reader.log).splitlines()
+            return [json.loads(line) for line in lines if line.startswith("{")]
+
+        await asyncio.to_thread(
+            _wait_for, lambda: len(rows()) >= len(sent), timeout=60, what="the rows"
+        )
+        got = [(r["stream"], base64.b64decode(r["row"]["otlp"])) for r in rows()]
+        assert sorted(got) == sorted((s.stream, body) for s, body in sent)
+        assert reader.interrupt() == 0
+    finally:
+        reader_and_up = services[::-1]
+        for service in reader_and_up:  # Ctrl-C: up stops its children
+            if service.proc.poll() is None:
+                service.proc.send_signal(signal.SIGINT)
+                try:
+                    service.proc.wait(timeout=30)
+                finally:
+                    service.kill()
+    assert up.proc.returncode == 0, _text(up.log)
+
+
+async def test_demo_otlp_shows_an_sdk_export_in_its_view(tmp_path: Path) -> None:
+    """``sealstream demo --otlp``: the view reads the OTLP streams too (lines, piped), and
+    says where applications export to (on stderr, apart from the rows)."""
+    env = {**_ENV, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    argv = _cmd("sealstream", "demo", "--dir", tmp_path / "state", "--sources", "host_metrics")
+    out, err = tmp_path / "rows.jsonl", tmp_path / "demo.err"
+    with out.open("wb") as rows_file, err.open("wb") as err_file:
+        demo = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
+            [*argv, "--otlp", "--output", "jsonl"],
+            stdin=subprocess.DEVNULL,
+            stdout=rows_file,
+            stderr=err_file,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        pattern = re.compile(r"export OTEL_EXPORTER_OTLP_ENDPOINT=(http://127\.0\.0\.1:\d+)\n")
+        producer_log = tmp_path / "state" / "producer.log"
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: (
+                pattern.search(_text(err)) is not None and "session.opened" in _text(producer_log)
+            ),
+            timeout=60,
+            what="the demo's view",
+            proc=demo,
+        )
+        endpoint = pattern.search(_text(err))
+        assert endpoint is not None
+        sent = await run_app(endpoint[1], tmp_path / "sent", "demo-otlp")
+
+        def otlp() -> list[tuple[str, bytes]]:
+            rows = [json.loads(line) for line in _text(out).splitlines()]
+            return [
+                (r["stream"], base64.b64decode(r["row"]["otlp"]))
+                for r in rows
+                if "otlp" in r["row"]
+            ]
+
+        await asyncio.to_thread(
+            _wait_for, lambda: len(otlp()) >= len(sent), timeout=60, what="rows"
+        )
+        assert sorted(otlp()) == sorted((s.stream, body) for s, body in sent)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(demo.wait, 30)
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    assert demo.returncode == 0, _text(err)

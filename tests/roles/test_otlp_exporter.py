@@ -82,6 +82,42 @@ async def test_retryable_answers_are_retried_after_retry_after(sink: OtlpSink, s
     assert (exporter.exported, exporter.failed, exporter.retries) == ({"traces": 1}, {}, 2)
 
 
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+async def test_a_delay_of_zero_from_the_server_still_waits_the_backoff(
+    sink: OtlpSink, protocol: str
+) -> None:
+    """``Retry-After: 0`` (a zero RetryInfo over gRPC) is no licence for a tight loop: the
+    wait is never below the backoff's."""
+    sleeps = Sleeps()
+    sink.answers.extend([Answer(429, {"Retry-After": "0"})] * 3)
+    url = sink.grpc_url if protocol == "grpc" else sink.url
+    async with _exporter(url, sleeps, protocol=protocol) as exporter:
+        await exporter.put(_batch("otlp_traces", _request("a")))
+    assert len(sleeps.waits) == 3
+    assert min(sleeps.waits) >= 0.5  # half the initial backoff, at the least
+    assert (exporter.exported, exporter.failed) == ({"traces": 1}, {})
+
+
+async def test_an_unexpected_failure_is_counted_and_the_next_request_goes_on(
+    sink: OtlpSink,
+) -> None:
+    """The sender runs in a task group entered by the task that opened the exporter: a failure
+    it did not foresee (here, of the wait itself) is one request counted, not that task
+    cancelled."""
+
+    async def broken(seconds: float) -> None:
+        raise RuntimeError("no timer")
+
+    sink.answers.append(Answer(503))
+    after = _request("after")
+    exporter = OtlpExporter(ExportConfig(endpoint=sink.url), sleep=broken)
+    async with exporter:
+        await exporter.put(_batch("otlp_traces", _request("lost"), after))
+    assert exporter.failed == {"error": 1}
+    assert exporter.exported == {"traces": 1}
+    assert sink.received[-1].body == after
+
+
 async def test_backoff_doubles_up_to_its_cap(sink: OtlpSink) -> None:
     sleeps = Sleeps()
     sink.answers.extend([Answer(503)] * 5)

@@ -1,7 +1,9 @@
 """The producer's OTLP/HTTP receiver, on a real socket, in front of a recording sink (our own
 Protocol, :class:`producers._otlp.SealingSink`): the real OpenTelemetry SDK's exports become
 rows unchanged; JSON, gzip, splitting, every refusal with its status and counter;
-backpressure. The sealed path through a real agent is in tests/system/test_otlp.py."""
+backpressure, the outbox room reserved by the requests in hand, the bearer token, the body
+deadline, decoding off the event loop. The sealed path through a real agent is in
+tests/system/test_otlp.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import base64
 import gzip
 import json
 import secrets
+import sys
+import types
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+import structlog
 from google.protobuf import json_format
 from google.rpc import status_pb2
 from google.rpc.error_details_pb2 import RetryInfo
@@ -27,7 +32,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from producers._otlp import OtlpConfig, OtlpReceiver
+from producers import _otlp_codec
+from producers._otlp import SEALED_PER_BYTE, OtlpConfig, OtlpReceiver
 from producers._otlp_codec import split_request
 from sealstream.otlp import OTLP_STREAMS, SIGNALS, count_items
 from tests.support.otlp_sink import run_app
@@ -40,25 +46,32 @@ ROW_BYTES = 64 * 1024
 
 
 class RecordingSink:
-    """Records the rows it is given; ``backlog`` and a gate on sealing are the test's."""
+    """Records the rows it is given; ``backlog`` (``level``, and what a reservation adds for
+    each of ``readers`` sessions), the envelopes ``dropped`` while sealing and a gate on
+    sealing are the test's."""
 
-    def __init__(self, *, max_row_bytes: int = ROW_BYTES) -> None:
+    def __init__(
+        self, *, max_row_bytes: int = ROW_BYTES, buffer_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self.max_row_bytes = max_row_bytes
+        self.buffer_bytes = buffer_bytes
         self.streams = frozenset(OTLP_STREAMS)
         self.rows: list[tuple[str, dict[str, Any]]] = []
         self.level = 0.0
+        self.readers = 1
+        self.dropped = 0
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
 
-    def backlog(self) -> float:
-        return self.level
+    def backlog(self, reserve: int = 0) -> float:
+        return self.level + reserve * self.readers / self.buffer_bytes
 
-    async def seal_rows(self, stream: str, rows: list[dict[str, Any]]) -> int:
+    async def seal_rows(self, stream: str, rows: list[dict[str, Any]]) -> tuple[int, int]:
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         self.rows.extend((stream, row) for row in rows)
-        return 0
+        return 0, self.dropped
 
 
 @pytest_asyncio.fixture
@@ -483,3 +496,232 @@ async def test_grpc_backpressure_is_unavailable_with_retry_info(
     assert info.retry_delay.seconds == 1
     assert receiver.refused == {"backpressure": 1}
     assert sink.rows == []
+
+
+# --- the outbox room of the requests in hand ---------------------------------------------
+
+
+def _need(body: bytes, sink: RecordingSink) -> float:
+    """The share of the sink's bound a request's reservation takes (its headers' 16 KiB too)."""
+    return (len(body) * SEALED_PER_BYTE + 16 * 1024) / sink.buffer_bytes
+
+
+async def test_requests_in_hand_reserve_room_in_the_outbox(
+    sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    """Admitted together, requests could overflow the outbox with their sealed envelopes: the
+    first one's reservation counts against the next one's admission."""
+    sink.buffer_bytes = 1024 * 1024
+    sink.gate = asyncio.Event()
+    body = _spans(100, size=2000).SerializeToString()  # ~210 KB
+    sink.level = 0.45
+    assert sink.level + _need(body, sink) < 1  # either alone fits
+    config = OtlpConfig(port=0, grpc_port=0, max_body_bytes=256 * 1024, max_concurrent=4)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        first = asyncio.ensure_future(_post(http, _url(receiver), body))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        try:
+            async with asyncio.timeout(10):  # admitted, they would wait for the gate
+                status, _, headers = await _post(http, _url(receiver), body)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _grpc_export(receiver, body)
+        finally:
+            sink.gate.set()
+        assert (status, headers["Retry-After"]) == (503, "1")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert receiver.refused == {"backpressure": 2}
+        assert (await first)[0] == 200
+        # the reservation ends with its request
+        assert receiver._reserved == 0
+        assert (await _post(http, _url(receiver), body))[0] == 200
+        assert receiver.requests == {"traces": 2}
+
+
+async def test_a_request_whose_sealed_form_would_overflow_is_refused_after_reading(
+    receiver: OtlpReceiver, sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    """Under half the bound, but sealed for three sessions the body would not fit: 503 once
+    its size is known, nothing sealed."""
+    body = _spans(100, size=2000).SerializeToString()
+    sink.buffer_bytes = 1024 * 1024
+    sink.readers = 3
+    sink.level = 0.3
+    assert sink.level + 3 * _need(body, sink) > 1
+    status, _, headers = await _post(http, _url(receiver), body)
+    assert (status, headers["Retry-After"]) == (503, "1")
+    assert receiver.refused == {"backpressure": 1}
+    assert sink.rows == []
+    sink.level = 0.0
+    assert (await _post(http, _url(receiver), body))[0] == 200
+
+
+async def test_envelopes_dropped_while_sealing_answer_503_not_200(
+    receiver: OtlpReceiver, sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    """The outbox overflowed while the request was sealed: its rows may be what was lost, so
+    the client is told to retry (HTTP 503 with Retry-After; gRPC UNAVAILABLE)."""
+    sink.dropped = 1
+    body = _spans(2).SerializeToString()
+    status, _, headers = await _post(http, _url(receiver), body)
+    assert (status, headers["Retry-After"]) == (503, "1")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _grpc_export(receiver, body)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert receiver.refused == {"outbox_full": 2}
+    assert receiver.requests == {}
+
+
+async def test_the_body_limit_is_what_the_outbox_takes_above_high_water(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A request whose sealed form alone would overflow the outbox is over the size limit."""
+    sink = RecordingSink(buffer_bytes=512 * 1024)
+    config = OtlpConfig(port=0, grpc_port=None, max_body_bytes=4 * 1024 * 1024)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        assert receiver.max_body_bytes == int((256 * 1024 - 16 * 1024) / SEALED_PER_BYTE)
+        over = _spans(100, size=2000).SerializeToString()
+        assert receiver.max_body_bytes < len(over) < config.max_body_bytes
+        assert (await _post(http, _url(receiver), over))[0] == 413
+        assert receiver.refused == {"too_large": 1}
+    with pytest.raises(ValueError, match="buffer_bytes"):
+        async with OtlpReceiver(RecordingSink(buffer_bytes=32 * 1024), config=config):
+            pass
+
+
+# --- the event loop, the item cap, slow bodies ---------------------------------------------
+
+
+async def test_decoding_and_splitting_run_off_the_event_loop(
+    receiver: OtlpReceiver, sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    """The CPU-bound part of a request (decoding, splitting into rows) never runs on the
+    thread of the event loop, which serves the producer's sessions meanwhile."""
+    codec = {f.__code__ for f in (_otlp_codec.decode, _otlp_codec.to_rows, split_request)}
+    seen: list[str] = []
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code in codec:
+            seen.append(frame.f_code.co_name)
+
+    body = _spans(120, size=1500).SerializeToString()  # split into several rows
+    previous = sys.getprofile()
+    sys.setprofile(profile)  # this thread's: the event loop's
+    try:
+        status, _, _ = await _post(http, _url(receiver), body)
+    finally:
+        sys.setprofile(previous)
+    assert status == 200
+    assert len(sink.rows) > 1
+    assert seen == []
+
+
+async def test_a_request_over_max_items_is_refused_whole(
+    sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    config = OtlpConfig(port=0, grpc_port=0, max_items=10)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        assert (await _post(http, _url(receiver), _spans(11).SerializeToString()))[0] == 413
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _grpc_export(receiver, _spans(11).SerializeToString())
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert receiver.refused == {"too_many_items": 2}
+        ok = _spans(10).SerializeToString()
+        assert (await _post(http, _url(receiver), ok))[0] == 200
+    assert [row["otlp"] for _, row in sink.rows] == [ok]
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_refused_and_frees_its_slot(
+    sink: RecordingSink,
+) -> None:
+    """A client that sends its headers and then a trickle (or nothing) holds a slot only
+    until the body deadline."""
+    config = OtlpConfig(port=0, grpc_port=None, max_concurrent=1, body_timeout_s=0.2)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+        writer.write(
+            b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Length: 1000\r\n\r\n" + _spans(1).SerializeToString()[:20]
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        assert status_line.split()[1] == b"408"
+        assert receiver.refused == {"slow_body": 1}
+        assert receiver._busy == 0
+    assert sink.rows == []
+
+
+# --- the bearer token ---------------------------------------------------------------------
+
+
+async def test_a_token_is_required_over_http_and_grpc_when_configured(
+    sink: RecordingSink, http: aiohttp.ClientSession
+) -> None:
+    token = "-tok_" + secrets.token_urlsafe(16)  # a leading '-', an '_': data, not syntax
+    config = OtlpConfig(port=0, grpc_port=0, token=token)
+    assert token not in repr(config)
+    body = _spans(1).SerializeToString()
+    async with OtlpReceiver(sink, config=config) as receiver:
+        for authorization in (None, f"Bearer {token}x", token, f"Basic {token}"):
+            headers = {"Content-Type": PROTOBUF}
+            if authorization is not None:
+                headers["Authorization"] = authorization
+            async with http.post(_url(receiver), data=body, headers=headers) as response:
+                assert response.status == 401
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{receiver.grpc_port}") as channel:
+            export: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                f"/{SIGNALS['traces'].service}/Export"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await export(body, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await export(body, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+        # a header that is not UTF-8: refused like any other, not an error
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+        writer.write(
+            b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+            b"Authorization: Bearer \xff\xfe\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        assert status_line.split()[1] == b"401"
+        assert receiver.refused == {"unauthenticated": 6}
+        headers = {"Content-Type": PROTOBUF, "Authorization": f"Bearer {token}"}
+        async with http.post(_url(receiver), data=body, headers=headers) as response:
+            assert response.status == 200
+    assert len(sink.rows) == 2
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+async def test_the_sdk_sends_the_token_from_its_environment(
+    sink: RecordingSink, tmp_path: Path, protocol: str
+) -> None:
+    """As the README says: OTEL_EXPORTER_OTLP_HEADERS, its value URL-encoded."""
+    token = secrets.token_urlsafe(16)
+    config = OtlpConfig(port=0, grpc_port=0, token=token)
+    async with OtlpReceiver(sink, config=config) as receiver:
+        endpoint = _url(receiver, "") if protocol == "http" else f"127.0.0.1:{receiver.grpc_port}"
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{token}"}
+        sent = await run_app(endpoint, tmp_path / "sent", "tok", protocol=protocol, env=env)
+        assert receiver.refused == {}
+    assert [body for _, body in sent] == [row["otlp"] for _, row in sink.rows]
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", "t", False), ("127.0.0.1", None, False)],
+)
+async def test_listening_beyond_loopback_without_a_token_warns(
+    sink: RecordingSink, host: str, token: str | None, warned: bool
+) -> None:
+    config = OtlpConfig(host=host, port=0, grpc_port=None, token=token)
+    with structlog.testing.capture_logs() as logs:
+        async with OtlpReceiver(sink, config=config):
+            pass
+    events = [entry for entry in logs if entry["event"] == "otlp.unauthenticated"]
+    assert [(e["host"], e["log_level"]) for e in events] == ([(host, "warning")] if warned else [])

@@ -25,7 +25,7 @@ from broker_proxy import Limits, Proxy, ProxyConfig
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
-from sealstream.control import OpenRequest
+from sealstream.control import KEEPALIVE_MAX_S, KEEPALIVE_MIN_S, MAX_PING, OpenRequest
 from sealstream.crypto import ClusterIdentity, ConsumerKey, KeyKind, TrustStore
 from sealstream.jwk import b64u_encode, thumbprint
 from sealstream.nats import NatsAuth, settle
@@ -677,6 +677,47 @@ async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: An
         assert isinstance(ended, Notice)
         assert ended.code == "ended"
         assert session not in proxy.registry
+
+
+def test_the_proxy_offers_only_a_keepalive_interval_the_consumers_keep() -> None:
+    """The consumers clamp the interval to [1, 3600] s: a proxy offering less would expire
+    sessions kept alive as they should be, so it refuses to start."""
+    secret = secrets.token_bytes(32)
+    for keepalive_s in (KEEPALIVE_MIN_S, 10.0, KEEPALIVE_MAX_S):
+        assert ProxyConfig(token_secret=secret, keepalive_s=keepalive_s).keepalive_s == keepalive_s
+    for keepalive_s in (0.3, 1e-9, 0.0, -1.0, 3601.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="keepalive_s"):
+            ProxyConfig(token_secret=secret, keepalive_s=keepalive_s)
+
+
+async def test_a_cluster_with_more_sessions_than_a_ping_holds_is_still_checked(
+    nats_url: str,
+) -> None:
+    """Over MAX_PING sessions, one ping would not fit a control request (the producer refuses
+    it): the proxy pings in chunks, and the sessions the producer does not serve end (ids
+    starting with ``-`` and ``_`` among them) while the one it serves goes on."""
+    count = 3 * MAX_PING // 2
+    bogus = ["-" + b64u_encode(os.urandom(32))[1:], "_" + b64u_encode(os.urandom(32))[1:]]
+    bogus += [b64u_encode(os.urandom(32)) for _ in range(count - len(bogus))]
+    async with (
+        make_stack(nats_url, keepalive_s=1.0, shared_registry=False) as st,
+        st.client() as client,
+        client.subscribe(st.cluster, ["records"]) as sub,
+    ):
+        registry = st.proxy.registry
+        settled = st.proxy._core.clock() - 10  # past the open's timeout: pinged
+        for session in bogus:
+            entry = registry.add(
+                session, cluster=st.cluster, user="u", streams=("records",), now=settled
+            )
+            entry.expires_at = float("inf")  # only a ping can end it
+        with capture_logs() as logs:
+            await eventually(lambda: not any(s in registry for s in bogus), timeout=20)
+        assert not [e for e in logs if e["event"] == "cluster.ping_refused"]
+        assert sub.session_id in registry
+        await st.agent.emit("records", ROWS)
+        rows, _ = await collect_rows(sub, 2)
+        assert rows == ROWS
 
 
 async def test_the_proxy_answers_only_request_inboxes_and_without_headers(

@@ -7,9 +7,10 @@ what the test scripted (200 by default).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,13 +35,25 @@ _GRPC_CODES = {
 
 
 async def run_app(
-    endpoint: str, out: Path, marker: str, *, protocol: str = "http"
+    endpoint: str,
+    out: Path,
+    marker: str,
+    *,
+    protocol: str = "http",
+    env: Mapping[str, str] | None = None,
 ) -> list[tuple[Signal, bytes]]:
     """Run the application until it has exported everything to ``endpoint`` (an OTLP/HTTP
-    base URL, or ``HOST:PORT`` for ``protocol="grpc"``); each export request it sent, in
-    order, with its signal."""
+    base URL, or ``HOST:PORT`` for ``protocol="grpc"``), with ``env`` added to its
+    environment; each export request it sent, in order, with its signal."""
     app = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.otlp_app", endpoint, str(out), marker, protocol
+        sys.executable,
+        "-m",
+        "tests.support.otlp_app",
+        endpoint,
+        str(out),
+        marker,
+        protocol,
+        env={**os.environ, **(env or {})},
     )
     assert await asyncio.wait_for(app.wait(), 60) == 0
     sent = msgpack.unpackb(await asyncio.to_thread(out.read_bytes))

@@ -167,14 +167,15 @@ async def make_stack(
     token_leeway_s: int = 30,
     clock: Callable[[], float] = time.time,
     store: Store | None = None,
+    user: UserIdentity | None = None,
 ) -> AsyncIterator[Stack]:
     """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity; the
-    agent's policy (in a temporary directory) authorizes a fresh user for all its streams.
-    ``clock`` is the agent's (Unix seconds), against which proofs are checked."""
+    agent's policy (in a temporary directory) authorizes ``user`` (default: a fresh one) for
+    all its streams. ``clock`` is the agent's (Unix seconds), against which proofs are checked."""
     prefix = f"t{secrets.token_hex(4)}"
     secret = secrets.token_bytes(32)
     identity = ClusterIdentity.generate()
-    user = UserIdentity.generate()
+    user = user or UserIdentity.generate()
     streams = [*streams, *(s.stream for s in sources)]
     policy_dir = tempfile.TemporaryDirectory(prefix="sealstream-policy-")
     policy_file = Path(policy_dir.name) / "authorized.json"
@@ -331,6 +332,15 @@ def contains_marker(payload: bytes, marker: str) -> bool:
     except (ValueError, TypeError, msgpack.UnpackException):
         return False
     return any(marker in s for s in _strings(value))
+
+
+def identity_whose_id_begins_with(prefix: str) -> UserIdentity:
+    """A user identity whose id (RFC 7638 thumbprint, base64url) begins with ``prefix`` (one
+    character: 1 in 64 keys), to cover that edge on purpose rather than by chance."""
+    while True:
+        user = UserIdentity.generate()
+        if user.kid.startswith(prefix):
+            return user
 
 
 def fresh_key(kind: KeyKind = "x25519") -> ConsumerKey:

@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from sealops._otlpbench import otlp_summary, overload_figures
+from sealops._otlproles import SPANS, build_request
 from sealops._report import (
     MODES,
     Histogram,
     Plan,
     evaluate_targets,
     make_rows,
+    otlp_problems,
+    otlp_targets,
     problems,
     render_markdown,
     split_sessions,
@@ -133,26 +138,34 @@ def _accounted(item: dict[str, Any]) -> None:
     assert item["keys"] == item["envelopes"] - item["sent"], item
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
+def _bench(args: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
+    """Run ``sealstream bench ARGS``; its report.json and report.md."""
+    out = Path(args[args.index("--out") + 1])
     command = Path(sys.executable).parent / "sealstream"
     proc = subprocess.Popen(
-        [str(command), "bench", "--quick", "--out", str(out)],
+        [str(command), "bench", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        _, stderr = proc.communicate(timeout=150)
+        _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.terminate()  # the bench stops its processes and the embedded server itself
         _, stderr = proc.communicate(timeout=30)
-        pytest.fail(f"bench --quick did not finish in 150 s:\n{stderr[-4000:]}")
+        pytest.fail(
+            f"bench {' '.join(args)} did not finish in {timeout_s:.0f} s:\n{stderr[-4000:]}"
+        )
     assert proc.returncode == 0, stderr[-4000:]
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    markdown = (out / "report.md").read_text(encoding="utf-8")
+    return report, (out / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(260)
+def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    report, markdown = _bench(["--quick", "--out", str(out)], 210)
 
     assert report["schema"] == 1
     assert report["command"].startswith("sealstream bench --quick")
@@ -219,6 +232,8 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert "## Targets" in markdown
     assert "delivered every message" in markdown  # the run-health section
     assert "## 1,024 B bodies" in markdown
+    _otlp_accounted(report["otlp"])
+    assert [r["pipeline"] for r in report["otlp"]["runs"]] == ["sealstream", "plain"]
     assert markdown == render_markdown(report)
 
 
@@ -234,3 +249,130 @@ def test_fanout_measures_group_against_session_mode() -> None:
     assert report["producer"][0]["group_rotation_cpu_s"] is None
     assert report["producer"][1]["group_rotation_cpu_s"] > 0
     assert [c["size"] for c in report["consumer"]] == [1024]
+
+
+def test_otlp_request_is_built_once_with_one_stamp_place() -> None:
+    """The generator and the sink build the same 512-span request; its stamp's place is the
+    first span's trace id, found once, and a stamped request still decodes."""
+    body, offset = build_request()
+    assert build_request() == (body, offset)
+    request = ExportTraceServiceRequest.FromString(body)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    assert len(spans) == SPANS
+    assert body[offset : offset + 16] == spans[0].trace_id
+    stamped = body[:offset] + (2**64 - 1).to_bytes(8, "big") + b"\x00" * 8 + body[offset + 16 :]
+    assert (
+        ExportTraceServiceRequest.FromString(stamped)
+        .resource_spans[0]
+        .scope_spans[0]
+        .spans[0]
+        .trace_id
+        == b"\xff" * 8 + b"\x00" * 8
+    )
+
+
+def _otlp_run(pipeline: str, n: int, spans_per_s: float, p99: float) -> dict[str, Any]:
+    figures = {
+        "accepted": 10,
+        "delivered": 10,
+        "duplicates": 0,
+        "corrupt": 0,
+        "statuses": {"200": 10},
+        "retry_after": 0,
+        "rate_target": None,
+        "spans_per_s": spans_per_s,
+        "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": p99, "max": p99},
+    }
+    cpu = {"producer": 0.5, "relay": 0.25, "consumer": 0.25 * (1 + (pipeline == "sealstream"))}
+    return {"pipeline": pipeline, "round": n, "max": figures, "paced": figures, "cpu_s": cpu}
+
+
+def test_otlp_targets_are_medians_of_rounds_and_a_lost_request_fails_the_overload() -> None:
+    runs = [
+        _otlp_run("plain", 0, 100_000.0, 5.0),
+        _otlp_run("sealstream", 0, 90_000.0, 30.0),
+        _otlp_run("plain", 1, 100_000.0, 5.0),
+        _otlp_run("sealstream", 1, 70_000.0, 15.0),
+        _otlp_run("plain", 2, 100_000.0, 5.0),
+        _otlp_run("sealstream", 2, 85_000.0, 20.0),
+    ]
+    timeline = [{"producer": 80.0, "consumer": 70.0 + i} for i in range(8)]
+    runs[1]["overload"] = {
+        **runs[1]["max"],
+        "statuses": {"200": 10, "503": 40},
+        "retry_after": 40,
+        "rss": overload_figures(timeline),
+    }
+    assert runs[1]["overload"]["rss"]["consumer"] == {
+        "start_mb": 70.0,
+        "peak_mb": 77.0,
+        "peak_first_half_mb": 73.0,
+        "peak_second_half_mb": 77.0,
+        "growth_mb": 4.0,
+    }
+    otlp = otlp_summary(runs, spans=SPANS)
+    assert [r["ratio"] for r in otlp["rounds"]] == [0.9, 0.7, 0.85]
+    assert {r["cpu_ratio"] for r in otlp["rounds"]} == {0.8}  # 1.0 CPU s against 1.25
+    targets = {t["id"]: t for t in evaluate_targets({"scenarios": [], "otlp": otlp})}
+    assert (targets["otlp_vs_plain"]["measured"], targets["otlp_vs_plain"]["pass"]) == (
+        0.85,
+        True,
+    )
+    assert (targets["otlp_p99_added"]["measured"], targets["otlp_p99_added"]["pass"]) == (
+        15.0,
+        True,
+    )
+    assert (targets["otlp_overload"]["measured"], targets["otlp_overload"]["pass"]) == (4.0, True)
+    runs[1]["overload"]["delivered"] = 9  # an acknowledged request never reached the sink
+    targets = {t["id"]: t for t in otlp_targets(otlp_summary(runs, spans=SPANS))}
+    assert targets["otlp_overload"]["pass"] is False
+    assert targets["otlp_vs_plain"]["pass"] is None
+    assert "delivered 9 of 10 acknowledged" in targets["otlp_vs_plain"]["note"]
+    assert {t["pass"] for t in otlp_targets({})} == {None}
+
+
+def _otlp_accounted(otlp: dict[str, Any]) -> None:
+    """Every request the generator had acknowledged reached the sink, once and unchanged; the
+    producer's outbox dropped nothing and the exporter delivered everything."""
+    for run in otlp["runs"]:
+        assert otlp_problems(run) == [], run
+        for phase in ("max", "paced"):
+            assert run[phase]["statuses"] == {"200": run[phase]["accepted"]}, run
+            assert run[phase]["spans_per_s"] > 0
+        if run["pipeline"] == "sealstream":
+            assert run["producer"]["dropped"] == {}, run
+            assert (run["consumer"]["failed"], run["consumer"]["lost"]) == ({}, 0), run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_otlp_overload_is_refused_with_retry_after_memory_bounded_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    """The otlp scenario alone (``--quick --only otlp``): at twice the maximum rate the receiver
+    answers 503 with Retry-After, producer and consumer RSS stay within a bound below what
+    keeping the refused requests would take, and every acknowledged request reaches the
+    sink."""
+    out = tmp_path / "bench"
+    report, markdown = _bench(["--quick", "--only", "otlp", "--out", str(out)], 150)
+    assert report["scenarios"] == report["rounds"] == []
+    otlp = report["otlp"]
+    _otlp_accounted(otlp)
+    (run,) = [r for r in otlp["runs"] if r["pipeline"] == "sealstream"]
+    overload = run["overload"]
+    assert overload["retry_after"] > 0
+    assert overload["retry_after"] == int(overload["statuses"]["503"])
+    assert set(overload["statuses"]) == {"200", "503"}
+    assert run["producer"]["refused"]  # counted by reason
+    # the bound: the receiver's 16 requests in hand (producer), the exporter's queue of 256
+    # requests (consumer), with room; a receiver keeping what it refused would exceed it
+    bound_mb = 48
+    assert int(overload["statuses"]["503"]) * run["request_bytes"] / 1e6 > bound_mb
+    for role in ("producer", "consumer"):
+        rss = overload["rss"][role]
+        assert rss["peak_mb"] - rss["start_mb"] <= bound_mb, overload["rss"]
+    ids = {t["id"] for t in report["targets"]}
+    assert {"otlp_vs_plain", "otlp_p99_added", "otlp_overload"} <= ids
+    assert "## otlp: OpenTelemetry spans through sealstream" in markdown
+    assert "## 1,024 B bodies" not in markdown
+    assert markdown == render_markdown(report)

@@ -74,7 +74,7 @@ async def test_a_slow_consumer_whose_session_ends_sees_the_iterator_end(nats_url
     """The inbox queue full (a reader slower than the stream), the session lost at the proxy:
     the marker that says so is not dropped but kept for after the queued messages, so the
     iterator ends instead of waiting forever."""
-    async with make_stack(nats_url, keepalive_s=0.3) as st:
+    async with make_stack(nats_url, keepalive_s=1.0) as st:
         config = dataclasses.replace(st.config(), queue_size=4)
         async with (
             Client(config, trust=st.trust()) as client,
@@ -132,3 +132,130 @@ async def test_no_genuine_key_by_the_deadline_is_a_trust_error_that_offers_no_ke
         assert st.identity.kid not in said
         assert sub.stats().rows == 0
         assert sub.stats().rejected["untrusted_key"] == 1
+
+
+async def test_a_forged_key_flood_ends_at_the_key_deadline_with_the_trust_error(
+    nats_url: str,
+) -> None:
+    """A relay that streams forged key envelopes keeps the inbox queue from ever running
+    empty (each one costs a public-key decryption): past the key deadline, only the items
+    queued at that moment are still taken, then the trust error."""
+    async with make_stack(nats_url) as st:
+        config = dataclasses.replace(st.config(policy="discard"), queue_size=8)
+        key = fresh_key()
+        async with (
+            Client(config, trust=TrustStore()) as client,
+            client.subscribe(st.cluster, ["records"], key=key) as sub,
+        ):
+            live = sub._live
+            assert live is not None
+            mallory = ClusterIdentity.generate()
+            forged: list[bytes] = []
+            for i in range(200):
+                forger = ProducerSession(
+                    mallory, cluster=st.cluster, session=key.session_id, consumer_jwk=key.public_jwk
+                )
+                forger.seq = 10**9 + i  # fresh: refused as untrusted, not as replays
+                forged.extend(forger.start())
+            queued = 3
+            for payload in forged[:queued]:
+                live.push(payload)
+            live.key_deadline = asyncio.get_running_loop().time() - 1  # it has passed
+            done = asyncio.Event()
+
+            async def flood() -> None:
+                """Never lets the queue run empty while the subscription reads it."""
+                for payload in forged[queued:]:
+                    while live.queue.qsize() >= 2 and not done.is_set():
+                        await asyncio.sleep(0)
+                    if done.is_set():
+                        return
+                    live.push(payload)
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(flood())
+                with pytest.raises(TrustError):
+                    async for _ in sub:
+                        pass
+                done.set()
+            refused = sub.stats().rejected["untrusted_key"]
+            # the first refusal arms the deadline; then at most what was queued at that moment
+            assert 1 <= refused <= queued + 2, refused
+
+
+async def test_a_token_function_that_fails_ends_the_iteration_not_the_task(
+    nats_url: str,
+) -> None:
+    """The keepalive runs in a task group entered by the task that opened the subscription: a
+    token function raising what the library does not expect (not OSError or ValueError) ends
+    the subscription through its iterator, and the reading task is not cancelled."""
+    broken = False
+
+    async with make_stack(nats_url, keepalive_s=1.0) as st:
+        token = st.token()
+
+        def read_token() -> str:
+            if broken:
+                raise RuntimeError("the vault is sealed")
+            return token
+
+        config = dataclasses.replace(st.config(), token=read_token)
+        async with Client(config, trust=st.trust()) as client:
+            async with client.subscribe(st.cluster, ["records"]) as sub:
+                broken = True  # the next keepalive reads it
+                with pytest.raises(RuntimeError, match="the vault is sealed"):
+                    await anext(sub)
+                with pytest.raises(StopAsyncIteration):  # raised once: the iteration is over
+                    await anext(sub)
+                broken = False  # the close reads it too
+            task = asyncio.current_task()
+            assert task is not None
+            assert not task.cancelling()  # nothing cancelled the reading task
+
+
+async def test_an_open_answered_for_another_session_is_not_retried(nats_url: str) -> None:
+    """A relay that answers an open with another session id tampers: the open fails at once
+    (not retried as a passing failure for the retry budget)."""
+    async with make_stack(nats_url) as st:
+        relay = await connect(nats_url, name="hostile-relay")
+        opens: list[bytes] = []
+        other = fresh_key("x25519").session_id
+
+        async def answer(msg: Any) -> None:
+            opens.append(msg.data)
+            reply = {"ok": True, "session": other, "inbox": "x", "keepalive_s": 10}
+            await msg.respond(encode_map(reply))
+
+        try:
+            await relay.subscribe(f"{st.prefix}h.api.session.open", cb=answer)
+            await settle(relay)
+            config = dataclasses.replace(st.config(), prefix=f"{st.prefix}h")
+            async with Client(config, trust=st.trust()) as client:
+                with pytest.raises(SessionError) as err:
+                    async with client.subscribe(st.cluster, ["records"], retry_s=10):
+                        pass
+            assert "another session" in err.value.detail
+            assert not err.value.retriable
+            assert len(opens) == 1
+        finally:
+            await relay.close()
+
+
+async def test_after_a_failed_resume_the_iteration_is_over(nats_url: str) -> None:
+    """A resume that fails raises its error once; the next step ends the iteration (not a
+    misleading "use the subscription inside 'async with'")."""
+    async with make_stack(nats_url, keepalive_s=1.0) as st, st.client() as client:
+        sub = client.subscribe(st.cluster, ["records"], resume=True, resume_timeout_s=0)
+        async with sub:
+            session = sub.session_id
+            # the proxy forgets the session (as one that lost its registry would), and the
+            # cluster is gone: the next keepalive is refused, and the resume finds no cluster
+            body = {"v": VERSION, "token": st.token(), "session": session}
+            await client.nc.request(st.subjects.api_close, encode_map(body), timeout=5)
+            await eventually(lambda: session not in st.agent.sessions, timeout=10)
+            await st.agent.aclose()
+            with pytest.raises(SessionError) as err:
+                await anext(sub)
+            assert err.value.code == "cluster_unavailable"
+            with pytest.raises(StopAsyncIteration):
+                await anext(sub)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
-from sealops._stack import prepare_state
+from producers import otlp_config
+from sealops._stack import prepare_state, source_streams
 from sealstream.crypto import ClusterIdentity
 from sealstream.server import EmbeddedServer, ServerOptions
 
@@ -259,7 +265,21 @@ def test_producer_key_is_the_one_the_trust_store_pins(compose: dict[str, Any]) -
     env = environment(producer)
     source = secret_mounts(producer)[env["SEALSTREAM_KEY_FILE"]]
     assert compose["secrets"][source]["file"] == f"{STATE_DIR}cluster-key.jwk"
-    assert env["SEALSTREAM_SOURCES"] == "http_events,host_metrics"
+    assert env["SEALSTREAM_SOURCES"] == "http_events,host_metrics,otlp:0.0.0.0:4318:4317"
+
+
+def test_the_producer_receives_otlp_on_the_hosts_loopback(compose: dict[str, Any]) -> None:
+    """The receiver listens on its container's interfaces, on the ports compose publishes on
+    the host's 127.0.0.1 only (as ``sealstream up --otlp``)."""
+    producer = compose["services"]["producer"]
+    otlp = otlp_config(environment(producer)["SEALSTREAM_SOURCES"].split(","))
+    assert otlp is not None
+    assert otlp.host == "0.0.0.0"
+    assert producer["ports"] == [
+        f"127.0.0.1:{otlp.port}:{otlp.port}",
+        f"127.0.0.1:{otlp.grpc_port}:{otlp.grpc_port}",
+    ]
+    assert (otlp.port, otlp.grpc_port) == (4318, 4317)  # what the OpenTelemetry SDKs default to
 
 
 def test_every_role_has_its_own_nats_user(compose: dict[str, Any]) -> None:
@@ -408,6 +428,14 @@ class Host:
             env[key] = self.nats_url if key == "NATS_URL" else self.path(name, value)
         if "SEALSTREAM_METRICS_PORT" in env:
             env["SEALSTREAM_METRICS_PORT"] = self.ports.setdefault(name, str(free_port()))
+        if otlp_config(env.get("SEALSTREAM_SOURCES", "").split(",")) is not None:
+            # the receiver on this machine's loopback, on ports of its own
+            http = self.ports.setdefault(f"{name}-otlp", str(free_port()))
+            grpc = self.ports.setdefault(f"{name}-otlp-grpc", str(free_port()))
+            env["SEALSTREAM_SOURCES"] = ",".join(
+                f"otlp:127.0.0.1:{http}:{grpc}" if s.startswith("otlp") else s
+                for s in env["SEALSTREAM_SOURCES"].split(",")
+            )
         return env
 
     def healthcheck(self, name: str) -> int:
@@ -511,8 +539,8 @@ def test_services_run_and_the_consumer_decrypts(
     host.volumes.mkdir()
     state = host.project / STATE_DIR
 
-    # Setup step 1: the credentials of `sealstream up --dir .sealstream`.
-    prepare_state(state, cluster)
+    # Setup step 1: the credentials of `sealstream up --otlp --dir .sealstream`.
+    prepare_state(state, cluster, source_streams("http_events,host_metrics,otlp"))
     for source in compose["secrets"].values():
         assert (host.project / source["file"]).is_file(), f"sealstream up makes no {source}"
     kid = ClusterIdentity.load(state / "cluster-key.jwk").kid
@@ -536,6 +564,19 @@ def test_services_run_and_the_consumer_decrypts(
         while host.healthcheck(name) != 0:
             assert time.monotonic() < deadline, f"{name} is not healthy"
             time.sleep(0.2)
+
+    # an application on the host exports OTLP/HTTP to the published port
+    request_body = ExportTraceServiceRequest().SerializeToString()
+    answer = urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{host.ports['producer-otlp']}/v1/traces",
+            data=request_body,
+            headers={"Content-Type": "application/x-protobuf"},
+        ),
+        timeout=30,
+    )
+    assert answer.status == 200
+    ExportTraceServiceResponse.FromString(answer.read())
 
     # `SEALSTREAM_CONSUME_LIMIT=5 docker compose run --rm consumer`
     out = run(host.argv("consumer"), env=host.env("consumer"), timeout=60)

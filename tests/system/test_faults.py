@@ -34,7 +34,7 @@ def free_port() -> int:
 
 async def test_killed_producer_process_consumer_is_told(nats_url: str, tmp_path: Path) -> None:
     """SIGKILL leaves no end envelope: the proxy's liveness check ends the session."""
-    async with make_stack(nats_url, keepalive_s=0.3) as stack:
+    async with make_stack(nats_url, keepalive_s=1.0) as stack:
         key_file = tmp_path / "c2.jwk"
         identity = ClusterIdentity.load_or_create(key_file)
         # the stack's user may read it (the policy file beside the key)
@@ -86,7 +86,7 @@ async def test_killed_producer_process_consumer_is_told(nats_url: str, tmp_path:
 
 
 async def test_restarted_producer_ends_sessions_it_does_not_know(nats_url: str) -> None:
-    async with make_stack(nats_url, keepalive_s=0.3) as stack:
+    async with make_stack(nats_url, keepalive_s=1.0) as stack:
         async with stack.client() as client, client.subscribe(stack.cluster, ["records"]) as sub:
             await stack.agent.emit("records", [{"i": 1}])
             await collect_rows(sub, 1)

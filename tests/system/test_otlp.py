@@ -135,3 +135,62 @@ async def test_an_outage_gives_503_with_retry_after_not_drops_then_requests_pass
                 if len(rows) >= accepted + 1:
                     break
         assert rows == [body] * (accepted + 1)
+
+
+def _spans(count: int, size: int) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for _ in range(count):
+        span = scope.spans.add()
+        span.trace_id = secrets.token_bytes(16)
+        span.name = secrets.token_hex(size // 2)
+    return request
+
+
+async def test_concurrent_requests_in_an_outage_are_never_acknowledged_then_dropped(
+    broker: Broker,
+) -> None:
+    """NATS down, sixteen requests at a time whose sealed envelopes together are far over the
+    outbox's bound: each reserves its room once its body is read, those that would not fit
+    get 503, and the outbox drops nothing; every request answered 200 reaches the reader."""
+    url = broker.start()
+    async with (
+        make_stack(url, streams=OTLP_STREAMS) as st,
+        OtlpReceiver(st.agent, config=OtlpConfig(port=0)) as receiver,
+        st.client() as client,
+        client.subscribe(st.cluster, list(OTLP_STREAMS), resume=True) as sub,
+        aiohttp.ClientSession() as http,
+    ):
+        endpoint = f"http://127.0.0.1:{receiver.port}/v1/traces"
+        headers = {"Content-Type": "application/x-protobuf"}
+        broker.kill()
+        await eventually(lambda: not st.agent._connected.is_set())
+
+        async def post(request: ExportTraceServiceRequest) -> int:
+            async with http.post(
+                endpoint, data=request.SerializeToString(), headers=headers
+            ) as response:
+                return response.status
+
+        requests = [_spans(300, 2000) for _ in range(16)]  # ~0.6 MB each
+        assert sum(r.ByteSize() for r in requests) > 2 * st.agent.outbox.max_bytes
+        statuses = await asyncio.gather(*(post(r) for r in requests))
+        assert st.agent.outbox.dropped == {}
+        assert set(statuses) == {200, 503}
+        accepted = {
+            span.trace_id
+            for request, status in zip(requests, statuses, strict=True)
+            if status == 200
+            for span in request.resource_spans[0].scope_spans[0].spans
+        }
+        broker.start()
+        received: set[bytes] = set()
+        async with asyncio.timeout(30):
+            async for batch in sub:
+                assert not isinstance(batch, Resumed)
+                for row in batch.rows:
+                    part = ExportTraceServiceRequest.FromString(row["otlp"])
+                    received |= {s.trace_id for s in part.resource_spans[0].scope_spans[0].spans}
+                if len(received) >= len(accepted):
+                    break
+        assert received == accepted

@@ -226,7 +226,7 @@ async def test_proxy_with_short_keepalive_does_not_end_sessions_for_its_own_outa
 async def test_resume_replaces_a_session_the_cluster_forgot(nats_url: str) -> None:
     """A producer that restarts forgets its sessions: the proxy ends them, and a resuming
     subscription opens a new one with a fresh key and says so."""
-    async with make_stack(nats_url, keepalive_s=0.3) as stack:
+    async with make_stack(nats_url, keepalive_s=1.0) as stack:
         async with (
             stack.client() as client,
             client.subscribe(stack.cluster, ["records"], resume=True, retry_s=5) as sub,

@@ -226,7 +226,7 @@ async def test_fan_out_three_consumers_get_every_row(nats_url: str) -> None:
 
 
 async def test_vanished_consumer_expires_and_producer_stops(nats_url: str) -> None:
-    keepalive = 0.3
+    keepalive = 1.0  # the least a proxy offers
     source = HttpEvents(rate=200, seed=1)
     async with (
         make_stack(nats_url, sources=[source], keepalive_s=keepalive) as st,

@@ -416,7 +416,7 @@ async def test_every_emit_that_returned_survives_a_sigkill(broker: Broker, tmp_p
     url = broker.start()
     key_file = tmp_path / "c2.jwk"
     identity = ClusterIdentity.load_or_create(key_file)
-    async with make_stack(url, store=Store(), keepalive_s=0.3) as stack:
+    async with make_stack(url, store=Store(), keepalive_s=1.0) as stack:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",

@@ -15,11 +15,19 @@ from hypothesis import strategies as st
 from sealstream import SessionError, WireError
 from sealstream.control import (
     ERROR_CODES,
+    KEEPALIVE_MAX_S,
+    KEEPALIVE_MIN_S,
+    MAX_GRANTS,
     MAX_MESSAGE,
+    MAX_PING,
     MAX_PROOF,
     MAX_STREAMS,
     MAX_USER,
     ControlClose,
+    ControlGrants,
+    ControlOpen,
+    Granted,
+    GrantsRequest,
     KeptAlive,
     Ok,
     Opened,
@@ -76,7 +84,7 @@ key_modes = st.sampled_from(["session", "per-message", "group"])
 opaque = st.none() | st.text(min_size=1, max_size=200)
 jwks = st.binary(min_size=32, max_size=32).map(x25519_jwk)
 short = st.text(max_size=MAX_USER)
-keepalives = st.none() | st.integers(1, 3600) | st.floats(0.01, 3600.0)
+keepalives = st.none() | st.integers(1, 3600) | st.floats(KEEPALIVE_MIN_S, KEEPALIVE_MAX_S)
 
 open_requests = st.builds(
     OpenRequest,
@@ -208,6 +216,51 @@ def test_each_message_has_the_contract_bytes() -> None:
     )
 
 
+def test_a_grants_request_its_control_and_answer_have_the_contract_bytes() -> None:
+    """Both ways: what is encoded decodes to the same value, with the contract's keys."""
+    req = GrantsRequest("-c1", "p.r.f", "tok", "a.b.c")
+    wire = pack({"v": 1, "token": "tok", "cluster": "-c1", "proof": "p.r.f", "authz": "a.b.c"})
+    assert encode(req) == wire
+    assert decode_request("grants", wire) == req
+    control = req.control(user="-alice")
+    wire = pack({"v": 1, "op": "grants", "user": "-alice", "proof": "p.r.f", "authz": "a.b.c"})
+    assert encode(control) == wire
+    assert decode_control(wire) == control
+    assert decode_control(encode(ControlGrants("bob", "x.y.z"))) == ControlGrants("bob", "x.y.z")
+    answer = Granted("h.c.s")
+    assert encode(answer) == pack({"ok": True, "grants": "h.c.s"})
+    assert decode_reply(encode(answer), Granted) == answer
+
+
+@pytest.mark.parametrize(
+    ("payload", "decode"),
+    [
+        ({"v": 1, "token": "t", "cluster": "c1"}, "request"),  # no proof
+        ({"v": 1, "token": "t", "cluster": "c1", "proof": ""}, "request"),
+        ({"v": 1, "token": "t", "cluster": "c1", "proof": "x" * (MAX_PROOF + 1)}, "request"),
+        ({"v": 1, "token": "t", "cluster": "c 1", "proof": "p"}, "request"),
+        ({"v": 2, "token": "t", "cluster": "c1", "proof": "p"}, "request"),
+        ({"v": 1, "op": "grants", "user": "u"}, "control"),  # no proof
+        ({"v": 1, "op": "grants", "user": "u" * (MAX_USER + 1), "proof": "p"}, "control"),
+        ({"v": 1, "op": "grants", "user": 1, "proof": "p"}, "control"),
+        ({"ok": True}, "reply"),
+        ({"ok": True, "grants": ""}, "reply"),
+        ({"ok": True, "grants": "x" * (MAX_GRANTS + 1)}, "reply"),
+    ],
+)
+def test_a_malformed_grants_message_is_refused_where_it_is_decoded(
+    payload: dict[str, Any], decode: str
+) -> None:
+    wire = pack(payload)
+    with pytest.raises(WireError):
+        if decode == "request":
+            decode_request("grants", wire)
+        elif decode == "control":
+            decode_control(wire)
+        else:
+            decode_reply(wire, Granted)
+
+
 def test_each_refusal_form() -> None:
     for code in sorted(ERROR_CODES):
         assert encode(Refusal(code, "why")) == pack(  # type: ignore[arg-type]
@@ -290,6 +343,53 @@ def test_the_session_id_is_bound_to_the_key_where_the_open_is_decoded() -> None:
     private = {**control.to_map(), "jwk": {**KEY, "d": b64u_encode(os.urandom(32))}}
     with pytest.raises(WireError):
         decode_control(pack(private))
+
+
+def test_a_control_open_built_directly_is_bound_to_its_key_too() -> None:
+    """The binding is the type's, not only the decoder's: an authorizer given a ControlOpen
+    made in code relies on it as well."""
+    good = ControlOpen(SESSION, ("a",), KEY, "session", False, "u")
+    assert good.session == SESSION
+    flipped = SESSION[:-1] + ("B" if SESSION[-1] == "A" else "A")
+    for session in (thumbprint(DASH_KEY), thumbprint(UNDERSCORE_KEY), flipped):
+        with pytest.raises(WireError) as err:
+            ControlOpen(session, ("a",), KEY, "session", False, "u")
+        assert err.value.reason == "session_mismatch"
+    with pytest.raises(WireError):  # a private key is no session key
+        private = {**KEY, "d": b64u_encode(os.urandom(32))}
+        ControlOpen(SESSION, ("a",), private, "session", False, "u")
+
+
+def test_the_relays_keepalive_interval_is_clamped() -> None:
+    """The relay paces the keepalives within [1, 3600] s: 1e-9 would send them back to back,
+    and a huge one would never send one."""
+
+    def interval(value: Any) -> float | None:
+        opened = decode_reply(
+            pack({"ok": True, "session": SESSION, "inbox": "i", "keepalive_s": value}), Opened
+        )
+        kept = decode_reply(pack({"ok": True, "keepalive_s": value}), KeptAlive)
+        assert isinstance(opened, Opened)
+        assert isinstance(kept, KeptAlive)
+        assert opened.keepalive_s == kept.keepalive_s
+        return kept.keepalive_s
+
+    assert interval(1e-9) == KEEPALIVE_MIN_S == 1
+    assert interval(0.5) == 1
+    assert interval(1) == 1
+    assert interval(2.5) == 2.5
+    assert interval(3600) == 3600
+    assert interval(3_000_000) == KEEPALIVE_MAX_S == 3600
+    assert interval(1e300) == 3600
+    assert interval(2**63) == 3600
+
+
+def test_a_ping_holds_at_most_max_ping_sessions() -> None:
+    full = Ping(tuple([thumbprint(DASH_KEY)] * MAX_PING))
+    assert decode_control(encode(full)) == full
+    with pytest.raises(WireError) as err:
+        decode_control(encode(Ping(tuple([SESSION] * (MAX_PING + 1)))))
+    assert err.value.reason == "oversize"
 
 
 def _open_map(**changes: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "sealstream.crypto": [
         "DEFAULT_MAX_PLAINTEXT",
+        "GRANTS_TYP",
         "GROUP_COALESCE_S",
         "PROOF_TYP",
         "Batch",
@@ -54,6 +55,7 @@ EXPECTED: dict[str, list[str]] = {
         "UserIdentity",
         "encode_rows",
         "jws_header",
+        "verify_grants",
         "verify_proof",
     ],
     "producers": [
@@ -71,6 +73,7 @@ EXPECTED: dict[str, list[str]] = {
         "ProducerConfig",
         "Records",
         "Source",
+        "otlp_config",
         "page_registration",
     ],
     "producers.sources": [
@@ -95,13 +98,16 @@ EXPECTED: dict[str, list[str]] = {
         "ProxyConfig",
         "SessionEntry",
         "SessionRegistry",
+        "bucket_name",
     ],
     "consumers": [
         "Batch",
         "Client",
         "ClientConfig",
         "ConsumerKey",
+        "Context",
         "ExportConfig",
+        "Grants",
         "OtlpExporter",
         "Resumed",
         "Stats",
@@ -180,6 +186,7 @@ def test_the_core_has_its_public_modules() -> None:
         "server",
         "store",
         "tokens",
+        "topology",
         "wire",
     ]
 

@@ -9,10 +9,11 @@ import io
 from datetime import datetime
 
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from rich.console import Console
 
-from consumers._client import Stats
-from consumers._view import LiveTable, cell, rejections, summary
+from consumers._subscription import Stats
+from consumers._view import LiveTable, cell, printable, rejections, summary
 from sealstream.crypto import Batch
 
 
@@ -89,6 +90,39 @@ def test_rejected_envelopes_are_shown_by_reason() -> None:
     footer = text.rstrip().splitlines()[-1]
     assert "rejected 3 (bad_signature 2, replay 1)" in footer
     assert "rows 70" in footer
+
+
+def test_rich_markup_in_decrypted_names_and_values_is_shown_as_written() -> None:
+    table = LiveTable("c1", "s-1")
+    link = "[link=https://example.com/x]click[/link]"
+    table.add(Batch("records", 1, 1, [{"[bold]name": link}]))
+    out = io.StringIO()
+    Console(file=out, width=140).print(table.render())
+    assert "[bold]name" in out.getvalue()
+    assert link[:27] in out.getvalue()
+
+
+def test_control_characters_in_decrypted_text_never_reach_the_terminal() -> None:
+    """ESC [2J (clear), OSC 52 (write the clipboard), a C1 CSI, DEL: shown escaped, in a
+    cell, a column name and an OTLP line alike."""
+    clear, clipboard = "\x1b[2J", "\x1b]52;c;ZXZpbA==\x07"
+    assert cell("name", f"a{clear}b") == "a\\x1b[2Jb"
+    assert printable(f"{clipboard}\x9b1m\x7f\n") == "\\x1b]52;c;ZXZpbA==\\x07\\x9b1m\\x7f\\x0a"
+    assert printable("tab\tü…") == "tab\\x09ü…"  # printable text beyond ASCII stays
+    request = ExportLogsServiceRequest()
+    record = request.resource_logs.add().scope_logs.add().log_records.add()
+    record.body.string_value = f"login {clipboard}"
+    table = LiveTable("c1", "s-1")
+    table.add(Batch("records", 1, 1, [{f"col{clear}": f"v{clear}"}]))
+    table.add(Batch("otlp_logs", 1, 1, [{"otlp": request.SerializeToString(), "items": 1}]))
+    out = io.StringIO()
+    Console(file=out, width=200).print(table.render())
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "col\\x1b[2J" in text
+    assert "v\\x1b[2J" in text
+    assert "login \\x1b]52" in text
 
 
 async def test_the_live_footer_follows_the_counters_without_batches() -> None:

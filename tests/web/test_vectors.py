@@ -11,6 +11,7 @@ import pytest
 from jwcrypto import jwk as jc_jwk
 
 from sealstream.crypto import ConsumerKey, ConsumerSession, GroupMember, TrustStore
+from tests.support import otlp_vectors
 from tests.support.vectors import COMMAND, OUT, final, payload_of, stale, verdict
 
 
@@ -25,6 +26,11 @@ def test_the_committed_vectors_are_current() -> None:
     randomness): same cases, same verdicts, same keys and options."""
     names = stale()
     assert names == [], f"consumers/web/test/vectors/{', '.join(names)} stale: run {COMMAND}"
+
+
+def test_the_committed_otlp_vectors_are_current() -> None:
+    """The page's OTLP decoder is tested on what the Python view makes of the requests now."""
+    assert otlp_vectors.current(), f"otlp.json stale: run {otlp_vectors.COMMAND}"
 
 
 def _key(case: dict[str, Any]) -> ConsumerKey:

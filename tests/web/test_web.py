@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,9 +35,18 @@ from playwright.async_api import Browser, Page, async_playwright
 from structlog.testing import capture_logs
 
 from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
-from producers import Agent, HostMetrics, HttpEvents, Source, page_registration
+from producers import (
+    Agent,
+    HostMetrics,
+    HttpEvents,
+    OtlpConfig,
+    OtlpReceiver,
+    Source,
+    page_registration,
+)
 from producers._authz import AuthzPolicy
 from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
+from sealstream.control import Opened, encode
 from sealstream.crypto import (
     ClusterIdentity,
     ProducerSession,
@@ -47,9 +58,11 @@ from sealstream.jwk import thumbprint
 from sealstream.nats import connect
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
+from sealstream.otlp import OTLP_STREAMS
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store
 from sealstream.wire import notice
+from tests.support.otlp_sink import run_app
 from tests.support.pipeline import Recording, Stack, Tap, contains_marker, make_stack
 
 BUILD = Path(__file__).resolve().parents[2] / "build"
@@ -484,7 +497,7 @@ def test_config_json_refuses_other_hosts(ws_server: EmbeddedServer) -> None:
 async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
     ws_server: EmbeddedServer, browser: Browser
 ) -> None:
-    keepalive = 0.5  # an expiry after 1.5 s: room for a loaded machine's page to keep up
+    keepalive = 1.0  # the least a proxy offers: an expiry after 3 s
     async with make_stack(
         ws_server.url,
         sources=[HttpEvents(rate=50, seed=4)],
@@ -677,8 +690,8 @@ async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_d
             assert len(kid) == 43
             assert status == (
                 "not authorized by the cluster (key not authorized): this page's identity "
-                f"{kid}; authorize it with: sealstream-producer authorize add --jwk-file "
-                "sealstream-web-identity.jwk --stream http_events"
+                f"{kid}; authorize it with: sealstream-producer authorize add --key-file "
+                "CLUSTER-KEY --jwk-file sealstream-web-identity.jwk --stream http_events"
             )
             assert "operator" in await _text(page, "#authorization")
             assert await page.locator(ROWS_IN_DOM).count() == 0
@@ -786,15 +799,21 @@ def test_registration_is_taken_only_from_the_pages_own_origin(tmp_path: Path) ->
 async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) -> None:
     """The defaults a user gets: ``sealstream up`` (embedded nats-server with the auth
     callout, the proxy, a producer enforcing its policy) serves the page; the page registers
-    its key with the cluster and shows decrypted rows."""
+    its key with the cluster (for the OTLP streams too, with ``--otlp``) and shows decrypted
+    rows; the operator's command it shows names the cluster's policy."""
     state = tmp_path / "state"
     port = _free_port()
     log = tmp_path / "up.log"
     argv = [str(Path(sys.executable).parent / "sealstream"), "up", "--dir", str(state)]
-    argv += ["--sources", "http_events", "--rate", "50", "--web-port", str(port)]
+    argv += ["--sources", "http_events", "--otlp", "--rate", "50", "--web-port", str(port)]
     with log.open("wb") as out:
         up = subprocess.Popen(  # noqa: ASYNC220 - one child, started once
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=tmp_path
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            cwd=tmp_path,
+            env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},  # its context
         )
     # the address `up` prints, with the page's key in its fragment, as a user would copy it
     printed = re.compile(rf"http://127\.0\.0\.1:{port}/#key=[A-Za-z0-9_-]+")
@@ -824,7 +843,12 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
         kid = await _text(page, "#identity")
         assert "authorized by this machine's cluster" in await _text(page, "#authorization")
         grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
-        assert grant.streams == {"http_events"}
+        assert grant.streams == {"http_events", "otlp_traces", "otlp_metrics", "otlp_logs"}
+        assert await _text(page, "#authorize-command") == (
+            "sealstream-producer authorize add --policy-file "
+            f"{(state / 'authorized.json').resolve()} --jwk-file sealstream-web-identity.jwk "
+            "--stream http_events --stream otlp_traces --stream otlp_metrics --stream otlp_logs"
+        )
         await page.close()
     finally:
         up.send_signal(signal.SIGINT)
@@ -944,6 +968,37 @@ async def test_a_forged_expiry_notice_costs_a_new_session_not_the_end(
             await page.close()
 
 
+async def test_an_open_answered_for_another_session_ends_at_once(
+    ws_server: EmbeddedServer, browser: Browser
+) -> None:
+    """A relay that answers the page's open for another session tampers: the page says so and
+    stops, it does not retry the open as it would a late or busy proxy."""
+    async with make_stack(ws_server.url, sources=[HttpEvents(rate=10, seed=31)]) as st:
+        relay = await connect(ws_server.url, name="hostile-relay")
+        other = "-" + "A" * 41 + "_"  # a valid session id, never the page's own key's
+        opens: list[str] = []
+
+        async def answer(msg: Any) -> None:
+            opens.append(thumbprint(msgpack.unpackb(msg.data, raw=False)["jwk"]))
+            await msg.respond(encode(Opened(other, f"hostile.inbox.{other}", 10.0)))
+
+        try:
+            await relay.subscribe("hostile.api.session.open", cb=answer)
+            await relay.flush()
+            with _web(ws_server, st, prefix="hostile") as web:
+                page = await browser.new_page()
+                await page.goto(web.url)
+                # a retried open stays "retrying" for 30 s
+                await until(_state_is(page, "error"))
+                status = await _text(page, "#status")
+                assert status == "relay not trusted: the proxy answered for another session"
+                assert len(opens) == 1
+                assert opens[0] != other
+                await page.close()
+        finally:
+            await relay.close()
+
+
 async def test_the_page_resumes_after_a_broker_and_cluster_restart(
     tmp_path: Path, browser: Browser
 ) -> None:
@@ -1032,3 +1087,65 @@ async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
                 await page.close()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_reads_otlp_streams_from_the_sdk_as_spans_records_and_points(
+    ws_server: EmbeddedServer, browser: Browser, tmp_path: Path
+) -> None:
+    """An application on the stock OpenTelemetry SDK exports OTLP/HTTP to the producer's
+    receiver; the page decodes the sealed export requests and shows a line per span (its
+    name, kind, duration, status), per data point and per log record."""
+    marker = f"mk{secrets.token_hex(4)}"
+    streams = list(OTLP_STREAMS)
+    async with (
+        make_stack(ws_server.url, streams=streams) as st,
+        OtlpReceiver(st.agent, config=OtlpConfig(port=0, grpc_port=None)) as receiver,
+    ):
+        with _web(ws_server, st, streams=streams) as web:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(web.url)
+            # the receiver seals only for sessions reading: the page's must be open first
+            await until(_state_is(page, "verified"))
+            await run_app(f"http://127.0.0.1:{receiver.port}", tmp_path / "sent", marker)
+            traces = 'section[data-stream="otlp_traces"]'
+
+            async def spans() -> bool:
+                return len(await _column(page, traces, "name")) == 3
+
+            await until(spans, timeout=20)
+            names = await _column(page, traces, "name")
+            assert sorted(names) == sorted(f"{n}-{marker}" for n in ("parent", "child", "logged"))
+            assert set(await _column(page, traces, "service")) == {f"svc-{marker}"}
+            assert "server" in await _column(page, traces, "kind")
+            assert f"error: failed-{marker}" in await _column(page, traces, "status")
+            durations = await _column(page, traces, "duration_ns")
+            assert all(re.fullmatch(r"\d+(\.\d+)? (ns|µs|ms|s)", d) for d in durations)
+            assert all(
+                re.fullmatch(r"[0-9a-f]{32}", t) for t in await _column(page, traces, "trace_id")
+            )
+            header = await _text(page, f"{traces} .count")
+            assert re.fullmatch(
+                r"\d+ requests? received · 3 spans · the newest 3 lines below", header
+            )
+            BUILD.mkdir(exist_ok=True)
+            await page.screenshot(path=str(BUILD / "web-otlp-traces.png"))
+
+            for stream, column, want in [
+                ("otlp_metrics", "type", {"sum", "gauge", "histogram", "exponential_histogram"}),
+                ("otlp_logs", "body", {f"body-{marker}", f"{{kv={marker}}}"}),
+            ]:
+                await page.click(f'#tabs .tab[data-stream="{stream}"]')
+                section = f'section[data-stream="{stream}"]'
+
+                async def shown(section: str = section, column: str = column) -> bool:
+                    return bool(await _column(page, section, column))
+
+                await until(shown, timeout=20)
+                assert want <= set(await _column(page, section, column)), stream
+                await page.screenshot(path=str(BUILD / f"web-{stream.replace('_', '-')}.png"))
+            logs = 'section[data-stream="otlp_logs"]'
+            assert {"WARN", "ERROR"} <= set(await _column(page, logs, "severity"))
+            assert errors == []
+            await page.close()

@@ -139,4 +139,8 @@ def test_the_javascript_proof_passes_the_producers_checks(tmp_path: Path) -> Non
         == "proof is for another session"
     )
     assert check(second, now=now + 3600) == "proof expired"
+    # an open that asks for zip (allowZip) carries a proof that says so, and only such an open
+    assert check(second, zip=True) == "proof is for another zip"
+    assert check(made["zipped"]) == "proof is for another zip"
+    assert isinstance(check(made["zipped"], zip=True), Authorized)
     assert isinstance(check(second), Authorized)

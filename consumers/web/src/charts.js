@@ -70,24 +70,25 @@ export class Chart {
   }
 }
 
-/** @typedef {{add(rows: Record<string, unknown>[], nowMs: number): void, draw(nowMs: number): void}} StreamCharts */
+/** @typedef {{add(rows: Record<string, unknown>[], nowMs: number, count?: number): void, draw(nowMs: number): void}} StreamCharts */
 
 /**
- * The charts of one stream: its rows/s, and what its rows say when the stream is known
- * (http_events, host_metrics).
+ * The charts of one stream: its rows/s (or spans/s, ...: `unit`, counted by `add`'s `count`),
+ * and what its rows say when the stream is known (http_events, host_metrics).
  * @param {string} stream
  * @param {HTMLElement} parent
+ * @param {string} [unit]
  * @returns {StreamCharts}
  */
-export function streamCharts(stream, parent) {
+export function streamCharts(stream, parent, unit = "rows") {
   const rowRate = new RowRate();
   const rateChart = new Chart(parent, {
-    title: "rows/s received",
+    title: `${unit}/s received`,
     name: "rows",
     series: [stream],
     fmt: count,
   });
-  /** @type {{add(rows: Record<string, unknown>[]): void, draw(): void}[]} */
+  /** @type {{add(rows: Record<string, unknown>[], nowMs: number): void, draw(): void}[]} */
   const more = [];
   if (stream === "http_events") {
     const http = new HttpSeries();
@@ -105,7 +106,7 @@ export function streamCharts(stream, parent) {
       fmt: count,
     });
     more.push({
-      add: (rows) => http.add(rows),
+      add: (rows, nowMs) => http.add(rows, nowMs),
       draw() {
         latency.draw(http.latency());
         statuses.draw(http.statuses());
@@ -119,13 +120,13 @@ export function streamCharts(stream, parent) {
     ])) {
       const metrics = new MetricSeries(columns);
       const chart = new Chart(parent, { title, name, series: columns, fmt });
-      more.push({ add: (rows) => metrics.add(rows), draw: () => chart.draw(metrics.data()) });
+      more.push({ add: (rows, nowMs) => metrics.add(rows, nowMs), draw: () => chart.draw(metrics.data()) });
     }
   }
   return {
-    add(rows, nowMs) {
-      rowRate.add(rows.length, nowMs);
-      for (const m of more) m.add(rows);
+    add(rows, nowMs, count = rows.length) {
+      rowRate.add(count, nowMs);
+      for (const m of more) m.add(rows, nowMs);
     },
     draw(nowMs) {
       rateChart.draw(rowRate.data(nowMs));

@@ -40,6 +40,18 @@ export class BrokerError extends Error {
   }
 }
 
+/**
+ * The proxy's reply contradicts the request (an open answered for another session): a relay
+ * that tampers, not one that is late, so never retried as passing.
+ */
+export class RelayError extends Error {
+  /** @param {string} message */
+  constructor(message) {
+    super(message);
+    this.name = "RelayError";
+  }
+}
+
 /** No key envelope signed by a pinned cluster key came (others were refused). */
 export class TrustError extends Error {
   /** @param {string} message */
@@ -148,8 +160,9 @@ export class Subscription {
     this.timer = undefined;
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     this.keyTimer = undefined;
-    /** (Date.now() ms) a key envelope signed by a pinned key is due by then */
-    this.keyDeadline = Infinity;
+    /** inbox messages received when the key deadline passed (null: not yet): only those may
+     * still bring the key @type {number | null} */
+    this.keyCutoff = null;
     this.opened = false;
     this.closed = false;
     this.resuming = false;
@@ -232,7 +245,7 @@ export class Subscription {
           });
     this.session = session;
     this.opened = false;
-    this.keyDeadline = Infinity;
+    this.keyCutoff = null;
     this.hold = new Hold();
     this.store = false;
     this.askedAfter = null;
@@ -264,6 +277,7 @@ export class Subscription {
     });
     await nc.flush();
     const keyMode = o.keyMode ?? "session";
+    const zip = o.allowZip ?? false;
     /** @type {import("./wire.js").OpenRequest} */
     const open = {
       token: await this.token(),
@@ -271,7 +285,7 @@ export class Subscription {
       streams: o.streams,
       jwk: key.publicJwk,
       keyMode,
-      zip: o.allowZip ?? false,
+      zip,
     };
     if (o.identity !== undefined) {
       // made for this open only (fresh iat and jti): the relay forwards it untouched
@@ -280,17 +294,16 @@ export class Subscription {
         session: key.sessionId,
         streams: o.streams,
         keyMode,
+        zip,
       });
     }
     const reply = await this.request("open", encodeOpenRequest(open), "opened");
     if (reply.session !== key.sessionId) {
-      throw new BrokerError("the proxy answered for another session");
+      throw new RelayError("the proxy answered for another session");
     }
     this.opened = true;
     this.store = reply.store;
-    const keyWaitMs = o.requestTimeoutMs ?? 5000;
-    this.keyDeadline = Date.now() + keyWaitMs;
-    this.keyTimer = setTimeout(() => this.checkTrust(session, false, this.pending), keyWaitMs);
+    this.keyTimer = setTimeout(() => this.keyDue(session), o.requestTimeoutMs ?? 5000);
     this.setKeepalive(reply.keepaliveS);
     this.schedule();
   }
@@ -384,8 +397,9 @@ export class Subscription {
       return;
     }
     this.pending += 1;
+    const index = this.received;
     this.chain = this.chain
-      .then(() => this.handle(session, data))
+      .then(() => this.handle(session, data, index))
       // a failing callback ends the subscription rather than silently stopping the queue
       .catch((/** @type {Error} */ err) => this.fail(err))
       .finally(() => (this.pending -= 1));
@@ -433,25 +447,32 @@ export class Subscription {
     this.holdTimer = setTimeout(
       () => {
         this.chain = this.chain
-          .then(() => this.release(session))
+          .then(() => this.release(session, null))
           .catch((/** @type {Error} */ err) => this.fail(err));
       },
       Math.max(due - Date.now(), 0),
     );
   }
 
-  /** @param {ConsumerSession} session */
-  async release(session) {
+  /**
+   * @param {ConsumerSession} session
+   * @param {number | null} index the inbox message being handled (null: the hold's timer)
+   */
+  async release(session, index) {
     let env;
     while (session === this.session && (env = this.hold.next(session.lastSeq, Date.now()))) {
       if (env.seq <= session.lastSeq && (await this.hold.duplicate(env))) continue;
-      await this.deliver(session, env);
+      await this.deliver(session, env, index);
     }
     if (session === this.session) this.armHold(session);
   }
 
-  /** @param {ConsumerSession} session @param {Uint8Array} data */
-  async handle(session, data) {
+  /**
+   * @param {ConsumerSession} session
+   * @param {Uint8Array} data
+   * @param {number} index its place among the inbox messages received
+   */
+  async handle(session, data, index) {
     if (session !== this.session || this.closed) return; // a replaced session's leftovers
     let item;
     try {
@@ -462,7 +483,7 @@ export class Subscription {
     }
     if (item === null) {
       this.options.onChange?.();
-      this.checkTrust(session, false, this.pending - 1);
+      this.checkTrust(session, false, this.done(index));
       return;
     }
     if (item.type === "envelope" && this.store) {
@@ -474,16 +495,27 @@ export class Subscription {
         return;
       }
     }
-    await this.deliver(session, item);
-    await this.release(session);
+    await this.deliver(session, item, index);
+    await this.release(session, index);
+  }
+
+  /**
+   * The inbox messages verified so far, counted by arrival (for the key deadline).
+   * @param {number | null} index the one being handled (null: none, the hold's timer)
+   */
+  done(index) {
+    // the last one queued: every message received is done (later ones were dropped)
+    if (index === null) return this.pending === 0 ? this.received : 0;
+    return this.pending > 1 ? index : this.received;
   }
 
   /**
    * One parsed item through the session's checks, and what it brings to the page.
    * @param {ConsumerSession} session
    * @param {ReturnType<ConsumerSession["parse"]>} item
+   * @param {number | null} index the inbox message being handled (null: the hold's timer)
    */
-  async deliver(session, item) {
+  async deliver(session, item, index) {
     if (session !== this.session || this.closed) return;
     let result;
     try {
@@ -498,7 +530,7 @@ export class Subscription {
     } finally {
       this.options.onChange?.();
     }
-    if (this.checkTrust(session, false, this.pending - 1) || result === null) return;
+    if (this.checkTrust(session, false, this.done(index)) || result === null) return;
     if (result.type === "batch") {
       this.batches += 1;
       this.rows += result.rows.length;
@@ -519,17 +551,28 @@ export class Subscription {
   }
 
   /**
+   * The key deadline: the messages received by now are the last that may bring the key.
+   * @param {ConsumerSession} session
+   */
+  keyDue(session) {
+    if (session !== this.session) return;
+    this.keyCutoff = this.received;
+    this.checkTrust(session, false, this.pending === 0 ? this.received : 0);
+  }
+
+  /**
    * A key envelope whose signer is not pinned is counted and ignored (a relay can forge
    * one); the subscription ends only if none signed by a pinned key came by the key deadline
-   * (and none is still `queued`), or if it is `ending` anyway. True if it ended it.
+   * (the messages received by then all verified: a relay that keeps sending forged ones does
+   * not hold the error off), or if it is `ending` anyway. True if it ended it.
    * @param {ConsumerSession} session
    * @param {boolean} [ending]
-   * @param {number} [queued] inbox messages still waiting for verification
+   * @param {number} [done] the inbox messages up to this one (by arrival) are verified
    */
-  checkTrust(session, ending = false, queued = 0) {
+  checkTrust(session, ending = false, done = 0) {
     const refused = session.rejected.untrusted_key ?? 0;
     if (session !== this.session || session.keyed || refused === 0) return false;
-    if (!ending && (Date.now() < this.keyDeadline || queued > 0)) return false;
+    if (!ending && (this.keyCutoff === null || done < this.keyCutoff)) return false;
     this.fail(
       new TrustError(
         `no key envelope signed by a key pinned for cluster ${session.cluster} arrived; ` +

@@ -450,14 +450,16 @@ export async function importIdentity(jwk) {
  * @property {string} session the session id being opened (the thumbprint of the open's jwk)
  * @property {string[]} streams
  * @property {string} keyMode "session" or "per-message", as sent in the open
+ * @property {boolean} [zip] the open asks for compressed bodies (then the claim is required:
+ *   the relay must not turn compression on)
  * @property {number} [now] Unix seconds (default: the clock)
  * @property {string} [jti] default: 16 random bytes, base64url
  */
 
 /**
  * The proof for one open: a JWS compact by the identity key (alg Ed25519, typ
- * sealstream-open+jwt, kid, jwk) over the open's cluster, session, streams, key mode, `iat`
- * and a fresh random `jti`. A new one for every open.
+ * sealstream-open+jwt, kid, jwk) over the open's cluster, session, streams, key mode, `zip`
+ * when the open asks for it, `iat` and a fresh random `jti`. A new one for every open.
  * @param {Identity} identity
  * @param {ProofClaims} claims
  * @returns {Promise<string>}
@@ -468,6 +470,7 @@ export async function prove(identity, claims) {
     session: claims.session,
     streams: [...claims.streams],
     key_mode: claims.keyMode,
+    ...(claims.zip ? { zip: true } : {}),
     iat: Math.floor(claims.now ?? Date.now() / 1000),
     jti: claims.jti ?? b64uEncode(crypto.getRandomValues(new Uint8Array(16))),
   };

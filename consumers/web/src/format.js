@@ -87,11 +87,21 @@ export function clock(ms, today = new Date()) {
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${time}`;
 }
 
-/** @param {Uint8Array} b */
-const base64 = (b) => btoa(String.fromCharCode(...b));
+/** a bytes value shows its first bytes, then `…` (as consumers/_otlpview.py) */
+export const BYTES_SHOWN = 96;
 
 /**
- * Any decoded value as text (bigints exactly, bytes as base64, maps and arrays as JSON).
+ * The first BYTES_SHOWN bytes in base64: cut before encoding, as a table renders every 250 ms.
+ * @param {Uint8Array} b
+ */
+function base64(b) {
+  const shown = btoa(String.fromCharCode(...b.subarray(0, BYTES_SHOWN)));
+  return b.length > BYTES_SHOWN ? `${shown}…` : shown;
+}
+
+/**
+ * Any decoded value as text (bigints exactly, bytes as base64 of their first BYTES_SHOWN,
+ * maps and arrays as JSON).
  * @param {unknown} v
  * @returns {string}
  */

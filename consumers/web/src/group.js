@@ -10,7 +10,6 @@ import {
   DEFAULT_MAX_ENVELOPE,
   VERSION,
   WireError,
-  decodeMap,
   encodeMap,
   isClusterId,
   isStream,
@@ -117,24 +116,11 @@ export class GroupMember extends ConsumerSession {
   }
 
   /**
-   * @param {Uint8Array} payload
+   * @param {Record<string, unknown>} m
    * @returns {any}
    */
-  parse(payload) {
-    let m;
-    try {
-      m = decodeMap(payload, this.maxEnvelope);
-    } catch (err) {
-      if (err instanceof WireError) throw new Rejected("malformed");
-      throw err;
-    }
-    if (m.kind !== "group") return super.parse(payload);
-    try {
-      return groupFromMap(m, this.maxEnvelope);
-    } catch (err) {
-      if (err instanceof WireError) throw new Rejected("malformed");
-      throw err;
-    }
+  fromMap(m) {
+    return m.kind === "group" ? groupFromMap(m, this.maxEnvelope) : super.fromMap(m);
   }
 
   /**

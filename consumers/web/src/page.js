@@ -4,7 +4,7 @@
 // rows to the view (view.js: a tab per stream, its charts and table).
 
 import { thumbprint } from "./crypto.js";
-import { BrokerError, SessionError, Subscription, TrustError } from "./client.js";
+import { BrokerError, RelayError, SessionError, Subscription, TrustError } from "./client.js";
 import { loadIdentity } from "./identity.js";
 import { View } from "./view.js";
 
@@ -22,6 +22,8 @@ const RATE_WINDOW_MS = 5000;
  * @property {string} [key_mode] session or group (anything else is refused)
  * @property {string} [nats_user] static NATS credentials (a server without the auth callout)
  * @property {string} [nats_password]
+ * @property {string} [policy_file] the cluster's policy file, when the server runs beside it
+ *   (`sealstream demo` and `up`): the operator's command names it
  * @property {boolean} [register] the local server can authorize this page's key in the
  *   cluster's own policy (`sealstream demo` and `up` only): POST authorize
  */
@@ -30,13 +32,26 @@ const RATE_WINDOW_MS = 5000;
 export const JWK_FILE = "sealstream-web-identity.jwk";
 
 /**
- * The operator's command that authorizes this page's identity for the streams.
- * @param {string[]} streams
+ * A word as a POSIX shell reads it back unchanged (quoted unless it is plain).
+ * @param {string} word
  * @returns {string}
  */
-export function authorizeCommand(streams) {
-  const each = streams.map((s) => ` --stream ${s}`).join("");
-  return `sealstream-producer authorize add --jwk-file ${JWK_FILE}${each}`;
+function shellWord(word) {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", "'\\''")}'`;
+}
+
+/**
+ * The operator's command that authorizes this page's identity for the streams, complete:
+ * the cluster's policy file when the server knows it, else the cluster's signing key for the
+ * operator to name (`sealstream-producer authorize` refuses to guess either).
+ * @param {string[]} streams
+ * @param {string} [policyFile]
+ * @returns {string}
+ */
+export function authorizeCommand(streams, policyFile) {
+  const where = policyFile ? `--policy-file ${shellWord(policyFile)}` : "--key-file CLUSTER-KEY";
+  const each = streams.map((s) => ` --stream ${shellWord(s)}`).join("");
+  return `sealstream-producer authorize add ${where} --jwk-file ${JWK_FILE}${each}`;
 }
 
 // The page's key: a secret of the server's run, in the fragment of the URL it printed (never
@@ -69,14 +84,14 @@ const HINTS = /** @type {Record<string, string>} */ ({
  * One line for an error. A `forbidden` that is not about the token is the cluster's refusal
  * of this page's identity: the line names the identity and the command that authorizes it.
  * @param {unknown} err
- * @param {{kid: string, streams: string[]}} [who]
+ * @param {{kid: string, streams: string[], policy?: string}} [who]
  * @returns {string}
  */
 export function describe(err, who) {
   if (err instanceof TrustError) return `untrusted signer: ${err.message}`;
   if (err instanceof SessionError && err.code === "forbidden" && !/^token\b/.test(err.message)) {
     const identity = who ? who.kid : "unknown";
-    const how = who ? `; authorize it with: ${authorizeCommand(who.streams)}` : "";
+    const how = who ? `; authorize it with: ${authorizeCommand(who.streams, who.policy)}` : "";
     return `not authorized by the cluster (${err.message}): this page's identity ${identity}${how}`;
   }
   if (err instanceof SessionError) {
@@ -84,6 +99,7 @@ export function describe(err, who) {
     return hint ? `${hint} (${err.message})` : `session ${err.code}: ${err.message}`;
   }
   if (err instanceof BrokerError) return `broker unavailable: ${err.message}`;
+  if (err instanceof RelayError) return `relay not trusted: ${err.message}`;
   return String(/** @type {any} */ (err)?.message ?? err);
 }
 
@@ -115,12 +131,13 @@ function setText(id, text) {
  * @param {Record<string, string>} publicJwk
  * @param {string} kid
  * @param {string[]} streams
+ * @param {string} [policyFile]
  */
-function showIdentity(publicJwk, kid, streams) {
+function showIdentity(publicJwk, kid, streams, policyFile) {
   const text = `${JSON.stringify(publicJwk)}\n`;
   setText("identity", kid);
   setText("identity-jwk", text.trim());
-  setText("authorize-command", authorizeCommand(streams));
+  setText("authorize-command", authorizeCommand(streams, policyFile));
   const link = /** @type {HTMLAnchorElement} */ (document.getElementById("download-jwk"));
   link.href = URL.createObjectURL(new Blob([text], { type: "application/json" }));
   link.download = JWK_FILE;
@@ -216,8 +233,8 @@ export async function main() {
     setStatus("error", `cannot keep this page's identity key (IndexedDB): ${describe(err)}`);
     return;
   }
-  const who = { kid: identity.kid, streams: config.streams };
-  showIdentity(identity.publicJwk, identity.kid, config.streams);
+  const who = { kid: identity.kid, streams: config.streams, policy: config.policy_file };
+  showIdentity(identity.publicJwk, identity.kid, config.streams, config.policy_file);
   if (config.register) {
     setText("authorization", "registering with this machine's cluster…");
     setText("authorization", await register(identity.publicJwk));

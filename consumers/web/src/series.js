@@ -9,6 +9,9 @@ import { epochMs, numeric } from "./format.js";
 
 /** seconds a chart shows */
 export const WINDOW_S = 120;
+/** a row's time_ further ahead of the page's clock is not charted (it would slide the window
+ * past every later row) */
+export const AHEAD_S = 60;
 
 /** @typedef {[number[], ...(number | null)[][]]} Aligned */
 
@@ -64,10 +67,16 @@ export function quantile(sorted, q) {
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))];
 }
 
-/** @param {unknown} v a row's time_, in unix s (null if it has none) */
-function rowSecond(v) {
+/**
+ * A row's time_ in unix s; null if it has none, or if it is more than AHEAD_S ahead of `nowMs`.
+ * @param {unknown} v
+ * @param {number} nowMs
+ */
+function rowSecond(v, nowMs) {
   const t = numeric(v);
-  return t === null ? null : epochMs(t) / 1000;
+  if (t === null) return null;
+  const s = epochMs(t) / 1000;
+  return s > nowMs / 1000 + AHEAD_S ? null : s;
 }
 
 export const STATUS_CLASSES = ["2xx", "3xx", "4xx", "5xx"];
@@ -101,10 +110,10 @@ export class HttpSeries {
     }));
   }
 
-  /** @param {Record<string, unknown>[]} rows */
-  add(rows) {
+  /** @param {Record<string, unknown>[]} rows @param {number} [nowMs] */
+  add(rows, nowMs = Date.now()) {
     for (const row of rows) {
-      const t = rowSecond(row.time_);
+      const t = rowSecond(row.time_, nowMs);
       if (t === null) continue;
       const b = this.seconds.at(Math.floor(t));
       const latency = numeric(row.latency_ns);
@@ -152,10 +161,10 @@ export class MetricSeries {
     this.points = [];
   }
 
-  /** @param {Record<string, unknown>[]} rows */
-  add(rows) {
+  /** @param {Record<string, unknown>[]} rows @param {number} [nowMs] */
+  add(rows, nowMs = Date.now()) {
     for (const row of rows) {
-      const t = rowSecond(row.time_);
+      const t = rowSecond(row.time_, nowMs);
       if (t === null) continue;
       this.points.push({ t, values: this.columns.map((c) => numeric(row[c])) });
     }

@@ -19,8 +19,9 @@ import {
 import {
   DEFAULT_MAX_ENVELOPE,
   WireError,
-  decodeInbox,
+  decodeMap,
   decodePlaintext,
+  inboxFromMap,
   isClusterId,
 } from "./wire.js";
 
@@ -166,13 +167,22 @@ export class ConsumerSession {
    * @returns {Envelope | Notice}
    */
   parse(payload) {
-    let item;
     try {
-      item = decodeInbox(payload, this.maxEnvelope);
+      return this.fromMap(decodeMap(payload, this.maxEnvelope));
     } catch (err) {
       if (err instanceof WireError) throw new Rejected("malformed");
       throw err;
     }
+  }
+
+  /**
+   * An inbox item from its decoded map (the payload is decoded once; GroupMember adds its
+   * group envelopes here).
+   * @param {Record<string, unknown>} m
+   * @returns {Envelope | Notice}
+   */
+  fromMap(m) {
+    const item = inboxFromMap(m, this.maxEnvelope);
     if (item.session !== this.session) throw new Rejected("wrong_route");
     return item;
   }

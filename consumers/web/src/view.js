@@ -1,16 +1,24 @@
 // What the page shows of the decrypted rows: a tab per stream with its charts (charts.js), a
 // filter (filter.js) and a table of the newest rows, formatted (format.js); pause freezes the
-// tables and charts while rows keep being counted. Cells are set with textContent only:
-// decrypted rows never become markup, and no row leaves the page.
+// tables and charts while rows keep being counted. An OTLP stream's rows are export requests:
+// its table shows a line per span, log record or data point (otlp.js), at most 200 a batch.
+// Cells are set with textContent only: decrypted rows never become markup, and no row leaves
+// the page.
 
 import { streamCharts } from "./charts.js";
 import { parseFilter } from "./filter.js";
 import { formatCell, kindOf, raw } from "./format.js";
+import { LINES_PER_BATCH, SIGNALS, expand } from "./otlp.js";
 
 /** rows a table shows */
 export const SHOWN = 50;
 /** rows a stream keeps for its filter */
 export const KEPT = 1000;
+/**
+ * columns a table shows, the first seen: every one of the built-in sources (host_metrics has
+ * 15), where a terminal shows 9 (consumers/_view.py); the filter reads them all
+ */
+export const MAX_COLUMNS = 16;
 /** a cell shows at most this many characters (a 16 KiB value would cost layout every frame) */
 const MAX_CELL = 200;
 const TABLE_EVERY_MS = 250;
@@ -18,6 +26,9 @@ const TABLE_EVERY_MS = 250;
 const EXAMPLES = {
   http_events: "resp_status>=500 latency_ns>20ms",
   host_metrics: "cpu_percent>50 net_recv_rate>1MiB",
+  otlp_traces: "status~error duration_ns>100ms",
+  otlp_metrics: "type=histogram name~http",
+  otlp_logs: "severity~error checkout",
 };
 const CHARTS_EVERY_MS = 1000;
 
@@ -30,6 +41,20 @@ function el(tag, text, cls) {
 }
 
 const n = (/** @type {number} */ x) => x.toLocaleString("en-US");
+
+/**
+ * The rows' columns not yet in `columns`, appended while it has fewer than MAX_COLUMNS.
+ * @param {string[]} columns
+ * @param {Record<string, unknown>[]} rows
+ */
+export function addColumns(columns, rows) {
+  for (const row of rows) {
+    for (const k of Object.keys(row)) {
+      if (columns.length >= MAX_COLUMNS) return;
+      if (!columns.includes(k)) columns.push(k);
+    }
+  }
+}
 
 class StreamView {
   /**
@@ -45,6 +70,12 @@ class StreamView {
     /** @type {Record<string, unknown>[]} newest last */
     this.rows = [];
     this.total = 0;
+    /** an OTLP stream's signal; its items in all, not shown (over a batch's cap), undecodable */
+    this.otlp = SIGNALS[stream] ?? null;
+    this.items = 0;
+    this.hidden = 0;
+    this.undecodable = 0;
+    this.undecodableReason = "";
     this.dirty = true;
     /** @type {import("./filter.js").RowTest | null} */
     this.test = null;
@@ -73,7 +104,7 @@ class StreamView {
     wrap.append(this.table);
     this.section.append(charts, head, wrap);
     parent.append(this.section);
-    this.charts = streamCharts(stream, charts);
+    this.charts = streamCharts(stream, charts, this.otlp?.noun ?? "rows");
   }
 
   /** @param {string} text */
@@ -89,15 +120,24 @@ class StreamView {
     this.dirty = true;
   }
 
-  /** @param {Record<string, unknown>[]} rows @param {number} nowMs */
-  add(rows, nowMs) {
-    for (const row of rows) {
-      for (const k of Object.keys(row)) if (!this.columns.includes(k)) this.columns.push(k);
+  /** @param {Record<string, unknown>[]} batch @param {number} nowMs */
+  add(batch, nowMs) {
+    let rows = batch;
+    let count = batch.length;
+    if (this.otlp !== null) {
+      const got = expand(this.otlp.signal, batch);
+      rows = got.lines;
+      count = got.items;
+      this.items += got.items;
+      this.hidden += got.items - got.lines.length;
+      this.undecodable += got.undecodable;
+      if (got.undecodable) this.undecodableReason = got.reason;
     }
+    this.total += batch.length;
+    addColumns(this.columns, rows);
     this.rows.push(...rows);
     if (this.rows.length > KEPT) this.rows.splice(0, this.rows.length - KEPT);
-    this.total += rows.length;
-    this.charts.add(rows, nowMs);
+    this.charts.add(rows, nowMs, count);
     this.dirty = true;
   }
 
@@ -128,13 +168,21 @@ class StreamView {
     if (!this.dirty) return;
     this.dirty = false;
     const { rows, matching } = this.shown();
-    const received = `${n(this.total)} rows received`;
-    const kept = Math.min(this.total, KEPT);
+    const received = [`${n(this.total)} rows received`];
+    if (this.otlp !== null) {
+      received[0] = `${n(this.total)} ${this.total === 1 ? "request" : "requests"} received`;
+      received.push(`${n(this.items)} ${this.otlp.noun}`);
+      const cap = `at most ${LINES_PER_BATCH} a batch`;
+      if (this.hidden) received.push(`${n(this.hidden)} not shown (${cap})`);
+      if (this.undecodable) received.push(`${n(this.undecodable)} undecodable`);
+    }
+    this.count.title = this.undecodableReason && `last undecodable: ${this.undecodableReason}`;
+    const lines = this.otlp === null ? "" : "lines ";
     this.count.textContent =
       this.test === null
-        ? `${received} · the newest ${n(rows.length)} below`
-        : `${received} · ${n(matching)} of the newest ${n(kept)} match the filter · ` +
-          `the newest ${n(rows.length)} of them below`;
+        ? `${received.join(" · ")} · the newest ${n(rows.length)} ${lines}below`
+        : `${received.join(" · ")} · ${n(matching)} of the newest ${n(this.rows.length)} ` +
+          `${lines}match the filter · the newest ${n(rows.length)} of them below`;
     const head = el("tr");
     for (const c of this.columns) head.append(el("th", c, kindOf(c) === "plain" ? "" : "num"));
     const body = rows.map((row) => {

@@ -196,7 +196,16 @@ function envelopeFromMap(m, maxSize) {
  * @returns {Envelope | Notice}
  */
 export function decodeInbox(payload, maxSize = DEFAULT_MAX_ENVELOPE) {
-  const m = decodeMap(payload, maxSize);
+  return inboxFromMap(decodeMap(payload, maxSize), maxSize);
+}
+
+/**
+ * An inbox item from its decoded map (decodeMap), for a caller that looks at the map first.
+ * @param {Record<string, unknown>} m
+ * @param {number} [maxSize]
+ * @returns {Envelope | Notice}
+ */
+export function inboxFromMap(m, maxSize = DEFAULT_MAX_ENVELOPE) {
   if (m.kind === "notice") {
     checkVersion(m);
     const session = str(m, "session");
@@ -297,7 +306,17 @@ export function encodeResume(req) {
   return encodeMap({ v: VERSION, token: req.token, session: req.session, after });
 }
 
-/** @param {Record<string, unknown>} m @returns {number | null} */
+/** the keepalive interval a reply may set, in s: the relay chooses it, within these bounds */
+export const KEEPALIVE_MIN_S = 1;
+export const KEEPALIVE_MAX_S = 3600;
+
+/**
+ * A reply's keepalive interval, clamped to [1, 3600] s (docs/protocol.md): the relay is not
+ * trusted to pace the keepalives (1e-9 would send them back to back, and 3e6 s overflows
+ * setTimeout, which then fires at once).
+ * @param {Record<string, unknown>} m
+ * @returns {number | null}
+ */
 function keepaliveS(m) {
   if (!Object.hasOwn(m, "keepalive_s")) return null;
   const v = m.keepalive_s;
@@ -305,7 +324,7 @@ function keepaliveS(m) {
   if (!Number.isFinite(n) || n <= 0) {
     throw new WireError("bad_value", "keepalive_s must be a positive number");
   }
-  return n;
+  return Math.min(KEEPALIVE_MAX_S, Math.max(KEEPALIVE_MIN_S, n));
 }
 
 /** @param {Record<string, unknown>} m @returns {Refusal} */

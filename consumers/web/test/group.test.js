@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { consumerKey, importPrivateKey } from "../src/crypto.js";
 import { GroupMember } from "../src/group.js";
-import { IntegrityError } from "../src/session.js";
+import { ConsumerSession, IntegrityError } from "../src/session.js";
 import { groupCases as cases, payloadOf, plain, trustOf } from "./vectors/load.js";
 
 async function memberFor(c, policy) {
@@ -94,4 +94,27 @@ test("policy fail throws the one opaque error in group mode", async () => {
     return true;
   });
   assert.deepEqual({ ...member.rejected }, { bad_signature: 1 });
+});
+
+test("a session envelope is decoded once by a group member too", async () => {
+  const c = cases.find((x) => x.name === "group member forging");
+  const member = await memberFor(c, "discard");
+  const session = new ConsumerSession(member.key, { cluster: c.cluster, trust: member.trust });
+  /** reads of the payload's length: each decode reads it */
+  const reads = (/** @type {{parse(p: Uint8Array): unknown}} */ s) => {
+    const payload = payloadOf(c.steps[0]);
+    let n = 0;
+    const length = payload.length;
+    Object.defineProperty(payload, "length", {
+      get: () => {
+        n += 1;
+        return length;
+      },
+    });
+    assert.equal(/** @type {any} */ (s.parse(payload)).type, "envelope");
+    return n;
+  };
+  const once = reads(session);
+  assert.ok(once > 0);
+  assert.equal(reads(member), once);
 });

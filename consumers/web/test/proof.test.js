@@ -55,6 +55,11 @@ test("the proof is a JWS by the identity key with exactly the contract's header 
   // a fresh jti for every open
   const again = json((await prove(identity, CLAIMS)).split(".")[1]);
   assert.notEqual(again.jti, claims.jti);
+  // zip only when the open asks for it, and then bound
+  const zip = async (/** @type {boolean} */ on) =>
+    json((await prove(identity, { ...CLAIMS, zip: on })).split(".")[1]).zip;
+  assert.equal(await zip(false), undefined);
+  assert.equal(await zip(true), true);
 });
 
 test("an identity must be a non-extractable Ed25519 signing key", async () => {
@@ -80,5 +85,7 @@ test("proofs for the Python producer's checks", async (t) => {
     keyMode: request.key_mode,
   };
   const proofs = [await prove(identity, claims), await prove(identity, claims)];
-  writeFileSync(out, JSON.stringify({ jwk: identity.publicJwk, kid: identity.kid, proofs }));
+  const zipped = await prove(identity, { ...claims, zip: true });
+  const made = { jwk: identity.publicJwk, kid: identity.kid, proofs, zipped };
+  writeFileSync(out, JSON.stringify(made));
 });

@@ -1,8 +1,17 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseFilter, quantity } from "../src/filter.js";
-import { clock, duration, epochMs, formatCell, kindOf, size } from "../src/format.js";
-import { HttpSeries, MetricSeries, PerSecond, RowRate, WINDOW_S, quantile } from "../src/series.js";
+import { BYTES_SHOWN, clock, duration, epochMs, formatCell, kindOf, size } from "../src/format.js";
+import {
+  AHEAD_S,
+  HttpSeries,
+  MetricSeries,
+  PerSecond,
+  RowRate,
+  WINDOW_S,
+  quantile,
+} from "../src/series.js";
+import { MAX_COLUMNS, addColumns } from "../src/view.js";
 
 test("columns read by their names, as the sources name them", () => {
   assert.equal(kindOf("time_"), "time");
@@ -52,6 +61,12 @@ test("values a column's kind does not fit stay as they are", () => {
   assert.equal(formatCell("load1", 0.5), "0.50");
   assert.equal(formatCell("big", 2n ** 63n), "9223372036854775808");
   assert.equal(formatCell("blob", new Uint8Array([0xff, 0x00])), "/wA=");
+  // the first BYTES_SHOWN bytes only are encoded: a table renders every 250 ms
+  assert.equal(BYTES_SHOWN, 96);
+  const big = new Uint8Array(300_000).fill(0xfb); // more than a call's arguments
+  assert.equal(formatCell("blob", big), `${"+/v7".repeat(32)}…`);
+  assert.equal(formatCell("blob", big.subarray(0, 96)), "+/v7".repeat(32));
+  assert.equal(formatCell("nested", { b: big.subarray(0, 97) }), `{"b":"${"+/v7".repeat(32)}…"}`);
   assert.equal(formatCell("nested", { a: 1n, b: [1] }), '{"a":"1","b":[1]}');
   assert.equal(formatCell("latency_ns", Number.NaN), "NaN");
 });
@@ -119,6 +134,25 @@ test("latency p50/p99 and status classes per second of the rows' own time", () =
   assert.equal(quantile([5], 0.99), 5);
 });
 
+test("a row's time_ far ahead of the clock is not charted: later rows still are", () => {
+  const now = 1_790_000_000_500; // ms
+  const t0 = 1_790_000_000;
+  const ns = (/** @type {number} */ s) => BigInt(s) * 1_000_000_000n;
+  const http = new HttpSeries();
+  const far = { time_: ns(t0 + 10 ** 6), latency_ns: 1, resp_status: 200 };
+  const partial = { time_: ns(t0 - 1), latency_ns: 1, resp_status: 200 }; // the first second
+  http.add([partial, far, { time_: ns(t0), latency_ns: 5e6, resp_status: 200 }], now);
+  http.add([{ time_: ns(t0 + 1), latency_ns: 1e6, resp_status: 500 }], now + 1000);
+  assert.deepEqual(http.statuses(), [[t0], [1], [0], [0], [0]]);
+  // within AHEAD_S the producer's clock may simply run ahead of the page's
+  http.add([{ time_: ns(t0 + AHEAD_S), latency_ns: 1e6, resp_status: 200 }], now);
+  assert.equal(http.seconds.newest, t0 + AHEAD_S);
+  const m = new MetricSeries(["cpu_percent"]);
+  m.add([{ time_: ns(t0 + 10 ** 6), cpu_percent: 99 }], now);
+  for (let s = 0; s < 3; s++) m.add([{ time_: ns(t0 + s), cpu_percent: s }], now + s * 1000);
+  assert.deepEqual(m.data(), [[t0, t0 + 1, t0 + 2], [0, 1, 2]]);
+});
+
 test("the window slides: nothing older than WINDOW_S seconds is kept", () => {
   const b = new PerSecond(() => ({ n: 0 }));
   for (let s = 0; s < 3 * WINDOW_S; s++) b.at(s).n += 1;
@@ -129,4 +163,13 @@ test("the window slides: nothing older than WINDOW_S seconds is kept", () => {
   const [xs, cpu] = m.data();
   assert.equal(xs.length, WINDOW_S);
   assert.equal(cpu.at(-1), 3 * WINDOW_S - 1);
+});
+
+test("a table shows the first MAX_COLUMNS columns seen", () => {
+  assert.equal(MAX_COLUMNS, 16); // host_metrics rows have 15
+  /** @type {string[]} */
+  const columns = ["time_"];
+  const wide = Object.fromEntries(Array.from({ length: 5000 }, (_, i) => [`c${i}`, i]));
+  addColumns(columns, [{ time_: 1, c0: 0 }, wide, { other: 1 }]);
+  assert.deepEqual(columns, ["time_", ...Array.from({ length: 15 }, (_, i) => `c${i}`)]);
 });

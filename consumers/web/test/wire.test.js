@@ -4,6 +4,8 @@ import { encode } from "@msgpack/msgpack";
 import { b64uDecode, b64uEncode } from "../src/crypto.js";
 import {
   ERROR_CODES,
+  KEEPALIVE_MAX_S,
+  KEEPALIVE_MIN_S,
   MAX_MESSAGE,
   WireError,
   WireFloat,
@@ -149,6 +151,26 @@ test("the resume request and its answer are sealstream.control's bytes", () => {
   }
   const notBool = encode({ ok: true, session: SESSION, inbox: "i", store: 1 });
   assert.throws(() => decodeReply(notBool, "opened"), WireError);
+});
+
+test("the relay's keepalive interval is clamped to [1, 3600] s", () => {
+  /** @param {unknown} v */
+  const interval = (v) => {
+    const reply = decodeReply(encode({ ok: true, keepalive_s: v }), "keptAlive");
+    return reply.type === "keptAlive" ? reply.keepaliveS : undefined;
+  };
+  // 1e-9 s would send keepalives back to back; 3e6 s overflows setTimeout, which fires at once
+  assert.equal(interval(1e-9), KEEPALIVE_MIN_S);
+  assert.equal(interval(0.5), 1);
+  assert.equal(interval(3_000_000), KEEPALIVE_MAX_S);
+  assert.equal(interval(1e300), 3600);
+  assert.equal(interval(2 ** 53 + 1), 3600);
+  assert.equal(interval(1), 1);
+  assert.equal(interval(2.5), 2.5);
+  assert.equal(interval(3600), 3600);
+  const opened = encode({ ok: true, session: SESSION, inbox: "i", keepalive_s: 1e7 });
+  const reply = decodeReply(opened, "opened");
+  assert.equal(reply.type === "opened" && reply.keepaliveS, 3600);
 });
 
 test("malformed replies are WireErrors, as in sealstream.control", () => {
