@@ -169,7 +169,7 @@ class Agent(AsyncResource):
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             # its own replies (the store's acknowledgements) on subjects only it may read
-            inbox_prefix=f"_INBOX.{self.config.cluster}",
+            inbox_prefix=Subjects.producer_inbox(self.config.cluster),
         )
         self._connected.set()
         self._stack.push_async_callback(self._shutdown)

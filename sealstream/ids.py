@@ -106,7 +106,8 @@ class Subjects:
 
     @staticmethod
     def producer_inbox(cluster: str) -> str:
-        """The reply inbox prefix of a producer's presence request: ``_INBOX.producer.<id>``
+        """The reply inbox prefix of a producer's requests (its presence request, the store's
+        acknowledgements): ``_INBOX.producer.<id>``
         (a session's inboxes are ``_INBOX.<session id>``, 43 characters: never "producer")."""
         return f"_INBOX.producer.{check_cluster_id(cluster)}"
 

@@ -5,7 +5,7 @@ subjects:
 
 - a producer (one user per cluster) may publish only its own cluster's data and group
   subjects, answer requests, and subscribe only to its control subject and its own request
-  inbox (``_INBOX.<cluster>``); of JetStream it may only create, update and read its own
+  inbox (``_INBOX.producer.<cluster>``); of JetStream it may only create, update and read its own
   store's stream (``sealstream.store``);
 - the proxy gets the session API, all data and group subjects, the control subjects, the inboxes,
   JetStream for its session registry, and the auth callout subject (it answers the callout);
@@ -127,8 +127,8 @@ def producer_user(cluster: str, role: RoleUser, prefix: str = "sealstream") -> d
                 "allow": [
                     s.control(cluster),
                     s.producer(cluster),
-                    f"{s.producer_inbox(cluster)}.>",  # its presence request's reply
-                    f"_INBOX.{cluster}.>",  # its own request inbox: the store's acknowledgements
+                    # its own request inbox: the presence request's reply, the store's acks
+                    f"{s.producer_inbox(cluster)}.>",
                 ]
             },
             "allow_responses": True,

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from broker_proxy._callout import AuthResponder
 from broker_proxy._config import CalloutConfig
-from sealstream import TokenVerifier, mint_token
+from sealstream import Subjects, TokenVerifier, mint_token
 from sealstream.nats import connect, settle
 from sealstream.natsconf import Credentials, RoleUser, server_config
 from sealstream.natsjwt import AccountKey
@@ -171,7 +171,7 @@ async def test_a_producer_keeps_its_store(creds: Credentials, secure_url: str) -
     """A producer creates its own cluster's store and publishes into it with acknowledgement
     (replies on its own inbox prefix); the proxy may read it."""
     producer = await connect(
-        creds.producers["c1"].url(secure_url), name="producer", inbox_prefix="_INBOX.c1"
+        creds.producers["c1"].url(secure_url), name="producer", inbox_prefix=Subjects.producer_inbox("c1")
     )
     proxy = await connect(creds.proxy.url(secure_url), name="proxy")
     try:

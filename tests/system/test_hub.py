@@ -229,10 +229,18 @@ async def test_a_rogue_leaf_carries_nothing_outside_its_account(
         # into the site: only A's control requests; B's, the inboxes, the API are not carried
         b_site = await conn(servers.leaves[B].url, creds.roles.producers[B])
         await b_site.collect(f"sealstream.cluster.{B}.control")
-        await proxy.nc.publish(f"sealstream.cluster.{B}.control", b"for-b")
-        await proxy.nc.publish(f"sealstream.inbox.{SESSION}", b"for-consumer")
-        await proxy.nc.publish(f"sealstream.cluster.{A}.control", b"for-a")
-        seen = await rogue.until(f"sealstream.cluster.{A}.control")
+        a_control = f"sealstream.cluster.{A}.control"
+        seen = []
+        # the hub learns the rogue site's interest over the link a moment after the link is
+        # up: send until A's request arrives, keeping everything the site received meanwhile
+        async with asyncio.timeout(15):
+            while not any(subject == a_control for subject, _ in seen):
+                await proxy.nc.publish(f"sealstream.cluster.{B}.control", b"for-b")
+                await proxy.nc.publish(f"sealstream.inbox.{SESSION}", b"for-consumer")
+                await proxy.nc.publish(a_control, b"for-a")
+                await asyncio.sleep(0.2)
+                while not rogue.got.empty():
+                    seen.append(rogue.got.get_nowait())
         assert [d for _, d in seen if d in (b"for-b", b"for-consumer")] == []
         assert (await b_site.until(f"sealstream.cluster.{B}.control"))[-1][1] == b"for-b"
     finally:
