@@ -171,7 +171,9 @@ async def test_a_producer_keeps_its_store(creds: Credentials, secure_url: str) -
     """A producer creates its own cluster's store and publishes into it with acknowledgement
     (replies on its own inbox prefix); the proxy may read it."""
     producer = await connect(
-        creds.producers["c1"].url(secure_url), name="producer", inbox_prefix=Subjects.producer_inbox("c1")
+        creds.producers["c1"].url(secure_url),
+        name="producer",
+        inbox_prefix=Subjects.producer_inbox("c1"),
     )
     proxy = await connect(creds.proxy.url(secure_url), name="proxy")
     try:
