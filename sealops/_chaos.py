@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,23 +419,15 @@ def _verdict(result: dict[str, Any]) -> list[str]:
     return problems
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The run on the topology asked for (``--topology hub``: :mod:`sealops._hubchaos`)."""
-    if getattr(args, "topology", "single") != "hub":
-        return await _chaos(args)
-    from sealops._hubchaos import HUB_FAULTS, hub_chaos
-
-    kinds = [k for k in (args.faults or ",".join(HUB_FAULTS)).split(",") if k]
-    if not set(kinds) <= set(HUB_FAULTS):
-        raise ValueError(f"fault kinds on the hub are {', '.join(HUB_FAULTS)}")
-    return await hub_chaos(args, kinds)
-
-
-def chaos_main(args: argparse.Namespace) -> int:
-    """Run, write ``report.md`` and ``report.json`` to ``args.out``; exit 1 on a problem."""
+def chaos_main(
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]] | None = None,
+) -> int:
+    """Run (the single-server run unless ``run`` is another, e.g. the hub's), write
+    ``report.md`` and ``report.json`` to ``args.out``; exit 1 on a problem."""
     configure_logging(level="error")  # the roles' own logs are in OUT/logs
     try:
-        result = asyncio.run(_run(args))
+        result = asyncio.run((run or _chaos)(args))
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:  # the command's words

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chaos":
         from sealops._chaos import chaos_main
 
+        if args.topology == "hub":
+            from sealops._hubchaos import hub_run
+
+            return chaos_main(args, hub_run)
         return chaos_main(args)
     configure_logging(level="warning")
     if (

@@ -31,7 +31,7 @@ from sealops._chaos import Fault, Seen, _consume, _pct
 from sealops._hub import HubBackend, hub_backend
 from sealstream.crypto import UserIdentity
 
-__all__ = ["HUB_FAULTS", "hub_chaos"]
+__all__ = ["HUB_FAULTS", "hub_chaos", "hub_run"]
 
 HUB_FAULTS = ("hub-node", "proxy", "leaf")
 _STREAM = "chaos"
@@ -224,3 +224,11 @@ def _config(be: HubBackend, cluster: str) -> ClientConfig:
         policy="discard",
         request_timeout_s=3.0,
     )
+
+
+async def hub_run(args: argparse.Namespace) -> dict[str, Any]:
+    """The chaos run on the hub topology, with the fault kinds ``--faults`` names."""
+    kinds = [k for k in (args.faults or ",".join(HUB_FAULTS)).split(",") if k]
+    if not set(kinds) <= set(HUB_FAULTS):
+        raise ValueError(f"fault kinds on the hub are {', '.join(HUB_FAULTS)}")
+    return await hub_chaos(args, kinds)
