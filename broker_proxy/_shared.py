@@ -81,17 +81,29 @@ class SharedRegistry:
             try:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(
-                    bucket=self.bucket,
-                    history=1,
-                    ttl=max(2 * self.local.ttl_s, 1.0),
-                    replicas=self.replicas,
-                )
+                self._kv = await self._create(js)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BrokerError(
                 f"the session registry needs JetStream ({exc!r}): run nats-server with -js, "
                 "or set SEALSTREAM_SHARED_REGISTRY=0 for a single in-memory proxy"
             ) from exc
+
+    async def _create(self, js: Any) -> Any:
+        """The bucket; a replicated one is retried for 10 s while a JetStream cluster that
+        answers already cannot yet place it (a bad request until its peers are current)."""
+        deadline = asyncio.get_running_loop().time() + (10.0 if self.replicas > 1 else 0.0)
+        while True:
+            try:
+                return await js.create_key_value(
+                    bucket=self.bucket,
+                    history=1,
+                    ttl=max(2 * self.local.ttl_s, 1.0),
+                    replicas=self.replicas,
+                )
+            except nats.js.errors.BadRequestError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def watch(self) -> None:
         """Apply the bucket's changes to the local cache until cancelled."""
