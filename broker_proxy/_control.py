@@ -26,7 +26,6 @@ from sealstream.control import (
     Opened,
     OpenRequest,
     Refusal,
-    Replayed,
     Reply,
     ResumeRequest,
     SessionRef,
@@ -122,9 +121,11 @@ class SessionApi:
             return await self._open(request)
         if isinstance(request, ResumeRequest):
             entry = self._owned(op, request)
-            count = await replay(self._core, entry, request.after)
-            self.replayed += count
-            return Replayed(count)
+            answer = await replay(
+                self._core, entry, request.after, limit=request.limit, cursor=request.cursor
+            )
+            self.replayed += answer.replayed
+            return answer
         if isinstance(request, GrantsRequest):
             return await self._grants(request)
         return await self._session_op(op, request)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import nats.errors
 import nats.js.errors
 import structlog
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from broker_proxy._core import ProxyCore
 from broker_proxy._registry import SessionEntry
 from sealstream import SessionError, WireError
+from sealstream.control import Replayed
 from sealstream.store import stream_name
 from sealstream.wire import decode_envelope
 
@@ -24,28 +26,45 @@ _NO_STREAM = 10059
 _NO_STORE = "no store: this deployment is at most once"
 
 
-async def replay(core: ProxyCore, entry: SessionEntry, after: int) -> int:
+async def replay(
+    core: ProxyCore,
+    entry: SessionEntry,
+    after: int,
+    *,
+    limit: int | None = None,
+    cursor: int | None = None,
+) -> Replayed:
     """Publish on the session's inbox every stored envelope of its data subject whose ``seq``
-    is greater than ``after``, once per ``seq``; how many. SessionError ``bad_request``
+    is greater than ``after``, once per ``seq``, in stream order: all of them, or a page of at
+    most ``limit`` read from the stream position ``cursor`` on (the previous page's answer;
+    a hint that only skips the session's own envelopes). SessionError ``bad_request``
     without a store, ``cluster_unavailable`` (passing) when the store is out of reach."""
     js = core.nc.jetstream(timeout=core.config.control_timeout_s)
     name = stream_name(core.config.prefix, entry.cluster)
     subject = core.subjects.data(entry.cluster, entry.session)
     inbox = core.subjects.inbox(entry.session)
     max_size = core.config.limits.envelope_bytes
+    published, first, more, position = 0, None, False, None
     try:
         try:
             last = (await js.get_last_msg(name, subject)).seq
         except nats.js.errors.NotFoundError as exc:
             if exc.err_code == _NO_STREAM:
                 raise SessionError("bad_request", _NO_STORE) from None
-            return 0  # nothing stored for the session (yet, or any more)
-        sub = await js.subscribe(subject, stream=name, ordered_consumer=True)
-        published = 0
+            return Replayed(0)  # nothing stored for the session (yet, or any more)
+        config = (
+            None
+            if cursor is None or cursor > last
+            else ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=cursor
+            )
+        )
+        sub = await js.subscribe(subject, stream=name, ordered_consumer=True, config=config)
         seq = after
         try:
             while True:
                 msg = await sub.next_msg(timeout=core.config.control_timeout_s)
+                position = msg.metadata.sequence.stream
                 try:
                     env = decode_envelope(msg.data, max_size=max_size)
                 except WireError as exc:  # the store holds what the subject took: count it
@@ -54,10 +73,14 @@ async def replay(core: ProxyCore, entry: SessionEntry, after: int) -> int:
                     if env.session == entry.session and env.seq > seq:
                         await core.nc.publish(inbox, msg.data)
                         seq = env.seq
+                        first = env.seq if first is None else first
                         published += 1
                         if published % _FLUSH_EVERY == 0:
                             await core.nc.flush(timeout=core.config.control_timeout_s)
-                if msg.metadata.sequence.stream >= last:
+                if position >= last:
+                    break
+                if limit is not None and published >= limit:
+                    more = True
                     break
         finally:
             await sub.unsubscribe()
@@ -68,7 +91,10 @@ async def replay(core: ProxyCore, entry: SessionEntry, after: int) -> int:
             "cluster_unavailable", f"the store is out of reach: {exc!r}", retry=True
         ) from None
     log.info("session.replayed", session=entry.session, after=after, envelopes=published)
-    return published
+    if limit is None:
+        return Replayed(published, first=first)
+    next_at = None if position is None else position + 1
+    return Replayed(published, more=more, cursor=next_at, first=first)
 
 
 async def has_store(core: ProxyCore, cluster: str) -> bool:

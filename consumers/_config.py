@@ -78,7 +78,10 @@ class ClientConfig:
     unauthenticated_per_message: bool = False
     policy: Policy = "fail"
     allow_zip: bool = False
+    #: the inbox queue's bounds, in envelopes and in bytes: past them an envelope is let go
+    #: (read again from the cluster's store when it keeps one, else dropped and counted)
     queue_size: int = 10_000
+    queue_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -95,8 +98,8 @@ class ClientConfig:
             )
         if self.key_mode == "group" and self.allow_zip:
             raise ValueError("zip is not available in group mode")
-        if self.queue_size < 1 or self.request_timeout_s <= 0:
-            raise ValueError("queue_size and request_timeout_s must be positive")
+        if self.queue_size < 1 or self.queue_bytes < 1 or self.request_timeout_s <= 0:
+            raise ValueError("queue_size, queue_bytes and request_timeout_s must be positive")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ClientConfig:

@@ -61,6 +61,15 @@ class Hold:
         if self._since is None:
             self._since = now
 
+    def clear(self) -> int:
+        """Let every held envelope go (the store keeps them); how many."""
+        count = self.count
+        self._by_seq.clear()
+        self._seqs.clear()
+        self.count = self.size = 0
+        self._since = None
+        return count
+
     def accepted(self, env: Envelope) -> None:
         """``env`` passed the session's checks: a later copy of it is a duplicate."""
         self._accepted[env.seq] = _digest(env)

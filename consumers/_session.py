@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 import structlog
 
-from sealstream import BrokerError, SessionError
+from sealstream import BrokerError, SessionError, WireError
 from sealstream.control import (
+    MAX_REPLAY_LIMIT,
     KeptAlive,
     Opened,
     OpenRequest,
@@ -32,6 +33,7 @@ from sealstream.crypto import (
 )
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
+from sealstream.wire import decode_envelope
 
 if TYPE_CHECKING:
     from consumers._endpoint import Endpoint
@@ -41,6 +43,8 @@ __all__ = ["LiveSession", "Login", "Lost", "ReplayDone", "session_connection"]
 log = structlog.get_logger(__name__)
 
 _MAX_TOKEN = 8192  # docs/protocol.md: the proxy's token size cap
+#: a page that failed (the store or the proxy out of reach) is asked again after this long
+_PAGE_RETRY_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +59,14 @@ class Lost:
 @dataclass(frozen=True, slots=True)
 class ReplayDone:
     """A resume request was answered (``replayed`` envelopes published on the inbox before
-    the answer), or failed (0); None: the deployment keeps no store (at most once)."""
+    the answer), or failed (0); None: the deployment keeps no store (at most once). ``page``:
+    it asked for a page (the session is behind), ``more`` stored envelopes follow it, and
+    ``first`` is the ``seq`` of the first one replayed."""
 
     replayed: int | None
+    page: bool = False
+    more: bool = False
+    first: int | None = None
 
 
 class LiveSession(AsyncResource):
@@ -81,6 +90,28 @@ class LiveSession(AsyncResource):
         self._stop = asyncio.Event()
         self.received = 0
         self.dropped = 0
+        #: bytes of the envelopes in the queue, and their bound
+        self.queued = 0
+        self._max_queued = cfg.queue_bytes
+        self._received_bytes = 0
+        #: behind: the queue overflowed on a session whose cluster keeps a store, so the
+        #: session reads what follows its last accepted seq from the store, page by page, at
+        #: its own pace, and lets the live envelopes ahead of it go (``deferred``) until a
+        #: page reaches the end of the store (docs/protocol.md, "Slow consumers")
+        self.behind = False
+        self.deferred = 0
+        #: the store position the next page is read from, and the one the last page asked
+        self.cursor: int | None = None
+        self._page_cursor: int | None = None
+        #: the last accepted seq the last page asked after
+        self.page_after: int | None = None
+        #: the first seq a page brought past a gap that retention made: accepted as next
+        self.floor: int | None = None
+        #: pages in a row that brought nothing acceptable
+        self.stalls = 0
+        #: the page asked for: seqs above ``_page_lo``, at most ``_page_limit`` of them
+        self._page_lo = -1
+        self._page_limit = 0
         self._last_drop_log = 0.0
         self.keepalive_s = 10.0
         #: (event loop time) a key envelope signed by a pinned key is due by then
@@ -100,6 +131,7 @@ class LiveSession(AsyncResource):
         self._asked_after: int | None = None
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
+        self._pageable = False
 
     async def _start(self) -> None:
         cfg = self._client.config
@@ -166,6 +198,9 @@ class LiveSession(AsyncResource):
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
         self.store = opened.store
+        # what is behind can be read again only on the session's own subject: not in group
+        # mode, whose data envelopes are not replayed
+        self._pageable = self.store and cfg.key_mode != "group"
         self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         self._tg = tg = await self._stack.enter_async_context(asyncio.TaskGroup())
         self._stack.callback(self._stop.set)
@@ -270,6 +305,9 @@ class LiveSession(AsyncResource):
         "Lossless delivery"); the answer comes through the queue as a :class:`ReplayDone`.
         One at a time, once per last accepted ``seq`` unless ``again`` (a reconnect), and
         never once the deployment said it keeps no store."""
+        if self.behind:
+            self.ask_page(again=again)
+            return
         if self._resuming or not self.store or self._tg is None or self._stop.is_set():
             return
         assert self.crypto is not None
@@ -279,30 +317,65 @@ class LiveSession(AsyncResource):
         self._resuming = True
         self._tg.create_task(self._resume())
 
-    async def _resume(self) -> None:
+    def ask_page(self, *, again: bool = False) -> None:
+        """(Behind) ask the proxy for the next page of what follows the last accepted
+        ``seq``: at most as many envelopes as half the queue takes; once per last accepted
+        ``seq`` unless ``again`` (the page asked last is read again)."""
+        if self._resuming or not self.store or self._tg is None or self._stop.is_set():
+            return
+        assert self.crypto is not None
+        if self.crypto.last_seq == self.page_after and not again:
+            return
+        self.page_after = self.crypto.last_seq
+        if again:
+            self.cursor = self._page_cursor
+        self._page_cursor = self.cursor
+        # half the queue, in envelopes and in bytes (at the mean size received so far)
+        mean = self._received_bytes // max(self.received, 1) or 1
+        room = min(self.queue.maxsize // 2, self._max_queued // 2 // mean)
+        self._page_limit = max(1, min(room, MAX_REPLAY_LIMIT))
+        # the seqs the page brings: what follows the last accepted, or a gap that retention
+        # made (the first seq a page brought past it)
+        self._page_lo = self.page_after if self.floor is None else self.floor - 1
+        self._resuming = True
+        self._tg.create_task(self._resume(limit=self._page_limit))
+
+    async def _resume(self, *, limit: int | None = None) -> None:
         assert self.crypto is not None
         session, after = self.crypto.session, self.crypto.last_seq
-        done = ReplayDone(0)
+        page = limit is not None
+        done = ReplayDone(0, page=page, more=page)
         try:
-            req = ResumeRequest(session, self._client.token(), after)
+            cursor = self.cursor if page else None
+            req = ResumeRequest(session, self._client.token(), after, limit, cursor)
             subject = self._client.subjects.api_resume
             answer = await self._client.request(subject, req, Replayed, nc=self._conn)
             self.store = True
-            done = ReplayDone(answer.replayed)
+            if page:
+                self.cursor = answer.cursor
+            done = ReplayDone(answer.replayed, page, answer.more, answer.first)
             log.info(
-                "session.resume_answered", session=session, after=after, replayed=done.replayed
+                "session.resume_answered",
+                session=session,
+                after=after,
+                replayed=done.replayed,
+                limit=limit,
+                more=answer.more,
             )
         except SessionError as exc:
             if exc.code == "bad_request" and exc.detail.startswith("no store"):
-                self.store = False
-                done = ReplayDone(None)
+                self.store = self._pageable = self.behind = False
+                done = ReplayDone(None, page)
             elif exc.retriable:  # the store or the proxy out of reach a moment: ask again
-                self._asked_after = None
+                self._asked_after = self.page_after = None
             log.info("session.resume_refused", session=session, code=exc.code, error=exc.detail)
         except BrokerError as exc:
-            self._asked_after = None
+            self._asked_after = self.page_after = None
             log.info("session.resume_failed", session=session, error=str(exc))
         finally:
+            if page and done.replayed == 0 and done.more:  # failed: not at once again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=_PAGE_RETRY_S)
             self._resuming = False
             self.push(done)
 
@@ -320,25 +393,70 @@ class LiveSession(AsyncResource):
             self.push(Lost("the NATS connection was closed", resumable=self._resumable()))
 
     def push(self, item: bytes | Lost | ReplayDone | BaseException) -> None:
-        """Queue an inbox message, or drop and count it when the queue is full. A control
-        item (the session is over) is never dropped: on a full queue it waits in ``ending``,
-        which the iterator takes once it has drained the queue."""
+        """Queue an inbox message. An envelope past the queue's bounds (in envelopes or in
+        bytes) is let go: read again from the store later (the session falls behind) when the
+        cluster keeps one, else dropped and counted. A control item (the session is over) is
+        never dropped: on a full queue it waits in ``ending``, which the iterator takes once
+        it has drained the queue."""
+        if isinstance(item, bytes):
+            if self.behind and not self._in_page(item):
+                self.deferred += 1  # live, ahead of the page: the store has it
+                return
+            if self.queue.full() or (self.queued and self.queued + len(item) > self._max_queued):
+                self._overflow()
+                return
+            self.queued += len(item)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            if isinstance(item, ReplayDone):  # a hint: the hold's time runs out anyway
+            if isinstance(item, ReplayDone):  # a hint: the hold's time runs out anyway, and
+                self.page_after = None  # a page is asked again with the next envelope
                 return
-            if not isinstance(item, bytes):
-                self.ending = self.ending or item
-                return
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._last_drop_log >= 1.0:
-                self._last_drop_log = now
-                log.warning("inbox.overflow", dropped=self.dropped, queue=self.queue.maxsize)
+            assert not isinstance(item, bytes)  # checked above: the queue had room
+            self.ending = self.ending or item
+
+    def _overflow(self) -> None:
+        now = time.monotonic()
+        if self._pageable:
+            self.deferred += 1
+            if not self.behind:
+                self.behind = True
+                assert self.crypto is not None
+                log.warning(
+                    "session.behind", session=self.crypto.session, after=self.crypto.last_seq
+                )
+            return
+        self.dropped += 1
+        if now - self._last_drop_log >= 1.0:
+            self._last_drop_log = now
+            log.warning("inbox.overflow", dropped=self.dropped, queue=self.queue.maxsize)
+
+    def _in_page(self, payload: bytes) -> bool:
+        """(Behind) whether an inbox message may take room in the queue: the envelopes of
+        the page asked for (``seq`` in the page's range) and anything that is not an
+        envelope (a notice, or what the session's checks then count as malformed)."""
+        try:
+            seq = decode_envelope(payload, max_size=len(payload)).seq
+        except WireError:
+            return True
+        return self._page_lo < seq <= self._page_lo + self._page_limit
+
+    def get_nowait(self) -> bytes | Lost | ReplayDone | BaseException:
+        return self._took(self.queue.get_nowait())
+
+    async def get(self) -> bytes | Lost | ReplayDone | BaseException:
+        return self._took(await self.queue.get())
+
+    def _took(
+        self, item: bytes | Lost | ReplayDone | BaseException
+    ) -> bytes | Lost | ReplayDone | BaseException:
+        if isinstance(item, bytes):
+            self.queued -= len(item)
+        return item
 
     async def _on_msg(self, msg: Any) -> None:
         self.received += 1
+        self._received_bytes += len(msg.data)
         self.push(msg.data)
 
 

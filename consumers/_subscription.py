@@ -47,6 +47,8 @@ class Stats:
     sessions: int = 1
     #: byte-identical copies dropped (a store's replay overlapping the live stream)
     duplicates: int = 0
+    #: envelopes let go while the consumer was behind, and read again from the store
+    deferred: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 #: how long a first open retries busy or unavailable refusals by default (0: fail at once)
 DEFAULT_RETRY_S = 30.0
+#: a page read again this many times without an envelope accepted ends the paging
+_PAGE_STALLS = 3
 
 
 class Subscription(AsyncResource, Generic[_T]):
@@ -136,6 +140,7 @@ class Subscription(AsyncResource, Generic[_T]):
             lost=past.lost + (s.lost if s else 0),
             sessions=past.sessions + (1 if live else 0),
             duplicates=self._hold.duplicates,
+            deferred=past.deferred + (live.deferred if live else 0),
         )
 
     async def _start(self) -> None:
@@ -162,6 +167,7 @@ class Subscription(AsyncResource, Generic[_T]):
             gaps=past.gaps + (s.gaps if s else 0),
             lost=past.lost + (s.lost if s else 0),
             sessions=past.sessions + 1,
+            deferred=past.deferred + live.deferred,
         )
 
     async def _open(self, key: ConsumerKey | None, budget_s: float) -> tuple[LiveSession, int]:
@@ -239,6 +245,10 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise RuntimeError("use the subscription inside 'async with'")
             session = live.crypto
             loop = asyncio.get_running_loop()
+            if live.behind:  # what is held is read again from the store, in order
+                live.deferred += self._hold.clear()
+                if live.queue.empty():
+                    live.ask_page()
             self._hold.waiting = live.resuming  # its time runs from the answer
             held = self._hold.next(session.last_seq, now=loop.time())
             item = held if held is not None else await self._next_item(live)
@@ -249,6 +259,9 @@ class Subscription(AsyncResource, Generic[_T]):
                 if self._resume and item.resumable:
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
+            if isinstance(item, ReplayDone) and item.page:
+                self._paged(live, session, item)
+                continue
             if isinstance(item, ReplayDone):
                 if item.replayed is None:  # no store: nothing will fill a gap, don't wait
                     self._hold.hold_s = 0.0
@@ -261,7 +274,11 @@ class Subscription(AsyncResource, Generic[_T]):
                 if isinstance(parsed, Envelope) and live.store:
                     if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
                         continue  # a replay's copy of what the live stream brought: once only
-                    if held is None and parsed.seq > session.last_seq + 1:
+                    if live.behind and session.last_seq + 1 < parsed.seq != live.floor:
+                        live.deferred += 1  # ahead of the page being read: the store has it
+                        live.ask_page()
+                        continue
+                    if held is None and not live.behind and parsed.seq > session.last_seq + 1:
                         self._hold.add(parsed, now=loop.time())
                         live.ask_resume()
                         self._hold.waiting = live.resuming
@@ -273,6 +290,8 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise
             if live.store and isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
                 self._hold.accepted(parsed)
+                if live.floor is not None and parsed.seq >= live.floor:
+                    live.floor = None
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
@@ -292,6 +311,33 @@ class Subscription(AsyncResource, Generic[_T]):
                     if self._resume:
                         return await self._resume_after(reason)  # type: ignore[return-value]
                     raise SessionError("ended", reason)
+
+    def _paged(self, live: LiveSession, session: ConsumerSession, done: ReplayDone) -> None:
+        """A page's answer (the session is behind): ask the next one, or read the same one
+        again when nothing of it was accepted (let go on a full queue, or past a gap that
+        retention made: its first ``seq`` is then accepted as the next), or go back to the
+        live stream once a page reached the end of the store."""
+        if done.replayed is None:  # no store after all: at most once
+            return
+        if done.replayed and session.last_seq == live.page_after:
+            live.stalls += 1
+            if live.stalls <= _PAGE_STALLS:
+                if done.first is not None and done.first > session.last_seq + 1:
+                    live.floor = done.first
+                live.ask_page(again=True)
+                return
+            # pages that bring nothing acceptable (refused as they come): the hold's way
+            log.warning("session.pages_stalled", session=session.session, seq=session.last_seq)
+            live.behind = False
+            live.cursor = live.floor = None
+            return
+        live.stalls = 0
+        if not done.more:
+            live.behind = False
+            live.cursor = live.floor = None
+            log.info("session.caught_up", session=session.session, seq=session.last_seq)
+            return
+        live.ask_page()
 
     async def _open_one(
         self, session: ConsumerSession, item: Envelope | Notice | None
@@ -321,9 +367,9 @@ class Subscription(AsyncResource, Generic[_T]):
             if live.key_grace <= 0:
                 raise self._untrusted(session)
             live.key_grace -= 1
-            return live.queue.get_nowait()
+            return live.get_nowait()
         if not live.queue.empty():
-            return live.queue.get_nowait()
+            return live.get_nowait()
         if live.ending is not None:
             return live.ending
         held = self._hold.deadline
@@ -332,10 +378,10 @@ class Subscription(AsyncResource, Generic[_T]):
             held if held is not None else float("inf"),
         )
         if deadline == float("inf"):
-            return await live.queue.get()
+            return await live.get()
         try:
             async with asyncio.timeout_at(deadline):
-                return await live.queue.get()
+                return await live.get()
         except TimeoutError:
             if held is not None and held <= deadline:
                 return None

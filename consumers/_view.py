@@ -273,7 +273,8 @@ class LiveTable:
             parts.append(
                 Text(
                     f"received {s.received}  batches {s.batches}  rows {s.rows}  "
-                    f"{rejections(s)}  dropped {s.dropped}  gaps {s.gaps} (lost {s.lost})",
+                    f"{rejections(s)}  dropped {s.dropped}  gaps {s.gaps} (lost {s.lost})"
+                    + (f"  deferred {s.deferred} (read from the store)" if s.deferred else ""),
                     style="bold red" if s.rejected or s.lost or s.dropped else "dim",
                 )
             )

@@ -5,6 +5,9 @@ memory under a 2x overload (issue 20).
 - sealstream: a load generator POSTs OTLP/HTTP export requests (512 spans each, protobuf) to
   ``producers.OtlpReceiver`` (an ``Agent`` sealing each request into its outbox) -> the real
   proxy -> ``consumers.Client.subscribe`` -> ``consumers.OtlpExporter`` -> an OTLP/HTTP sink.
+- sealstream-store: the same with the cluster's store (JetStream): the receiver answers 200
+  once the request's envelopes are stored, and a consumer that falls behind reads the store at
+  its own pace.
 - plain: the same requests POSTed to an aiohttp server that publishes each body in a msgpack
   envelope to NATS -> the ``plain-relay`` of :mod:`sealops._api` (routing by the envelope's
   ``session``) -> a nats-py consumer POSTing each body, one at a time, to the same sink.
@@ -15,9 +18,10 @@ every process of the machine) over the first span's trace id. The sink checks ev
 against the same request and takes the latency from the stamp: POST to receipt. Per pipeline,
 fresh processes: a maximum-rate run (at most ``window`` requests not yet at the sink), a run
 paced at half sealstream's maximum rate of the round, the same offered load for both
-(latency), and for sealstream the overload: paced at twice its maximum rate with no window
-(``--quick``: a flood, as fast as 64 connections go, so that it overloads whatever rate a busy
-machine let the maximum-rate run reach), producer and consumer RSS sampled throughout; the
+(latency), and for sealstream-store (acknowledged means stored: nothing may be lost) the
+overload: paced at twice sealstream's maximum rate with no window (``--quick``: a flood, as
+fast as 64 connections go, so that it overloads whatever rate a busy machine let the
+maximum-rate run reach), producer and consumer RSS sampled throughout; the
 receiver must refuse (503 and ``Retry-After``) rather than grow, and every request it
 acknowledged must reach the sink.
 
@@ -38,7 +42,12 @@ from sealops._report import Histogram, Plan
 from sealops._scenarios import Ctx
 from sealstream.otlp import OTLP_STREAMS
 
-__all__ = ["otlp", "otlp_summary", "overload_figures"]
+__all__ = ["SEALED", "STORED", "otlp", "otlp_summary", "overload_figures"]
+
+#: the sealstream pipelines: at most once, and with the cluster's store (lossless: a slow
+#: consumer falls behind and reads the store at its own pace; the overload runs on it)
+STORED: Final = "sealstream-store"
+SEALED: Final = ("sealstream", STORED)
 
 #: RSS samples of producer and consumer during the overload, seconds apart
 _SAMPLE_S: Final = 0.25
@@ -107,14 +116,19 @@ async def _pipeline(
 ) -> tuple[Child, Child, Child]:
     """Producer, relay and consumer of one pipeline, ready."""
     procs = ctx.procs
-    if pipeline == "sealstream":
+    if pipeline in SEALED:
         user_file, policy_file = authorize(ctx.state, list(OTLP_STREAMS))
         relay = await procs.proxy(stack)
         producer = await procs.worker(
             stack,
             "otlp-producer",
             "otlp-producer",
-            {**common, "identity_file": str(ctx.identity_file), "policy_file": str(policy_file)},
+            {
+                **common,
+                "identity_file": str(ctx.identity_file),
+                "policy_file": str(policy_file),
+                "store": pipeline == STORED,
+            },
         )
         consumer = await procs.worker(
             stack,
@@ -147,7 +161,7 @@ async def otlp(ctx: Ctx) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for n in range(plan.otlp_rounds):
         rate = 0.0  # sealstream's maximum this round, requests/s: both are paced at half
-        for pipeline in ("sealstream", "plain"):
+        for pipeline in (*SEALED, "plain"):
             async with contextlib.AsyncExitStack() as stack:
                 sink = await ctx.procs.worker(stack, "otlp-sink", "otlp-sink", common)
                 sink_url = (await sink.expect("ready", timeout_s=60))["url"]
@@ -195,7 +209,7 @@ async def otlp(ctx: Ctx) -> dict[str, Any]:
                     timeout_s=600,
                 )
                 run["paced"] = _figures("paced", ran, got, rate / 2)
-                if pipeline == "sealstream":
+                if pipeline == STORED:  # what the receiver acknowledged is stored: lossless
                     over = None if plan.otlp_overload_x is None else rate * plan.otlp_overload_x
                     run["overload"] = await _overload(gen, sink, url, procs, over, plan)
                 ctx.say(
@@ -269,8 +283,12 @@ def otlp_summary(runs: list[dict[str, Any]], *, spans: int) -> dict[str, Any]:
     table: list[dict[str, Any]] = []
     for n in sorted({int(r["round"]) for r in runs}):
         by = {r["pipeline"]: r for r in runs if r["round"] == n}
-        seal, plain = by.get("sealstream"), by.get("plain")
+        seal, plain, stored = by.get("sealstream"), by.get("plain"), by.get(STORED)
         row: dict[str, Any] = {"round": n}
+        if seal and stored:
+            s, k = seal["max"]["spans_per_s"], stored["max"]["spans_per_s"]
+            row["store_spans_per_s"] = k
+            row["store_ratio"] = round(k / s, 3) if s and k else None
         if seal and plain:
             s, p = seal["max"]["spans_per_s"], plain["max"]["spans_per_s"]
             row["sealstream_spans_per_s"], row["plain_spans_per_s"] = s, p

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import struct
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ from sealops._report import Histogram
 from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
 from sealstream.otlp import OTLP_STREAMS
+from sealstream.store import Store
 
 __all__ = ["ROLES", "SPANS", "build_request"]
 
@@ -319,6 +321,8 @@ async def otlp_producer(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
     config = producer_config(cfg)
+    if cfg.get("store"):
+        config = dataclasses.replace(config, store=Store())
     async with (
         Agent(config, streams=OTLP_STREAMS) as agent,
         OtlpReceiver(agent, config=OtlpConfig(port=0)) as receiver,
@@ -369,6 +373,7 @@ async def otlp_consumer(
             failed=dict(exporter.failed),
             lost=stats.lost,
             dropped=stats.dropped,
+            deferred=stats.deferred,
             rejected=dict(stats.rejected),
         )
 

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_MESSAGE",
     "MAX_PING",
     "MAX_PROOF",
+    "MAX_REPLAY_LIMIT",
     "MAX_STREAMS",
     "MAX_USER",
     "Control",
@@ -99,6 +100,8 @@ KEEPALIVE_MAX_S: Final = 3600.0
 #: at most this many session ids in a ping, and in a pong's ``unknown`` (a proxy pings a
 #: cluster with more sessions in several pings)
 MAX_PING: Final = 1000
+#: a resume request's largest page (``limit``)
+MAX_REPLAY_LIMIT: Final = 10_000
 #: cap on a grants answer's signed ``grants`` string
 MAX_GRANTS: Final = 16384
 #: a tuple, not a set: membership of an unhashable value (a list, a map) is then False,
@@ -242,9 +245,29 @@ class ResumeRequest:
     session: str
     token: str = field(repr=False)
     after: int
+    #: a page: at most ``limit`` envelopes (None: all the store holds)
+    limit: int | None = None
+    #: where the previous page's answer said to read next (a hint; None: from the start)
+    cursor: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and not 1 <= self.limit <= MAX_REPLAY_LIMIT:
+            raise ValueError(f"limit must be 1 to {MAX_REPLAY_LIMIT}")
+        if self.cursor is not None and not 1 <= self.cursor < 2**63:
+            raise ValueError("cursor must be a positive integer")
 
     def to_map(self) -> dict[str, Any]:
-        return {"v": VERSION, "token": self.token, "session": self.session, "after": self.after}
+        m: dict[str, Any] = {
+            "v": VERSION,
+            "token": self.token,
+            "session": self.session,
+            "after": self.after,
+        }
+        if self.limit is not None:
+            m["limit"] = self.limit
+        if self.cursor is not None:
+            m["cursor"] = self.cursor
+        return m
 
 
 def decode_resume(m: Mapping[str, Any]) -> ResumeRequest:
@@ -252,7 +275,12 @@ def decode_resume(m: Mapping[str, Any]) -> ResumeRequest:
     after = _field(m, "after", int)
     if not -1 <= after < 2**63:
         raise WireError("bad_value", "after must be a seq, or -1")
-    return ResumeRequest(ref.session, ref.token, after)
+    limit = _field(m, "limit", int) if "limit" in m else None
+    cursor = _field(m, "cursor", int) if "cursor" in m else None
+    try:
+        return ResumeRequest(ref.session, ref.token, after, limit, cursor)
+    except ValueError as exc:
+        raise WireError("bad_value", str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,16 +534,38 @@ class Replayed(_Answer):
     (before this answer)."""
 
     replayed: int
+    #: (a page was asked for) stored envelopes remain past the last one published
+    more: bool = False
+    #: (a page was asked for) where the next page is read from, to send back as ``cursor``
+    cursor: int | None = None
+    #: the ``seq`` of the first envelope published (None: none was)
+    first: int | None = None
 
     def to_map(self) -> dict[str, Any]:
-        return {"ok": True, "replayed": self.replayed}
+        m: dict[str, Any] = {"ok": True, "replayed": self.replayed}
+        if self.more:
+            m["more"] = True
+        if self.cursor is not None:
+            m["cursor"] = self.cursor
+        if self.first is not None:
+            m["first"] = self.first
+        return m
 
     @classmethod
     def _from_map(cls, m: Mapping[str, Any]) -> Self:
         replayed = _field(m, "replayed", int)
         if replayed < 0:
             raise WireError("bad_value", "replayed must not be negative")
-        return cls(replayed)
+        more = _field(m, "more", bool) if "more" in m else False
+        cursor = _field(m, "cursor", int) if "cursor" in m else None
+        first = _field(m, "first", int) if "first" in m else None
+        if cursor is not None and not 1 <= cursor < 2**63:
+            raise WireError("bad_value", "cursor must be a positive integer")
+        if first is not None and not 0 <= first < 2**63:
+            raise WireError("bad_value", "first must be a seq")
+        if first is not None and replayed == 0:
+            raise WireError("bad_value", "first names the first of the envelopes replayed")
+        return cls(replayed, more, cursor, first)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sealops._otlpbench import otlp_summary, overload_figures
+from sealops._otlpbench import SEALED, STORED, otlp_summary, overload_figures
 from sealops._otlproles import SPANS, build_request
 from sealops._report import (
     MODES,
@@ -24,6 +24,7 @@ from sealops._report import (
     otlp_targets,
     problems,
     render_markdown,
+    render_otlp,
     split_sessions,
     window_for,
 )
@@ -233,7 +234,7 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert "delivered every message" in markdown  # the run-health section
     assert "## 1,024 B bodies" in markdown
     _otlp_accounted(report["otlp"])
-    assert [r["pipeline"] for r in report["otlp"]["runs"]] == ["sealstream", "plain"]
+    assert [r["pipeline"] for r in report["otlp"]["runs"]] == [*SEALED, "plain"]
     assert markdown == render_markdown(report)
 
 
@@ -329,6 +330,15 @@ def test_otlp_targets_are_medians_of_rounds_and_a_lost_request_fails_the_overloa
     assert targets["otlp_vs_plain"]["pass"] is None
     assert "delivered 9 of 10 acknowledged" in targets["otlp_vs_plain"]["note"]
     assert {t["pass"] for t in otlp_targets({})} == {None}
+    # with the store: its spans/s against sealstream's without it, round by round
+    runs[1]["overload"]["delivered"] = 10
+    runs += [_otlp_run(STORED, 0, 72_000.0, 12.0), _otlp_run(STORED, 1, 35_000.0, 20.0)]
+    otlp = otlp_summary(runs, spans=SPANS)
+    assert [r.get("store_ratio") for r in otlp["rounds"]] == [0.8, 0.5, None]
+    target = {t["id"]: t for t in otlp_targets(otlp)}["otlp_store_vs_off"]
+    assert (target["measured"], target["pass"]) == (0.65, False)
+    del runs[1]["overload"]  # (rendered in the smoke run's report)
+    assert "72,000 (0.80)" in "\n".join(render_otlp(otlp_summary(runs, spans=SPANS)))
 
 
 def _otlp_accounted(otlp: dict[str, Any]) -> None:
@@ -337,11 +347,15 @@ def _otlp_accounted(otlp: dict[str, Any]) -> None:
     for run in otlp["runs"]:
         assert otlp_problems(run) == [], run
         for phase in ("max", "paced"):
-            assert run[phase]["statuses"] == {"200": run[phase]["accepted"]}, run
+            statuses = dict(run[phase]["statuses"])
+            if run["pipeline"] == STORED:  # the store's acknowledgement is the pace: a 503
+                statuses.pop("503", None)  # with Retry-After is the receiver's, retried
+            assert statuses == {"200": run[phase]["accepted"]}, run
             assert run[phase]["spans_per_s"] > 0
-        if run["pipeline"] == "sealstream":
+        if run["pipeline"] in SEALED:
             assert run["producer"]["dropped"] == {}, run
-            assert (run["consumer"]["failed"], run["consumer"]["lost"]) == ({}, 0), run
+            consumer = run["consumer"]
+            assert (consumer["failed"], consumer["lost"], consumer["dropped"]) == ({}, 0, 0), run
 
 
 @pytest.mark.slow
@@ -358,7 +372,7 @@ def test_otlp_overload_is_refused_with_retry_after_memory_bounded_nothing_lost(
     assert report["scenarios"] == report["rounds"] == []
     otlp = report["otlp"]
     _otlp_accounted(otlp)
-    (run,) = [r for r in otlp["runs"] if r["pipeline"] == "sealstream"]
+    (run,) = [r for r in otlp["runs"] if r["pipeline"] == STORED]
     overload = run["overload"]
     assert overload["retry_after"] > 0
     assert overload["retry_after"] == int(overload["statuses"]["503"])
@@ -372,7 +386,8 @@ def test_otlp_overload_is_refused_with_retry_after_memory_bounded_nothing_lost(
         rss = overload["rss"][role]
         assert rss["peak_mb"] - rss["start_mb"] <= bound_mb, overload["rss"]
     ids = {t["id"] for t in report["targets"]}
-    assert {"otlp_vs_plain", "otlp_p99_added", "otlp_overload"} <= ids
+    assert {"otlp_vs_plain", "otlp_p99_added", "otlp_store_vs_off", "otlp_overload"} <= ids
+    assert otlp["rounds"][0]["store_ratio"] > 0
     assert "## otlp: OpenTelemetry spans through sealstream" in markdown
     assert "## 1,024 B bodies" not in markdown
     assert markdown == render_markdown(report)

@@ -230,7 +230,7 @@ async def test_a_rogue_leaf_carries_nothing_outside_its_account(
         b_site = await conn(servers.leaves[B].url, creds.roles.producers[B])
         await b_site.collect(f"sealstream.cluster.{B}.control")
         a_control = f"sealstream.cluster.{A}.control"
-        seen: list[tuple[str, bytes]] = []
+        seen = []
         b_seen: list[tuple[str, bytes]] = []
         # the hub learns each site's interest over its link a moment after the subscription:
         # send until A's request reached the rogue site and B's reached B's, keeping

@@ -476,10 +476,24 @@ async def test_only_the_sessions_owner_gets_a_replay_of_the_original_bytes(
         assert len(live) == 3  # key, row 0, row 1
         resume = stack.subjects.api_resume
         ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": 0}
-        assert await client.request(resume, ask, Replayed) == Replayed(2)
+        assert await client.request(resume, ask, Replayed) == Replayed(2, first=1)
         assert stack.proxy.replayed == 2
         await tap.flush()
         assert [m.data for m in tap.on(inbox)] == live + live[1:]  # byte for byte, in order
+        # a page at a time: at most ``limit``, then from where the answer said to read next
+        first = await client.request(resume, {**ask, "limit": 1}, Replayed)
+        assert (first.replayed, first.more, first.first) == (1, True, 1)
+        assert first.cursor is not None
+        page = {**ask, "after": 1, "limit": 1, "cursor": first.cursor}
+        second = await client.request(resume, page, Replayed)
+        assert (second.replayed, second.more, second.first) == (1, False, 2)
+        await tap.flush()
+        assert [m.data for m in tap.on(inbox)][-2:] == live[1:]
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"limit": True}, {"cursor": 0}):
+            with pytest.raises(SessionError) as refused:
+                await client.request(resume, {**ask, **bad}, Replayed)
+            assert refused.value.code == "bad_request", bad
+        assert stack.proxy.replayed == 4
         with pytest.raises(SessionError) as refused:
             await client.request(resume, {**ask, "token": stack.token(sub="mallory")}, Replayed)
         assert refused.value.code == "forbidden"
@@ -489,7 +503,7 @@ async def test_only_the_sessions_owner_gets_a_replay_of_the_original_bytes(
         with pytest.raises(SessionError) as refused:
             await client.request(resume, {**ask, "after": 0.0}, Replayed)
         assert refused.value.code == "bad_request"
-        assert len(tap.on(inbox)) == 5  # nothing replayed for a refused request
+        assert len(tap.on(inbox)) == 7  # nothing replayed for a refused request
     async with (
         make_stack(url) as stack,  # a cluster without a store, on the same server
         stack.client() as client,
@@ -527,6 +541,74 @@ async def test_past_retention_the_exact_count_is_lost(broker: Broker) -> None:
     stats = sub.stats()
     assert stats.lost == emitter.returned - len(numbers) > 0
     assert (stats.gaps, stats.rejected) == (1, {})
+
+
+async def _read_slowly(sub: Any, numbers: list[int], count: int, pause_s: float) -> None:
+    async for batch in sub:
+        numbers.extend(row["n"] for row in batch.rows)
+        if len(numbers) >= count:
+            return
+        await asyncio.sleep(pause_s)  # a consumer slower than its stream
+
+
+async def test_a_consumer_slower_than_its_stream_reads_the_store_at_its_own_pace(
+    broker: Broker,
+) -> None:
+    """A consumer 10x slower than the stream, its queue 8 envelopes: it falls behind, reads
+    what follows its last accepted seq from the store a page at a time, loses nothing and
+    duplicates nothing, and is back on the live stream once a page reached the store's end."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(max_age_s=60)) as stack,
+        Client(dataclasses.replace(stack.config(), queue_size=8), trust=stack.trust()) as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+        numbers: list[int] = []
+        async with asyncio.TaskGroup() as tg:
+            reading = tg.create_task(_read_slowly(sub, numbers, 300, 0.01))
+            for n in range(300):  # one envelope each, faster than it is read
+                await stack.agent.emit("records", [{"n": n, "secret": MARKER}])
+            await asyncio.wait_for(reading, timeout=60)
+        assert numbers == list(range(300))
+        stats = sub.stats()
+        assert stats.deferred > 0  # it was behind: let go live, read again from the store
+        assert (stats.lost, stats.dropped, stats.rejected, stats.sessions) == (0, 0, {}, 1)
+        # caught up: the live stream again
+        await stack.agent.emit("records", [{"n": 300, "secret": MARKER}])
+        got, _ = await collect_rows(sub, 1)
+        assert got == [{"n": 300, "secret": MARKER}]
+        assert sub._live is not None
+        assert not sub._live.behind
+        assert sub.stats().lost == 0
+
+
+async def test_behind_past_retention_the_exact_count_is_lost(broker: Broker) -> None:
+    """A consumer that reads nothing while the store's byte bound pushes out its oldest
+    envelopes: the page past the gap is taken, the gap counted exactly, the rest in order."""
+    url = broker.start()
+    pad = "x" * 10_000  # ~100 envelopes fill the 1 MiB store
+    async with (
+        make_stack(url, store=Store(max_bytes=1024 * 1024)) as stack,
+        Client(dataclasses.replace(stack.config(), queue_size=8), trust=stack.trust()) as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+        for n in range(300):  # nobody reads: 8 queued, the rest let go and stored
+            await stack.agent.emit("records", [{"n": n, "pad": pad}])
+        numbers: list[int] = []
+
+        async def until_last() -> None:
+            async for batch in sub:
+                numbers.extend(row["n"] for row in batch.rows)
+                if numbers[-1] == 299:
+                    return
+
+        await asyncio.wait_for(until_last(), timeout=30)
+    assert numbers == sorted(set(numbers))  # no duplicate, nothing out of order
+    assert numbers[0] == 0  # what the queue held before it fell behind
+    stats = sub.stats()
+    assert stats.lost == 300 - len(numbers) > 0  # what retention dropped, exactly
+    assert (stats.gaps, stats.rejected, stats.dropped) == (1, {}, 0)
+    assert stats.deferred > 0
 
 
 def test_a_producer_is_given_a_store_by_its_environment() -> None:

@@ -21,6 +21,7 @@ from sealstream.control import (
     MAX_MESSAGE,
     MAX_PING,
     MAX_PROOF,
+    MAX_REPLAY_LIMIT,
     MAX_STREAMS,
     MAX_USER,
     ControlClose,
@@ -129,6 +130,46 @@ def test_a_resume_request_round_trips(session: str, token: str, after: int) -> N
     assert encode(req) == pack({"v": 1, "token": token, "session": session, "after": after})
 
 
+@settings(max_examples=100)
+@given(
+    session_ids,
+    st.integers(-1, 2**63 - 1),
+    st.integers(1, MAX_REPLAY_LIMIT),
+    st.none() | st.integers(1, 2**63 - 1),
+)
+def test_a_page_request_round_trips(session: str, after: int, limit: int, cursor: Any) -> None:
+    req = ResumeRequest(session, "t", after, limit, cursor)
+    assert decode_request("resume", encode(req)) == req
+    extra = {"limit": limit} | ({} if cursor is None else {"cursor": cursor})
+    assert encode(req) == pack({"v": 1, "token": "t", "session": session, "after": after} | extra)
+
+
+def test_a_page_is_1_to_the_limit_from_a_positive_cursor() -> None:
+    base = {"v": 1, "token": "t", "session": SESSION, "after": 3}
+    for bad in (
+        {"limit": 0},
+        {"limit": MAX_REPLAY_LIMIT + 1},
+        {"limit": 1.0},
+        {"limit": True},
+        {"cursor": 0},
+        {"cursor": -1},
+        {"cursor": 2**63},
+        {"cursor": "1"},
+    ):
+        with pytest.raises(WireError):
+            decode_request("resume", pack({**base, **bad}))
+    for answer in (
+        {"ok": True, "replayed": 0, "first": 1},  # a first of nothing
+        {"ok": True, "replayed": 1, "first": -1},
+        {"ok": True, "replayed": 1, "more": 1},
+        {"ok": True, "replayed": 1, "cursor": 0},
+    ):
+        with pytest.raises(WireError):
+            decode_reply(pack(answer), Replayed)
+    # a proxy that pages nothing answers as before
+    assert decode_reply(pack({"ok": True, "replayed": 2}), Replayed) == Replayed(2)
+
+
 def test_a_resume_request_needs_a_seq_after() -> None:
     base = {"v": 1, "token": "t", "session": SESSION}
     for after in (-2, 2**63, 1.0, True, "3", None):
@@ -152,6 +193,13 @@ def test_a_control_request_round_trips(control: Any) -> None:
         st.builds(Opened, session_ids, st.text(max_size=80), keepalives),
         st.builds(KeptAlive, keepalives),
         st.builds(Replayed, st.integers(0, 2**32)),
+        st.builds(
+            Replayed,
+            st.integers(1, 2**32),
+            st.booleans(),
+            st.none() | st.integers(1, 2**63 - 1),
+            st.integers(0, 2**63 - 1),
+        ),
         st.builds(Pong, st.lists(session_ids, max_size=20).map(tuple)),
         st.just(Ok()),
     )
