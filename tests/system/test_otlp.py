@@ -18,11 +18,9 @@ from consumers import ExportConfig, OtlpExporter, Resumed
 from producers import OtlpConfig, OtlpReceiver
 from sealstream.metrics import collector_registry
 from sealstream.otlp import OTLP_STREAMS
+from tests.support.broker import Broker
 from tests.support.otlp_sink import OtlpSink, run_app
 from tests.support.pipeline import Tap, contains_marker, eventually, make_stack
-from tests.system.test_outages import Broker, broker
-
-__all__ = ["broker"]  # the fixture, shared with the outage tests
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,35 +23,9 @@ from consumers import Batch, Client, ClientConfig, Resumed, Subscription
 from producers import Agent, HttpEvents
 from sealstream import IntegrityError, SessionError, TokenVerifier, mint_token
 from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
-from sealstream.server import EmbeddedServer, ServerOptions
+from tests.support.broker import Broker
 from tests.support.pipeline import FAST_BATCHING, Gate, collect_rows, eventually, make_stack
 from tests.system.test_faults import free_port
-
-
-@dataclass
-class Broker:
-    """A nats-server that can be killed and started again on the same port and store."""
-
-    options: ServerOptions
-    server: EmbeddedServer | None = None
-
-    def start(self) -> str:
-        self.server = EmbeddedServer(self.options)
-        return self.server.start()
-
-    def kill(self) -> None:
-        assert self.server is not None
-        os.kill(self.server.pid, signal.SIGKILL)
-        self.server.stop()
-        self.server = None
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(ServerOptions(port=free_port(), store_dir=tmp_path / "js"))
-    yield b
-    if b.server is not None:
-        b.server.stop()
 
 
 @dataclass

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store, ensure_stream, stream_name
+from tests.support.broker import Broker
 from tests.support.pipeline import (
     FAST_BATCHING,
     Tap,
@@ -37,32 +38,6 @@ from tests.system.test_faults import _cluster_conf, free_port
 from tests.system.test_ha import SECRET, ProxyProcess
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"
-
-
-@dataclass
-class Broker:
-    """A single nats-server with a file store, killed and started again on the same port."""
-
-    options: ServerOptions
-    server: EmbeddedServer | None = None
-
-    def start(self) -> str:
-        self.server = EmbeddedServer(self.options)
-        return self.server.start()
-
-    def kill(self) -> None:
-        assert self.server is not None
-        os.kill(self.server.pid, signal.SIGKILL)
-        self.server.stop()
-        self.server = None
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(ServerOptions(port=free_port(), store_dir=tmp_path / "js"))
-    yield b
-    if b.server is not None:
-        b.server.stop()
 
 
 async def stored(url: str, prefix: str, cluster: str) -> list[Any]:

@@ -93,6 +93,22 @@ async def browser() -> AsyncIterator[Browser]:
             await b.close()
 
 
+@contextlib.asynccontextmanager
+async def _page(
+    browser: Browser, url: str, *, errors: list[str] | None = None, **options: Any
+) -> AsyncIterator[Page]:
+    """A new page of ``browser`` (``options`` as ``new_page`` takes them) at ``url``, closed
+    after; the page's uncaught errors go to ``errors`` when given."""
+    page = await browser.new_page(**options)
+    try:
+        if errors is not None:
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(url)
+        yield page
+    finally:
+        await page.close()
+
+
 def _web(server: EmbeddedServer, st: Stack, **changes: Any) -> WebServer:
     """The page's server for this stack; it registers the page's key in the stack's policy
     (as ``sealstream demo`` does) unless ``authorize=None``."""
@@ -165,93 +181,90 @@ async def test_the_page_decrypts_http_events_and_refuses_a_hostile_relay(
         Tap(ws_server.url) as tap,
     ):
         with _web(ws_server, st) as web:
-            page = await browser.new_page()
             errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(web.url)
-            # decrypted rows in the DOM (X25519, the default), and the count keeps rising
-            table_rows = page.locator(ROWS_IN_DOM)
+            async with _page(browser, web.url, errors=errors) as page:
+                # decrypted rows in the DOM (X25519, the default), and the count keeps rising
+                table_rows = page.locator(ROWS_IN_DOM)
 
-            async def any_row() -> bool:
-                return await table_rows.count() > 0
+                async def any_row() -> bool:
+                    return await table_rows.count() > 0
 
-            await until(any_row)
-            assert await _text(page, "#key") == "x25519"
-            first = await _rows(page)
-            await until(lambda: _more(page, "#rows", first + 20))
-            assert await page.get_attribute("#status", "data-state") == "verified"
-            assert await _text(page, "#signer") == st.identity.kid
-            assert await _text(page, "#rejected") == "0"
-            sid = await _text(page, "#session")
-            inbox = st.subjects.inbox(sid)
-            assert sid in st.agent.sessions
-            # the cluster accepted the page's proof: the session's reader is the page's key
-            kid = await _text(page, "#identity")
-            reader = st.agent.sessions[sid].reader
-            assert reader is not None
-            assert reader.identity == kid != st.user.kid
-            assert "authorized by this machine's cluster" in await _text(page, "#authorization")
+                await until(any_row)
+                assert await _text(page, "#key") == "x25519"
+                first = await _rows(page)
+                await until(lambda: _more(page, "#rows", first + 20))
+                assert await page.get_attribute("#status", "data-state") == "verified"
+                assert await _text(page, "#signer") == st.identity.kid
+                assert await _text(page, "#rejected") == "0"
+                sid = await _text(page, "#session")
+                inbox = st.subjects.inbox(sid)
+                assert sid in st.agent.sessions
+                # the cluster accepted the page's proof: the session's reader is the page's key
+                kid = await _text(page, "#identity")
+                reader = st.agent.sessions[sid].reader
+                assert reader is not None
+                assert reader.identity == kid != st.user.kid
+                assert "authorized by this machine's cluster" in await _text(page, "#authorization")
 
-            # the hostile relay: forged key envelope, forged per-message data, bit flips,
-            # replays, all published straight to the page's inbox
-            jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
-            assert set(jwk) == {"kty", "crv", "x", "alg"}  # public members only
-            assert not await page.evaluate(
-                "window.sealstream.subscription.session.key.privateKey.extractable"
-            )
-            forged_rows = encode_rows([{"req_path": FORGED, "upid": FORGED}])
-            forger = ProducerSession(
-                ClusterIdentity.generate(), cluster=st.cluster, session=sid, consumer_jwk=jwk
-            )
-            forger.seq = 10**9
-            downgrade = ProducerSession(
-                st.identity,  # even the real cluster key cannot make unsigned data pass
-                cluster=st.cluster,
-                session=sid,
-                consumer_jwk=jwk,
-                key_mode="per-message",
-            )
-            downgrade.seq = 2 * 10**9
-            genuine = await _genuine_inbox(tap, inbox)
-            assert len(genuine) >= 3
-            hostile = [
-                *forger.seal("http_events", forged_rows),
-                *downgrade.seal("http_events", forged_rows),
-                genuine[0],  # the key envelope, replayed
-                genuine[-1],  # data, replayed
-                _repack(_flip_body(genuine[-1]), seq=3 * 10**9),  # flipped, seq moved on
-                _repack(_flip_body(genuine[-1])),  # flipped in place
-                msgpack.packb({"rows": [{"req_path": FORGED}]}),  # plaintext
-            ]
-            nc = await connect(ws_server.url, name="hostile-relay")
-            try:
-                for payload in hostile:
-                    await nc.publish(inbox, payload)
-                await nc.flush()
-            finally:
-                await nc.close()
-            await until(lambda: _more(page, "#rejected", len(hostile) - 1))
-            reasons = await _text(page, "#reasons")
-            for reason in ("untrusted_key", "unknown_kid", "bad_alg", "replay", "malformed"):
-                assert reason in reasons, reasons
-            # the session goes on, and nothing forged ever reached the DOM
-            after = await _rows(page)
-            await until(lambda: _more(page, "#rows", after + 10))
-            assert FORGED not in await page.content()
-            assert await page.get_attribute("#status", "data-state") == "verified"
+                # the hostile relay: forged key envelope, forged per-message data, bit flips,
+                # replays, all published straight to the page's inbox
+                jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+                assert set(jwk) == {"kty", "crv", "x", "alg"}  # public members only
+                assert not await page.evaluate(
+                    "window.sealstream.subscription.session.key.privateKey.extractable"
+                )
+                forged_rows = encode_rows([{"req_path": FORGED, "upid": FORGED}])
+                forger = ProducerSession(
+                    ClusterIdentity.generate(), cluster=st.cluster, session=sid, consumer_jwk=jwk
+                )
+                forger.seq = 10**9
+                downgrade = ProducerSession(
+                    st.identity,  # even the real cluster key cannot make unsigned data pass
+                    cluster=st.cluster,
+                    session=sid,
+                    consumer_jwk=jwk,
+                    key_mode="per-message",
+                )
+                downgrade.seq = 2 * 10**9
+                genuine = await _genuine_inbox(tap, inbox)
+                assert len(genuine) >= 3
+                hostile = [
+                    *forger.seal("http_events", forged_rows),
+                    *downgrade.seal("http_events", forged_rows),
+                    genuine[0],  # the key envelope, replayed
+                    genuine[-1],  # data, replayed
+                    _repack(_flip_body(genuine[-1]), seq=3 * 10**9),  # flipped, seq moved on
+                    _repack(_flip_body(genuine[-1])),  # flipped in place
+                    msgpack.packb({"rows": [{"req_path": FORGED}]}),  # plaintext
+                ]
+                nc = await connect(ws_server.url, name="hostile-relay")
+                try:
+                    for payload in hostile:
+                        await nc.publish(inbox, payload)
+                    await nc.flush()
+                finally:
+                    await nc.close()
+                await until(lambda: _more(page, "#rejected", len(hostile) - 1))
+                reasons = await _text(page, "#reasons")
+                for reason in ("untrusted_key", "unknown_kid", "bad_alg", "replay", "malformed"):
+                    assert reason in reasons, reasons
+                # the session goes on, and nothing forged ever reached the DOM
+                after = await _rows(page)
+                await until(lambda: _more(page, "#rows", after + 10))
+                assert FORGED not in await page.content()
+                assert await page.get_attribute("#status", "data-state") == "verified"
 
-            # rows the page shows are rows the producer made (the DOM holds the newest 50)
-            shown = await page.eval_on_selector_all(
-                f"{ROWS_IN_DOM} td:nth-child(6)",
-                "cells => cells.map(c => c.textContent)",
-            )
-            made = {r["req_path"] for r in source.rows_seen}
-            assert shown
-            assert set(shown) <= made
-            BUILD.mkdir(exist_ok=True)
-            await page.screenshot(path=str(BUILD / "web.png"), full_page=False)
-            assert errors == []
-            await page.close()
+                # rows the page shows are rows the producer made (the DOM holds the newest 50)
+                shown = await page.eval_on_selector_all(
+                    f"{ROWS_IN_DOM} td:nth-child(6)",
+                    "cells => cells.map(c => c.textContent)",
+                )
+                made = {r["req_path"] for r in source.rows_seen}
+                assert shown
+                assert set(shown) <= made
+                BUILD.mkdir(exist_ok=True)
+                await page.screenshot(path=str(BUILD / "web.png"), full_page=False)
+                assert errors == []
 
         # the relay (the tap sees every subject) never carried a plaintext row
         await tap.flush()
@@ -316,86 +329,87 @@ async def test_the_page_charts_formats_filters_and_pauses(
     async with make_stack(ws_server.url, sources=sources, streams=[]) as st:
         streams = ["http_events", "host_metrics"]
         with _web(ws_server, st, streams=streams) as web:
-            page = await browser.new_page(viewport={"width": 1280, "height": 800})
             errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(web.url)
-            await page.wait_for_selector("#tabs .tab")
-            tabs = await page.eval_on_selector_all(
-                "#tabs .tab", "ts => ts.map(t => t.dataset.stream)"
-            )
-            assert tabs == streams
-            assert await page.is_visible(HTTP)
-            assert not await page.is_visible('section[data-stream="host_metrics"]')
+            async with _page(
+                browser, web.url, errors=errors, viewport={"width": 1280, "height": 800}
+            ) as page:
+                await page.wait_for_selector("#tabs .tab")
+                tabs = await page.eval_on_selector_all(
+                    "#tabs .tab", "ts => ts.map(t => t.dataset.stream)"
+                )
+                assert tabs == streams
+                assert await page.is_visible(HTTP)
+                assert not await page.is_visible('section[data-stream="host_metrics"]')
 
-            async def full_table() -> bool:
-                return await page.locator(ROWS_IN_DOM).count() == 50
+                async def full_table() -> bool:
+                    return await page.locator(ROWS_IN_DOM).count() == 50
 
-            await until(full_table, timeout=20)
-            header = await _text(page, f"{HTTP} .count")
-            received = re.fullmatch(r"([\d,]+) rows received · the newest 50 below", header)
-            assert received, header
-            assert int(received.group(1).replace(",", "")) >= 50
-            for column, form in [
-                ("time_", r"\d\d:\d\d:\d\d\.\d{3}"),
-                ("latency_ns", r"\d+(\.\d+)? (ns|µs|ms|s)"),
-                ("resp_body_size", r"\d+(\.\d+)? (B|KiB|MiB)"),
-                ("resp_status", r"[1-5]\d\d"),
-            ]:
-                cells = await _column(page, HTTP, column)
-                assert cells
-                assert all(re.fullmatch(form, c) for c in cells), (column, cells[:5])
+                await until(full_table, timeout=20)
+                header = await _text(page, f"{HTTP} .count")
+                received = re.fullmatch(r"([\d,]+) rows received · the newest 50 below", header)
+                assert received, header
+                assert int(received.group(1).replace(",", "")) >= 50
+                for column, form in [
+                    ("time_", r"\d\d:\d\d:\d\d\.\d{3}"),
+                    ("latency_ns", r"\d+(\.\d+)? (ns|µs|ms|s)"),
+                    ("resp_body_size", r"\d+(\.\d+)? (B|KiB|MiB)"),
+                    ("resp_status", r"[1-5]\d\d"),
+                ]:
+                    cells = await _column(page, HTTP, column)
+                    assert cells
+                    assert all(re.fullmatch(form, c) for c in cells), (column, cells[:5])
 
-            # the charts: drawn (their canvas holds their first series' colour), and growing
-            for chart in ("rows", "latency", "status"):
-                await until(partial(_more_points, page, HTTP, chart, 1), timeout=20)
-                before = await _points(page, HTTP, chart)
-                await until(partial(_more_points, page, HTTP, chart, before), timeout=10)
-                canvas = await page.query_selector(f'{HTTP} figure[data-chart="{chart}"] canvas')
-                assert await page.evaluate(_INK, [canvas, _FIRST_SERIES[chart]]) > 20, chart
-            await page.click('#tabs .tab[data-stream="host_metrics"]')
-            host = 'section[data-stream="host_metrics"]'
-            assert await page.is_visible(host)
-            assert not await page.is_visible(HTTP)
-            for chart in ("percent", "load", "network"):
-                await until(partial(_more_points, page, host, chart, 2), timeout=20)
-            assert all(
-                re.fullmatch(r"\d+\.\d %", c) for c in await _column(page, host, "cpu_percent")
-            )
-            await page.click('#tabs .tab[data-stream="http_events"]')
+                # the charts: drawn (their canvas holds their first series' colour), and growing
+                for chart in ("rows", "latency", "status"):
+                    await until(partial(_more_points, page, HTTP, chart, 1), timeout=20)
+                    before = await _points(page, HTTP, chart)
+                    await until(partial(_more_points, page, HTTP, chart, before), timeout=10)
+                    canvas = await page.query_selector(
+                        f'{HTTP} figure[data-chart="{chart}"] canvas'
+                    )
+                    assert await page.evaluate(_INK, [canvas, _FIRST_SERIES[chart]]) > 20, chart
+                await page.click('#tabs .tab[data-stream="host_metrics"]')
+                host = 'section[data-stream="host_metrics"]'
+                assert await page.is_visible(host)
+                assert not await page.is_visible(HTTP)
+                for chart in ("percent", "load", "network"):
+                    await until(partial(_more_points, page, host, chart, 2), timeout=20)
+                assert all(
+                    re.fullmatch(r"\d+\.\d %", c) for c in await _column(page, host, "cpu_percent")
+                )
+                await page.click('#tabs .tab[data-stream="http_events"]')
 
-            # the filter: only 4xx and 5xx, the header says how many of the kept rows match
-            await page.fill(f"{HTTP} input.filter", "resp_status>=400")
+                # the filter: only 4xx and 5xx, the header says how many of the kept rows match
+                await page.fill(f"{HTTP} input.filter", "resp_status>=400")
 
-            async def only_errors() -> bool:
-                cells = await _column(page, HTTP, "resp_status")
-                return bool(cells) and all(int(c) >= 400 for c in cells)
+                async def only_errors() -> bool:
+                    cells = await _column(page, HTTP, "resp_status")
+                    return bool(cells) and all(int(c) >= 400 for c in cells)
 
-            await until(only_errors, timeout=20)
-            assert "match the filter" in await _text(page, f"{HTTP} .count")
-            await page.fill(f"{HTTP} input.filter", "resp_status>=")
-            assert await page.get_attribute(f"{HTTP} input.filter", "aria-invalid") == "true"
-            assert "nothing after '>='" in await _text(page, f"{HTTP} .filter-error")
-            await page.fill(f"{HTTP} input.filter", "")
-            await until(full_table)
+                await until(only_errors, timeout=20)
+                assert "match the filter" in await _text(page, f"{HTTP} .count")
+                await page.fill(f"{HTTP} input.filter", "resp_status>=")
+                assert await page.get_attribute(f"{HTTP} input.filter", "aria-invalid") == "true"
+                assert "nothing after '>='" in await _text(page, f"{HTTP} .filter-error")
+                await page.fill(f"{HTTP} input.filter", "")
+                await until(full_table)
 
-            # pause: the table and the charts stand still while rows are still counted
-            await page.click("#pause")
-            assert await page.get_attribute("#pause", "aria-pressed") == "true"
-            frozen = await _column(page, HTTP, "time_")
-            points = await _points(page, HTTP, "rows")
-            counted = await _rows(page)
-            await until(lambda: _more(page, "#rows", counted + 200), timeout=20)
-            assert await _column(page, HTTP, "time_") == frozen
-            assert await _points(page, HTTP, "rows") == points
-            await page.click("#pause")
+                # pause: the table and the charts stand still while rows are still counted
+                await page.click("#pause")
+                assert await page.get_attribute("#pause", "aria-pressed") == "true"
+                frozen = await _column(page, HTTP, "time_")
+                points = await _points(page, HTTP, "rows")
+                counted = await _rows(page)
+                await until(lambda: _more(page, "#rows", counted + 200), timeout=20)
+                assert await _column(page, HTTP, "time_") == frozen
+                assert await _points(page, HTTP, "rows") == points
+                await page.click("#pause")
 
-            async def moving() -> bool:
-                return await _column(page, HTTP, "time_") != frozen
+                async def moving() -> bool:
+                    return await _column(page, HTTP, "time_") != frozen
 
-            await until(moving)
-            assert errors == []
-            await page.close()
+                await until(moving)
+                assert errors == []
 
 
 async def _more_points(page: Page, section: str, chart: str, than: int) -> bool:
@@ -421,20 +435,18 @@ async def test_the_page_says_what_went_wrong(
         }
         changes = cases[case]
         with _web(ws_server, st, **changes) as web:
-            page = await browser.new_page()
-            await page.goto(web.url)
+            async with _page(browser, web.url) as page:
 
-            async def failed() -> bool:
-                state = await page.get_attribute("#status", "data-state")
-                # an unavailable cluster is passing: the page says so while it retries
-                return state == ("retrying" if case == "cluster" else "error")
+                async def failed() -> bool:
+                    state = await page.get_attribute("#status", "data-state")
+                    # an unavailable cluster is passing: the page says so while it retries
+                    return state == ("retrying" if case == "cluster" else "error")
 
-            await until(failed, timeout=15)
-            status = await _text(page, "#status")
-            assert status.startswith(expected), status
-            assert "\n" not in status
-            assert await page.locator(ROWS_IN_DOM).count() == 0
-            await page.close()
+                await until(failed, timeout=15)
+                status = await _text(page, "#status")
+                assert status.startswith(expected), status
+                assert "\n" not in status
+                assert await page.locator(ROWS_IN_DOM).count() == 0
 
 
 async def test_the_page_is_a_group_member(ws_server: EmbeddedServer, browser: Browser) -> None:
@@ -443,16 +455,14 @@ async def test_the_page_is_a_group_member(ws_server: EmbeddedServer, browser: Br
     source = HttpEvents(rate=100, seed=12)
     async with make_stack(ws_server.url, sources=[source], streams=["http_events"]) as st:
         with _web(ws_server, st) as web:
-            page = await browser.new_page()
-            await page.goto(web.link(mode="group"))
-            await until(lambda: _more(page, "#rows", 20))
-            assert await page.get_attribute("#status", "data-state") == "verified"
-            assert await _text(page, "#rejected") == "0"
-            sid = await _text(page, "#session")
-            assert type(st.agent.sessions[sid].crypto).__name__ == "MemberSession"
-            assert st.agent.groups["http_events"].rotations >= 1
-            assert st.proxy.group_deliveries > 0
-            await page.close()
+            async with _page(browser, web.link(mode="group")) as page:
+                await until(lambda: _more(page, "#rows", 20))
+                assert await page.get_attribute("#status", "data-state") == "verified"
+                assert await _text(page, "#rejected") == "0"
+                sid = await _text(page, "#session")
+                assert type(st.agent.sessions[sid].crypto).__name__ == "MemberSession"
+                assert st.agent.groups["http_events"].rotations >= 1
+                assert st.proxy.group_deliveries > 0
 
 
 def _page_key(web: WebServer) -> dict[str, str]:
@@ -507,39 +517,36 @@ async def test_the_page_keeps_its_session_alive_closes_it_and_shows_the_end(
         with _web(ws_server, st) as web:
             # keepalives from the page (each with a token read again from /config.json): the
             # session outlives many expiry periods of 3 intervals
-            page = await browser.new_page()
-            await page.goto(web.url)
-            await until(lambda: _more(page, "#rows", 0))
-            sid = await _text(page, "#session")
-            rows = await _rows(page)
-            await asyncio.sleep(8 * keepalive)
-            assert sid in st.proxy.registry
-            assert await _rows(page) > rows
-            assert await page.get_attribute("#status", "data-state") == "verified"
-            # leaving the page closes the session at the proxy (a close, not an expiry)
-            with capture_logs() as logs:
-                await page.close(run_before_unload=True)
+            async with _page(browser, web.url) as page:
+                await until(lambda: _more(page, "#rows", 0))
+                sid = await _text(page, "#session")
+                rows = await _rows(page)
+                await asyncio.sleep(8 * keepalive)
+                assert sid in st.proxy.registry
+                assert await _rows(page) > rows
+                assert await page.get_attribute("#status", "data-state") == "verified"
+                # leaving the page closes the session at the proxy (a close, not an expiry)
+                with capture_logs() as logs:
+                    await page.close(run_before_unload=True)
 
-                async def forgotten() -> bool:
-                    return sid not in st.proxy.registry
+                    async def forgotten() -> bool:
+                        return sid not in st.proxy.registry
 
-                await until(forgotten)
+                    await until(forgotten)
             events = {(e["event"], e.get("reason")) for e in logs if e.get("session") == sid}
             assert ("session.closed", "consumer") in events, events  # the proxy's
             assert not any(event == "session.expired" for event, _ in events), events
 
             # the producer ends the session: the page says so, signed
-            page = await browser.new_page()
-            await page.goto(web.url)
-            await until(lambda: _more(page, "#rows", 0))
-            await st.agent.aclose()
+            async with _page(browser, web.url) as page:
+                await until(lambda: _more(page, "#rows", 0))
+                await st.agent.aclose()
 
-            async def ended() -> bool:
-                return await page.get_attribute("#status", "data-state") == "ended"
+                async def ended() -> bool:
+                    return await page.get_attribute("#status", "data-state") == "ended"
 
-            await until(ended)
-            assert (await _text(page, "#status")).startswith("session ended by the cluster: ")
-            await page.close()
+                await until(ended)
+                assert (await _text(page, "#status")).startswith("session ended by the cluster: ")
 
 
 @pytest.mark.parametrize("kind", ["p256", "rsa"])
@@ -551,22 +558,20 @@ async def test_every_key_kind_opens_in_the_page(
         ws_server.url, sources=[HttpEvents(rate=50, seed=6)], streams=["http_events"]
     ) as st:
         with _web(ws_server, st) as web:
-            page = await browser.new_page()
-            await page.goto(web.link(key=kind))
-            await until(lambda: _more(page, "#rows", 0), timeout=30)
-            assert await _text(page, "#key") == kind
-            jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
-            expected = {"p256": ("EC", "ECDH-ES+A256KW"), "rsa": ("RSA", "RSA-OAEP-256")}[kind]
-            assert (jwk["kty"], jwk["alg"]) == expected
-            if kind == "rsa":
-                assert len(jwk["n"]) == 683  # 4096 bits in base64url
-            # the private key cannot leave WebCrypto
-            extractable = await page.evaluate(
-                "window.sealstream.subscription.session.key.privateKey.extractable"
-            )
-            assert extractable is False
-            assert await _text(page, "#rejected") == "0"
-            await page.close()
+            async with _page(browser, web.link(key=kind)) as page:
+                await until(lambda: _more(page, "#rows", 0), timeout=30)
+                assert await _text(page, "#key") == kind
+                jwk = await page.evaluate("window.sealstream.subscription.session.key.publicJwk")
+                expected = {"p256": ("EC", "ECDH-ES+A256KW"), "rsa": ("RSA", "RSA-OAEP-256")}[kind]
+                assert (jwk["kty"], jwk["alg"]) == expected
+                if kind == "rsa":
+                    assert len(jwk["n"]) == 683  # 4096 bits in base64url
+                # the private key cannot leave WebCrypto
+                extractable = await page.evaluate(
+                    "window.sealstream.subscription.session.key.privateKey.extractable"
+                )
+                assert extractable is False
+                assert await _text(page, "#rejected") == "0"
 
 
 def test_the_generated_server_config_has_a_loopback_websocket_listener(tmp_path: Path) -> None:
@@ -594,24 +599,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Browser) -> None:
-    """The broker restarts on the same ports: the page says it lost the connection, the
-    client reconnects by itself, and the session's rows come again."""
+@contextlib.asynccontextmanager
+async def _restartable_server(tmp_path: Path, **options: Any) -> AsyncIterator[EmbeddedServer]:
+    """A nats-server with a WebSocket listener, both on ports chosen once, so that it can be
+    stopped and started again on them; stopped after."""
     conf = tmp_path / "nats.conf"
     ws_port = _free_port()
     conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
-    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port()))
+    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port(), **options))
     await asyncio.to_thread(server.start)
     try:
-        async with make_stack(
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Browser) -> None:
+    """The broker restarts on the same ports: the page says it lost the connection, the
+    client reconnects by itself, and the session's rows come again."""
+    async with (
+        _restartable_server(tmp_path) as server,
+        make_stack(
             server.url,
             sources=[HttpEvents(rate=50, seed=8)],
             streams=["http_events"],
             shared_registry=False,  # the proxy's registry outlives the broker's restart
-        ) as st:
-            with _web(server, st) as web:
-                page = await browser.new_page()
-                await page.goto(web.url)
+        ) as st,
+    ):
+        with _web(server, st) as web:
+            async with _page(browser, web.url) as page:
                 await until(lambda: _more(page, "#rows", 0))
                 await asyncio.to_thread(server.stop)
 
@@ -622,9 +638,6 @@ async def test_the_page_rides_out_a_broker_restart(tmp_path: Path, browser: Brow
                 await until(_state_is(page, "verified"), timeout=20)
                 await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
                 assert await _text(page, "#rejected") == "0"
-                await page.close()
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_the_page_connects_as_its_session_with_its_token(
@@ -650,13 +663,11 @@ async def test_the_page_connects_as_its_session_with_its_token(
             trust=TrustStore(),
         )
         with WebServer(config) as web:
-            page = await browser.new_page()
-            await page.goto(web.url)
-            await until(_state_is(page, "error"))
-            status = await _text(page, "#status")
-            assert status.startswith("token refused"), status
-            sid = await page.evaluate("window.sealstream.subscription.session.session")
-            await page.close()
+            async with _page(browser, web.url) as page:
+                await until(_state_is(page, "error"))
+                status = await _text(page, "#status")
+                assert status.startswith("token refused"), status
+                sid = await page.evaluate("window.sealstream.subscription.session.session")
     assert f'User "{sid}"' in log_file.read_text()
 
 
@@ -682,42 +693,40 @@ async def test_a_page_the_cluster_does_not_authorize_says_so_until_an_operator_d
         ws_server.url, sources=[HttpEvents(rate=50, seed=9)], streams=["http_events"]
     ) as st:
         with _web(ws_server, st, authorize=None) as web:
-            page = await browser.new_page()
-            await page.goto(web.url)
-            await until(_state_is(page, "error"), timeout=15)
-            status = await _text(page, "#status")
-            kid, extractable, export = await _identity(page)
-            assert len(kid) == 43
-            assert status == (
-                "not authorized by the cluster (key not authorized): this page's identity "
-                f"{kid}; authorize it with: sealstream-producer authorize add --key-file "
-                "CLUSTER-KEY --jwk-file sealstream-web-identity.jwk --stream http_events"
-            )
-            assert "operator" in await _text(page, "#authorization")
-            assert await page.locator(ROWS_IN_DOM).count() == 0
-            assert await _rows(page) == 0
-            assert st.agent.sessions == {}
-            # the private key never leaves WebCrypto
-            assert extractable is False
-            assert export == "InvalidAccessError"
+            async with _page(browser, web.url) as page:
+                await until(_state_is(page, "error"), timeout=15)
+                status = await _text(page, "#status")
+                kid, extractable, export = await _identity(page)
+                assert len(kid) == 43
+                assert status == (
+                    "not authorized by the cluster (key not authorized): this page's identity "
+                    f"{kid}; authorize it with: sealstream-producer authorize add --key-file "
+                    "CLUSTER-KEY --jwk-file sealstream-web-identity.jwk --stream http_events"
+                )
+                assert "operator" in await _text(page, "#authorization")
+                assert await page.locator(ROWS_IN_DOM).count() == 0
+                assert await _rows(page) == 0
+                assert st.agent.sessions == {}
+                # the private key never leaves WebCrypto
+                assert extractable is False
+                assert export == "InvalidAccessError"
 
-            # the operator authorizes the public JWK the page shows (and offers to download)
-            jwk = json.loads(await _text(page, "#identity-jwk"))
-            assert set(jwk) == {"kty", "crv", "x"}
-            assert await _text(page, "#authorize-command") in status
-            policy = AuthzPolicy.load(st.policy_file)
-            policy.with_key(jwk, ["http_events"], name="browser")[0].save(st.policy_file)
+                # the operator authorizes the public JWK the page shows (and offers to download)
+                jwk = json.loads(await _text(page, "#identity-jwk"))
+                assert set(jwk) == {"kty", "crv", "x"}
+                assert await _text(page, "#authorize-command") in status
+                policy = AuthzPolicy.load(st.policy_file)
+                policy.with_key(jwk, ["http_events"], name="browser")[0].save(st.policy_file)
 
-            await page.reload()
-            await until(lambda: _more(page, "#rows", 0))
-            assert await page.get_attribute("#status", "data-state") == "verified"
-            # the same identity after the reload, still not extractable
-            assert await _identity(page) == (kid, False, "InvalidAccessError")
-            sid = await _text(page, "#session")
-            reader = st.agent.sessions[sid].reader
-            assert reader is not None
-            assert reader.identity == kid
-            await page.close()
+                await page.reload()
+                await until(lambda: _more(page, "#rows", 0))
+                assert await page.get_attribute("#status", "data-state") == "verified"
+                # the same identity after the reload, still not extractable
+                assert await _identity(page) == (kid, False, "InvalidAccessError")
+                sid = await _text(page, "#session")
+                reader = st.agent.sessions[sid].reader
+                assert reader is not None
+                assert reader.identity == kid
 
 
 def _post(
@@ -828,28 +837,26 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
         await until(serving, timeout=60)
         url = printed.search(log.read_text())
         assert url is not None
-        page = await browser.new_page()
-        await page.goto(url.group(0))
-        try:
+        async with _page(browser, url.group(0)) as page:
+            try:
 
-            async def shown() -> bool:  # the table is redrawn 4 times a second
-                return await page.locator(ROWS_IN_DOM).count() > 0
+                async def shown() -> bool:  # the table is redrawn 4 times a second
+                    return await page.locator(ROWS_IN_DOM).count() > 0
 
-            await until(shown, timeout=30)
-        except TimeoutError:
-            raise AssertionError(await _text(page, "#status")) from None
-        assert await _rows(page) > 0
-        assert await page.get_attribute("#status", "data-state") == "verified"
-        kid = await _text(page, "#identity")
-        assert "authorized by this machine's cluster" in await _text(page, "#authorization")
-        grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
-        assert grant.streams == {"http_events", "otlp_traces", "otlp_metrics", "otlp_logs"}
-        assert await _text(page, "#authorize-command") == (
-            "sealstream-producer authorize add --policy-file "
-            f"{(state / 'authorized.json').resolve()} --jwk-file sealstream-web-identity.jwk "
-            "--stream http_events --stream otlp_traces --stream otlp_metrics --stream otlp_logs"
-        )
-        await page.close()
+                await until(shown, timeout=30)
+            except TimeoutError:
+                raise AssertionError(await _text(page, "#status")) from None
+            assert await _rows(page) > 0
+            assert await page.get_attribute("#status", "data-state") == "verified"
+            kid = await _text(page, "#identity")
+            assert "authorized by this machine's cluster" in await _text(page, "#authorization")
+            grant = AuthzPolicy.load(state / "authorized.json").keys[kid]
+            assert grant.streams == {"http_events", "otlp_traces", "otlp_metrics", "otlp_logs"}
+            assert await _text(page, "#authorize-command") == (
+                "sealstream-producer authorize add --policy-file "
+                f"{(state / 'authorized.json').resolve()} --jwk-file sealstream-web-identity.jwk "
+                "--stream http_events --stream otlp_traces --stream otlp_metrics --stream otlp_logs"
+            )
     finally:
         up.send_signal(signal.SIGINT)
         try:
@@ -872,16 +879,14 @@ async def test_a_link_cannot_switch_sender_authentication_off(
     other mode than session and group: refused with one line, and no session is opened."""
     async with make_stack(ws_server.url, sources=[HttpEvents(rate=50, seed=21)]) as st:
         with _web(ws_server, st) as web:
-            page = await browser.new_page()
-            await page.goto(web.link(mode=mode))
-            await until(_state_is(page, "error"))
-            status = await _text(page, "#status")
-            assert status.startswith("refused: this page opens session or group mode only")
-            assert "\n" not in status
-            assert await _text(page, "#session") == "-"
-            assert len(st.proxy.registry) == 0
-            assert st.agent.sessions == {}
-            await page.close()
+            async with _page(browser, web.link(mode=mode)) as page:
+                await until(_state_is(page, "error"))
+                status = await _text(page, "#status")
+                assert status.startswith("refused: this page opens session or group mode only")
+                assert "\n" not in status
+                assert await _text(page, "#session") == "-"
+                assert len(st.proxy.registry) == 0
+                assert st.agent.sessions == {}
 
 
 async def test_a_forged_key_envelope_raced_ahead_of_the_genuine_one_is_only_counted(
@@ -916,18 +921,16 @@ async def test_a_forged_key_envelope_raced_ahead_of_the_genuine_one_is_only_coun
                 tap = await stack_tap.enter_async_context(
                     Tap(ws_server.url, f"{st.prefix}.inbox.>")
                 )
-                page = await browser.new_page()
-                await page.goto(web.url)
-                await until(lambda: _more(page, "#rows", 20))
-                sid = await _text(page, "#session")
-                assert raced == [sid]
-                await tap.flush()
-                first = tap.on(st.subjects.inbox(sid))[0].data
-                assert msgpack.unpackb(first, raw=False)["seq"] == 10**9  # the race was won
-                assert await page.get_attribute("#status", "data-state") == "verified"
-                assert await _text(page, "#signer") == st.identity.kid
-                assert await _text(page, "#reasons") == "untrusted_key: 1"
-                await page.close()
+                async with _page(browser, web.url) as page:
+                    await until(lambda: _more(page, "#rows", 20))
+                    sid = await _text(page, "#session")
+                    assert raced == [sid]
+                    await tap.flush()
+                    first = tap.on(st.subjects.inbox(sid))[0].data
+                    assert msgpack.unpackb(first, raw=False)["seq"] == 10**9  # the race was won
+                    assert await page.get_attribute("#status", "data-state") == "verified"
+                    assert await _text(page, "#signer") == st.identity.kid
+                    assert await _text(page, "#reasons") == "untrusted_key: 1"
         finally:
             await stack_tap.aclose()
             await relay.close()
@@ -942,30 +945,30 @@ async def test_a_forged_expiry_notice_costs_a_new_session_not_the_end(
         ws_server.url, sources=[HttpEvents(rate=100, seed=23)], streams=["http_events"]
     ) as st:
         with _web(ws_server, st) as web:
-            page = await browser.new_page()
-            await page.goto(web.url)
-            await until(lambda: _more(page, "#rows", 5))
-            first = await _text(page, "#session")
-            nc = await connect(ws_server.url, name="hostile-relay")
-            try:
-                await nc.publish(st.subjects.inbox(first), notice(first, "expired", "forged"))
-                await nc.flush()
-            finally:
-                await nc.close()
+            async with _page(browser, web.url) as page:
+                await until(lambda: _more(page, "#rows", 5))
+                first = await _text(page, "#session")
+                nc = await connect(ws_server.url, name="hostile-relay")
+                try:
+                    await nc.publish(st.subjects.inbox(first), notice(first, "expired", "forged"))
+                    await nc.flush()
+                finally:
+                    await nc.close()
 
-            async def resumed() -> bool:
-                return await page.locator("#resumed").count() > 0
+                async def resumed() -> bool:
+                    return await page.locator("#resumed").count() > 0
 
-            await until(resumed)
-            line = await _text(page, "#resumed")
-            assert re.fullmatch(r"resumed at .+, rows between .+ and .+ lost \(.+forged\)", line)
-            await until(_state_is(page, "verified"))
-            second = await _text(page, "#session")
-            assert second != first
-            assert second in st.agent.sessions
-            rows = await _rows(page)
-            await until(lambda: _more(page, "#rows", rows + 5))
-            await page.close()
+                await until(resumed)
+                line = await _text(page, "#resumed")
+                assert re.fullmatch(
+                    r"resumed at .+, rows between .+ and .+ lost \(.+forged\)", line
+                )
+                await until(_state_is(page, "verified"))
+                second = await _text(page, "#session")
+                assert second != first
+                assert second in st.agent.sessions
+                rows = await _rows(page)
+                await until(lambda: _more(page, "#rows", rows + 5))
 
 
 async def test_an_open_answered_for_another_session_ends_at_once(
@@ -986,15 +989,13 @@ async def test_an_open_answered_for_another_session_ends_at_once(
             await relay.subscribe("hostile.api.session.open", cb=answer)
             await relay.flush()
             with _web(ws_server, st, prefix="hostile") as web:
-                page = await browser.new_page()
-                await page.goto(web.url)
-                # a retried open stays "retrying" for 30 s
-                await until(_state_is(page, "error"))
-                status = await _text(page, "#status")
-                assert status == "relay not trusted: the proxy answered for another session"
-                assert len(opens) == 1
-                assert opens[0] != other
-                await page.close()
+                async with _page(browser, web.url) as page:
+                    # a retried open stays "retrying" for 30 s
+                    await until(_state_is(page, "error"))
+                    status = await _text(page, "#status")
+                    assert status == "relay not trusted: the proxy answered for another session"
+                    assert len(opens) == 1
+                    assert opens[0] != other
         finally:
             await relay.close()
 
@@ -1005,22 +1006,18 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
     """The broker restarts, and the cluster's producer with it (it forgets its sessions): the
     proxy ends the page's session, and the page opens a new one with a fresh key, says which
     rows it lost, and streams on."""
-    conf = tmp_path / "nats.conf"
-    ws_port = _free_port()
-    conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
-    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port()))
-    await asyncio.to_thread(server.start)
-    try:
-        async with make_stack(
+    async with (
+        _restartable_server(tmp_path) as server,
+        make_stack(
             server.url,
             sources=[HttpEvents(rate=50, seed=24)],
             streams=["http_events"],
             keepalive_s=1.0,
             shared_registry=False,  # the proxy's registry outlives the broker's restart
-        ) as st:
-            with _web(server, st) as web:
-                page = await browser.new_page()
-                await page.goto(web.url)
+        ) as st,
+    ):
+        with _web(server, st) as web:
+            async with _page(browser, web.url) as page:
                 await until(lambda: _more(page, "#rows", 0))
                 first = await _text(page, "#session")
                 await asyncio.to_thread(server.stop)
@@ -1045,9 +1042,6 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
                     assert "rows between" in await _text(page, "#resumed")
                     rows = await _rows(page)
                     await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
-                await page.close()
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
@@ -1056,23 +1050,18 @@ async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
     """With a store (docs/protocol.md, "Lossless delivery") the page keeps its session
     through a broker restart on its file store: it holds what arrives past a gap, asks for a
     replay, and shows no gap, no rejection, no new session."""
-    conf = tmp_path / "nats.conf"
-    ws_port = _free_port()
-    conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
-    options = ServerOptions(config_file=conf, port=_free_port(), store_dir=tmp_path / "js")
-    server = EmbeddedServer(options)
-    await asyncio.to_thread(server.start)
-    try:
-        async with make_stack(
+    async with (
+        _restartable_server(tmp_path, store_dir=tmp_path / "js") as server,
+        make_stack(
             server.url,
             sources=[HttpEvents(rate=50, seed=9)],
             streams=["http_events"],
             shared_registry=False,  # the proxy's registry outlives the broker's restart
             store=Store(),
-        ) as st:
-            with _web(server, st) as web:
-                page = await browser.new_page()
-                await page.goto(web.url)
+        ) as st,
+    ):
+        with _web(server, st) as web:
+            async with _page(browser, web.url) as page:
                 await until(lambda: _more(page, "#rows", 0))
                 session = await _text(page, "#session")
                 await asyncio.to_thread(server.stop)
@@ -1084,9 +1073,6 @@ async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
                 assert await _text(page, "#gaps") == "0 (0 lost)"
                 assert await _text(page, "#rejected") == "0"
                 assert await _text(page, "#session") == session
-                await page.close()
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_the_page_reads_otlp_streams_from_the_sdk_as_spans_records_and_points(
@@ -1102,50 +1088,56 @@ async def test_the_page_reads_otlp_streams_from_the_sdk_as_spans_records_and_poi
         OtlpReceiver(st.agent, config=OtlpConfig(port=0, grpc_port=None)) as receiver,
     ):
         with _web(ws_server, st, streams=streams) as web:
-            page = await browser.new_page(viewport={"width": 1280, "height": 800})
             errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(web.url)
-            # the receiver seals only for sessions reading: the page's must be open first
-            await until(_state_is(page, "verified"))
-            await run_app(f"http://127.0.0.1:{receiver.port}", tmp_path / "sent", marker)
-            traces = 'section[data-stream="otlp_traces"]'
+            async with _page(
+                browser, web.url, errors=errors, viewport={"width": 1280, "height": 800}
+            ) as page:
+                # the receiver seals only for sessions reading: the page's must be open first
+                await until(_state_is(page, "verified"))
+                await run_app(f"http://127.0.0.1:{receiver.port}", tmp_path / "sent", marker)
+                traces = 'section[data-stream="otlp_traces"]'
 
-            async def spans() -> bool:
-                return len(await _column(page, traces, "name")) == 3
+                async def spans() -> bool:
+                    return len(await _column(page, traces, "name")) == 3
 
-            await until(spans, timeout=20)
-            names = await _column(page, traces, "name")
-            assert sorted(names) == sorted(f"{n}-{marker}" for n in ("parent", "child", "logged"))
-            assert set(await _column(page, traces, "service")) == {f"svc-{marker}"}
-            assert "server" in await _column(page, traces, "kind")
-            assert f"error: failed-{marker}" in await _column(page, traces, "status")
-            durations = await _column(page, traces, "duration_ns")
-            assert all(re.fullmatch(r"\d+(\.\d+)? (ns|µs|ms|s)", d) for d in durations)
-            assert all(
-                re.fullmatch(r"[0-9a-f]{32}", t) for t in await _column(page, traces, "trace_id")
-            )
-            header = await _text(page, f"{traces} .count")
-            assert re.fullmatch(
-                r"\d+ requests? received · 3 spans · the newest 3 lines below", header
-            )
-            BUILD.mkdir(exist_ok=True)
-            await page.screenshot(path=str(BUILD / "web-otlp-traces.png"))
+                await until(spans, timeout=20)
+                names = await _column(page, traces, "name")
+                assert sorted(names) == sorted(
+                    f"{n}-{marker}" for n in ("parent", "child", "logged")
+                )
+                assert set(await _column(page, traces, "service")) == {f"svc-{marker}"}
+                assert "server" in await _column(page, traces, "kind")
+                assert f"error: failed-{marker}" in await _column(page, traces, "status")
+                durations = await _column(page, traces, "duration_ns")
+                assert all(re.fullmatch(r"\d+(\.\d+)? (ns|µs|ms|s)", d) for d in durations)
+                assert all(
+                    re.fullmatch(r"[0-9a-f]{32}", t)
+                    for t in await _column(page, traces, "trace_id")
+                )
+                header = await _text(page, f"{traces} .count")
+                assert re.fullmatch(
+                    r"\d+ requests? received · 3 spans · the newest 3 lines below", header
+                )
+                BUILD.mkdir(exist_ok=True)
+                await page.screenshot(path=str(BUILD / "web-otlp-traces.png"))
 
-            for stream, column, want in [
-                ("otlp_metrics", "type", {"sum", "gauge", "histogram", "exponential_histogram"}),
-                ("otlp_logs", "body", {f"body-{marker}", f"{{kv={marker}}}"}),
-            ]:
-                await page.click(f'#tabs .tab[data-stream="{stream}"]')
-                section = f'section[data-stream="{stream}"]'
+                for stream, column, want in [
+                    (
+                        "otlp_metrics",
+                        "type",
+                        {"sum", "gauge", "histogram", "exponential_histogram"},
+                    ),
+                    ("otlp_logs", "body", {f"body-{marker}", f"{{kv={marker}}}"}),
+                ]:
+                    await page.click(f'#tabs .tab[data-stream="{stream}"]')
+                    section = f'section[data-stream="{stream}"]'
 
-                async def shown(section: str = section, column: str = column) -> bool:
-                    return bool(await _column(page, section, column))
+                    async def shown(section: str = section, column: str = column) -> bool:
+                        return bool(await _column(page, section, column))
 
-                await until(shown, timeout=20)
-                assert want <= set(await _column(page, section, column)), stream
-                await page.screenshot(path=str(BUILD / f"web-{stream.replace('_', '-')}.png"))
-            logs = 'section[data-stream="otlp_logs"]'
-            assert {"WARN", "ERROR"} <= set(await _column(page, logs, "severity"))
-            assert errors == []
-            await page.close()
+                    await until(shown, timeout=20)
+                    assert want <= set(await _column(page, section, column)), stream
+                    await page.screenshot(path=str(BUILD / f"web-{stream.replace('_', '-')}.png"))
+                logs = 'section[data-stream="otlp_logs"]'
+                assert {"WARN", "ERROR"} <= set(await _column(page, logs, "severity"))
+                assert errors == []
