@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
             help="keepalive interval in s (env SEALSTREAM_KEEPALIVE_S)",
         )
         parser.add_argument(
+            "--store-grace",
+            type=float,
+            default=d(None),
+            help="how long a session of a cluster with a store outlives its last keepalive, "
+            "in s (default 120; env SEALSTREAM_STORE_GRACE_S)",
+        )
+        parser.add_argument(
             "--callout-issuer-seed-file",
             type=Path,
             default=d(None),
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             nats_url=args.nats_url,
             prefix=args.prefix,
             keepalive_s=args.keepalive,
+            store_grace_s=args.store_grace,
             token_secret=_secret(args.token_secret_file) if args.token_secret_file else None,
             callout=(
                 CalloutConfig.from_seed_file(args.callout_issuer_seed_file)

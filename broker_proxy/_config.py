@@ -81,6 +81,10 @@ class ProxyConfig:
     token_secret: bytes | None = field(default=None, repr=False)
     issuer_jwk: Mapping[str, Any] | None = None
     keepalive_s: float = 10.0
+    #: a session of a cluster that keeps a store outlives its last keepalive this long (at
+    #: least 3 keepalives): a consumer cut off for longer than that still comes back to it
+    #: and gets what it missed from the store
+    store_grace_s: float = 120.0
     control_timeout_s: float = 5.0
     queue_group: str = "sealstream-proxy"
     limits: Limits = field(default_factory=Limits)
@@ -104,6 +108,8 @@ class ProxyConfig:
             )
         if self.control_timeout_s <= 0:
             raise ValueError("control_timeout_s must be positive")
+        if not 0 <= self.store_grace_s <= 86_400:
+            raise ValueError("store_grace_s must be 0 to 86400 seconds")
         if not 1 <= self.registry_replicas <= 5:
             raise ValueError("registry_replicas must be within 1..5 (JetStream's limit)")
         if (self.token_secret is None) == (self.issuer_jwk is None):
@@ -116,6 +122,7 @@ class ProxyConfig:
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
         ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``,
+        ``SEALSTREAM_STORE_GRACE_S``,
         ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`),
         ``SEALSTREAM_REGISTRY_REPLICAS``."""
         values: dict[str, Any] = {}
@@ -127,6 +134,8 @@ class ProxyConfig:
             values["prefix"] = env["SEALSTREAM_PREFIX"]
         if "SEALSTREAM_KEEPALIVE_S" in env:
             values["keepalive_s"] = float(env["SEALSTREAM_KEEPALIVE_S"])
+        if "SEALSTREAM_STORE_GRACE_S" in env:
+            values["store_grace_s"] = float(env["SEALSTREAM_STORE_GRACE_S"])
         if env.get("SEALSTREAM_TOKEN_SECRET_FILE"):
             values["token_secret"] = read_secret(Path(env["SEALSTREAM_TOKEN_SECRET_FILE"]))
         elif env.get("SEALSTREAM_TOKEN_SECRET"):

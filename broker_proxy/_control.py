@@ -184,6 +184,7 @@ class SessionApi:
         session = control.session
         if session in core.registry:
             raise SessionError("bad_request", "a session with this key exists: use a new key")
+        store = await self._has_store(req.cluster)
         # Register before the cluster hears of it: its first envelope may beat its reply.
         entry = core.registry.add(
             session,
@@ -192,6 +193,8 @@ class SessionApi:
             streams=req.streams,
             now=core.clock(),
             key_mode=req.key_mode,
+            # what it misses while cut off is kept: it may come back later than 3 keepalives
+            grace_s=core.config.store_grace_s if store else 0.0,
         )
         if core.shared is not None and not await core.shared.create(entry):
             core.registry.remove(session)
@@ -212,12 +215,7 @@ class SessionApi:
             streams=list(req.streams),
             key_mode=req.key_mode,
         )
-        return Opened(
-            session,
-            core.subjects.inbox(session),
-            core.config.keepalive_s,
-            store=await self._has_store(entry.cluster),
-        )
+        return Opened(session, core.subjects.inbox(session), core.config.keepalive_s, store=store)
 
     async def _has_store(self, cluster: str) -> bool:
         """Whether the cluster keeps a store, known for a while (a storm of opens asks

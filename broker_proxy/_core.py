@@ -43,7 +43,9 @@ class ProxyCore:
         self.clock = clock
         self.subjects = Subjects(config.prefix)
         self.registry = SessionRegistry(
-            ttl_s=3 * config.keepalive_s, burst=config.limits.session_burst
+            ttl_s=3 * config.keepalive_s,
+            burst=config.limits.session_burst,
+            max_grace_s=config.store_grace_s,
         )
         self.nc: Any = None
         self.tg: asyncio.TaskGroup | None = None

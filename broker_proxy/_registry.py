@@ -22,6 +22,9 @@ class SessionEntry:
     added_at: float = 0.0
     #: the open's key mode; ``group`` sessions receive their streams' group envelopes
     key_mode: str = "session"
+    #: (a cluster with a store) how long the session outlives its last keepalive, if that is
+    #: longer than the registry's ``ttl_s``
+    grace_s: float = 0.0
 
     def take(self, now: float, *, rate: float, burst: float) -> bool:
         """Token bucket of the session's relay rate: True if one envelope may pass."""
@@ -36,8 +39,10 @@ class SessionEntry:
 class SessionRegistry:
     """session id -> entry; a session not kept alive past ``expires_at`` is expired."""
 
-    def __init__(self, *, ttl_s: float, burst: float = 1.0) -> None:
+    def __init__(self, *, ttl_s: float, burst: float = 1.0, max_grace_s: float = 0.0) -> None:
         self.ttl_s = ttl_s
+        #: the longest any session lives without a keepalive
+        self.max_ttl_s = max(ttl_s, max_grace_s)
         self.burst = burst
         self._entries: dict[str, SessionEntry] = {}
         self._per_user: Counter[str] = Counter()
@@ -65,6 +70,7 @@ class SessionRegistry:
         streams: tuple[str, ...],
         now: float,
         key_mode: str = "session",
+        grace_s: float = 0.0,
     ) -> SessionEntry:
         if session in self._entries:
             raise KeyError(session)
@@ -73,11 +79,12 @@ class SessionRegistry:
             cluster,
             user,
             streams,
-            now + self.ttl_s,
+            now + max(self.ttl_s, grace_s),
             self.burst,
             now,
             added_at=now,
             key_mode=key_mode,
+            grace_s=grace_s,
         )
         self._entries[session] = entry
         self._per_user[user] += 1
@@ -94,14 +101,18 @@ class SessionRegistry:
     def touch(self, session: str, *, now: float) -> SessionEntry | None:
         entry = self._entries.get(session)
         if entry is not None:
-            entry.expires_at = now + self.ttl_s
+            entry.expires_at = now + self.ttl_of(entry)
         return entry
+
+    def ttl_of(self, entry: SessionEntry) -> float:
+        """How long ``entry`` lives without a keepalive."""
+        return max(self.ttl_s, entry.grace_s)
 
     def extend(self, *, now: float) -> None:
         """Give every session a full ``ttl_s`` from ``now`` (none of them could be kept alive
         while the broker was away)."""
         for entry in self._entries.values():
-            entry.expires_at = max(entry.expires_at, now + self.ttl_s)
+            entry.expires_at = max(entry.expires_at, now + self.ttl_of(entry))
 
     def remove(self, session: str) -> SessionEntry | None:
         entry = self._entries.pop(session, None)

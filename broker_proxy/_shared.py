@@ -49,6 +49,7 @@ def _encode(entry: SessionEntry, expires_unix: float) -> bytes:
             "streams": list(entry.streams),
             "expires": expires_unix,
             "key_mode": entry.key_mode,
+            "grace": entry.grace_s,
         }
     )
 
@@ -97,7 +98,7 @@ class SharedRegistry:
                 return await js.create_key_value(
                     bucket=self.bucket,
                     history=1,
-                    ttl=max(2 * self.local.ttl_s, 1.0),
+                    ttl=max(2 * self.local.max_ttl_s, 1.0),
                     replicas=self.replicas,
                 )
             except nats.js.errors.BadRequestError:
@@ -130,6 +131,7 @@ class SharedRegistry:
             expires = float(data["expires"])
             fields = (str(data["cluster"]), str(data["user"]), tuple(map(str, data["streams"])))
             key_mode = str(data.get("key_mode", "session"))
+            grace = float(data.get("grace", 0.0))
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             log.warning("registry.bad_entry", session=session[:64])
             return
@@ -140,19 +142,25 @@ class SharedRegistry:
         if current is None:
             cluster, user, streams = fields
             added = self.local.add(
-                session, cluster=cluster, user=user, streams=streams, now=now, key_mode=key_mode
+                session,
+                cluster=cluster,
+                user=user,
+                streams=streams,
+                now=now,
+                key_mode=key_mode,
+                grace_s=grace,
             )
             added.expires_at = local_expiry
         else:
             current.expires_at = max(current.expires_at, local_expiry)
 
-    def _expiry_unix(self) -> float:
-        return time.time() + self.local.ttl_s
+    def _expiry_unix(self, entry: SessionEntry) -> float:
+        return time.time() + self.local.ttl_of(entry)
 
     async def create(self, entry: SessionEntry) -> bool:
         """Store a new session; False if another instance already holds it."""
         try:
-            rev = await self._kv.create(entry.session, _encode(entry, self._expiry_unix()))
+            rev = await self._kv.create(entry.session, _encode(entry, self._expiry_unix(entry)))
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         except _IO_ERRORS as exc:
@@ -163,7 +171,7 @@ class SharedRegistry:
     async def touch(self, entry: SessionEntry) -> None:
         try:
             self._revisions[entry.session] = await self._kv.put(
-                entry.session, _encode(entry, self._expiry_unix())
+                entry.session, _encode(entry, self._expiry_unix(entry))
             )
         except _IO_ERRORS as exc:
             raise _unavailable(exc) from exc

@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--cluster", default="demo", help="the cluster's id (default demo)")
         c.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
         c.add_argument(
+            "--store",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="keep the sealed envelopes in the broker's JetStream store, so that faults "
+            "and slow consumers lose nothing (default: on with the embedded NATS server, "
+            "which has JetStream; off with --nats-url)",
+        )
+        c.add_argument(
             "--nats-port", type=int, help="the embedded NATS server's port (default: any free)"
         )
         c.add_argument(
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 sources=args.sources,
                 rate=args.rate,
                 nats_port=args.nats_port,
+                store=args.nats_url is None if args.store is None else args.store,
             ) as be:
                 if args.command == "up":
                     return await _up(be, args)

@@ -242,11 +242,13 @@ async def backend(
     sources: str,
     rate: float,
     nats_port: int | None = None,
+    store: bool = False,
 ) -> AsyncIterator[Backend]:
     """nats-server (embedded unless ``nats_url``; on ``nats_port`` if given), proxy and
-    producer as child processes. The producer reads this process's stdin if a source is
-    ``jsonl:-``; its OTLP receiver (an ``otlp`` source) listens on the ports asked for, or on
-    free ones if those are taken."""
+    producer as child processes; with ``store``, the producer keeps what it seals in the
+    broker's JetStream store (docs/protocol.md, "Lossless delivery"). The producer reads
+    this process's stdin if a source is ``jsonl:-``; its OTLP receiver (an ``otlp`` source)
+    listens on the ports asked for, or on free ones if those are taken."""
     sources, otlp_endpoint, otlp_grpc_port = otlp_ports(sources)
     creds = prepare_state(state, cluster, source_streams(sources))
     async with contextlib.AsyncExitStack() as stack:
@@ -275,6 +277,7 @@ async def backend(
             "SEALSTREAM_KEY_FILE": str(state / "cluster-key.jwk"),
             "SEALSTREAM_POLICY_FILE": str(state / POLICY_FILE_NAME),
             "SEALSTREAM_SOURCES": sources,
+            "SEALSTREAM_STORE": "1" if store else "0",
         }
         roles = {
             "proxy": ["broker_proxy", "--log-level", "info"],

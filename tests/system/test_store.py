@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from consumers import Client, ClientConfig
+from consumers import Client, ClientConfig, Resumed
 from producers import Agent, ProducerConfig
 from sealstream import BrokerError, IntegrityError, SessionError, mint_token
 from sealstream.control import Replayed
@@ -175,7 +175,8 @@ class Reader:
     async def run(self) -> None:
         try:
             async for batch in self.sub:
-                self.numbers.extend(row["n"] for row in batch.rows)
+                if not isinstance(batch, Resumed):
+                    self.numbers.extend(row["n"] for row in batch.rows)
         except (SessionError, IntegrityError) as exc:
             self.error = exc
 
@@ -297,24 +298,57 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def test_a_consumer_cut_off_for_5_s_loses_nothing(broker: Broker) -> None:
+async def _cut_off(broker: Broker, cut_s: float, **proxy: Any) -> tuple[Numbered, Reader, Any, int]:
+    """A consumer whose connection is cut for ``cut_s`` while rows flow; the envelopes the
+    proxy replayed from the store."""
     url = broker.start()
     async with (
-        make_stack(url, store=Store()) as stack,
+        make_stack(url, store=Store(), **proxy) as stack,
         Splice(url) as splice,
         Client(
             dataclasses.replace(stack.config(), nats_url=splice.url), trust=stack.trust()
         ) as client,
-        client.subscribe(stack.cluster, ["records"]) as sub,
+        client.subscribe(stack.cluster, ["records"], resume=True) as sub,
         streaming(stack.agent, sub) as (emitter, reader),
     ):
         splice.sever()
-        await asyncio.sleep(5.0)  # the outage itself
+        await asyncio.sleep(cut_s)  # the outage itself
         await splice.mend()
         before = len(reader.numbers)
-        await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+        await eventually(lambda: len(reader.numbers) > before + 50, timeout=60)
+    return emitter, reader, sub, stack.proxy.replayed
+
+
+async def test_a_consumer_cut_off_for_5_s_loses_nothing(broker: Broker) -> None:
+    emitter, reader, sub, replayed = await _cut_off(broker, 5.0)
     check_lossless(emitter, reader, sub)
-    assert stack.proxy.replayed > 0  # what the cut missed came from the store
+    assert replayed > 0  # what the cut missed came from the store
+
+
+async def test_a_cut_longer_than_three_keepalives_keeps_a_store_session(broker: Broker) -> None:
+    """With a store the proxy keeps a session past 3 missed keepalives (its grace): a consumer
+    back after 6 s, its keepalive 1 s, finds its session and loses nothing; without the grace
+    the proxy expired it and the consumer resumed with a new session."""
+    emitter, reader, sub, replayed = await _cut_off(broker, 6.0, keepalive_s=1.0)
+    check_lossless(emitter, reader, sub)
+    assert replayed > 0
+
+
+async def test_without_the_grace_a_long_cut_ends_the_session(broker: Broker) -> None:
+    _, reader, sub, _ = await _cut_off(broker, 6.0, keepalive_s=1.0, store_grace_s=0.0)
+    assert reader.error is None
+    assert sub.stats().sessions == 2  # expired while cut off: resumed with a new one
+    assert len(sub.resumes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_consumer_cut_off_for_60_s_loses_nothing(broker: Broker) -> None:
+    """The defaults (keepalive 10 s, a store session's grace 120 s): a minute away, then
+    every row once, in order, in the same session, the gap read from the store."""
+    emitter, reader, sub, replayed = await _cut_off(broker, 60.0)
+    check_lossless(emitter, reader, sub)
+    assert replayed > 0
 
 
 async def test_one_proxy_of_two_killed_loses_nothing(nats_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,40 @@
+"""The proxy's session registry (pure: time is a parameter): a session of a cluster that keeps
+a store outlives its last keepalive by its grace, every other one by the registry's ttl."""
+
+from __future__ import annotations
+
+from broker_proxy._registry import SessionRegistry
+
+SESSION, STORED = "-" + "A" * 42, "_" + "B" * 42  # ids starting with the edges of base64url
+
+
+def _registry() -> SessionRegistry:
+    registry = SessionRegistry(ttl_s=30.0, max_grace_s=120.0)
+    for session, grace in ((SESSION, 0.0), (STORED, 120.0)):
+        registry.add(session, cluster="c1", user="u", streams=("s",), now=0.0, grace_s=grace)
+    return registry
+
+
+def test_a_store_session_outlives_its_keepalive_by_its_grace() -> None:
+    registry = _registry()
+    assert registry.max_ttl_s == 120.0
+    assert [e.session for e in registry.expire(now=30.0)] == [SESSION]
+    assert registry.expire(now=119.9) == []
+    assert [e.session for e in registry.expire(now=120.0)] == [STORED]
+    assert len(registry) == 0
+
+
+def test_a_keepalive_and_an_outage_give_each_session_its_own_span() -> None:
+    registry = _registry()
+    registry.touch(SESSION, now=100.0)
+    registry.touch(STORED, now=100.0)
+    entries = {e.session: e.expires_at for e in registry.entries()}
+    assert entries == {SESSION: 130.0, STORED: 220.0}
+    registry.extend(now=200.0)  # after a broker outage
+    assert {e.session: e.expires_at for e in registry.entries()} == {SESSION: 230.0, STORED: 320.0}
+
+
+def test_a_grace_shorter_than_the_ttl_changes_nothing() -> None:
+    registry = SessionRegistry(ttl_s=30.0)
+    entry = registry.add(SESSION, cluster="c1", user="u", streams=(), now=0.0, grace_s=5.0)
+    assert (entry.expires_at, registry.max_ttl_s) == (30.0, 30.0)
