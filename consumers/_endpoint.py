@@ -6,8 +6,7 @@ subscriptions talk to the proxy through it; :class:`consumers.Client` is one."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -27,6 +26,7 @@ from sealstream.control import (
 )
 from sealstream.crypto import TrustStore
 from sealstream.nats import connect, release
+from sealstream.resource import AsyncResource
 from sealstream.wire import encode_map
 
 __all__ = ["Endpoint"]
@@ -35,10 +35,11 @@ __all__ = ["Endpoint"]
 _Reply = TypeVar("_Reply", bound=Ok | Opened | KeptAlive | Replayed | Granted)
 
 
-class Endpoint:
+class Endpoint(AsyncResource):
     """A connection to NATS from which session requests are made."""
 
     def __init__(self, config: ClientConfig, *, trust: TrustStore | None = None) -> None:
+        super().__init__()
         self.config = config
         self.trust = (
             trust if trust is not None else TrustStore.load(config.trust_store, tofu=config.tofu)
@@ -49,10 +50,10 @@ class Endpoint:
         self.callout = _callout_mode(config)
         self.closed = True  # until entered
 
-    async def __aenter__(self) -> Self:
+    async def _start(self) -> None:
         self.closed = False
         if self.callout:
-            return self
+            return
         auth = self.config.nats_auth
         self._nc = await connect(
             self.config.nats_url,
@@ -60,21 +61,13 @@ class Endpoint:
             user=auth.user,
             password=auth.password,
         )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        self._stack.push_async_callback(release, self._nc)
 
     async def aclose(self) -> None:
-        """Drain the connection; idempotent."""
-        self.closed = True
-        nc, self._nc = self._nc, None
-        await release(nc)
+        """Drain the connection; idempotent. Closed before the drain: a session that sees its
+        connection go knows why, and no request starts on a draining connection."""
+        self.closed, self._nc = True, None
+        await super().aclose()
 
     @property
     def nc(self) -> Any:

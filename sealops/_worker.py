@@ -32,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgpack
 import nats.errors
@@ -44,13 +44,16 @@ from sealops._report import Histogram, make_rows
 from sealstream.control import (
     ControlClose,
     ControlOpen,
+    KeptAlive,
     Ok,
+    Opened,
     OpenRequest,
     Ping,
     Pong,
     Refusal,
     Reply,
     decode_control,
+    decode_reply,
     encode,
 )
 from sealstream.crypto import (
@@ -63,7 +66,7 @@ from sealstream.crypto import (
     TrustStore,
     encode_rows,
 )
-from sealstream.errors import SealstreamError, SessionError, WireError
+from sealstream.errors import SealstreamError, WireError
 from sealstream.ids import Subjects
 from sealstream.log import configure_logging
 from sealstream.nats import connect, settle
@@ -73,7 +76,6 @@ from sealstream.wire import (
     KeyMode,
     Notice,
     decode_inbox,
-    decode_map,
     encode_envelope,
     encode_map,
 )
@@ -86,6 +88,7 @@ STREAM: Final = "bench"
 #: the session id written in raw payloads (raw mode has no session)
 _RAW_SESSION: Final = "r" * 43
 _REQUEST_TIMEOUT: Final = 30.0
+_Answer = TypeVar("_Answer", Ok, Opened, KeptAlive)
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -109,18 +112,23 @@ async def _stdin_lines() -> AsyncIterator[dict[str, Any]]:
 
 
 async def _request(
-    nc: Any, subject: str, body: dict[str, Any], *, timeout_s: float = _REQUEST_TIMEOUT
-) -> dict[str, Any]:
+    nc: Any,
+    subject: str,
+    body: dict[str, Any],
+    reply: type[_Answer],
+    *,
+    timeout_s: float = _REQUEST_TIMEOUT,
+) -> _Answer:
+    """A session API request and its ``reply`` as the client decodes it (a refusal raises
+    :class:`SessionError`, a malformed answer :class:`WireError`)."""
     try:
         msg = await nc.request(subject, encode_map(body), timeout=timeout_s)
     except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
         raise SealstreamError(f"no answer on {subject}: {exc!r}") from None
-    reply = decode_map(msg.data)
-    if reply.get("ok") is not True:
-        error = reply.get("error")
-        code = str(error.get("code", "")) if isinstance(error, dict) else "bad_request"
-        raise SessionError(code or "bad_request", str(error))
-    return reply
+    answer = decode_reply(msg.data, reply)
+    if isinstance(answer, Refusal):
+        raise answer.error()
+    return answer
 
 
 # --- producer -------------------------------------------------------------------------------
@@ -476,10 +484,9 @@ class _Consumer:
             key_mode=key_mode,
             token=token,
         )
-        reply = await _request(t.nc, self.subjects.api_open, req.to_map())
-        ka = reply.get("keepalive_s")
-        if isinstance(ka, int | float) and ka > 0:
-            self.keepalive_s = min(self.keepalive_s, float(ka) / 2)
+        opened = await _request(t.nc, self.subjects.api_open, req.to_map(), Opened)
+        if opened.keepalive_s is not None:  # within the protocol's bounds, as for the client
+            self.keepalive_s = min(self.keepalive_s, opened.keepalive_s / 2)
         if self.mode == "session":
             await asyncio.wait_for(t.keyed.wait(), _REQUEST_TIMEOUT)
         return t
@@ -493,7 +500,7 @@ class _Consumer:
             if t.nc is None or t.nc.is_closed:
                 return
             with contextlib.suppress(SealstreamError):
-                await _request(t.nc, self.subjects.api_close, body)
+                await _request(t.nc, self.subjects.api_close, body, Ok)
 
         async with asyncio.TaskGroup() as tg:
             for t in self.targets:
@@ -506,7 +513,7 @@ class _Consumer:
         async def one(t: _In) -> None:
             body = {"v": 1, "token": t.token, "session": t.id}
             try:
-                await _request(t.nc, self.subjects.api_keepalive, body, timeout_s=5.0)
+                await _request(t.nc, self.subjects.api_keepalive, body, KeptAlive, timeout_s=5.0)
             except SealstreamError as exc:
                 log.warning("bench.keepalive_failed", session=t.id, error=str(exc))
 
@@ -779,7 +786,7 @@ async def _logins(cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]]) 
             token=token,
         )
         try:
-            await _request(nc, subjects.api_open, req.to_map())
+            await _request(nc, subjects.api_open, req.to_map(), Opened)
         except SealstreamError as exc:
             return f"open: {exc}"
         return t1 - t0, time.perf_counter() - t0
