@@ -175,6 +175,8 @@ class SessionApi:
         claims = self._verifier.verify(req.token)
         if not claims.allows(req.cluster):
             raise SessionError("forbidden", f"token does not allow cluster {req.cluster!r}")
+        # asked before the checks: nothing may wait between them and the registration
+        store = await self._has_store(req.cluster)
         limits = core.config.limits
         if len(req.streams) > limits.streams_per_session:
             raise SessionError("limit_exceeded", f"at most {limits.streams_per_session} streams")
@@ -184,7 +186,6 @@ class SessionApi:
         session = control.session
         if session in core.registry:
             raise SessionError("bad_request", "a session with this key exists: use a new key")
-        store = await self._has_store(req.cluster)
         # Register before the cluster hears of it: its first envelope may beat its reply.
         entry = core.registry.add(
             session,
@@ -194,7 +195,8 @@ class SessionApi:
             now=core.clock(),
             key_mode=req.key_mode,
             # what it misses while cut off is kept: it may come back later than 3 keepalives
-            grace_s=core.config.store_grace_s if store else 0.0,
+            # (not in group mode, whose data envelopes are not replayed)
+            grace_s=core.config.store_grace_s if store and req.key_mode != "group" else 0.0,
         )
         if core.shared is not None and not await core.shared.create(entry):
             core.registry.remove(session)

@@ -10,6 +10,7 @@ consumer and the cluster. The bucket's own max age is a backstop for when no ins
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -83,6 +84,8 @@ class SharedRegistry:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv = await self._create(js)
+            else:
+                await self._raise_ttl(js)
         except (nats.errors.Error, TimeoutError) as exc:
             raise BrokerError(
                 f"the session registry needs JetStream ({exc!r}): run nats-server with -js, "
@@ -105,6 +108,16 @@ class SharedRegistry:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise
                 await asyncio.sleep(0.25)
+
+    async def _raise_ttl(self, js: Any) -> None:
+        """A bucket made with a shorter max age (an earlier release, a smaller store grace)
+        would let a live session's entry age out: raise it (never lower it: another instance
+        may keep sessions longer)."""
+        info = await js.stream_info(f"KV_{self.bucket}")
+        wanted = max(2 * self.local.max_ttl_s, 1.0)
+        if info.config.max_age and info.config.max_age < wanted:  # 0: no max age at all
+            await js.update_stream(dataclasses.replace(info.config, max_age=wanted))
+            log.info("registry.ttl_raised", was_s=info.config.max_age, now_s=wanted)
 
     async def watch(self) -> None:
         """Apply the bucket's changes to the local cache until cancelled."""

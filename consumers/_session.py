@@ -67,6 +67,10 @@ class ReplayDone:
     page: bool = False
     more: bool = False
     first: int | None = None
+    #: the request's ``after`` (an answer to an earlier page is told from the current one's)
+    after: int | None = None
+    #: where the store is read next, once this page is accepted
+    cursor: int | None = None
 
 
 class LiveSession(AsyncResource):
@@ -304,7 +308,8 @@ class LiveSession(AsyncResource):
         """Ask the proxy for what follows the last accepted ``seq`` (docs/protocol.md,
         "Lossless delivery"); the answer comes through the queue as a :class:`ReplayDone`.
         One at a time, once per last accepted ``seq`` unless ``again`` (a reconnect), and
-        never once the deployment said it keeps no store."""
+        never once the deployment said it keeps no store. A session that can page asks for
+        at most a page: a longer gap makes it fall behind (:meth:`fall_behind`)."""
         if self.behind:
             self.ask_page(again=again)
             return
@@ -313,47 +318,64 @@ class LiveSession(AsyncResource):
         assert self.crypto is not None
         if self.crypto.last_seq == self._asked_after and not again:
             return  # asked already: what the store had of this gap came, or never will
-        self._asked_after = self.crypto.last_seq
+        self._asked_after = after = self.crypto.last_seq
         self._resuming = True
-        self._tg.create_task(self._resume())
+        limit = self._page_room() if self._pageable else None
+        self._tg.create_task(self._resume(after, limit=limit))
 
-    def ask_page(self, *, again: bool = False) -> None:
+    def fall_behind(self) -> None:
+        """Read what follows the last accepted ``seq`` from the store, page by page, from
+        now on (a fresh episode: nothing of an earlier one carries over)."""
+        if self.behind or not self._pageable:
+            return
+        assert self.crypto is not None
+        self.behind = True
+        self.stalls = 0
+        self.page_after = self.floor = self.cursor = self._page_cursor = None
+        self._page_lo, self._page_limit = -1, 0
+        log.warning("session.behind", session=self.crypto.session, after=self.crypto.last_seq)
+
+    def _page_room(self) -> int:
+        """Half the queue, in envelopes and in bytes (at the mean size received so far)."""
+        mean = self._received_bytes // max(self.received, 1) or 1
+        room = min(self.queue.maxsize // 2, self._max_queued // 2 // mean)
+        return max(1, min(room, MAX_REPLAY_LIMIT))
+
+    def ask_page(self, *, again: bool = False, from_start: bool = False) -> None:
         """(Behind) ask the proxy for the next page of what follows the last accepted
-        ``seq``: at most as many envelopes as half the queue takes; once per last accepted
-        ``seq`` unless ``again`` (the page asked last is read again)."""
+        ``seq``; once per last accepted ``seq`` unless ``again`` (the page asked last is
+        read again, from where that one was read, or ``from_start`` of the store)."""
         if self._resuming or not self.store or self._tg is None or self._stop.is_set():
             return
         assert self.crypto is not None
         if self.crypto.last_seq == self.page_after and not again:
             return
-        self.page_after = self.crypto.last_seq
+        self.page_after = after = self.crypto.last_seq
         if again:
-            self.cursor = self._page_cursor
+            self.cursor = None if from_start else self._page_cursor
         self._page_cursor = self.cursor
-        # half the queue, in envelopes and in bytes (at the mean size received so far)
-        mean = self._received_bytes // max(self.received, 1) or 1
-        room = min(self.queue.maxsize // 2, self._max_queued // 2 // mean)
-        self._page_limit = max(1, min(room, MAX_REPLAY_LIMIT))
-        # the seqs the page brings: what follows the last accepted, or a gap that retention
-        # made (the first seq a page brought past it)
-        self._page_lo = self.page_after if self.floor is None else self.floor - 1
+        self._page_limit = self._page_room()
+        # the seqs the page brings: what follows the last accepted, or what follows a gap
+        # that retention made (the first seq a page brought past it)
+        self._page_lo = after if self.floor is None else self.floor - 1
         self._resuming = True
-        self._tg.create_task(self._resume(limit=self._page_limit))
+        self._tg.create_task(self._resume(after, limit=self._page_limit, page=True))
 
-    async def _resume(self, *, limit: int | None = None) -> None:
+    async def _resume(self, after: int, *, limit: int | None = None, page: bool = False) -> None:
         assert self.crypto is not None
-        session, after = self.crypto.session, self.crypto.last_seq
-        page = limit is not None
-        done = ReplayDone(0, page=page, more=page)
+        session = self.crypto.session
+        done = ReplayDone(0, page=page, more=page, after=after)
+        failed = True
         try:
             cursor = self.cursor if page else None
             req = ResumeRequest(session, self._client.token(), after, limit, cursor)
             subject = self._client.subjects.api_resume
             answer = await self._client.request(subject, req, Replayed, nc=self._conn)
             self.store = True
-            if page:
-                self.cursor = answer.cursor
-            done = ReplayDone(answer.replayed, page, answer.more, answer.first)
+            failed = False
+            done = ReplayDone(
+                answer.replayed, page, answer.more, answer.first, after, answer.cursor
+            )
             log.info(
                 "session.resume_answered",
                 session=session,
@@ -365,15 +387,15 @@ class LiveSession(AsyncResource):
         except SessionError as exc:
             if exc.code == "bad_request" and exc.detail.startswith("no store"):
                 self.store = self._pageable = self.behind = False
-                done = ReplayDone(None, page)
+                done = ReplayDone(None, page, after=after)
             elif exc.retriable:  # the store or the proxy out of reach a moment: ask again
-                self._asked_after = self.page_after = None
+                self._asked_after = None
             log.info("session.resume_refused", session=session, code=exc.code, error=exc.detail)
         except BrokerError as exc:
-            self._asked_after = self.page_after = None
+            self._asked_after = None
             log.info("session.resume_failed", session=session, error=str(exc))
         finally:
-            if page and done.replayed == 0 and done.more:  # failed: not at once again
+            if page and failed:  # asked again by the iterator (a stall): not at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=_PAGE_RETRY_S)
             self._resuming = False
@@ -419,12 +441,7 @@ class LiveSession(AsyncResource):
         now = time.monotonic()
         if self._pageable:
             self.deferred += 1
-            if not self.behind:
-                self.behind = True
-                assert self.crypto is not None
-                log.warning(
-                    "session.behind", session=self.crypto.session, after=self.crypto.last_seq
-                )
+            self.fall_behind()
             return
         self.dropped += 1
         if now - self._last_drop_log >= 1.0:

@@ -47,7 +47,8 @@ class Stats:
     sessions: int = 1
     #: byte-identical copies dropped (a store's replay overlapping the live stream)
     duplicates: int = 0
-    #: envelopes let go while the consumer was behind, and read again from the store
+    #: times an envelope was let go while the consumer was behind, to be read again from the
+    #: store (one envelope may be let go more than once)
     deferred: int = 0
 
 
@@ -263,6 +264,8 @@ class Subscription(AsyncResource, Generic[_T]):
                 self._paged(live, session, item)
                 continue
             if isinstance(item, ReplayDone):
+                if item.more:  # a longer gap than a page: read the rest a page at a time
+                    live.fall_behind()
                 if item.replayed is None:  # no store: nothing will fill a gap, don't wait
                     self._hold.hold_s = 0.0
                 self._hold.extend(now=loop.time())
@@ -314,28 +317,30 @@ class Subscription(AsyncResource, Generic[_T]):
 
     def _paged(self, live: LiveSession, session: ConsumerSession, done: ReplayDone) -> None:
         """A page's answer (the session is behind): ask the next one, or read the same one
-        again when nothing of it was accepted (let go on a full queue, or past a gap that
-        retention made: its first ``seq`` is then accepted as the next), or go back to the
-        live stream once a page reached the end of the store."""
-        if done.replayed is None:  # no store after all: at most once
-            return
-        if done.replayed and session.last_seq == live.page_after:
+        again when nothing of it was accepted (failed, let go on a full queue, or past a gap
+        that retention made: its first ``seq`` is then taken as the next, the gap counted),
+        or go back to the live stream once a page reached the end of the store."""
+        if done.replayed is None or not live.behind or done.after != live.page_after:
+            return  # no store after all, or an answer to an earlier page
+        last = session.last_seq
+        if last == done.after and (done.replayed or done.more):
             live.stalls += 1
             if live.stalls <= _PAGE_STALLS:
-                if done.first is not None and done.first > session.last_seq + 1:
-                    live.floor = done.first
-                live.ask_page(again=True)
+                gap = done.first is not None and done.first > last + 1
+                if gap:  # retention, or a cursor past what was accepted: read from the
+                    live.floor = done.first  # start to tell; the first seq past it is next
+                live.ask_page(again=True, from_start=gap)
                 return
             # pages that bring nothing acceptable (refused as they come): the hold's way
-            log.warning("session.pages_stalled", session=session.session, seq=session.last_seq)
+            log.warning("session.pages_stalled", session=session.session, seq=last)
             live.behind = False
-            live.cursor = live.floor = None
             return
         live.stalls = 0
+        if done.first is not None and last >= done.first + done.replayed - 1:
+            live.cursor = done.cursor  # all of it accepted: the next page starts after it
         if not done.more:
             live.behind = False
-            live.cursor = live.floor = None
-            log.info("session.caught_up", session=session.session, seq=session.last_seq)
+            log.info("session.caught_up", session=session.session, seq=last)
             return
         live.ask_page()
 
