@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,10 +33,13 @@ from consumers import Batch, Client, ClientConfig
 from producers import Agent, AuthzPolicy, ProducerConfig
 from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
+from sealstream.store import Store, stream_name
 
-__all__ = ["ROLES", "api_rounds", "run_role"]
+__all__ = ["ROLES", "STORED", "api_rounds", "run_role"]
 
 STREAM: Final = "api"
+#: the sealstream pipeline with the cluster's store (``emit`` returns once stored)
+STORED: Final = "sealstream-store"
 BATCH_ROWS: Final = 1000
 #: emit() is called with this many rows at a time, as a source hands over what it read
 _CHUNK: Final = 100
@@ -101,6 +105,7 @@ async def _produce(
     emit: Callable[[list[dict[str, Any]]], Any],
     emit_event: Callable[..., None],
     window: _Window,
+    figures: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> None:
     emit_event("ready")
     await anext(commands)  # go: the consumer is subscribed
@@ -111,7 +116,7 @@ async def _produce(
         chunk = data[sent % BATCH_ROWS : sent % BATCH_ROWS + _CHUNK]
         await emit(chunk)
         sent += len(chunk)
-    emit_event("sent", rows=sent)
+    emit_event("sent", rows=sent, **(await figures() if figures is not None else {}))
     await anext(commands, None)  # until told to stop (or stdin closes)
 
 
@@ -130,6 +135,8 @@ async def api_producer(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
     config = producer_config(cfg)
+    if cfg.get("store"):
+        config = dataclasses.replace(config, store=Store())
     async with contextlib.AsyncExitStack() as stack:
         window = await _window(cfg, stack)
         agent = await stack.enter_async_context(Agent(config, streams=[STREAM]))
@@ -137,7 +144,19 @@ async def api_producer(
         async def emit(chunk: list[dict[str, Any]]) -> None:
             await agent.emit(STREAM, chunk)
 
-        await _produce(int(cfg["rows"]), commands, emit, emit_event, window)
+        async def stored() -> dict[str, Any]:
+            """What the store holds once every emit returned (none without a store)."""
+            if config.store is None:
+                return {}
+            nc = await connect(cfg["nats_url"], name="bench-store-info")
+            try:
+                name = stream_name(config.prefix, config.cluster)
+                state = (await nc.jetstream().stream_info(name)).state
+            finally:
+                await nc.close()
+            return {"stored_bytes": state.bytes, "stored_messages": state.messages}
+
+        await _produce(int(cfg["rows"]), commands, emit, emit_event, window, stored)
 
 
 async def plain_producer(
@@ -333,19 +352,26 @@ def api_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per round: rows/s of each pipeline and their ratio; the median ratio."""
     table: list[dict[str, Any]] = []
     ratios: list[float] = []
+    store_ratios: list[float] = []
     for n in sorted({int(r["round"]) for r in results}):
         by = {r["pipeline"]: float(r["rows_per_s"]) for r in results if r["round"] == n}
-        seal, plain = by.get("sealstream"), by.get("plain")
+        seal, plain, kept = by.get("sealstream"), by.get("plain"), by.get(STORED)
         ratio = seal / plain if seal is not None and plain else None
         if ratio is not None:
             ratios.append(ratio)
+        store_ratio = kept / seal if kept is not None and seal else None
+        if store_ratio is not None:
+            store_ratios.append(store_ratio)
         table.append(
             {
                 "round": n,
                 "sealstream_rows_per_s": seal,
                 "plain_rows_per_s": plain,
                 "ratio": None if ratio is None else round(ratio, 3),
+                "store_rows_per_s": kept,
+                "store_ratio": None if store_ratio is None else round(store_ratio, 3),
             }
         )
     median = round(statistics.median(ratios), 3) if ratios else None
-    return {"rounds": table, "median_ratio": median}
+    store_median = round(statistics.median(store_ratios), 3) if store_ratios else None
+    return {"rounds": table, "median_ratio": median, "median_store_ratio": store_median}

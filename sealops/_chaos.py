@@ -106,10 +106,12 @@ class Seen:
 class Deployment:
     """nats-server, two proxies and a producer, each of which can be killed and restarted."""
 
-    def __init__(self, state: Path, logs: Path, rate: float) -> None:
+    def __init__(self, state: Path, logs: Path, rate: float, *, store: bool = True) -> None:
         self.state = state
         self.logs = logs
         self.rate = rate
+        #: the producer keeps what it seals in the broker's store (lossless delivery)
+        self.store = store
         self.creds = prepare_state(state, _CLUSTER, [_STREAM])
         self.server_options = ServerOptions(
             config_file=state / "nats.conf", port=_free_port(), store_dir=state / "js"
@@ -134,6 +136,7 @@ class Deployment:
             "SEALSTREAM_CLUSTER": _CLUSTER,
             "SEALSTREAM_KEY_FILE": str(self.state / "cluster-key.jwk"),
             "SEALSTREAM_POLICY_FILE": str(self.state / POLICY_FILE_NAME),
+            "SEALSTREAM_STORE": "1" if self.store else "0",
         }
 
     async def start_server(self) -> None:
@@ -293,7 +296,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sealstream-chaos-") as tmp:
-        dep = Deployment(Path(tmp), logs, args.rate)
+        dep = Deployment(Path(tmp), logs, args.rate, store=args.store)
         await dep.start_server()
         for role in ("proxy-a", "proxy-b", "producer"):
             await dep.start(role)
@@ -345,6 +348,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "duration_s": args.duration,
         "rate": args.rate,
+        "store": args.store,
         "consumers": [
             {k: v for k, v in asdict(s).items() if k not in ("last", "seen", "arrivals")}
             for s in seen
@@ -363,9 +367,11 @@ def _report(result: dict[str, Any]) -> str:
         "# Chaos run",
         "",
         result.get("what")
-        or f"`sealstream chaos --duration {result['duration_s']:g} --seed {result['seed']}` "
-        f"({result['rate']:g} rows/s): nats-server, two proxies and a producer killed and "
-        "restarted at random moments while library consumers (`resume=True`) stream.",
+        or f"`sealstream chaos --duration {result['duration_s']:g} --seed {result['seed']}"
+        f"{'' if result.get('store') else ' --no-store'}` ({result['rate']:g} rows/s"
+        f"{', kept in the broker store' if result.get('store') else ', no store'}): "
+        "nats-server, two proxies and a producer killed and restarted at random moments "
+        "while library consumers (`resume=True`) stream.",
         "",
         "| consumer | rows | sessions | resumes | lost | rejected | duplicates | out of order "
         "| error |",

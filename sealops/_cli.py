@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=1, help="the fault schedule's random seed")
     c.add_argument("--consumers", type=int, default=3, help="consumers reading (default 3)")
     c.add_argument("--rate", type=float, default=200.0, help="rows/s from the producer")
+    c.add_argument(
+        "--store",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the producer keeps what it seals in the broker's JetStream store (default on)",
+    )
     c.add_argument("--min-outage", type=float, default=1.0, help="nats-server outage, s")
     c.add_argument("--max-outage", type=float, default=60.0, help="nats-server outage, s")
     c.add_argument(

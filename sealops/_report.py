@@ -482,6 +482,20 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         t["detail"] = f"median of {len(api.get('rounds') or [])} alternating rounds"
         t["pass"] = ratio >= 0.9
     targets.append(t)
+    stored = api.get("median_store_ratio")
+    t = {
+        "id": "api_store_vs_off",
+        "target": "api: sealstream with the cluster's store >= 0.7 x without it, rows/s "
+        "(public API, emit returns once stored)",
+        "required": ">= 0.7",
+        "measured": stored,
+    }
+    if stored is None:
+        t.update({"pass": None, "note": "not measured in this run"})
+    else:
+        t["detail"] = f"median of {len(api.get('rounds') or [])} rounds"
+        t["pass"] = stored >= 0.7
+    targets.append(t)
     return [*targets, *otlp_targets(report.get("otlp") or {})]
 
 
@@ -978,14 +992,26 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "",
             "## api: rows/s through the public API",
             "",
-            "| round | sealstream rows/s | plain rows/s | sealstream / plain |",
-            "|--:|--:|--:|--:|",
+            "| round | sealstream rows/s | plain rows/s | sealstream / plain "
+            "| with the store rows/s | with / without the store |",
+            "|--:|--:|--:|--:|--:|--:|",
         ]
         for row in api["rounds"]:
             out.append(
                 f"| {row['round'] + 1} | {_fmt(row['sealstream_rows_per_s'])} "
-                f"| {_fmt(row['plain_rows_per_s'])} | {_fmt(row['ratio'], 2)} |"
+                f"| {_fmt(row['plain_rows_per_s'])} | {_fmt(row['ratio'], 2)} "
+                f"| {_fmt(row.get('store_rows_per_s'))} | {_fmt(row.get('store_ratio'), 2)} |"
             )
+        per_row = [
+            r["stored_bytes_per_row"] for r in api.get("runs") or [] if "stored_bytes_per_row" in r
+        ]
+        if per_row:
+            out += [
+                "",
+                f"Store: {statistics.median(per_row):,.1f} bytes kept per row (median over "
+                "rounds; the sealed envelopes as JetStream keeps them, message overhead "
+                "included).",
+            ]
         cpu: dict[str, dict[str, list[float]]] = {}
         for run in api.get("runs") or []:
             for role, sec in run["cpu_s"].items():

@@ -27,6 +27,7 @@ from typing import Any, Final
 from rich.progress import Progress, TaskID
 
 from sealops._api import BATCH_ROWS as API_BATCH_ROWS
+from sealops._api import STORED as API_STORED
 from sealops._api import STREAM as API_STREAM
 from sealops._api import api_rounds, authorize
 from sealops._procs import Child, Launcher, Proc, proxy_counts
@@ -581,9 +582,9 @@ async def api(ctx: Ctx) -> dict[str, Any]:
     }
     results: list[dict[str, Any]] = []
     for n in range(plan.api_rounds):
-        for pipeline in ("plain", "sealstream"):
+        for pipeline in ("plain", "sealstream", API_STORED):
             async with contextlib.AsyncExitStack() as stack:
-                if pipeline == "sealstream":
+                if pipeline != "plain":
                     relay = await ctx.procs.proxy(stack)
                     producer = await ctx.procs.worker(
                         stack,
@@ -593,6 +594,7 @@ async def api(ctx: Ctx) -> dict[str, Any]:
                             **common,
                             "identity_file": str(ctx.identity_file),
                             "policy_file": str(policy_file),
+                            "store": pipeline == API_STORED,
                         },
                     )
                     await producer.expect("ready", timeout_s=60)
@@ -627,6 +629,7 @@ async def api(ctx: Ctx) -> dict[str, Any]:
                 await producer.send({"cmd": "go"})
                 done = await consumer.expect("done", timeout_s=600)
                 cpu = {p.role: round(p.cpu() - cpu0[p.role], 2) for p in procs}
+                sent = await producer.expect("sent", timeout_s=60)
                 rows_per_s = done["rows"] / max(done["seconds"], 1e-9)
                 results.append(
                     {
@@ -637,6 +640,11 @@ async def api(ctx: Ctx) -> dict[str, Any]:
                         "rows_per_s": round(rows_per_s),
                         "cpu_s": cpu,
                     }
+                    | (
+                        {"stored_bytes_per_row": round(sent["stored_bytes"] / sent["rows"], 1)}
+                        if "stored_bytes" in sent
+                        else {}
+                    )
                 )
                 ctx.say(f"api {pipeline:<10} round {n + 1}: {rows_per_s:,.0f} rows/s, cpu {cpu}")
         ctx.progress.advance(ctx.overall)
