@@ -468,34 +468,30 @@ def evaluate_targets(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             t["pass"] = median <= limit
         targets.append(t)
     api = report.get("api") or {}
-    ratio = api.get("median_ratio")
-    t = {
-        "id": "api_vs_plain",
-        "target": "api: sealstream >= 0.9 x a plain pipeline's rows/s (public API, default "
-        "batching)",
-        "required": ">= 0.9",
-        "measured": ratio,
-    }
-    if ratio is None:
-        t.update({"pass": None, "note": "not measured in this run"})
-    else:
-        t["detail"] = f"median of {len(api.get('rounds') or [])} alternating rounds"
-        t["pass"] = ratio >= 0.9
-    targets.append(t)
-    stored = api.get("median_store_ratio")
-    t = {
-        "id": "api_store_vs_off",
-        "target": "api: sealstream with the cluster's store >= 0.7 x without it, rows/s "
-        "(public API, emit returns once stored)",
-        "required": ">= 0.7",
-        "measured": stored,
-    }
-    if stored is None:
-        t.update({"pass": None, "note": "not measured in this run"})
-    else:
-        t["detail"] = f"median of {len(api.get('rounds') or [])} rounds"
-        t["pass"] = stored >= 0.7
-    targets.append(t)
+    api_rounds = len(api.get("rounds") or [])
+    for tid, text, key, least in (
+        (
+            "api_vs_plain",
+            "api: sealstream >= 0.9 x a plain pipeline's rows/s (public API, default batching)",
+            "median_ratio",
+            0.9,
+        ),
+        (
+            "api_store_vs_off",
+            "api: sealstream with the cluster's store >= 0.7 x without it, rows/s (public API, "
+            "emit returns once stored)",
+            "median_store_ratio",
+            0.7,
+        ),
+    ):
+        ratio = api.get(key)
+        t = {"id": tid, "target": text, "required": f">= {least}", "measured": ratio}
+        if ratio is None:
+            t.update({"pass": None, "note": "not measured in this run"})
+        else:
+            t["detail"] = f"median of {api_rounds} alternating rounds"
+            t["pass"] = ratio >= least
+        targets.append(t)
     return [*targets, *otlp_targets(report.get("otlp") or {})]
 
 
