@@ -12,7 +12,7 @@ producer and consumer worker processes (:mod:`sealops._worker`). Modes:
 
 Then the public API against plain nats-py (:mod:`sealops._api`) and OpenTelemetry spans
 through the OTLP receiver and exporter against a plain pipeline (:mod:`sealops._otlpbench`;
-``--only otlp`` runs that scenario alone).
+``--only otlp`` or ``--only api`` runs that scenario alone).
 
 For each mode, body size and fan-out: a maximum-rate run (bounded in-flight window, so no
 consumer is overrun) and a run paced at half that rate for latency. Then a memory soak and
@@ -170,7 +170,7 @@ def _write(out: Path, report: dict[str, Any]) -> None:
 async def _bench(
     plan: Plan, *, out: Path, nats_url: str | None, command: str, only: str | None = None
 ) -> int:
-    """Every scenario, or ``only`` the one named (``otlp``)."""
+    """Every scenario, or ``only`` the one named (``otlp``, ``api``)."""
     started = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     console = Console(stderr=True)
@@ -182,7 +182,7 @@ async def _bench(
         console=console,
         refresh_per_second=2,
     )
-    phases = plan.otlp_rounds
+    phases = {"otlp": plan.otlp_rounds, "api": plan.api_rounds}.get(only or "", plan.otlp_rounds)
     if only is None:
         phases += (
             len(plan.modes) * len(plan.fanouts) * len(plan.sizes) * 2
@@ -236,13 +236,16 @@ async def _bench(
                     found["logins"] = await _scenarios.logins(ctx)
                     found["api"] = await _scenarios.api(ctx)
                     found["fanout_api"] = await _scenarios.fanout_api(ctx)
-                found["otlp"] = await _otlpbench.otlp(ctx)
+                if only == "api":
+                    found["api"] = await _scenarios.api(ctx)
+                else:
+                    found["otlp"] = await _otlpbench.otlp(ctx)
                 soak = found.get("soak") or {}
                 runs = (*found["scenarios"], *found["rounds"], *([soak] if soak else []))
                 if (
                     any(problems(x) for x in runs)
                     or any((g.get("proxy") or {}).get("rejected") for g in ctx.groups)
-                    or any(otlp_problems(r) for r in found["otlp"]["runs"])
+                    or any(otlp_problems(r) for r in (found.get("otlp") or {}).get("runs", []))
                 ):
                     _keep_logs(state, out, "some runs lost or refused messages")
         except BaseException:

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a smoke run")
     b.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
     b.add_argument("--nats-url", help="use this NATS server instead of an embedded one")
-    b.add_argument("--only", choices=["otlp"], help="run this scenario alone")
+    b.add_argument("--only", choices=["otlp", "api"], help="run this scenario alone")
     f = sub.add_parser(
         "bench-fanout", help="producer CPU per batch at fan-out 1/10/50, group vs session mode"
     )

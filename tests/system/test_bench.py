@@ -246,6 +246,24 @@ def test_quick_run_accounts_for_every_message(tmp_path: Path) -> None:
     assert markdown == render_markdown(report)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_the_api_scenario_alone_sets_the_store_beside(tmp_path: Path) -> None:
+    """``--quick --only api``: the public API's rows/s with the store, without it and plain,
+    side by side, and nothing else."""
+    report, markdown = _bench(["--quick", "--only", "api", "--out", str(tmp_path / "b")], 150)
+    assert report["scenarios"] == report["rounds"] == []
+    assert "otlp" not in report
+    assert [r["pipeline"] for r in report["api"]["runs"]] == [
+        "plain",
+        "sealstream",
+        "sealstream-store",
+    ]
+    targets = {t["id"]: t for t in report["targets"]}
+    assert targets["api_store_vs_off"]["measured"] == report["api"]["median_store_ratio"] > 0
+    assert markdown == render_markdown(report)
+
+
 def test_fanout_measures_group_against_session_mode() -> None:
     """The fan-out tool runs and reports every row (a tool: its figures are not asserted)."""
     from sealops._fanout import measure
