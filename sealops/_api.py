@@ -120,6 +120,20 @@ async def _produce(
     await anext(commands, None)  # until told to stop (or stdin closes)
 
 
+def worker_client(cfg: dict[str, Any]) -> Client:
+    """A worker's client (X25519, its user's proof), from the settings the bench hands it,
+    trusting the bench cluster's key."""
+    config = ClientConfig(
+        nats_url=cfg["nats_url"],
+        prefix=cfg["prefix"],
+        token=cfg["token"],
+        identity=UserIdentity.load(Path(cfg["user_file"])),
+        key_kind="x25519",
+        key_mode=cfg.get("key_mode", "session"),
+    )
+    return Client(config, trust=TrustStore({cfg["cluster"]: [cfg["trust_jwk"]]}))
+
+
 def producer_config(cfg: dict[str, Any]) -> ProducerConfig:
     """A worker's producer configuration, from the settings the bench hands its workers."""
     return ProducerConfig(
@@ -252,19 +266,10 @@ async def _acker(cfg: dict[str, Any], stack: contextlib.AsyncExitStack) -> Calla
 async def api_consumer(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
-    config = ClientConfig(
-        nats_url=cfg["nats_url"],
-        prefix=cfg["prefix"],
-        token=cfg["token"],
-        identity=UserIdentity.load(Path(cfg["user_file"])),
-        key_kind="x25519",
-        key_mode=cfg.get("key_mode", "session"),
-    )
-    trust = TrustStore({cfg["cluster"]: [cfg["trust_jwk"]]})
     sessions = int(cfg.get("sessions", 1))
     async with contextlib.AsyncExitStack() as stack:
         counter = _Counter(int(cfg["rows"]), await _acker(cfg, stack), sessions)
-        client = await stack.enter_async_context(Client(config, trust=trust))
+        client = await stack.enter_async_context(worker_client(cfg))
         subs = [
             await stack.enter_async_context(client.subscribe(cfg["cluster"], [STREAM]))
             for _ in range(sessions)

@@ -35,7 +35,7 @@ import contextlib
 import time
 from typing import Any, Final
 
-from sealops._api import authorize
+from sealops._api import STORED, authorize
 from sealops._otlproles import SPANS
 from sealops._procs import Child, Proc
 from sealops._report import Histogram, Plan
@@ -46,7 +46,6 @@ __all__ = ["SEALED", "STORED", "otlp", "otlp_summary", "overload_figures"]
 
 #: the sealstream pipelines: at most once, and with the cluster's store (lossless: a slow
 #: consumer falls behind and reads the store at its own pace; the overload runs on it)
-STORED: Final = "sealstream-store"
 SEALED: Final = ("sealstream", STORED)
 
 #: RSS samples of producer and consumer during the overload, seconds apart

@@ -24,7 +24,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -37,11 +36,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from consumers import Batch, Client, ClientConfig, ExportConfig, OtlpExporter, Resumed
+from consumers import Batch, ExportConfig, OtlpExporter, Resumed
 from producers import Agent, OtlpConfig, OtlpReceiver
-from sealops._api import _acker, _Window, _window, producer_config
+from sealops._api import _acker, _Window, _window, producer_config, worker_client
 from sealops._report import Histogram
-from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
 from sealstream.otlp import OTLP_STREAMS
 from sealstream.store import Store
@@ -341,16 +339,8 @@ async def otlp_producer(
 async def otlp_consumer(
     cfg: dict[str, Any], commands: AsyncIterator[dict[str, Any]], emit_event: Callable[..., None]
 ) -> None:
-    config = ClientConfig(
-        nats_url=cfg["nats_url"],
-        prefix=cfg["prefix"],
-        token=cfg["token"],
-        identity=UserIdentity.load(Path(cfg["user_file"])),
-        key_kind="x25519",
-    )
-    trust = TrustStore({cfg["cluster"]: [cfg["trust_jwk"]]})
     async with (
-        Client(config, trust=trust) as client,
+        worker_client(cfg) as client,
         client.subscribe(cfg["cluster"], [_STREAM]) as sub,
         OtlpExporter(ExportConfig(endpoint=cfg["sink_url"])) as exporter,
     ):
