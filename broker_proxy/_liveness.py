@@ -35,10 +35,17 @@ class Liveness:
         #: after a reconnect of our own connection, silence is not the clusters' fault until
         #: this (clock) time
         self._grace_until = float("-inf")
+        #: our connection as the callbacks saw it: nats-py says connected again before its
+        #: reconnected callback ran (it resubscribes and flushes in between), and expiry must
+        #: not run on the outage's silence before ``on_reconnected`` extended the sessions
+        self._up = True
 
     def stop(self) -> None:
         self._stop.set()
         self._ping_now.set()  # wakes the loop
+
+    async def on_disconnected(self) -> None:
+        self._up = False
 
     async def on_reconnected(self) -> None:
         """Our own connection is back: nobody could keep a session alive, and no cluster could
@@ -50,6 +57,7 @@ class Liveness:
         self._grace_until = now + 2 * core.config.keepalive_s + core.config.control_timeout_s
         self._ping_failures.clear()
         core.registry.extend(now=now)
+        self._up = True
         log.info("proxy.reconnected", sessions=len(core.registry))
         if core.tg is not None:
             core.tg.create_task(self._ping_soon())
@@ -75,7 +83,7 @@ class Liveness:
                 return
             ping_now = self._ping_now.is_set()
             self._ping_now.clear()
-            if not core.nc.is_connected:
+            if not self._connected():
                 continue
             if not ping_now:
                 for entry in core.registry.expire(now=core.clock()):
@@ -83,6 +91,9 @@ class Liveness:
                 ticks += 1
             if ping_now or ticks % 2 == 0:
                 self._ping_all()
+
+    def _connected(self) -> bool:
+        return self._up and bool(self._core.nc.is_connected)
 
     async def _expire(self, entry: SessionEntry) -> None:
         core = self._core
@@ -151,7 +162,7 @@ class Liveness:
 
     async def _unanswered(self, cluster: str, sessions: list[str], exc: SessionError) -> None:
         core = self._core
-        if not core.nc.is_connected or core.clock() < self._grace_until:
+        if not self._connected() or core.clock() < self._grace_until:
             # our own outage, or the cluster's reconnect after it: not its silence
             log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
             return

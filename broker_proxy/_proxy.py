@@ -125,6 +125,7 @@ class Proxy(AsyncResource):
             name="sealstream-proxy",
             user=auth.user,
             password=auth.password,
+            disconnected_cb=self._liveness.on_disconnected,
             reconnected_cb=self._liveness.on_reconnected,
         )
         self._stack.push_async_callback(release, core.nc)

@@ -436,7 +436,9 @@ class Agent(AsyncResource):
             self._wake.set()
 
     def _can_send(self) -> bool:
-        return self._hold_until is None and self._nc is not None and self._nc.is_connected
+        # our reconnected callback, not nats-py's status: that says connected before the
+        # callback has set the hold (and the proxy may not have resubscribed yet)
+        return self._hold_until is None and self._connected.is_set() and self._nc.is_connected
 
     async def _drain_session(self, session: str) -> bool:
         """Publish a session's (or a group's, ``group.<stream>``) queued envelopes in order;

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
 from broker_proxy import Limits, Proxy, ProxyConfig
+from broker_proxy._core import ProxyCore
+from broker_proxy._liveness import Liveness
 from consumers import Client, ClientConfig
 from producers import Agent, HttpEvents, ProducerConfig
 from sealstream import SessionError, Subjects, TrustError, WireError, mint_token
@@ -615,6 +617,43 @@ async def test_a_session_key_can_open_only_one_session(nats_url: str) -> None:
 
 
 # --- cluster liveness and slow opens --------------------------------------------------------
+
+
+async def test_expiry_waits_for_the_reconnected_callback_not_the_connection_status(
+    nats_url: str, nc: Any
+) -> None:
+    """nats-py says connected again before its reconnected callback ran (it resubscribes and
+    flushes in between). Expiry in that window would end, for the outage's silence, a session
+    nobody could keep alive: it waits for the callback, which gives each session its span
+    again; past that span the session does expire."""
+    now = [1000.0]
+    config = ProxyConfig(
+        nats_url=nats_url,
+        prefix=f"t{secrets.token_hex(4)}",
+        token_secret=b"k" * 32,
+        keepalive_s=1.0,
+    )
+    core = ProxyCore(config, clock=lambda: now[0])
+    core.nc = nc  # connected all along: only the callbacks tell the outage
+    session = fresh_key("x25519").session_id
+    core.registry.add(session, cluster=CLUSTER, user="alice", streams=("s",), now=now[0])
+    liveness = Liveness(core)
+    async with asyncio.TaskGroup() as tg:
+        core.tg = tg
+        loop = tg.create_task(liveness.run())
+        await liveness.on_disconnected()
+        now[0] += 60.0  # the outage: no keepalive for far longer than 3 intervals
+        await asyncio.sleep(1.6)  # three expiry ticks with nats-py saying "connected"
+        assert session in core.registry
+        await liveness.on_reconnected()
+        now[0] += 2.0
+        await asyncio.sleep(1.1)
+        assert session in core.registry  # a full span from the reconnect
+        now[0] += 2.0
+        await eventually(lambda: session not in core.registry, timeout=5)
+        liveness.stop()
+        await loop
+        core.tg = None
 
 
 async def test_a_slow_open_is_not_ended_by_a_liveness_ping(nats_url: str, nc: Any) -> None:
