@@ -21,6 +21,7 @@ import structlog
 
 from producers._authz import Authorized, Authorizer, unverified_jti
 from producers._batcher import Batcher, plaintext_budget
+from producers._commit import GroupCommit
 from producers._config import ProducerConfig
 from producers._outbox import Outbox
 from producers.sources import Source, check_rows
@@ -116,6 +117,9 @@ class Agent(AsyncResource):
         self._store_name = ""
         #: replaced (and the old one set) whenever envelopes leave the outbox
         self._progress = asyncio.Event()
+        self._commit = GroupCommit(
+            self._seal_stored, self._stored_or_stop, max_rows=config.batching.max_rows
+        )
         self.published = 0
         self.published_bytes = 0
         self.metrics: MetricsServer | None = None
@@ -216,6 +220,7 @@ class Agent(AsyncResource):
         # group would wait for them forever
         self._stop.set()
         self._wake.set()  # the sender sees the stop
+        self._progressed()  # and what waits for the outbox sees it too
         for task in self._pumps:
             task.cancel()
 
@@ -310,7 +315,8 @@ class Agent(AsyncResource):
         Down the layers, once each: the row rules check the rows, the stream's batcher takes
         them, and every batch they complete is sealed and queued. With a store, the rows are
         sealed at once (batches of their own) and ``emit`` returns once they are stored: while
-        the broker is away, it waits."""
+        the broker is away, it waits. Calls made while a stream's rows are being stored share
+        the next batches (group commit): call it from several tasks for throughput."""
         batcher = self._batchers.get(stream)
         if batcher is None:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
@@ -319,7 +325,9 @@ class Agent(AsyncResource):
             self.rejected_rows[reason] += 1
             log.warning("row.rejected", stream=stream, reason=reason)
         if self.config.store is not None:
-            await self.seal_rows(stream, checked.rows)
+            if self._stop.is_set() or self._tg is None:
+                raise BrokerError("the producer is stopping")
+            await self._stored(await self._commit.add(stream, checked.rows, self._tg))
             return
         self.rows_in += len(checked.rows)
         before = batcher.oversize_rows
@@ -364,6 +372,15 @@ class Agent(AsyncResource):
         dropped meanwhile (over its bound: these rows may be among them)."""
         if stream not in self._batchers:
             raise ValueError(f"stream {stream!r} is not declared by this agent")
+        dropped = self.outbox.dropped["buffer_full"]
+        oversize = await self._seal(stream, rows)
+        if self.config.store is not None:
+            await self._stored(self.outbox.ticket)
+        return oversize, self.outbox.dropped["buffer_full"] - dropped
+
+    async def _seal(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Seal ``rows`` in batches of their own (with a store, once the outbox is less than
+        half full); how many were too large for a batch."""
         if self.config.store is not None:
             while self.backlog() >= 0.5:  # backpressure: the caller waits, nothing is dropped
                 if self._stop.is_set():
@@ -375,12 +392,14 @@ class Agent(AsyncResource):
         self.rows_in += len(rows) - batcher.oversize_rows
         if batcher.oversize_rows:
             self.rejected_rows["oversize"] += batcher.oversize_rows
-        dropped = self.outbox.dropped["buffer_full"]
         for plaintext in [*ready, *([last] if last is not None else [])]:
             await self._publish(stream, plaintext)
-        if self.config.store is not None:
-            await self._stored(self.outbox.ticket)
-        return batcher.oversize_rows, self.outbox.dropped["buffer_full"] - dropped
+        return batcher.oversize_rows
+
+    async def _seal_stored(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+        """A group commit's seal: the outbox ticket its rows are stored with."""
+        await self._seal(stream, rows)
+        return self.outbox.ticket
 
     async def _stored(self, ticket: int) -> None:
         """Wait until every envelope put up to ``ticket`` has left the outbox (stored, or
@@ -388,6 +407,13 @@ class Agent(AsyncResource):
         while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
             if self._stop.is_set() and self._nc.is_closed:
                 raise BrokerError("the producer stopped before the rows were stored")
+            await self._progress.wait()
+
+    async def _stored_or_stop(self, ticket: int) -> None:
+        """As :meth:`_stored`, but over once the agent stops (the callers wait on)."""
+        while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
+            if self._stop.is_set():
+                return
             await self._progress.wait()
 
     def _progressed(self) -> None:

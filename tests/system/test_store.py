@@ -105,6 +105,68 @@ async def test_while_the_broker_is_away_emit_waits_and_then_delivers(broker: Bro
         assert len({m.data for m in messages if m.subject == data}) == 3  # key, row 0, row 1
 
 
+async def test_concurrent_emits_share_batches_and_each_returns_once_its_rows_are_stored(
+    broker: Broker,
+) -> None:
+    """Group commit: 8 callers emitting 10 rows at a time get fewer, fuller batches than one
+    per call; every row arrives once, each caller's rows in its order."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(max_age_s=60)) as stack,
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+
+        async def caller(c: int) -> None:
+            for k in range(0, 100, 10):
+                await stack.agent.emit("records", [{"c": c, "k": k + j} for j in range(10)])
+
+        async with asyncio.TaskGroup() as tg:
+            for c in range(8):
+                tg.create_task(caller(c))
+        assert not stack.agent.outbox  # every emit returned: all of it is stored
+        got, _ = await collect_rows(sub, 800)
+        assert len(got) == 800
+        for c in range(8):
+            assert [r["k"] for r in got if r["c"] == c] == list(range(100))
+        # the 8 first calls are made together: one batch for them, not 8 (the key envelope
+        # and at most 73 batches for 80 calls)
+        assert stack.agent.published <= 74
+
+
+async def test_a_producer_stopping_while_emits_wait_for_the_broker_ends_them(
+    broker: Broker,
+) -> None:
+    """The broker away, one commit waiting for its store and calls gathered behind it: the
+    agent stops within its 2 s of grace, and every waiting emit ends with a BrokerError (its
+    rows are not said to be stored), none hangs."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(ack_timeout_s=1.0)) as stack,
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]),
+    ):
+        await stack.agent.emit("records", [{"i": 0}])
+        broker.kill()
+        async with asyncio.TaskGroup() as tg:
+            emits = [
+                tg.create_task(_outcome(stack.agent.emit("records", [{"i": i}]))) for i in range(5)
+            ]
+            await asyncio.sleep(0.5)
+            assert not any(e.done() for e in emits)
+            async with asyncio.timeout(15):
+                await stack.agent.aclose()
+        assert [type(e.result()) for e in emits] == [BrokerError] * 5
+
+
+async def _outcome(emit: Any) -> BaseException | None:
+    try:
+        await emit
+    except BrokerError as exc:
+        return exc
+    return None
+
+
 async def test_a_store_needs_jetstream_and_the_plain_path_needs_none(tmp_path: Path) -> None:
     """On a plain NATS (no JetStream) a producer asked for a store refuses to start, and one
     without a store works as before (at most once)."""
