@@ -327,7 +327,8 @@ class Agent(AsyncResource):
         if self.config.store is not None:
             if self._stop.is_set() or self._tg is None:
                 raise BrokerError("the producer is stopping")
-            await self._stored(await self._commit.add(stream, checked.rows, self._tg))
+            ticket = await self._commit.add(stream, checked.rows, checked.packed, self._tg)
+            await self._stored(ticket)
             return
         self.rows_in += len(checked.rows)
         before = batcher.oversize_rows
@@ -378,16 +379,19 @@ class Agent(AsyncResource):
             await self._stored(self.outbox.ticket)
         return oversize, self.outbox.dropped["buffer_full"] - dropped
 
-    async def _seal(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Seal ``rows`` in batches of their own (with a store, once the outbox is less than
-        half full); how many were too large for a batch."""
+    async def _seal(
+        self, stream: str, rows: Sequence[Mapping[str, Any]], packed: bytes | None = None
+    ) -> int:
+        """Seal ``rows`` (``packed``: the same as one msgpack array, when the caller has it)
+        in batches of their own (with a store, once the outbox is less than half full); how
+        many were too large for a batch."""
         if self.config.store is not None:
             while self.backlog() >= 0.5:  # backpressure: the caller waits, nothing is dropped
                 if self._stop.is_set():
                     raise BrokerError("the producer is stopping")
                 await self._progress.wait()
         batcher = Batcher(self.config.batching, budget=self._budget)
-        ready = batcher.add(rows, now=time.monotonic())
+        ready = batcher.add(rows, packed=packed, now=time.monotonic())
         last = batcher.flush()
         self.rows_in += len(rows) - batcher.oversize_rows
         if batcher.oversize_rows:
@@ -396,9 +400,11 @@ class Agent(AsyncResource):
             await self._publish(stream, plaintext)
         return batcher.oversize_rows
 
-    async def _seal_stored(self, stream: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    async def _seal_stored(
+        self, stream: str, rows: Sequence[Mapping[str, Any]], packed: bytes | None
+    ) -> int:
         """A group commit's seal: the outbox ticket its rows are stored with."""
-        await self._seal(stream, rows)
+        await self._seal(stream, rows, packed)
         return self.outbox.ticket
 
     async def _stored(self, ticket: int) -> None:

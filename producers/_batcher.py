@@ -49,7 +49,8 @@ def array_header_size(n: int) -> int:
     return 1 if n < 16 else 3 if n < 65536 else 5
 
 
-def _array_header(n: int) -> bytes:
+def array_header(n: int) -> bytes:
+    """A msgpack array header for ``n`` items."""
     if n < 16:
         return bytes([0x90 | n])
     if n < 65536:
@@ -77,7 +78,7 @@ class Batcher:
     def _take(self) -> bytes:
         count = len(self)
         rows, self._rows, self._size, self._count_extra = self._rows, [], 0, 0
-        return _ROWS_KEY + _array_header(count) + b"".join(rows)
+        return _ROWS_KEY + array_header(count) + b"".join(rows)
 
     def add(
         self, rows: Sequence[Mapping[str, Any]], *, packed: bytes | None = None, now: float

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from producers._batcher import array_header, array_header_size
 from sealstream import BrokerError, SealstreamError
 
 __all__ = ["GroupCommit"]
@@ -30,6 +31,9 @@ Row = Mapping[str, Any]
 @dataclass(slots=True)
 class _Commit:
     rows: list[Row] = field(default_factory=list)
+    #: the rows packed back to back, while every call brought them packed (None after one
+    #: that did not): sealed without packing them again
+    items: list[bytes] | None = field(default_factory=list)
     #: the outbox ticket of its last envelope, once sealed
     sealed: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -46,12 +50,14 @@ class GroupCommit:
     """``ticket = await commit.add(stream, rows, tg)`` returns once ``seal(stream, rows)``
     sealed rows that include them (its ticket: the caller then waits for the store); each
     stream's commits run in one task of ``tg`` at a time, which waits for
-    ``settled(ticket)`` before it seals the next. A commit takes no more calls once it holds
-    ``max_rows`` rows (a batch's worth): the outbox's backpressure is checked per commit."""
+    ``settled(ticket)`` before it seals the next. A commit takes no call that would make it
+    hold more than ``max_rows`` rows (a batch's worth; a first call takes what it brings):
+    the outbox's backpressure is checked per commit. ``seal`` is also given the commit's rows
+    as one msgpack array when every call brought its rows packed (``packed``)."""
 
     def __init__(
         self,
-        seal: Callable[[str, Sequence[Row]], Awaitable[int]],
+        seal: Callable[[str, Sequence[Row], bytes | None], Awaitable[int]],
         settled: Callable[[int], Awaitable[None]],
         *,
         max_rows: int,
@@ -65,11 +71,13 @@ class GroupCommit:
         self.commits = 0
         self.calls = 0
 
-    async def add(self, stream: str, rows: Sequence[Row], tg: asyncio.TaskGroup) -> int:
+    async def add(
+        self, stream: str, rows: Sequence[Row], packed: bytes | None, tg: asyncio.TaskGroup
+    ) -> int:
         """Join the stream's next commit (starting its task when none runs) and wait until
         it is sealed. A caller cancelled meanwhile leaves its rows in it: they may be stored."""
         queue = self._gathering.setdefault(stream, deque())
-        if not queue or len(queue[-1].rows) >= self._max_rows:
+        if not queue or (queue[-1].rows and len(queue[-1].rows) + len(rows) > self._max_rows):
             queue.append(_Commit())
             queue[-1].sealed.add_done_callback(_retrieved)
         commit = queue[-1]
@@ -77,6 +85,10 @@ class GroupCommit:
             self._running.add(stream)
             tg.create_task(self._run(stream))
         commit.rows.extend(rows)
+        if commit.items is not None and packed is not None:
+            commit.items.append(packed[array_header_size(len(rows)) :])
+        else:
+            commit.items = None
         self.calls += 1
         return await asyncio.shield(commit.sealed)
 
@@ -87,7 +99,10 @@ class GroupCommit:
                 commit = queue.popleft()
                 self.commits += 1
                 try:
-                    ticket = await self._seal(stream, commit.rows)
+                    packed = None
+                    if commit.items is not None:
+                        packed = array_header(len(commit.rows)) + b"".join(commit.items)
+                    ticket = await self._seal(stream, commit.rows, packed)
                 except SealstreamError as exc:  # each of its callers raises it
                     commit.sealed.set_exception(exc)
                     continue

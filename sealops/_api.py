@@ -9,8 +9,11 @@ it, against a plain pipeline doing the same work without encryption.
 
 Each pipeline runs in three processes with the same rows and the same bounded in-flight window
 (the consumer acknowledges what it received; the producer keeps at most ``window`` rows
-unacknowledged), and the rounds alternate the two with fresh processes; the report gives each
-round's rows/s (first row to last at the consumer) and the median ratio.
+unacknowledged), its producer handing over 100 rows a call from 4 concurrent callers (as a
+source read by several tasks, or concurrent OTLP requests), and the rounds alternate the
+pipelines with fresh processes; the report gives each round's rows/s (first row to last at
+the consumer) and the median ratios. With the store, a lone caller is measured too: each of
+its calls waits for its own store round trip.
 
 Worker roles (``python -m sealops._worker ROLE``): ``api-producer``, ``api-consumer``,
 ``plain-producer``, ``plain-relay``, ``plain-consumer``.
@@ -35,14 +38,18 @@ from sealstream.crypto import TrustStore, UserIdentity
 from sealstream.nats import connect, settle
 from sealstream.store import Store, stream_name
 
-__all__ = ["ROLES", "STORED", "api_rounds", "run_role"]
+__all__ = ["CALLERS", "ROLES", "STORED", "STORED_ALONE", "api_rounds", "run_role"]
 
 STREAM: Final = "api"
 #: the sealstream pipeline with the cluster's store (``emit`` returns once stored)
 STORED: Final = "sealstream-store"
+#: the same with one caller (each call waits for its own store round trip)
+STORED_ALONE: Final = "sealstream-store-1"
 BATCH_ROWS: Final = 1000
 #: emit() is called with this many rows at a time, as a source hands over what it read
 _CHUNK: Final = 100
+#: by this many concurrent callers (unless the settings say otherwise)
+CALLERS: Final = 4
 _PLAIN_SESSION: Final = "p" * 43
 
 
@@ -106,16 +113,28 @@ async def _produce(
     emit_event: Callable[..., None],
     window: _Window,
     figures: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    *,
+    callers: int = CALLERS,
 ) -> None:
     emit_event("ready")
     await anext(commands)  # go: the consumer is subscribed
     data = rows()
     sent = 0
-    while sent < total:
-        await window.wait_room(sent)
-        chunk = data[sent % BATCH_ROWS : sent % BATCH_ROWS + _CHUNK]
-        await emit(chunk)
-        sent += len(chunk)
+
+    async def caller() -> None:
+        nonlocal sent
+        while sent < total:
+            await window.wait_room(sent)
+            if sent >= total:
+                return
+            start = sent % BATCH_ROWS
+            chunk = data[start : start + min(_CHUNK, total - sent)]
+            sent += len(chunk)  # taken before the call: the other callers go on from here
+            await emit(chunk)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(callers):
+            tg.create_task(caller())
     emit_event("sent", rows=sent, **(await figures() if figures is not None else {}))
     await anext(commands, None)  # until told to stop (or stdin closes)
 
@@ -158,19 +177,32 @@ async def api_producer(
         async def emit(chunk: list[dict[str, Any]]) -> None:
             await agent.emit(STREAM, chunk)
 
+        name = stream_name(config.prefix, config.cluster)
+
         async def stored() -> dict[str, Any]:
             """What the store holds once every emit returned (none without a store)."""
             if config.store is None:
                 return {}
             nc = await connect(cfg["nats_url"], name="bench-store-info")
             try:
-                name = stream_name(config.prefix, config.cluster)
                 state = (await nc.jetstream().stream_info(name)).state
             finally:
                 await nc.close()
             return {"stored_bytes": state.bytes, "stored_messages": state.messages}
 
-        await _produce(int(cfg["rows"]), commands, emit, emit_event, window, stored)
+        if config.store is not None:
+            # this run's envelopes only: the rounds before kept theirs in the same stream (up
+            # to its byte bound, which would make every later figure that bound over the rows)
+            nc = await connect(cfg["nats_url"], name="bench-store-purge")
+            try:
+                await nc.jetstream().purge_stream(name)
+            finally:
+                await nc.close()
+
+        callers = int(cfg.get("callers", CALLERS))
+        await _produce(
+            int(cfg["rows"]), commands, emit, emit_event, window, stored, callers=callers
+        )
 
 
 async def plain_producer(
@@ -186,11 +218,11 @@ async def plain_producer(
 
         async def publish() -> None:
             nonlocal pending, seq
-            body = msgpack.packb({"rows": pending})
+            batch, pending = pending, []  # the other callers fill the next one meanwhile
+            body = msgpack.packb({"rows": batch})
             env = {"session": _PLAIN_SESSION, "stream": STREAM, "seq": seq, "body": body}
-            await nc.publish(subject, msgpack.packb(env))
             seq += 1
-            pending = []
+            await nc.publish(subject, msgpack.packb(env))
 
         async def emit(chunk: list[dict[str, Any]]) -> None:
             pending.extend(chunk)
@@ -358,25 +390,38 @@ def api_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     table: list[dict[str, Any]] = []
     ratios: list[float] = []
     store_ratios: list[float] = []
+    alone_ratios: list[float] = []
+
+    def ratio(a: float | None, b: float | None, into: list[float]) -> float | None:
+        if a is None or not b:
+            return None
+        into.append(a / b)
+        return round(a / b, 3)
+
     for n in sorted({int(r["round"]) for r in results}):
         by = {r["pipeline"]: float(r["rows_per_s"]) for r in results if r["round"] == n}
-        seal, plain, kept = by.get("sealstream"), by.get("plain"), by.get(STORED)
-        ratio = seal / plain if seal is not None and plain else None
-        if ratio is not None:
-            ratios.append(ratio)
-        store_ratio = kept / seal if kept is not None and seal else None
-        if store_ratio is not None:
-            store_ratios.append(store_ratio)
+        seal, plain = by.get("sealstream"), by.get("plain")
+        kept, alone = by.get(STORED), by.get(STORED_ALONE)
         table.append(
             {
                 "round": n,
                 "sealstream_rows_per_s": seal,
                 "plain_rows_per_s": plain,
-                "ratio": None if ratio is None else round(ratio, 3),
+                "ratio": ratio(seal, plain, ratios),
                 "store_rows_per_s": kept,
-                "store_ratio": None if store_ratio is None else round(store_ratio, 3),
+                "store_ratio": ratio(kept, seal, store_ratios),
+                "store_alone_rows_per_s": alone,
+                "store_alone_ratio": ratio(alone, seal, alone_ratios),
             }
         )
-    median = round(statistics.median(ratios), 3) if ratios else None
-    store_median = round(statistics.median(store_ratios), 3) if store_ratios else None
-    return {"rounds": table, "median_ratio": median, "median_store_ratio": store_median}
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "rounds": table,
+        "median_ratio": median(ratios),
+        "median_store_ratio": median(store_ratios),
+        "median_store_alone_ratio": median(alone_ratios),
+        "callers": CALLERS,
+    }

@@ -27,7 +27,9 @@ from typing import Any, Final
 from rich.progress import Progress, TaskID
 
 from sealops._api import BATCH_ROWS as API_BATCH_ROWS
+from sealops._api import CALLERS as API_CALLERS
 from sealops._api import STORED as API_STORED
+from sealops._api import STORED_ALONE as API_STORED_ALONE
 from sealops._api import STREAM as API_STREAM
 from sealops._api import api_rounds, authorize
 from sealops._procs import Child, Launcher, Proc, proxy_counts
@@ -582,7 +584,7 @@ async def api(ctx: Ctx) -> dict[str, Any]:
     }
     results: list[dict[str, Any]] = []
     for n in range(plan.api_rounds):
-        for pipeline in ("plain", "sealstream", API_STORED):
+        for pipeline in ("plain", "sealstream", API_STORED, API_STORED_ALONE):
             async with contextlib.AsyncExitStack() as stack:
                 if pipeline != "plain":
                     relay = await ctx.procs.proxy(stack)
@@ -594,7 +596,8 @@ async def api(ctx: Ctx) -> dict[str, Any]:
                             **common,
                             "identity_file": str(ctx.identity_file),
                             "policy_file": str(policy_file),
-                            "store": pipeline == API_STORED,
+                            "store": pipeline in (API_STORED, API_STORED_ALONE),
+                            "callers": 1 if pipeline == API_STORED_ALONE else API_CALLERS,
                         },
                     )
                     await producer.expect("ready", timeout_s=60)
@@ -646,7 +649,7 @@ async def api(ctx: Ctx) -> dict[str, Any]:
                         else {}
                     )
                 )
-                ctx.say(f"api {pipeline:<10} round {n + 1}: {rows_per_s:,.0f} rows/s, cpu {cpu}")
+                ctx.say(f"api {pipeline:<18} round {n + 1}: {rows_per_s:,.0f} rows/s, cpu {cpu}")
         ctx.progress.advance(ctx.overall)
     return {**api_rounds(results), "runs": results, "batch_rows": API_BATCH_ROWS}
 

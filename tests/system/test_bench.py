@@ -258,9 +258,12 @@ def test_the_api_scenario_alone_sets_the_store_beside(tmp_path: Path) -> None:
         "plain",
         "sealstream",
         "sealstream-store",
+        "sealstream-store-1",
     ]
     targets = {t["id"]: t for t in report["targets"]}
     assert targets["api_store_vs_off"]["measured"] == report["api"]["median_store_ratio"] > 0
+    assert report["api"]["median_store_alone_ratio"] > 0  # one caller, beside (no target)
+    assert "sealstream-store-1: one caller" in markdown
     assert markdown == render_markdown(report)
 
 
