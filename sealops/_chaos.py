@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -37,19 +36,12 @@ from sealops._stack import issuer_seed_file, prepare_state
 from sealstream.crypto import UserIdentity
 from sealstream.errors import SealstreamError
 from sealstream.log import configure_logging
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 
 __all__ = ["chaos_main"]
 
 _CLUSTER = "chaos"
 _STREAM = "chaos"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -114,7 +106,7 @@ class Deployment:
         self.store = store
         self.creds = prepare_state(state, _CLUSTER, [_STREAM])
         self.server_options = ServerOptions(
-            config_file=state / "nats.conf", port=_free_port(), store_dir=state / "js"
+            config_file=state / "nats.conf", port=free_port(), store_dir=state / "js"
         )
         self.server: EmbeddedServer | None = None
         self.procs: dict[str, asyncio.subprocess.Process] = {}

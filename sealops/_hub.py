@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -36,7 +34,7 @@ from sealops._stack import _write_private, issuer_seed_file, prepare_state, sour
 from sealstream.nats import connect, release
 from sealstream.natsconf import Credentials
 from sealstream.natsjwt import AccountKey
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 from sealstream.topology import HubCredentials, HubNode, hub_config, leaf_config
 
 __all__ = ["HUB_CLUSTERS", "HubBackend", "HubServers", "hub_backend", "prepare_hub", "up_hub"]
@@ -45,25 +43,6 @@ __all__ = ["HUB_CLUSTERS", "HubBackend", "HubServers", "hub_backend", "prepare_h
 HUB_CLUSTERS = ("acme", "globex")
 _NODES = 3
 _PROXIES = ("a", "b")
-
-
-def _free_port() -> int:
-    """A free loopback port below the kernel's range of ephemeral ports: the hub's ports are
-    chosen before its servers bind them (and a node is restarted on its own), and meanwhile
-    an outgoing connection's local port, drawn from that range, could take one."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(1000):
-        port = random.randint(low // 2, low - 1)  # noqa: S311 - a port, not a secret
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free loopback port between {low // 2} and {low - 1}")
 
 
 def site_dir(state: Path, cluster: str) -> Path:
@@ -105,9 +84,9 @@ def prepare_hub(
     nodes = [
         HubNode(
             name=f"hub-{i}",
-            client_port=_free_port(),
-            cluster_port=_free_port(),
-            leaf_port=_free_port(),
+            client_port=free_port(),
+            cluster_port=free_port(),
+            leaf_port=free_port(),
         )
         for i in range(_NODES)
     ]
@@ -156,7 +135,7 @@ class HubServers:
             c: EmbeddedServer(
                 ServerOptions(
                     config_file=site_dir(state, c) / "leaf.conf",
-                    port=_free_port(),
+                    port=free_port(),
                     jetstream=False,
                     log_file=site_dir(state, c) / "leaf.log",
                 )

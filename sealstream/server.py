@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -31,7 +32,7 @@ import structlog
 
 from sealstream.errors import BrokerError
 
-__all__ = ["EmbeddedServer", "ServerOptions", "find_nats_server"]
+__all__ = ["EmbeddedServer", "ServerOptions", "find_nats_server", "free_port"]
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,26 @@ class ServerOptions:
             raise ValueError(f"max_payload must be positive, got {self.max_payload}")
         if self.ready_timeout <= 0:
             raise ValueError(f"ready_timeout must be positive, got {self.ready_timeout}")
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's range of ephemeral ports, for a server that is
+    stopped and started again on the same port (``ServerOptions(port=...)``): a port chosen
+    before a server binds it, or while it is down, could meanwhile be taken as the local port
+    of an outgoing connection, which the kernel draws from that range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(1000):
+        port = random.randint(low // 2, low - 1)  # noqa: S311 - a port, not a secret
+        with socket.socket() as s:
+            try:
+                s.bind((_HOST, port))
+            except OSError:
+                continue
+            return port
+    raise BrokerError(f"no free loopback port between {low // 2} and {low - 1}")
 
 
 def find_nats_server() -> Path:

@@ -15,14 +15,7 @@ from structlog.testing import capture_logs
 
 from sealstream.errors import BrokerError
 from sealstream.nats import connect, redact_url, settle
-from sealstream.server import EmbeddedServer, ServerOptions, find_nats_server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+from sealstream.server import EmbeddedServer, ServerOptions, find_nats_server, free_port
 
 
 def _info(port: int) -> dict[str, Any]:
@@ -147,7 +140,7 @@ async def test_jetstream_is_enabled(nc: Any) -> None:
 
 
 async def test_connect_to_closed_port_raises_broker_error() -> None:
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(BrokerError, match="cannot reach NATS at") as caught:
         await connect(f"nats://127.0.0.1:{port}", name="test-refused", connect_timeout=1)
@@ -157,7 +150,7 @@ async def test_connect_to_closed_port_raises_broker_error() -> None:
 
 
 async def test_connect_error_hides_password() -> None:
-    port = _free_port()
+    port = free_port()
     with pytest.raises(BrokerError) as caught:
         await connect(f"nats://bob:s3cret@127.0.0.1:{port}", name="t", connect_timeout=0.5)
     assert "s3cret" not in str(caught.value)

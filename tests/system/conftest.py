@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sealstream.server import ServerOptions
+from sealstream.server import ServerOptions, free_port
 from tests.support.broker import Broker
-from tests.system.test_faults import free_port
 
 __all__ = ["broker"]
 

@@ -18,7 +18,6 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from producers import otlp_config
 from sealops._stack import prepare_state, source_streams
 from sealstream.crypto import ClusterIdentity
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -448,13 +447,6 @@ class Host:
             argv = [sys.executable if test[1] == "python" else test[1], *test[2:]]
         done = subprocess.run(argv, env=self.env(name), capture_output=True, timeout=30)
         return done.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @dataclass

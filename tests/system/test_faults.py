@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +20,8 @@ from producers import Agent, AuthzPolicy, HttpEvents
 from sealstream import SessionError
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect, release, settle
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 from tests.support.pipeline import collect_rows, eventually, make_stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_killed_producer_process_consumer_is_told(nats_url: str, tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from consumers import Batch, Client, ClientConfig, Resumed, Subscription
 from producers import Agent, HttpEvents
 from sealstream import IntegrityError, SessionError, TokenVerifier, mint_token
 from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
+from sealstream.server import free_port
 from tests.support.broker import Broker
 from tests.support.pipeline import FAST_BATCHING, Gate, collect_rows, eventually, make_stack
-from tests.system.test_faults import free_port
 
 
 @dataclass

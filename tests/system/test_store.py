@@ -23,7 +23,7 @@ from sealstream import BrokerError, IntegrityError, SessionError, mint_token
 from sealstream.control import Replayed
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 from sealstream.store import Store, ensure_stream, stream_name
 from tests.support.broker import Broker
 from tests.support.pipeline import (
@@ -34,7 +34,7 @@ from tests.support.pipeline import (
     eventually,
     make_stack,
 )
-from tests.system.test_faults import _cluster_conf, free_port
+from tests.system.test_faults import _cluster_conf
 from tests.system.test_ha import SECRET, ProxyProcess
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"

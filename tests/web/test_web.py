@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,7 +58,7 @@ from sealstream.nats import connect
 from sealstream.natsconf import Credentials, server_config
 from sealstream.natsjwt import AccountKey
 from sealstream.otlp import OTLP_STREAMS
-from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.server import EmbeddedServer, ServerOptions, free_port
 from sealstream.store import Store
 from sealstream.wire import notice
 from tests.support.otlp_sink import run_app
@@ -593,20 +592,14 @@ def _state_is(page: Page, state: str) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.asynccontextmanager
 async def _restartable_server(tmp_path: Path, **options: Any) -> AsyncIterator[EmbeddedServer]:
     """A nats-server with a WebSocket listener, both on ports chosen once, so that it can be
     stopped and started again on them; stopped after."""
     conf = tmp_path / "nats.conf"
-    ws_port = _free_port()
+    ws_port = free_port()
     conf.write_text(f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n')
-    server = EmbeddedServer(ServerOptions(config_file=conf, port=_free_port(), **options))
+    server = EmbeddedServer(ServerOptions(config_file=conf, port=free_port(), **options))
     await asyncio.to_thread(server.start)
     try:
         yield server
@@ -811,7 +804,7 @@ async def test_the_page_against_sealstream_up(tmp_path: Path, browser: Browser) 
     its key with the cluster (for the OTLP streams too, with ``--otlp``) and shows decrypted
     rows; the operator's command it shows names the cluster's policy."""
     state = tmp_path / "state"
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "up.log"
     argv = [str(Path(sys.executable).parent / "sealstream"), "up", "--dir", str(state)]
     argv += ["--sources", "http_events", "--otlp", "--rate", "50", "--web-port", str(port)]
