@@ -19,5 +19,4 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     after the test if it runs."""
     b = Broker(ServerOptions(port=free_port(), store_dir=tmp_path / "js"))
     yield b
-    if b.server is not None:
-        b.server.stop()
+    b.stop()

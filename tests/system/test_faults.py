@@ -21,6 +21,7 @@ from sealstream import SessionError
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect, release, settle
 from sealstream.server import EmbeddedServer, ServerOptions, free_port
+from tests.support.broker import cluster_nodes
 from tests.support.pipeline import collect_rows, eventually, make_stack
 
 
@@ -197,19 +198,6 @@ async def test_release_waits_for_a_restarting_server_and_drains(
     assert dropped[0] > 100  # the PUB line and its 100-byte payload
 
 
-def _cluster_conf(path: Path, name: str, port: int, routes: list[int], me: int) -> Path:
-    lines = [
-        f'server_name: "{name}"',
-        "cluster {",
-        '  name: "sealstream-test"',
-        f"  listen: 127.0.0.1:{me}",
-        "  routes: [" + ", ".join(f'"nats-route://127.0.0.1:{r}"' for r in routes) + "]",
-        "}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 async def _routes_formed(urls: list[str]) -> None:
     """Wait until a message published on any node reaches a subscriber on every other one
     (a fixed sleep for the routes was not always enough on a loaded machine)."""
@@ -234,21 +222,11 @@ async def _routes_formed(urls: list[str]) -> None:
 
 
 async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
-    ports = [free_port() for _ in range(3)]
-    route_ports = [free_port() for _ in range(3)]
-    servers: list[EmbeddedServer] = []
+    nodes = cluster_nodes(tmp_path, jetstream=False)
+    ports = [node.port for node in nodes]
     try:
-        for i in range(3):
-            conf = _cluster_conf(
-                tmp_path / f"n{i}.conf",
-                f"n{i}",
-                ports[i],
-                [r for j, r in enumerate(route_ports) if j != i],
-                route_ports[i],
-            )
-            server = EmbeddedServer(ServerOptions(config_file=conf, port=ports[i], jetstream=False))
-            servers.append(server)
-            await asyncio.to_thread(server.start)
+        for node in nodes:
+            await asyncio.to_thread(node.start)
         urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
         await _routes_formed([f"nats://127.0.0.1:{p}" for p in ports])
         # no JetStream on these nodes: one proxy with its registry in memory
@@ -261,7 +239,7 @@ async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
             ):
                 await collect_rows(sub, 10)
                 producer_port = int(str(stack.agent._nc.connected_url.port))
-                victim = servers[ports.index(producer_port)]
+                victim = nodes[ports.index(producer_port)]
                 await asyncio.to_thread(victim.stop)
                 received = sub.stats().received
                 await eventually(lambda: sub.stats().received > received + 20, timeout=15)
@@ -270,5 +248,5 @@ async def test_three_node_cluster_survives_a_node_kill(tmp_path: Path) -> None:
                 assert sub.stats().rejected == {}
                 assert int(str(stack.agent._nc.connected_url.port)) != producer_port
     finally:
-        for server in servers:
-            await asyncio.to_thread(server.stop)
+        for node in nodes:
+            await asyncio.to_thread(node.stop)

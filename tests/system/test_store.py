@@ -23,9 +23,9 @@ from sealstream import BrokerError, IntegrityError, SessionError, mint_token
 from sealstream.control import Replayed
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
-from sealstream.server import EmbeddedServer, ServerOptions, free_port
+from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store, ensure_stream, stream_name
-from tests.support.broker import Broker
+from tests.support.broker import Broker, cluster_nodes
 from tests.support.pipeline import (
     FAST_BATCHING,
     Tap,
@@ -34,7 +34,6 @@ from tests.support.pipeline import (
     eventually,
     make_stack,
 )
-from tests.system.test_faults import _cluster_conf
 from tests.system.test_ha import SECRET, ProxyProcess
 
 MARKER = "PLAINTEXT-MARKER-h7Qz"
@@ -712,20 +711,9 @@ async def _jetstream_ready(url: str) -> None:
 async def test_a_node_of_a_three_node_cluster_killed_loses_nothing(tmp_path: Path) -> None:
     """The store replicated on 3 nodes (R3): the producer's node is killed (SIGKILL); every
     role moves to another node and the session loses nothing."""
-    ports = [free_port() for _ in range(3)]
-    route_ports = [free_port() for _ in range(3)]
-    nodes: list[Broker] = []
+    nodes = cluster_nodes(tmp_path)
+    ports = [node.port for node in nodes]
     try:
-        for i in range(3):
-            conf = _cluster_conf(
-                tmp_path / f"n{i}.conf",
-                f"n{i}",
-                ports[i],
-                [r for j, r in enumerate(route_ports) if j != i],
-                route_ports[i],
-            )
-            options = ServerOptions(config_file=conf, port=ports[i], store_dir=tmp_path / f"js{i}")
-            nodes.append(Broker(options))
         await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
         urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
         await _jetstream_ready(urls)
@@ -742,5 +730,4 @@ async def test_a_node_of_a_three_node_cluster_killed_loses_nothing(tmp_path: Pat
         check_lossless(emitter, reader, sub)
     finally:
         for node in nodes:
-            if node.server is not None:
-                await asyncio.to_thread(node.server.stop)
+            await asyncio.to_thread(node.stop)
