@@ -126,8 +126,12 @@ class Agent(AsyncResource):
         self.rows_in = 0
         self.rejected_rows: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        # with a store the outbox never drops (its envelopes are promised to the callers,
+        # who wait while it is half full instead)
         self.outbox = Outbox(
-            max_bytes=config.buffer_bytes, max_total_bytes=config.buffer_total_bytes
+            max_bytes=config.buffer_bytes,
+            max_total_bytes=config.buffer_total_bytes,
+            drops=config.store is None,
         )
         self._wake = asyncio.Event()  # the sender has something to try
         self._connected = asyncio.Event()
@@ -221,6 +225,7 @@ class Agent(AsyncResource):
         self._stop.set()
         self._wake.set()  # the sender sees the stop
         self._progressed()  # and what waits for the outbox sees it too
+        self._commit.fail_all(BrokerError("the producer is stopping"))
         for task in self._pumps:
             task.cancel()
 
@@ -235,7 +240,7 @@ class Agent(AsyncResource):
             for session in list(self.sessions):
                 await self.end_session(session, "producer stopping")
         self._hold_until = None
-        if self.outbox and not self._nc.is_connected:  # a restarting server gets 2 s
+        if self.outbox and not self._connected.is_set():  # a restarting server gets 2 s
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self._connected.wait()
@@ -385,11 +390,6 @@ class Agent(AsyncResource):
         """Seal ``rows`` (``packed``: the same as one msgpack array, when the caller has it)
         in batches of their own (with a store, once the outbox is less than half full); how
         many were too large for a batch."""
-        if self.config.store is not None:
-            while self.backlog() >= 0.5:  # backpressure: the caller waits, nothing is dropped
-                if self._stop.is_set():
-                    raise BrokerError("the producer is stopping")
-                await self._progress.wait()
         batcher = Batcher(self.config.batching, budget=self._budget)
         ready = batcher.add(rows, packed=packed, now=time.monotonic())
         last = batcher.flush()
@@ -397,8 +397,16 @@ class Agent(AsyncResource):
         if batcher.oversize_rows:
             self.rejected_rows["oversize"] += batcher.oversize_rows
         for plaintext in [*ready, *([last] if last is not None else [])]:
+            if self.config.store is not None:  # backpressure, batch by batch: the caller
+                await self._room(len(plaintext))  # waits while the outbox is half full
             await self._publish(stream, plaintext)
         return batcher.oversize_rows
+
+    async def _room(self, size: int) -> None:
+        while self.outbox and self.backlog(size) >= 0.5:  # an empty one takes any batch
+            if self._stop.is_set():
+                raise BrokerError("the producer is stopping")
+            await self._progress.wait()
 
     async def _seal_stored(
         self, stream: str, rows: Sequence[Mapping[str, Any]], packed: bytes | None

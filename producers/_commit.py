@@ -82,8 +82,14 @@ class GroupCommit:
             queue[-1].sealed.add_done_callback(_retrieved)
         commit = queue[-1]
         if stream not in self._running:
+            run = self._run(stream)
+            try:
+                tg.create_task(run)
+            except RuntimeError:  # the agent's task group is ending: nothing will seal
+                run.close()
+                self.fail_all(BrokerError("the producer is stopping"))
+                raise BrokerError("the producer is stopping") from None
             self._running.add(stream)
-            tg.create_task(self._run(stream))
         commit.rows.extend(rows)
         if commit.items is not None and packed is not None:
             commit.items.append(packed[array_header_size(len(rows)) :])
@@ -91,6 +97,12 @@ class GroupCommit:
             commit.items = None
         self.calls += 1
         return await asyncio.shield(commit.sealed)
+
+    def fail_all(self, exc: SealstreamError) -> None:
+        """Fail every commit not sealed yet (the agent stops: no task will seal them)."""
+        for queue in self._gathering.values():
+            while queue:
+                queue.popleft().sealed.set_exception(exc)
 
     async def _run(self, stream: str) -> None:
         queue = self._gathering.setdefault(stream, deque())
@@ -103,10 +115,12 @@ class GroupCommit:
                     if commit.items is not None:
                         packed = array_header(len(commit.rows)) + b"".join(commit.items)
                     ticket = await self._seal(stream, commit.rows, packed)
-                except SealstreamError as exc:  # each of its callers raises it
+                except (SealstreamError, ValueError, TypeError) as exc:
+                    # each of its callers raises it (rows it cannot pack: a misuse), and the
+                    # stream's next commit goes on
                     commit.sealed.set_exception(exc)
                     continue
-                except BaseException:
+                except BaseException:  # cancelled: the agent stops
                     commit.sealed.set_exception(BrokerError("the producer stopped committing"))
                     raise
                 commit.sealed.set_result(ticket)

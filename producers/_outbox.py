@@ -10,7 +10,9 @@ was dropped could not be opened at all.
 
 Every envelope put gets a ticket (increasing over all sessions): everything put up to a
 ticket has left the outbox (taken, or dropped) once :meth:`Outbox.oldest` is past it. That is
-how a producer with a store tells when the rows it sealed are stored.
+how a producer with a store tells when the rows it sealed are stored. Such an outbox is made
+with ``drops=False``: it never drops (what it holds is acknowledged to nobody yet), its
+bounds are what the producer's backpressure keeps it under (``Agent.backlog``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ class Outbox:
     session over its budget) and ``session_gone`` (what a session that ended still held).
     """
 
-    def __init__(self, *, max_bytes: int, max_total_bytes: int | None = None) -> None:
+    def __init__(
+        self, *, max_bytes: int, max_total_bytes: int | None = None, drops: bool = True
+    ) -> None:
         if max_bytes < 1 or (max_total_bytes is not None and max_total_bytes < max_bytes):
             raise ValueError("max_bytes must be positive, and max_total_bytes at least that")
         self.max_bytes = max_bytes
         #: all sessions together: beyond it the largest queue loses its oldest data first
         self.max_total_bytes = max_total_bytes
+        self.drops = drops
         self._queues: dict[str, _Queue] = {}
         self.size = 0
         self.dropped: Counter[str] = Counter()
@@ -74,6 +79,8 @@ class Outbox:
         queue.items.append((payload, key, self.ticket))
         queue.size += len(payload)
         self.size += len(payload)
+        if not self.drops:
+            return 0
         dropped = 0
         while queue.size > self.max_bytes and len(queue.items) > 1:
             self._drop_oldest(queue)

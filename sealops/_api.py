@@ -91,8 +91,10 @@ class _Window:
             self.acked = min(self._by.values())
         self._moved.set()
 
-    async def wait_room(self, sent: int) -> None:
-        while sent - self.acked >= self.size:
+    async def wait_room(self, sent: Callable[[], int]) -> None:
+        """Until the rows handed over so far (read anew each time: concurrent callers add
+        to it) leave room in the window."""
+        while sent() - self.acked >= self.size:
             self._moved.clear()
             await self._moved.wait()
 
@@ -121,10 +123,13 @@ async def _produce(
     data = rows()
     sent = 0
 
+    def handed() -> int:
+        return sent
+
     async def caller() -> None:
         nonlocal sent
         while sent < total:
-            await window.wait_room(sent)
+            await window.wait_room(handed)
             if sent >= total:
                 return
             start = sent % BATCH_ROWS

@@ -183,7 +183,7 @@ class _Generator:
                     if (delay := due - time.monotonic()) > 0:
                         await asyncio.sleep(delay)
                 if windowed:
-                    await window.wait_room(self.outstanding)
+                    await window.wait_room(lambda: self.outstanding)
                 await slots.acquire()
                 self.outstanding += 1
                 tg.create_task(one())

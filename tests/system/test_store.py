@@ -133,6 +133,26 @@ async def test_concurrent_emits_share_batches_and_each_returns_once_its_rows_are
         assert stack.agent.published <= 74
 
 
+async def test_many_large_concurrent_emits_are_all_stored_none_dropped(broker: Broker) -> None:
+    """30 callers with a 200 kB row each: together 6 MB, more than the outbox's 4 MiB bound.
+    Each batch waits for room before it is put (the outbox of a producer with a store never
+    drops what callers were promised): every row arrives, nothing is dropped."""
+    url = broker.start()
+    big = "x" * 200_000
+    async with (
+        make_stack(url, store=Store(max_age_s=60)) as stack,
+        stack.client() as client,
+        client.subscribe(stack.cluster, ["records"]) as sub,
+    ):
+        await stack.agent.emit("records", [{"i": -1, "b": big}])
+        async with asyncio.TaskGroup() as tg:
+            for i in range(30):
+                tg.create_task(stack.agent.emit("records", [{"i": i, "b": big}]))
+        assert stack.agent.outbox.dropped == {}
+        got, _ = await collect_rows(sub, 31, timeout=30)
+        assert sorted(r["i"] for r in got) == list(range(-1, 30))
+
+
 async def test_a_producer_stopping_while_emits_wait_for_the_broker_ends_them(
     broker: Broker,
 ) -> None:

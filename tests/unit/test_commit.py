@@ -152,3 +152,37 @@ async def test_a_call_without_its_rows_packed_makes_the_commit_pack_them() -> No
         )
     assert store.sealed == [[0, 1, 2, 3]]
     assert store.packed == [None]
+
+
+async def test_calls_after_the_agents_task_group_ended_fail_instead_of_waiting() -> None:
+    """A task of the agent failed: its task group takes no new task. The call that finds no
+    commit task raises BrokerError, and so does every later one (none waits forever)."""
+    store = Store()
+    commit = GroupCommit(store.seal, store.settled, max_rows=1000)
+    ended: asyncio.TaskGroup | None = None
+    with pytest.raises(ExceptionGroup):
+        async with asyncio.TaskGroup() as tg:
+            ended = tg
+            raise RuntimeError("a source failed")
+    assert ended is not None
+    for n in range(2):
+        with pytest.raises(BrokerError, match="stopping"):
+            async with asyncio.timeout(1):
+                await commit.add("s", *rows(n), ended)
+    assert store.sealed == []
+
+
+async def test_fail_all_ends_the_commits_not_sealed_yet() -> None:
+    store = Store()
+    commit = GroupCommit(store.seal, store.settled, max_rows=2)
+    async with asyncio.TaskGroup() as tg:
+        first = tg.create_task(commit.add("s", *rows(0, 1), tg))
+        await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(commit.add("s", *rows(n, n + 1), tg)) for n in (2, 4)]
+        await asyncio.sleep(0.01)
+        commit.fail_all(BrokerError("the producer is stopping"))
+        outcomes = await asyncio.gather(*later, return_exceptions=True)
+        store.released.set()
+        assert await first == 1
+    assert [type(o) for o in outcomes] == [BrokerError, BrokerError]
+    assert store.sealed == [[0, 1]]

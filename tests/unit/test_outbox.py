@@ -28,6 +28,19 @@ def test_a_session_over_its_budget_loses_its_oldest_data_not_its_key() -> None:
     assert box.size == 0
 
 
+def test_an_outbox_that_does_not_drop_keeps_everything_past_its_bounds() -> None:
+    """With a store, what the outbox holds is promised to callers: it never drops (the
+    producer's backpressure keeps it near its bounds), and every ticket leaves it taken."""
+    box = Outbox(max_bytes=10, max_total_bytes=12, drops=False)
+    for i in range(4):
+        assert box.put("s", bytes([48 + i]) * 3) == 0
+    box.put("t", b"t" * 6)
+    assert box.size == 18
+    assert box.dropped == {}
+    assert _drain(box, "s") == [b"000", b"111", b"222", b"333"]
+    assert box.oldest() == 5
+
+
 def test_all_sessions_together_are_bounded_the_largest_giving_way() -> None:
     box = Outbox(max_bytes=10, max_total_bytes=12)
     box.put("a", b"a1" * 2)  # 4
