@@ -1,5 +1,8 @@
 """``sealstream chaos``: kill and restart nats-server, one of two proxies and the producer at
-random seeded moments while consumers stream, then report what each consumer saw.
+random seeded moments while consumers stream, then report what each consumer saw. A ``slow``
+fault (only when asked for, ``--faults``) makes the first consumer read ten times slower than
+the stream for a while (``--slow``, 60 s): with the store it falls behind and reads the store
+at its own pace, losing nothing, while the others stream on.
 
 It runs the default deployment of ``sealstream up`` (its credentials, the server configuration
 with the auth callout, the cluster's policy) with real processes, as an operator would:
@@ -46,7 +49,7 @@ _STREAM = "chaos"
 
 @dataclass
 class Fault:
-    kind: str  # nats | proxy-a | proxy-b | producer
+    kind: str  # nats | proxy-a | proxy-b | producer | slow
     at_s: float  # since the start of the run
     down_s: float
     restarted_ns: int = 0
@@ -65,12 +68,17 @@ class Seen:
     resume_reasons: list[str] = field(default_factory=list)
     sessions: int = 0
     lost: int = 0
+    #: envelopes let go while it was behind (read again from the store)
+    deferred: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     last: dict[int, int] = field(default_factory=dict)
     seen: set[tuple[int, int]] = field(default_factory=set)
     #: (arrival ns, emission ns) of the first row of every batch
     arrivals: list[tuple[int, int]] = field(default_factory=list)
+    #: while ``time.monotonic()`` is below it, read at this many rows/s at most
+    slow_until: float = 0.0
+    slow_rate: float = 0.0
 
     def add(self, batch: Batch) -> None:
         now = time.time_ns()
@@ -224,7 +232,7 @@ class Deployment:
 async def _consume(
     config: ClientConfig, seen: Seen, *, cluster: str = _CLUSTER, stream: str = _STREAM
 ) -> None:
-    """Stream until cancelled, recording into ``seen``."""
+    """Stream until cancelled, recording into ``seen`` (at its slow rate while it is slow)."""
     try:
         async with (
             Client(config) as client,
@@ -239,15 +247,21 @@ async def _consume(
                         seen.resume_reasons.append(item.reason)
                     else:
                         seen.add(item)
+                        if time.monotonic() < seen.slow_until:
+                            await asyncio.sleep(len(item.rows) / seen.slow_rate)
             finally:
                 stats = sub.stats()
                 seen.sessions, seen.lost = stats.sessions, stats.lost
-                seen.rejected = stats.rejected
+                seen.rejected, seen.deferred = stats.rejected, stats.deferred
     except SealstreamError as exc:
         seen.error = f"{type(exc).__name__}: {exc}"
 
 
 _KINDS = ("nats", "proxy-a", "proxy-b", "producer")
+#: asked for by name only (not in the random schedule)
+_ON_REQUEST = ("slow",)
+#: the consumers' inbox queue by default (the client's)
+_QUEUE = 10_000
 
 
 def _plan(
@@ -256,6 +270,7 @@ def _plan(
     min_outage: float,
     max_outage: float,
     kinds: list[str] | None = None,
+    slow_s: float = 60.0,
 ) -> list[Fault]:
     """Faults at random moments: a warm-up, then each fault followed by time to recover
     (a restarted producer is noticed at the proxy's next ping, up to a keepalive interval).
@@ -264,7 +279,12 @@ def _plan(
     t = 10.0
     while True:
         kind = kinds[len(faults) % len(kinds)] if kinds else rng.choice(_KINDS)
-        down = rng.uniform(min_outage, max_outage) if kind == "nats" else rng.uniform(1, 5)
+        if kind == "slow":
+            down = slow_s
+        elif kind == "nats":
+            down = rng.uniform(min_outage, max_outage)
+        else:
+            down = rng.uniform(1, 5)
         if t + down + 15 > duration:
             return faults
         faults.append(Fault(kind, round(t, 1), round(down, 1)))
@@ -281,9 +301,11 @@ def _pct(values: list[float], q: float) -> float | None:
 async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)  # noqa: S311 - a reproducible schedule, not a secret
     kinds = [k for k in args.faults.split(",") if k] if args.faults else None
-    if kinds and not set(kinds) <= set(_KINDS):
-        raise ValueError(f"fault kinds are {', '.join(_KINDS)}")
-    faults = _plan(rng, args.duration, args.min_outage, args.max_outage, kinds)
+    if kinds and not set(kinds) <= {*_KINDS, *_ON_REQUEST}:
+        raise ValueError(f"fault kinds are {', '.join((*_KINDS, *_ON_REQUEST))}")
+    if args.slow <= 0 or args.queue < 1:
+        raise ValueError("--slow must be positive and --queue at least 1")
+    faults = _plan(rng, args.duration, args.min_outage, args.max_outage, kinds, args.slow)
     out: Path = args.out
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -300,6 +322,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
             key_kind="x25519",
             policy="discard",
             request_timeout_s=3.0,
+            queue_size=args.queue,
         )
         seen = [Seen() for _ in range(args.consumers)]
         started = time.monotonic()
@@ -308,6 +331,12 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
             for fault in faults:
                 await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
                 print(f"chaos: {fault.kind} down for {fault.down_s} s", file=sys.stderr)
+                if fault.kind == "slow":  # the first consumer, ten times slower
+                    seen[0].slow_rate = args.rate / 10
+                    seen[0].slow_until = time.monotonic() + fault.down_s
+                    await asyncio.sleep(fault.down_s)
+                    fault.restarted_ns = time.time_ns()
+                    continue
                 if fault.kind == "nats":
                     await dep.kill_server()
                 else:
@@ -336,11 +365,22 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         p.stem: p.read_text(errors="replace").count("Traceback") for p in logs.glob("*.log")
     }
     recoveries = [r for f in faults for r in f.recovery_s]
+    words = [f"--duration {args.duration:g}", f"--seed {args.seed}"]
+    if args.faults:
+        words.append(f"--faults {args.faults}")
+    if kinds and "slow" in kinds:
+        words.append(f"--slow {args.slow:g}")
+    if args.queue != _QUEUE:
+        words.append(f"--queue {args.queue}")
+    if not args.store:
+        words.append("--no-store")
     return {
+        "words": " ".join(words),
         "seed": args.seed,
         "duration_s": args.duration,
         "rate": args.rate,
         "store": args.store,
+        "queue": args.queue,
         "consumers": [
             {k: v for k, v in asdict(s).items() if k not in ("last", "seen", "arrivals")}
             for s in seen
@@ -359,20 +399,26 @@ def _report(result: dict[str, Any]) -> str:
         "# Chaos run",
         "",
         result.get("what")
-        or f"`sealstream chaos --duration {result['duration_s']:g} --seed {result['seed']}"
-        f"{'' if result.get('store') else ' --no-store'}` ({result['rate']:g} rows/s"
+        or f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s"
         f"{', kept in the broker store' if result.get('store') else ', no store'}): "
         "nats-server, two proxies and a producer killed and restarted at random moments "
-        "while library consumers (`resume=True`) stream.",
+        "while library consumers (`resume=True`) stream"
+        + (
+            "; `slow`: the first consumer reads at a tenth of the stream's rate for that long "
+            "(its recovery: from the end of its slowness to the first row emitted after it)."
+            if any(f["kind"] == "slow" for f in result["faults"])
+            else "."
+        ),
         "",
-        "| consumer | rows | sessions | resumes | lost | rejected | duplicates | out of order "
-        "| error |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| consumer | rows | sessions | resumes | lost | deferred | rejected | duplicates "
+        "| out of order | error |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for i, c in enumerate(result["consumers"]):
         lines.append(
             f"| {i} | {c['rows']} | {c['sessions']} | {c['resumes']} | {c['lost']} | "
-            f"{c['rejected']} | {c['duplicates']} | {c['out_of_order']} | {c['error'] or ''} |"
+            f"{c.get('deferred', 0)} | {c['rejected']} | {c['duplicates']} | "
+            f"{c['out_of_order']} | {c['error'] or ''} |"
         )
     lines += ["", "| at (s) | fault | down (s) | recovery p50 (s) | recovery max (s) |"]
     lines.append("|--:|---|--:|--:|--:|")

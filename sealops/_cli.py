@@ -122,7 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-outage", type=float, default=1.0, help="nats-server outage, s")
     c.add_argument("--max-outage", type=float, default=60.0, help="nats-server outage, s")
     c.add_argument(
-        "--faults", help="fault kinds in this order, cycled (nats,proxy-a,proxy-b,producer)"
+        "--faults",
+        help="fault kinds in this order, cycled (nats,proxy-a,proxy-b,producer; and slow: the "
+        "first consumer reads ten times slower than the stream)",
+    )
+    c.add_argument("--slow", type=float, default=60.0, help="a slow fault's length, s")
+    c.add_argument(
+        "--queue", type=int, default=10_000, help="each consumer's inbox queue, envelopes (10000)"
     )
     c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
     _hub_chaos_options(c)

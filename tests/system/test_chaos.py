@@ -49,3 +49,51 @@ def test_chaos_run_recovers_from_every_fault_without_duplicates(tmp_path: Path) 
     assert sum(report["tracebacks"].values()) == 0  # no role ended on a broker error
     assert set(report["exit_codes"].values()) == {0}
     assert (out / "report.md").read_text().startswith("# Chaos run")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_consumer_ten_times_slower_for_a_while_falls_behind_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """``--faults slow``: the first consumer reads at a tenth of the stream's rate for 15 s
+    with a queue of 20 envelopes: it falls behind (envelopes let go, read again from the
+    store), catches up, and loses nothing; the other streams on as if nothing happened."""
+    out = tmp_path / "slow"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "sealstream"),
+            "chaos",
+            "--duration",
+            "45",
+            "--faults",
+            "slow",
+            "--slow",
+            "15",
+            "--queue",
+            "20",
+            "--consumers",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert (out / "report.json").exists(), proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert report["problems"] == []
+    assert [(f["kind"], f["down_s"]) for f in report["faults"]] == [("slow", 15.0)]
+    slow, other = report["consumers"]
+    assert slow["deferred"] > 0  # it fell behind
+    assert other["deferred"] == 0
+    for consumer in (slow, other):
+        assert (consumer["lost"], consumer["duplicates"], consumer["out_of_order"]) == (0, 0, 0)
+        assert (consumer["sessions"], consumer["resumes"], consumer["error"]) == (1, 0, None)
+    # the slow one has every row the other has, but what was emitted in the last moments
+    assert slow["rows"] >= other["rows"] - 200
+    assert report["unrecovered"] == 0
+    assert "--faults slow --slow 15 --queue 20" in (out / "report.md").read_text()
