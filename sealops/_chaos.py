@@ -394,21 +394,30 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _what(result: dict[str, Any]) -> str:
+    kinds = {f["kind"] for f in result["faults"]}
+    faults = []
+    if kinds - {"slow"}:
+        faults.append("nats-server, either of two proxies or the producer killed and restarted")
+    if "slow" in kinds:
+        faults.append(
+            "the first consumer reading at a tenth of the stream's rate for a while (`slow`; "
+            "its recovery: from the end of its slowness to the first row emitted after it)"
+        )
+    store = ", kept in the broker store" if result.get("store") else ", no store"
+    return (
+        f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s{store}, "
+        f"consumers' inbox queues of {result.get('queue', _QUEUE):,} envelopes): "
+        f"{' and '.join(faults) or 'no fault'}, at seeded moments, while library consumers "
+        "(`resume=True`) stream."
+    )
+
+
 def _report(result: dict[str, Any]) -> str:
     lines = [
         "# Chaos run",
         "",
-        result.get("what")
-        or f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s"
-        f"{', kept in the broker store' if result.get('store') else ', no store'}): "
-        "nats-server, two proxies and a producer killed and restarted at random moments "
-        "while library consumers (`resume=True`) stream"
-        + (
-            "; `slow`: the first consumer reads at a tenth of the stream's rate for that long "
-            "(its recovery: from the end of its slowness to the first row emitted after it)."
-            if any(f["kind"] == "slow" for f in result["faults"])
-            else "."
-        ),
+        result.get("what") or _what(result),
         "",
         "| consumer | rows | sessions | resumes | lost | deferred | rejected | duplicates "
         "| out of order | error |",
