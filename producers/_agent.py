@@ -59,6 +59,8 @@ log = structlog.get_logger(__name__)
 _GROUP_QUEUE = "group."
 #: with a store: envelopes published before their acknowledgements are awaited
 _ACK_WINDOW = 256
+#: with a store: the pause before publishing again what the store did not acknowledge
+_STORE_RETRY_S = 0.1
 
 
 @dataclass(slots=True)
@@ -240,7 +242,10 @@ class Agent(AsyncResource):
             for session in list(self.sessions):
                 await self.end_session(session, "producer stopping")
         self._hold_until = None
-        if self.outbox and not self._connected.is_set():  # a restarting server gets 2 s
+        # a restarting server gets 2 s (our callbacks, not nats-py's status, say connected)
+        if self.outbox and not (self._connected.is_set() and self._nc.is_connected):
+            if not self._nc.is_connected:
+                self._connected.clear()  # its disconnected callback may still be on its way
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self._connected.wait()
@@ -398,12 +403,31 @@ class Agent(AsyncResource):
             self.rejected_rows["oversize"] += batcher.oversize_rows
         for plaintext in [*ready, *([last] if last is not None else [])]:
             if self.config.store is not None:  # backpressure, batch by batch: the caller
-                await self._room(len(plaintext))  # waits while the outbox is half full
+                await self._room(stream, len(plaintext))  # waits while the outbox is full
             await self._publish(stream, plaintext)
         return batcher.oversize_rows
 
-    async def _room(self, size: int) -> None:
-        while self.outbox and self.backlog(size) >= 0.5:  # an empty one takes any batch
+    async def _room(self, stream: str, size: int) -> None:
+        """Wait until a batch of ``size`` plaintext bytes, sealed for every session reading
+        ``stream`` (and once for its group), keeps the outbox under half its bounds; an empty
+        outbox takes it whatever its size. So a producer with a store holds at most half its
+        bounds plus one batch's envelopes (it never drops)."""
+        envelope = size * 4 // 3 + 2048  # base64url of the ciphertext, header, envelope
+        readers = sum(
+            1
+            for served in self.sessions.values()
+            if stream in served.streams and not isinstance(served.crypto, MemberSession)
+        )
+        readers += any(
+            stream in served.streams and isinstance(served.crypto, MemberSession)
+            for served in self.sessions.values()
+        )
+        outbox = self.outbox
+        total = outbox.max_total_bytes
+        while outbox and (
+            (outbox.largest() + envelope) * 2 > outbox.max_bytes
+            or (total is not None and (outbox.size + envelope * readers) * 2 > total)
+        ):
             if self._stop.is_set():
                 raise BrokerError("the producer is stopping")
             await self._progress.wait()
@@ -559,9 +583,12 @@ class Agent(AsyncResource):
                 async with self._lock:
                     done = await self._drain()
             if not done and self._nc.is_connected:
-                # nats-py's buffer is full: let its flusher catch up, then go on
+                # nats-py's buffer is full, or the store did not acknowledge: let the flusher
+                # catch up (and a refusing store breathe), then go on
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
                     await self._nc.flush(timeout=5)
+                if self._js is not None:
+                    await asyncio.sleep(_STORE_RETRY_S)
                 self._wake.set()
 
     async def _on_disconnected(self) -> None:

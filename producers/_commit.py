@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from producers._batcher import array_header, array_header_size
 from sealstream import BrokerError, SealstreamError
 
@@ -27,10 +29,13 @@ __all__ = ["GroupCommit"]
 
 Row = Mapping[str, Any]
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass(slots=True)
 class _Commit:
     rows: list[Row] = field(default_factory=list)
+    calls: int = 0
     #: the rows packed back to back, while every call brought them packed (None after one
     #: that did not): sealed without packing them again
     items: list[bytes] | None = field(default_factory=list)
@@ -91,6 +96,7 @@ class GroupCommit:
                 raise BrokerError("the producer is stopping") from None
             self._running.add(stream)
         commit.rows.extend(rows)
+        commit.calls += 1
         if commit.items is not None and packed is not None:
             commit.items.append(packed[array_header_size(len(rows)) :])
         else:
@@ -118,6 +124,12 @@ class GroupCommit:
                 except (SealstreamError, ValueError, TypeError) as exc:
                     # each of its callers raises it (rows it cannot pack: a misuse), and the
                     # stream's next commit goes on
+                    log.warning(
+                        "commit.failed",
+                        stream=stream,
+                        calls=commit.calls,
+                        error_type=type(exc).__name__,
+                    )
                     commit.sealed.set_exception(exc)
                     continue
                 except BaseException:  # cancelled: the agent stops

@@ -11,8 +11,8 @@ was dropped could not be opened at all.
 Every envelope put gets a ticket (increasing over all sessions): everything put up to a
 ticket has left the outbox (taken, or dropped) once :meth:`Outbox.oldest` is past it. That is
 how a producer with a store tells when the rows it sealed are stored. Such an outbox is made
-with ``drops=False``: it never drops (what it holds is acknowledged to nobody yet), its
-bounds are what the producer's backpressure keeps it under (``Agent.backlog``).
+with ``drops=False``: it never drops (what it holds is promised to callers); the producer's
+backpressure keeps it under half its bounds plus one batch's envelopes (``Agent._room``).
 """
 
 from __future__ import annotations

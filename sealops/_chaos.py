@@ -96,6 +96,17 @@ class Seen:
         if batch.rows and isinstance(batch.rows[0].get("t"), int):
             self.arrivals.append((now, batch.rows[-1]["t"]))
 
+    @property
+    def missing(self) -> int:
+        """Rows never seen between the lowest and the highest ``n`` seen, per producer
+        incarnation (``n`` counts every row an incarnation emitted; a consumer's first
+        session starts somewhere in it)."""
+        spans: dict[int, tuple[int, int, int]] = {}  # run -> (lowest, highest, count)
+        for run, n in self.seen:
+            low, high, count = spans.get(run, (n, n, 0))
+            spans[run] = (min(low, n), max(high, n), count + 1)
+        return sum(high - low + 1 - count for low, high, count in spans.values())
+
     def recovery_after(self, restarted_ns: int) -> float | None:
         for arrived, emitted in self.arrivals:
             if emitted >= restarted_ns:
@@ -365,17 +376,9 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         p.stem: p.read_text(errors="replace").count("Traceback") for p in logs.glob("*.log")
     }
     recoveries = [r for f in faults for r in f.recovery_s]
-    words = [f"--duration {args.duration:g}", f"--seed {args.seed}"]
-    if args.faults:
-        words.append(f"--faults {args.faults}")
-    if kinds and "slow" in kinds:
-        words.append(f"--slow {args.slow:g}")
-    if args.queue != _QUEUE:
-        words.append(f"--queue {args.queue}")
-    if not args.store:
-        words.append("--no-store")
     return {
-        "words": " ".join(words),
+        # the command's words as given (``sealstream chaos`` sets them), or the schedule's
+        "words": getattr(args, "words", None) or f"--duration {args.duration:g} --seed {args.seed}",
         "seed": args.seed,
         "duration_s": args.duration,
         "rate": args.rate,
@@ -383,6 +386,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         "queue": args.queue,
         "consumers": [
             {k: v for k, v in asdict(s).items() if k not in ("last", "seen", "arrivals")}
+            | {"missing": s.missing}
             for s in seen
         ],
         "faults": [asdict(f) for f in faults],
@@ -419,15 +423,15 @@ def _report(result: dict[str, Any]) -> str:
         "",
         result.get("what") or _what(result),
         "",
-        "| consumer | rows | sessions | resumes | lost | deferred | rejected | duplicates "
-        "| out of order | error |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| consumer | rows | sessions | resumes | lost | missing | deferred | rejected "
+        "| duplicates | out of order | error |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for i, c in enumerate(result["consumers"]):
         lines.append(
             f"| {i} | {c['rows']} | {c['sessions']} | {c['resumes']} | {c['lost']} | "
-            f"{c.get('deferred', 0)} | {c['rejected']} | {c['duplicates']} | "
-            f"{c['out_of_order']} | {c['error'] or ''} |"
+            f"{c.get('missing', '-')} | {c.get('deferred', 0)} | {c['rejected']} | "
+            f"{c['duplicates']} | {c['out_of_order']} | {c['error'] or ''} |"
         )
     lines += ["", "| at (s) | fault | down (s) | recovery p50 (s) | recovery max (s) |"]
     lines.append("|--:|---|--:|--:|--:|")

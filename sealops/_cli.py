@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_hub_main(args)
     if args.command == "chaos":
         from sealops._chaos import chaos_main
+
+        args.words = shlex.join((sys.argv[1:] if argv is None else argv)[1:])  # the report's
 
         if args.topology == "hub":
             from sealops._hubchaos import hub_run

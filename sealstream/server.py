@@ -74,24 +74,37 @@ class ServerOptions:
             raise ValueError(f"ready_timeout must be positive, got {self.ready_timeout}")
 
 
+#: ports free_port() handed out in this process (several are drawn before any is bound)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback port below the kernel's range of ephemeral ports, for a server that is
-    stopped and started again on the same port (``ServerOptions(port=...)``): a port chosen
-    before a server binds it, or while it is down, could meanwhile be taken as the local port
-    of an outgoing connection, which the kernel draws from that range."""
+    """A free loopback port below the kernel's range of ephemeral ports (and at 1024 or
+    above), for a server that is stopped and started again on the same port
+    (``ServerOptions(port=...)``): a port chosen before a server binds it, or while it is
+    down, could meanwhile be taken as the local port of an outgoing connection, which the
+    kernel draws from that range. Never the same port twice in one process. Falls back to
+    above the range when there is no room below it."""
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(1000):
-        port = random.randint(low // 2, low - 1)  # noqa: S311 - a port, not a secret
-        with socket.socket() as s:
-            try:
-                s.bind((_HOST, port))
-            except OSError:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    spans = [(max(1024, low // 2), low - 1), (high + 1, 65535)]
+    for start, end in spans:
+        if end - start < 100:
+            continue
+        for _ in range(1000):
+            port = random.randint(start, end)  # noqa: S311 - a port, not a secret
+            if port in _HANDED_OUT:
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind((_HOST, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
             return port
-    raise BrokerError(f"no free loopback port between {low // 2} and {low - 1}")
+    raise BrokerError(f"no free loopback port outside the ephemeral range {low}-{high}")
 
 
 def find_nats_server() -> Path:

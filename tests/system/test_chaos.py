@@ -89,11 +89,11 @@ def test_a_consumer_ten_times_slower_for_a_while_falls_behind_and_loses_nothing(
     assert [(f["kind"], f["down_s"]) for f in report["faults"]] == [("slow", 15.0)]
     slow, other = report["consumers"]
     assert slow["deferred"] > 0  # it fell behind
-    assert other["deferred"] == 0
     for consumer in (slow, other):
-        assert (consumer["lost"], consumer["duplicates"], consumer["out_of_order"]) == (0, 0, 0)
+        # no row missing below the last one it saw, none twice, none out of order
+        assert (consumer["lost"], consumer["missing"]) == (0, 0)
+        assert (consumer["duplicates"], consumer["out_of_order"]) == (0, 0)
         assert (consumer["sessions"], consumer["resumes"], consumer["error"]) == (1, 0, None)
-    # the slow one has every row the other has, but what was emitted in the last moments
-    assert slow["rows"] >= other["rows"] - 200
+        assert consumer["rows"] > 4000  # ~45 s at 200 rows/s, less the warm-up
     assert report["unrecovered"] == 0
     assert "--faults slow --slow 15 --queue 20" in (out / "report.md").read_text()
