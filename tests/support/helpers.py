@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -75,3 +79,19 @@ def repack(payload: bytes, **changes: Any) -> bytes:
 
 def gen_key(kind: KeyKind) -> ConsumerKey:
     return ConsumerKey.generate(kind, rsa_bits=2048)
+
+
+def run_chaos(out: Path, *words: str, timeout_s: float) -> dict[str, Any]:
+    """``sealstream chaos WORDS --out OUT`` in a process of its own; its report (``OUT``),
+    after checking that it wrote one and exited 0 (with its output in the failure)."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "sealstream"), "chaos", *words, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert (out / "report.json").exists(), proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return report

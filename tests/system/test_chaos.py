@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.helpers import run_chaos
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_chaos_run_recovers_from_every_fault_without_duplicates(tmp_path: Path) -> None:
     out = tmp_path / "chaos"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "sealstream"),
-            "chaos",
-            "--duration",
-            "95",
-            "--faults",
-            "nats,proxy-a,producer,proxy-b",
-            "--max-outage",
-            "6",
-            "--consumers",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert (out / "report.json").exists(), proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    words = ["--duration", "95", "--faults", "nats,proxy-a,producer,proxy-b"]
+    report = run_chaos(out, *words, "--max-outage", "6", "--consumers", "2", timeout_s=280)
     assert report["problems"] == []
     assert [f["kind"] for f in report["faults"]] == ["nats", "proxy-a", "producer", "proxy-b"]
     for consumer in report["consumers"]:
@@ -60,31 +38,8 @@ def test_a_consumer_ten_times_slower_for_a_while_falls_behind_and_loses_nothing(
     with a queue of 20 envelopes: it falls behind (envelopes let go, read again from the
     store), catches up, and loses nothing; the other streams on as if nothing happened."""
     out = tmp_path / "slow"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "sealstream"),
-            "chaos",
-            "--duration",
-            "45",
-            "--faults",
-            "slow",
-            "--slow",
-            "15",
-            "--queue",
-            "20",
-            "--consumers",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert (out / "report.json").exists(), proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    words = ["--duration", "45", "--faults", "slow", "--slow", "15", "--queue", "20"]
+    report = run_chaos(out, *words, "--consumers", "2", timeout_s=180)
     assert report["problems"] == []
     assert [(f["kind"], f["down_s"]) for f in report["faults"]] == [("slow", 15.0)]
     slow, other = report["consumers"]

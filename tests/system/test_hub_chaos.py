@@ -2,43 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.helpers import run_chaos
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_hub_chaos_run_recovers_from_a_leaf_outage(tmp_path: Path) -> None:
     out = tmp_path / "chaos"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "sealstream"),
-            "chaos",
-            "--topology",
-            "hub",
-            "--duration",
-            "50",
-            "--faults",
-            "leaf",
-            "--leaf-outage",
-            "8",
-            "--consumers",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
-    assert (out / "report.json").exists(), proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    words = ["--topology", "hub", "--duration", "50", "--faults", "leaf", "--leaf-outage", "8"]
+    report = run_chaos(out, *words, "--consumers", "1", timeout_s=220)
     assert report["problems"] == []
     [fault] = report["faults"]
     assert fault["kind"] in ("leaf (leaf-acme)", "leaf (leaf-globex)")
