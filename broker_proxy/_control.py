@@ -195,8 +195,8 @@ class SessionApi:
             now=core.clock(),
             key_mode=req.key_mode,
             # what it misses while cut off is kept: it may come back later than 3 keepalives
-            # (not in group mode, whose data envelopes are not replayed)
-            grace_s=core.config.store_grace_s if store and req.key_mode != "group" else 0.0,
+            # (in group mode to its keys and gseq line: what it missed is a counted gap)
+            grace_s=core.config.store_grace_s if store else 0.0,
         )
         if core.shared is not None and not await core.shared.create(entry):
             core.registry.remove(session)
