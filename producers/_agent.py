@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -120,7 +121,9 @@ class Agent(AsyncResource):
         #: replaced (and the old one set) whenever envelopes leave the outbox
         self._progress = asyncio.Event()
         self._commit = GroupCommit(
-            self._seal_stored, self._stored_or_stop, max_rows=config.batching.max_rows
+            self._seal_stored,
+            functools.partial(self._stored, until_stop=True),
+            max_rows=config.batching.max_rows,
         )
         self.published = 0
         self.published_bytes = 0
@@ -439,19 +442,16 @@ class Agent(AsyncResource):
         await self._seal(stream, rows, packed)
         return self.outbox.ticket
 
-    async def _stored(self, ticket: int) -> None:
+    async def _stored(self, ticket: int, *, until_stop: bool = False) -> None:
         """Wait until every envelope put up to ``ticket`` has left the outbox (stored, or
-        given up by a session that ended); BrokerError if the agent stops first."""
+        given up by a session that ended); BrokerError if the agent stopped first (its last
+        drain is over), or, ``until_stop``, return as soon as it stops (the commit task: the
+        callers wait on for their own rows)."""
         while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
+            if self._stop.is_set() and until_stop:
+                return
             if self._stop.is_set() and self._nc.is_closed:
                 raise BrokerError("the producer stopped before the rows were stored")
-            await self._progress.wait()
-
-    async def _stored_or_stop(self, ticket: int) -> None:
-        """As :meth:`_stored`, but over once the agent stops (the callers wait on)."""
-        while (oldest := self.outbox.oldest()) is not None and oldest <= ticket:
-            if self._stop.is_set():
-                return
             await self._progress.wait()
 
     def _progressed(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -271,8 +272,6 @@ async def _consume(
 _KINDS = ("nats", "proxy-a", "proxy-b", "producer")
 #: asked for by name only (not in the random schedule)
 _ON_REQUEST = ("slow",)
-#: the consumers' inbox queue by default (the client's)
-_QUEUE = 10_000
 
 
 def _plan(
@@ -314,7 +313,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
     kinds = [k for k in args.faults.split(",") if k] if args.faults else None
     if kinds and not set(kinds) <= {*_KINDS, *_ON_REQUEST}:
         raise ValueError(f"fault kinds are {', '.join((*_KINDS, *_ON_REQUEST))}")
-    if args.slow <= 0 or args.queue < 1:
+    if args.slow <= 0 or (args.queue is not None and args.queue < 1):
         raise ValueError("--slow must be positive and --queue at least 1")
     faults = _plan(rng, args.duration, args.min_outage, args.max_outage, kinds, args.slow)
     out: Path = args.out
@@ -333,8 +332,9 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
             key_kind="x25519",
             policy="discard",
             request_timeout_s=3.0,
-            queue_size=args.queue,
         )
+        if args.queue is not None:
+            config = dataclasses.replace(config, queue_size=args.queue)
         seen = [Seen() for _ in range(args.consumers)]
         started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
@@ -409,9 +409,11 @@ def _what(result: dict[str, Any]) -> str:
             "its recovery: from the end of its slowness to the first row emitted after it)"
         )
     store = ", kept in the broker store" if result.get("store") else ", no store"
+    queue = result.get("queue")
     return (
-        f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s{store}, "
-        f"consumers' inbox queues of {result.get('queue', _QUEUE):,} envelopes): "
+        f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s{store}"
+        + (f", consumers' inbox queues of {queue:,} envelopes" if queue else "")
+        + "): "
         f"{' and '.join(faults) or 'no fault'}, at seeded moments, while library consumers "
         "(`resume=True`) stream."
     )

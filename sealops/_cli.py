@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--slow", type=float, default=60.0, help="a slow fault's length, s")
     c.add_argument(
-        "--queue", type=int, default=10_000, help="each consumer's inbox queue, envelopes (10000)"
+        "--queue", type=int, help="each consumer's inbox queue, envelopes (the client's default)"
     )
     c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
     _hub_chaos_options(c)
