@@ -216,7 +216,7 @@ async def connect(
     return nc
 
 
-async def settle(nc: nats.aio.client.Client) -> None:
+async def settle(nc: nats.aio.client.Client, *, timeout_s: int = 10) -> None:
     """Return once the server ``nc`` is connected to has processed everything it sent so
     far, subscriptions included, so another connection's request through that server can no
     longer miss them (in a NATS cluster, other servers learn of a subscription a moment later).
@@ -225,9 +225,15 @@ async def settle(nc: nats.aio.client.Client) -> None:
     ahead of the SUBs still queued for its flusher task, so the PONG can come back before the
     server has seen them (a request sent then got "no responders"). By the first PONG the
     flusher has written the queue; the second PING follows it on the wire.
+
+    A server that does not answer within ``timeout_s`` (a stalled or overloaded one, a
+    connection cut meanwhile) is a :class:`BrokerError`, passing: the caller's retry decides.
     """
-    await nc.flush()
-    await nc.flush()
+    try:
+        await nc.flush(timeout=timeout_s)
+        await nc.flush(timeout=timeout_s)
+    except nats.errors.Error as exc:
+        raise BrokerError(f"the NATS server did not answer: {exc}") from None
 
 
 async def release(nc: nats.aio.client.Client | None, *, reconnect_wait_s: float = 2.0) -> None:

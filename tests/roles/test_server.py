@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -132,6 +134,22 @@ async def test_settle_pings_after_the_subscription_is_on_the_wire(nats_url: str)
 
 async def _pong(msg: Any) -> None:
     await msg.respond(b"pong")
+
+
+async def test_settle_on_a_server_that_does_not_answer_is_a_passing_broker_error() -> None:
+    """A server stalled after the connection was made (SIGSTOP: a real process that stops
+    answering) makes ``settle`` raise the project's passing error, not nats-py's timeout: a
+    session's open retries it (a flush timing out there ended a consumer's subscription)."""
+    with EmbeddedServer(ServerOptions(jetstream=False)) as server:
+        client = await connect(server.url, name="test-stalled", connect_timeout=1)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BrokerError, match="did not answer") as caught:
+                await settle(client, timeout_s=1)
+            assert caught.value.retriable
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            await client.close()
 
 
 async def test_jetstream_is_enabled(nc: Any) -> None:
