@@ -122,7 +122,12 @@ class SessionApi:
         if isinstance(request, ResumeRequest):
             entry = self._owned(op, request)
             answer = await replay(
-                self._core, entry, request.after, limit=request.limit, cursor=request.cursor
+                self._core,
+                entry,
+                request.after,
+                limit=request.limit,
+                cursor=request.cursor,
+                group=request.group,
             )
             self.replayed += answer.replayed
             return answer

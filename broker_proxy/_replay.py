@@ -12,6 +12,7 @@ from broker_proxy._core import ProxyCore
 from broker_proxy._registry import SessionEntry
 from sealstream import SessionError, WireError
 from sealstream.control import Replayed
+from sealstream.groupwire import decode_group_envelope
 from sealstream.store import stream_name
 from sealstream.wire import decode_envelope
 
@@ -33,15 +34,24 @@ async def replay(
     *,
     limit: int | None = None,
     cursor: int | None = None,
+    group: str | None = None,
 ) -> Replayed:
     """Publish on the session's inbox every stored envelope of its data subject whose ``seq``
-    is greater than ``after``, once per ``seq``, in stream order: all of them, or a page of at
-    most ``limit`` read from the stream position ``cursor`` on (the previous page's answer;
-    a hint that only skips the session's own envelopes). SessionError ``bad_request``
-    without a store, ``cluster_unavailable`` (passing) when the store is out of reach."""
+    is greater than ``after`` (of ``group``'s subject, whose ``gseq``: a group member), once
+    per ``seq``, in stream order: all of them, or a page of at most ``limit`` read from the
+    stream position ``cursor`` on (the previous page's answer; a hint that only skips
+    envelopes not asked for). SessionError ``bad_request`` without a store, or for a group
+    the session is not a member of; ``cluster_unavailable`` (passing) when the store is out
+    of reach."""
     js = core.nc.jetstream(timeout=core.config.control_timeout_s)
     name = stream_name(core.config.prefix, entry.cluster)
-    subject = core.subjects.data(entry.cluster, entry.session)
+    if group is None:
+        subject = core.subjects.data(entry.cluster, entry.session)
+    elif entry.key_mode == "group" and group in entry.streams:
+        subject = core.subjects.group(entry.cluster, group)
+    else:
+        raise SessionError("bad_request", f"the session is not a member of group {group!r}")
+    decode = decode_envelope if group is None else decode_group_envelope
     inbox = core.subjects.inbox(entry.session)
     max_size = core.config.limits.envelope_bytes
     published, first, more, position = 0, None, False, None
@@ -66,11 +76,13 @@ async def replay(
                 msg = await sub.next_msg(timeout=core.config.control_timeout_s)
                 position = msg.metadata.sequence.stream
                 try:
-                    env = decode_envelope(msg.data, max_size=max_size)
+                    env = decode(msg.data, max_size=max_size)
                 except WireError as exc:  # the store holds what the subject took: count it
                     log.info("replay.skipped", session=entry.session, reason=exc.reason)
                 else:
-                    if env.session == entry.session and env.seq > seq:
+                    # a group envelope names no session (the same bytes go to every member)
+                    ours = group is not None or env.session == entry.session
+                    if ours and env.seq > seq:
                         await core.nc.publish(inbox, msg.data)
                         seq = env.seq
                         first = env.seq if first is None else first
@@ -90,7 +102,9 @@ async def replay(
         raise SessionError(
             "cluster_unavailable", f"the store is out of reach: {exc!r}", retry=True
         ) from None
-    log.info("session.replayed", session=entry.session, after=after, envelopes=published)
+    log.info(
+        "session.replayed", session=entry.session, group=group, after=after, envelopes=published
+    )
     if limit is None:
         return Replayed(published, first=first)
     next_at = None if position is None else position + 1

@@ -5,13 +5,16 @@ the hold's time runs out; then they go to the session's strict ``seq`` check in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 
 from sealstream import Envelope
+from sealstream.groupwire import GroupEnvelope
 
-__all__ = ["Hold"]
+__all__ = ["GroupHolds", "Hold"]
 
 
 class Hold:
@@ -96,14 +99,19 @@ class Hold:
             return None
         return self._since + self.hold_s
 
-    def next(self, last: int, *, now: float) -> Envelope | None:
-        """The envelope to open now after ``last`` (the last accepted seq), or None."""
+    def next(
+        self, last: int, *, now: float, ready: Callable[[Envelope], bool] | None = None
+    ) -> Envelope | None:
+        """The envelope to open now after ``last`` (the last accepted seq), or None; with
+        ``ready``, the lowest that follows ``last`` waits too until ``ready`` says it may go
+        (a group batch whose key is on its way)."""
         if not self._seqs:
             return None
         seq = self._seqs[0]
         due = self.deadline
+        waits = seq > last + 1 or (ready is not None and not ready(self._by_seq[seq][0]))
         if (
-            seq > last + 1
+            waits
             and self.count <= self.max_count
             and self.size <= self.max_bytes
             and (due is None or now < due)
@@ -123,6 +131,92 @@ class Hold:
 
 def _digest(env: Envelope) -> bytes:
     """The envelope's every field (the body's protected header binds them, but an envelope
-    is a copy only if all of it is)."""
+    is a copy only if all of it is; a group batch's epoch and signature too)."""
     fields = repr((env.kind, env.cluster, env.session, env.stream, env.seq, env.ts))
-    return hashlib.blake2b(fields.encode() + b"\0" + env.body, digest_size=16).digest()
+    signed = repr(env.epoch).encode() + b"\0" + env.sig if isinstance(env, GroupEnvelope) else b""
+    return hashlib.blake2b(
+        fields.encode() + b"\0" + signed + b"\0" + env.body, digest_size=16
+    ).digest()
+
+
+class GroupHolds:
+    """A group member's holds, one per group, by ``gseq`` (docs/protocol.md, "Lossless
+    delivery", group mode): a batch past a gap of its group waits, and so does the next one
+    while its epoch's key is not installed yet. ``line(group)`` is the member's ``(last gseq,
+    newest epoch)`` of a group, None before its first key (its batches are then skipped by
+    the checks, never held)."""
+
+    def __init__(self, line: Callable[[str], tuple[int, int] | None]) -> None:
+        self._line = line
+        self.holds: dict[str, Hold] = {}
+        #: a group's held batches wait for nothing: the deployment keeps no store
+        self.no_store = False
+
+    @property
+    def duplicates(self) -> int:
+        return sum(hold.duplicates for hold in self.holds.values())
+
+    def take(self, env: GroupEnvelope, *, now: float) -> str:
+        """What to do with a batch that just arrived: ``open`` it now, it is ``held`` (past
+        a gap: ask its group's resume), ``waiting`` for its key, or a ``duplicate``."""
+        line = self._line(env.stream)
+        if line is None:
+            return "open"
+        last, epoch = line
+        hold = self._hold(env.stream)
+        if env.seq <= last:
+            return "duplicate" if hold.duplicate(env) else "open"
+        if env.seq > last + 1:
+            hold.add(env, now=now)
+            return "held"
+        if env.epoch > epoch:
+            hold.add(env, now=now)
+            return "waiting"
+        return "open"
+
+    def _hold(self, group: str) -> Hold:
+        hold = self.holds.get(group)
+        if hold is None:
+            hold = self.holds[group] = Hold(hold_s=0.0 if self.no_store else 2.0)
+        return hold
+
+    def accepted(self, env: GroupEnvelope) -> None:
+        self._hold(env.stream).accepted(env)
+
+    def extend(self, group: str, *, now: float) -> None:
+        if group in self.holds:
+            self.holds[group].extend(now=now)
+
+    def stop_holding(self) -> None:
+        """No store: nothing will fill a gap, release at once."""
+        self.no_store = True
+        for hold in self.holds.values():
+            hold.hold_s = 0.0
+
+    def deadline(self, waiting: Callable[[str], bool]) -> float | None:
+        """The earliest time a held batch goes to the checks whatever came."""
+        due: float | None = None
+        for group, hold in self.holds.items():
+            hold.waiting = waiting(group)
+            at = hold.deadline
+            if at is not None and (due is None or at < due):
+                due = at
+        return due
+
+    def next(self, waiting: Callable[[str], bool], *, now: float) -> Envelope | None:
+        """A held batch to open now, if any."""
+        for group, hold in self.holds.items():
+            line = self._line(group)
+            if not hold or line is None:
+                continue
+            last, epoch = line
+            hold.waiting = waiting(group)
+            env = hold.next(last, now=now, ready=functools.partial(_keyed, epoch))
+            if env is not None:
+                return env
+        return None
+
+
+def _keyed(newest: int, env: Envelope) -> bool:
+    """Whether the key of ``env``'s epoch is installed (``newest``: the group's newest)."""
+    return not isinstance(env, GroupEnvelope) or env.epoch <= newest

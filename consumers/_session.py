@@ -71,6 +71,8 @@ class ReplayDone:
     after: int | None = None
     #: where the store is read next, once this page is accepted
     cursor: int | None = None
+    #: a group resume's group (``after`` and ``first`` are then ``gseq``s)
+    group: str | None = None
 
 
 class LiveSession(AsyncResource):
@@ -133,6 +135,10 @@ class LiveSession(AsyncResource):
         self._resuming = False
         #: the last accepted seq the last resume asked after: one request per gap
         self._asked_after: int | None = None
+        #: (a group member) the groups whose resume is in flight, and the last accepted
+        #: gseq each group's last resume asked after
+        self._group_resuming: set[str] = set()
+        self._group_asked: dict[str, int | None] = {}
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
         self._pageable = False
@@ -283,7 +289,7 @@ class LiveSession(AsyncResource):
                 await self._client.request(subject, ref, KeptAlive, nc=self._conn)
                 if self._conn.stats["reconnects"] != self._reconnects:  # a shared connection
                     self._reconnects = self._conn.stats["reconnects"]
-                    self.ask_resume(again=True)
+                    self._ask_all()
             except SessionError as exc:
                 if exc.retriable or exc.code == "limit_exceeded":  # busy: the session stays
                     log.warning("session.keepalive_refused", session=session, code=exc.code)
@@ -323,6 +329,35 @@ class LiveSession(AsyncResource):
         limit = self._page_room() if self._pageable else None
         self._tg.create_task(self._resume(after, limit=limit))
 
+    def group_resuming(self, group: str) -> bool:
+        """A resume of ``group``'s batches is in flight."""
+        return group in self._group_resuming
+
+    def ask_group_resume(self, group: str, *, again: bool = False) -> None:
+        """(A group member) ask the proxy for the batches of ``group`` that follow the last
+        ``gseq`` accepted of it, at most a page; the answer comes through the queue as a
+        :class:`ReplayDone` naming the group. One at a time per group, once per last
+        accepted ``gseq`` unless ``again``."""
+        crypto = self.crypto
+        if not isinstance(crypto, GroupMember) or not self.store or self._tg is None:
+            return
+        line = crypto.line(group)
+        if line is None or group in self._group_resuming or self._stop.is_set():
+            return
+        after = line[0]
+        if self._group_asked.get(group) == after and not again:
+            return
+        self._group_asked[group] = after
+        self._group_resuming.add(group)
+        self._tg.create_task(self._resume(after, limit=self._page_room(), group=group))
+
+    def _ask_all(self) -> None:
+        """After a reconnect: what the session and each of its groups missed meanwhile."""
+        self.ask_resume(again=True)
+        if isinstance(self.crypto, GroupMember):
+            for group in self.crypto.groups:
+                self.ask_group_resume(group, again=True)
+
     def fall_behind(self) -> None:
         """Read what follows the last accepted ``seq`` from the store, page by page, from
         now on (a fresh episode: nothing of an earlier one carries over)."""
@@ -361,24 +396,32 @@ class LiveSession(AsyncResource):
         self._resuming = True
         self._tg.create_task(self._resume(after, limit=self._page_limit, page=True))
 
-    async def _resume(self, after: int, *, limit: int | None = None, page: bool = False) -> None:
+    async def _resume(
+        self,
+        after: int,
+        *,
+        limit: int | None = None,
+        page: bool = False,
+        group: str | None = None,
+    ) -> None:
         assert self.crypto is not None
         session = self.crypto.session
-        done = ReplayDone(0, page=page, more=page, after=after)
+        done = ReplayDone(0, page=page, more=page, after=after, group=group)
         failed = True
         try:
             cursor = self.cursor if page else None
-            req = ResumeRequest(session, self._client.token(), after, limit, cursor)
+            req = ResumeRequest(session, self._client.token(), after, limit, cursor, group)
             subject = self._client.subjects.api_resume
             answer = await self._client.request(subject, req, Replayed, nc=self._conn)
             self.store = True
             failed = False
             done = ReplayDone(
-                answer.replayed, page, answer.more, answer.first, after, answer.cursor
+                answer.replayed, page, answer.more, answer.first, after, answer.cursor, group
             )
             log.info(
                 "session.resume_answered",
                 session=session,
+                group=group,
                 after=after,
                 replayed=done.replayed,
                 limit=limit,
@@ -387,23 +430,39 @@ class LiveSession(AsyncResource):
         except SessionError as exc:
             if exc.code == "bad_request" and exc.detail.startswith("no store"):
                 self.store = self._pageable = self.behind = False
-                done = ReplayDone(None, page, after=after)
+                done = ReplayDone(None, page, after=after, group=group)
             elif exc.retriable:  # the store or the proxy out of reach a moment: ask again
-                self._asked_after = None
-            log.info("session.resume_refused", session=session, code=exc.code, error=exc.detail)
+                self._forget_asked(group)
+            log.info(
+                "session.resume_refused",
+                session=session,
+                group=group,
+                code=exc.code,
+                error=exc.detail,
+            )
         except BrokerError as exc:
-            self._asked_after = None
-            log.info("session.resume_failed", session=session, error=str(exc))
+            self._forget_asked(group)
+            log.info("session.resume_failed", session=session, group=group, error=str(exc))
         finally:
             if page and failed:  # asked again by the iterator (a stall): not at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=_PAGE_RETRY_S)
-            self._resuming = False
+            if group is None:
+                self._resuming = False
+            else:
+                self._group_resuming.discard(group)
             self.push(done)
+
+    def _forget_asked(self, group: str | None) -> None:
+        """A resume failed for a passing reason: the same gap may be asked again."""
+        if group is None:
+            self._asked_after = None
+        else:
+            self._group_asked[group] = None
 
     async def _on_reconnected(self) -> None:
         self._reconnects = self._conn.stats["reconnects"]
-        self.ask_resume(again=True)
+        self._ask_all()
 
     def _resumable(self) -> bool:
         """A session whose own connection closed (the broker ended its login) may be

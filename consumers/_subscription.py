@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 import structlog
 
-from consumers._hold import Hold
+from consumers._hold import GroupHolds, Hold
 from consumers._session import LiveSession, Lost, ReplayDone
 from sealstream import BrokerError, Envelope, IntegrityError, Notice, SessionError, TrustError
 from sealstream.crypto import (
@@ -21,7 +21,9 @@ from sealstream.crypto import (
     ConsumerKey,
     ConsumerSession,
     End,
+    GroupMember,
 )
+from sealstream.groupwire import GroupEnvelope
 from sealstream.resource import AsyncResource
 
 if TYPE_CHECKING:
@@ -99,8 +101,10 @@ class Subscription(AsyncResource, Generic[_T]):
         self._retry_s = retry_s
         self._resume_timeout_s = resume_timeout_s
         self._live: LiveSession | None = None
-        #: the current session's envelopes that arrived ahead of a gap
+        #: the current session's envelopes that arrived ahead of a gap, and (group mode)
+        #: its groups' batches
         self._hold = Hold()
+        self._group_holds = self._holds_for(None)
         self.end_reason: str | None = None
         #: an error ended the iteration (raised once: a failed resume, a stopped keepalive)
         self._failed = False
@@ -140,12 +144,13 @@ class Subscription(AsyncResource, Generic[_T]):
             gaps=past.gaps + (s.gaps if s else 0),
             lost=past.lost + (s.lost if s else 0),
             sessions=past.sessions + (1 if live else 0),
-            duplicates=self._hold.duplicates,
+            duplicates=self._hold.duplicates + self._group_holds.duplicates,
             deferred=past.deferred + (live.deferred if live else 0),
         )
 
     async def _start(self) -> None:
         self._live, _ = await self._open(self._key, self._retry_s)
+        self._group_holds = self._holds_for(self._live.crypto)
         self._stack.push_async_callback(self._close_live)
 
     async def _close_live(self) -> None:
@@ -216,9 +221,10 @@ class Subscription(AsyncResource, Generic[_T]):
         log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
         await self._close_live()
         hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
-        self._hold.duplicates = hold.duplicates
+        self._hold.duplicates = hold.duplicates + self._group_holds.duplicates
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
+            self._group_holds = self._holds_for(self._live.crypto)
         except BaseException:
             # raised to this call; the iteration ends there (not "use it inside 'async with'")
             self._failed = True
@@ -252,6 +258,8 @@ class Subscription(AsyncResource, Generic[_T]):
                     live.ask_page()
             self._hold.waiting = live.resuming  # its time runs from the answer
             held = self._hold.next(session.last_seq, now=loop.time())
+            if held is None:
+                held = self._group_holds.next(live.group_resuming, now=loop.time())
             item = held if held is not None else await self._next_item(live)
             if isinstance(item, BaseException):  # the session's keepalive stopped with it
                 self._failed = True
@@ -260,6 +268,9 @@ class Subscription(AsyncResource, Generic[_T]):
                 if self._resume and item.resumable:
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
+            if isinstance(item, ReplayDone) and item.group is not None:
+                self._group_replayed(live, item, now=loop.time())
+                continue
             if isinstance(item, ReplayDone) and item.page:
                 self._paged(live, session, item)
                 continue
@@ -274,7 +285,14 @@ class Subscription(AsyncResource, Generic[_T]):
                 continue
             try:
                 parsed = session.parse(item) if isinstance(item, bytes) else item
-                if isinstance(parsed, Envelope) and live.store:
+                if isinstance(parsed, GroupEnvelope):  # (an Envelope too) held by gseq
+                    if live.store and held is None:
+                        taken = self._group_holds.take(parsed, now=loop.time())
+                        if taken == "held":
+                            live.ask_group_resume(parsed.stream)
+                        if taken != "open":
+                            continue
+                elif isinstance(parsed, Envelope) and live.store:
                     if parsed.seq <= session.last_seq and self._hold.duplicate(parsed):
                         continue  # a replay's copy of what the live stream brought: once only
                     if live.behind and session.last_seq + 1 < parsed.seq != live.floor:
@@ -291,7 +309,10 @@ class Subscription(AsyncResource, Generic[_T]):
                 if not session.keyed and session.rejected["untrusted_key"]:
                     raise self._untrusted(session) from None  # it says more
                 raise
-            if live.store and isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
+            if isinstance(parsed, GroupEnvelope):
+                if live.store and isinstance(result, Batch):
+                    self._group_holds.accepted(parsed)
+            elif live.store and isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
                 self._hold.accepted(parsed)
                 if live.floor is not None and parsed.seq >= live.floor:
                     live.floor = None
@@ -314,6 +335,24 @@ class Subscription(AsyncResource, Generic[_T]):
                     if self._resume:
                         return await self._resume_after(reason)  # type: ignore[return-value]
                     raise SessionError("ended", reason)
+
+    @staticmethod
+    def _holds_for(session: ConsumerSession | None) -> GroupHolds:
+        """The group holds of a session (none held for a session that is not a member)."""
+        if isinstance(session, GroupMember):
+            return GroupHolds(session.line)
+        return GroupHolds(lambda _group: None)
+
+    def _group_replayed(self, live: LiveSession, done: ReplayDone, *, now: float) -> None:
+        """A group resume's answer: its hold's time runs from now; the next page when the
+        store said there is more and this one moved the group's line on."""
+        assert done.group is not None
+        if done.replayed is None:  # no store: nothing will fill a gap, don't wait
+            self._group_holds.stop_holding()
+            return
+        self._group_holds.extend(done.group, now=now)
+        if done.more:
+            live.ask_group_resume(done.group)  # once per last gseq: none if nothing moved
 
     def _paged(self, live: LiveSession, session: ConsumerSession, done: ReplayDone) -> None:
         """A page's answer (the session is behind): ask the next one, or read the same one
@@ -377,7 +416,14 @@ class Subscription(AsyncResource, Generic[_T]):
             return live.get_nowait()
         if live.ending is not None:
             return live.ending
-        held = self._hold.deadline
+        held = min(
+            (
+                at
+                for at in (self._hold.deadline, self._group_holds.deadline(live.group_resuming))
+                if at is not None
+            ),
+            default=None,
+        )
         deadline = min(
             live.key_deadline if watched else float("inf"),
             held if held is not None else float("inf"),

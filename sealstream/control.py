@@ -240,7 +240,8 @@ def decode_session_ref(m: Mapping[str, Any]) -> SessionRef:
 @dataclass(frozen=True, slots=True)
 class ResumeRequest:
     """resume request (a deployment with a store): ``{"v":1, "token":JWT, "session":id,
-    "after":n}``, ``after`` the last ``seq`` the consumer accepted (-1: none)."""
+    "after":n}``, ``after`` the last ``seq`` the consumer accepted (-1: none); with
+    ``"group":s`` (a group member), the last ``gseq`` it accepted of group ``s``."""
 
     session: str
     token: str = field(repr=False)
@@ -249,6 +250,8 @@ class ResumeRequest:
     limit: int | None = None
     #: where the previous page's answer said to read next (a hint; None: from the start)
     cursor: int | None = None
+    #: (a group member) the group whose batches to replay: ``after`` is then a ``gseq``
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and not 1 <= self.limit <= MAX_REPLAY_LIMIT:
@@ -267,6 +270,8 @@ class ResumeRequest:
             m["limit"] = self.limit
         if self.cursor is not None:
             m["cursor"] = self.cursor
+        if self.group is not None:
+            m["group"] = self.group
         return m
 
 
@@ -277,8 +282,9 @@ def decode_resume(m: Mapping[str, Any]) -> ResumeRequest:
         raise WireError("bad_value", "after must be a seq, or -1")
     limit = _field(m, "limit", int) if "limit" in m else None
     cursor = _field(m, "cursor", int) if "cursor" in m else None
+    group = _field(m, "group", str) if "group" in m else None
     try:
-        return ResumeRequest(ref.session, ref.token, after, limit, cursor)
+        return ResumeRequest(ref.session, ref.token, after, limit, cursor, group)
     except ValueError as exc:
         raise WireError("bad_value", str(exc)) from None
 

@@ -281,6 +281,10 @@ class _Group:
     current: str
 
 
+#: a member keeps, per group, the current key and up to 7 previous ones (docs/protocol.md)
+KEYS_KEPT: Final = 8
+
+
 class GroupMember(ConsumerSession):
     """A group-mode session on the consumer: :meth:`accept` as :class:`ConsumerSession`'s,
     plus group batches (a :class:`Batch` whose ``seq`` is the group's ``gseq``). ``skipped``
@@ -314,6 +318,12 @@ class GroupMember(ConsumerSession):
     @property
     def keyed(self) -> bool:
         return bool(self.groups)
+
+    def line(self, group: str) -> tuple[int, int] | None:
+        """The group's last accepted ``gseq`` and the newest epoch installed; None before
+        its first key."""
+        state = self.groups.get(group)
+        return None if state is None else (state.last_gseq, state.epoch)
 
     def _parse(self, payload: bytes) -> Envelope | Notice:
         try:
@@ -368,9 +378,10 @@ class GroupMember(ConsumerSession):
         new = _GroupKey(aead(secret), epoch, verifier)
         if state is None:
             self.groups[group] = _Group(epoch, gseq - 1, epoch, {kid: new}, kid)
-        else:  # keep the previous key only, for batches still in flight
-            previous = state.keys[state.current]
-            state.keys = {kid: new, state.current: previous}
+        else:  # keep the previous keys, for batches in flight or replayed from a store
+            state.keys[kid] = new  # a dict keeps the order installed: the oldest first
+            while len(state.keys) > KEYS_KEPT:
+                del state.keys[next(iter(state.keys))]
             state.current, state.epoch = kid, epoch
         log.debug("group.key_accepted", session=self.session, group=group, epoch=epoch)
 

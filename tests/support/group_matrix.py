@@ -255,6 +255,20 @@ def group_cases() -> list[GroupCase]:
         .ok(k0[s], e0)
     )
 
+    # batches replayed after several rotations' keys: 8 keys kept a group, the ninth let go
+    w = World(12)
+    s = w.join(key)
+    sealed = []
+    for _ in range(9):
+        sealed.append(w.seal())
+        w.advance(601.0)  # the key is too old by the next seal: a rotation
+    rotations = GroupCase("group keys kept for batches replayed after rotations", w, key)
+    cases.append(
+        rotations.ok(*(k[s] for k, _ in sealed))
+        .bad("unknown_kid", sealed[0][1])
+        .ok(*(e for _, e in sealed[1:]))
+    )
+
     # joining late: batches from before are skipped; a leaver's old epoch and a later one
     w = World(5)
     early = k.consumer["early"]

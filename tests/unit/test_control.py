@@ -144,6 +144,18 @@ def test_a_page_request_round_trips(session: str, after: int, limit: int, cursor
     assert encode(req) == pack({"v": 1, "token": "t", "session": session, "after": after} | extra)
 
 
+def test_a_group_resume_names_its_group() -> None:
+    req = ResumeRequest(SESSION, "t", 7, 50, None, "http_events")
+    assert decode_request("resume", encode(req)) == req
+    assert encode(req) == pack(
+        {"v": 1, "token": "t", "session": SESSION, "after": 7, "limit": 50, "group": "http_events"}
+    )
+    base = {"v": 1, "token": "t", "session": SESSION, "after": 3}
+    for group in (1, None, b"records", ["records"]):
+        with pytest.raises(WireError):
+            decode_request("resume", pack({**base, "group": group}))
+
+
 def test_a_page_is_1_to_the_limit_from_a_positive_cursor() -> None:
     base = {"v": 1, "token": "t", "session": SESSION, "after": 3}
     for bad in (

@@ -341,6 +341,24 @@ def test_a_new_member_cannot_open_batches_from_before_it_joined() -> None:
     assert len(old.keys) == 2
 
 
+def test_a_member_keeps_eight_keys_so_batches_replayed_after_rotations_open() -> None:
+    """Batches replayed from a store can come after the keys of several rotations: a member
+    keeps the current key and 7 previous ones of a group (docs/protocol.md), no more."""
+    g = Group()
+    member = g.join()
+    batches = []
+    for i in range(9):
+        batches.append(g.seal(i, deliver=False))  # its key envelopes were delivered first
+        g.clock.advance(1.0)
+        g.join()  # the next seal rotates
+    assert g.sealer.epoch == 8
+    rejected(member, batches[0], "unknown_kid")  # the ninth key back is let go
+    for i, env in enumerate(batches[1:], start=1):
+        batch = member.consumer.accept(env)
+        assert isinstance(batch, Batch)
+        assert batch.rows == [{"i": i}]
+
+
 def test_joins_are_coalesced_and_leaves_are_not() -> None:
     g = Group()
     g.join()

@@ -6,8 +6,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers._hold import Hold
+from consumers._hold import GroupHolds, Hold
 from sealstream import Envelope
+from sealstream.groupwire import GroupEnvelope
 
 SESSION = "-" + "A" * 42  # a session id may start with "-"
 
@@ -102,3 +103,79 @@ def test_while_a_replay_is_asked_for_the_hold_waits_for_its_answer() -> None:
     hold.extend(now=100.0)
     assert hold.next(0, now=101.0) is None
     assert hold.next(0, now=102.0) == env(5)
+
+
+def group_env(gseq: int, epoch: int = 0, body: bytes = b"genuine") -> GroupEnvelope:
+    ts = 1_700_000_000_000_000_000
+    return GroupEnvelope("group", "c1", "", "records", gseq, ts, body, epoch, b"s" * 64)
+
+
+class Line:
+    """A member's (last gseq, newest epoch) of each group it holds a key of."""
+
+    def __init__(self, **groups: tuple[int, int]) -> None:
+        self.groups = groups
+
+    def __call__(self, group: str) -> tuple[int, int] | None:
+        return self.groups.get(group)
+
+
+def never(_group: str) -> bool:
+    return False
+
+
+def test_a_group_batch_past_a_gap_is_held_until_the_gap_fills() -> None:
+    line = Line(records=(4, 0))
+    holds = GroupHolds(line)
+    assert holds.take(group_env(7), now=0.0) == "held"
+    assert holds.take(group_env(6), now=0.5) == "held"
+    assert holds.take(group_env(7), now=0.6) == "held"  # a copy of one held: kept once
+    assert holds.next(never, now=1.0) is None  # 5 is missing and there is time
+    assert holds.deadline(never) == 2.0
+    assert holds.take(group_env(5), now=1.0) == "open"  # the next one goes to the checks
+    line.groups["records"] = (5, 0)  # ... and was accepted
+    assert holds.next(never, now=1.0) == group_env(6)
+    line.groups["records"] = (6, 0)
+    assert holds.next(never, now=1.0) == group_env(7)
+    assert holds.next(never, now=1.0) is None
+    assert holds.deadline(never) is None
+
+
+def test_a_group_batch_whose_key_has_not_come_waits_for_it() -> None:
+    line = Line(records=(4, 0))
+    holds = GroupHolds(line)
+    assert holds.take(group_env(5, epoch=1), now=0.0) == "waiting"
+    assert holds.next(never, now=1.0) is None  # next in line, but its key is on its way
+    line.groups["records"] = (4, 1)  # the key envelope of epoch 1 was installed
+    assert holds.next(never, now=1.0) == group_env(5, epoch=1)
+
+
+def test_past_its_time_a_held_group_batch_goes_to_the_checks() -> None:
+    holds = GroupHolds(Line(records=(4, 0)))
+    holds.take(group_env(9), now=0.0)
+    holds.take(group_env(5, epoch=3), now=0.0)
+    assert holds.next(lambda group: group == "records", now=100.0) is None  # resume in flight
+    holds.extend("records", now=10.0)  # answered at 10: its envelopes may be on their way
+    assert holds.next(never, now=11.0) is None
+    assert holds.next(never, now=12.0) == group_env(5, epoch=3)  # refused by the checks then
+
+
+def test_group_duplicates_and_groups_without_a_key() -> None:
+    line = Line(records=(4, 0))
+    holds = GroupHolds(line)
+    assert holds.take(group_env(5), now=0.0) == "open"
+    holds.accepted(group_env(5))
+    line.groups["records"] = (5, 0)
+    assert holds.take(group_env(5), now=0.0) == "duplicate"  # a replay's copy: once only
+    assert holds.take(group_env(5, body=b"forged"), now=0.0) == "open"  # refused as replay
+    assert holds.take(group_env(5, epoch=1), now=0.0) == "open"  # not the same bytes
+    assert holds.duplicates == 1
+    # a group it holds no key of: never held (the checks skip its batches)
+    assert GroupHolds(Line(other=(4, 0))).take(group_env(50), now=0.0) == "open"
+
+
+def test_without_a_store_held_group_batches_go_at_once() -> None:
+    holds = GroupHolds(Line(records=(4, 0)))
+    holds.take(group_env(9), now=0.0)
+    holds.stop_holding()
+    assert holds.next(never, now=0.0) == group_env(9)
