@@ -1037,12 +1037,14 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
                     await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
 
 
+@pytest.mark.parametrize("mode", ["session", "group"])
 async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
-    tmp_path: Path, browser: Browser
+    tmp_path: Path, browser: Browser, mode: str
 ) -> None:
     """With a store (docs/protocol.md, "Lossless delivery") the page keeps its session
     through a broker restart on its file store: it holds what arrives past a gap, asks for a
-    replay, and shows no gap, no rejection, no new session."""
+    replay (of its group's batches too, as a group member), and shows no gap, no rejection,
+    no new session."""
     async with (
         _restartable_server(tmp_path, store_dir=tmp_path / "js") as server,
         make_stack(
@@ -1054,7 +1056,7 @@ async def test_the_page_keeps_its_session_through_a_broker_restart_with_a_store(
         ) as st,
     ):
         with _web(server, st) as web:
-            async with _page(browser, web.url) as page:
+            async with _page(browser, web.link(mode=mode)) as page:
                 await until(lambda: _more(page, "#rows", 0))
                 session = await _text(page, "#session")
                 await asyncio.to_thread(server.stop)

@@ -6,7 +6,7 @@
 import { usernamePasswordAuthenticator, wsconnect } from "@nats-io/nats-core";
 import { generateConsumerKey, prove } from "./crypto.js";
 import { GroupMember } from "./group.js";
-import { Hold } from "./hold.js";
+import { GroupHolds, Hold } from "./hold.js";
 import { ConsumerSession } from "./session.js";
 import {
   WireError,
@@ -70,6 +70,9 @@ const BACKOFF_MAX_MS = 5000;
 /**
  * @typedef {import("./session.js").Batch} Batch
  * @typedef {import("./wire.js").Notice} Notice
+ * @typedef {import("./group.js").GroupEnvelope} GroupEnvelope
+ * @typedef {ReturnType<ConsumerSession["parse"]> | GroupEnvelope} Item what a session's
+ *   parse gives (a group member's: group batches too)
  * @typedef {import("./crypto.js").KeyKind} KeyKind
  * @typedef {object} Resumed a new session replaced one that ended (consumers/_client.py
  *   Resumed): rows sealed between the two were lost
@@ -181,6 +184,13 @@ export class Subscription {
     this.askedAfter = null;
     /** @type {ReturnType<typeof setTimeout> | undefined} */
     this.holdTimer = undefined;
+    // (group mode) each group's batches past a gap, by gseq; the groups whose resume is in
+    // flight, and the last gseq each group's last resume asked after
+    this.groupHolds = new GroupHolds(() => null);
+    /** @type {Set<string>} */
+    this.groupAsking = new Set();
+    /** @type {Map<string, bigint | null>} */
+    this.groupAsked = new Map();
   }
 
   /** @returns {Promise<string>} */
@@ -246,7 +256,14 @@ export class Subscription {
     this.session = session;
     this.opened = false;
     this.keyCutoff = null;
+    const duplicates = this.hold.duplicates + this.groupHolds.duplicates;
     this.hold = new Hold();
+    this.hold.duplicates = duplicates;
+    this.groupHolds = new GroupHolds(
+      session instanceof GroupMember ? (group) => session.line(group) : () => null,
+    );
+    this.groupAsking = new Set();
+    this.groupAsked = new Map();
     this.store = false;
     this.askedAfter = null;
     await this.token();
@@ -316,6 +333,10 @@ export class Subscription {
       else if (status.type === "reconnect") {
         this.options.onConnection?.(true);
         void this.askResume(true); // what the inbox missed meanwhile
+        const session = this.session;
+        if (session instanceof GroupMember) {
+          for (const group of session.groups.keys()) void this.askGroupResume(group, true);
+        }
       }
     }
     // the iterator ends when the connection is closed: by us, or for good by the client
@@ -439,10 +460,52 @@ export class Subscription {
     this.armHold(session);
   }
 
+  /**
+   * (A group member) ask the proxy for the batches of `group` that follow the last gseq
+   * accepted of it: one at a time per group, once per last gseq unless `again`.
+   * @param {string} group
+   * @param {boolean} [again]
+   */
+  async askGroupResume(group, again = false) {
+    const session = this.session;
+    if (!(session instanceof GroupMember) || !this.store || this.closed) return;
+    const line = session.line(group);
+    if (line === null || this.groupAsking.has(group)) return;
+    const after = line[0];
+    if (this.groupAsked.get(group) === after && !again) return;
+    this.groupAsked.set(group, after);
+    this.groupAsking.add(group);
+    try {
+      const token = await this.token();
+      const req = { token, session: session.session, after, group };
+      await this.request("resume", encodeResume(req), "replayed");
+    } catch (err) {
+      if (err instanceof SessionError && err.message.startsWith("no store")) {
+        this.store = false;
+        this.groupHolds.stopHolding();
+      } else if (!(err instanceof SessionError) || err.retry || err.code === "cluster_unavailable") {
+        this.groupAsked.set(group, null); // out of reach a moment: the same gap may ask again
+      }
+    } finally {
+      this.groupAsking.delete(group);
+    }
+    if (session !== this.session) return;
+    this.groupHolds.holds.get(group)?.extend(Date.now());
+    this.armHold(session);
+  }
+
+  /** The earliest time a held envelope goes to the checks whatever came. */
+  holdDeadline() {
+    const own = this.hold.deadline;
+    const groups = this.groupHolds.deadline((group) => this.groupAsking.has(group));
+    if (own === null) return groups;
+    return groups === null ? own : Math.min(own, groups);
+  }
+
   /** Open what the hold releases when its time comes. @param {ConsumerSession} session */
   armHold(session) {
     clearTimeout(this.holdTimer);
-    const due = this.hold.deadline;
+    const due = this.holdDeadline();
     if (due === null) return;
     this.holdTimer = setTimeout(
       () => {
@@ -459,10 +522,17 @@ export class Subscription {
    * @param {number | null} index the inbox message being handled (null: the hold's timer)
    */
   async release(session, index) {
-    let env;
-    while (session === this.session && (env = this.hold.next(session.lastSeq, Date.now()))) {
-      if (env.seq <= session.lastSeq && (await this.hold.duplicate(env))) continue;
-      await this.deliver(session, env, index);
+    const asking = (/** @type {string} */ group) => this.groupAsking.has(group);
+    while (session === this.session) {
+      const env = this.hold.next(session.lastSeq, Date.now());
+      if (env !== null) {
+        if (env.seq <= session.lastSeq && (await this.hold.duplicate(env))) continue;
+        await this.deliver(session, env, index);
+        continue;
+      }
+      const batch = this.groupHolds.next(asking, Date.now());
+      if (batch === null) break;
+      await this.deliver(session, batch, index);
     }
     if (session === this.session) this.armHold(session);
   }
@@ -474,9 +544,10 @@ export class Subscription {
    */
   async handle(session, data, index) {
     if (session !== this.session || this.closed) return; // a replaced session's leftovers
+    /** @type {Item | null} */
     let item;
     try {
-      item = await session.guard(() => session.parse(data));
+      item = /** @type {Item | null} */ (await session.guard(() => session.parse(data)));
     } catch (err) {
       if (!this.checkTrust(session, true)) this.fail(/** @type {Error} */ (err));
       return;
@@ -492,6 +563,14 @@ export class Subscription {
         this.hold.add(item, Date.now());
         this.armHold(session);
         void this.askResume();
+        return;
+      }
+    } else if (item.type === "group" && this.store) {
+      // held by gseq, per group (docs/protocol.md, "Lossless delivery", group mode)
+      const taken = await this.groupHolds.take(item, Date.now());
+      if (taken === "held") void this.askGroupResume(item.stream);
+      if (taken !== "open") {
+        this.armHold(session);
         return;
       }
     }
@@ -512,16 +591,19 @@ export class Subscription {
   /**
    * One parsed item through the session's checks, and what it brings to the page.
    * @param {ConsumerSession} session
-   * @param {ReturnType<ConsumerSession["parse"]>} item
+   * @param {Item} item
    * @param {number | null} index the inbox message being handled (null: the hold's timer)
    */
   async deliver(session, item, index) {
     if (session !== this.session || this.closed) return;
     let result;
     try {
-      result = await session.acceptItem(item);
+      // what this session's own parse gave (a member's group batch is not in its base type)
+      result = await session.acceptItem(/** @type {any} */ (item));
       if (this.store && item.type === "envelope" && session.lastSeq === item.seq) {
         await this.hold.accepted(item);
+      } else if (this.store && item.type === "group" && result?.type === "batch") {
+        await this.groupHolds.hold(item.stream).accepted(item);
       }
     } catch (err) {
       // policy "fail": the one opaque error ends the subscription (the trust error says more)

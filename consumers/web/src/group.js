@@ -18,6 +18,8 @@ import {
 
 const MAX_U63 = (1n << 63n) - 1n;
 const SIG_BYTES = 64;
+/** a member keeps, per group, the current key and up to 7 previous ones (docs/protocol.md) */
+export const KEYS_KEPT = 8;
 /** Signed before the body: "sealstream-group-v1" and a NUL byte. */
 export const GROUP_SIG_CONTEXT = new TextEncoder().encode("sealstream-group-v1\0");
 // sorted, compared with a map's sorted member names
@@ -116,6 +118,16 @@ export class GroupMember extends ConsumerSession {
   }
 
   /**
+   * The group's last accepted gseq and the newest epoch installed; null before its first key.
+   * @param {string} group
+   * @returns {[bigint, bigint] | null}
+   */
+  line(group) {
+    const state = this.groups.get(group);
+    return state === undefined ? null : [state.lastGseq, state.epoch];
+  }
+
+  /**
    * @param {Record<string, unknown>} m
    * @returns {any}
    */
@@ -177,12 +189,13 @@ export class GroupMember extends ConsumerSession {
         current: kid,
       });
     } else {
-      // keep the previous key only, for batches still in flight
-      const previous = /** @type {GroupKey} */ (state.keys.get(state.current));
-      state.keys = new Map([
-        [kid, fresh],
-        [state.current, previous],
-      ]);
+      // keep the previous keys, for batches in flight or replayed from a store (a Map keeps
+      // the order installed: the oldest goes first)
+      state.keys.set(kid, fresh);
+      for (const old of state.keys.keys()) {
+        if (state.keys.size <= KEYS_KEPT) break;
+        state.keys.delete(old);
+      }
       state.current = kid;
       state.epoch = epoch;
     }

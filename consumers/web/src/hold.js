@@ -3,7 +3,8 @@
 // replay, another proxy's relay) or the hold's time runs out; then they go to the session's
 // strict seq check in order. Pure: time is a parameter (milliseconds).
 
-/** @typedef {import("./wire.js").Envelope} Envelope */
+/** @typedef {import("./group.js").GroupEnvelope} GroupEnvelope */
+/** a session's envelope, or a group batch (by gseq) @typedef {import("./wire.js").Envelope | GroupEnvelope} Envelope */
 
 /**
  * `add` envelopes whose seq is past a gap; `next` gives the one to open now, if any: the
@@ -59,18 +60,23 @@ export class Hold {
   }
 
   /**
-   * The envelope to open now after `last` (the last accepted seq), or null.
+   * The envelope to open now after `last` (the last accepted seq), or null; with `ready`,
+   * the lowest that follows `last` waits too until `ready` says it may go (a group batch
+   * whose key is on its way).
    * @param {bigint} last
    * @param {number} now
+   * @param {(env: Envelope) => boolean} [ready]
    * @returns {Envelope | null}
    */
-  next(last, now) {
+  next(last, now, ready) {
     if (this.count === 0) return null;
     let seq = -1n;
     for (const s of this.bySeq.keys()) if (seq < 0n || s < seq) seq = s;
     const due = this.deadline;
+    const lowest = /** @type {Envelope[]} */ (this.bySeq.get(seq))[0];
+    const waits = seq > last + 1n || (ready !== undefined && !ready(lowest));
     if (
-      seq > last + 1n &&
+      waits &&
       this.count <= this.maxCount &&
       this.size <= this.maxBytes &&
       (due === null || now < due)
@@ -116,19 +122,132 @@ function same(a, b) {
     a.stream === b.stream &&
     a.seq === b.seq &&
     a.ts === b.ts &&
-    a.body.length === b.body.length &&
-    a.body.every((byte, i) => byte === b.body[i])
+    sameBytes(a.body, b.body) &&
+    groupPart(a) === groupPart(b)
   );
+}
+
+/** @param {Uint8Array} a @param {Uint8Array} b */
+const sameBytes = (a, b) => a.length === b.length && a.every((byte, i) => byte === b[i]);
+
+/**
+ * A group batch's epoch and signature, as text (empty for a session's envelope).
+ * @param {Envelope} env
+ */
+function groupPart(env) {
+  if (env.type !== "group") return "";
+  const g = env;
+  return `${g.epoch}:${Array.from(g.sig, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
 /** @param {Envelope} env @returns {Promise<string>} */
 async function digest(env) {
   const fields = new TextEncoder().encode(
-    JSON.stringify([env.kind, env.cluster, env.session, env.stream, `${env.seq}`, `${env.ts}`]),
+    JSON.stringify([
+      ...[env.kind, env.cluster, env.session, env.stream, `${env.seq}`, `${env.ts}`],
+      groupPart(env),
+    ]),
   );
   const data = new Uint8Array(fields.length + 1 + env.body.length);
   data.set(fields);
   data.set(env.body, fields.length + 1);
   const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
   return Array.from(hash, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * A group member's holds, one per group, by gseq (twin of consumers/_hold.py GroupHolds):
+ * a batch past a gap of its group waits, and so does the next one while its epoch's key is
+ * not installed yet. `line(group)` is the member's [last gseq, newest epoch] of a group,
+ * null before its first key (its batches are then skipped by the checks, never held).
+ */
+export class GroupHolds {
+  /** @param {(group: string) => [bigint, bigint] | null} line */
+  constructor(line) {
+    this.line = line;
+    /** @type {Map<string, Hold>} */
+    this.holds = new Map();
+    /** nothing will fill a gap: the deployment keeps no store */
+    this.noStore = false;
+  }
+
+  get duplicates() {
+    let n = 0;
+    for (const hold of this.holds.values()) n += hold.duplicates;
+    return n;
+  }
+
+  /** @param {string} group */
+  hold(group) {
+    let hold = this.holds.get(group);
+    if (hold === undefined) {
+      hold = new Hold({ holdMs: this.noStore ? 0 : 2000 });
+      this.holds.set(group, hold);
+    }
+    return hold;
+  }
+
+  /**
+   * What to do with a batch that just arrived: "open" it now, it is "held" (past a gap: ask
+   * its group's resume), "waiting" for its key, or a "duplicate".
+   * @param {GroupEnvelope} env
+   * @param {number} now
+   * @returns {Promise<"open" | "held" | "waiting" | "duplicate">}
+   */
+  async take(env, now) {
+    const line = this.line(env.stream);
+    if (line === null) return "open";
+    const [last, epoch] = line;
+    const hold = this.hold(env.stream);
+    if (env.seq <= last) return (await hold.duplicate(env)) ? "duplicate" : "open";
+    if (env.seq > last + 1n) {
+      hold.add(env, now);
+      return "held";
+    }
+    if (env.epoch > epoch) {
+      hold.add(env, now);
+      return "waiting";
+    }
+    return "open";
+  }
+
+  /** No store: nothing will fill a gap, release at once. */
+  stopHolding() {
+    this.noStore = true;
+    for (const hold of this.holds.values()) hold.holdMs = 0;
+  }
+
+  /**
+   * The earliest time a held batch goes to the checks whatever came.
+   * @param {(group: string) => boolean} waiting a group's resume is in flight
+   * @returns {number | null}
+   */
+  deadline(waiting) {
+    /** @type {number | null} */
+    let due = null;
+    for (const [group, hold] of this.holds) {
+      hold.waiting = waiting(group);
+      const at = hold.deadline;
+      if (at !== null && (due === null || at < due)) due = at;
+    }
+    return due;
+  }
+
+  /**
+   * A held batch to open now, if any.
+   * @param {(group: string) => boolean} waiting
+   * @param {number} now
+   * @returns {GroupEnvelope | null}
+   */
+  next(waiting, now) {
+    for (const [group, hold] of this.holds) {
+      const line = this.line(group);
+      if (hold.count === 0 || line === null) continue;
+      const [last, epoch] = line;
+      hold.waiting = waiting(group);
+      const env = hold.next(last, now, (e) => /** @type {GroupEnvelope} */ (e).epoch <= epoch);
+      if (env !== null) return /** @type {GroupEnvelope} */ (env);
+    }
+    return null;
+  }
 }

@@ -295,15 +295,19 @@ export function encodeSessionRef(ref) {
 
 /**
  * resume request (a cluster with a store): `{"v":1, "token":JWT, "session":id, "after":n}`,
- * `after` the last seq the consumer accepted (-1: none).
- * @param {SessionRef & {after: bigint}} req
+ * `after` the last seq the consumer accepted (-1: none); with `"group":s` (a group member),
+ * the last gseq it accepted of group s.
+ * @param {SessionRef & {after: bigint, group?: string}} req
  * @returns {Uint8Array}
  */
 export function encodeResume(req) {
   // the smallest msgpack integer, as sealstream.control writes it (a BigInt is always 64-bit)
   const small = Number(req.after);
   const after = Number.isSafeInteger(small) ? small : req.after;
-  return encodeMap({ v: VERSION, token: req.token, session: req.session, after });
+  /** @type {Record<string, unknown>} */
+  const m = { v: VERSION, token: req.token, session: req.session, after };
+  if (req.group !== undefined) m.group = req.group; // a group member's: after is a gseq
+  return encodeMap(m);
 }
 
 /** the keepalive interval a reply may set, in s: the relay chooses it, within these bounds */
