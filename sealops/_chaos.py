@@ -333,6 +333,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
             policy="discard",
             request_timeout_s=3.0,
         )
+        config = dataclasses.replace(config, key_mode=args.key_mode)
         if args.queue is not None:
             config = dataclasses.replace(config, queue_size=args.queue)
         seen = [Seen() for _ in range(args.consumers)]
@@ -384,6 +385,7 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
         "rate": args.rate,
         "store": args.store,
         "queue": args.queue,
+        "key_mode": args.key_mode,
         "consumers": [
             {k: v for k, v in asdict(s).items() if k not in ("last", "seen", "arrivals")}
             | {"missing": s.missing}
@@ -410,8 +412,9 @@ def _what(result: dict[str, Any]) -> str:
         )
     store = ", kept in the broker store" if result.get("store") else ", no store"
     queue = result.get("queue")
+    group = ", group mode" if result.get("key_mode") == "group" else ""
     return (
-        f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s{store}"
+        f"`sealstream chaos {result.get('words') or ''}` ({result['rate']:g} rows/s{store}{group}"
         + (f", consumers' inbox queues of {queue:,} envelopes" if queue else "")
         + "): "
         f"{' and '.join(faults) or 'no fault'}, at seeded moments, while library consumers "

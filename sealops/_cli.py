@@ -131,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--queue", type=int, help="each consumer's inbox queue, envelopes (the client's default)"
     )
+    c.add_argument(
+        "--key-mode",
+        choices=["session", "group"],
+        default="session",
+        help="the consumers' key mode (group: one batch sealed for all, held and replayed by gseq)",
+    )
     c.add_argument("--out", type=Path, default=Path("build/chaos"), help="report directory")
     _hub_chaos_options(c)
     return p

@@ -29,6 +29,7 @@ from consumers import ClientConfig
 from producers import POLICY_FILE_NAME
 from sealops._chaos import Fault, Seen, _consume, _pct
 from sealops._hub import HubBackend, hub_backend
+from sealstream import KeyMode
 from sealstream.crypto import UserIdentity
 
 __all__ = ["HUB_FAULTS", "hub_chaos", "hub_run"]
@@ -142,7 +143,9 @@ async def hub_chaos(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any
                 producers = {c: await _producer(be, c) for c in be.clusters}
                 feeders = [tg.create_task(_feed(p, args.rate)) for p in producers.values()]
                 consumers = [
-                    tg.create_task(_consume(_config(be, c), s, cluster=c, stream=_STREAM))
+                    tg.create_task(
+                        _consume(_config(be, c, args.key_mode), s, cluster=c, stream=_STREAM)
+                    )
                     for c, group in seen.items()
                     for s in group
                 ]
@@ -175,7 +178,9 @@ async def hub_chaos(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any
     return {
         "what": (
             f"`sealstream chaos --topology hub --duration {args.duration:g} --seed {args.seed}` "
-            f"({args.rate:g} rows/s a site): on the 3-node hub with two proxies and two "
+            f"({args.rate:g} rows/s a site"
+            + (", group mode" if args.key_mode == "group" else "")
+            + "): on the 3-node hub with two proxies and two "
             f"sites behind leaf nodes, hub nodes, proxies and leaf nodes (down "
             f"{args.leaf_outage:g} s) killed and restarted while library consumers "
             f"(`resume=True`, {args.consumers} a cluster) stream. Consumers "
@@ -213,7 +218,7 @@ def _keep_logs(state: Path, dest: Path) -> dict[str, int]:
     return counts
 
 
-def _config(be: HubBackend, cluster: str) -> ClientConfig:
+def _config(be: HubBackend, cluster: str, key_mode: KeyMode) -> ClientConfig:
     site = be.site(cluster)
     return ClientConfig(
         nats_url=be.consumer_url,
@@ -221,6 +226,7 @@ def _config(be: HubBackend, cluster: str) -> ClientConfig:
         trust_store=site / "trust.json",
         identity=UserIdentity.load(site / "identity.jwk"),
         key_kind="x25519",
+        key_mode=key_mode,
         policy="discard",
         request_timeout_s=3.0,
     )
