@@ -139,6 +139,10 @@ class LiveSession(AsyncResource):
         #: gseq each group's last resume asked after
         self._group_resuming: set[str] = set()
         self._group_asked: dict[str, int | None] = {}
+        #: groups whose last resume said ``more`` (asked again once the line moves), and the
+        #: store position a group's next resume reads from (its last page accepted whole)
+        self.group_more: set[str] = set()
+        self.group_cursor: dict[str, int] = {}
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
         self._pageable = False
@@ -208,8 +212,8 @@ class LiveSession(AsyncResource):
         if opened.keepalive_s is not None:
             self.keepalive_s = float(opened.keepalive_s)
         self.store = opened.store
-        # what is behind can be read again only on the session's own subject: not in group
-        # mode, whose data envelopes are not replayed
+        # falling behind reads the session's own subject a page at a time: in group mode its
+        # groups' batches are replayed as gaps instead (a full queue drops, the hold resumes)
         self._pageable = self.store and cfg.key_mode != "group"
         self.key_deadline = asyncio.get_running_loop().time() + cfg.request_timeout_s
         self._tg = tg = await self._stack.enter_async_context(asyncio.TaskGroup())
@@ -349,7 +353,11 @@ class LiveSession(AsyncResource):
             return
         self._group_asked[group] = after
         self._group_resuming.add(group)
-        self._tg.create_task(self._resume(after, limit=self._page_room(), group=group))
+        self.group_more.discard(group)
+        cursor = self.group_cursor.get(group)
+        self._tg.create_task(
+            self._resume(after, limit=self._page_room(), group=group, cursor=cursor)
+        )
 
     def _ask_all(self) -> None:
         """After a reconnect: what the session and each of its groups missed meanwhile."""
@@ -403,13 +411,14 @@ class LiveSession(AsyncResource):
         limit: int | None = None,
         page: bool = False,
         group: str | None = None,
+        cursor: int | None = None,
     ) -> None:
         assert self.crypto is not None
         session = self.crypto.session
         done = ReplayDone(0, page=page, more=page, after=after, group=group)
         failed = True
         try:
-            cursor = self.cursor if page else None
+            cursor = self.cursor if page else cursor
             req = ResumeRequest(session, self._client.token(), after, limit, cursor, group)
             subject = self._client.subjects.api_resume
             answer = await self._client.request(subject, req, Replayed, nc=self._conn)

@@ -222,6 +222,7 @@ class Subscription(AsyncResource, Generic[_T]):
         await self._close_live()
         hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
         self._hold.duplicates = hold.duplicates + self._group_holds.duplicates
+        self._group_holds = self._holds_for(None)  # counted above, whatever comes next
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
             self._group_holds = self._holds_for(self._live.crypto)
@@ -312,6 +313,8 @@ class Subscription(AsyncResource, Generic[_T]):
             if isinstance(parsed, GroupEnvelope):
                 if live.store and isinstance(result, Batch):
                     self._group_holds.accepted(parsed)
+                    if parsed.stream in live.group_more:  # the store has more of it
+                        live.ask_group_resume(parsed.stream)
             elif live.store and isinstance(parsed, Envelope) and session.last_seq == parsed.seq:
                 self._hold.accepted(parsed)
                 if live.floor is not None and parsed.seq >= live.floor:
@@ -346,13 +349,23 @@ class Subscription(AsyncResource, Generic[_T]):
     def _group_replayed(self, live: LiveSession, done: ReplayDone, *, now: float) -> None:
         """A group resume's answer: its hold's time runs from now; the next page when the
         store said there is more and this one moved the group's line on."""
-        assert done.group is not None
+        group = done.group
+        assert group is not None
         if done.replayed is None:  # no store: nothing will fill a gap, don't wait
             self._group_holds.stop_holding()
             return
-        self._group_holds.extend(done.group, now=now)
+        self._group_holds.extend(group, now=now)
+        # the replayed batches were queued before the answer: if every one was accepted, the
+        # next page reads on from where this one stopped (else from the start again)
+        line = live.crypto.line(group) if isinstance(live.crypto, GroupMember) else None
+        end = None if done.first is None else done.first + done.replayed - 1
+        if line is not None and end is not None and done.cursor is not None and line[0] >= end:
+            live.group_cursor[group] = done.cursor
+        elif done.replayed:
+            live.group_cursor.pop(group, None)
         if done.more:
-            live.ask_group_resume(done.group)  # once per last gseq: none if nothing moved
+            live.group_more.add(group)
+            live.ask_group_resume(group)  # once per last gseq: again when the line moves
 
     def _paged(self, live: LiveSession, session: ConsumerSession, done: ReplayDone) -> None:
         """A page's answer (the session is behind): ask the next one, or read the same one

@@ -265,6 +265,7 @@ export class Subscription {
     this.groupAsking = new Set();
     this.groupAsked = new Map();
     this.store = false;
+    this.asking = false; // a request of the session replaced does not hold this one's
     this.askedAfter = null;
     await this.token();
     const auth = o.natsAuth;
@@ -445,6 +446,7 @@ export class Subscription {
       await this.request("resume", encodeResume(req), "replayed");
     } catch (err) {
       // "no store": nothing will fill a gap, stop holding; otherwise the hold's time runs out
+      if (session !== this.session) return; // the answer of a session replaced meanwhile
       if (err instanceof SessionError && err.message.startsWith("no store")) {
         this.store = false;
         this.hold.holdMs = 0;
@@ -452,7 +454,7 @@ export class Subscription {
         this.askedAfter = null; // the store or the proxy out of reach a moment: ask again
       }
     } finally {
-      this.asking = false;
+      if (session === this.session) this.asking = false;
     }
     if (session !== this.session) return;
     this.hold.waiting = false;
@@ -480,6 +482,7 @@ export class Subscription {
       const req = { token, session: session.session, after, group };
       await this.request("resume", encodeResume(req), "replayed");
     } catch (err) {
+      if (session !== this.session) return; // the answer of a session replaced meanwhile
       if (err instanceof SessionError && err.message.startsWith("no store")) {
         this.store = false;
         this.groupHolds.stopHolding();
@@ -487,7 +490,7 @@ export class Subscription {
         this.groupAsked.set(group, null); // out of reach a moment: the same gap may ask again
       }
     } finally {
-      this.groupAsking.delete(group);
+      if (session === this.session) this.groupAsking.delete(group);
     }
     if (session !== this.session) return;
     this.groupHolds.holds.get(group)?.extend(Date.now());

@@ -4,6 +4,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { Subscription, TrustError } from "../src/client.js";
+import { consumerKey, importPrivateKey } from "../src/crypto.js";
+import { GroupMember } from "../src/group.js";
+import { GroupHolds } from "../src/hold.js";
+import { groupCases, payloadOf, trustOf } from "./vectors/load.js";
 
 /** A relay's forged key envelopes: each one refused as untrusted_key, one at a time. */
 class ForgedKeys {
@@ -83,4 +87,54 @@ test("before the key deadline forged key envelopes are only counted", async () =
   sub.keyDue(/** @type {any} */ (forged));
   assert.equal(errors.length, 1);
   assert.ok(errors[0] instanceof TrustError);
+});
+
+test("with a store, a member's batches past a gap or ahead of their key wait, then open in order", async () => {
+  // real key envelopes and batches, sealed by the Python GroupSealer: 9 epochs of one group
+  const c = groupCases.find((x) => x.name === "group keys kept for batches replayed after rotations");
+  assert.ok(c !== undefined);
+  const priv = await importPrivateKey(c.key.kind, c.key.private_jwk);
+  const key = await consumerKey(c.key.kind, c.key.public_jwk, priv);
+  const member = new GroupMember(key, {
+    cluster: c.cluster,
+    streams: c.streams,
+    trust: await trustOf(c.trust),
+    policy: "fail", // a batch opened out of order or before its key would end it
+  });
+  const keys = c.steps.slice(0, 9).map(payloadOf); // epochs 0..8
+  const batches = c.steps.slice(9).map(payloadOf); // gseq 0..8, batch i under epoch i
+  /** @type {bigint[]} */
+  const opened = [];
+  /** @type {Error[]} */
+  const errors = [];
+  const sub = new Subscription({
+    natsUrl: "ws://127.0.0.1:1",
+    token: () => "t",
+    cluster: c.cluster,
+    streams: c.streams,
+    trust: {},
+    onBatch: (b) => opened.push(b.seq),
+    onError: (err) => errors.push(err),
+  });
+  // as startSession leaves it for a session whose open said "store": true
+  sub.session = /** @type {any} */ (member);
+  sub.store = true;
+  sub.groupHolds = new GroupHolds((g) => member.line(g));
+  const feed = async (/** @type {Uint8Array[]} */ ...payloads) => {
+    for (const p of payloads) sub.onMessage(/** @type {any} */ (member), p);
+    await sub.chain;
+  };
+  await feed(keys[0], keys[1], batches[1]); // gseq 1 past the gap before it: held
+  assert.deepEqual(opened, []);
+  await feed(batches[0]); // the gap fills: 0, then 1 from the hold
+  assert.deepEqual(opened, [0n, 1n]);
+  await feed(batches[3], batches[2]); // 3 past a gap, 2 next but its key (epoch 2) not here
+  assert.deepEqual(opened, [0n, 1n]);
+  await feed(keys[2]); // epoch 2's key: 2 opens, 3 waits for epoch 3's
+  assert.deepEqual(opened, [0n, 1n, 2n]);
+  await feed(keys[3]);
+  assert.deepEqual(opened, [0n, 1n, 2n, 3n]);
+  assert.deepEqual(member.rejected, {});
+  assert.deepEqual(errors, []);
+  clearTimeout(sub.holdTimer);
 });
