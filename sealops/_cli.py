@@ -259,6 +259,15 @@ def _bench_hub_parser(sub: Any) -> None:
     )
     h.add_argument("--rate", type=float, default=5.0, help="rows/s a cluster")
     h.add_argument("--concurrency", type=int, default=50, help="opens in flight at once")
+    h.add_argument(
+        "--readers", type=int, default=2, help="processes the consumers run in (default 2)"
+    )
+    h.add_argument(
+        "--key-mode",
+        choices=["session", "group"],
+        default="session",
+        help="the consumers' key mode (group: one seal a batch for all of a cluster's readers)",
+    )
     h.add_argument("--window", type=float, default=20.0, help="steady-state window, s")
     h.add_argument("--timeout", type=float, default=300.0, help="bound of each phase, s")
     h.add_argument("--out", type=Path, default=Path("build/bench"), help="report directory")
