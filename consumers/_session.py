@@ -11,14 +11,13 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import nats.errors
 import structlog
 
 from sealstream import BrokerError, SessionError, WireError
 from sealstream.control import (
-    MAX_REPLAY_LIMIT,
     KeptAlive,
     Opened,
     OpenRequest,
@@ -45,6 +44,11 @@ log = structlog.get_logger(__name__)
 _MAX_TOKEN = 8192  # docs/protocol.md: the proxy's token size cap
 #: a page that failed (the store or the proxy out of reach) is asked again after this long
 _PAGE_RETRY_S = 0.5
+#: the most envelopes a resume asks for (docs/protocol.md): a page of 5,000 took a loaded
+#: proxy 9 s to replay, past the request's time, and its gap was counted as lost
+RESUME_PAGE: Final = 1000
+#: a resume's answer comes after its page was replayed: this many request timeouts
+_RESUME_TIMEOUT_FACTOR: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,10 +383,11 @@ class LiveSession(AsyncResource):
         log.warning("session.behind", session=self.crypto.session, after=self.crypto.last_seq)
 
     def _page_room(self) -> int:
-        """Half the queue, in envelopes and in bytes (at the mean size received so far)."""
+        """Half the queue, in envelopes and in bytes (at the mean size received so far), and
+        at most a page a loaded proxy replays well within the request's time."""
         mean = self._received_bytes // max(self.received, 1) or 1
         room = min(self.queue.maxsize // 2, self._max_queued // 2 // mean)
-        return max(1, min(room, MAX_REPLAY_LIMIT))
+        return max(1, min(room, RESUME_PAGE))
 
     def ask_page(self, *, again: bool = False, from_start: bool = False) -> None:
         """(Behind) ask the proxy for the next page of what follows the last accepted
@@ -421,7 +426,11 @@ class LiveSession(AsyncResource):
             cursor = self.cursor if page else cursor
             req = ResumeRequest(session, self._client.token(), after, limit, cursor, group)
             subject = self._client.subjects.api_resume
-            answer = await self._client.request(subject, req, Replayed, nc=self._conn)
+            # the proxy answers once it has published the page: give it the time of a page
+            timeout_s = _RESUME_TIMEOUT_FACTOR * self._client.config.request_timeout_s
+            answer = await self._client.request(
+                subject, req, Replayed, nc=self._conn, timeout_s=timeout_s
+            )
             self.store = True
             failed = False
             done = ReplayDone(

@@ -66,6 +66,10 @@ export const DEFAULT_RETRY_MS = 30_000;
 /** backoff between open attempts: exponential from 0.2 s to 5 s, with jitter (as Python's) */
 const BACKOFF_FIRST_MS = 200;
 const BACKOFF_MAX_MS = 5000;
+/** the most envelopes a resume asks for: the proxy answers once it has published them */
+const RESUME_PAGE = 1000;
+/** a resume's answer may take this many request timeouts (its page is replayed first) */
+const RESUME_WAIT = 3;
 
 /**
  * @typedef {import("./session.js").Batch} Batch
@@ -384,14 +388,15 @@ export class Subscription {
    * @param {"open" | "keepalive" | "close" | "resume"} op
    * @param {Uint8Array} body
    * @param {K} kind what the reply answers with
+   * @param {number} [times] how many request timeouts the answer may take
    * @returns {Promise<import("./wire.js").Replies[K]>}
    */
-  async request(op, body, kind) {
+  async request(op, body, kind, times = 1) {
     if (this.nc === null) throw new BrokerError("not connected");
     let msg;
     try {
       msg = await this.nc.request(`${this.prefix}.api.session.${op}`, body, {
-        timeout: this.options.requestTimeoutMs ?? 5000,
+        timeout: (this.options.requestTimeoutMs ?? 5000) * times,
       });
     } catch (err) {
       if (caused(err, "NoRespondersError")) {
@@ -442,8 +447,10 @@ export class Subscription {
     this.hold.waiting = true; // the hold's time runs from the answer
     try {
       const token = await this.token();
-      const req = { token, session: session.session, after };
-      await this.request("resume", encodeResume(req), "replayed");
+      const req = { token, session: session.session, after, limit: RESUME_PAGE };
+      const reply = await this.request("resume", encodeResume(req), "replayed", RESUME_WAIT);
+      // more stored: the next page once what this one brought went through the checks
+      if (reply.more) this.chain = this.chain.then(() => void this.askResume());
     } catch (err) {
       // "no store": nothing will fill a gap, stop holding; otherwise the hold's time runs out
       if (session !== this.session) return; // the answer of a session replaced meanwhile
@@ -479,8 +486,9 @@ export class Subscription {
     this.groupAsking.add(group);
     try {
       const token = await this.token();
-      const req = { token, session: session.session, after, group };
-      await this.request("resume", encodeResume(req), "replayed");
+      const req = { token, session: session.session, after, limit: RESUME_PAGE, group };
+      const reply = await this.request("resume", encodeResume(req), "replayed", RESUME_WAIT);
+      if (reply.more) this.chain = this.chain.then(() => void this.askGroupResume(group));
     } catch (err) {
       if (session !== this.session) return; // the answer of a session replaced meanwhile
       if (err instanceof SessionError && err.message.startsWith("no store")) {

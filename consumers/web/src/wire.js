@@ -258,7 +258,7 @@ export const MAX_MESSAGE = 512;
  * @typedef {{type: "opened", session: string, inbox: string, keepaliveS: number | null,
  *   store: boolean}} Opened
  * @typedef {{type: "keptAlive", keepaliveS: number | null}} KeptAlive
- * @typedef {{type: "replayed", replayed: bigint}} Replayed
+ * @typedef {{type: "replayed", replayed: bigint, more: boolean}} Replayed
  * @typedef {{type: "refusal", code: string, message: string, retry: boolean}} Refusal
  * @typedef {{ok: Ok, opened: Opened, keptAlive: KeptAlive, replayed: Replayed}} Replies
  */
@@ -297,7 +297,7 @@ export function encodeSessionRef(ref) {
  * resume request (a cluster with a store): `{"v":1, "token":JWT, "session":id, "after":n}`,
  * `after` the last seq the consumer accepted (-1: none); with `"group":s` (a group member),
  * the last gseq it accepted of group s.
- * @param {SessionRef & {after: bigint, group?: string}} req
+ * @param {SessionRef & {after: bigint, limit?: number, group?: string}} req
  * @returns {Uint8Array}
  */
 export function encodeResume(req) {
@@ -306,6 +306,7 @@ export function encodeResume(req) {
   const after = Number.isSafeInteger(small) ? small : req.after;
   /** @type {Record<string, unknown>} */
   const m = { v: VERSION, token: req.token, session: req.session, after };
+  if (req.limit !== undefined) m.limit = req.limit; // a page: at most this many envelopes
   if (req.group !== undefined) m.group = req.group; // a group member's: after is a gseq
   return encodeMap(m);
 }
@@ -369,7 +370,9 @@ export function decodeReply(payload, kind) {
     if (replayed === null || replayed < 0n) {
       throw new WireError("bad_value", "replayed must be a count");
     }
-    reply = { type: "replayed", replayed };
+    const more = Object.hasOwn(m, "more") ? m.more : false;
+    if (typeof more !== "boolean") throw new WireError("bad_type", "key more must be a bool");
+    reply = { type: "replayed", replayed, more };
   } else if (kind === "keptAlive") {
     reply = { type: "keptAlive", keepaliveS: keepaliveS(m) };
   } else {

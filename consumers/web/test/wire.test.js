@@ -140,10 +140,22 @@ test("the resume request and its answer are sealstream.control's bytes", () => {
     encodeResume({ session: SESSION, token: "tok", after: -1n }),
     hex(`84a17601a5746f6b656ea3746f6b${session}a56166746572ff`),
   );
+  // a group member's page: the limit, then the group, as the Python client writes them
+  assert.deepEqual(
+    encodeResume({ session: SESSION, token: "tok", after: 5n, limit: 1000, group: "records" }),
+    hex(`86a17601a5746f6b656ea3746f6b${session}a5616674657205a56c696d6974cd03e8a567726f7570a77265636f726473`),
+  );
   assert.deepEqual(decodeReply(hex("82a26f6bc3a87265706c6179656403"), "replayed"), {
     type: "replayed",
     replayed: 3n,
+    more: false,
   });
+  assert.deepEqual(decodeReply(hex("83a26f6bc3a87265706c6179656403a46d6f7265c3"), "replayed"), {
+    type: "replayed",
+    replayed: 3n,
+    more: true,
+  });
+  assert.throws(() => decodeReply(encode({ ok: true, replayed: 1, more: 1 }), "replayed"));
   const stored = decodeReply(hex(`84a26f6bc3${session}a5696e626f78a169a573746f7265c3`), "opened");
   assert.equal(stored.type === "opened" && stored.store, true);
   for (const bad of [{ ok: true }, { ok: true, replayed: -1 }, { ok: true, replayed: 1.5 }]) {
