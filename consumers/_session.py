@@ -137,6 +137,10 @@ class LiveSession(AsyncResource):
         #: says otherwise): envelopes past a gap are held, and a replay asked for
         self.store = False
         self._resuming = False
+        #: (event loop time) when the last resume was answered, and each group's: the holds'
+        #: time runs from there (what the replay brought may still be queued behind it)
+        self.answered_at: float | None = None
+        self.group_answered_at: dict[str, float] = {}
         #: the last accepted seq the last resume asked after: one request per gap
         self._asked_after: int | None = None
         #: (a group member) the groups whose resume is in flight, and the last accepted
@@ -341,17 +345,20 @@ class LiveSession(AsyncResource):
         """A resume of ``group``'s batches is in flight."""
         return group in self._group_resuming
 
-    def ask_group_resume(self, group: str, *, again: bool = False) -> None:
+    def ask_group_resume(self, group: str, *, again: bool = False, gap: bool = False) -> None:
         """(A group member) ask the proxy for the batches of ``group`` that follow the last
         ``gseq`` accepted of it, at most a page; the answer comes through the queue as a
         :class:`ReplayDone` naming the group. One at a time per group, once per last
-        accepted ``gseq`` unless ``again``."""
+        accepted ``gseq`` unless ``again``. For a ``gap`` (a batch held past it) the store is
+        read from the start: a page read from a cursor may have passed what is missing."""
         crypto = self.crypto
         if not isinstance(crypto, GroupMember) or not self.store or self._tg is None:
             return
         line = crypto.line(group)
         if line is None or group in self._group_resuming or self._stop.is_set():
             return
+        if gap and self.group_cursor.pop(group, None) is not None:
+            again = True
         after = line[0]
         if self._group_asked.get(group) == after and not again:
             return
@@ -465,10 +472,12 @@ class LiveSession(AsyncResource):
             if page and failed:  # asked again by the iterator (a stall): not at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=_PAGE_RETRY_S)
+            now = asyncio.get_running_loop().time()
             if group is None:
-                self._resuming = False
+                self._resuming, self.answered_at = False, now
             else:
                 self._group_resuming.discard(group)
+                self.group_answered_at[group] = now
             self.push(done)
 
     def _forget_asked(self, group: str | None) -> None:

@@ -257,7 +257,13 @@ class Subscription(AsyncResource, Generic[_T]):
                 live.deferred += self._hold.clear()
                 if live.queue.empty():
                     live.ask_page()
-            self._hold.waiting = live.resuming  # its time runs from the answer
+            # a hold's time runs from its resume's answer (what the replay brought may still
+            # be queued behind it), and not at all while one is in flight
+            self._hold.waiting = live.resuming
+            if live.answered_at is not None:
+                self._hold.extend(now=live.answered_at)
+            for group, at in live.group_answered_at.items():
+                self._group_holds.extend(group, now=at)
             held = self._hold.next(session.last_seq, now=loop.time())
             if held is None:
                 held = self._group_holds.next(live.group_resuming, now=loop.time())
@@ -290,7 +296,7 @@ class Subscription(AsyncResource, Generic[_T]):
                     if live.store and held is None:
                         taken = self._group_holds.take(parsed, now=loop.time())
                         if taken == "held":
-                            live.ask_group_resume(parsed.stream)
+                            live.ask_group_resume(parsed.stream, gap=True)
                         if taken != "open":
                             continue
                 elif isinstance(parsed, Envelope) and live.store:

@@ -214,8 +214,14 @@ async def _until(predicate: Any, timeout_s: float) -> float | None:
     return time.monotonic() - start
 
 
-async def _spawn_readers(args: argparse.Namespace, be: HubBackend, clusters: list[str]) -> _Readers:
-    """The sessions over ``--readers`` processes, round robin (each session's cluster too)."""
+async def _spawn_readers(
+    args: argparse.Namespace,
+    be: HubBackend,
+    clusters: list[str],
+    stack: contextlib.AsyncExitStack,
+) -> _Readers:
+    """The sessions over ``--readers`` processes, round robin (each session's cluster too);
+    each one stopped with ``stack``, however far the spawning got."""
     shares: list[list[tuple[int, str]]] = [[] for _ in range(args.readers)]
     for i in range(args.sessions):
         shares[i % args.readers].append((i, clusters[i % len(clusters)]))
@@ -230,7 +236,9 @@ async def _spawn_readers(args: argparse.Namespace, be: HubBackend, clusters: lis
         }
         argv = [sys.executable, "-m", "sealops._hubbench"]
         log = be.state / f"reader-{k}.log"
-        children.append(await Child.spawn(f"reader-{k}", "reader", argv, log=log, config=cfg))
+        child = await Child.spawn(f"reader-{k}", "reader", argv, log=log, config=cfg)
+        stack.push_async_callback(child.stop)
+        children.append(child)
     return _Readers(children)
 
 
@@ -259,9 +267,7 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             proxies = [psutil.Process(c.pid) for c in be.proxies.values()]
             rss0 = _rss_mb(proxies)
             t0 = time.monotonic()
-            readers = await _spawn_readers(args, be, clusters)
-            for child in readers.children:
-                stack.push_async_callback(child.stop)
+            readers = await _spawn_readers(args, be, clusters, stack)
             n = args.sessions
             open_s = await readers.until(lambda st: st["started"] >= n, args.timeout)
             everyone_at = time.monotonic() - t0
