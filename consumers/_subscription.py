@@ -276,7 +276,7 @@ class Subscription(AsyncResource, Generic[_T]):
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
             if isinstance(item, ReplayDone) and item.group is not None:
-                self._group_replayed(live, item, now=loop.time())
+                self._group_replayed(live, item)
                 continue
             if isinstance(item, ReplayDone) and item.page:
                 self._paged(live, session, item)
@@ -286,8 +286,7 @@ class Subscription(AsyncResource, Generic[_T]):
                     live.fall_behind()
                 if item.replayed is None:  # no store: nothing will fill a gap, don't wait
                     self._hold.hold_s = 0.0
-                self._hold.extend(now=loop.time())
-                continue
+                continue  # (its hold's time runs from the answer: live.answered_at, above)
             if item is None:  # the hold's time ran out: its lowest goes on next turn
                 continue
             try:
@@ -352,16 +351,15 @@ class Subscription(AsyncResource, Generic[_T]):
             return GroupHolds(session.line)
         return GroupHolds(lambda _group: None)
 
-    def _group_replayed(self, live: LiveSession, done: ReplayDone, *, now: float) -> None:
-        """A group resume's answer: its hold's time runs from now; the next page when the
-        store said there is more and this one moved the group's line on."""
+    def _group_replayed(self, live: LiveSession, done: ReplayDone) -> None:
+        """A group resume's answer (its hold's time runs from it: ``live.group_answered_at``):
+        the next page when the store said there is more and this one moved the group's line."""
         group = done.group
         assert group is not None
         if done.replayed is None:  # no store: nothing will fill a gap, don't wait
             self._group_holds.stop_holding()
             return
-        self._group_holds.extend(group, now=now)
-        # the replayed batches were queued before the answer: if every one was accepted, the
+        # the replayed batches normally come before the answer: if every one was accepted, the
         # next page reads on from where this one stopped (else from the start again)
         line = live.crypto.line(group) if isinstance(live.crypto, GroupMember) else None
         end = None if done.first is None else done.first + done.replayed - 1
