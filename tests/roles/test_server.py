@@ -136,6 +136,26 @@ async def _pong(msg: Any) -> None:
     await msg.respond(b"pong")
 
 
+async def _stopped(pid: int) -> None:
+    """Return once every thread of ``pid`` is stopped: ``kill`` only queues SIGSTOP, and a
+    thread running on another core answers a PING sent meanwhile."""
+    async with asyncio.timeout(5):
+        while not _all_stopped(pid):
+            await asyncio.sleep(0.01)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (``T``); one that has exited counts."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            continue
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 async def test_settle_on_a_server_that_does_not_answer_is_a_passing_broker_error() -> None:
     """A server stalled after the connection was made (SIGSTOP: a real process that stops
     answering) makes ``settle`` raise the project's passing error, not nats-py's timeout: a
@@ -144,6 +164,7 @@ async def test_settle_on_a_server_that_does_not_answer_is_a_passing_broker_error
         client = await connect(server.url, name="test-stalled", connect_timeout=1)
         os.kill(server.pid, signal.SIGSTOP)
         try:
+            await _stopped(server.pid)
             with pytest.raises(BrokerError, match="did not answer") as caught:
                 await settle(client, timeout_s=1)
             assert caught.value.retriable

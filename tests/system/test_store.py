@@ -552,8 +552,9 @@ async def test_every_emit_that_returned_survives_a_sigkill(broker: Broker, tmp_p
                         returned.extend(_returned(await proc.stdout.readline()))
                     proc.send_signal(signal.SIGKILL)
                     await proc.wait()
-                    for line in (await proc.stdout.read()).splitlines():
-                        returned.extend(_returned(line))
+                    # a line the kill cut short is not counted (its number may be cut too)
+                    for line in (await proc.stdout.read()).splitlines(keepends=True):
+                        returned.extend(_returned(line) if line.endswith(b"\n") else [])
                     # the proxy ends the session (2 unanswered pings) after what was stored
                     await reading
         finally:
