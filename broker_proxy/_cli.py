@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
             "in s (default 120; env SEALSTREAM_STORE_GRACE_S)",
         )
         parser.add_argument(
+            "--store-domain",
+            default=d(None),
+            help="the JetStream domain of each cluster's store, with {cluster} (e.g. "
+            "site-{cluster}: each site's leaf node); default: this server's JetStream "
+            "(env SEALSTREAM_STORE_DOMAIN)",
+        )
+        parser.add_argument(
             "--callout-issuer-seed-file",
             type=Path,
             default=d(None),
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             keepalive_s=args.keepalive,
             store_grace_s=args.store_grace,
+            store_domain=args.store_domain,
             token_secret=_secret(args.token_secret_file) if args.token_secret_file else None,
             callout=(
                 CalloutConfig.from_seed_file(args.callout_issuer_seed_file)

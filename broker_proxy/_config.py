@@ -85,6 +85,10 @@ class ProxyConfig:
     #: least 3 keepalives): a consumer cut off for longer than that still comes back to it
     #: and gets what it missed from the store
     store_grace_s: float = 120.0
+    #: where a cluster's store is: "" the proxy's own JetStream; else the JetStream domain
+    #: named by this template with ``{cluster}`` (e.g. ``site-{cluster}``: a store in each
+    #: site's leaf node, read across the link)
+    store_domain: str = ""
     control_timeout_s: float = 5.0
     queue_group: str = "sealstream-proxy"
     limits: Limits = field(default_factory=Limits)
@@ -110,6 +114,8 @@ class ProxyConfig:
             raise ValueError("control_timeout_s must be positive")
         if not 0 <= self.store_grace_s <= 86_400:
             raise ValueError("store_grace_s must be 0 to 86400 seconds")
+        if self.store_domain and "{cluster}" not in self.store_domain:
+            raise ValueError("store_domain names each cluster's domain: it holds {cluster}")
         if not 1 <= self.registry_replicas <= 5:
             raise ValueError("registry_replicas must be within 1..5 (JetStream's limit)")
         if (self.token_secret is None) == (self.issuer_jwk is None):
@@ -122,7 +128,7 @@ class ProxyConfig:
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
         ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``,
-        ``SEALSTREAM_STORE_GRACE_S``,
+        ``SEALSTREAM_STORE_GRACE_S``, ``SEALSTREAM_STORE_DOMAIN``,
         ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`),
         ``SEALSTREAM_REGISTRY_REPLICAS``."""
         values: dict[str, Any] = {}
@@ -136,6 +142,8 @@ class ProxyConfig:
             values["keepalive_s"] = float(env["SEALSTREAM_KEEPALIVE_S"])
         if "SEALSTREAM_STORE_GRACE_S" in env:
             values["store_grace_s"] = float(env["SEALSTREAM_STORE_GRACE_S"])
+        if env.get("SEALSTREAM_STORE_DOMAIN"):
+            values["store_domain"] = env["SEALSTREAM_STORE_DOMAIN"]
         if env.get("SEALSTREAM_TOKEN_SECRET_FILE"):
             values["token_secret"] = read_secret(Path(env["SEALSTREAM_TOKEN_SECRET_FILE"]))
         elif env.get("SEALSTREAM_TOKEN_SECRET"):

@@ -32,6 +32,8 @@ class Liveness:
         self._stop = asyncio.Event()
         self._ping_now = asyncio.Event()
         self._ping_failures: Counter[str] = Counter()
+        #: cluster -> (clock) time of its first counted unanswered ping, while it is silent
+        self._silent_since: dict[str, float] = {}
         #: after a reconnect of our own connection, silence is not the clusters' fault until
         #: this (clock) time
         self._grace_until = float("-inf")
@@ -56,6 +58,7 @@ class Liveness:
         now = core.clock()
         self._grace_until = now + 2 * core.config.keepalive_s + core.config.control_timeout_s
         self._ping_failures.clear()
+        self._silent_since.clear()
         core.registry.extend(now=now)
         self._up = True
         log.info("proxy.reconnected", sessions=len(core.registry))
@@ -119,6 +122,12 @@ class Liveness:
         for entry in core.registry.entries():
             if entry.added_at <= settled:
                 clusters.setdefault(entry.cluster, []).append(entry.session)
+        # what was counted of a cluster no longer pinged (its sessions ended) is forgotten:
+        # a session opened there later gets its own silence and grace
+        for cluster in set(self._ping_failures) - clusters.keys():
+            del self._ping_failures[cluster]
+        for cluster in set(self._silent_since) - clusters.keys():
+            del self._silent_since[cluster]
         assert core.tg is not None
         for cluster, sessions in clusters.items():
             core.tg.create_task(self._ping(cluster, sessions))
@@ -137,10 +146,11 @@ class Liveness:
             await core.notify(session, "ended", message)
 
     async def _ping(self, cluster: str, sessions: list[str]) -> None:
-        """A producer that is gone (twice unanswered) or that no longer knows a session (it
-        restarted) ends those sessions: the consumers are told with an ``ended`` notice. The
-        sessions go in pings of at most MAX_PING ids (a ping must fit a control request);
-        the first unanswered one counts once for the cluster."""
+        """A producer that is gone (twice unanswered; with a store, for longer than the
+        session's grace) or that no longer knows a session (it restarted) ends those
+        sessions: the consumers are told with an ``ended`` notice. The sessions go in pings of
+        at most MAX_PING ids (a ping must fit a control request); the first unanswered one
+        counts once for the cluster."""
         core = self._core
         answers: list[Pong] = []
         for start in range(0, len(sessions), MAX_PING):
@@ -155,6 +165,7 @@ class Liveness:
             else:
                 answers.append(answer)
         self._ping_failures.pop(cluster, None)  # it answered: it is alive
+        self._silent_since.pop(cluster, None)
         asked = set(sessions)
         for answer in answers:
             for session in asked.intersection(answer.unknown):
@@ -166,8 +177,16 @@ class Liveness:
             # our own outage, or the cluster's reconnect after it: not its silence
             log.info("cluster.ping_failed", cluster=cluster, counted=False, error=exc.detail)
             return
+        now = core.clock()
         self._ping_failures[cluster] += 1
+        silent_for = now - self._silent_since.setdefault(cluster, now)
         log.info("cluster.ping_failed", cluster=cluster, counted=True, error=exc.detail)
-        if self._ping_failures[cluster] >= 2:
-            for session in sessions:
+        if self._ping_failures[cluster] < 2:
+            return
+        for session in sessions:
+            # a session of a cluster with a store waits out its grace: the producer keeps
+            # what it seals meanwhile in the store (a site whose link is down), and the
+            # consumer reads it from there once the cluster answers again
+            entry = core.registry.get(session)
+            if entry is None or silent_for >= entry.grace_s:
                 await self._end(session, f"cluster {cluster!r} is unavailable")

@@ -278,10 +278,12 @@ def _hub_chaos_options(c: argparse.ArgumentParser) -> None:
         "--topology",
         choices=["single", "hub"],
         default="single",
-        help="hub: the 3-node hub with two sites behind leaf nodes (faults hub-node,proxy,leaf; "
-        "--consumers a cluster)",
+        help="hub: the 3-node hub with two sites behind leaf nodes (faults hub-node,proxy,leaf,"
+        "link; --consumers a cluster)",
     )
-    c.add_argument("--leaf-outage", type=float, default=30.0, help="a leaf node's outage (hub), s")
+    c.add_argument(
+        "--leaf-outage", type=float, default=30.0, help="a leaf node's or link's outage (hub), s"
+    )
 
 
 async def _up_hub(args: argparse.Namespace) -> int:

@@ -2,9 +2,9 @@
 
 A 3-node hub cluster (real nats-servers with JetStream, routes and a leafnode port each), two
 proxies sharing the session registry (3 replicas), and per customer cluster a site: its leaf
-node (dialling out to the hub) and its producer. Configurations come from
-:mod:`sealstream.topology`; every port is a free loopback port chosen here, kept across a
-node's restart.
+node (dialling out to the hub, keeping the cluster's store) and its producer. Configurations
+come from :mod:`sealstream.topology`; every port is a free loopback port chosen here, kept
+across a node's restart.
 
 State directory::
 
@@ -12,7 +12,8 @@ State directory::
     hub-<i>.conf  hub-<i>/ (JetStream)  hub-<i>.log  proxy-<x>.log
     compose/      the servers' configurations for compose.hub.yaml
     site-<cluster>/   as ``sealstream up --dir`` makes it (cluster key, policy, trust store,
-                      token, identity), with leaf.conf, leaf.log and producer.log
+                      token, identity), with leaf.conf, leaf.log, producer.log and store/
+                      (the site's store: its leaf node's JetStream)
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import nats.errors
 
 from producers import POLICY_FILE_NAME
+from sealops._link import LinkRelay
 from sealops._procs import Child
 from sealops._stack import _write_private, issuer_seed_file, prepare_state, source_streams
 from sealstream.nats import connect, release
 from sealstream.natsconf import Credentials
 from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions, free_port
-from sealstream.topology import HubCredentials, HubNode, hub_config, leaf_config
+from sealstream.topology import STORE_DOMAIN, HubCredentials, HubNode, hub_config, leaf_config
 
 __all__ = ["HUB_CLUSTERS", "HubBackend", "HubServers", "hub_backend", "prepare_hub", "up_hub"]
 
@@ -94,8 +97,9 @@ def prepare_hub(
         text = hub_config(nodes, i, creds, issuer=issuer, store_dir=str(state / f"hub-{i}"))
         _write_private(state / f"hub-{i}.conf", text.encode("utf-8"))
     for cluster in clusters:
-        text = leaf_config(cluster, creds, nodes)
-        _write_private(site_dir(state, cluster) / "leaf.conf", text.encode("utf-8"))
+        site = site_dir(state, cluster)
+        text = leaf_config(cluster, creds, nodes, store_dir=str(site / "store"))
+        _write_private(site / "leaf.conf", text.encode("utf-8"))
     _compose_configs(state / "compose", creds, issuer)
     return creds, nodes
 
@@ -109,7 +113,7 @@ def _compose_configs(out: Path, creds: HubCredentials, issuer: str) -> None:
         text = hub_config(nodes, i, creds, issuer=issuer, store_dir="/data")
         _write_private(out / f"hub-{i}.conf", text.encode("utf-8"))
     for cluster in creds.clusters:
-        text = leaf_config(cluster, creds, nodes)
+        text = leaf_config(cluster, creds, nodes, store_dir="/data")
         _write_private(out / f"leaf-{cluster}.conf", text.encode("utf-8"))
 
 
@@ -117,9 +121,28 @@ class HubServers:
     """The hub's nodes and the sites' leaf nodes as nats-server processes; any of them can be
     stopped and started again on its ports (JetStream data kept)."""
 
-    def __init__(self, state: Path, nodes: Sequence[HubNode], clusters: Sequence[str]) -> None:
+    def __init__(
+        self,
+        state: Path,
+        nodes: Sequence[HubNode],
+        clusters: Sequence[str],
+        *,
+        relay_links: bool = False,
+    ) -> None:
         self.state = state
         self.nodes = list(nodes)
+        #: with ``relay_links``, each site's leaf link goes through a relay of its own that
+        #: can be cut (the site's WAN down, its leaf node up)
+        self.links: dict[str, LinkRelay] = {}
+        if relay_links:
+            creds = HubCredentials.from_json((state / "hub-credentials.json").read_text())
+            for c in clusters:
+                routes = [(free_port(), n.leaf_port) for n in nodes]
+                relayed = [replace(n, leaf_port=p) for n, (p, _) in zip(nodes, routes, strict=True)]
+                site = site_dir(state, c)
+                text = leaf_config(c, creds, relayed, store_dir=str(site / "store"))
+                _write_private(site / "leaf.conf", text.encode("utf-8"))
+                self.links[c] = LinkRelay(f"site-{c}", routes)
         self.hub = [
             EmbeddedServer(
                 ServerOptions(
@@ -165,6 +188,8 @@ class HubServers:
         # all at once: a node waits for its routes to form a JetStream cluster
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.hub))
         await self.jetstream_ready()
+        for link in self.links.values():
+            await link.start()
         await asyncio.gather(*(asyncio.to_thread(s.start) for s in self.leaves.values()))
 
     async def jetstream_ready(self, *, timeout_s: float = 30.0) -> None:
@@ -188,6 +213,8 @@ class HubServers:
     async def stop(self) -> None:
         servers = [*self.leaves.values(), *self.hub]
         await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
+        for link in self.links.values():
+            await link.cut()
 
     async def __aenter__(self) -> HubServers:
         try:
@@ -250,6 +277,7 @@ class HubBackend:
             "SEALSTREAM_TOKEN_SECRET_FILE": str(self.state / "token-secret"),
             "SEALSTREAM_CALLOUT_ISSUER_SEED_FILE": str(issuer_seed_file(self.state)),
             "SEALSTREAM_REGISTRY_REPLICAS": str(min(3, len(self.servers.hub))),
+            "SEALSTREAM_STORE_DOMAIN": STORE_DOMAIN,
         }
         if self.keepalive_s is not None:
             env["SEALSTREAM_KEEPALIVE_S"] = str(self.keepalive_s)
@@ -272,6 +300,7 @@ class HubBackend:
             "SEALSTREAM_KEY_FILE": str(site / "cluster-key.jwk"),
             "SEALSTREAM_POLICY_FILE": str(site / POLICY_FILE_NAME),
             "SEALSTREAM_SOURCES": self.sources,
+            "SEALSTREAM_STORE": "1",  # in its leaf node's JetStream
         }
         argv = _python("producers", "--rate", str(self.rate))
         log = site / "producer.log"
@@ -301,12 +330,13 @@ async def hub_backend(
     clusters: Sequence[str] = HUB_CLUSTERS,
     keepalive_s: float | None = None,
     producers: bool = True,
+    relay_links: bool = False,
 ) -> AsyncIterator[HubBackend]:
     """The whole topology on loopback: hub nodes, leaf nodes, two proxies, a producer per
-    site (unless ``producers`` is False: the caller runs its own); the processes stop before
-    the servers."""
+    site (unless ``producers`` is False: the caller runs its own), the leaf links through
+    relays that can be cut with ``relay_links``; the processes stop before the servers."""
     creds, nodes = prepare_hub(state, clusters, source_streams(sources))
-    async with HubServers(state, nodes, clusters) as servers:
+    async with HubServers(state, nodes, clusters, relay_links=relay_links) as servers:
         be = HubBackend(state, servers, creds, sources=sources, rate=rate, keepalive_s=keepalive_s)
         try:
             for name in _PROXIES:

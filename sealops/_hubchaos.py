@@ -3,10 +3,12 @@ of both customer clusters stream, then the same report as ``sealstream chaos``.
 
 The topology is ``sealstream up --topology hub``'s (:mod:`sealops._hub`), with each site's
 producer fed numbered JSON lines on stdin (``{"run": 1, "n": i, "t": ns}``) so that every
-consumer counts duplicates and rows out of order. The faults, in the order given and cycled:
-``hub-node`` (a random hub node killed, restarted after 1-5 s), ``proxy`` (one of the two,
-the same), ``leaf`` (a random site's leaf node killed for ``--leaf-outage`` seconds, 30 by
-default, then restarted on its port).
+consumer counts duplicates and rows out of order; each keeps its store in its leaf node
+(``--no-store``: at most once). The faults, in the order given and cycled: ``hub-node`` (a
+random hub node killed, restarted after 1-5 s), ``proxy`` (one of the two, the same), ``leaf``
+(a random site's leaf node killed for ``--leaf-outage`` seconds, 30 by default, then
+restarted on its port), ``link`` (a random site's link to the hub cut as long, its leaf node
+and producer up: the site's WAN down).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sealstream.crypto import UserIdentity
 
 __all__ = ["HUB_FAULTS", "hub_chaos", "hub_run"]
 
-HUB_FAULTS = ("hub-node", "proxy", "leaf")
+HUB_FAULTS = ("hub-node", "proxy", "leaf", "link")
 _STREAM = "chaos"
 
 
@@ -43,15 +45,16 @@ def _plan(duration: float, kinds: list[str], leaf_s: float, rng: random.Random) 
     t = 15.0  # warm-up: every consumer streaming
     while True:
         kind = kinds[len(faults) % len(kinds)]
-        down = leaf_s if kind == "leaf" else rng.uniform(1, 5)
+        down = leaf_s if kind in ("leaf", "link") else rng.uniform(1, 5)
         if t + down + 20 > duration:
             return faults
         faults.append(Fault(kind, round(t, 1), round(down, 1)))
         t += down + rng.uniform(20, 25)
 
 
-async def _producer(be: HubBackend, cluster: str) -> asyncio.subprocess.Process:
-    """A site's producer reading rows on stdin (``jsonl:-``), on its leaf node."""
+async def _producer(be: HubBackend, cluster: str, *, store: bool) -> asyncio.subprocess.Process:
+    """A site's producer reading rows on stdin (``jsonl:-``), on its leaf node (its store
+    there, unless ``store`` is False)."""
     site = be.site(cluster)
     env = {
         **os.environ,
@@ -61,6 +64,7 @@ async def _producer(be: HubBackend, cluster: str) -> asyncio.subprocess.Process:
         "SEALSTREAM_CLUSTER": cluster,
         "SEALSTREAM_KEY_FILE": str(site / "cluster-key.jwk"),
         "SEALSTREAM_POLICY_FILE": str(site / POLICY_FILE_NAME),
+        "SEALSTREAM_STORE": "1" if store else "0",
     }
     args = ["producers", "--source", f"jsonl:-:{_STREAM}", "--log-level", "info"]
     with (site / "producer.log").open("ab") as log:
@@ -76,19 +80,20 @@ async def _producer(be: HubBackend, cluster: str) -> asyncio.subprocess.Process:
 
 
 async def _feed(proc: asyncio.subprocess.Process, rate: float) -> None:
-    """Rows at ``rate`` per second on the producer's stdin until it exits or is cancelled."""
+    """Rows at ``rate`` per second on the producer's stdin until it exits or is cancelled;
+    while the producer does not read (its ``emit`` waits for its store, its leaf node being
+    down), the feed waits too, as a source told to wait does."""
     assert proc.stdin is not None
     tick = 0.05
     n = 0
-    with contextlib.suppress(ConnectionError, TimeoutError):
+    with contextlib.suppress(ConnectionError):
         while proc.returncode is None:
             lines = []
             for _ in range(max(1, round(rate * tick))):
                 lines.append(json.dumps({"run": 1, "n": n, "t": time.time_ns()}) + "\n")
                 n += 1
             proc.stdin.write("".join(lines).encode())
-            async with asyncio.timeout(10):
-                await proc.stdin.drain()
+            await proc.stdin.drain()
             await asyncio.sleep(tick)
 
 
@@ -119,6 +124,12 @@ async def _inject(be: HubBackend, fault: Fault, rng: random.Random) -> str:
         await be.start_proxy(name)
         return f"proxy-{name}"
     cluster = rng.choice(be.clusters)
+    if fault.kind == "link":
+        link = be.servers.links[cluster]
+        await link.cut()
+        await asyncio.sleep(fault.down_s)
+        await link.start()
+        return f"link-{cluster}"
     leaf = be.servers.leaves[cluster]
     await be.servers.kill(leaf)
     await asyncio.sleep(fault.down_s)
@@ -134,13 +145,15 @@ async def hub_chaos(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="sealstream-hubchaos-") as tmp:
         state = Path(tmp) / "hub"
         sources = f"jsonl:-:{_STREAM}"  # the sites' policies authorize the stream
-        async with hub_backend(state=state, sources=sources, rate=1.0, producers=False) as be:
+        async with hub_backend(
+            state=state, sources=sources, rate=1.0, producers=False, relay_links=True
+        ) as be:
             seen: dict[str, list[Seen]] = {
                 c: [Seen() for _ in range(args.consumers)] for c in be.clusters
             }
             started = time.monotonic()
             async with asyncio.TaskGroup() as tg:
-                producers = {c: await _producer(be, c) for c in be.clusters}
+                producers = {c: await _producer(be, c, store=args.store) for c in be.clusters}
                 feeders = [tg.create_task(_feed(p, args.rate)) for p in producers.values()]
                 consumers = [
                     tg.create_task(
@@ -180,20 +193,24 @@ async def hub_chaos(args: argparse.Namespace, kinds: list[str]) -> dict[str, Any
             f"`sealstream chaos --topology hub --duration {args.duration:g} --seed {args.seed}` "
             f"({args.rate:g} rows/s a site"
             + (", group mode" if args.key_mode == "group" else "")
+            + (", each site's store in its leaf node" if args.store else ", no store")
             + "): on the 3-node hub with two proxies and two "
-            f"sites behind leaf nodes, hub nodes, proxies and leaf nodes (down "
-            f"{args.leaf_outage:g} s) killed and restarted while library consumers "
+            f"sites behind leaf nodes, hub nodes, proxies and leaf nodes killed and restarted, "
+            f"and sites' links cut (leaf nodes and links down {args.leaf_outage:g} s), while "
+            f"library consumers "
             f"(`resume=True`, {args.consumers} a cluster) stream. Consumers "
             + ", ".join(f"{i}: {c}" for i, c in enumerate(c for c in seen for _ in seen[c]))
             + "."
         ),
         "seed": args.seed,
+        "store": args.store,
         "duration_s": args.duration,
         "rate": args.rate,
         "consumers": [
             {
                 "cluster": c,
                 **{k: v for k, v in asdict(s).items() if k not in ("last", "seen", "arrivals")},
+                "missing": s.missing,
             }
             for c, group in seen.items()
             for s in group

@@ -92,14 +92,26 @@ class Credentials:
 
 def proxy_user(role: RoleUser, *, prefix: str = "sealstream") -> dict[str, Any]:
     """The proxy's ``users`` entry: the session API, every cluster's data and group subjects,
-    the control subjects, consumers' inboxes, JetStream (its registry) and the auth callout."""
+    the control subjects, consumers' inboxes, JetStream (its registry, the stores) and the
+    auth callout."""
     s = Subjects(prefix)
     p = prefix
     return {
         "user": role.user,
         "password": role.password,
         "permissions": {
-            "publish": {"allow": [f"{p}.inbox.*", f"{p}.cluster.*.control", "$JS.API.>", "$KV.>"]},
+            "publish": {
+                "allow": [
+                    f"{p}.inbox.*",
+                    f"{p}.cluster.*.control",
+                    "$JS.API.>",
+                    "$KV.>",
+                    # the reads of a store in a site's JetStream domain (a hub's leaf nodes)
+                    "$JS.*.API.STREAM.INFO.*",
+                    "$JS.*.API.STREAM.MSG.GET.*",
+                    "$JS.*.API.DIRECT.GET.*",
+                ]
+            },
             "subscribe": {"allow": [s.api_all, s.data_all, s.relay_all, "_INBOX.>", AUTH_SUBJECT]},
             "allow_responses": True,
         },

@@ -51,6 +51,7 @@ class Store:
             max_age=self.max_age_s,
             max_bytes=self.max_bytes,
             num_replicas=self.replicas,
+            allow_direct=True,  # a replay's batched read (docs/protocol.md)
         )
 
 

@@ -17,7 +17,12 @@ requests, and receive only its control subject.
 
 A site (``leaf_config``) runs a nats-server that dials out to every hub node's leafnode port
 (it listens for no leaf node or route itself) with the cluster's producer as its one user,
-with today's producer permissions.
+with today's producer permissions, and keeps the cluster's store: JetStream of its own, in the
+domain ``site-<id>`` (``STORE_DOMAIN``), so the producer's envelopes are stored at the site
+while its link is down. The hub reaches that store only to read it: ``CLUSTER-<id>`` exports
+to ``SEALSTREAM`` the three read requests of the store's stream in the site's domain (its
+info, one message's read, the direct read of its messages), which the link carries to the
+site; nothing else of its JetStream.
 
 Passwords are literal values in the generated text (``sealstream up --topology hub`` writes
 them to files of mode 0600); names and ports come from :class:`HubNode`.
@@ -33,21 +38,27 @@ from typing import Any
 
 from sealstream.ids import Subjects, check_cluster_id
 from sealstream.natsconf import ACCOUNT, Credentials, RoleUser, _render, producer_user, proxy_user
+from sealstream.store import stream_name
 
 __all__ = [
     "HUB_CLUSTER",
     "REPLY_PREFIX",
+    "STORE_DOMAIN",
     "HubCredentials",
     "HubNode",
     "account_name",
     "hub_config",
     "leaf_config",
+    "store_reads",
 ]
 
 #: the hub's cluster name (routes join only servers of the same name)
 HUB_CLUSTER = "sealstream-hub"
 #: the subjects nats-server gives the replies to a request crossing a service import
 REPLY_PREFIX = "_R_"
+#: the JetStream domain of a site's store (its leaf node's JetStream), per cluster: the
+#: proxies' ``store_domain``
+STORE_DOMAIN = "site-{cluster}"
 
 
 def account_name(cluster: str) -> str:
@@ -111,6 +122,15 @@ class HubCredentials:
         return cls(Credentials.from_json(json.dumps(data["roles"])), links)
 
 
+def store_reads(cluster: str, prefix: str = "sealstream") -> list[str]:
+    """The JetStream requests the hub may send to a site's store, in the site's domain: the
+    info of the cluster's stream, the read of one message (a subject's last), and the direct
+    read of its stored messages (a replay's batched read, answered with several replies)."""
+    api = f"$JS.{STORE_DOMAIN.replace('{cluster}', cluster)}.API"
+    name = stream_name(prefix, cluster)
+    return [f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.MSG.GET.{name}", f"{api}.DIRECT.GET.{name}"]
+
+
 def _cluster_account(cluster: str, link: RoleUser, prefix: str) -> dict[str, Any]:
     s = Subjects(prefix)
     return {
@@ -119,6 +139,11 @@ def _cluster_account(cluster: str, link: RoleUser, prefix: str) -> dict[str, Any
             {"stream": s.data(cluster, "*"), "accounts": [ACCOUNT]},
             {"stream": s.group(cluster, "*"), "accounts": [ACCOUNT]},
             {"service": s.control(cluster), "accounts": [ACCOUNT]},
+            *(
+                # several replies to one request: a batched read
+                {"service": read, "accounts": [ACCOUNT], "response_type": "stream"}
+                for read in store_reads(cluster, prefix)
+            ),
         ],
     }
 
@@ -132,12 +157,14 @@ def _hub_imports(clusters: Sequence[str], prefix: str) -> list[dict[str, Any]]:
             {"stream": {"account": account, "subject": s.data(c, "*")}},
             {"stream": {"account": account, "subject": s.group(c, "*")}},
             {"service": {"account": account, "subject": s.control(c)}},
+            *({"service": {"account": account, "subject": r}} for r in store_reads(c, prefix)),
         ]
     return imports
 
 
 def _link_user(cluster: str, link: RoleUser, prefix: str) -> dict[str, Any]:
-    """The hub's view of a leaf link: what it may carry in (publish) and out (subscribe)."""
+    """The hub's view of a leaf link: what it may carry in (publish: envelopes, replies) and
+    out (subscribe: control requests, reads of the site's store)."""
     s = Subjects(prefix)
     return {
         "user": link.user,
@@ -147,7 +174,7 @@ def _link_user(cluster: str, link: RoleUser, prefix: str) -> dict[str, Any]:
             "publish": {
                 "allow": [s.data(cluster, "*"), s.group(cluster, "*"), f"{REPLY_PREFIX}.>"]
             },
-            "subscribe": {"allow": [s.control(cluster)]},
+            "subscribe": {"allow": [s.control(cluster), *store_reads(cluster, prefix)]},
         },
     }
 
@@ -182,7 +209,9 @@ def hub_config(
         "listen": f"{me.host}:{me.cluster_port}",
         "routes": [n.route_url for n in nodes if n is not me],
     }
-    leafnodes = {"listen": f"{me.host}:{me.leaf_port}"}
+    # not advertised: a site dials the hub addresses its configuration lists (those its
+    # firewall lets out), never the nodes' own addresses gossiped to it
+    leafnodes = {"listen": f"{me.host}:{me.leaf_port}", "no_advertise": True}
     bypass = [creds.roles.proxy.user, *(creds.links[c].user for c in clusters)]
     callout = {"issuer": issuer, "account": ACCOUNT, "auth_users": bypass}
     return (
@@ -202,21 +231,28 @@ def leaf_config(
     creds: HubCredentials,
     hub: Sequence[HubNode],
     *,
+    store_dir: str,
     prefix: str = "sealstream",
     name: str | None = None,
 ) -> str:
-    """The configuration of a customer site's leaf node: its producer as the one user, and one
-    outbound remote to every hub node (it reconnects to another when one goes), bound to the
-    producer's account."""
+    """The configuration of a customer site's leaf node: its producer as the one user, the
+    cluster's store (JetStream in ``store_dir``, domain ``site-<id>``), and one outbound
+    remote to every hub node (it reconnects to another when one goes), bound to the
+    producer's account. ``name`` must stay the same across restarts (the store's identity)."""
     account = account_name(cluster)
     remote = {"urls": [n.leaf_url(creds.links[cluster]) for n in hub], "account": account}
     accounts = {
-        account: {"users": [producer_user(cluster, creds.roles.producers[cluster], prefix)]}
+        account: {
+            "jetstream": "enabled",
+            "users": [producer_user(cluster, creds.roles.producers[cluster], prefix)],
+        }
     }
+    jetstream = {"store_dir": store_dir, "domain": STORE_DOMAIN.replace("{cluster}", cluster)}
     return (
-        "# sealstream site leaf node: the producer's user, one outbound link to the hub\n"
-        "# (generated)\n"
+        "# sealstream site leaf node: the producer's user, the cluster's store, one outbound\n"
+        "# link to the hub (generated)\n"
         f"server_name: {json.dumps(name or f'site-{cluster}')}\n"
+        f"jetstream: {_render(jetstream)}\n"
         f"accounts: {_render(accounts)}\n"
         f"leafnodes: {_render({'remotes': [remote]})}\n"
     )

@@ -168,6 +168,7 @@ async def make_stack(
     token_leeway_s: int = 30,
     clock: Callable[[], float] = time.time,
     store: Store | None = None,
+    store_domain: str = "",
     user: UserIdentity | None = None,
 ) -> AsyncIterator[Stack]:
     """Start a proxy, then an agent, on a fresh prefix with a fresh secret and identity; the
@@ -187,6 +188,7 @@ async def make_stack(
         token_secret=secret,
         keepalive_s=keepalive_s,
         store_grace_s=store_grace_s,
+        store_domain=store_domain,
         control_timeout_s=2.0,
         limits=limits or Limits(),
         shared_registry=shared_registry,

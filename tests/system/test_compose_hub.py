@@ -80,7 +80,7 @@ def test_nats_servers_are_the_official_image_with_a_healthcheck(
     service = compose["services"][name]
     m = re.fullmatch(r"nats:(\d+)\.(\d+)(?:\.\d+)?-alpine[\d.]*", service["image"])
     assert m is not None, service["image"]
-    assert (int(m[1]), int(m[2])) >= (2, 10)
+    assert (int(m[1]), int(m[2])) >= (2, 11)  # a replay reads in batches (2.11)
     argv = command(service)
     conf = secret_mounts(service)
     assert argv[:2] == ["-c", next(iter(conf))]
@@ -88,12 +88,12 @@ def test_nats_servers_are_the_official_image_with_a_healthcheck(
     assert f":{monitor}/healthz" in " ".join(service["healthcheck"]["test"])
     text = (project / compose["secrets"][conf[next(iter(conf))]]["file"]).read_text()
     assert f'server_name: "{name if name in HUBS else "site-" + name[5:]}"' in text
-    if name in HUBS:  # JetStream in the configuration, its store on the node's volume
-        store = re.search(r'store_dir: "([^"]+)"', text)
-        assert store is not None
-        assert volume_mounts(service)[store[1]] in compose["volumes"]
-    else:
-        assert "store_dir" not in text
+    # JetStream in the configuration (a site's: the cluster's store), on the node's volume
+    store = re.search(r'store_dir: "([^"]+)"', text)
+    assert store is not None
+    assert volume_mounts(service)[store[1]] in compose["volumes"]
+    if name not in HUBS:
+        assert f'domain: "site-{name[5:]}"' in text
         assert "listen" not in text  # dials out only
 
 
@@ -148,6 +148,9 @@ def test_sealstream_services(compose: dict[str, Any], project: Path, name: str) 
         assert parse_args(argv).cluster == name.removeprefix("consumer-")
     if name in PROXIES:
         assert env["SEALSTREAM_REGISTRY_REPLICAS"] == "3"
+        assert env["SEALSTREAM_STORE_DOMAIN"] == "site-{cluster}"  # the sites' stores
+    if name in PRODUCERS:
+        assert env["SEALSTREAM_STORE"] == "1"
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import pytest
 import pytest_asyncio
 
@@ -22,10 +24,12 @@ from broker_proxy._config import CalloutConfig
 from sealops._hub import HubServers, prepare_hub
 from sealops._stack import issuer_seed_file
 from sealstream import BrokerError, TokenVerifier, mint_token
+from sealstream.ids import Subjects
 from sealstream.nats import connect, settle
 from sealstream.natsconf import RoleUser
 from sealstream.natsjwt import AccountKey
 from sealstream.server import EmbeddedServer, ServerOptions
+from sealstream.store import Store, ensure_stream
 from sealstream.topology import HubCredentials, account_name
 
 A, B = "acme", "globex"
@@ -286,3 +290,42 @@ async def test_control_requests_cross_the_link_and_are_answered(
                 reply = await proxy.nc.request(f"sealstream.cluster.{A}.control", b"1", timeout=0.5)
                 break
     assert reply.data == b"pong:1"
+
+
+async def test_the_hub_reads_a_sites_store_across_its_link_and_changes_nothing(
+    conn: Any, servers: HubServers, creds: HubCredentials
+) -> None:
+    """A site's store is its leaf node's JetStream (domain ``site-<id>``): the producer keeps
+    its envelopes there; the hub's proxy user reads them across the link (the stream's info,
+    a direct read of its messages) and can neither change the store nor read another site's
+    through it."""
+    proxy = await _link_up(conn, servers, creds, A)
+    producer = await connect(
+        creds.roles.producers[A].url(servers.leaves[A].url),
+        name="test-producer",
+        inbox_prefix=Subjects.producer_inbox(A),  # its replies, as the agent's
+    )
+    try:
+        js = producer.jetstream(timeout=5)
+        name = await ensure_stream(js, Store(), prefix="sealstream", cluster=A)
+        subject = f"sealstream.cluster.{A}.data.{SESSION}"
+        stored = await js.publish(subject, b"sealed bytes")
+    finally:
+        await producer.close()
+    site = proxy.nc.jetstream(domain=f"site-{A}", timeout=2)
+    async with asyncio.timeout(15):
+        while True:  # the store's interest crosses the link a moment after it is made
+            with contextlib.suppress(nats.errors.NoRespondersError, TimeoutError):
+                info = await site.stream_info(name)
+                break
+            await asyncio.sleep(0.2)
+    assert info.state.messages >= 1
+    msg = await site.get_msg(name, seq=stored.seq, direct=True)
+    assert (msg.subject, msg.data) == (subject, b"sealed bytes")
+    # nothing but those two reads: no purge, delete or consumer, not another site's store
+    for api in ("STREAM.PURGE", "STREAM.DELETE", "CONSUMER.CREATE"):
+        assert await proxy.violation("pub", f"$JS.site-{A}.API.{api}.{name}")
+    # (no responders: nothing answers A's stream name in B's domain on the hub)
+    with pytest.raises(nats.js.errors.ServiceUnavailableError):
+        await proxy.nc.jetstream(domain=f"site-{B}", timeout=2).stream_info(name)
+    assert (await site.stream_info(name)).state.messages == info.state.messages

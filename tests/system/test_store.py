@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -527,7 +528,8 @@ async def test_every_emit_that_returned_survives_a_sigkill(broker: Broker, tmp_p
     url = broker.start()
     key_file = tmp_path / "c2.jwk"
     identity = ClusterIdentity.load_or_create(key_file)
-    async with make_stack(url, store=Store(), keepalive_s=1.0) as stack:
+    # a store grace of 3 s: the killed producer's sessions end 3 s into its silence
+    async with make_stack(url, store=Store(), keepalive_s=1.0, store_grace_s=3.0) as stack:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -555,7 +557,7 @@ async def test_every_emit_that_returned_survives_a_sigkill(broker: Broker, tmp_p
                     # a line the kill cut short is not counted (its number may be cut too)
                     for line in (await proc.stdout.read()).splitlines(keepends=True):
                         returned.extend(_returned(line) if line.endswith(b"\n") else [])
-                    # the proxy ends the session (2 unanswered pings) after what was stored
+                    # the proxy ends the session (its grace) after what was stored
                     await reading
         finally:
             if proc.returncode is None:
@@ -811,3 +813,89 @@ async def test_a_node_of_a_three_node_cluster_killed_loses_nothing(tmp_path: Pat
     finally:
         for node in nodes:
             await asyncio.to_thread(node.stop)
+
+
+class RogueSite:
+    """A site's store in its own JetStream domain (``site-<cluster>``) as a hostile site
+    could answer it: the store's info and a subject's last are passed on to the real store;
+    its batched reads too, unless ``mode`` names a way of answering them malformed."""
+
+    def __init__(self, nc: Any, cluster: str) -> None:
+        self.nc = nc
+        self.api = f"$JS.site-{cluster}.API."
+        self.mode = "honest"
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.api + ">", cb=self._answer)
+        await self.nc.flush()
+
+    async def _answer(self, msg: Any) -> None:
+        api = "$JS.API." + msg.subject.removeprefix(self.api)
+        if not api.startswith("$JS.API.DIRECT.GET.") or self.mode == "honest":
+            await self._pass_on(api, msg)
+            return
+        at = json.loads(msg.data)["seq"]
+        headers = {"Nats-Sequence": str(at), "Nats-Num-Pending": "5"}
+        if self.mode == "no headers":
+            await self.nc.publish(msg.reply, b"not an envelope")
+        elif self.mode == "backwards":  # the first position whatever is asked: would loop
+            for _ in range(3):
+                await self.nc.publish(msg.reply, b"x", headers={**headers, "Nats-Sequence": "1"})
+            await self.nc.publish(msg.reply, b"", headers={"Status": "204"})
+        else:  # "pending not a number"
+            await self.nc.publish(msg.reply, b"x", headers={**headers, "Nats-Num-Pending": "a"})
+
+    async def _pass_on(self, api: str, msg: Any) -> None:
+        """Every reply of the real store, passed on (a batch's several, then its end)."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(api, msg.data, reply=inbox)
+            while True:
+                reply = await sub.next_msg(timeout=2)
+                await self.nc.publish(msg.reply, reply.data, headers=reply.headers)
+                if reply.headers is not None and "Status" in reply.headers:
+                    return  # a batch's end, or an error
+                if not api.startswith("$JS.API.DIRECT.GET."):
+                    return  # one reply
+        except TimeoutError:
+            return
+        finally:
+            await sub.unsubscribe()
+
+
+async def test_a_sites_store_answering_malformed_is_out_of_reach_not_a_crash(
+    broker: Broker,
+) -> None:
+    """The proxy reads a site's store (another JetStream domain, a hostile site's leaf node)
+    without trusting its answers: replies without headers, a stream position that does not
+    move on (it would loop a replay), a pending count that is not a number are each
+    ``cluster_unavailable`` (passing), and the proxy serves on: the next resume, answered
+    well, replays the session's stored bytes."""
+    url = broker.start()
+    async with make_stack(url, store=Store(), store_domain="site-{cluster}") as stack:
+        site_nc = await connect(url, name="test-rogue-site")
+        try:
+            site = RogueSite(site_nc, stack.cluster)
+            await site.start()
+            async with (
+                stack.client() as client,
+                client.subscribe(stack.cluster, ["records"]) as sub,
+            ):
+                await stack.agent.emit("records", [{"i": 0}])
+                await stack.agent.emit("records", [{"i": 1}])
+                await collect_rows(sub, 2)
+                resume = stack.subjects.api_resume
+                ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": 0}
+                for mode in ("no headers", "backwards", "pending not a number"):
+                    site.mode = mode
+                    with pytest.raises(SessionError) as refused:
+                        await client.request(resume, ask, Replayed)
+                    assert (refused.value.code, refused.value.retry) == (
+                        "cluster_unavailable",
+                        True,
+                    ), mode
+                site.mode = "honest"
+                assert await client.request(resume, ask, Replayed) == Replayed(2, first=1)
+        finally:
+            await site_nc.close()

@@ -59,17 +59,23 @@ def test_each_cluster_exports_only_its_subjects_to_the_hub_account(creds: HubCre
         assert f'stream: "sealstream.cluster.{c}.data.*"' in block
         assert f'stream: "sealstream.cluster.{c}.group.*"' in block
         assert f'service: "sealstream.cluster.{c}.control"' in block
-        assert block.count('accounts: ["SEALSTREAM"]') == 3
+        # and of the site's store, its info and one message's read, in the site's domain
+        stream = f"sealstream_store_{c}"
+        assert f'service: "$JS.site-{c}.API.STREAM.INFO.{stream}"' in block
+        assert f'service: "$JS.site-{c}.API.STREAM.MSG.GET.{stream}"' in block
+        assert f'service: "$JS.site-{c}.API.DIRECT.GET.{stream}"' in block
+        assert block.count('accounts: ["SEALSTREAM"]') == 6
+        assert block.count("$JS.") == 6  # the three exports, and the link's three reads
         # its only user is the leaf link, usable on the leafnode port only
         assert block.count("user:") == 1
         assert 'allowed_connection_types: ["LEAFNODE"]' in block
         others = [o for o in creds.clusters if o != c]
         assert not any(f".cluster.{o}." in block for o in others)
-    assert text.count(f'account: "{account_name("-a")}"') == 3  # three imports, no more
+    assert text.count(f'account: "{account_name("-a")}"') == 6  # six imports, no more
 
 
 def test_site_leaf_node_dials_out_only(creds: HubCredentials) -> None:
-    text = leaf_config("b_", creds, NODES)
+    text = leaf_config("b_", creds, NODES, store_dir="/data")
     link = creds.links["b_"]
     for n in NODES:
         assert f"nats-leaf://{link.user}:{link.password}@{n.host}:7422" in text
@@ -78,3 +84,5 @@ def test_site_leaf_node_dials_out_only(creds: HubCredentials) -> None:
     assert text.count("user:") == 1  # the producer
     assert creds.roles.producers["b_"].user in text
     assert ".cluster.-a." not in text
+    # the cluster's store, in the site's own JetStream domain
+    assert 'jetstream: {\n  store_dir: "/data"\n  domain: "site-b_"\n}' in text
