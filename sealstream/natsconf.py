@@ -90,12 +90,16 @@ class Credentials:
         )
 
 
-def proxy_user(role: RoleUser, *, prefix: str = "sealstream") -> dict[str, Any]:
+def proxy_user(
+    role: RoleUser, *, prefix: str = "sealstream", site_stores: bool = False
+) -> dict[str, Any]:
     """The proxy's ``users`` entry: the session API, every cluster's data and group subjects,
     the control subjects, consumers' inboxes, JetStream (its registry, the stores) and the
-    auth callout."""
+    auth callout; with ``site_stores`` (a hub), the reads of the stores in the sites'
+    JetStream domains."""
     s = Subjects(prefix)
     p = prefix
+    sites = ["$JS.*.API.STREAM.INFO.*", "$JS.*.API.STREAM.MSG.GET.*", "$JS.*.API.DIRECT.GET.*"]
     return {
         "user": role.user,
         "password": role.password,
@@ -106,10 +110,7 @@ def proxy_user(role: RoleUser, *, prefix: str = "sealstream") -> dict[str, Any]:
                     f"{p}.cluster.*.control",
                     "$JS.API.>",
                     "$KV.>",
-                    # the reads of a store in a site's JetStream domain (a hub's leaf nodes)
-                    "$JS.*.API.STREAM.INFO.*",
-                    "$JS.*.API.STREAM.MSG.GET.*",
-                    "$JS.*.API.DIRECT.GET.*",
+                    *(sites if site_stores else []),
                 ]
             },
             "subscribe": {"allow": [s.api_all, s.data_all, s.relay_all, "_INBOX.>", AUTH_SUBJECT]},

@@ -199,7 +199,7 @@ def hub_config(
     accounts: dict[str, Any] = {
         ACCOUNT: {
             "jetstream": "enabled",
-            "users": [proxy_user(creds.roles.proxy, prefix=prefix)],
+            "users": [proxy_user(creds.roles.proxy, prefix=prefix, site_stores=True)],
             "imports": _hub_imports(clusters, prefix),
         },
         **{account_name(c): _cluster_account(c, creds.links[c], prefix) for c in clusters},
