@@ -103,8 +103,11 @@ async def _registry_leader(be: HubBackend, *, not_: str | None = None) -> str:
 
 
 async def test_losing_the_hub_node_that_leads_the_registry(be: HubBackend) -> None:
+    """The registry's stream leader killed: another is elected, new sessions open, and the
+    streams go on on their sessions with nothing lost (the sites' stores replay what a
+    consumer on the dead node missed while it logged in again elsewhere)."""
     a, b = be.clusters
-    async with reading(be, a) as (ra, _), reading(be, b) as (rb, _):
+    async with reading(be, a) as (ra, sub_a), reading(be, b) as (rb, sub_b):
         await ra.more(20)
         await rb.more(20)
         leader = await _registry_leader(be)
@@ -117,11 +120,16 @@ async def test_losing_the_hub_node_that_leads_the_registry(be: HubBackend) -> No
             await late.more(20)
         await be.servers.restart(be.servers.node(leader))
         await ra.more(20)
+        for reader, sub in ((ra, sub_a), (rb, sub_b)):
+            stats = sub.stats()
+            assert reader.resumed == [], reader.resumed
+            assert (stats.sessions, stats.lost, stats.rejected) == (1, 0, {}), stats
 
 
 async def test_killing_either_proxy(be: HubBackend) -> None:
+    """Either proxy killed (the other relays on): nothing lost, no new session."""
     a, b = be.clusters
-    async with reading(be, a) as (ra, _), reading(be, b) as (rb, _):
+    async with reading(be, a) as (ra, sub_a), reading(be, b) as (rb, sub_b):
         await ra.more(20)
         await rb.more(20)
         await be.kill(be.proxies["a"])
@@ -131,6 +139,10 @@ async def test_killing_either_proxy(be: HubBackend) -> None:
         await be.kill(be.proxies["b"])
         await ra.more(100)
         await rb.more(100)
+        for reader, sub in ((ra, sub_a), (rb, sub_b)):
+            stats = sub.stats()
+            assert reader.resumed == [], reader.resumed
+            assert (stats.sessions, stats.lost, stats.rejected) == (1, 0, {}), stats
 
 
 async def test_a_sites_link_cut_for_30_s_loses_nothing(be: HubBackend) -> None:
