@@ -32,10 +32,6 @@ class LinkRelay:
         #: one more at each cut: a connection accepted under an earlier one is not relayed
         self._epoch = 0
 
-    @property
-    def up(self) -> bool:
-        return bool(self._servers)
-
     async def start(self) -> None:
         if self._servers:
             return
