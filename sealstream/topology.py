@@ -49,6 +49,7 @@ __all__ = [
     "account_name",
     "hub_config",
     "leaf_config",
+    "site_domain",
     "store_reads",
 ]
 
@@ -122,11 +123,16 @@ class HubCredentials:
         return cls(Credentials.from_json(json.dumps(data["roles"])), links)
 
 
+def site_domain(cluster: str) -> str:
+    """The JetStream domain of a cluster's site (its leaf node's, holding the store)."""
+    return STORE_DOMAIN.replace("{cluster}", check_cluster_id(cluster))
+
+
 def store_reads(cluster: str, prefix: str = "sealstream") -> list[str]:
     """The JetStream requests the hub may send to a site's store, in the site's domain: the
     info of the cluster's stream, the read of one message (a subject's last), and the direct
     read of its stored messages (a replay's batched read, answered with several replies)."""
-    api = f"$JS.{STORE_DOMAIN.replace('{cluster}', cluster)}.API"
+    api = f"$JS.{site_domain(cluster)}.API"
     name = stream_name(prefix, cluster)
     return [f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.MSG.GET.{name}", f"{api}.DIRECT.GET.{name}"]
 
@@ -247,7 +253,7 @@ def leaf_config(
             "users": [producer_user(cluster, creds.roles.producers[cluster], prefix)],
         }
     }
-    jetstream = {"store_dir": store_dir, "domain": STORE_DOMAIN.replace("{cluster}", cluster)}
+    jetstream = {"store_dir": store_dir, "domain": site_domain(cluster)}
     return (
         "# sealstream site leaf node: the producer's user, the cluster's store, one outbound\n"
         "# link to the hub (generated)\n"
