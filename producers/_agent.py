@@ -50,7 +50,7 @@ from sealstream.ids import check_stream
 from sealstream.metrics import MetricsServer, Sample, collector_registry
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.store import ensure_stream
+from sealstream.store import ensure_stream, group_lines
 
 __all__ = ["Agent"]
 
@@ -118,6 +118,8 @@ class Agent(AsyncResource):
         self._nc: Any = None
         self._js: Any = None  # with a store: its JetStream context
         self._store_name = ""
+        #: with a store: the (epoch, gseq) of each group's last batch it keeps from before
+        self._group_after: dict[str, tuple[int, int]] = {}
         #: replaced (and the old one set) whenever envelopes leave the outbox
         self._progress = asyncio.Event()
         self._commit = GroupCommit(
@@ -191,6 +193,13 @@ class Agent(AsyncResource):
             self._js = self._nc.jetstream(timeout=store.ack_timeout_s)
             self._store_name = await ensure_stream(
                 self._js, store, prefix=self.config.prefix, cluster=self.config.cluster
+            )
+            self._group_after = await group_lines(
+                self._js,
+                self._store_name,
+                prefix=self.config.prefix,
+                cluster=self.config.cluster,
+                streams=self.streams,
             )
         self._budget = budget = plaintext_budget(int(self._nc.max_payload))
         self._batchers = {s: Batcher(self.config.batching, budget=budget) for s in self.streams}
@@ -660,6 +669,7 @@ class Agent(AsyncResource):
                 cluster=self.config.cluster,
                 stream=stream,
                 rotation=self.config.rotation,
+                after=self._group_after.get(stream),
             )
         sealed = group.seal(plaintext, members)
         for session in sealed.failed:  # that session only; the group goes on without it

@@ -8,17 +8,22 @@ bytes, the oldest going first. Without a store a deployment is at most once, as 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from sealstream.errors import BrokerError
+from sealstream.errors import BrokerError, WireError
+from sealstream.groupwire import decode_group_envelope
 from sealstream.ids import Subjects, check_cluster_id
 
-__all__ = ["Store", "ensure_stream", "stream_name"]
+__all__ = ["Store", "ensure_stream", "group_lines", "stream_name"]
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,3 +84,28 @@ async def ensure_stream(js: Any, store: Store, *, prefix: str, cluster: str) -> 
     except (nats.errors.Error, nats.js.errors.Error) as exc:
         raise BrokerError(f"cannot create the store {config.name}: {exc!r}") from exc
     return str(config.name)
+
+
+async def group_lines(
+    js: Any, name: str, *, prefix: str, cluster: str, streams: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """The (epoch, gseq) of the last group batch the store ``name`` keeps of each stream (a
+    stream without one is left out): where a restarted producer's groups go on from, so that
+    a ``gseq`` names one batch of the store (a group replay publishes one envelope a
+    ``gseq``). BrokerError when the store cannot be read."""
+    subjects = Subjects(prefix)
+    lines: dict[str, tuple[int, int]] = {}
+    for stream in streams:
+        try:
+            msg = await js.get_last_msg(name, subjects.group(cluster, stream))
+        except nats.js.errors.NotFoundError:
+            continue  # nothing kept of that group (yet, or any more)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            raise BrokerError(f"cannot read the store {name}: {exc!r}") from exc
+        try:
+            env = decode_group_envelope(msg.data or b"")
+        except WireError as exc:  # not ours: nothing to go on from, said once
+            log.warning("store.group_unreadable", stream=stream, reason=exc.reason)
+            continue
+        lines[stream] = (env.epoch, env.seq)
+    return lines

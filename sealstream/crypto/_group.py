@@ -171,7 +171,11 @@ class GroupSealer:
         coalesce_s: float = GROUP_COALESCE_S,
         clock: Callable[[], int] = time.time_ns,
         random: Callable[[int], bytes] = os.urandom,
+        after: tuple[int, int] | None = None,
     ) -> None:
+        """``after``: the (epoch, gseq) of the group's last batch an earlier run of this
+        producer sealed (its store keeps it): the group goes on past both, so that a ``gseq``
+        names one batch of the store and epochs only grow."""
         self.cluster = cluster
         self.stream = check_stream(stream)
         self._signer = identity._key.get_op_key("sign")
@@ -179,8 +183,8 @@ class GroupSealer:
         self._coalesce_ns = int(coalesce_s * 1e9)
         self._clock = clock
         self._random = random
-        self.epoch = -1
-        self.gseq = 0
+        self.epoch = -1 if after is None else after[0]
+        self.gseq = 0 if after is None else after[1] + 1
         self.rotations = 0
         self._kid = ""
         self._aead: AESGCM | None = None

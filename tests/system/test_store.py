@@ -899,3 +899,45 @@ async def test_a_sites_store_answering_malformed_is_out_of_reach_not_a_crash(
                 assert await client.request(resume, ask, Replayed) == Replayed(2, first=1)
         finally:
             await site_nc.close()
+
+
+async def test_a_restarted_producers_groups_go_on_from_its_store(broker: Broker) -> None:
+    """A producer that restarts reads each group's last stored batch and goes on past its
+    ``gseq`` and epoch: a ``gseq`` names one batch of the store, so a member's group resume
+    after the restart replays the new batches, never the earlier run's (a replay publishes
+    one envelope a ``gseq``)."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store()) as stack,
+        Tap(url, stack.subjects.group(stack.cluster, "records")) as tap,
+    ):
+        async with (
+            stack.client(key_mode="group") as client,
+            client.subscribe(stack.cluster, ["records"]) as sub,
+        ):
+            for i in range(3):
+                await stack.agent.emit("records", [{"i": i}])
+            await collect_rows(sub, 3)
+        await stack.agent.aclose()
+        config = stack.agent.config
+        async with (
+            Agent(config, identity=stack.identity, streams=["records"]) as agent,
+            stack.client(key_mode="group") as client,
+            client.subscribe(stack.cluster, ["records"]) as sub,
+        ):
+            for i in range(3, 5):
+                await agent.emit("records", [{"i": i}])
+            rows, _ = await collect_rows(sub, 2)
+            assert [r["i"] for r in rows] == [3, 4]
+            await tap.flush()
+            sealed = [
+                env_map(m.data) for m in tap.on(stack.subjects.group(stack.cluster, "records"))
+            ]
+            assert [e["gseq"] for e in sealed] == [0, 1, 2, 3, 4]
+            assert sealed[3]["epoch"] > sealed[2]["epoch"]
+            ask = {"v": 1, "token": stack.token(), "session": sub.session_id, "after": 2}
+            answer = await client.request(
+                stack.subjects.api_resume, {**ask, "group": "records"}, Replayed
+            )
+            assert answer == Replayed(2, first=3)
+            assert sub.stats().rejected == {}
