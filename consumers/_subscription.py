@@ -56,8 +56,11 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class Resumed:
-    """Yielded by a ``resume=True`` subscription when a new session replaced one that ended:
-    rows sealed between the two were lost and are NOT counted in ``lost``."""
+    """Yielded by a ``resume=True`` subscription when a new session replaced one that ended.
+    Group mode: the new session goes on with the groups' lines and kept keys, so what a store
+    holds of the time between is read and opened, and the batches lost between are counted
+    exactly (the next batch's ``lost_before``, and ``lost``). Session mode: each session has a
+    ``seq`` line of its own; rows sealed between the two are lost and NOT counted."""
 
     previous: str
     session: str
@@ -217,7 +220,7 @@ class Subscription(AsyncResource, Generic[_T]):
 
     async def _resume_after(self, reason: str) -> Resumed:
         """Replace the current session by a new one (fresh key)."""
-        previous = self.session_id
+        previous, ended = self.session_id, self.session
         log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
         await self._close_live()
         hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
@@ -225,7 +228,10 @@ class Subscription(AsyncResource, Generic[_T]):
         self._group_holds = self._holds_for(None)  # counted above, whatever comes next
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
-            self._group_holds = self._holds_for(self._live.crypto)
+            member = self._live.crypto
+            if isinstance(member, GroupMember) and isinstance(ended, GroupMember):
+                member.carry(ended)  # its groups' lines go on: the gap between is counted
+            self._group_holds = self._holds_for(member)
         except BaseException:
             # raised to this call; the iteration ends there (not "use it inside 'async with'")
             self._failed = True

@@ -318,10 +318,30 @@ class GroupMember(ConsumerSession):
         self.streams = frozenset(check_stream(s) for s in streams)
         self.groups: dict[str, _Group] = {}
         self.skipped = 0
+        #: groups carried from an earlier session whose first key of this one is still due
+        self._carried: set[str] = set()
+        #: a carried group's first ``gseq`` under a key of this session: the batches before it
+        #: that no kept key opens were sealed while the subscription had no session
+        self._rejoined: dict[str, int] = {}
 
     @property
     def keyed(self) -> bool:
-        return bool(self.groups)
+        """A key of THIS session was installed (carried keys do not count)."""
+        return bool(self.groups.keys() - self._carried)
+
+    def carry(self, previous: GroupMember) -> None:
+        """Go on with ``previous``'s group lines and keys (the same subscription's session
+        that ended), before this session's first envelope: what its groups sealed meanwhile
+        is opened with the keys kept when a store replays it, and the rest is an exact gap
+        (docs/protocol.md, "A member's next session")."""
+        if previous.cluster != self.cluster or self.groups:
+            raise ValueError("carry a session of the same cluster into a new session only")
+        for group, state in previous.groups.items():
+            if group in self.streams:
+                self.groups[group] = _Group(
+                    state.first_epoch, state.last_gseq, state.epoch, dict(state.keys), state.current
+                )
+                self._carried.add(group)
 
     def line(self, group: str) -> tuple[int, int] | None:
         """The group's last accepted ``gseq`` and the newest epoch installed; None before
@@ -368,6 +388,16 @@ class GroupMember(ConsumerSession):
             raise Rejected("bad_claims")
         assert isinstance(group, str)
         state = self.groups.get(group)
+        if state is not None and group in self._carried:
+            if epoch <= state.epoch or gseq <= state.last_gseq:
+                # the producer's group started again (it restarted without a store): the
+                # line cannot go on, and what was sealed meanwhile cannot be counted
+                log.warning("group.line_restarted", session=self.session, group=group)
+                del self.groups[group]
+                state = None
+            else:
+                self._rejoined[group] = gseq
+            self._carried.discard(group)
         if state is not None and epoch <= state.epoch:
             raise Rejected("stale_epoch")
         if state is not None and kid in state.keys:
@@ -439,6 +469,11 @@ class GroupMember(ConsumerSession):
             raise Rejected("zip_not_allowed")
         kid = header.get("kid")
         key = state.keys.get(kid) if isinstance(kid, str) else None
+        if key is None and env.seq < self._rejoined.get(env.stream, 0):
+            # sealed while the subscription had no session, under a key it was not given: a
+            # gap (counted in lost when the line moves past it), not an error
+            self.skipped += 1
+            return None
         if key is None:
             raise Rejected("unknown_kid")
         if key.epoch != epoch:

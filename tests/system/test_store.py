@@ -438,6 +438,51 @@ async def test_without_the_grace_a_long_cut_ends_the_session(broker: Broker) -> 
     assert len(sub.resumes) == 1
 
 
+async def test_a_members_next_session_reads_the_gap_and_counts_what_it_lost_exactly(
+    broker: Broker,
+) -> None:
+    """A group member cut off past its session's end (keepalive 1 s, no grace) while another
+    member keeps the group's batches flowing: its next session goes on with the group's line
+    and kept keys, reads from the store the batches sealed under those keys while it was cut
+    off, and counts exactly the batches sealed after the producer let it go (1 row each):
+    every row once, in order, the missing ones exactly ``lost``."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(), keepalive_s=1.0, store_grace_s=0.0) as stack,
+        stack.client(key_mode="group") as other,
+        other.subscribe(stack.cluster, ["records"]) as witness,
+        Splice(url) as splice,
+        Client(
+            dataclasses.replace(stack.config(), nats_url=splice.url, key_mode="group"),
+            trust=stack.trust(),
+        ) as client,
+        client.subscribe(stack.cluster, ["records"], resume=True) as sub,
+    ):
+        witnessed = Reader(witness)
+        async with asyncio.TaskGroup() as tg:
+            watching = tg.create_task(witnessed.run())
+            async with streaming(stack.agent, sub) as (emitter, reader):
+                before, cut_at = len(reader.numbers), emitter.returned
+                splice.sever()
+                await asyncio.sleep(6.0)  # past 3 keepalives: the session expires
+                await splice.mend()
+                await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+            await eventually(lambda: len(witnessed.numbers) == emitter.returned, timeout=30)
+            watching.cancel()
+        # the other member got every row: the group's batches went on all along
+        assert witnessed.numbers == list(range(emitter.returned))
+    assert reader.error is None
+    numbers = reader.numbers
+    assert numbers == sorted(set(numbers))  # no duplicate, nothing out of order
+    stats = sub.stats()
+    assert (stats.sessions, len(sub.resumes)) == (2, 1)
+    assert stats.lost == emitter.returned - len(numbers) > 0  # exactly what it did not get
+    assert (stats.gaps, stats.rejected) == (1, {})
+    # the rows sealed under the key it kept (the producer let the session go 2 to 3 s into
+    # the cut) came from the store
+    assert {cut_at, cut_at + 10} <= set(numbers)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_a_consumer_cut_off_for_60_s_loses_nothing(broker: Broker) -> None:

@@ -497,3 +497,50 @@ def test_envelope_keys_and_sizes_are_strict() -> None:
     with pytest.raises(IntegrityError):
         m.consumer.accept(msgpack.packb(extra, use_bin_type=True))
     assert m.consumer.rejected == {"malformed": 1}
+
+
+def test_a_members_next_session_goes_on_with_its_groups_line_and_keys() -> None:
+    """The subscription's next session carries the ended one's groups: a batch it missed
+    under a key it kept opens (a store's replay), one sealed after the producer let it go is
+    skipped (not an error), and the gap is counted exactly once the line moves past it."""
+    g = Group()
+    a, b = g.join(), g.join()
+    g.seal(0)
+    missed = g.seal(1, deliver=False)  # under the key a holds; b gets it, a does not
+    assert isinstance(b.consumer.accept(missed), Batch)
+    g.leave(a)
+    away = g.seal(2)  # a new key: a was let go
+    again = g.join()
+    again.consumer.carry(a.consumer)
+    assert not again.consumer.keyed  # carried keys are not this session's
+    g.clock.advance(1)  # past the coalescing: the joiner gets the key
+    back = g.seal(3, deliver=False)
+    assert again.consumer.keyed
+    replayed = again.consumer.accept(missed)
+    assert isinstance(replayed, Batch)
+    assert replayed.rows == [{"i": 1}]
+    assert again.consumer.accept(away) is None
+    assert again.consumer.skipped == 1
+    batch = again.consumer.accept(back)
+    assert isinstance(batch, Batch)
+    assert (batch.seq, batch.lost_before) == (3, 1)
+    assert (again.consumer.lost, again.consumer.rejected) == (1, {})
+    rejected(again, away, "replay")  # behind the line now: a replay like any other
+
+
+def test_a_line_that_cannot_go_on_starts_afresh() -> None:
+    """A producer that restarted without a store starts its groups at epoch 0, gseq 0: the
+    carried line cannot go on, the new session installs its key as a first one (no
+    ``stale_epoch``) and counts nothing it cannot know."""
+    g = Group()
+    a = g.join()
+    g.seal(0)
+    g.seal(1)
+    g.leave(a)
+    g.sealer = GroupSealer(g.identity, cluster=CLUSTER, stream=STREAM, clock=g.clock)
+    again = g.join()
+    again.consumer.carry(a.consumer)
+    g.seal(0)  # delivered and accepted: a fresh line
+    assert (again.consumer.lost, again.consumer.rejected) == (0, {})
+    with pytest.raises(ValueError, match="new session"):
+        again.consumer.carry(a.consumer)  # only into a session that has no group yet
