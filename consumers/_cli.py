@@ -552,10 +552,14 @@ def _upto(batch: Batch, room: int | None) -> Batch:
 
 
 def _resumed(marker: Resumed) -> None:
+    then = (
+        "its groups go on: what they sealed meanwhile is read from the store, what is no "
+        "longer there is counted as lost"
+        if marker.carried
+        else f"rows until {marker.session[:12]}… opened are lost"
+    )
     print(
-        f"resumed: session {marker.previous[:12]}… ended ({marker.reason}); rows until "
-        f"{marker.session[:12]}… opened are lost",
-        file=sys.stderr,
+        f"resumed: session {marker.previous[:12]}… ended ({marker.reason}); {then}", file=sys.stderr
     )
 
 

@@ -67,6 +67,8 @@ class Resumed:
     reason: str
     #: open attempts it took (busy or unavailable refusals are retried with backoff)
     attempts: int
+    #: (group mode) the new session went on with the groups' lines: nothing is lost uncounted
+    carried: bool = False
 
 
 _T = TypeVar("_T", "Batch", "Batch | Resumed")
@@ -229,14 +231,15 @@ class Subscription(AsyncResource, Generic[_T]):
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
             member = self._live.crypto
+            carried = isinstance(member, GroupMember) and isinstance(ended, GroupMember)
             if isinstance(member, GroupMember) and isinstance(ended, GroupMember):
-                member.carry(ended)  # its groups' lines go on: the gap between is counted
+                member.carry(ended)  # its groups' lines go on: the gap between is read or counted
             self._group_holds = self._holds_for(member)
         except BaseException:
             # raised to this call; the iteration ends there (not "use it inside 'async with'")
             self._failed = True
             raise
-        marker = Resumed(previous, self.session_id, reason, attempts)
+        marker = Resumed(previous, self.session_id, reason, attempts, carried)
         self.resumes.append(marker)
         log.info(
             "session.resumed",

@@ -99,6 +99,9 @@ class GroupCase:
     #: the policy the browser member's vectors run it under (the Python test: ``fail``)
     policy: Policy = "discard"
     steps: list[Step] = field(default_factory=list)
+    #: the same subscription's session that ended (its steps all accepted), carried into this
+    #: one before its first step (``GroupMember.carry``)
+    previous: GroupCase | None = None
 
     def ok(self, *payloads: bytes) -> GroupCase:
         self.steps += [Step(p) for p in payloads]
@@ -109,14 +112,21 @@ class GroupCase:
         return self
 
     def member(self, policy: Policy) -> GroupMember:
-        """A fresh member for this case."""
-        return GroupMember(
+        """A fresh member for this case (carrying its previous session's groups)."""
+        member = GroupMember(
             self.key,
             cluster=CLUSTER,
             streams=list(self.streams),
             trust=TrustStore({CLUSTER: [self.world.identity.public_jwk]}),
             policy=policy,
         )
+        if self.previous is not None:
+            ended = self.previous.member(policy)
+            for step in self.previous.steps:
+                ended.accept(step.payload)
+            assert not ended.rejected, "a previous session's steps are all accepted"
+            member.carry(ended)
+        return member
 
 
 def _forge(
@@ -353,4 +363,30 @@ def group_cases() -> list[GroupCase]:
     raced = racer.group_key(group=STREAM, epoch=0, kid="rogue", secret=b"k" * 32, gseq=0, now=1)
     name = "group forged key raced ahead of the genuine one"
     cases.append(GroupCase(name, w, key, policy="fail").bad("untrusted_key", raced).ok(k0[s], e0))
+
+    # a member's next session: it goes on with the group's line and the keys it kept
+    first, then, witness = k.consumer["x25519"], k.consumer["p256"], k.consumer["other"]
+    w = World(12)
+    w.join(witness)  # keeps the group's batches flowing while the member is away
+    gone = w.join(first)
+    k0, e0 = w.seal()
+    _, missed = w.seal([{"i": 1}])  # under the key it kept: a store replays it
+    del w.members[gone]  # the producer lets the session go: the key rotates
+    _, away = w.seal([{"i": 2}])
+    joined = w.join(then)
+    w.advance(1)  # past the coalescing: the next batch gives the new session its key
+    k3, back = w.seal([{"i": 3}])
+    ended = GroupCase("group previous session", w, first).ok(k0[gone], e0)
+    cases.append(
+        GroupCase("group next session goes on", w, then, previous=ended)
+        .ok(k3[joined], missed, away, back)
+        .bad("replay", away)
+    )
+    # a producer restarted without a store: its group starts again, and so does the line
+    w2 = World(13)
+    joined = w2.join(then)
+    k0, e0 = w2.seal()
+    cases.append(
+        GroupCase("group next session starts afresh", w2, then, previous=ended).ok(k0[joined], e0)
+    )
     return cases

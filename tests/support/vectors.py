@@ -171,6 +171,16 @@ def _group_case(case: GroupCase) -> dict[str, Any]:
         "policy": case.policy,
         "steps": steps,
         "final": final(member),
+        **({} if case.previous is None else {"previous": _previous(case.previous)}),
+    }
+
+
+def _previous(case: GroupCase) -> dict[str, Any]:
+    """A session carried into a case's member: its key and payloads, all accepted."""
+    return {
+        "key": _key(case.key),
+        "streams": list(case.streams),
+        "steps": [_payload(step.payload) for step in case.steps],
     }
 
 
@@ -192,13 +202,19 @@ def without_payloads(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             **c,
-            "steps": [
-                {k: v for k, v in s.items() if k not in ("payload", "payload_deflated")}
-                for s in c["steps"]
-            ],
+            "steps": _bare(c["steps"]),
+            **(
+                {"previous": {**c["previous"], "steps": _bare(c["previous"]["steps"])}}
+                if "previous" in c
+                else {}
+            ),
         }
         for c in cases
     ]
+
+
+def _bare(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in s.items() if k not in ("payload", "payload_deflated")} for s in steps]
 
 
 def _is_current(path: Path, cases: list[dict[str, Any]]) -> bool:

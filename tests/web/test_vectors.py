@@ -53,13 +53,21 @@ def _session(case: dict[str, Any]) -> ConsumerSession:
 
 
 def _member(case: dict[str, Any]) -> GroupMember:
-    return GroupMember(
+    member = GroupMember(
         _key(case),
         cluster=case["cluster"],
         streams=case["streams"],
         trust=TrustStore(case["trust"]),
         policy="discard",
     )
+    previous = case.get("previous")
+    if previous is not None:  # the subscription's session that ended, carried into this one
+        ended = _member({**case, **previous, "previous": None})
+        for step in previous["steps"]:
+            ended.accept(payload_of(step))
+        assert not ended.rejected
+        member.carry(ended)
+    return member
 
 
 @pytest.mark.parametrize(

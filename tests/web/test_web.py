@@ -929,16 +929,19 @@ async def test_a_forged_key_envelope_raced_ahead_of_the_genuine_one_is_only_coun
             await relay.close()
 
 
+@pytest.mark.parametrize("mode", ["session", "group"])
 async def test_a_forged_expiry_notice_costs_a_new_session_not_the_end(
-    ws_server: EmbeddedServer, browser: Browser
+    ws_server: EmbeddedServer, browser: Browser, mode: str
 ) -> None:
     """Notices are unauthenticated: ``expired`` makes the page open a new session with a
-    fresh key (as sealstream-consume does), says so with the rows it lost, and streams on."""
+    fresh key (as sealstream-consume does), says so with the rows it lost, and streams on. A
+    group member's new session goes on with its group's line and kept keys (the carried
+    state does not stand in the way of the new session's first key)."""
     async with make_stack(
         ws_server.url, sources=[HttpEvents(rate=100, seed=23)], streams=["http_events"]
     ) as st:
         with _web(ws_server, st) as web:
-            async with _page(browser, web.url) as page:
+            async with _page(browser, web.link(mode=mode)) as page:
                 await until(lambda: _more(page, "#rows", 5))
                 first = await _text(page, "#session")
                 nc = await connect(ws_server.url, name="hostile-relay")
@@ -953,15 +956,19 @@ async def test_a_forged_expiry_notice_costs_a_new_session_not_the_end(
 
                 await until(resumed)
                 line = await _text(page, "#resumed")
-                assert re.fullmatch(
-                    r"resumed at .+, rows between .+ and .+ lost \(.+forged\)", line
-                )
+                said = {
+                    "session": r"resumed at .+, rows between .+ and .+ lost \(.+forged\)",
+                    "group": r"resumed at .+: what the group sealed since .+ is read from the "
+                    r"store, what it no longer has is counted in gaps \(.+forged\)",
+                }
+                assert re.fullmatch(said[mode], line)
                 await until(_state_is(page, "verified"))
                 second = await _text(page, "#session")
                 assert second != first
                 assert second in st.agent.sessions
                 rows = await _rows(page)
                 await until(lambda: _more(page, "#rows", rows + 5))
+                assert await _text(page, "#rejected") == "0"
 
 
 async def test_an_open_answered_for_another_session_ends_at_once(

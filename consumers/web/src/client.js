@@ -257,6 +257,10 @@ export class Subscription {
             allowZip: o.allowZip,
             policy: o.policy ?? "discard",
           });
+    const previous = this.session;
+    if (session instanceof GroupMember && previous instanceof GroupMember) {
+      session.carry(previous); // its groups' lines go on: the gap between is counted
+    }
     this.session = session;
     this.opened = false;
     this.keyCutoff = null;

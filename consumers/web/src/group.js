@@ -111,10 +111,36 @@ export class GroupMember extends ConsumerSession {
     this.groups = new Map();
     /** batches sealed before this member joined (dropped, not errors) */
     this.skipped = 0;
+    /** groups carried from an earlier session whose first key of this one is still due */
+    this.carried = new Set();
+    /**
+     * a carried group's first gseq under a key of this session: the batches before it that
+     * no kept key opens were sealed while the subscription had no session
+     * @type {Map<string, bigint>}
+     */
+    this.rejoined = new Map();
   }
 
+  /** a key of THIS session was installed (carried keys do not count) */
   get keyed() {
-    return this.groups.size > 0;
+    return [...this.groups.keys()].some((group) => !this.carried.has(group));
+  }
+
+  /**
+   * Go on with `previous`'s group lines and keys (the same subscription's session that
+   * ended), before this session's first envelope (docs/protocol.md, "A member's next
+   * session"); GroupMember.carry's twin.
+   * @param {GroupMember} previous
+   */
+  carry(previous) {
+    if (previous.cluster !== this.cluster || this.groups.size > 0) {
+      throw new TypeError("carry a session of the same cluster into a new session only");
+    }
+    for (const [group, state] of previous.groups) {
+      if (!this.streams.has(group)) continue;
+      this.groups.set(group, { ...state, keys: new Map(state.keys) });
+      this.carried.add(group);
+    }
   }
 
   /**
@@ -168,7 +194,18 @@ export class GroupMember extends ConsumerSession {
     ) {
       throw new Rejected("bad_claims");
     }
-    const state = this.groups.get(group);
+    let state = this.groups.get(group);
+    if (state !== undefined && this.carried.has(group)) {
+      if (epoch <= state.epoch || gseq <= state.lastGseq) {
+        // the producer's group started again (restarted without a store): the line cannot
+        // go on, and what was sealed meanwhile cannot be counted
+        this.groups.delete(group);
+        state = undefined;
+      } else {
+        this.rejoined.set(group, gseq);
+      }
+      this.carried.delete(group);
+    }
     if (state !== undefined && epoch <= state.epoch) throw new Rejected("stale_epoch");
     if (state !== undefined && state.keys.has(kid)) throw new Rejected("reused_kid");
     let secret;
@@ -252,6 +289,12 @@ export class GroupMember extends ConsumerSession {
     if (h.alg !== "dir") throw new Rejected("bad_alg");
     if (Object.hasOwn(h, "zip")) throw new Rejected("zip_not_allowed");
     const key = typeof h.kid === "string" ? state.keys.get(h.kid) : undefined;
+    if (key === undefined && env.seq < (this.rejoined.get(env.stream) ?? 0n)) {
+      // sealed while the subscription had no session, under a key it was not given: a gap
+      // (counted in lost when the line moves past it), not an error
+      this.skipped += 1;
+      return null;
+    }
     if (key === undefined) throw new Rejected("unknown_kid");
     if (key.epoch !== h.epoch) throw new Rejected("epoch_mismatch");
     const signed = new Uint8Array(GROUP_SIG_CONTEXT.length + env.body.length);

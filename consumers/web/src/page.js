@@ -153,12 +153,15 @@ function showIdentity(publicJwk, kid, streams, policyFile) {
 }
 
 /**
- * The visible marker of a resume: when, and which rows were lost (those sealed between the
- * previous session's last batch and the new session).
+ * The visible marker of a resume: when, and which rows were lost (session mode: those sealed
+ * between the previous session's last batch and the new session; group mode: the group's
+ * line goes on, so the batches it could not get are counted in "gaps", see
+ * docs/protocol.md "A member's next session").
  * @param {HTMLElement} status
  * @param {import("./client.js").Resumed} marker
+ * @param {boolean} group
  */
-function showResumed(status, marker) {
+function showResumed(status, marker, group) {
   let line = document.getElementById("resumed");
   if (line === null) {
     line = document.createElement("p");
@@ -171,7 +174,9 @@ function showResumed(status, marker) {
       ? "the previous session's start"
       : new Date(Number(marker.lastTs / 1_000_000n)).toLocaleTimeString();
   line.dataset.count = String(Number(line.dataset.count ?? 0) + 1);
-  line.textContent = `resumed at ${now}, rows between ${since} and ${now} lost (${marker.reason})`;
+  line.textContent = group
+    ? `resumed at ${now}: what the group sealed since ${since} is read from the store, what it no longer has is counted in gaps (${marker.reason})`
+    : `resumed at ${now}, rows between ${since} and ${now} lost (${marker.reason})`;
 }
 
 /**
@@ -300,7 +305,7 @@ export async function main() {
     },
     onResumed(marker) {
       setText("session", marker.session);
-      showResumed(status, marker);
+      showResumed(status, marker, keyMode === "group");
       setStatus("connected", "resumed: new session, waiting for the cluster's signed key");
       dirty = true;
     },

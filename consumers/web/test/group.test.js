@@ -14,7 +14,15 @@ async function memberFor(c, policy) {
   const key = await consumerKey(c.key.kind, c.key.public_jwk, priv);
   assert.equal(key.sessionId, c.key.session_id, "thumbprint");
   const trust = await trustOf(c.trust);
-  return new GroupMember(key, { cluster: c.cluster, streams: c.streams, trust, policy });
+  const member = new GroupMember(key, { cluster: c.cluster, streams: c.streams, trust, policy });
+  if (c.previous) {
+    // the subscription's session that ended, carried into this one (its steps all accepted)
+    const ended = await memberFor({ ...c, ...c.previous, previous: undefined }, policy);
+    for (const step of c.previous.steps) await ended.accept(payloadOf(step));
+    assert.deepEqual(ended.rejected, {});
+    member.carry(ended);
+  }
+  return member;
 }
 
 test("the group vectors cover the group checks", () => {
@@ -32,6 +40,7 @@ test("the group vectors cover the group checks", () => {
     assert.ok(reasons.has(r), r);
   }
   assert.ok(cases.some((c) => c.steps.some((s) => s.expect === "skip")));
+  assert.ok(cases.some((c) => c.previous), "a member's next session");
 });
 
 for (const c of cases) {
