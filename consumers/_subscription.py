@@ -223,6 +223,9 @@ class Subscription(AsyncResource, Generic[_T]):
     async def _resume_after(self, reason: str) -> Resumed:
         """Replace the current session by a new one (fresh key)."""
         previous, ended = self.session_id, self.session
+        # a group's line goes on only where the producer's groups go on across its restarts:
+        # with a store (without one, a restarted producer's group starts again at 0)
+        stored = self._live is not None and self._live.store
         log.warning("session.resuming", cluster=self.cluster, session=previous, reason=reason)
         await self._close_live()
         hold, self._hold = self._hold, Hold()  # the new session's seq line starts afresh
@@ -231,8 +234,8 @@ class Subscription(AsyncResource, Generic[_T]):
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
             member = self._live.crypto
-            carried = isinstance(member, GroupMember) and isinstance(ended, GroupMember)
-            if isinstance(member, GroupMember) and isinstance(ended, GroupMember):
+            carried = stored and isinstance(member, GroupMember) and isinstance(ended, GroupMember)
+            if carried and isinstance(member, GroupMember) and isinstance(ended, GroupMember):
                 member.carry(ended)  # its groups' lines go on: the gap between is read or counted
             self._group_holds = self._holds_for(member)
         except BaseException:

@@ -50,7 +50,7 @@ from sealstream.ids import check_stream
 from sealstream.metrics import MetricsServer, Sample, collector_registry
 from sealstream.nats import connect, release, settle
 from sealstream.resource import AsyncResource
-from sealstream.store import ensure_stream, group_lines
+from sealstream.store import ensure_stream, last_group_envelopes
 
 __all__ = ["Agent"]
 
@@ -118,8 +118,8 @@ class Agent(AsyncResource):
         self._nc: Any = None
         self._js: Any = None  # with a store: its JetStream context
         self._store_name = ""
-        #: with a store: the (epoch, gseq) of each group's last batch it keeps from before
-        self._group_after: dict[str, tuple[int, int]] = {}
+        #: with a store: each group's last envelope it keeps from before (a restart)
+        self._group_after: dict[str, bytes] = {}
         #: replaced (and the old one set) whenever envelopes leave the outbox
         self._progress = asyncio.Event()
         self._commit = GroupCommit(
@@ -194,7 +194,7 @@ class Agent(AsyncResource):
             self._store_name = await ensure_stream(
                 self._js, store, prefix=self.config.prefix, cluster=self.config.cluster
             )
-            self._group_after = await group_lines(
+            self._group_after = await last_group_envelopes(
                 self._js,
                 self._store_name,
                 prefix=self.config.prefix,

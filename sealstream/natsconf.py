@@ -158,9 +158,10 @@ def users_for(creds: Credentials, *, prefix: str = "sealstream") -> list[dict[st
 
 
 def _store_api(prefix: str, cluster: str) -> list[str]:
-    """What a producer may ask of JetStream: its own store's stream, nothing else."""
+    """What a producer may ask of JetStream: its own store's stream, nothing else (the last
+    message of a subject: where its groups go on from after a restart)."""
     name = stream_name(prefix, cluster)
-    return [f"$JS.API.STREAM.{op}.{name}" for op in ("INFO", "CREATE", "UPDATE")]
+    return [f"$JS.API.STREAM.{op}.{name}" for op in ("INFO", "CREATE", "UPDATE", "MSG.GET")]
 
 
 _ENV_REF = re.compile(r"\$[A-Z_][A-Z0-9_]*")

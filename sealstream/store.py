@@ -14,16 +14,12 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-import structlog
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from sealstream.errors import BrokerError, WireError
-from sealstream.groupwire import decode_group_envelope
+from sealstream.errors import BrokerError
 from sealstream.ids import Subjects, check_cluster_id
 
-__all__ = ["Store", "ensure_stream", "group_lines", "stream_name"]
-
-log = structlog.get_logger(__name__)
+__all__ = ["Store", "ensure_stream", "last_group_envelopes", "stream_name"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,15 +82,15 @@ async def ensure_stream(js: Any, store: Store, *, prefix: str, cluster: str) -> 
     return str(config.name)
 
 
-async def group_lines(
+async def last_group_envelopes(
     js: Any, name: str, *, prefix: str, cluster: str, streams: Iterable[str]
-) -> dict[str, tuple[int, int]]:
-    """The (epoch, gseq) of the last group batch the store ``name`` keeps of each stream (a
-    stream without one is left out): where a restarted producer's groups go on from, so that
-    a ``gseq`` names one batch of the store (a group replay publishes one envelope a
-    ``gseq``). BrokerError when the store cannot be read."""
+) -> dict[str, bytes]:
+    """The last group envelope the store ``name`` keeps of each stream (a stream without one
+    is left out), as stored: where a restarted producer's groups go on from (its
+    ``GroupSealer`` checks that it is the cluster's own). BrokerError when the store cannot
+    be read."""
     subjects = Subjects(prefix)
-    lines: dict[str, tuple[int, int]] = {}
+    last: dict[str, bytes] = {}
     for stream in streams:
         try:
             msg = await js.get_last_msg(name, subjects.group(cluster, stream))
@@ -102,10 +98,5 @@ async def group_lines(
             continue  # nothing kept of that group (yet, or any more)
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise BrokerError(f"cannot read the store {name}: {exc!r}") from exc
-        try:
-            env = decode_group_envelope(msg.data or b"")
-        except WireError as exc:  # not ours: nothing to go on from, said once
-            log.warning("store.group_unreadable", stream=stream, reason=exc.reason)
-            continue
-        lines[stream] = (env.epoch, env.seq)
-    return lines
+        last[stream] = bytes(msg.data or b"")
+    return last

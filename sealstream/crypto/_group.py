@@ -49,6 +49,7 @@ from sealstream.errors import WireError
 from sealstream.groupwire import (
     GROUP_KIND,
     GroupEnvelope,
+    decode_group_envelope,
     decode_member_inbox,
     encode_group_envelope,
 )
@@ -171,11 +172,13 @@ class GroupSealer:
         coalesce_s: float = GROUP_COALESCE_S,
         clock: Callable[[], int] = time.time_ns,
         random: Callable[[int], bytes] = os.urandom,
-        after: tuple[int, int] | None = None,
+        after: bytes | None = None,
     ) -> None:
-        """``after``: the (epoch, gseq) of the group's last batch an earlier run of this
-        producer sealed (its store keeps it): the group goes on past both, so that a ``gseq``
-        names one batch of the store and epochs only grow."""
+        """``after``: the group's last envelope that the store keeps (an earlier run of this
+        producer sealed it): the group goes on past its epoch and ``gseq``, so that a
+        ``gseq`` names one batch of the store and epochs only grow. It is taken only when it
+        is this cluster's, for this stream, signed by ``identity`` (the store is writable by
+        others than the producer); otherwise the group starts at 0, said once."""
         self.cluster = cluster
         self.stream = check_stream(stream)
         self._signer = identity._key.get_op_key("sign")
@@ -183,8 +186,9 @@ class GroupSealer:
         self._coalesce_ns = int(coalesce_s * 1e9)
         self._clock = clock
         self._random = random
-        self.epoch = -1 if after is None else after[0]
-        self.gseq = 0 if after is None else after[1] + 1
+        line = None if after is None else self._ours(after)
+        self.epoch = -1 if line is None else line[0]
+        self.gseq = 0 if line is None else line[1] + 1
         self.rotations = 0
         self._kid = ""
         self._aead: AESGCM | None = None
@@ -192,6 +196,22 @@ class GroupSealer:
         self._rotated_at = 0
         self._key_uses = 0
         self._head = ""
+
+    def _ours(self, payload: bytes) -> tuple[int, int] | None:
+        """(epoch, gseq) of a group envelope this sealer's cluster key signed for its stream."""
+        try:
+            env = decode_group_envelope(payload, max_size=len(payload))
+            header = parse_compact(env.body).header
+            if (env.cluster, env.stream) != (self.cluster, self.stream):
+                raise Rejected("wrong_route")
+            if (header.get("epoch"), header.get("gseq")) != (env.epoch, env.seq):
+                raise Rejected("header_mismatch")
+            self._signer.public_key().verify(env.sig, GROUP_SIG_CONTEXT + env.body)
+        except (WireError, Rejected, InvalidSignature) as exc:
+            reason = getattr(exc, "reason", "bad_signature")
+            log.warning("group.stored_not_ours", stream=self.stream, reason=reason)
+            return None
+        return env.epoch, env.seq
 
     @property
     def members(self) -> frozenset[str]:
@@ -387,21 +407,6 @@ class GroupMember(ConsumerSession):
         ):
             raise Rejected("bad_claims")
         assert isinstance(group, str)
-        state = self.groups.get(group)
-        if state is not None and group in self._carried:
-            if epoch <= state.epoch or gseq <= state.last_gseq:
-                # the producer's group started again (it restarted without a store): the
-                # line cannot go on, and what was sealed meanwhile cannot be counted
-                log.warning("group.line_restarted", session=self.session, group=group)
-                del self.groups[group]
-                state = None
-            else:
-                self._rejoined[group] = gseq
-            self._carried.discard(group)
-        if state is not None and epoch <= state.epoch:
-            raise Rejected("stale_epoch")
-        if state is not None and kid in state.keys:
-            raise Rejected("reused_kid")
         try:
             secret = b64u_decode(k)
             verifier = Ed25519PublicKey.from_public_bytes(b64u_decode(signer["x"]))
@@ -409,7 +414,22 @@ class GroupMember(ConsumerSession):
             raise Rejected("bad_claims") from exc
         if len(secret) != 32:
             raise Rejected("bad_claims")
+        state = self.groups.get(group)
+        carried = state is not None and group in self._carried
+        if state is not None and carried and (epoch <= state.epoch or gseq <= state.last_gseq):
+            # the producer's group started again (its store had nothing of it): the line
+            # cannot go on, and what was sealed meanwhile cannot be counted
+            log.warning("group.line_restarted", session=self.session, group=group)
+            state = None
+        if state is not None and epoch <= state.epoch:
+            raise Rejected("stale_epoch")
+        if state is not None and kid in state.keys:
+            raise Rejected("reused_kid")
         new = _GroupKey(aead(secret), epoch, verifier)
+        if carried:  # this session's first key of a carried group: it is settled now
+            self._carried.discard(group)
+            if state is not None:
+                self._rejoined[group] = gseq
         if state is None:
             self.groups[group] = _Group(epoch, gseq - 1, epoch, {kid: new}, kid)
         else:  # keep the previous keys, for batches in flight or replayed from a store
@@ -469,9 +489,12 @@ class GroupMember(ConsumerSession):
             raise Rejected("zip_not_allowed")
         kid = header.get("kid")
         key = state.keys.get(kid) if isinstance(kid, str) else None
-        if key is None and env.seq < self._rejoined.get(env.stream, 0):
-            # sealed while the subscription had no session, under a key it was not given: a
-            # gap (counted in lost when the line moves past it), not an error
+        if key is None and (
+            env.stream in self._carried or env.seq < self._rejoined.get(env.stream, 0)
+        ):
+            # sealed while the subscription had no session (or before this session's first
+            # key came), under a key it was not given: a gap, counted in lost when the line
+            # moves past it, not an error
             self.skipped += 1
             return None
         if key is None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 import pytest_asyncio
 
@@ -182,6 +183,15 @@ async def test_a_producer_keeps_its_store(creds: Credentials, secure_url: str) -
         assert (ack.stream, name) == ("sealstream_store_c1", "sealstream_store_c1")
         info = await proxy.jetstream().stream_info(name)
         assert info.state.messages == 1
+        # a subject's last message: where a restarted producer's groups go on from
+        last = await producer.jetstream().get_last_msg(
+            name, f"sealstream.cluster.c1.data.{SESSION}"
+        )
+        assert last.data == b"x"
+        with pytest.raises(nats.errors.TimeoutError):  # no other stream's: refused, unanswered
+            await producer.jetstream(timeout=1).get_last_msg(
+                "sealstream_store_c2", "sealstream.cluster.c2.data.x"
+            )
     finally:
         await producer.close()
         await proxy.close()

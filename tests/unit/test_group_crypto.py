@@ -513,14 +513,16 @@ def test_a_members_next_session_goes_on_with_its_groups_line_and_keys() -> None:
     again = g.join()
     again.consumer.carry(a.consumer)
     assert not again.consumer.keyed  # carried keys are not this session's
+    # relayed before this session's first key: a batch it was not given a key of, skipped
+    assert again.consumer.accept(away) is None
     g.clock.advance(1)  # past the coalescing: the joiner gets the key
     back = g.seal(3, deliver=False)
     assert again.consumer.keyed
     replayed = again.consumer.accept(missed)
     assert isinstance(replayed, Batch)
     assert replayed.rows == [{"i": 1}]
-    assert again.consumer.accept(away) is None
-    assert again.consumer.skipped == 1
+    assert again.consumer.accept(away) is None  # below the rejoin point: skipped again
+    assert again.consumer.skipped == 2
     batch = again.consumer.accept(back)
     assert isinstance(batch, Batch)
     assert (batch.seq, batch.lost_before) == (3, 1)
@@ -544,3 +546,27 @@ def test_a_line_that_cannot_go_on_starts_afresh() -> None:
     assert (again.consumer.lost, again.consumer.rejected) == (0, {})
     with pytest.raises(ValueError, match="new session"):
         again.consumer.carry(a.consumer)  # only into a session that has no group yet
+
+
+def test_a_restarted_sealer_goes_on_only_from_its_own_stored_envelope() -> None:
+    """The store's last group envelope sets where a restarted producer's group goes on, once
+    it is shown to be the cluster's own for that stream: a forged one (another key, another
+    stream, a header that says otherwise, not an envelope) leaves the group at 0."""
+    g = Group()
+    g.join()
+    g.seal(0)
+    last = g.seal(1)
+    again = GroupSealer(g.identity, cluster=CLUSTER, stream=STREAM, clock=g.clock, after=last)
+    assert (again.epoch, again.gseq) == (0, 2)
+    forger = ClusterIdentity.generate()
+    signed_by_other = repack(
+        last, sig=forger._key.get_op_key("sign").sign(GROUP_SIG_CONTEXT + env_map(last)["body"])
+    )
+    for forged in (
+        signed_by_other,
+        repack(last, gseq=2**62),  # the clear field, not what was signed
+        repack(last, stream="t"),
+        b"\x81\xa1v\x01",
+    ):
+        fresh = GroupSealer(g.identity, cluster=CLUSTER, stream=STREAM, clock=g.clock, after=forged)
+        assert (fresh.epoch, fresh.gseq) == (-1, 0)

@@ -78,13 +78,15 @@ const RESUME_WAIT = 3;
  * @typedef {ReturnType<ConsumerSession["parse"]> | GroupEnvelope} Item what a session's
  *   parse gives (a group member's: group batches too)
  * @typedef {import("./crypto.js").KeyKind} KeyKind
- * @typedef {object} Resumed a new session replaced one that ended (consumers/_client.py
- *   Resumed): rows sealed between the two were lost
+ * @typedef {object} Resumed a new session replaced one that ended (consumers/_subscription.py
+ *   Resumed): session mode, rows sealed between the two were lost; group mode with a store,
+ *   the groups' lines went on (`carried`): what was missed is read or counted in lost
  * @property {string} previous
  * @property {string} session
  * @property {string} reason
  * @property {number} attempts open attempts it took
  * @property {bigint | null} lastTs `ts` (Unix ns) of the previous session's last batch
+ * @property {boolean} carried the new session went on with the groups' lines
  * @typedef {object} SubscriptionOptions
  * @property {string} natsUrl NATS WebSocket URL (ws:// or wss://)
  * @property {{user: string, pass: string}} [natsAuth] static NATS credentials, for a server
@@ -173,6 +175,9 @@ export class Subscription {
     this.opened = false;
     this.closed = false;
     this.resuming = false;
+    /** (group mode, with a store) the ended session a resume's new one goes on from
+     * @type {GroupMember | null} */
+    this.carrying = null;
     /** every resume so far, oldest first @type {Resumed[]} */
     this.resumes = [];
     /** `ts` of the last batch @type {bigint | null} */
@@ -257,9 +262,8 @@ export class Subscription {
             allowZip: o.allowZip,
             policy: o.policy ?? "discard",
           });
-    const previous = this.session;
-    if (session instanceof GroupMember && previous instanceof GroupMember) {
-      session.carry(previous); // its groups' lines go on: the gap between is counted
+    if (session instanceof GroupMember && this.carrying !== null) {
+      session.carry(this.carrying); // its groups' lines go on: the gap between is counted
     }
     this.session = session;
     this.opened = false;
@@ -704,11 +708,24 @@ export class Subscription {
     if (this.resuming) return;
     this.resuming = true;
     const previous = this.session?.session ?? "";
+    // a group's line goes on only where the producer's groups go on across its restarts:
+    // with a store (without one, a restarted producer's group starts again at 0)
+    const ended = this.session;
+    this.carrying = this.store && ended instanceof GroupMember ? ended : null;
+    const carried = this.carrying !== null;
     try {
       await this.retire();
       const attempts = await this.open(this.options.resumeTimeoutMs ?? 120_000);
+      this.carrying = null;
       /** @type {Resumed} */
-      const marker = { previous, session: this.sessionId, reason, attempts, lastTs: this.lastTs };
+      const marker = {
+        previous,
+        session: this.sessionId,
+        reason,
+        attempts,
+        lastTs: this.lastTs,
+        carried,
+      };
       this.resumes.push(marker);
       this.options.onResumed?.(marker);
     } catch (err) {

@@ -194,20 +194,6 @@ export class GroupMember extends ConsumerSession {
     ) {
       throw new Rejected("bad_claims");
     }
-    let state = this.groups.get(group);
-    if (state !== undefined && this.carried.has(group)) {
-      if (epoch <= state.epoch || gseq <= state.lastGseq) {
-        // the producer's group started again (restarted without a store): the line cannot
-        // go on, and what was sealed meanwhile cannot be counted
-        this.groups.delete(group);
-        state = undefined;
-      } else {
-        this.rejoined.set(group, gseq);
-      }
-      this.carried.delete(group);
-    }
-    if (state !== undefined && epoch <= state.epoch) throw new Rejected("stale_epoch");
-    if (state !== undefined && state.keys.has(kid)) throw new Rejected("reused_kid");
     let secret;
     try {
       secret = b64uDecode(k);
@@ -215,8 +201,22 @@ export class GroupMember extends ConsumerSession {
       throw new Rejected("bad_claims");
     }
     if (secret.length !== 32) throw new Rejected("bad_claims");
+    let state = this.groups.get(group);
+    const carried = state !== undefined && this.carried.has(group);
+    if (state !== undefined && carried && (epoch <= state.epoch || gseq <= state.lastGseq)) {
+      // the producer's group started again (its store had nothing of it): the line cannot
+      // go on, and what was sealed meanwhile cannot be counted
+      state = undefined;
+    }
+    if (state !== undefined && epoch <= state.epoch) throw new Rejected("stale_epoch");
+    if (state !== undefined && state.keys.has(kid)) throw new Rejected("reused_kid");
     /** @type {GroupKey} */
     const fresh = { cipher: await aead(secret), epoch, signer };
+    if (carried) {
+      // this session's first key of a carried group: it is settled now
+      this.carried.delete(group);
+      if (state !== undefined) this.rejoined.set(group, gseq);
+    }
     if (state === undefined) {
       this.groups.set(group, {
         firstEpoch: epoch,
@@ -289,9 +289,13 @@ export class GroupMember extends ConsumerSession {
     if (h.alg !== "dir") throw new Rejected("bad_alg");
     if (Object.hasOwn(h, "zip")) throw new Rejected("zip_not_allowed");
     const key = typeof h.kid === "string" ? state.keys.get(h.kid) : undefined;
-    if (key === undefined && env.seq < (this.rejoined.get(env.stream) ?? 0n)) {
-      // sealed while the subscription had no session, under a key it was not given: a gap
-      // (counted in lost when the line moves past it), not an error
+    if (
+      key === undefined &&
+      (this.carried.has(env.stream) || env.seq < (this.rejoined.get(env.stream) ?? 0n))
+    ) {
+      // sealed while the subscription had no session (or before this session's first key
+      // came), under a key it was not given: a gap, counted in lost when the line moves
+      // past it, not an error
       this.skipped += 1;
       return null;
     }

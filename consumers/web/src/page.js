@@ -153,15 +153,14 @@ function showIdentity(publicJwk, kid, streams, policyFile) {
 }
 
 /**
- * The visible marker of a resume: when, and which rows were lost (session mode: those sealed
- * between the previous session's last batch and the new session; group mode: the group's
- * line goes on, so the batches it could not get are counted in "gaps", see
+ * The visible marker of a resume: when, and which rows were lost (those sealed between the
+ * previous session's last batch and the new session; in group mode with a store the group's
+ * line goes on instead, and the batches it could not get are counted in "gaps", see
  * docs/protocol.md "A member's next session").
  * @param {HTMLElement} status
  * @param {import("./client.js").Resumed} marker
- * @param {boolean} group
  */
-function showResumed(status, marker, group) {
+function showResumed(status, marker) {
   let line = document.getElementById("resumed");
   if (line === null) {
     line = document.createElement("p");
@@ -174,7 +173,7 @@ function showResumed(status, marker, group) {
       ? "the previous session's start"
       : new Date(Number(marker.lastTs / 1_000_000n)).toLocaleTimeString();
   line.dataset.count = String(Number(line.dataset.count ?? 0) + 1);
-  line.textContent = group
+  line.textContent = marker.carried
     ? `resumed at ${now}: what the group sealed since ${since} is read from the store, what it no longer has is counted in gaps (${marker.reason})`
     : `resumed at ${now}, rows between ${since} and ${now} lost (${marker.reason})`;
 }
@@ -305,7 +304,7 @@ export async function main() {
     },
     onResumed(marker) {
       setText("session", marker.session);
-      showResumed(status, marker, keyMode === "group");
+      showResumed(status, marker);
       setStatus("connected", "resumed: new session, waiting for the cluster's signed key");
       dirty = true;
     },
