@@ -85,6 +85,10 @@ class ProxyConfig:
     #: least 3 keepalives): a consumer cut off for longer than that still comes back to it
     #: and gets what it missed from the store
     store_grace_s: float = 120.0
+    #: a session that the proxy ended (expiry, its cluster's word) stays known this long for
+    #: its owner's last resume (the store's default retention):
+    #: the consumer reads what was sealed for it before it opens a new one
+    ended_keep_s: float = 600.0
     #: where a cluster's store is: "" the proxy's own JetStream; else the JetStream domain
     #: named by this template with ``{cluster}`` (e.g. ``site-{cluster}``: a store in each
     #: site's leaf node, read across the link)
@@ -114,6 +118,8 @@ class ProxyConfig:
             raise ValueError("control_timeout_s must be positive")
         if not 0 <= self.store_grace_s <= 86_400:
             raise ValueError("store_grace_s must be 0 to 86400 seconds")
+        if not 0 <= self.ended_keep_s <= 86_400:
+            raise ValueError("ended_keep_s must be 0 to 86400 seconds")
         if self.store_domain and "{cluster}" not in self.store_domain:
             raise ValueError("store_domain names each cluster's domain: it holds {cluster}")
         if not 1 <= self.registry_replicas <= 5:

@@ -152,7 +152,10 @@ class SessionApi:
         it): the one check of keepalive, close and resume. A renewed token may have lost the
         cluster: the session does not outlive that (closing stays allowed)."""
         claims = self._verifier.verify(ref.token)
-        entry = self._core.registry.get(ref.session)
+        registry = self._core.registry
+        entry = registry.get(ref.session)
+        if entry is None and op == "resume":  # ended, and kept for its owner's last replay
+            entry = registry.ended(ref.session, now=self._core.clock())
         if entry is None:
             raise SessionError("bad_request", "unknown or expired session")
         if entry.user != claims.sub:

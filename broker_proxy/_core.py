@@ -46,6 +46,7 @@ class ProxyCore:
             ttl_s=3 * config.keepalive_s,
             burst=config.limits.session_burst,
             max_grace_s=config.store_grace_s,
+            ended_keep_s=config.ended_keep_s,
         )
         self.nc: Any = None
         self.tg: asyncio.TaskGroup | None = None
@@ -93,12 +94,13 @@ class ProxyCore:
         if self.shared is not None:
             await self.shared.delete(session)
 
-    async def claim(self, session: str) -> bool:
+    async def claim(self, session: str, ended: SessionEntry | None = None) -> bool:
         """True if this instance is the one to announce the end of a (locally removed)
-        session: always alone, or when it wins the shared registry's optimistic delete."""
+        session: always alone, or when it wins the shared registry's optimistic delete (with
+        ``ended``: its mark as ended, kept for its owner's last resume)."""
         if self.shared is None:
             return True
-        if await self.shared.claim(session):
+        if await self.shared.claim(session, ended):
             return True
         await self.shared.lookup(session)  # kept alive elsewhere: back into the cache
         return False

@@ -91,6 +91,7 @@ class Liveness:
             if not ping_now:
                 for entry in core.registry.expire(now=core.clock()):
                     await self._expire(entry)
+                core.registry.prune_ended(now=core.clock())
                 ticks += 1
             if ping_now or ticks % 2 == 0:
                 self._ping_all()
@@ -101,7 +102,7 @@ class Liveness:
     async def _expire(self, entry: SessionEntry) -> None:
         core = self._core
         try:
-            if not await core.claim(entry.session):
+            if not await core.claim(entry.session, entry):
                 return  # another instance expires it, or it was kept alive there
         except BrokerError as exc:
             log.warning("session.expiry_deferred", session=entry.session, error=str(exc))
@@ -134,10 +135,11 @@ class Liveness:
 
     async def _end(self, session: str, message: str) -> None:
         core = self._core
-        if core.registry.remove(session) is None:
+        entry = core.registry.end(session, now=core.clock())
+        if entry is None:
             return
         try:
-            claimed = await core.claim(session)
+            claimed = await core.claim(session, entry)
         except BrokerError as exc:
             log.warning("session.end_deferred", session=session, error=str(exc))
             return

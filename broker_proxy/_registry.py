@@ -36,14 +36,30 @@ class SessionEntry:
         return False
 
 
-class SessionRegistry:
-    """session id -> entry; a session not kept alive past ``expires_at`` is expired."""
+#: the most ended sessions kept for their last replay (the oldest go first)
+MAX_ENDED = 100_000
 
-    def __init__(self, *, ttl_s: float, burst: float = 1.0, max_grace_s: float = 0.0) -> None:
+
+class SessionRegistry:
+    """session id -> entry; a session not kept alive past ``expires_at`` is expired. A session
+    the proxy ended (expiry, its cluster's word) is kept for ``ended_keep_s`` more, for its
+    owner's last resume only (docs/protocol.md, "Draining an ended session")."""
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float,
+        burst: float = 1.0,
+        max_grace_s: float = 0.0,
+        ended_keep_s: float = 0.0,
+    ) -> None:
         self.ttl_s = ttl_s
         #: the longest any session lives without a keepalive
         self.max_ttl_s = max(ttl_s, max_grace_s)
         self.burst = burst
+        self.ended_keep_s = ended_keep_s
+        #: ended sessions -> their entry and until when they are kept
+        self._ended: dict[str, tuple[SessionEntry, float]] = {}
         self._entries: dict[str, SessionEntry] = {}
         self._per_user: Counter[str] = Counter()
         #: (cluster, stream) -> the group-mode sessions of that group
@@ -74,6 +90,7 @@ class SessionRegistry:
     ) -> SessionEntry:
         if session in self._entries:
             raise KeyError(session)
+        self._ended.pop(session, None)
         entry = SessionEntry(
             session,
             cluster,
@@ -130,11 +147,39 @@ class SessionRegistry:
         return entry
 
     def expire(self, *, now: float) -> list[SessionEntry]:
-        """Remove and return every session past its expiry."""
+        """Remove (as ended) and return every session past its expiry."""
         gone = [e for e in self._entries.values() if e.expires_at <= now]
         for entry in gone:
-            self.remove(entry.session)
+            self.end(entry.session, now=now)
         return gone
+
+    def end(self, session: str, *, now: float) -> SessionEntry | None:
+        """Remove a session the proxy ended, kept for ``ended_keep_s`` for its owner's last
+        resume (:meth:`ended`: what a store keeps of it is read before a new session)."""
+        entry = self.remove(session)
+        if entry is not None:
+            self.keep_ended(entry, until=now + self.ended_keep_s)
+        return entry
+
+    def keep_ended(self, entry: SessionEntry, *, until: float) -> None:
+        """Keep an ended session's entry (learnt here or from the shared registry)."""
+        if self.ended_keep_s <= 0 or entry.session in self._entries:
+            return
+        self._ended.pop(entry.session, None)
+        self._ended[entry.session] = (entry, until)
+        while len(self._ended) > MAX_ENDED:
+            del self._ended[next(iter(self._ended))]
+
+    def ended(self, session: str, *, now: float) -> SessionEntry | None:
+        """A session the proxy ended within ``ended_keep_s``; None otherwise."""
+        kept = self._ended.get(session)
+        if kept is None or kept[1] <= now:
+            return None
+        return kept[0]
+
+    def prune_ended(self, *, now: float) -> None:
+        for session in [s for s, (_, until) in self._ended.items() if until <= now]:
+            del self._ended[session]
 
     def entries(self) -> list[SessionEntry]:
         return list(self._entries.values())

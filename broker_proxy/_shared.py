@@ -42,17 +42,20 @@ def bucket_name(prefix: str) -> str:
     return prefix.replace(".", "_") + "_sessions"
 
 
-def _encode(entry: SessionEntry, expires_unix: float) -> bytes:
-    return msgpack.packb(
-        {
-            "cluster": entry.cluster,
-            "user": entry.user,
-            "streams": list(entry.streams),
-            "expires": expires_unix,
-            "key_mode": entry.key_mode,
-            "grace": entry.grace_s,
-        }
-    )
+def _encode(entry: SessionEntry, expires_unix: float, *, ended: bool = False) -> bytes:
+    """A session's value; an ended one (kept for its owner's last resume until
+    ``expires_unix``) says ``"ended": true``."""
+    value: dict[str, Any] = {
+        "cluster": entry.cluster,
+        "user": entry.user,
+        "streams": list(entry.streams),
+        "expires": expires_unix,
+        "key_mode": entry.key_mode,
+        "grace": entry.grace_s,
+    }
+    if ended:
+        value["ended"] = True
+    return msgpack.packb(value)
 
 
 class SharedRegistry:
@@ -101,7 +104,7 @@ class SharedRegistry:
                 return await js.create_key_value(
                     bucket=self.bucket,
                     history=1,
-                    ttl=max(2 * self.local.max_ttl_s, 1.0),
+                    ttl=self._max_age(),
                     replicas=self.replicas,
                 )
             except nats.js.errors.BadRequestError:
@@ -114,10 +117,14 @@ class SharedRegistry:
         would let a live session's entry age out: raise it (never lower it: another instance
         may keep sessions longer)."""
         info = await js.stream_info(f"KV_{self.bucket}")
-        wanted = max(2 * self.local.max_ttl_s, 1.0)
+        wanted = self._max_age()
         if info.config.max_age and info.config.max_age < wanted:  # 0: no max age at all
             await js.update_stream(dataclasses.replace(info.config, max_age=wanted))
             log.info("registry.ttl_raised", was_s=info.config.max_age, now_s=wanted)
+
+    def _max_age(self) -> float:
+        """The bucket's max age: past any live session's expiry and any ended one's keep."""
+        return max(2 * self.local.max_ttl_s, self.local.ended_keep_s, 1.0)
 
     async def watch(self) -> None:
         """Apply the bucket's changes to the local cache until cancelled."""
@@ -145,12 +152,23 @@ class SharedRegistry:
             fields = (str(data["cluster"]), str(data["user"]), tuple(map(str, data["streams"])))
             key_mode = str(data.get("key_mode", "session"))
             grace = float(data.get("grace", 0.0))
+            ended = data.get("ended") is True
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             log.warning("registry.bad_entry", session=session[:64])
             return
-        self._revisions[session] = int(entry.revision)
         now = self._clock()
         local_expiry = now + (expires - time.time())
+        if ended:  # ended by an instance: kept for its owner's last resume only
+            self._revisions.pop(session, None)
+            gone = self.local.remove(session)
+            if gone is None:
+                cluster, user, streams = fields
+                gone = SessionEntry(
+                    session, cluster, user, streams, now, key_mode=key_mode, grace_s=grace
+                )
+            self.local.keep_ended(gone, until=local_expiry)
+            return
+        self._revisions[session] = int(entry.revision)
         current = self.local.get(session)
         if current is None:
             cluster, user, streams = fields
@@ -196,12 +214,21 @@ class SharedRegistry:
         except _IO_ERRORS as exc:
             raise _unavailable(exc) from exc
 
-    async def claim(self, session: str) -> bool:
-        """Delete a session only if nobody changed it since we saw it: True for the one
-        instance that wins (and so tells the consumer and the cluster)."""
+    async def claim(self, session: str, ended: SessionEntry | None = None) -> bool:
+        """End a session only if nobody changed it since we saw it: True for the one
+        instance that wins (and so tells the consumer and the cluster). ``ended`` (the proxy
+        ended it) is then kept in the bucket, marked ended, for its owner's last resume on any
+        instance; a session closed by its consumer is deleted."""
         rev = self._revisions.pop(session, None)
         try:
-            await self._kv.delete(session, last=rev)
+            if ended is not None and self.local.ended_keep_s > 0:
+                value = _encode(ended, time.time() + self.local.ended_keep_s, ended=True)
+                if rev is None:  # never seen here with a revision: as the delete, unguarded
+                    await self._kv.put(session, value)
+                else:
+                    await self._kv.update(session, value, last=rev)
+            else:
+                await self._kv.delete(session, last=rev)
         except nats.js.errors.APIError:
             return False
         except _IO_ERRORS as exc:

@@ -558,6 +558,8 @@ def _resumed(marker: Resumed) -> None:
         if marker.carried
         else f"rows until {marker.session[:12]}… opened are lost"
     )
+    if marker.drained:
+        then = f"its last {marker.drained} batches read from the store; {then}"
     print(
         f"resumed: session {marker.previous[:12]}… ended ({marker.reason}); {then}", file=sys.stderr
     )

@@ -154,6 +154,9 @@ class LiveSession(AsyncResource):
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
         self._pageable = False
+        self._keeping = True
+        #: why the session ended, while what the store keeps of it is read (:meth:`drain`)
+        self.draining: str | None = None
 
     async def _start(self) -> None:
         cfg = self._client.config
@@ -279,7 +282,7 @@ class LiveSession(AsyncResource):
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
-            if self._stop.is_set():
+            if self._stop.is_set() or not self._keeping:
                 return
             if self._conn is None or self._client.closed:  # closed under the subscription
                 self.push(Lost("the client is closed", resumable=False))
@@ -388,6 +391,29 @@ class LiveSession(AsyncResource):
         self.page_after = self.floor = self.cursor = self._page_cursor = None
         self._page_lo, self._page_limit = -1, 0
         log.warning("session.behind", session=self.crypto.session, after=self.crypto.last_seq)
+
+    def drain(self, reason: str) -> bool:
+        """The proxy ended the session (``reason``): read what its store keeps of it past the
+        last accepted ``seq``, page by page, before a new session replaces it (docs/protocol.md,
+        "Draining an ended session"); no keepalive any more. False when there is nothing to
+        read it from (no store, or group mode, whose next session reads its groups instead);
+        True while it drains (a second end changes nothing)."""
+        if self.draining is not None:
+            return True
+        if not self._pageable or not self.store or self._stop.is_set():
+            return False
+        self.draining, self._keeping = reason, False
+        assert self.crypto is not None
+        log.info("session.draining", session=self.crypto.session, after=self.crypto.last_seq)
+        if self.behind:  # paging already: it goes on to the end of the store
+            return True
+        self.fall_behind()
+        return True
+
+    @property
+    def drained(self) -> bool:
+        """(Draining) a page reached the end of the store, or paging gave up."""
+        return self.draining is not None and not self.behind
 
     def _page_room(self) -> int:
         """Half the queue, in envelopes and in bytes (at the mean size received so far), and

@@ -69,6 +69,9 @@ class Resumed:
     attempts: int
     #: (group mode) the new session went on with the groups' lines: nothing is lost uncounted
     carried: bool = False
+    #: (session mode, with a store) batches of the ended session read from the store before
+    #: the new one was opened
+    drained: int = 0
 
 
 _T = TypeVar("_T", "Batch", "Batch | Resumed")
@@ -117,6 +120,8 @@ class Subscription(AsyncResource, Generic[_T]):
         self.resumes: list[Resumed] = []
         self._batches = 0
         self._rows = 0
+        #: batches the current session's drain brought (docs/protocol.md, "Draining")
+        self._drained = 0
         self._past = Stats(0, 0, 0, {}, 0, 0, 0, 0)  # what ended sessions received
 
     @property
@@ -242,7 +247,8 @@ class Subscription(AsyncResource, Generic[_T]):
             # raised to this call; the iteration ends there (not "use it inside 'async with'")
             self._failed = True
             raise
-        marker = Resumed(previous, self.session_id, reason, attempts, carried)
+        marker = Resumed(previous, self.session_id, reason, attempts, carried, self._drained)
+        self._drained = 0
         self.resumes.append(marker)
         log.info(
             "session.resumed",
@@ -265,6 +271,8 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise RuntimeError("use the subscription inside 'async with'")
             session = live.crypto
             loop = asyncio.get_running_loop()
+            if live.drained and live.queue.empty():  # what the store kept of it is read
+                return await self._resume_after(live.draining or "")  # type: ignore[return-value]
             if live.behind:  # what is held is read again from the store, in order
                 live.deferred += self._hold.clear()
                 if live.queue.empty():
@@ -285,6 +293,8 @@ class Subscription(AsyncResource, Generic[_T]):
                 raise item
             if isinstance(item, Lost):
                 if self._resume and item.resumable:
+                    if live.drain(item.reason):  # its stored envelopes first
+                        continue
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
                 raise SessionError("ended", item.reason)
             if isinstance(item, ReplayDone) and item.group is not None:
@@ -339,6 +349,8 @@ class Subscription(AsyncResource, Generic[_T]):
             if isinstance(result, Batch):
                 self._batches += 1
                 self._rows += len(result.rows)
+                if live.draining is not None:
+                    self._drained += 1
                 return result
             if isinstance(result, End):
                 self.end_reason = result.reason
@@ -352,6 +364,8 @@ class Subscription(AsyncResource, Generic[_T]):
                 if result.code in ("expired", "ended"):
                     # unauthenticated, but a relay able to send it could drop everything anyway
                     reason = f"the proxy ended this session: {result.message}"
+                    if self._resume and live.drain(reason):  # its stored envelopes first
+                        continue
                     if self._resume:
                         return await self._resume_after(reason)  # type: ignore[return-value]
                     raise SessionError("ended", reason)

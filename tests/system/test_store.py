@@ -400,8 +400,8 @@ async def _cut_off(
         splice.sever()
         await asyncio.sleep(cut_s)  # the outage itself
         await splice.mend()
-        before = len(reader.numbers)
-        await eventually(lambda: len(reader.numbers) > before + 50, timeout=60)
+        mended = emitter.returned  # rows emitted since then arrive too (a new session's)
+        await eventually(lambda: reader.numbers[-1] > mended + 50, timeout=60)
     return emitter, reader, sub, stack.proxy.replayed
 
 
@@ -438,6 +438,44 @@ async def test_without_the_grace_a_long_cut_ends_the_session(broker: Broker) -> 
     assert len(sub.resumes) == 1
 
 
+async def test_an_ended_sessions_stored_envelopes_are_read_before_the_next_session(
+    broker: Broker,
+) -> None:
+    """A consumer cut off past its session's end (keepalive 1 s, no grace): back, it is told
+    the session is gone, reads what the store keeps of it past its last accepted ``seq``
+    (the proxy keeps an ended session for its owner's last resume), and only then opens a
+    new session: every row sealed for the old session arrives, once, in order, nothing
+    counted lost; the rows emitted while it had no session were sealed for no one."""
+    url = broker.start()
+    async with (
+        make_stack(url, store=Store(), keepalive_s=1.0, store_grace_s=0.0) as stack,
+        Splice(url) as splice,
+        Client(
+            dataclasses.replace(stack.config(), nats_url=splice.url), trust=stack.trust()
+        ) as client,
+        client.subscribe(stack.cluster, ["records"], resume=True) as sub,
+        streaming(stack.agent, sub) as (emitter, reader),
+    ):
+        cut_at = emitter.returned
+        splice.sever()
+        await asyncio.sleep(6.0)  # past 3 keepalives: the session expires
+        await splice.mend()
+        await eventually(lambda: bool(sub.resumes), timeout=30)
+        before = len(reader.numbers)  # and rows of the new session too
+        await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+    assert reader.error is None
+    numbers = reader.numbers
+    assert numbers == sorted(set(numbers))  # no duplicate, nothing out of order
+    stats = sub.stats()
+    assert (stats.sessions, stats.lost, stats.rejected) == (2, 0, {})
+    (resumed,) = sub.resumes
+    assert resumed.drained > 0
+    assert not resumed.carried
+    # the rows sealed for the old session while it was cut off (the proxy let it go 2 to 3 s
+    # in) came from the store before the new session
+    assert {cut_at, cut_at + 10} <= set(numbers)
+
+
 async def test_a_members_next_session_reads_the_gap_and_counts_what_it_lost_exactly(
     broker: Broker,
 ) -> None:
@@ -462,10 +500,12 @@ async def test_a_members_next_session_reads_the_gap_and_counts_what_it_lost_exac
         async with asyncio.TaskGroup() as tg:
             watching = tg.create_task(witnessed.run())
             async with streaming(stack.agent, sub) as (emitter, reader):
-                before, cut_at = len(reader.numbers), emitter.returned
+                cut_at = emitter.returned
                 splice.sever()
                 await asyncio.sleep(6.0)  # past 3 keepalives: the session expires
                 await splice.mend()
+                await eventually(lambda: bool(sub.resumes), timeout=30)
+                before = len(reader.numbers)  # and rows of the new session too
                 await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
             await eventually(lambda: len(witnessed.numbers) == emitter.returned, timeout=30)
             watching.cancel()

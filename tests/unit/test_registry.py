@@ -3,7 +3,7 @@ a store outlives its last keepalive by its grace, every other one by the registr
 
 from __future__ import annotations
 
-from broker_proxy._registry import SessionRegistry
+from broker_proxy._registry import MAX_ENDED, SessionRegistry
 
 SESSION, STORED = "-" + "A" * 42, "_" + "B" * 42  # ids starting with the edges of base64url
 
@@ -38,3 +38,30 @@ def test_a_grace_shorter_than_the_ttl_changes_nothing() -> None:
     registry = SessionRegistry(ttl_s=30.0)
     entry = registry.add(SESSION, cluster="c1", user="u", streams=(), now=0.0, grace_s=5.0)
     assert (entry.expires_at, registry.max_ttl_s) == (30.0, 30.0)
+
+
+def test_an_ended_session_is_kept_for_its_owners_last_resume_only() -> None:
+    """An expired or ended session leaves the live registry (no relay, no keepalive, no count
+    against its user) but stays known for ``ended_keep_s``; a closed one is simply gone; the
+    ended ones are bounded, the oldest going first."""
+    registry = SessionRegistry(ttl_s=30.0, ended_keep_s=600.0)
+    registry.add(SESSION, cluster="c1", user="u", streams=("s",), now=0.0)
+    registry.add(STORED, cluster="c1", user="u", streams=("s",), now=0.0)
+    assert [e.session for e in registry.expire(now=30.0)] == [SESSION, STORED]
+    assert (len(registry), registry.sessions_of("u"), registry.get(SESSION)) == (0, 0, None)
+    ended = registry.ended(SESSION, now=629.9)
+    assert ended is not None
+    assert (ended.cluster, ended.user) == ("c1", "u")
+    assert registry.ended(SESSION, now=630.0) is None  # past its keep
+    registry.prune_ended(now=630.0)
+    assert registry.ended(STORED, now=0.0) is None  # pruned
+    registry.add(SESSION, cluster="c1", user="u", streams=("s",), now=700.0)
+    registry.remove(SESSION)  # closed by its consumer: not kept
+    assert registry.ended(SESSION, now=700.0) is None
+    assert SessionRegistry(ttl_s=30.0).end(SESSION, now=0.0) is None
+    kept = SessionRegistry(ttl_s=30.0, ended_keep_s=1.0)
+    for i in range(MAX_ENDED + 1):
+        kept.add(f"s{i}", cluster="c1", user="u", streams=(), now=0.0)
+        kept.end(f"s{i}", now=0.0)
+    assert kept.ended("s0", now=0.0) is None
+    assert kept.ended(f"s{MAX_ENDED}", now=0.0) is not None

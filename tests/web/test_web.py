@@ -33,6 +33,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 from structlog.testing import capture_logs
 
+from broker_proxy import Proxy
 from consumers._web import PAGE_KEY_HEADER, WebConfig, WebServer
 from producers import (
     Agent,
@@ -45,6 +46,7 @@ from producers import (
 )
 from producers._authz import AuthzPolicy
 from sealops._webbench import CHROMIUM, CHROMIUM_ARGS
+from sealstream import TokenVerifier
 from sealstream.control import Opened, encode
 from sealstream.crypto import (
     ClusterIdentity,
@@ -1051,6 +1053,56 @@ async def test_the_page_resumes_after_a_broker_and_cluster_restart(
                     assert "rows between" in await _text(page, "#resumed")
                     rows = await _rows(page)
                     await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
+
+
+async def test_the_page_reads_an_ended_sessions_store_before_its_next_session(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """The proxy goes away while the producer seals on into its store, then the producer dies
+    and comes back (it forgets its sessions): the new proxy ends the page's session on the
+    cluster's word, and the page first reads what the store kept of it (the proxy keeps an
+    ended session for its owner's last resume), then opens a new one: no gap, no rejection."""
+    async with (
+        _restartable_server(tmp_path, store_dir=tmp_path / "js") as server,
+        make_stack(
+            server.url,
+            sources=[HttpEvents(rate=50, seed=26)],
+            streams=["http_events"],
+            keepalive_s=1.0,
+            store=Store(),
+        ) as st,
+    ):
+        with _web(server, st) as web:
+            async with _page(browser, web.url) as page:
+                await until(lambda: _more(page, "#rows", 20))
+                first = await _text(page, "#session")
+                await st.proxy.aclose()  # no relay: what is sealed now is only stored
+                await asyncio.sleep(1.5)
+                await st.agent._nc.close()  # the producer dies: no end envelope
+                async with (
+                    Proxy(
+                        st.proxy.config, verifier=TokenVerifier(secret=st.secret, leeway_s=30)
+                    ) as proxy,
+                    Agent(
+                        st.agent.config,
+                        identity=st.identity,
+                        sources=[HttpEvents(rate=50, seed=27)],
+                        streams=["http_events"],
+                    ) as agent,
+                ):
+
+                    async def resumed() -> bool:
+                        return await page.locator("#resumed").count() > 0
+
+                    await until(resumed, timeout=30)
+                    await until(_state_is(page, "verified"), timeout=20)
+                    assert await _text(page, "#session") not in (first, "")
+                    rows = await _rows(page)
+                    await until(lambda: _more(page, "#rows", rows + 10), timeout=20)
+                    assert proxy.replayed > 0  # the ended session's stored envelopes
+                    assert agent.sessions
+                    assert await _text(page, "#gaps") == "0 (0 lost)"
+                    assert await _text(page, "#rejected") == "0"
 
 
 @pytest.mark.parametrize("mode", ["session", "group"])

@@ -87,6 +87,8 @@ const RESUME_WAIT = 3;
  * @property {number} attempts open attempts it took
  * @property {bigint | null} lastTs `ts` (Unix ns) of the previous session's last batch
  * @property {boolean} carried the new session went on with the groups' lines
+ * @property {number} drained (session mode, with a store) batches of the ended session read
+ *   from the store before the new one was opened
  * @typedef {object} SubscriptionOptions
  * @property {string} natsUrl NATS WebSocket URL (ws:// or wss://)
  * @property {{user: string, pass: string}} [natsAuth] static NATS credentials, for a server
@@ -143,6 +145,10 @@ function passing(err) {
 
 /** @param {number} ms */
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+/** an ended session's drain gives up after this many asks in a row that brought nothing */
+const DRAIN_STALLS = 3;
+/** a failed drain ask is asked again after this long */
+const DRAIN_RETRY_MS = 500;
 
 export class Subscription {
   /** @param {SubscriptionOptions} options */
@@ -175,6 +181,10 @@ export class Subscription {
     this.opened = false;
     this.closed = false;
     this.resuming = false;
+    /** an ended session's stored envelopes are being read (drainThenResume) */
+    this.draining = false;
+    /** batches the ended session's drain brought (the next Resumed marker says so) */
+    this.drained = 0;
     /** (group mode, with a store) the ended session a resume's new one goes on from
      * @type {GroupMember | null} */
     this.carrying = null;
@@ -362,7 +372,7 @@ export class Subscription {
   }
 
   schedule() {
-    if (this.closed) return;
+    if (this.closed || this.draining) return;
     this.timer = setTimeout(() => void this.keepalive(), this.keepaliveS * 1000);
   }
 
@@ -633,6 +643,7 @@ export class Subscription {
     }
     if (this.checkTrust(session, false, this.done(index)) || result === null) return;
     if (result.type === "batch") {
+      if (this.draining) this.drained += 1;
       this.batches += 1;
       this.rows += result.rows.length;
       this.lastTs = result.ts;
@@ -694,9 +705,61 @@ export class Subscription {
    */
   lost(reason, resumable) {
     if (this.options.resume && resumable && !this.closed && this.error === null) {
-      void this.resumeAfter(reason);
+      void this.drainThenResume(reason);
     } else {
       this.fail(new SessionError("ended", reason));
+    }
+  }
+
+  /**
+   * A session the proxy ended, with a store, in session mode: read what the store keeps of
+   * it past the last accepted seq, page by page, before a new session replaces it
+   * (docs/protocol.md, "Draining an ended session"; consumers/_session.py LiveSession.drain).
+   * A group member's next session reads its groups instead (it carries them).
+   * @param {string} reason
+   */
+  async drainThenResume(reason) {
+    const session = this.session;
+    if (this.resuming || this.draining) return;
+    if (this.store && session !== null && !(session instanceof GroupMember)) {
+      this.draining = true;
+      clearTimeout(this.timer); // no keepalive any more
+      try {
+        await this.drain(session);
+      } finally {
+        this.draining = false;
+      }
+      if (session !== this.session || this.closed || this.error !== null) return;
+    }
+    await this.resumeAfter(reason);
+  }
+
+  /**
+   * Ask the ended session's stored envelopes a page at a time until the store has no more,
+   * or three asks in a row bring nothing acceptable (refused, failed, or the proxy no longer
+   * keeps the ended session).
+   * @param {ConsumerSession} session
+   */
+  async drain(session) {
+    for (let stalls = 0; stalls < DRAIN_STALLS && session === this.session && !this.closed; ) {
+      const after = session.lastSeq;
+      let more = false;
+      try {
+        const token = await this.token();
+        const req = { token, session: session.session, after, limit: RESUME_PAGE };
+        const reply = await this.request("resume", encodeResume(req), "replayed", RESUME_WAIT);
+        more = reply.more;
+        await this.chain; // what the page brought (before its answer) went through the checks
+      } catch {
+        await sleep(DRAIN_RETRY_MS);
+        stalls += 1;
+        continue;
+      }
+      while (this.hold.count > 0 && session === this.session && !this.closed) {
+        await sleep(100); // past a gap retention made: the hold counts it when its time is up
+      }
+      if (!more) return;
+      stalls = session.lastSeq === after ? stalls + 1 : 0;
     }
   }
 
@@ -725,7 +788,9 @@ export class Subscription {
         attempts,
         lastTs: this.lastTs,
         carried,
+        drained: this.drained,
       };
+      this.drained = 0;
       this.resumes.push(marker);
       this.options.onResumed?.(marker);
     } catch (err) {
