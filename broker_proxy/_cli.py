@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
             "in s (default 120; env SEALSTREAM_STORE_GRACE_S)",
         )
         parser.add_argument(
+            "--ended-keep",
+            type=float,
+            default=d(None),
+            help="how long a session the proxy ended stays known for its owner's last resume "
+            "(reading what the store kept of it), in s (default 600; env "
+            "SEALSTREAM_ENDED_KEEP_S)",
+        )
+        parser.add_argument(
             "--store-domain",
             default=d(None),
             help="the JetStream domain of each cluster's store, with {cluster} (e.g. "
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             keepalive_s=args.keepalive,
             store_grace_s=args.store_grace,
+            ended_keep_s=args.ended_keep,
             store_domain=args.store_domain,
             token_secret=_secret(args.token_secret_file) if args.token_secret_file else None,
             callout=(

@@ -134,7 +134,7 @@ class ProxyConfig:
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> ProxyConfig:
         """``NATS_URL``, ``SEALSTREAM_PREFIX``, ``SEALSTREAM_TOKEN_SECRET_FILE`` (or
         ``SEALSTREAM_TOKEN_SECRET``), ``SEALSTREAM_ISSUER_JWK_FILE``, ``SEALSTREAM_KEEPALIVE_S``,
-        ``SEALSTREAM_STORE_GRACE_S``, ``SEALSTREAM_STORE_DOMAIN``,
+        ``SEALSTREAM_STORE_GRACE_S``, ``SEALSTREAM_ENDED_KEEP_S``, ``SEALSTREAM_STORE_DOMAIN``,
         ``SEALSTREAM_CALLOUT_ISSUER_SEED_FILE`` (the auth callout, see :class:`CalloutConfig`),
         ``SEALSTREAM_REGISTRY_REPLICAS``."""
         values: dict[str, Any] = {}
@@ -148,6 +148,8 @@ class ProxyConfig:
             values["keepalive_s"] = float(env["SEALSTREAM_KEEPALIVE_S"])
         if "SEALSTREAM_STORE_GRACE_S" in env:
             values["store_grace_s"] = float(env["SEALSTREAM_STORE_GRACE_S"])
+        if "SEALSTREAM_ENDED_KEEP_S" in env:
+            values["ended_keep_s"] = float(env["SEALSTREAM_ENDED_KEEP_S"])
         if env.get("SEALSTREAM_STORE_DOMAIN"):
             values["store_domain"] = env["SEALSTREAM_STORE_DOMAIN"]
         if env.get("SEALSTREAM_TOKEN_SECRET_FILE"):

@@ -154,7 +154,7 @@ class SessionApi:
         claims = self._verifier.verify(ref.token)
         registry = self._core.registry
         entry = registry.get(ref.session)
-        if entry is None and op == "resume":  # ended, and kept for its owner's last replay
+        if entry is None and op in ("resume", "close"):  # ended, kept for its owner's drain
             entry = registry.ended(ref.session, now=self._core.clock())
         if entry is None:
             raise SessionError("bad_request", "unknown or expired session")
@@ -173,6 +173,9 @@ class SessionApi:
             if core.shared is not None:
                 await core.shared.touch(entry)
             return KeptAlive(core.config.keepalive_s)
+        if ref.session not in core.registry:  # ended: its owner is done with it
+            await core.forget(ref.session)
+            return Ok()
         await core.forget(ref.session)
         log.info("session.closed", session=ref.session, cluster=entry.cluster, reason="consumer")
         await core.tell_cluster_closed(entry, "closed by consumer")
@@ -192,7 +195,7 @@ class SessionApi:
             raise SessionError("limit_exceeded", f"at most {limits.sessions_per_user} sessions")
         control = req.control(user=claims.sub)  # the session id: the key's thumbprint
         session = control.session
-        if session in core.registry:
+        if session in core.registry or core.registry.ended(session, now=core.clock()):
             raise SessionError("bad_request", "a session with this key exists: use a new key")
         # Register before the cluster hears of it: its first envelope may beat its reply.
         entry = core.registry.add(

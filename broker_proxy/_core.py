@@ -90,7 +90,9 @@ class ProxyCore:
             log.info("notice.lost", session=session, code=code, error=repr(exc))
 
     async def forget(self, session: str) -> None:
+        """A session closed by its consumer: gone at once (an ended one too)."""
         self.registry.remove(session)
+        self.registry.drop_ended(session)
         if self.shared is not None:
             await self.shared.delete(session)
 

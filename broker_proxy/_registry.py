@@ -177,6 +177,9 @@ class SessionRegistry:
             return None
         return kept[0]
 
+    def drop_ended(self, session: str) -> None:
+        self._ended.pop(session, None)
+
     def prune_ended(self, *, now: float) -> None:
         for session in [s for s, (_, until) in self._ended.items() if until <= now]:
             del self._ended[session]

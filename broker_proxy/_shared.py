@@ -143,6 +143,7 @@ class SharedRegistry:
         session = entry.key
         if entry.operation in ("DEL", "PURGE"):
             self.local.remove(session)
+            self.local.drop_ended(session)
             self._revisions.pop(session, None)
             return
         try:

@@ -457,8 +457,9 @@ class Subscription(AsyncResource, Generic[_T]):
             return live.get_nowait()
         if not live.queue.empty():
             return live.get_nowait()
-        if live.ending is not None:
-            return live.ending
+        if live.ending is not None:  # taken once: a drain goes on past it
+            item, live.ending = live.ending, None
+            return item
         held = min(
             (
                 at

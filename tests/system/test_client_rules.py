@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from consumers import Batch, Client
+from consumers import Batch, Client, Resumed
 from sealstream import SessionError, TrustError
 from sealstream.crypto import ClusterIdentity, ProducerSession, TrustStore
 from sealstream.nats import connect, settle
+from sealstream.store import Store
 from sealstream.wire import VERSION, encode_map
 from tests.support.pipeline import Tap, collect_rows, eventually, fresh_key, make_stack
 
@@ -104,6 +105,40 @@ async def test_a_slow_consumer_whose_session_ends_sees_the_iterator_end(nats_url
             assert err.value.code == "ended"
             assert 0 < len(got) <= 4
             assert sub.stats().dropped > 0
+
+
+async def test_an_ended_session_met_with_a_full_queue_is_drained_then_resumed(
+    nats_url: str,
+) -> None:
+    """With a store and ``resume``: the queue full (the session fell behind), the session
+    gone at the proxy: the marker that says so waits after the queued messages, is taken
+    once, and the session drains what it can (here nothing: it was closed, not ended, so the
+    proxy answers its resumes "unknown") and resumes on a new session instead of spinning."""
+    async with make_stack(nats_url, keepalive_s=1.0, store=Store()) as st:
+        config = dataclasses.replace(st.config(), queue_size=8)
+        async with (
+            Client(config, trust=st.trust()) as client,
+            client.subscribe(st.cluster, ["records"], resume=True) as sub,
+        ):
+            live = sub._live
+            assert live is not None
+            async with asyncio.timeout(10):
+                i = 0
+                while not live.behind:  # more batches than the queue holds: behind
+                    await st.agent.emit("records", [{"i": i}])
+                    i += 1
+            body = {"v": VERSION, "token": st.token(), "session": sub.session_id}
+            await client.nc.request(st.subjects.api_close, encode_map(body), timeout=5)
+            await eventually(lambda: live.ending is not None, timeout=10)
+            assert live.queue.full()
+            async with asyncio.timeout(30):
+                async for item in sub:
+                    if isinstance(item, Resumed):
+                        break
+            assert (item.drained, sub.stats().sessions) == (0, 2)
+            await st.agent.emit("records", [{"i": -1}])
+            rows, _ = await collect_rows(sub, 1)
+            assert rows[-1] == {"i": -1}  # the new session's
 
 
 async def test_no_genuine_key_by_the_deadline_is_a_trust_error_that_offers_no_key(

@@ -145,7 +145,8 @@ function passing(err) {
 
 /** @param {number} ms */
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-/** an ended session's drain gives up after this many asks in a row that brought nothing */
+/** an ended session's drain gives up after an ask and this many more in a row that brought
+ * nothing (as the Python client's pages) */
 const DRAIN_STALLS = 3;
 /** a failed drain ask is asked again after this long */
 const DRAIN_RETRY_MS = 500;
@@ -736,12 +737,12 @@ export class Subscription {
 
   /**
    * Ask the ended session's stored envelopes a page at a time until the store has no more,
-   * or three asks in a row bring nothing acceptable (refused, failed, or the proxy no longer
-   * keeps the ended session).
+   * or an ask and three more in a row bring nothing acceptable (refused, failed, or the proxy
+   * no longer keeps the ended session).
    * @param {ConsumerSession} session
    */
   async drain(session) {
-    for (let stalls = 0; stalls < DRAIN_STALLS && session === this.session && !this.closed; ) {
+    for (let stalls = 0; stalls <= DRAIN_STALLS && session === this.session && !this.closed; ) {
       const after = session.lastSeq;
       let more = false;
       try {
