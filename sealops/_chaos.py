@@ -319,6 +319,8 @@ async def _chaos(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):  # this run's logs only: their tracebacks are counted
+        old.unlink()
     with tempfile.TemporaryDirectory(prefix="sealstream-chaos-") as tmp:
         dep = Deployment(Path(tmp), logs, args.rate, store=args.store)
         await dep.start_server()

@@ -438,6 +438,19 @@ async def test_without_the_grace_a_long_cut_ends_the_session(broker: Broker) -> 
     assert len(sub.resumes) == 1
 
 
+async def _cut_past_the_end(splice: Splice, emitter: Numbered, reader: Reader, sub: Any) -> int:
+    """Cut the consumer off for 6 s (past 3 keepalives of 1 s: its session expires), then
+    wait for its next session's rows; the number of the first row emitted during the cut."""
+    cut_at = emitter.returned
+    splice.sever()
+    await asyncio.sleep(6.0)  # the outage itself
+    await splice.mend()
+    await eventually(lambda: bool(sub.resumes), timeout=30)
+    before = len(reader.numbers)  # and rows of the new session too
+    await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+    return cut_at
+
+
 async def test_an_ended_sessions_stored_envelopes_are_read_before_the_next_session(
     broker: Broker,
 ) -> None:
@@ -456,13 +469,7 @@ async def test_an_ended_sessions_stored_envelopes_are_read_before_the_next_sessi
         client.subscribe(stack.cluster, ["records"], resume=True) as sub,
         streaming(stack.agent, sub) as (emitter, reader),
     ):
-        cut_at = emitter.returned
-        splice.sever()
-        await asyncio.sleep(6.0)  # past 3 keepalives: the session expires
-        await splice.mend()
-        await eventually(lambda: bool(sub.resumes), timeout=30)
-        before = len(reader.numbers)  # and rows of the new session too
-        await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+        cut_at = await _cut_past_the_end(splice, emitter, reader, sub)
     assert reader.error is None
     numbers = reader.numbers
     assert numbers == sorted(set(numbers))  # no duplicate, nothing out of order
@@ -500,13 +507,7 @@ async def test_a_members_next_session_reads_the_gap_and_counts_what_it_lost_exac
         async with asyncio.TaskGroup() as tg:
             watching = tg.create_task(witnessed.run())
             async with streaming(stack.agent, sub) as (emitter, reader):
-                cut_at = emitter.returned
-                splice.sever()
-                await asyncio.sleep(6.0)  # past 3 keepalives: the session expires
-                await splice.mend()
-                await eventually(lambda: bool(sub.resumes), timeout=30)
-                before = len(reader.numbers)  # and rows of the new session too
-                await eventually(lambda: len(reader.numbers) > before + 50, timeout=30)
+                cut_at = await _cut_past_the_end(splice, emitter, reader, sub)
             await eventually(lambda: len(witnessed.numbers) == emitter.returned, timeout=30)
             watching.cancel()
         # the other member got every row: the group's batches went on all along
