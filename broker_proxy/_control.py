@@ -175,6 +175,7 @@ class SessionApi:
             return KeptAlive(core.config.keepalive_s)
         if ref.session not in core.registry:  # ended: its owner is done with it
             await core.forget(ref.session)
+            log.info("session.closed", session=ref.session, cluster=entry.cluster, reason="ended")
             return Ok()
         await core.forget(ref.session)
         log.info("session.closed", session=ref.session, cluster=entry.cluster, reason="consumer")

@@ -296,6 +296,7 @@ class Subscription(AsyncResource, Generic[_T]):
                     if live.drain(item.reason):  # its stored envelopes first
                         continue
                     return await self._resume_after(item.reason)  # type: ignore[return-value]
+                self._failed = True  # raised once: the iteration ends there
                 raise SessionError("ended", item.reason)
             if isinstance(item, ReplayDone) and item.group is not None:
                 self._group_replayed(live, item)
@@ -368,6 +369,7 @@ class Subscription(AsyncResource, Generic[_T]):
                         continue
                     if self._resume:
                         return await self._resume_after(reason)  # type: ignore[return-value]
+                    self._failed = True
                     raise SessionError("ended", reason)
 
     @staticmethod

@@ -46,6 +46,9 @@ async def test_an_ended_session_is_kept_marked_on_every_instance(nats_url: str) 
         assert (kept.user, kept.cluster, kept.grace_s) == ("alice", "c1", 120.0)
         assert b.local.end(SESSION, now=time.monotonic()) is None  # nothing live to end
         assert b.local.ended(SESSION, now=time.monotonic() + 601) is None
+        assert b.local.ended(SESSION, now=time.monotonic()) is not None
+        await a.delete(SESSION)  # its owner closed it: gone everywhere
+        await eventually(lambda: b.local.ended(SESSION, now=time.monotonic()) is None, timeout=5)
         info = await a_nc.jetstream().stream_info(f"KV_{bucket}")
         assert info.config.max_age >= 600  # the bucket keeps the mark as long
     finally:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,13 @@ import pytest
 from consumers import Client, ClientConfig, Resumed
 from producers import Agent, ProducerConfig
 from sealstream import BrokerError, IntegrityError, KeyMode, SessionError, mint_token
-from sealstream.control import Replayed
+from sealstream.control import KeptAlive, Ok, Replayed
 from sealstream.crypto import ClusterIdentity, TrustStore
 from sealstream.nats import connect
 from sealstream.server import EmbeddedServer, ServerOptions
 from sealstream.store import Store, ensure_stream, stream_name
 from tests.support.broker import Broker, cluster_nodes
-from tests.support.helpers import env_map
+from tests.support.helpers import env_map, gen_key
 from tests.support.pipeline import (
     FAST_BATCHING,
     Tap,
@@ -438,6 +439,56 @@ async def test_without_the_grace_a_long_cut_ends_the_session(broker: Broker) -> 
     assert len(sub.resumes) == 1
 
 
+async def test_an_ended_session_is_its_owners_to_read_and_close_only(broker: Broker) -> None:
+    """A session the proxy expired is kept for its owner's last resume: replayed to its
+    owner, refused to anyone else, not kept alive, its id not opened again; its owner's
+    close forgets it at once (a second close finds nothing)."""
+    url = broker.start()
+    key = gen_key("x25519")
+    async with (
+        make_stack(url, store=Store(), keepalive_s=1.0, store_grace_s=0.0) as stack,
+        stack.client() as other,
+    ):
+        registry = stack.proxy._core.registry
+        async with (
+            Splice(url) as splice,
+            Client(
+                dataclasses.replace(stack.config(), nats_url=splice.url), trust=stack.trust()
+            ) as client,
+            client.subscribe(stack.cluster, ["records"], key=key) as sub,
+        ):
+            for i in range(2):
+                await stack.agent.emit("records", [{"i": i}])
+            await collect_rows(sub, 2)
+            session = sub.session_id
+            splice.sever()  # no keepalive: the proxy expires the session
+            await eventually(lambda: registry.get(session) is None, timeout=10)
+        assert registry.ended(session, now=stack.proxy._core.clock()) is not None
+        ref = {"v": 1, "token": stack.token(), "session": session}
+        subjects = stack.subjects
+        ask = {**ref, "after": 0}
+        assert await other.request(subjects.api_resume, ask, Replayed) == Replayed(2, first=1)
+        mallory = {"token": stack.token(sub="mallory")}
+        for subject, body in (
+            (subjects.api_resume, {**ask, **mallory}),
+            (subjects.api_close, {**ref, **mallory}),
+        ):
+            with pytest.raises(SessionError) as refused:
+                await other.request(subject, body, Ok)
+            assert refused.value.code == "forbidden"
+        with pytest.raises(SessionError) as refused:
+            await other.request(subjects.api_keepalive, ref, KeptAlive)
+        assert refused.value.code == "bad_request"
+        with pytest.raises(SessionError, match="use a new key"):
+            async with other.subscribe(stack.cluster, ["records"], key=key):
+                pass
+        assert await other.request(subjects.api_close, ref, Ok) == Ok()
+        assert registry.ended(session, now=stack.proxy._core.clock()) is None
+        with pytest.raises(SessionError) as refused:
+            await other.request(subjects.api_close, ref, Ok)
+        assert refused.value.code == "bad_request"
+
+
 async def _cut_past_the_end(splice: Splice, emitter: Numbered, reader: Reader, sub: Any) -> int:
     """Cut the consumer off for 6 s (past 3 keepalives of 1 s: its session expires), then
     wait for its next session's rows; the number of the first row emitted during the cut."""
@@ -478,6 +529,8 @@ async def test_an_ended_sessions_stored_envelopes_are_read_before_the_next_sessi
     (resumed,) = sub.resumes
     assert resumed.drained > 0
     assert not resumed.carried
+    # then it closed the ended session: the proxy forgot it
+    assert stack.proxy._core.registry.ended(resumed.previous, now=time.monotonic()) is None
     # the rows sealed for the old session while it was cut off (the proxy let it go 2 to 3 s
     # in) came from the store before the new session
     assert {cut_at, cut_at + 10} <= set(numbers)
