@@ -173,13 +173,12 @@ class SessionApi:
             if core.shared is not None:
                 await core.shared.touch(entry)
             return KeptAlive(core.config.keepalive_s)
-        if ref.session not in core.registry:  # ended: its owner is done with it
-            await core.forget(ref.session)
-            log.info("session.closed", session=ref.session, cluster=entry.cluster, reason="ended")
-            return Ok()
+        ended = ref.session not in core.registry  # its owner is done draining it
         await core.forget(ref.session)
-        log.info("session.closed", session=ref.session, cluster=entry.cluster, reason="consumer")
-        await core.tell_cluster_closed(entry, "closed by consumer")
+        reason = "ended" if ended else "consumer"
+        log.info("session.closed", session=ref.session, cluster=entry.cluster, reason=reason)
+        if not ended:  # the cluster already let an ended one go
+            await core.tell_cluster_closed(entry, "closed by consumer")
         return Ok()
 
     async def _open(self, req: OpenRequest) -> Opened:

@@ -154,7 +154,6 @@ class LiveSession(AsyncResource):
         self._reconnects = 0
         self._tg: asyncio.TaskGroup | None = None
         self._pageable = False
-        self._keeping = True
         #: why the session ended, while what the store keeps of it is read (:meth:`drain`)
         self.draining: str | None = None
 
@@ -282,7 +281,7 @@ class LiveSession(AsyncResource):
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.keepalive_s)
-            if self._stop.is_set() or not self._keeping:
+            if self._stop.is_set() or self.draining is not None:  # no keepalive once ended
                 return
             if self._conn is None or self._client.closed:  # closed under the subscription
                 self.push(Lost("the client is closed", resumable=False))
@@ -402,7 +401,7 @@ class LiveSession(AsyncResource):
             return True
         if not self._pageable or not self.store or self._stop.is_set():
             return False
-        self.draining, self._keeping = reason, False
+        self.draining = reason
         assert self.crypto is not None
         log.info("session.draining", session=self.crypto.session, after=self.crypto.last_seq)
         if self.behind:  # paging already: it goes on to the end of the store

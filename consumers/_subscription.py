@@ -59,8 +59,9 @@ class Resumed:
     """Yielded by a ``resume=True`` subscription when a new session replaced one that ended.
     Group mode: the new session goes on with the groups' lines and kept keys, so what a store
     holds of the time between is read and opened, and the batches lost between are counted
-    exactly (the next batch's ``lost_before``, and ``lost``). Session mode: each session has a
-    ``seq`` line of its own; rows sealed between the two are lost and NOT counted."""
+    exactly (the next batch's ``lost_before``, and ``lost``). Session mode: with a store, what
+    was sealed for the ended session is read first (``drained``); each session has a ``seq``
+    line of its own, and rows emitted while there was none are lost and NOT counted."""
 
     previous: str
     session: str
@@ -238,10 +239,10 @@ class Subscription(AsyncResource, Generic[_T]):
         self._group_holds = self._holds_for(None)  # counted above, whatever comes next
         try:
             self._live, attempts = await self._open(None, self._resume_timeout_s)
-            member = self._live.crypto
-            carried = stored and isinstance(member, GroupMember) and isinstance(ended, GroupMember)
-            if carried and isinstance(member, GroupMember) and isinstance(ended, GroupMember):
+            member, carried = self._live.crypto, False
+            if stored and isinstance(member, GroupMember) and isinstance(ended, GroupMember):
                 member.carry(ended)  # its groups' lines go on: the gap between is read or counted
+                carried = True
             self._group_holds = self._holds_for(member)
         except BaseException:
             # raised to this call; the iteration ends there (not "use it inside 'async with'")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 import msgpack
@@ -358,9 +358,7 @@ class GroupMember(ConsumerSession):
             raise ValueError("carry a session of the same cluster into a new session only")
         for group, state in previous.groups.items():
             if group in self.streams:
-                self.groups[group] = _Group(
-                    state.first_epoch, state.last_gseq, state.epoch, dict(state.keys), state.current
-                )
+                self.groups[group] = replace(state, keys=dict(state.keys))
                 self._carried.add(group)
 
     def line(self, group: str) -> tuple[int, int] | None:
